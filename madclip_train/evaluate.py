@@ -1,0 +1,47 @@
+"""Scoring a split with a trained (or untrained) model and computing the metrics of METHOD.md section 8."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .data import Split, load_arrays
+from .metrics import all_metrics
+from .model import MadCLIP
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_split(model: MadCLIP, split: Split, batch_size: int = 16, device: torch.device | str = "cpu",
+                  progress=None) -> dict[str, np.ndarray]:
+    """Run the full model (image -> AC, AS) over every image of `split`, reading in batches.
+
+    Returns score [N], score_map_max [N], labels [N], and with masks: maps float16 [N, S, S], masks bool [N, S, S].
+    """
+    model.eval().to(device)
+    spec = model.cfg.preprocess
+    samples = list(split.samples)
+    t_n, t_ab = model.text_embeddings()
+    dt = t_ab - t_n
+    out: dict[str, list] = {"score": [], "score_map_max": [], "labels": [], "maps": [], "masks": []}
+    task = progress.add_task(f"scoring {split.name}", total=len(samples)) if progress else None
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        images, masks, labels = load_arrays(chunk, spec)
+        res = model.outputs_from_features(model.backbone(torch.from_numpy(images).to(device)), dt)
+        out["score"].append(res["score"].cpu().numpy())
+        out["score_map_max"].append(res["score_map_max"].cpu().numpy())
+        out["labels"].append(labels)
+        if split.has_masks:
+            out["maps"].append(res["anomaly_map"][:, 0].cpu().numpy().astype(np.float16))
+            out["masks"].append(masks)
+        if progress:
+            progress.advance(task, len(chunk))
+    result = {k: np.concatenate(v) for k, v in out.items() if v}
+    return result
+
+
+def metrics_from_predictions(pred: dict[str, np.ndarray]) -> dict:
+    return all_metrics(pred["score"], pred["score_map_max"], pred["labels"], pred.get("maps"), pred.get("masks"))
