@@ -87,9 +87,18 @@ def preprocess(image: ScanImage | np.ndarray, spec: PreprocessSpec = PreprocessS
         out = np.stack([_resize_plane(pixels[..., c], s, interp) for c in range(3)])
     else:
         raise ValueError(f"expected [H, W] or [H, W, 3] pixels, got shape {pixels.shape}")
+    return normalize_array(out, spec)  # [3, S, S]
+
+
+def normalize_array(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Apply the spec's normalisation to [0, 1] images [..., 3, S, S] (identity for normalize="none").
+
+    Separate from `preprocess` so the trainer can augment in [0, 1] first and normalise afterwards.
+    """
+    out = np.asarray(images, dtype=np.float32)
     if spec.normalize == "clip":
         out = (out - np.asarray(spec.mean, np.float32)[:, None, None]) / np.asarray(spec.std, np.float32)[:, None, None]
-    return np.ascontiguousarray(out, dtype=np.float32)  # [3, S, S]
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def preprocess_batch(images: Sequence[ScanImage | np.ndarray], spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:

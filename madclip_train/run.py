@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -100,7 +100,8 @@ def train_run(req: TrainRequest, progress=None) -> dict:
     device = resolve_device(req.device)
     with AtomicDirectory(req.out, force=req.force) as tmp:
         tmp = Path(tmp)
-        images, masks, labels = load_arrays(samples, spec)
+        # augmentation works on [0, 1] images: load un-normalised, `fit` normalises after augmenting
+        images, masks, labels = load_arrays(samples, replace(spec, normalize="none"))
         shots = ShotTensors(torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(labels))
         torch.manual_seed(req.seed)
         model = build_model(mcfg, seed=req.seed)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from madclip_runtime.preprocess import PreprocessSpec, normalize_array
+
 from .augment import augment_x16
 from .cache import DTYPES, load_or_extract
 from .config import TrainConfig
@@ -72,6 +74,13 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
 def _augment(shots: ShotTensors, seed: int) -> ShotTensors:
     images, masks, index = augment_x16(shots.images, shots.masks, seed=seed)
     return ShotTensors(images, masks, shots.labels[index])
+
+
+def _normalize(shots: ShotTensors, spec: PreprocessSpec) -> ShotTensors:
+    """[0, 1] images -> model input range (the shared preprocessing's normalisation step)."""
+    if spec.normalize == "none":
+        return shots
+    return ShotTensors(torch.from_numpy(normalize_array(shots.images.numpy(), spec)), shots.masks, shots.labels)
 
 
 class _FeatureSource:
@@ -129,7 +138,7 @@ def _evaluate_holdout(model: MadCLIP, source: _FeatureSource, has_masks: bool, b
 
 def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, device: torch.device,
         backbone_id: dict, cache_dir: Path | None = None, progress=None, log_file=None) -> dict:
-    """Train adapters and prompt context in place. Returns a summary (history, selected epoch, cache info)."""
+    """Train adapters and prompt context in place. `shots.images` are un-normalised [0, 1]. Returns a summary (history, selected epoch, cache info)."""
     model.to(device)
     train_idx, held_idx = (holdout_split(shots.labels, tcfg.holdout_fraction, tcfg.seed)
                            if tcfg.select_on == "valid" else (torch.arange(len(shots)), torch.tensor([], dtype=torch.long)))
@@ -137,6 +146,7 @@ def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, 
     if tcfg.augment:
         train_set = _augment(train_set, tcfg.seed)
         held_set = _augment(held_set, tcfg.seed + 1) if len(held_set) else held_set
+    train_set, held_set = _normalize(train_set, model.cfg.preprocess), _normalize(held_set, model.cfg.preprocess)
     train_src = _FeatureSource(model, train_set, tcfg, device, backbone_id, cache_dir, progress, "train shots")
     held_src = _FeatureSource(model, held_set, tcfg, device, backbone_id, cache_dir, progress, "held-out shots")
 
