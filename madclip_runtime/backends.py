@@ -1,0 +1,395 @@
+"""Inference backends for a bundle model: onnxruntime (CPU, CUDA, TensorRT providers) and native TensorRT.
+
+Every backend takes float32 images [B, 3, H, W] and returns float32 `score` [B], `anomaly_map` [B, 1, H, W]
+and `score_map_max` [B]. It reports the provider that ACTUALLY runs: onnxruntime-gpu silently falls back to
+the CPU when CUDA or TensorRT cannot start (DESIGN.md section 4), which we turn into BackendUnavailable.
+
+Names, fastest first: "trt" (native TensorRT engine), "ort-trt", "ort-cuda", "ort-cpu".
+onnxruntime and tensorrt are imported lazily; a missing one is a one-line BackendUnavailable.
+"""
+from __future__ import annotations
+
+import abc
+import ctypes
+import logging
+import re
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import trt_engine
+from .errors import BackendUnavailable, BundleError, InputError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")  # fastest first: resolve_auto's preference order
+PRECISIONS = ("fp32", "fp16", "int8")
+PROVIDERS = {
+    "ort-cpu": "CPUExecutionProvider",
+    "ort-cuda": "CUDAExecutionProvider",
+    "ort-trt": "TensorrtExecutionProvider",
+}
+INPUT_NAME = trt_engine.INPUT_NAME
+# onnxruntime >= 1.22 builds a strongly typed TensorRT network when trt_fp16_enable is off, which honours
+# the FP32 islands written in the mixed-precision ONNX; older versions only offer the blanket FP16 flag.
+ORT_TRT_STRONGLY_TYPED_FROM = (1, 22)
+
+
+def import_onnxruntime(gpu: bool = False) -> Any:
+    """The onnxruntime module, or BackendUnavailable with the pip command that installs it."""
+    try:
+        import onnxruntime as ort  # noqa: PLC0415 (optional, heavy)
+    except ImportError:
+        extra = "gpu" if gpu else "cpu"
+        raise BackendUnavailable(f'onnxruntime is not installed: pip install "madclip[{extra}]"') from None
+    return ort
+
+
+def _ort_version(ort: Any) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", str(ort.__version__))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def session_options(model_is_fp16: bool, on_cpu: bool) -> Any:
+    """The one place onnxruntime SessionOptions are made.
+
+    FP16 models NEVER get ORT_ENABLE_ALL: onnxruntime 1.31.1 segfaults (uncatchable) creating a CPU session
+    for an FP16 model at that level (its NchwcTransformer). ORT_ENABLE_EXTENDED is used for FP16 models on
+    every provider, because GPU sessions also place unsupported nodes on the CPU provider and the only thing
+    ENABLE_ALL adds over EXTENDED is CPU layout transforms. Threads: intra_op_num_threads=0 is onnxruntime's
+    default, one thread per physical core. `on_cpu=False` (CUDA / TensorRT sessions) turns off thread
+    spinning, so the CPU does not busy-wait while the GPU works (power on a Jetson).
+    """
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_ENABLE_EXTENDED if model_is_fp16 else level.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = 0
+    if not on_cpu:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def _visible_gpu() -> bool:
+    """A CUDA GPU is visible: cuda-python if installed, else the CUDA driver library via ctypes."""
+    if trt_engine.gpu_count() > 0:
+        return True
+    try:
+        trt_engine.import_cudart()
+        return False  # cuda-python answered: no device
+    except BackendUnavailable:
+        pass
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+def _trt_usable() -> bool:
+    try:
+        trt_engine.import_tensorrt()
+        return trt_engine.gpu_count() > 0
+    except BackendUnavailable:
+        return False
+
+
+def available_backends() -> list[str]:
+    """Backends that can actually run here, fastest first (GPU ones only when a GPU is visible)."""
+    found: list[str] = []
+    if _trt_usable():
+        found.append("trt")
+    try:
+        providers = set(import_onnxruntime().get_available_providers())
+    except BackendUnavailable:
+        providers = set()
+    gpu = bool(providers & {PROVIDERS["ort-trt"], PROVIDERS["ort-cuda"]}) and _visible_gpu()
+    for name in ("ort-trt", "ort-cuda", "ort-cpu"):
+        if PROVIDERS[name] in providers and (name == "ort-cpu" or gpu):
+            found.append(name)
+    return found
+
+
+def resolve_auto(precision: str) -> str:
+    """The fastest available backend for `precision` (trt > ort-trt > ort-cuda > ort-cpu).
+
+    int8 is the CPU path (dynamic quantisation), so it resolves to ort-cpu. fp16 keeps its precision even
+    when only the CPU is left, although FP16 on a CPU is slower than FP32 (DESIGN.md section 3): the bundle
+    decides the precision, the backend does not silently change it.
+    """
+    _check_precision(precision)
+    found = available_backends()
+    if not found:
+        raise BackendUnavailable('no inference backend available: pip install "madclip[cpu]" (or "madclip[gpu]")')
+    if precision == "int8":
+        if "ort-cpu" not in found:
+            raise BackendUnavailable("the int8 model needs onnxruntime's CPU provider, which is not available")
+        return "ort-cpu"
+    choice = next(name for name in BACKENDS if name in found)
+    if choice == "ort-cpu" and precision == "fp16":
+        log.warning("no GPU backend available: running the fp16 model on the CPU (slower than fp32 there)")
+    return choice
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+
+
+def check_provider(backend: str, session_providers: list[str]) -> str:
+    """The provider that actually runs; raise if the requested GPU provider fell back to another one."""
+    wanted = PROVIDERS[backend]
+    actual = session_providers[0] if session_providers else "none"
+    if actual != wanted:
+        raise BackendUnavailable(
+            f"{backend}: onnxruntime fell back to {actual} instead of {wanted} (GPU, driver or libraries missing)"
+        )
+    return actual
+
+
+def trt_ep_options(
+    precision: str,
+    cache_dir: str | os.PathLike,
+    max_batch: int,
+    input_chw: tuple[int, int, int] | None,
+    ort_version: tuple[int, int],
+) -> dict[str, Any]:
+    """onnxruntime TensorRT provider options: engine and timing caches, and a batch 1..max_batch profile.
+
+    FP16 uses the mixed-precision ONNX. From onnxruntime 1.22 on, leaving trt_fp16_enable off makes the
+    provider build a strongly typed network that keeps the file's FP32 islands; older versions only have the
+    blanket FP16 flag (which lets TensorRT put LayerNorm in FP16), so the flag is set there.
+    """
+    opts: dict[str, Any] = {
+        "device_id": 0,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_max_workspace_size": 2 << 30,
+    }
+    if precision == "fp16" and tuple(ort_version) < ORT_TRT_STRONGLY_TYPED_FROM:
+        opts["trt_fp16_enable"] = True
+    if input_chw is not None:
+        shapes = trt_engine.profile_shapes(input_chw, max_batch)
+        for key, shape in zip(("min", "opt", "max"), shapes):
+            opts[f"trt_profile_{key}_shapes"] = f"{INPUT_NAME}:" + "x".join(str(d) for d in shape)
+    return opts
+
+
+def default_cache_dir() -> Path:
+    """$MADCLIP_CACHE, else $XDG_CACHE_HOME/madclip, else ~/.cache/madclip; engines live under engines/."""
+    root = os.environ.get("MADCLIP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "madclip"
+    )
+    return Path(root) / "engines"
+
+
+def _onnx_input_chw(model_path: Path) -> tuple[int, int, int] | None:
+    """Static [3, H, W] of `image` read with the onnx package if it is installed (weights not loaded)."""
+    try:
+        import onnx  # noqa: PLC0415 (optional: not a runtime dependency)
+    except ImportError:
+        return None
+    model = onnx.load(str(model_path), load_external_data=False)
+    for inp in model.graph.input:
+        if inp.name == INPUT_NAME:
+            dims = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]
+            return tuple(dims) if len(dims) == 3 and all(d > 0 for d in dims) else None
+    return None
+
+
+class Backend(abc.ABC):
+    """A loaded model. `provider` is what actually runs; `load_seconds` is the cold start (incl. engine build)."""
+
+    name: str
+    precision: str
+    provider: str
+    load_seconds: float
+    max_batch: int
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """images float32 [B, 3, H, W] -> float32 outputs; batches larger than max_batch run in chunks."""
+        images = _check_images(images)
+        chunks = [self._run_batch(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        if len(chunks) == 1:
+            return chunks[0]
+        return {name: np.concatenate([c[name] for c in chunks], axis=0) for name in chunks[0]}
+
+    @abc.abstractmethod
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch of at most max_batch images -> float32 outputs."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the session / engine; the backend cannot run afterwards."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, {self.precision}, provider={self.provider})"
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        shape = list(images.shape) if isinstance(images, np.ndarray) else type(images).__name__
+        raise InputError(f"backend input must be float32 images [B, 3, H, W] with B >= 1, got {shape}")
+    if images.dtype != np.float32:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise InputError(f"backend input must be float32 (preprocessed), got {images.dtype}")
+        images = images.astype(np.float32)
+    return np.ascontiguousarray(images)
+
+
+class OrtBackend(Backend):
+    """onnxruntime session on one provider (CPU, CUDA or TensorRT)."""
+
+    def __init__(self, name: str, model_path: Path, precision: str, max_batch: int, session: Any, seconds: float):
+        self.name, self.precision, self.max_batch = name, precision, int(max_batch)
+        self.session = session
+        self.provider = check_provider(name, session.get_providers())
+        self.load_seconds = seconds
+        inputs = [i.name for i in session.get_inputs()]
+        if inputs != [INPUT_NAME]:
+            raise BundleError(f"{model_path}: model inputs {inputs}, expected ['{INPUT_NAME}']")
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise BackendUnavailable(f"{self.name} backend is closed")
+        values = self.session.run(self.output_names, {INPUT_NAME: images})
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values)}
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TrtBackend(Backend):
+    """Native TensorRT engine built (or reused) on this machine."""
+
+    def __init__(self, runner: trt_engine.TrtRunner, precision: str, seconds: float):
+        self.name, self.precision, self.provider = "trt", precision, "TensorRT"
+        self.runner, self.load_seconds = runner, seconds
+        self.max_batch = runner.max_batch
+
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if self.runner is None:
+            raise BackendUnavailable("trt backend is closed")
+        return self.runner.run(images)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+
+def _model_is_fp16(model_path: Path, precision: str) -> bool:
+    # Defensive: the FP16 segfault is uncatchable, so a file named like the FP16 variant counts too.
+    return precision == "fp16" or "fp16" in model_path.name.lower()
+
+
+def create_backend(
+    name: str,
+    model_path: str,
+    precision: str,
+    max_batch: int,
+    cache_dir: str | None,
+    onnx_sha256: str | None = None,
+    input_chw: tuple[int, int, int] | None = None,
+) -> Backend:
+    """Load `model_path` on backend `name` ("auto" resolves to the fastest available).
+
+    `cache_dir` holds TensorRT engines and timing caches (default: `default_cache_dir()`); `onnx_sha256`
+    (from the bundle metadata) saves hashing the model again; `input_chw` (from the bundle metadata) gives
+    the onnxruntime TensorRT provider its static [3, H, W] profile dims.
+    """
+    _check_precision(precision)
+    if name == "auto":
+        name = resolve_auto(precision)
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; expected auto or one of {', '.join(BACKENDS)}")
+    if max_batch < 1:
+        raise InputError(f"max_batch must be >= 1, got {max_batch}")
+    path = Path(model_path)
+    if not path.is_file():
+        raise BundleError(f"{path}: model file not found")
+    start = time.perf_counter()
+    if name == "trt":
+        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start)
+    return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
+
+
+def _create_ort(
+    name: str, path: Path, precision: str, max_batch: int, cache_dir: str | None,
+    onnx_sha256: str | None, input_chw: tuple[int, int, int] | None, start: float,
+) -> Backend:
+    on_cpu = name == "ort-cpu"
+    ort = import_onnxruntime(gpu=not on_cpu)
+    wanted = PROVIDERS[name]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise BackendUnavailable(
+            f"{name}: this onnxruntime has no {wanted} (it has {', '.join(available)}); "
+            'for GPUs: pip uninstall onnxruntime && pip install "madclip[gpu]"'
+        )
+    if not on_cpu and not _visible_gpu():
+        raise BackendUnavailable(f"{name}: no CUDA GPU is visible on this machine")
+    if name == "ort-trt" and precision == "int8":
+        raise BackendUnavailable("ort-trt: the int8 model is the CPU path (dynamic quantisation); use ort-cpu")
+    providers: list[Any]
+    if name == "ort-cpu":
+        providers = ["CPUExecutionProvider"]
+    elif name == "ort-cuda":
+        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    else:
+        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        ep_dir = root / "ort-trt"
+        ep_dir.mkdir(parents=True, exist_ok=True)
+        chw = input_chw or _onnx_input_chw(path)
+        if chw is None:
+            log.warning("%s: input size unknown, the TensorRT provider will build per new batch shape", path.name)
+        options = trt_ep_options(precision, ep_dir, max_batch, chw, _ort_version(ort))
+        log.info("ort-trt: TensorRT engines cached in %s; a first build can take minutes on a Jetson", ep_dir)
+        providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": 0}),
+                     "CPUExecutionProvider"]
+    opts = session_options(_model_is_fp16(path, precision), on_cpu=on_cpu)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path}: onnxruntime cannot load the model: {first}") from None
+    backend = OrtBackend(name, path, precision, max_batch, session, time.perf_counter() - start)
+    log.info("%s: %s loaded on %s in %.2f s", name, path.name, backend.provider, backend.load_seconds)
+    return backend
+
+
+def _create_trt(
+    path: Path, precision: str, max_batch: int, cache_dir: str | None, onnx_sha256: str | None, start: float
+) -> Backend:
+    trt_engine.check_trt_precision(precision)
+    trt = trt_engine.import_tensorrt()
+    if trt_engine.gpu_count() == 0:
+        raise BackendUnavailable("trt: no CUDA GPU is visible (via cuda-python) on this machine")
+    # TensorRT 10.0-10.11 builds FP16 from the FP32 graph with pinned islands: use model.onnx if it is beside.
+    variant = path.parent / trt_engine.onnx_variant(precision, trt.__version__)
+    if variant != path and variant.is_file():
+        log.info("trt: TensorRT %s builds %s from %s", trt.__version__, precision, variant.name)
+        path, onnx_sha256 = variant, None
+    if cache_dir:
+        engine_dir = Path(cache_dir)
+    else:
+        onnx_sha256 = onnx_sha256 or trt_engine.file_sha256(path)
+        engine_dir = default_cache_dir() / onnx_sha256[:16]
+    engine_path = trt_engine.ensure_engine(path, engine_dir, precision, max_batch, onnx_sha256)
+    runner = trt_engine.TrtRunner(engine_path)
+    backend = TrtBackend(runner, precision, time.perf_counter() - start)
+    log.info("trt: %s loaded in %.2f s", engine_path.name, backend.load_seconds)
+    return backend

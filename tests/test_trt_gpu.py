@@ -1,0 +1,105 @@
+"""TensorRT engines on a real GPU: build, cache, rebuild on mismatch, run. Skipped without TensorRT or a GPU."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from madclip_runtime import backends
+from madclip_runtime import trt_engine as te
+from madclip_runtime.errors import BackendUnavailable
+
+pytestmark = [pytest.mark.trt, pytest.mark.gpu]
+
+
+def _skip_reason() -> str | None:
+    try:
+        te.import_tensorrt()
+    except BackendUnavailable as exc:
+        return f"TensorRT unavailable: {exc}"
+    if te.gpu_count() == 0:
+        return "no CUDA GPU visible through cuda-python"
+    return None
+
+
+_REASON = _skip_reason()
+if _REASON:
+    pytest.skip(_REASON, allow_module_level=True)
+
+onnx = pytest.importorskip("onnx")
+from test_backends import images, make_tiny_model, reference_outputs  # noqa: E402 (tests dir is on sys.path)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from onnxconverter_common import float16
+
+    d = tmp_path_factory.mktemp("trt_bundle")
+    model = make_tiny_model()
+    onnx.save(model, str(d / "model.onnx"))
+    onnx.save(float16.convert_float_to_float16(model, keep_io_types=True), str(d / "model_fp16.onnx"))
+    return d
+
+
+def _close(out, ref, atol):
+    for name in ("score", "anomaly_map", "score_map_max"):
+        assert out[name].dtype == np.float32
+        np.testing.assert_allclose(out[name], ref[name], atol=atol, rtol=0, err_msg=name)
+
+
+def test_build_and_run_fp32_engine(bundle, tmp_path):
+    engine = tmp_path / "tiny.engine"
+    cache = tmp_path / "timing.cache"
+    key = te.build_engine(bundle / "model.onnx", engine, precision="fp32", max_batch=4, timing_cache_path=cache)
+    assert engine.is_file() and cache.is_file()
+    assert te.read_engine_key(engine) == key and key.max_batch == 4
+    runner = te.TrtRunner(engine)
+    try:
+        assert runner.max_batch == 4 and runner.input_chw == (3, 16, 16)
+        for batch in (1, 3):
+            x = images(batch)
+            _close(runner.run(x), reference_outputs(x), atol=1e-4)
+    finally:
+        runner.close()
+
+
+def test_ensure_engine_reuses_then_rebuilds_on_mismatch(bundle, tmp_path, caplog):
+    onnx_path = bundle / "model.onnx"
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.trt_engine"):
+        first = te.ensure_engine(onnx_path, tmp_path, "fp32", 2)
+    assert "building TensorRT engine" in caplog.text
+    stamp = os.stat(first).st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.trt_engine"):
+        again = te.ensure_engine(onnx_path, tmp_path, "fp32", 2)
+    assert again == first and os.stat(again).st_mtime_ns == stamp
+    assert "using cached TensorRT engine" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.trt_engine"):
+        te.ensure_engine(onnx_path, tmp_path, "fp32", 2, onnx_sha256="0" * 64)
+    assert "cache mismatch: ONNX sha256" in caplog.text
+
+
+def test_fp16_engine_close_to_reference(bundle, tmp_path):
+    trt = te.import_tensorrt()
+    onnx_path = bundle / te.onnx_variant("fp16", trt.__version__)
+    engine = te.ensure_engine(onnx_path, tmp_path, "fp16", 4)
+    runner = te.TrtRunner(engine)
+    try:
+        x = images(3, seed=7)
+        _close(runner.run(x), reference_outputs(x), atol=1e-2)
+    finally:
+        runner.close()
+
+
+def test_trt_backend_end_to_end(bundle, tmp_path):
+    assert "trt" in backends.available_backends()
+    be = backends.create_backend("trt", str(bundle / "model_fp16.onnx"), "fp16", 2, str(tmp_path))
+    try:
+        assert be.provider == "TensorRT" and be.load_seconds > 0
+        x = images(5, seed=8)  # > max_batch: runs in chunks
+        _close(be.run(x), reference_outputs(x), atol=1e-2)
+    finally:
+        be.close()
