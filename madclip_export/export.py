@@ -1,0 +1,284 @@
+"""madclip-export: run directory -> verified bundle (ONNX FP32, FP16, INT8, golden set, report, metadata).
+
+Everything is written into a temporary sibling of BUNDLE and renamed into place at the end
+(`AtomicDirectory`): a failed or interrupted export leaves nothing, and an existing bundle is replaced only
+with `force`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from madclip_runtime.atomic import AtomicDirectory, atomic_writer
+from madclip_runtime.backends import create_backend
+from madclip_runtime.bundle import io_metadata, write_metadata
+from madclip_runtime.errors import BackendUnavailable, MadclipError
+
+log = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4
+
+
+class ParityError(MadclipError):
+    """An exported graph does not compute what the PyTorch model computes."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    run: str
+    out: str
+    fp16: bool = False
+    int8: bool = False
+    engine: bool = False
+    max_batch: int = 8
+    opset: int = 18
+    triton: bool = False
+    force: bool = False
+    data: str | None = None  # dataset root override (where the run's shots and test images are)
+    n_golden_shots: int = 8
+    n_golden_test: int = 8
+    fp32_tolerance: float = FP32_TOLERANCE
+
+
+def _golden_samples(config: dict, shots_json: dict, data_override: str | None, n_shots: int, n_test: int):
+    """The run's shots (all, for calibration) and a golden subset: some shots plus a few test images."""
+    from madclip_train.data import Sample, load_split
+
+    root = Path(data_override or shots_json.get("root") or config.get("dataset", {}).get("root") or "")
+    shots = []
+    for s in shots_json.get("shots", []):
+        path = root / s["path"] if not os.path.isabs(s["path"]) else Path(s["path"])
+        mask = (root / s["mask"] if s.get("mask") and not os.path.isabs(s["mask"]) else s.get("mask"))
+        if not path.is_file():
+            raise MadclipError(f"{path}: shot image of the run not found (pass --data DATASET_ROOT if the dataset moved)")
+        shots.append(Sample(str(path), int(s["label"]), str(mask) if mask else None))
+    if not shots:
+        raise MadclipError(f"{config.get('run_dir', 'run')}: shots.json lists no shot images (needed for the parity "
+                           f"gate and calibration)")
+    normal = [s for s in shots if s.label == 0][: n_shots // 2]
+    abnormal = [s for s in shots if s.label == 1][: n_shots - n_shots // 2]
+    golden = normal + abnormal
+    try:
+        test = load_split(root, "test")
+        for group in (test.normal, test.abnormal):
+            pick = np.linspace(0, len(group) - 1, min(len(group), n_test // 2)).round().astype(int) if group else []
+            golden += [group[i] for i in sorted(set(int(i) for i in pick))]
+    except MadclipError as exc:
+        log.info("no test images for the golden set (%s); using shots only", exc)
+    return shots, golden
+
+
+@torch.no_grad()
+def _torch_outputs(model, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
+    outs: dict[str, list] = {"score": [], "anomaly_map": [], "score_map_max": []}
+    for i in range(0, len(images), batch):
+        res = model(torch.from_numpy(images[i:i + batch]))
+        for k in outs:
+            outs[k].append(res[k].float().numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _ort_outputs(path: Path, precision: str, images: np.ndarray, max_batch: int) -> tuple[dict, dict]:
+    """Run a bundle graph with the runtime's own ORT CPU backend (FP16-safe options live there). Also B = 1."""
+    backend = create_backend("ort-cpu", str(path), precision, max_batch, None)
+    try:
+        t0 = time.perf_counter()
+        full = backend.run(images)
+        seconds = time.perf_counter() - t0
+        single = backend.run(images[:1])
+        return full, {"single": single, "seconds_per_image": seconds / len(images), "load_seconds": backend.load_seconds,
+                      "provider": backend.provider}
+    finally:
+        backend.close()
+
+
+def export_onnx(model, path: Path, max_batch: int, opset: int) -> None:
+    """Dynamo export with a dynamic batch 1..max_batch (example batch 2: batch 1 would bake the dimension)."""
+    from .module import OUTPUT_NAMES, ExportModule
+
+    module = ExportModule(model).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers())
+    size = model.image_size
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
+    example = torch.rand(2, 3, size, size)
+    torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=list(OUTPUT_NAMES),
+                      dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True,
+                      external_data=n_bytes > 1_000_000_000, verbose=False)
+
+
+def _model_files(directory: Path, name: str) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name == name or p.name.startswith(name + "."))
+
+
+def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: None) -> dict:
+    """Export, verify and write the bundle. Returns the export report (also written to export_report.json)."""
+    import onnx
+
+    import madclip_runtime
+    from madclip_train.checkpoint import load_run
+    from madclip_train.data import load_arrays
+
+    from .calibrate import calibrate
+    from .fp16 import to_mixed_fp16
+    from .int8 import quantize_int8
+    from .parity import diff_stats, variant_report
+
+    if opts.max_batch < 1:
+        raise MadclipError(f"--max-batch must be >= 1 (got {opts.max_batch})")
+    if opts.engine:
+        _require_tensorrt()
+    t_start = time.perf_counter()
+    report: dict = {"run": str(opts.run), "variants": {}}
+    with AtomicDirectory(opts.out, force=opts.force) as tmp:
+        tmp = Path(tmp)
+        step("loading the run")
+        model, config = load_run(opts.run)
+        model.eval()
+        run_dir = Path(opts.run)
+        shots_json = json.loads((run_dir / "shots.json").read_text())
+        shots, golden = _golden_samples(config, shots_json, opts.data, opts.n_golden_shots, opts.n_golden_test)
+        spec = model.cfg.preprocess
+        n_layers = model.n_layers
+
+        step(f"PyTorch FP32 reference on {len(shots)} shots")
+        shot_images, shot_masks, shot_labels = load_arrays(shots, spec)
+        shot_out = _torch_outputs(model, shot_images)
+        has_masks = bool(config.get("dataset", {}).get("has_masks")) and shot_masks.any()
+        calibration = calibrate(shot_out["score"], shot_out["score_map_max"], shot_out["anomaly_map"][:, 0],
+                                shot_masks, shot_labels, n_layers, has_masks)
+        golden_images, _, golden_labels = load_arrays(golden, spec)
+        torch_ref = _torch_outputs(model, golden_images)
+
+        step("exporting the FP32 ONNX graph (text tower baked as dt, backbone truncated)")
+        t0 = time.perf_counter()
+        export_onnx(model, tmp / "model.onnx", opts.max_batch, opts.opset)
+        report["export_seconds"] = round(time.perf_counter() - t0, 2)
+        del model
+
+        step("ORT CPU FP32 parity")
+        fp32, info = _ort_outputs(tmp / "model.onnx", "fp32", golden_images, opts.max_batch)
+        parity = diff_stats(torch_ref, fp32)
+        parity_b1 = diff_stats({k: v[:1] for k, v in torch_ref.items()}, info["single"])
+        report["variants"]["fp32"] = {"vs_pytorch": parity, "vs_pytorch_batch1": parity_b1,
+                                      "seconds_per_image_cpu": info["seconds_per_image"],
+                                      **variant_report(torch_ref, fp32, golden_labels, calibration)}
+        worst_score = max(parity["score"]["max_abs"], parity_b1["score"]["max_abs"])
+        worst_map = max(parity["anomaly_map"]["p99_abs"], parity_b1["anomaly_map"]["p99_abs"])
+        if not (worst_score <= opts.fp32_tolerance and worst_map <= opts.fp32_tolerance):
+            raise ParityError(f"FP32 ONNX parity failed: score max abs {worst_score:.2e}, anomaly_map p99 "
+                              f"{worst_map:.2e} (tolerance {opts.fp32_tolerance:.0e}); no bundle written")
+        models = {"fp32": "model.onnx"}
+
+        if opts.fp16:
+            step("converting to mixed-precision FP16 (FP32 islands)")
+            graph = to_mixed_fp16(onnx.load(str(tmp / "model.onnx")))
+            onnx.save(graph, str(tmp / "model_fp16.onnx"))
+            del graph
+            step("ORT CPU FP16 parity (ORT_ENABLE_EXTENDED: the FP16 CPU segfault is avoided)")
+            got, _ = _ort_outputs(tmp / "model_fp16.onnx", "fp16", golden_images, opts.max_batch)
+            report["variants"]["fp16"] = {**variant_report(fp32, got, golden_labels, calibration),
+                                          "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32"}
+            _check_finite(report["variants"]["fp16"], "FP16")
+            models["fp16"] = "model_fp16.onnx"
+            report["tensorrt"] = _maybe_build_engine(tmp, opts, step)
+
+        if opts.int8:
+            step("quantising to dynamic INT8 (s8 weights)")
+            quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")
+            got, info8 = _ort_outputs(tmp / "model_int8.onnx", "int8", golden_images, opts.max_batch)
+            report["variants"]["int8"] = {**variant_report(fp32, got, golden_labels, calibration),
+                                          "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32",
+                                          "seconds_per_image_cpu": info8["seconds_per_image"]}
+            _check_finite(report["variants"]["int8"], "INT8")
+            models["int8"] = "model_int8.onnx"
+
+        if opts.triton:
+            step("writing the Triton model repository")
+            from .triton import write_triton_repository
+
+            repo = write_triton_repository(tmp, _model_files(tmp, "model.onnx"), spec.image_size, opts.max_batch)
+            report["triton"] = str(repo.relative_to(tmp))
+
+        step("writing golden set, report and metadata")
+        with atomic_writer(tmp / "golden.npz") as f:
+            np.savez_compressed(f, image=golden_images, labels=golden_labels.astype(np.int64),
+                                sources=np.array([str(Path(s.path).name) for s in golden]), **torch_ref)
+        report["sizes_bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        report["calibration"] = calibration
+        report["seconds"] = round(time.perf_counter() - t_start, 2)
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_metadata(tmp, _metadata(config, spec, n_layers, opts, calibration, models, run_dir))
+    return report
+
+
+def _check_finite(variant: dict, name: str) -> None:
+    if any(not np.isfinite(v["max_abs"]) for v in variant["errors"].values()):
+        raise ParityError(f"{name} graph produced non-finite outputs on the golden set; no bundle written")
+
+
+def _require_tensorrt() -> None:
+    from madclip_runtime import trt_engine
+
+    trt_engine.import_tensorrt()  # raises BackendUnavailable with a one-line message
+    if trt_engine.gpu_count() < 1:
+        raise BackendUnavailable("--engine needs a CUDA GPU visible to TensorRT; none found")
+
+
+def _maybe_build_engine(tmp: Path, opts: ExportOptions, step) -> dict:
+    from madclip_runtime import trt_engine
+
+    try:
+        trt = trt_engine.import_tensorrt()
+        if trt_engine.gpu_count() < 1:
+            raise BackendUnavailable("no CUDA GPU")
+    except BackendUnavailable as exc:
+        if opts.engine:
+            raise
+        msg = (f"TensorRT engine not built here ({str(exc).splitlines()[0]}): madclip-infer --backend trt builds it "
+               f"on the target from model_fp16.onnx on first use")
+        log.info(msg)
+        return {"built": False, "reason": msg}
+    step("building the TensorRT FP16 engine (minutes)")
+    onnx_path = tmp / "model_fp16.onnx"
+    engines = tmp / "engines"
+    engines.mkdir(exist_ok=True)
+    path = trt_engine.ensure_engine(onnx_path, engines, "fp16", opts.max_batch,
+                                    onnx_sha256=trt_engine.file_sha256(onnx_path))
+    return {"built": True, "engine": str(Path(path).relative_to(tmp)), "tensorrt": trt.__version__}
+
+
+def _metadata(config: dict, spec, n_layers: int, opts: ExportOptions, calibration: dict, models: dict,
+              run_dir: Path) -> dict:
+    import onnx
+    import onnxruntime
+    import open_clip
+
+    mcfg = config["model"]
+    return {
+        "preprocess": spec.to_dict(),
+        **io_metadata(spec.image_size, n_layers),
+        "max_batch": opts.max_batch,
+        "opset": opts.opset,
+        "n_layers": n_layers,
+        "calibration": calibration,
+        "models": models,
+        "provenance": {
+            "backbone": mcfg["backbone"], "pretrained": mcfg["pretrained"], "taps": mcfg["taps"],
+            "objective": mcfg["objective"], "quick_gelu": mcfg["quick_gelu"],
+            "causal_prompt_mask": mcfg["causal_prompt_mask"], "normalize": spec.normalize,
+            "shots": config.get("train", {}).get("shots"), "seed": config.get("train", {}).get("seed"),
+            "run_dir": str(run_dir.resolve()), "backbone_fingerprint": config.get("backbone_fingerprint"),
+            "versions": {**config.get("versions", {}), "torch_export": torch.__version__,
+                         "open_clip_export": open_clip.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+        },
+    }
