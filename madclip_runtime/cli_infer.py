@@ -1,0 +1,304 @@
+"""madclip-infer: score scans with a bundle, print results, optionally write overlays and maps.
+
+    madclip-infer scans/ --bundle bundle/ [--backend auto] [--precision fp32] [--out results/] [--json]
+    madclip-infer --bundle bundle/ --selftest
+
+Exit codes: 0 all inputs scored; 1 some inputs failed (each reported on one stderr line, the others were
+processed) or the self-test failed its tolerances; 2 nothing usable (bad bundle, unwritable --out, no
+inputs, unavailable backend). Results go to stdout (a table, or one JSON object per scan with --json);
+everything else (backend in use, progress, errors) goes to stderr. Research use, not for clinical decisions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+from typing import Any, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import INTENDED_USE, __version__
+from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line, run_cli, setup_logging
+from .errors import InputError, MadclipError
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+PRECISION_CHOICES = ("fp32", "fp16", "int8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="madclip-infer",
+        description=f"Anomaly score and map for scans with a madclip bundle ({INTENDED_USE}).",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="scan files (PNG/JPEG/TIFF/BMP, DICOM, NIfTI), directories or glob patterns")
+    p.add_argument("--bundle", required=True, help="bundle directory written by madclip-export")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="inference backend (auto: fastest available; the one actually used is printed)")
+    p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="model variant (default fp32)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold overriding the bundle's calibrated one")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write <stem>.json, <stem>_overlay.png and <stem>_map.png/.npy per scan")
+    p.add_argument("--json", action="store_true", help="one JSON object per scan on stdout instead of a table")
+    p.add_argument("--map-format", default="png16", choices=("png16", "npy"),
+                   help="anomaly map file format with --out (png16: 16-bit on the fixed scale; npy: float32)")
+    p.add_argument("--slice", type=int, default=None, metavar="N",
+                   help="only slice/frame N of DICOM/NIfTI volumes (default: all slices)")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into subdirectories of INPUT folders")
+    p.add_argument("--cache-dir", default=None, help="where TensorRT engines are cached (default ~/.cache/madclip)")
+    p.add_argument("--selftest", action="store_true",
+                   help="verify the bundle and run its golden inputs on this backend/precision first")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"madclip {__version__}")
+    return p
+
+
+def check_out_dir(out: str) -> str:
+    """Create --out and prove it is writable (write and remove a probe file) before any inference."""
+    out = os.path.abspath(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".madclip-probe-{secrets.token_hex(4)}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise MadclipError(f"{out}: output directory is not writable ({exc.strerror or exc})") from None
+    return out
+
+
+def expand_each(inputs: Sequence[str], recursive: bool) -> tuple[list[str], int]:
+    """Expand every argument on its own so one bad argument is reported and the others still run."""
+    from .imageio import expand_inputs
+
+    files: list[str] = []
+    seen: set[str] = set()
+    failed = 0
+    for raw in inputs:
+        try:
+            found = expand_inputs([raw], recursive=recursive)
+        except InputError as exc:
+            error_line(str(exc))
+            failed += 1
+            continue
+        for f in found:
+            key = os.path.normpath(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files, failed
+
+
+def _file_stem(path: str) -> str:
+    name = os.path.basename(path)
+    for ext in (".nii.gz",):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    stem = os.path.splitext(name)[0]
+    return stem or name
+
+
+def output_stem(source: str, used: set[str]) -> str:
+    """'dir/a.png' -> 'a'; volume slice 'dir/v.nii.gz#slice=7' -> 'v_s007'; repeated names get '_2', '_3'."""
+    path, _, slice_part = source.partition("#slice=")
+    stem = _file_stem(path)
+    if slice_part:
+        stem = f"{stem}_s{int(slice_part):03d}"
+    base, k = stem, 2
+    while stem in used:
+        stem, k = f"{base}_{k}", k + 1
+    used.add(stem)
+    return stem
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def record_for(pred: Any, predictor: Any) -> dict[str, Any]:
+    """The per-scan record printed with --json and stored in <stem>.json."""
+    return {
+        "file": pred.source,
+        "score": _finite(pred.score),
+        "score_map_max": _finite(pred.score_map_max),
+        "label": pred.label,
+        "threshold": pred.threshold,
+        "score_name": pred.score_name,
+        "backend": predictor.backend_name,
+        "provider": predictor.provider,
+        "precision": predictor.precision,
+        "latency_ms": round(pred.latency_ms, 3),
+        "timings_ms": {k: round(v, 3) for k, v in pred.timings.items()},
+        "height": int(pred.anomaly_map.shape[0]),
+        "width": int(pred.anomaly_map.shape[1]),
+        "intended_use": INTENDED_USE,
+    }
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled,
+    )
+
+
+def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, progress: Progress,
+             failures: list[str]) -> Iterator[list[tuple[Any, float]]]:
+    """Decode files one by one (a bad one -> one error line, skipped) and yield batches of (scan, decode ms)."""
+    task = progress.add_task("scoring", total=len(files))
+    pending: list[tuple[Any, float]] = []
+    for path in files:
+        t0 = time.perf_counter()
+        try:
+            scans = predictor.read(path, slice_index)
+        except InputError as exc:
+            error_line(str(exc))
+            failures.append(path)
+            progress.advance(task)
+            continue
+        ms = (time.perf_counter() - t0) * 1e3 / max(1, len(scans))
+        pending.extend((s, ms) for s in scans)
+        while len(pending) >= predictor.max_batch:
+            yield pending[: predictor.max_batch]
+            pending = pending[predictor.max_batch :]
+        progress.advance(task)
+    if pending:
+        yield pending
+
+
+def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
+    from .selftest import run_selftest
+
+    res = run_selftest(args.bundle, args.backend, args.precision, cache_dir=args.cache_dir)
+    clean = {k: (_finite(v) if isinstance(v, float) else v) for k, v in res.items()}
+    if args.json:
+        print(json.dumps({"selftest": clean}, allow_nan=False), flush=True)
+    else:
+        table = Table(title=f"self-test: {res['backend']} ({res['provider']}) {res['precision']}, {res['n']} golden inputs")
+        table.add_column("check")
+        table.add_column("error", justify="right")
+        table.add_column("tolerance", justify="right")
+        tol = res["tolerance"]
+        table.add_row("score max |err|", f"{res['score_max_abs_err']:.3g}", f"{tol['score']:g}")
+        table.add_row("score_map_max max |err|", f"{res['score_map_max_max_abs_err']:.3g}", f"{tol['score']:g}")
+        table.add_row("anomaly_map p99 |err|", f"{res['map_p99_abs_err']:.3g}", f"{tol['map_p99']:g}")
+        table.add_row("anomaly_map max |err|", f"{res['map_max_abs_err']:.3g}", "(reported)")
+        if res["label_agreement"] is not None:
+            table.add_row("decision agreement", f"{res['label_agreement']:.0%}", "(reported)")
+        out.print(table)
+    verdict = "PASSED" if res["passed"] else "FAILED"
+    err_console.print(f"self-test {verdict}: {res['backend']} {res['precision']} on {res['provider']}",
+                      style="green" if res["passed"] else "bold red", markup=False, highlight=False)
+    if not res["passed"]:
+        error_line(f"{res['bundle']}: self-test failed on {res['backend']} {res['precision']} "
+                   f"(score err {res['score_max_abs_err']:.3g}, map p99 err {res['map_p99_abs_err']:.3g}; "
+                   f"tolerances {res['tolerance']['score']:g} / {res['tolerance']['map_p99']:g})")
+    return bool(res["passed"])
+
+
+def _short(path: str) -> str:
+    """A path relative to the working directory when that is shorter (table display only)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return rel if len(rel) < len(path) else path
+
+
+def _result_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(caption=INTENDED_USE)
+    table.add_column("file", overflow="fold")
+    for name, justify in (("score", "right"), ("map max", "right"), ("label", "left"), ("latency ms", "right")):
+        table.add_column(name, justify=justify)
+    for r in rows:
+        label = r["label"] or "-"
+        style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
+        table.add_row(_short(r["file"]), f"{r['score']:.4f}" if r["score"] is not None else "nan",
+                      f"{r['score_map_max']:.4f}" if r["score_map_max"] is not None else "nan",
+                      f"[{style}]{label}[/]" if style else label, f"{r['latency_ms']:.1f}")
+    return table
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    out_console = Console(soft_wrap=True)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise MadclipError(f"--threshold must be a finite number, got {args.threshold}")
+    if not args.inputs and not args.selftest:
+        raise MadclipError("no INPUT given (scan files, directories or globs), and no --selftest")
+    if args.slice is not None and args.slice < 0:
+        raise MadclipError(f"--slice must be >= 0, got {args.slice}")
+
+    from .bundle import load_bundle
+    from .predictor import load
+
+    if args.selftest and not _run_selftest(args, out_console):
+        return EXIT_FAILED
+    if not args.inputs:
+        return EXIT_OK
+
+    bundle = load_bundle(args.bundle, verify="model", precision=args.precision)
+    files, failed = expand_each(args.inputs, args.recursive)
+    if not files:
+        return EXIT_USAGE  # every argument was reported on its own line
+    out_dir = check_out_dir(args.out) if args.out else None
+
+    predictor = load(bundle, backend=args.backend, precision=args.precision, threshold=args.threshold,
+                     cache_dir=args.cache_dir)
+    err_console.print(
+        f"madclip-infer: backend {predictor.backend_name} (provider {predictor.provider}), precision "
+        f"{predictor.precision}, threshold {predictor.threshold} on {predictor.score_name}, "
+        f"max batch {predictor.max_batch}; {len(files)} file(s); {INTENDED_USE}",
+        markup=False, highlight=False, soft_wrap=True,
+    )
+    from .overlay import save_prediction
+
+    failures: list[str] = []
+    rows: list[dict[str, Any]] = []
+    used_stems: set[str] = set()
+    show_progress = not args.json and err_console.is_terminal and len(files) > 1
+    with predictor, _progress(show_progress) as progress:
+        for batch in _batches(predictor, files, args.slice, progress, failures):
+            scans = [s for s, _ in batch]
+            preds = predictor.predict_scans(scans, [ms for _, ms in batch])
+            for scan, pred in zip(scans, preds):
+                record = record_for(pred, predictor)
+                if out_dir is not None:
+                    t0 = time.perf_counter()
+                    stem = output_stem(pred.source, used_stems)
+                    save_prediction(out_dir, stem, scan, pred.anomaly_map, record, bundle.map_scale,
+                                    pred.threshold, bundle.map_threshold, args.map_format,
+                                    score_name=pred.score_name, label=os.path.basename(pred.source))
+                    log.debug("%s: wrote %s/%s.* in %.1f ms", pred.source, out_dir, stem,
+                              (time.perf_counter() - t0) * 1e3)
+                if args.json:
+                    print(json.dumps(record, allow_nan=False), flush=True)
+                rows.append(record)
+    if not args.json and rows:
+        out_console.print(_result_table(rows))
+    n_failed = failed + len(failures)
+    if n_failed:
+        err_console.print(f"{len(rows)} scan(s) scored, {n_failed} input(s) failed",
+                          style="yellow", markup=False, highlight=False)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (madclip-infer)."""
+    return run_cli(lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The Python API of the runtime: `load(bundle)` -> Predictor; `predict(scan)` -> Prediction.
+
+    import madclip_runtime as mr
+    p = mr.load("bundle/")                      # fastest available backend, FP32
+    pred = p.predict("scan.png")                # score, label, anomaly map at the scan's own resolution
+
+A Predictor couples a verified bundle, its ONE preprocessing (`madclip_runtime.preprocess.preprocess` with the
+bundle's spec, so serving cannot drift from training) and a backend. Decisions use the bundle's calibrated
+threshold on its calibration `score_name` ("score" = AC or "score_map_max" = max of AS), or an override.
+Research use, not for clinical decisions.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from .backends import create_backend, resolve_auto
+from .bundle import Bundle, load_bundle
+from .errors import BundleError, InputError, MadclipError
+from .imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
+from .preprocess import preprocess, resize_map
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 8  # used when the bundle sets no limit (max_batch null)
+OUTPUT_NAMES = ("score", "anomaly_map", "score_map_max")
+STAGES = ("decode", "preprocess", "inference", "postprocess")
+
+PredictInput = Union[str, "os.PathLike[str]", np.ndarray, ScanImage]
+
+
+@dataclass(frozen=True, eq=False)  # eq off: numpy arrays have no single truth value
+class Prediction:
+    """One scan's result. `timings` are milliseconds per stage; `inference` is this image's share of its batch."""
+
+    source: str
+    score: float  # AC, in [0, L]
+    score_map_max: float  # max of the anomaly map, in [0, L]
+    label: str | None  # "anomaly" / "normal", None without a threshold
+    threshold: float | None
+    score_name: str  # which of score / score_map_max the threshold applies to
+    anomaly_map: np.ndarray = field(repr=False)  # float32 [H, W] at the input's native resolution
+    model_map: np.ndarray = field(repr=False)  # float32 [S, S] as the model produced it
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decision_score(self) -> float:
+        """The value compared with the threshold."""
+        return self.score if self.score_name == "score" else self.score_map_max
+
+    @property
+    def latency_ms(self) -> float:
+        return float(sum(self.timings.get(s, 0.0) for s in STAGES))
+
+
+def decide(value: float, threshold: float | None) -> str | None:
+    """'anomaly' when value >= threshold (as the overlay shows it), 'normal' below, None without threshold."""
+    if threshold is None or not np.isfinite(value):
+        return None
+    return "anomaly" if value >= threshold else "normal"
+
+
+def array_to_scan(pixels: np.ndarray, source: str = "<array>", window: str = "auto") -> ScanImage:
+    """A user's array -> ScanImage: uint8 [H, W(, 3)] as is; float in [0, 1]; other integers windowed."""
+    arr = np.asarray(pixels)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise InputError(f"{source}: expected pixels [H, W] or [H, W, 3], got shape {list(arr.shape)}")
+    check_size(source, int(arr.shape[1]), int(arr.shape[0]))
+    if arr.dtype == np.bool_:
+        return ScanImage(arr.astype(np.uint8) * 255, source, 8)
+    if arr.dtype == np.uint8:
+        return ScanImage(np.ascontiguousarray(arr), source, 8)
+    if arr.dtype.kind == "f":
+        check_finite(source, arr)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InputError(f"{source}: float pixels must lie in [0, 1], got [{lo:g}, {hi:g}] "
+                             "(pass integers to have them windowed)")
+        return ScanImage(arr.astype(np.float32), source, 32)
+    if arr.dtype.kind in "iu":
+        mode = "minmax" if window == "auto" else window
+        dtype_max = float(np.iinfo(arr.dtype).max)
+        return ScanImage(window_to_unit(arr, mode, dtype_max), source, arr.dtype.itemsize * 8)
+    raise InputError(f"{source}: unsupported pixel dtype {arr.dtype}")
+
+
+class Predictor:
+    """A bundle on a backend. Build with `load`; use as a context manager or call `close()`."""
+
+    def __init__(self, bundle: Bundle, backend: Any, threshold: float | None = None):
+        self.bundle = bundle
+        self.backend = backend
+        self.threshold = bundle.threshold if threshold is None else float(threshold)
+        self.score_name = bundle.score_name
+        self.max_batch = int(getattr(backend, "max_batch", None) or bundle.max_batch or DEFAULT_MAX_BATCH)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that actually runs (e.g. CPUExecutionProvider, TensorRT)."""
+        return self.backend.provider
+
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
+
+    @property
+    def load_seconds(self) -> float:
+        return float(self.backend.load_seconds)
+
+    def read(self, path: str | os.PathLike, slice_index: int | None = None) -> list[ScanImage]:
+        """Decode a scan file into 2-D slices with the bundle's windowing (InputError naming the file)."""
+        return read_scans(path, slice_index=slice_index, window=self.bundle.spec.window)
+
+    def _to_scan(self, item: PredictInput, slice_index: int | None) -> tuple[ScanImage, float]:
+        """One input -> (ScanImage, decode ms). Volumes must resolve to one slice here."""
+        if isinstance(item, ScanImage):
+            return item, 0.0
+        if isinstance(item, np.ndarray):
+            return array_to_scan(item, window=self.bundle.spec.window), 0.0
+        if isinstance(item, (str, os.PathLike)):
+            t0 = time.perf_counter()
+            scans = self.read(item, slice_index)
+            ms = (time.perf_counter() - t0) * 1e3
+            if len(scans) != 1:
+                raise InputError(f"{os.fspath(item)}: has {len(scans)} slices; pass slice_index= or use predict_file")
+            return scans[0], ms
+        raise InputError(f"cannot predict on a {type(item).__name__}; pass a path, a numpy array or a ScanImage")
+
+    def predict(self, item: PredictInput, slice_index: int | None = None) -> Prediction:
+        """One scan (file path, pixel array or ScanImage) -> Prediction."""
+        scan, ms = self._to_scan(item, slice_index)
+        return self.predict_scans([scan], [ms])[0]
+
+    def predict_file(self, path: str | os.PathLike, slice_index: int | None = None) -> list[Prediction]:
+        """Every slice of a file (one for 2-D images; frames/axial slices for DICOM/NIfTI volumes)."""
+        t0 = time.perf_counter()
+        scans = self.read(path, slice_index)
+        ms = (time.perf_counter() - t0) * 1e3 / len(scans)
+        return self.predict_scans(scans, [ms] * len(scans))
+
+    def predict_batch(self, items: Sequence[PredictInput]) -> list[Prediction]:
+        """Several inputs -> one Prediction each, run in batches of up to the bundle's max batch."""
+        pairs = [self._to_scan(item, None) for item in items]
+        return self.predict_scans([s for s, _ in pairs], [ms for _, ms in pairs])
+
+    def predict_scans(self, scans: Sequence[ScanImage], decode_ms: Sequence[float] | None = None) -> list[Prediction]:
+        """Decoded scans -> Predictions; `decode_ms` (per scan) is recorded in the timings when given."""
+        decode = list(decode_ms) if decode_ms is not None else [0.0] * len(scans)
+        if len(decode) != len(scans):
+            raise ValueError(f"decode_ms has {len(decode)} entries for {len(scans)} scans")
+        out: list[Prediction] = []
+        for start in range(0, len(scans), self.max_batch):
+            chunk = scans[start : start + self.max_batch]
+            out.extend(self._run_chunk(chunk, decode[start : start + self.max_batch]))
+        return out
+
+    def _run_chunk(self, scans: Sequence[ScanImage], decode_ms: Sequence[float]) -> list[Prediction]:
+        spec = self.bundle.spec
+        pre_ms, images = [], []
+        for scan in scans:
+            t0 = time.perf_counter()
+            images.append(preprocess(scan, spec))  # [3, S, S]
+            pre_ms.append((time.perf_counter() - t0) * 1e3)
+        batch = np.stack(images)  # [B, 3, S, S]
+        t0 = time.perf_counter()
+        try:
+            outputs = self.backend.run(batch)
+        except MadclipError:
+            raise
+        except Exception as exc:  # onnxruntime / TensorRT runtime failures: one line, naming bundle and backend
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BundleError(f"{self.bundle.path}: inference failed on {self.backend_name} "
+                              f"({type(exc).__name__}: {first})") from None
+        infer_ms = (time.perf_counter() - t0) * 1e3 / len(scans)
+        self._check_outputs(outputs, len(scans))
+        preds = []
+        for i, scan in enumerate(scans):
+            t0 = time.perf_counter()
+            model_map = np.asarray(outputs["anomaly_map"][i, 0], dtype=np.float32)  # [S, S]
+            native = resize_map(model_map, scan.height, scan.width)  # [H, W]
+            score, smax = float(outputs["score"][i]), float(outputs["score_map_max"][i])
+            value = score if self.score_name == "score" else smax
+            label = decide(value, self.threshold)
+            post_ms = (time.perf_counter() - t0) * 1e3
+            timings = {"decode": float(decode_ms[i]), "preprocess": pre_ms[i], "inference": infer_ms,
+                       "postprocess": post_ms}
+            preds.append(Prediction(scan.source, score, smax, label, self.threshold, self.score_name,
+                                    native, model_map, timings))
+        return preds
+
+    def _check_outputs(self, outputs: dict[str, np.ndarray], n: int) -> None:
+        missing = [k for k in OUTPUT_NAMES if k not in outputs]
+        if missing:
+            raise InputError(f"{self.bundle.path}: the model did not return {', '.join(missing)} "
+                             f"(it returned {', '.join(outputs)})")
+        s = self.bundle.image_size
+        if outputs["anomaly_map"].shape != (n, 1, s, s) or outputs["score"].shape != (n,):
+            raise InputError(f"{self.bundle.path}: model output shapes {outputs['score'].shape} / "
+                             f"{outputs['anomaly_map'].shape}, expected ({n},) / ({n}, 1, {s}, {s})")
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Predictor({self.bundle.path}, backend={self.backend_name}, provider={self.provider}, "
+                f"precision={self.precision}, threshold={self.threshold})")
+
+
+def model_sha256(bundle: Bundle, precision: str) -> str | None:
+    """The metadata's sha256 of a model variant's graph file (saves hashing it again for engine caching)."""
+    rel = bundle.meta["models"].get(precision)
+    info = bundle.meta["files"].get(rel) if rel else None
+    return info.get("sha256") if info else None
+
+
+def load(
+    bundle: str | os.PathLike | Bundle,
+    backend: str = "auto",
+    precision: str = "fp32",
+    threshold: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verify: str | bool = "model",
+) -> Predictor:
+    """Open a bundle (verified per `verify`, see `madclip_runtime.bundle`) on `backend` at `precision`.
+
+    backend "auto" picks the fastest available (trt > ort-trt > ort-cuda > ort-cpu; int8 -> ort-cpu).
+    `threshold` overrides the bundle's calibrated threshold. `cache_dir` holds TensorRT engines.
+    """
+    if threshold is not None and not np.isfinite(float(threshold)):
+        raise InputError(f"threshold must be a finite number, got {threshold}")
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify, precision=precision)
+    model_path = b.model_path(precision)
+    name = resolve_auto(precision) if backend == "auto" else backend
+    if name == "ort-cpu" and precision == "fp16" and backend != "auto":
+        log.warning("running the fp16 model on the CPU: FP16 on a CPU is slower than FP32 (use fp32 or int8)")
+    s = b.image_size
+    be = create_backend(
+        name, model_path, precision, b.max_batch or DEFAULT_MAX_BATCH,
+        None if cache_dir is None else os.fspath(cache_dir),
+        onnx_sha256=model_sha256(b, precision), input_chw=(3, s, s),
+    )
+    return Predictor(b, be, threshold=threshold)
