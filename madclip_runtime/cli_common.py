@@ -15,7 +15,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # some inputs failed, others processed
 EXIT_USAGE = 2  # bad input / configuration: nothing useful done
 
-err_console = Console(stderr=True)
+# Wide when not a terminal (logs, CI), so log lines are not wrapped at 80 columns.
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -27,3 +27,28 @@ def tiny_model(tiny_cfg):
     from madclip_train.model import build_model
 
     return build_model(tiny_cfg, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory):
+    """A real madclip-tiny run (2 epochs, 2 + 2 shots) on generated demo data. Returns the run directory."""
+    from madclip_train.demo import generate_demo
+    from madclip_train.run import TrainRequest, train_run
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    root = generate_demo(base / "data", n_valid=3, n_test=3, seed=11)
+    out = base / "run"
+    train_run(TrainRequest(data=str(root), out=str(out), shots=2, epochs=2, backbone="madclip-tiny",
+                           pretrained="none", device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_tiny_bundle(trained_tiny_run, tmp_path_factory):
+    """The trained tiny run exported with FP16, INT8 and Triton (max batch 4). Returns the bundle directory."""
+    from madclip_export.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "b"
+    export_bundle(ExportOptions(run=str(trained_tiny_run), out=str(out), fp16=True, int8=True, triton=True,
+                                max_batch=4))
+    return out

@@ -16,24 +16,14 @@ from madclip_runtime.bundle import load_bundle
 from madclip_runtime.errors import BundleError
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    from madclip_train.demo import generate_demo
-    from madclip_train.run import TrainRequest, train_run
-
-    base = tmp_path_factory.mktemp("export")
-    root = generate_demo(base / "data", n_valid=3, n_test=3, seed=11)
-    out = base / "run"
-    train_run(TrainRequest(data=str(root), out=str(out), shots=2, epochs=2, backbone="madclip-tiny",
-                           pretrained="none", device="cpu"))
-    return out
+@pytest.fixture()
+def run_dir(trained_tiny_run) -> Path:
+    return trained_tiny_run
 
 
-@pytest.fixture(scope="module")
-def bundle(run_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "b"
-    export_bundle(ExportOptions(run=str(run_dir), out=str(out), fp16=True, int8=True, triton=True, max_batch=4))
-    return out
+@pytest.fixture()
+def bundle(exported_tiny_bundle) -> Path:
+    return exported_tiny_bundle
 
 
 def _ort(path, images, fp16=False):
