@@ -5,13 +5,8 @@
 # one line and runs the tiny random `madclip-tiny` config as a pipeline check (its scores are meaningless).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
 WORK="${WORK:-quickstart}"
-python3 -m venv "$VENV"
-. "$VENV/bin/activate"
-pip install -q --upgrade pip
-pip install -q torch==2.14.1 torchvision==0.29.1
-pip install -q -e ".[all]"
+. scripts/install.sh
 
 madclip-demo-data --out "$WORK/data" --force
 if python -m madclip_train.weights ViT-L-14-336 openai; then
