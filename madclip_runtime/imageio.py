@@ -162,10 +162,17 @@ def read_image(path: str | os.PathLike, window: str = "auto") -> ScanImage:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a lesion mask as float32 [H, W] scaled to [0, 1] (RGB masks: any channel)."""
+    """Read a lesion mask as float32 [H, W] scaled to [0, 1] (RGB masks: any channel).
+
+    8-bit masks are divided by 255 (BMAD masks are 0/255), except label masks stored as 0/1, which are kept as
+    0/1: dividing those by 255 would silently turn every lesion into background.
+    """
     scan = read_image(path, window="full")
     m = scan.pixels
-    m = m.astype(np.float32) / 255.0 if m.dtype == np.uint8 else m.astype(np.float32)
+    if m.dtype == np.uint8:
+        m = m.astype(np.float32) if m.max() == 1 else m.astype(np.float32) / 255.0
+    else:
+        m = m.astype(np.float32)
     if m.ndim == 3:
         m = m.max(axis=2)
     return m

@@ -544,3 +544,14 @@ def test_real_scans_read():
     for p in masks:
         m = read_mask(p)
         assert m.dtype == np.float32 and m.ndim == 2 and 0.0 <= m.min() and m.max() <= 1.0 and m.max() > 0
+
+
+def test_read_mask_keeps_0_1_label_masks(tmp_path):
+    from madclip_runtime.imageio import read_mask
+
+    labels = np.zeros((20, 20), np.uint8)
+    labels[5:10, 5:10] = 1
+    Image.fromarray(labels).save(tmp_path / "m01.png")
+    Image.fromarray(labels * 255).save(tmp_path / "m255.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "m01.png"), labels.astype(np.float32))
+    np.testing.assert_array_equal(read_mask(tmp_path / "m255.png"), labels.astype(np.float32))
