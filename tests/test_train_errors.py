@@ -94,3 +94,15 @@ def test_bad_shot_list_name(root, tmp_path, capsys):
 
 def test_eval_missing_run(root, tmp_path, capsys):
     _fails(capsys, [str(tmp_path / "norun"), "--data", str(root)], "norun", main=eval_main)
+
+
+def test_weights_check_is_fast_and_truthful(tmp_path):
+    from madclip_train.weights import weights_available
+
+    assert weights_available("madclip-tiny", "none")[0] is True
+    ok, reason = weights_available("ViT-L-14-336", str(tmp_path / "w.safetensors"))
+    assert not ok and "no such file" in reason
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    assert weights_available("ViT-L-14-336", str(tmp_path / "w.safetensors"))[0] is True
+    ok, reason = weights_available("madclip-tiny", "openai")
+    assert not ok and "no 'openai' weights" in reason
