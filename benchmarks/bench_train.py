@@ -1,0 +1,72 @@
+"""Training benchmark: time per epoch with and without the feature cache, plus the one-off cache build.
+
+For each backbone (random weights, `--pretrained none`), the same `madclip-train` config runs twice on the demo
+data: `--feature-cache memory` (backbone once, epochs train adapters + prompts on cached fp16 features) and
+`--feature-cache off` (backbone forward in every step). Epoch times come from the runs' train_log.jsonl, the
+cache build time and size from config.json, peak RSS from the process itself.
+
+    python benchmarks/bench_train.py                      # madclip-tiny and ViT-B-16, 16 shots (512 images)
+    python benchmarks/bench_train.py --backbones ViT-B-16 --shots 4
+
+Writes benchmarks/results/train.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from _common import WORK, demo_data, print_machine, run, table, tool, write_json
+
+
+def epoch_seconds(history: list[dict]) -> float:
+    """Median epoch time, leaving out epoch 1 (allocator and thread-pool warm-up) when there are more."""
+    times = [r["seconds"] for r in history]
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def train(data, backbone: str, mode: str, args) -> dict:
+    out = WORK / "runs" / f"train-{backbone}-{mode}"
+    epochs = args.epochs_cached if mode != "off" else args.epochs_uncached
+    m = run([tool("madclip-train"), "--data", str(data), "--out", str(out), "--backbone", backbone,
+             "--pretrained", "none", "--image-size", str(args.image_size), "--shots", str(args.shots),
+             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--feature-cache", mode, "--force"])
+    history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    config = json.loads((out / "config.json").read_text())
+    cache = config["cache"]["train"]
+    return {"backbone": backbone, "feature_cache": mode, "epochs": epochs, "wall_seconds": round(m.seconds, 2),
+            "peak_rss_mb": round(m.peak_rss_mb, 1), "epoch_seconds": epoch_seconds(history),
+            "epoch_seconds_all": [r["seconds"] for r in history], "epoch1_loss": history[0]["loss_total"],
+            "n_train_images": config["dataset"]["n_shots"] * (16 if config["train"]["augment"] else 1),
+            "cache_build_seconds": cache.get("seconds"), "cache_bytes": cache.get("bytes")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbones", default="madclip-tiny,ViT-B-16")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=240)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs-cached", type=int, default=4)
+    p.add_argument("--epochs-uncached", type=int, default=2)
+    args = p.parse_args()
+    print_machine()
+    data = demo_data()
+    rows, results = [], []
+    for backbone in args.backbones.split(","):
+        cached, uncached = train(data, backbone, "memory", args), train(data, backbone, "off", args)
+        speedup = uncached["epoch_seconds"] / cached["epoch_seconds"]
+        results.append({"backbone": backbone, "cached": cached, "uncached": uncached,
+                        "epoch_speedup": round(speedup, 1)})
+        rows.append([backbone, cached["n_train_images"], cached["cache_build_seconds"],
+                     cached["cache_bytes"] / 1e6, cached["peak_rss_mb"], uncached["peak_rss_mb"],
+                     cached["epoch_seconds"], uncached["epoch_seconds"], f"{speedup:.1f}x",
+                     f"{cached['epoch1_loss']:.5f} / {uncached['epoch1_loss']:.5f}"])
+    table(f"training, {args.shots}+{args.shots} shots x16 augmentation, {args.image_size}px, batch {args.batch_size}",
+          ["backbone", "images/epoch", "cache build s", "cache MB", "peak RSS cached MB", "peak RSS uncached MB",
+           "epoch s cached", "epoch s uncached", "speedup", "epoch-1 loss cached / uncached"], rows)
+    write_json("train.json", {"settings": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()
