@@ -20,7 +20,8 @@ from rich.table import Table
 from madclip_runtime.cli_bench import machine_description
 
 HERE = Path(__file__).resolve().parent
-WORK = Path(os.environ.get("MADCLIP_BENCH_WORK", HERE / "work"))
+WORK = Path(os.environ.get("MADCLIP_BENCH_WORK", HERE / "work"))  # runs, bundles, demo data (not committed)
+RESULTS = Path(os.environ.get("MADCLIP_BENCH_RESULTS", HERE / "results"))  # the JSON files RESULTS.md quotes
 BIN = Path(sys.executable).parent
 console = Console(width=200)
 
@@ -68,7 +69,7 @@ def demo_data(n_valid: int = 16, n_test: int = 20) -> Path:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    path = HERE / "results" / name
+    path = RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_description(), "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                **payload}

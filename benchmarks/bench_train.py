@@ -5,8 +5,12 @@ data: `--feature-cache memory` (backbone once, epochs train adapters + prompts o
 `--feature-cache off` (backbone forward in every step). Epoch times come from the runs' train_log.jsonl, the
 cache build time and size from config.json, peak RSS from the process itself.
 
-    python benchmarks/bench_train.py                      # madclip-tiny and ViT-B-16, 16 shots (512 images)
-    python benchmarks/bench_train.py --backbones ViT-B-16 --shots 4
+A per-step breakdown (one batch, measured in this process with the trainer's own modules) shows where a
+step's time goes: the frozen backbone forward (what the cache removes), the frozen text tower forward and
+backward (the learnable prompts need it every step, cache or not) and the adapters + head + loss.
+
+    python benchmarks/bench_train.py                      # madclip-tiny and ViT-B-16, 4+4 shots (128 images)
+    python benchmarks/bench_train.py --backbones ViT-B-16 --shots 16
 
 Writes benchmarks/results/train.json and prints a table.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 from _common import WORK, demo_data, print_machine, run, table, tool, write_json
 
@@ -23,6 +28,54 @@ def epoch_seconds(history: list[dict]) -> float:
     """Median epoch time, leaving out epoch 1 (allocator and thread-pool warm-up) when there are more."""
     times = [r["seconds"] for r in history]
     return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int = 2) -> dict:
+    """Milliseconds per training step component for one batch of random images (seconds of the median run)."""
+    import torch
+
+    from madclip_train.config import ModelConfig
+    from madclip_train.losses import madclip_loss
+    from madclip_train.model import build_model
+
+    model = build_model(ModelConfig(backbone=backbone, pretrained="none", image_size=image_size), seed=0)
+    images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch_size) % 2
+    masks = torch.zeros(batch_size, image_size, image_size, dtype=torch.bool)
+    masks[1::2, image_size // 4:image_size // 2, image_size // 4:image_size // 2] = True
+    with torch.no_grad():
+        feats = [f.half().float() for f in model.backbone(images)]  # what the cache hands the epochs
+
+    def backbone_forward():
+        with torch.no_grad():
+            model.backbone(images)
+
+    def text_forward_backward():
+        t_n, t_ab = model.text_embeddings()
+        (t_ab - t_n).square().sum().backward()
+
+    dt = model.text_embeddings()[1].detach() - model.text_embeddings()[0].detach()
+
+    def adapters_head_loss():
+        madclip_loss(model.branch_logits(feats, dt), labels, masks, image_size)["total"].backward()
+
+    def full_cached_step():
+        t_n, t_ab = model.text_embeddings()
+        madclip_loss(model.branch_logits(feats, t_ab - t_n), labels, masks, image_size)["total"].backward()
+
+    out = {}
+    for name, fn in [("backbone_forward", backbone_forward), ("text_forward_backward", text_forward_backward),
+                     ("adapters_head_loss_forward_backward", adapters_head_loss),
+                     ("full_cached_step", full_cached_step)]:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        out[name + "_ms"] = round(statistics.median(times) * 1e3, 1)
+    return out
 
 
 def train(data, backbone: str, mode: str, args) -> dict:
@@ -44,7 +97,7 @@ def train(data, backbone: str, mode: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbones", default="madclip-tiny,ViT-B-16")
-    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--shots", type=int, default=4)
     p.add_argument("--image-size", type=int, default=240)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs-cached", type=int, default=4)
@@ -52,12 +105,14 @@ def main() -> None:
     args = p.parse_args()
     print_machine()
     data = demo_data()
-    rows, results = [], []
+    rows, results, steps = [], [], []
     for backbone in args.backbones.split(","):
         cached, uncached = train(data, backbone, "memory", args), train(data, backbone, "off", args)
         speedup = uncached["epoch_seconds"] / cached["epoch_seconds"]
+        breakdown = step_breakdown(backbone, args.image_size, args.batch_size)
         results.append({"backbone": backbone, "cached": cached, "uncached": uncached,
-                        "epoch_speedup": round(speedup, 1)})
+                        "epoch_speedup": round(speedup, 2), "step_breakdown": breakdown})
+        steps.append([backbone, *breakdown.values()])
         rows.append([backbone, cached["n_train_images"], cached["cache_build_seconds"],
                      cached["cache_bytes"] / 1e6, cached["peak_rss_mb"], uncached["peak_rss_mb"],
                      cached["epoch_seconds"], uncached["epoch_seconds"], f"{speedup:.1f}x",
@@ -65,6 +120,9 @@ def main() -> None:
     table(f"training, {args.shots}+{args.shots} shots x16 augmentation, {args.image_size}px, batch {args.batch_size}",
           ["backbone", "images/epoch", "cache build s", "cache MB", "peak RSS cached MB", "peak RSS uncached MB",
            "epoch s cached", "epoch s uncached", "speedup", "epoch-1 loss cached / uncached"], rows)
+    table(f"one training step, batch {args.batch_size} (ms, median of 2 after a warm-up)",
+          ["backbone", "backbone fwd (cache removes)", "text tower fwd+bwd", "adapters+head+loss fwd+bwd",
+           "full cached step"], steps)
     write_json("train.json", {"settings": vars(args), "results": results})
 
 
