@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from typing import Callable
 
 from rich.console import Console
@@ -33,10 +35,23 @@ def error_line(message: str) -> None:
     err_console.print(f"error: {message}", style="bold red", markup=False, highlight=False, soft_wrap=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so it unwinds like Ctrl-C: atomic writers remove their temporaries."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[], int]) -> int:
-    """Run a CLI body; MadclipError, KeyboardInterrupt and OSError become one line and a non-zero exit."""
+    """Run a CLI body; MadclipError, KeyboardInterrupt, SIGTERM and OSError become one line and a non-zero exit."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return int(main() or 0)
+    except Terminated:
+        error_line("terminated (SIGTERM)")
+        return 128 + signal.SIGTERM
     except MadclipError as exc:
         error_line(str(exc))
         return EXIT_USAGE
@@ -47,3 +62,6 @@ def run_cli(main: Callable[[], int]) -> int:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         error_line(f"{where}{exc.strerror or exc}")
         return EXIT_USAGE
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

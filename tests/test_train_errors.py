@@ -106,3 +106,29 @@ def test_weights_check_is_fast_and_truthful(tmp_path):
     assert weights_available("ViT-L-14-336", str(tmp_path / "w.safetensors"))[0] is True
     ok, reason = weights_available("madclip-tiny", "openai")
     assert not ok and "no 'openai' weights" in reason
+
+
+def test_sigterm_during_training_leaves_nothing(root, tmp_path):
+    """A killed job (SIGTERM from a scheduler or `kill`) exits 143 with one line and leaves no run and no temp dir."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs" / "killed"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-c", "import sys; from madclip_train.cli import train_main; sys.exit(train_main())",
+           "--data", str(root), "--out", str(out), "--backbone", "madclip-tiny", "--pretrained", "none",
+           "--shots", "2", "--epochs", "1000", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(out.parent.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # wait until training has started writing into its temporary directory
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert any(out.parent.iterdir()), "training never created its temporary run directory"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "error: terminated (SIGTERM)" in err and "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
