@@ -37,9 +37,19 @@ class TextEncoder(nn.Module):
         self.text_projection = clip.text_projection
         self.register_buffer("attn_mask", clip.attn_mask if causal else None, persistent=False)
 
-    def forward(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:  # embeds [N, 77, D]
+    def forward(self, embeds: torch.Tensor, eot_index: torch.Tensor, full_length: bool = False) -> torch.Tensor:
+        """embeds [N, 77, D] -> features at the EOT tokens [N, E].
+
+        With the causal mask no token sees a later one, so the padding after the last EOT cannot change the
+        result: the sequences are cut there (exact, and ~4x less text-tower work per training step). Without
+        the mask (the reference) every one of the 77 positions attends to every other, so all are kept.
+        """
         x = embeds + self.positional_embedding
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        mask = self.attn_mask
+        if mask is not None and not full_length:
+            length = int(eot_index.max()) + 1
+            x, mask = x[:, :length], mask[:length, :length]
+        x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # [N, D]
         if isinstance(self.text_projection, nn.Linear):

@@ -124,3 +124,30 @@ def test_madclip_loss_sums_layers_and_skips_seg_without_masks(tiny_model):
     assert torch.isclose(full["total"], full["det"] + full["focal"] + full["dice"])
     per_layer = sum(siglip_detection_loss(logits["det_n"][i], logits["det_ab"][i], y) for i in range(4))
     assert torch.isclose(full["det"], per_layer)
+
+
+def test_causal_encoder_cut_after_last_eot_is_exact(tiny_cfg):
+    """The causal variant encodes only up to the last EOT; that must equal encoding all 77 positions."""
+    from dataclasses import replace
+
+    from madclip_train.model import build_model
+
+    model = build_model(replace(tiny_cfg, causal_prompt_mask=True), seed=0)
+    p = model.prompts
+    embeds = p.token_embedding(p.ids_abnormal)  # [21, 77, D]
+    embeds = embeds + 0.1 * torch.randn_like(embeds)  # the context slots carry learned, non-token vectors
+    assert int(p.eot_abnormal.max()) + 1 < embeds.shape[1]  # there is padding to cut
+    cut = p.encoder(embeds, p.eot_abnormal)
+    full = p.encoder(embeds, p.eot_abnormal, full_length=True)
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
+    # gradients to the context reach the same values through the shorter sequences
+    ctx = torch.zeros_like(embeds, requires_grad=True)
+    p.encoder(embeds + ctx, p.eot_abnormal).sum().backward()
+    g_cut = ctx.grad.clone()
+    ctx.grad = None
+    p.encoder(embeds + ctx, p.eot_abnormal, full_length=True).sum().backward()
+    g_full = ctx.grad
+    # padding after the last EOT cannot reach any EOT output under the causal mask
+    assert torch.all(g_full[:, int(p.eot_abnormal.max()) + 1:] == 0)
+    # the rest agrees up to float32 summation order (different matmul shapes)
+    torch.testing.assert_close(g_cut, g_full, rtol=0, atol=1e-5 * float(g_full.abs().max()))
