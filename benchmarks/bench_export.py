@@ -37,7 +37,16 @@ def export(run_dir: Path, backbone: str) -> dict:
     return {"backbone": backbone, "bundle": str(out), "wall_seconds": round(m.seconds, 1),
             "peak_rss_mb": round(m.peak_rss_mb, 1), "onnx_export_seconds": report["export_seconds"],
             "files_bytes": files, "models": meta.get("models"), "variants": report["variants"],
-            "calibration": report["calibration"]}
+            "calibration": report["calibration"], "golden_scores": golden_spread(out)}
+
+
+def golden_spread(bundle: Path) -> dict:
+    """Range of the FP32 reference scores on the golden set: how close together the flips are decided."""
+    import numpy as np
+
+    with np.load(bundle / "golden.npz") as g:
+        score = g["score"].astype(np.float64)
+    return {"score_min": float(score.min()), "score_max": float(score.max()), "score_std": float(score.std())}
 
 
 def size(files: dict, name: str) -> float:
@@ -71,11 +80,11 @@ def main() -> None:
                     + sum(([v[k]["errors"]["score"]["max_abs"], v[k]["errors"]["anomaly_map"]["p99_abs"],
                             v[k]["errors"]["anomaly_map"]["max_abs"], v[k]["decision_flips"],
                             v[k]["auroc_change"]] for k in ("fp16", "int8")), [])
-                    + [v["fp32"]["n_images"]])
+                    + [v["fp32"]["n_images"], r["golden_scores"]["score_std"]])
     table("parity on the golden set (fp32 vs PyTorch; fp16 / int8 vs the FP32 ONNX)",
           ["backbone", "fp32 score max", "fp32 map p99", "fp16 score max", "fp16 map p99", "fp16 map max",
            "fp16 flips", "fp16 dAUROC", "int8 score max", "int8 map p99", "int8 map max", "int8 flips",
-           "int8 dAUROC", "golden n"], prow)
+           "int8 dAUROC", "golden n", "golden score std"], prow)
     write_json("export.json", {"settings": vars(args), "results": results})
 
 
