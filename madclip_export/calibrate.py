@@ -42,18 +42,27 @@ def map_threshold(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray
         precision, recall, thresholds = precision_recall_curve(truth, flat)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
         return float(thresholds[int(np.argmax(f1[:-1]))])
-    normal = maps[~np.asarray(labels).astype(bool)]
+    normal = maps[np.asarray(labels) <= 0]  # normal (0) or unknown (-1): most unlabelled scans are normal
     return float(np.percentile(normal if normal.size else maps, 99.5))
 
 
 def calibrate(scores: np.ndarray, map_max: np.ndarray, maps: np.ndarray, masks: np.ndarray | None,
               labels: np.ndarray, n_layers: int, has_masks: bool) -> dict:
-    """The metadata.json `calibration` entry. score_name: the score the label uses (AC by default)."""
+    """The metadata.json `calibration` entry. score_name: the score the label uses (AC by default).
+
+    Labels 1 abnormal, 0 normal, -1 unknown (an unlabelled --calib folder). Without both classes no image
+    threshold can be chosen: `threshold` is None (the bundle gives scores without a decision) and `method` says so.
+    """
+    labels = np.asarray(labels)
+    both = bool((labels == 0).any() and (labels == 1).any())
+    known = labels >= 0
     return {
-        "threshold": youden_threshold(scores, labels),
+        "threshold": youden_threshold(scores[known], labels[known]) if both else None,
         "score_name": "score",
-        "threshold_score_map_max": youden_threshold(map_max, labels),
-        "method": METHOD_TEXT,
+        "threshold_score_map_max": youden_threshold(map_max[known], labels[known]) if both else None,
+        "method": METHOD_TEXT if both else (
+            "none: the calibration images do not hold both normal and abnormal labelled images, so no decision "
+            "threshold was chosen (pass madclip-infer --threshold, or re-export with a labelled --calib dataset)"),
         "map_threshold": map_threshold(maps, masks if has_masks else None, labels),
         "map_threshold_method": ("pixel F1-max on the shots' masks" if has_masks
                                  else "99.5th percentile of the normal shots' map values"),

@@ -21,6 +21,8 @@ from madclip_runtime.atomic import AtomicDirectory, atomic_writer
 from madclip_runtime.backends import create_backend
 from madclip_runtime.bundle import io_metadata, write_metadata
 from madclip_runtime.errors import BackendUnavailable, MadclipError
+from madclip_runtime.metadata_schema import OPSET_MAX, OPSET_MIN
+from madclip_runtime.selftest import golden_decisions
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +45,27 @@ class ExportOptions:
     triton: bool = False
     force: bool = False
     data: str | None = None  # dataset root override (where the run's shots and test images are)
+    calib: str | None = None  # calibration/golden images: a dataset root, or a folder of images (unlabelled)
+    calib_split: str = "valid"  # split of a --calib dataset root
+    sign: str | None = None  # Ed25519 private key (PEM) to sign metadata.json with
     n_golden_shots: int = 8
     n_golden_test: int = 8
     fp32_tolerance: float = FP32_TOLERANCE
 
 
-def _golden_samples(config: dict, shots_json: dict, data_override: str | None, n_shots: int, n_test: int):
+def _golden_samples(config: dict, shots_json: dict, data_override: str | None, n_shots: int, n_test: int,
+                    run_dir: str = "run"):
     """The run's shots (all, for calibration) and a golden subset: some shots plus a few test images."""
     from madclip_train.data import Sample, load_split
 
-    root = Path(data_override or shots_json.get("root") or config.get("dataset", {}).get("root") or "")
+    listed = shots_json.get("shots") if isinstance(shots_json, dict) else None
+    if not listed:
+        raise MadclipError(f"{run_dir}: the run lists no shot images (e.g. a converted reference checkpoint): pass "
+                           f"--calib DIR (a dataset root with normal and abnormal images, --calib-split valid|test, "
+                           f"or a folder of images) for calibration and the golden set")
+    root = Path(data_override or shots_json.get("root") or (config.get("dataset") or {}).get("root") or "")
     shots = []
-    for s in shots_json.get("shots", []):
+    for s in listed:
         path = root / s["path"] if not os.path.isabs(s["path"]) else Path(s["path"])
         mask = (root / s["mask"] if s.get("mask") and not os.path.isabs(s["mask"]) else s.get("mask"))
         if not path.is_file():
@@ -132,8 +143,12 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
     from .int8 import quantize_int8
     from .parity import diff_stats, variant_report
 
-    if opts.max_batch < 1:
-        raise MadclipError(f"--max-batch must be >= 1 (got {opts.max_batch})")
+    check_options(opts)
+    signing_key = None
+    if opts.sign is not None:
+        from madclip_runtime.signing import load_private_key
+
+        signing_key = load_private_key(opts.sign)  # a bad key fails before minutes of export
     if opts.engine:
         _require_tensorrt()
     t_start = time.perf_counter()
@@ -144,23 +159,26 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         model, config = load_run(opts.run)
         model.eval()
         run_dir = Path(opts.run)
-        shots_json = json.loads((run_dir / "shots.json").read_text())
-        shots, golden = _golden_samples(config, shots_json, opts.data, opts.n_golden_shots, opts.n_golden_test)
+        shots, golden, has_masks_data = _calibration_samples(opts, config, run_dir)
         spec = model.cfg.preprocess
         n_layers = model.n_layers
 
         step(f"PyTorch FP32 reference on {len(shots)} shots")
         shot_images, shot_masks, shot_labels = load_arrays(shots, spec)
         shot_out = _torch_outputs(model, shot_images)
-        has_masks = bool(config.get("dataset", {}).get("has_masks")) and shot_masks.any()
+        has_masks = bool(has_masks_data) and bool(shot_masks.any())
         calibration = calibrate(shot_out["score"], shot_out["score_map_max"], shot_out["anomaly_map"][:, 0],
                                 shot_masks, shot_labels, n_layers, has_masks)
+        if opts.calib is not None and calibration["threshold"] is not None:
+            calibration["method"] = (f"Youden's J maximised over midpoints of the image scores of {len(shots)} labelled "
+                                     f"--calib images ({opts.calib}, split {opts.calib_split}); check it on held-out data")
         golden_images, _, golden_labels = load_arrays(golden, spec)
         torch_ref = _torch_outputs(model, golden_images)
 
         step("exporting the FP32 ONNX graph (text tower baked as dt, backbone truncated)")
         t0 = time.perf_counter()
         export_onnx(model, tmp / "model.onnx", opts.max_batch, opts.opset)
+        opset = written_opset(tmp / "model.onnx", opts.opset)
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
         del model
 
@@ -211,13 +229,61 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         step("writing golden set, report and metadata")
         with atomic_writer(tmp / "golden.npz") as f:
             np.savez_compressed(f, image=golden_images, labels=golden_labels.astype(np.int64),
-                                sources=np.array([str(Path(s.path).name) for s in golden]), **torch_ref)
+                                sources=np.array([str(Path(s.path).name) for s in golden]), **torch_ref,
+                                **golden_decisions(torch_ref, calibration))
         report["sizes_bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         report["calibration"] = calibration
         report["seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_metadata(tmp, _metadata(config, spec, n_layers, opts, calibration, models, run_dir))
+        write_metadata(tmp, _metadata(config, spec, n_layers, opts, calibration, models, run_dir, opset),
+                       signing_key=signing_key)
     return report
+
+
+def check_options(opts: ExportOptions) -> None:
+    """Refuse bad options before any work (the CLI's argparse types check the same for command lines)."""
+    if not 1 <= opts.max_batch <= 4096:
+        raise MadclipError(f"--max-batch must be in [1, 4096] (got {opts.max_batch})")
+    if not OPSET_MIN <= opts.opset <= OPSET_MAX:
+        raise MadclipError(f"--opset must be in [{OPSET_MIN}, {OPSET_MAX}] (the opsets the exporter writes), "
+                           f"got {opts.opset}")
+    if opts.calib_split not in ("valid", "test"):
+        raise MadclipError(f"--calib-split must be valid or test (got {opts.calib_split!r})")
+    for n in (opts.n_golden_shots, opts.n_golden_test):
+        if n < 0:
+            raise MadclipError(f"golden set sizes must be >= 0 (got {n})")
+    if not np.isfinite(opts.fp32_tolerance):
+        raise MadclipError(f"fp32 tolerance must be a finite number (got {opts.fp32_tolerance})")
+
+
+def written_opset(path: Path, requested: int) -> int:
+    """The default-domain opset of the graph as written (read back from the file); it must be the requested one."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    versions = [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise MadclipError(f"{path}: the exported graph declares no ai.onnx opset")
+    if versions[0] != requested:
+        raise MadclipError(f"--opset {requested}: the exporter wrote opset {versions[0]} instead; no bundle written "
+                           f"(use an opset in [{OPSET_MIN}, {OPSET_MAX}])")
+    return int(versions[0])
+
+
+def _calibration_samples(opts: ExportOptions, config: dict, run_dir: Path):
+    """(calibration samples, golden samples, has masks): from --calib when given, else the run's shots."""
+    if opts.calib is None:
+        path = run_dir / "shots.json"
+        try:
+            shots_json = json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MadclipError(f"{path}: invalid JSON ({exc})") from None
+        shots, golden = _golden_samples(config, shots_json, opts.data, opts.n_golden_shots, opts.n_golden_test,
+                                        str(run_dir))
+        return shots, golden, (config.get("dataset") or {}).get("has_masks")
+    from .calib_source import calib_samples
+
+    return calib_samples(opts.calib, opts.calib_split, opts.n_golden_shots + opts.n_golden_test)
 
 
 def _check_finite(variant: dict, name: str) -> None:
@@ -257,7 +323,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step) -> dict:
 
 
 def _metadata(config: dict, spec, n_layers: int, opts: ExportOptions, calibration: dict, models: dict,
-              run_dir: Path) -> dict:
+              run_dir: Path, opset: int) -> dict:
     import onnx
     import onnxruntime
     import open_clip
@@ -267,7 +333,7 @@ def _metadata(config: dict, spec, n_layers: int, opts: ExportOptions, calibratio
         "preprocess": spec.to_dict(),
         **io_metadata(spec.image_size, n_layers),
         "max_batch": opts.max_batch,
-        "opset": opts.opset,
+        "opset": opset,  # read back from the written graph
         "n_layers": n_layers,
         "calibration": calibration,
         "models": models,
@@ -275,7 +341,8 @@ def _metadata(config: dict, spec, n_layers: int, opts: ExportOptions, calibratio
             "backbone": mcfg["backbone"], "pretrained": mcfg["pretrained"], "taps": mcfg["taps"],
             "objective": mcfg["objective"], "quick_gelu": mcfg["quick_gelu"],
             "causal_prompt_mask": mcfg["causal_prompt_mask"], "normalize": spec.normalize,
-            "shots": config.get("train", {}).get("shots"), "seed": config.get("train", {}).get("seed"),
+            "shots": (config.get("train") or {}).get("shots"), "seed": (config.get("train") or {}).get("seed"),
+            "calibration_images": opts.calib, "converted_from": config.get("converted_from"),
             "run_dir": str(run_dir.resolve()), "backbone_fingerprint": config.get("backbone_fingerprint"),
             "versions": {**config.get("versions", {}), "torch_export": torch.__version__,
                          "open_clip_export": open_clip.__version__, "onnx": onnx.__version__,

@@ -9,9 +9,9 @@ A bundle is a directory (written atomically, see `madclip_runtime.atomic.AtomicD
     golden.npz           a few preprocessed inputs and the FP32 reference outputs (for --selftest)
     export_report.json   parity figures per variant
 
-metadata.json keys (schema_version 1):
+metadata.json keys (schema_version 2):
 
-    schema_version   int, 1
+    schema_version   int, 2 (bundles of schema 1 predate tamper-evident metadata and are refused: re-export)
     madclip_version  str, version of the madclip that wrote the bundle
     created_utc      str, ISO 8601 UTC time of writing
     intended_use     "research use, not for clinical decisions"
@@ -36,6 +36,12 @@ metadata.json keys (schema_version 1):
                      (e.g. `model.onnx.data`) and belong to it for verification.
     files            {relpath: {"sha256": hex, "bytes": int}} for every file in the bundle except
                      metadata.json itself (relpaths use "/").
+    integrity        per-field sha256 digests of everything above (`madclip_runtime.integrity`): an edited
+                     value is refused by name.
+    signature        optional Ed25519 signature over everything else (`madclip_runtime.signing`).
+
+Every value is validated at load (`madclip_runtime.metadata_schema.validate_metadata`: types, finiteness,
+ranges), after the integrity and signature checks and before any model file is opened.
 
 Verification (`load_bundle(path, verify=...)`):
     True / "all"   size and sha256 of every listed file (hashing a 1.2 GB ViT-L graph takes a few seconds).
@@ -53,18 +59,18 @@ from typing import Any, Iterable
 
 from . import INTENDED_USE, __version__
 from .atomic import atomic_write_text, sha256_file
+from . import integrity
 from .errors import BundleError
+from .metadata_schema import SCHEMA_VERSION, validate_metadata
 from .preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMAS = {1}
+SUPPORTED_SCHEMAS = {SCHEMA_VERSION}
 METADATA_FILE = "metadata.json"
 GOLDEN_FILE = "golden.npz"
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
-REQUIRED_KEYS = ("schema_version", "intended_use", "preprocess", "models", "files")
 
 
 def io_metadata(image_size: int, n_layers: int = 4) -> dict[str, Any]:
@@ -115,77 +121,49 @@ def file_checksums(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_metadata(directory: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
-    """Checksum every file in `directory`, complete `meta` and write metadata.json atomically.
+def write_metadata(directory: str | os.PathLike, meta: dict[str, Any], signing_key: Any = None) -> dict[str, Any]:
+    """Checksum every file in `directory`, complete, validate, seal (and sign) `meta`, write metadata.json atomically.
 
     Fills schema_version, madclip_version, created_utc and intended_use when absent and always recomputes
-    `files`; call it last, after every other file is written. Returns the metadata as written.
-    Raises BundleError if the result would not load (e.g. a listed model file missing).
+    `files`; call it last, after every other file is written. `signing_key`: an Ed25519 private key object
+    (`madclip_runtime.signing.load_private_key`). Returns the metadata as written.
+    Raises BundleError if the result would not load (e.g. a NaN threshold, a listed model file missing).
     """
     directory = os.fspath(directory)
-    out = dict(meta)
+    out = {k: v for k, v in meta.items() if k not in integrity.UNSEALED_KEYS}
     out.setdefault("schema_version", SCHEMA_VERSION)
     out.setdefault("madclip_version", __version__)
     out.setdefault("created_utc", _utc_now())
     out.setdefault("intended_use", INTENDED_USE)
     out["files"] = file_checksums(directory)
-    _validate(out, os.path.join(directory, METADATA_FILE))
-    _check_models_listed(out, os.path.join(directory, METADATA_FILE))
+    out = json.loads(json.dumps(out))  # exactly what the reader will see (tuples -> lists); NaN kept to be refused
+    validate_metadata(out, os.path.join(directory, METADATA_FILE))
+    out = integrity.seal(out)
+    if signing_key is not None:
+        from .signing import sign_metadata
+
+        out = sign_metadata(out, signing_key)
     text = json.dumps(out, indent=2, allow_nan=False) + "\n"
     atomic_write_text(os.path.join(directory, METADATA_FILE), text)
     return out
 
 
-def _validate(meta: Any, where: str) -> None:
-    """Structural checks shared by writer and reader; one-line BundleError naming metadata.json."""
+def _check_schema_version(meta: Any, where: str) -> None:
+    """Refuse other schema versions first, with a message that says what to do."""
     if not isinstance(meta, dict):
         raise BundleError(f"{where}: expected a JSON object at top level")
     if "schema_version" not in meta:
-        raise BundleError(f"{where}: missing key 'schema_version'")
+        raise BundleError(f"{where}: schema_version: missing (not a madclip bundle?)")
     version = meta["schema_version"]
+    if version == 1 and not isinstance(version, bool):
+        # Safe choice: a schema-1 bundle's metadata (threshold, preprocessing) is not covered by any integrity
+        # check, so it could have been edited unnoticed; accepting it with a warning would serve unverified
+        # decisions. Re-exporting the run takes minutes and yields a verifiable bundle.
+        raise BundleError(f"{where}: schema_version 1 bundle: its metadata is not tamper-evident (written by an "
+                          f"older madclip); re-export the run with madclip-export")
     if isinstance(version, bool) or version not in SUPPORTED_SCHEMAS:
-        raise BundleError(f"{where}: unknown schema_version {version} (this madclip reads "
+        raise BundleError(f"{where}: unknown schema_version {version!r} (this madclip reads "
                           f"{', '.join(str(v) for v in sorted(SUPPORTED_SCHEMAS))})")
-    for key in REQUIRED_KEYS:
-        if key not in meta:
-            raise BundleError(f"{where}: missing key {key!r}")
-    models, files = meta["models"], meta["files"]
-    if not isinstance(models, dict) or not models:
-        raise BundleError(f"{where}: 'models' must map precision to model file, got {models!r}")
-    for prec, rel in models.items():
-        if prec not in PRECISIONS or not isinstance(rel, str):
-            raise BundleError(f"{where}: bad models entry {prec!r}: {rel!r} (precisions: {', '.join(PRECISIONS)})")
-    if not isinstance(files, dict):
-        raise BundleError(f"{where}: 'files' must be an object")
-    for rel, info in files.items():
-        if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-            raise BundleError(f"{where}: file entry {rel!r} points outside the bundle")
-        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("bytes"), int)):
-            raise BundleError(f"{where}: file entry {rel!r} needs 'sha256' and 'bytes'")
-    try:
-        PreprocessSpec.from_dict(meta["preprocess"])
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{where}: invalid preprocess spec ({exc})") from None
-    calib = meta.get("calibration")
-    if calib is not None:
-        if not isinstance(calib, dict):
-            raise BundleError(f"{where}: 'calibration' must be an object")
-        if calib.get("score_name", "score") not in ("score", "score_map_max"):
-            raise BundleError(f"{where}: calibration score_name must be 'score' or 'score_map_max', "
-                              f"got {calib.get('score_name')!r}")
-        for key in ("threshold", "map_threshold"):
-            if calib.get(key) is not None and not isinstance(calib[key], (int, float)):
-                raise BundleError(f"{where}: calibration {key} must be a number, got {calib[key]!r}")
-    shape = (meta.get("input") or {}).get("shape")
-    size = int(meta["preprocess"].get("image_size", 0))
-    if shape is not None and (len(shape) != 4 or shape[2:] != [size, size]):
-        raise BundleError(f"{where}: input shape {shape} does not match preprocess image_size {size}")
-
-
-def _check_models_listed(meta: dict[str, Any], where: str) -> None:
-    for prec, rel in meta["models"].items():
-        if rel not in meta["files"]:
-            raise BundleError(f"{where}: {prec} model {rel} is not in the bundle's file list")
 
 
 def model_files(meta: dict[str, Any], precision: str) -> list[str]:
@@ -235,6 +213,18 @@ class Bundle:
         """The fixed value range for colouring and 16-bit encoding of anomaly maps: [0, n_layers]."""
         lo, hi = self.calibration.get("map_scale", (0.0, float(self.n_layers)))
         return float(lo), float(hi)
+
+    @property
+    def signed_by(self) -> str | None:
+        """Key id of the signature (verified at load), or None for an unsigned bundle."""
+        sig = self.meta.get("signature")
+        if not isinstance(sig, dict):
+            return None
+        import base64
+
+        from .signing import key_id
+
+        return key_id(base64.b64decode(sig["public_key"]))
 
     @property
     def max_batch(self) -> int | None:
@@ -311,8 +301,14 @@ def _verify_files(path: str, meta: dict[str, Any], which: str | bool, precision:
     log.debug("bundle %s verified (%s)", path, mode)
 
 
-def load_bundle(path: str | os.PathLike, verify: str | bool = True, precision: str | None = None) -> Bundle:
-    """Read and check a bundle directory. See the module docstring for the `verify` modes."""
+def load_bundle(path: str | os.PathLike, verify: str | bool = True, precision: str | None = None,
+                trusted_key: Any = None) -> Bundle:
+    """Read and check a bundle directory. See the module docstring for the `verify` modes.
+
+    Order: schema version, integrity of every metadata field, signature (`trusted_key`: a path to an Ed25519
+    public key, raw key bytes or a key object; the bundle must then be signed by it), validation of every
+    value, then the files. `trusted_key` needs the sha256 of the model in use, so it upgrades verify "none".
+    """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         what = "not a directory" if os.path.exists(path) else "no such bundle directory"
@@ -327,8 +323,15 @@ def load_bundle(path: str | os.PathLike, verify: str | bool = True, precision: s
         raise BundleError(f"{meta_path}: not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{meta_path}: invalid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
-    _validate(meta, meta_path)
-    _check_models_listed(meta, meta_path)
+    _check_schema_version(meta, meta_path)
+    integrity.check(meta, meta_path)
+    if trusted_key is not None or "signature" in meta:
+        from .signing import verify_signature
+
+        verify_signature(meta, meta_path, trusted_key)
+    validate_metadata(meta, meta_path)
+    if trusted_key is not None and verify in (False, "none"):
+        verify = "model" if precision is not None else "all"
     if meta.get("intended_use") != INTENDED_USE:
         log.warning("%s: unexpected intended_use %r", meta_path, meta.get("intended_use"))
     _verify_files(path, meta, verify, precision)

@@ -39,8 +39,9 @@ from rich.table import Table
 
 from . import INTENDED_USE, __version__
 from .atomic import atomic_write_text
-from .cli_common import EXIT_OK, EXIT_USAGE, err_console, run_cli, setup_logging
+from .cli_common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
 from .errors import MadclipError
+from .safe_text import escape_control
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,17 @@ ALL_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="madclip-bench",
+    p = ArgumentParser(prog="madclip-bench",
                                 description=f"Benchmark a madclip bundle on the available backends ({INTENDED_USE}).")
     p.add_argument("--bundle", required=True, help="bundle directory written by madclip-export")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
                    help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (default: all; unavailable ones are skipped)")
     p.add_argument("--precisions", default=None,
                    help="comma-separated subset of fp32,fp16,int8 (default: the variants in the bundle)")
-    p.add_argument("--batch", type=int, default=None, help="batch size for throughput (default: bundle max batch)")
-    p.add_argument("--iters", type=int, default=50, help="timed batch-1 runs per row (default 50)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed batch-1 runs first (default 5)")
-    p.add_argument("--throughput-iters", type=int, default=None,
+    p.add_argument("--batch", type=bounded_int(1, 4096), default=None, help="batch size for throughput (default: bundle max batch)")
+    p.add_argument("--iters", type=bounded_int(1, 1_000_000), default=50, help="timed batch-1 runs per row (default 50)")
+    p.add_argument("--warmup", type=bounded_int(0, 1_000_000), default=5, help="untimed batch-1 runs first (default 5)")
+    p.add_argument("--throughput-iters", type=bounded_int(1, 1_000_000), default=None,
                    help="timed runs at --batch (default: max(3, iters // 5))")
     p.add_argument("--image", default=None, help="a real scan file for the decode/preprocess stages "
                                                  "(default: golden input 0 written to a temporary PNG)")
@@ -283,9 +284,11 @@ def _print_report(console: Console, rows: list[dict[str, Any]]) -> None:
     console.print(_table(rows))
     for r in rows:
         if r["status"] != "ok":
-            console.print(f"skipped {r['backend']} {r['precision']}: {r['reason']}", markup=False, highlight=False)
+            console.print(f"skipped {r['backend']} {r['precision']}: {escape_control(r['reason'])}", markup=False,
+                          highlight=False)
         elif r.get("note"):
-            console.print(f"note {r['backend']} {r['precision']}: {r['note']}", markup=False, highlight=False)
+            console.print(f"note {r['backend']} {r['precision']}: {escape_control(r['note'])}", markup=False,
+                          highlight=False)
     console.print("peak RSS is this process's running maximum (ru_maxrss), not per-row memory; " + INTENDED_USE,
                   markup=False, highlight=False)
 
@@ -361,7 +364,7 @@ def _main(argv: Sequence[str] | None) -> int:
     _print_report(console, rows)
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
-        err_console.print(f"wrote {args.json}", markup=False, highlight=False)
+        err_console.print(f"wrote {escape_control(args.json)}", markup=False, highlight=False)
     if not any(r["status"] == "ok" for r in rows):
         err_console.print("error: nothing could be measured (all combinations skipped)", style="bold red",
                           markup=False, highlight=False)

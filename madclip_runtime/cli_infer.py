@@ -23,10 +23,13 @@ from typing import Any, Iterator, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import INTENDED_USE, __version__
-from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line, run_cli, setup_logging
+from .cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
+                         finite_float, run_cli, setup_logging)
 from .errors import InputError, MadclipError
+from .safe_text import escape_control
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ PRECISION_CHOICES = ("fp32", "fp16", "int8")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="madclip-infer",
         description=f"Anomaly score and map for scans with a madclip bundle ({INTENDED_USE}).",
     )
@@ -45,17 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="inference backend (auto: fastest available; the one actually used is printed)")
     p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="model variant (default fp32)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=finite_float(), default=None,
                    help="decision threshold overriding the bundle's calibrated one")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write <stem>.json, <stem>_overlay.png and <stem>_map.png/.npy per scan")
     p.add_argument("--json", action="store_true", help="one JSON object per scan on stdout instead of a table")
     p.add_argument("--map-format", default="png16", choices=("png16", "npy"),
                    help="anomaly map file format with --out (png16: 16-bit on the fixed scale; npy: float32)")
-    p.add_argument("--slice", type=int, default=None, metavar="N",
+    p.add_argument("--slice", type=bounded_int(0), default=None, metavar="N",
                    help="only slice/frame N of DICOM/NIfTI volumes (default: all slices)")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subdirectories of INPUT folders")
     p.add_argument("--cache-dir", default=None, help="where TensorRT engines are cached (default ~/.cache/madclip)")
+    p.add_argument("--trusted-key", default=None, metavar="PUB",
+                   help="Ed25519 public key (PEM): refuse bundles not signed by it (see madclip-keygen)")
     p.add_argument("--selftest", action="store_true",
                    help="verify the bundle and run its golden inputs on this backend/precision first")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -74,11 +79,13 @@ def check_out_dir(out: str) -> str:
         os.remove(probe)
     except OSError as exc:
         raise MadclipError(f"{out}: output directory is not writable ({exc.strerror or exc})") from None
-    return out
+    return out  # the results marker is written with the first result (overlay.save_prediction)
 
 
-def expand_each(inputs: Sequence[str], recursive: bool) -> tuple[list[str], int]:
-    """Expand every argument on its own so one bad argument is reported and the others still run."""
+def expand_each(inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> tuple[list[str], int]:
+    """Expand every argument on its own so one bad argument is reported and the others still run.
+
+    `exclude`: directories never entered (the --out tree); madclip's own result files are skipped too."""
     from .imageio import expand_inputs
 
     files: list[str] = []
@@ -86,7 +93,7 @@ def expand_each(inputs: Sequence[str], recursive: bool) -> tuple[list[str], int]
     failed = 0
     for raw in inputs:
         try:
-            found = expand_inputs([raw], recursive=recursive)
+            found = expand_inputs([raw], recursive=recursive, exclude=exclude)
         except InputError as exc:
             error_line(str(exc))
             failed += 1
@@ -179,7 +186,7 @@ def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, prog
 def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
     from .selftest import run_selftest
 
-    res = run_selftest(args.bundle, args.backend, args.precision, cache_dir=args.cache_dir)
+    res = run_selftest(args.bundle, args.backend, args.precision, cache_dir=args.cache_dir, trusted_key=args.trusted_key)
     clean = {k: (_finite(v) if isinstance(v, float) else v) for k, v in res.items()}
     if args.json:
         print(json.dumps({"selftest": clean}, allow_nan=False), flush=True)
@@ -195,11 +202,17 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
         table.add_row("anomaly_map max |err|", f"{res['map_max_abs_err']:.3g}", "(reported)")
         if res["label_agreement"] is not None:
             table.add_row("decision agreement", f"{res['label_agreement']:.0%}", "(reported)")
+        table.add_row("export decisions reproduced", "yes" if res["decisions_reproduced"] else
+                      f"NO ({res['n_changed']} changed)", "all")
         out.print(table)
     verdict = "PASSED" if res["passed"] else "FAILED"
     err_console.print(f"self-test {verdict}: {res['backend']} {res['precision']} on {res['provider']}",
                       style="green" if res["passed"] else "bold red", markup=False, highlight=False)
-    if not res["passed"]:
+    if not res["decisions_reproduced"]:
+        error_line(f"{res['bundle']}: self-test failed: the bundle's calibration (threshold {res['threshold']}) no "
+                   f"longer reproduces the decisions made at export (threshold {res['export_threshold']}): "
+                   f"{res['n_changed']} of {res['n']} golden decisions changed")
+    elif not res["passed"]:
         error_line(f"{res['bundle']}: self-test failed on {res['backend']} {res['precision']} "
                    f"(score err {res['score_max_abs_err']:.3g}, map p99 err {res['map_p99_abs_err']:.3g}; "
                    f"tolerances {res['tolerance']['score']:g} / {res['tolerance']['map_p99']:g})")
@@ -223,7 +236,7 @@ def _result_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         label = r["label"] or "-"
         style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
-        table.add_row(_short(r["file"]), f"{r['score']:.4f}" if r["score"] is not None else "nan",
+        table.add_row(Text(escape_control(_short(r["file"]))), f"{r['score']:.4f}" if r["score"] is not None else "nan",
                       f"{r['score_map_max']:.4f}" if r["score_map_max"] is not None else "nan",
                       f"[{style}]{label}[/]" if style else label, f"{r['latency_ms']:.1f}")
     return table
@@ -248,8 +261,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.inputs:
         return EXIT_OK
 
-    bundle = load_bundle(args.bundle, verify="model", precision=args.precision)
-    files, failed = expand_each(args.inputs, args.recursive)
+    bundle = load_bundle(args.bundle, verify="model", precision=args.precision, trusted_key=args.trusted_key)
+    files, failed = expand_each(args.inputs, args.recursive, [args.out] if args.out else [])
     if not files:
         return EXIT_USAGE  # every argument was reported on its own line
     out_dir = check_out_dir(args.out) if args.out else None

@@ -161,21 +161,64 @@ def read_image(path: str | os.PathLike, window: str = "auto") -> ScanImage:
         raise InputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {one_line(exc)})") from None
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a lesion mask as float32 [H, W] scaled to [0, 1] (RGB masks: any channel).
+MASK_MAX_LABELS = 8  # integer masks with at most this many distinct values are label maps (nonzero = lesion)
 
-    8-bit masks are divided by 255 (BMAD masks are 0/255), except label masks stored as 0/1, which are kept as
-    0/1: dividing those by 255 would silently turn every lesion into background.
+
+def _raw_mask_pixels(path: str) -> np.ndarray:
+    """The stored sample values of a mask image (no windowing, no scaling): [H, W] or [H, W, 3]."""
+    check_regular_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # lazy: reads the header only
+                check_size(path, *img.size)
+                img.load()
+                if img.mode in ("LA", "La", "PA"):
+                    img = img.convert("L") if img.mode != "PA" else img.convert("P")
+                elif img.mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"):
+                    img = img.convert("RGB")
+                return np.asarray(img)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: image too large, refusing to decode ({one_line(exc)})") from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{path}: not an image (unrecognised or unsupported format)") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, zlib.error, ValueError ... for corrupt files
+        raise InputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {one_line(exc)})") from None
+
+
+def mask_to_unit(raw: np.ndarray, path: str = "<mask>") -> np.ndarray:
+    """Stored mask values -> float32 [H, W] in [0, 1], whatever the bit depth (RGB masks: any channel).
+
+    * two values {0, k} (k > 0: 0/1, 0/255, 0/65535, 0/1.0 ...): exactly 0/1;
+    * integer label maps (at most MASK_MAX_LABELS distinct values, e.g. 0/1/2): nonzero -> 1;
+    * anything else (anti-aliased or JPEG-compressed masks): divided by the dtype's maximum (floats clipped),
+      so the preprocessing's 0.5 threshold splits them.
+    Dividing a 0/1 mask stored in 16 bits by 65535 would make every lesion background: never done here.
     """
-    scan = read_image(path, window="full")
-    m = scan.pixels
-    if m.dtype == np.uint8:
-        m = m.astype(np.float32) if m.max() == 1 else m.astype(np.float32) / 255.0
-    else:
-        m = m.astype(np.float32)
+    m = np.asarray(raw)
+    if m.dtype == np.bool_:
+        return m.astype(np.float32) if m.ndim == 2 else m.any(axis=2).astype(np.float32)
     if m.ndim == 3:
         m = m.max(axis=2)
-    return m
+    if m.dtype.kind == "f":
+        check_finite(path, m, "mask")
+    values = np.unique(m)
+    if values.size <= 2 and values.min() >= 0:
+        top = values.max()
+        return (m == top).astype(np.float32) if top > 0 else np.zeros(m.shape, np.float32)
+    if m.dtype.kind in "iu":
+        if values.size <= MASK_MAX_LABELS and values.min() >= 0:
+            return (m > 0).astype(np.float32)
+        return np.clip(m.astype(np.float32) / np.float32(np.iinfo(m.dtype).max), 0.0, 1.0)
+    return np.clip(m.astype(np.float32), 0.0, 1.0)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a lesion mask as float32 [H, W] in [0, 1], at any bit depth (see `mask_to_unit`)."""
+    path = os.fspath(path)
+    return mask_to_unit(_raw_mask_pixels(path), path)
 
 
 def _lower_name(path: str) -> str:
@@ -237,15 +280,31 @@ def _is_scan_file(path: str) -> bool:
     return "." not in name and has_dicom_magic(path)
 
 
-def _scan_files_in(directory: str, recursive: bool) -> list[str]:
+def _excluded_dir(path: str, exclude: set[str]) -> bool:
+    from .outputs import is_marked_dir
+
+    return os.path.realpath(path) in exclude or is_marked_dir(path)
+
+
+def _scan_files_in(directory: str, recursive: bool, exclude: set[str] = frozenset()) -> list[str]:
+    """Scan files of a directory, without madclip's own outputs (`madclip_runtime.outputs`): subdirectories that
+    are an --out directory or carry the results marker are not entered, result files are skipped by name."""
+    from .outputs import is_madclip_output, is_marked_dir
+
+    found: list[str] = []
     if recursive:
-        found = [os.path.join(root, n) for root, dirs, names in os.walk(directory) for n in names]
+        for root, dirs, names in os.walk(directory):
+            dirs[:] = [d for d in dirs if not _excluded_dir(os.path.join(root, d), exclude)]
+            marked = is_marked_dir(root)
+            found += [p for p in (os.path.join(root, n) for n in names) if not is_madclip_output(p, marked or None)]
     else:
-        found = [os.path.join(directory, n) for n in os.listdir(directory)]
+        marked = is_marked_dir(directory)
+        found = [p for p in (os.path.join(directory, n) for n in os.listdir(directory))
+                 if not is_madclip_output(p, marked or None)]
     return sorted(p for p in found if os.path.isfile(p) and _is_scan_file(p))
 
 
-def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> list[str]:
+def expand_inputs(inputs: Sequence[str], recursive: bool = False, exclude: Sequence[str] = ()) -> list[str]:
     """Command-line inputs -> scan file paths, in order, without duplicates.
 
     Files are kept as given (reading reports what is wrong with them); directories expand to their
@@ -253,7 +312,14 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> list[str]:
     `glob.glob` (`**` needs `recursive`) to the matching scan files (other files, e.g. a manifest.json,
     are skipped), matched directories expanding as above. A pattern matching no scan, a directory without
     scans or a path that does not exist is an InputError naming it.
+
+    madclip's own outputs are never picked up by directory or glob expansion (`madclip_runtime.outputs`):
+    `exclude` (e.g. the --out directory) and marked results directories below an input are not entered, and
+    result files (`*_overlay.png`, `*_map.png`, `*_map.npy` beside their `<stem>.json`) are skipped.
     """
+    from .outputs import is_madclip_output
+
+    skip = {os.path.realpath(os.fspath(e)) for e in exclude}
     out: list[str] = []
     seen: set[str] = set()
 
@@ -264,7 +330,7 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> list[str]:
             out.append(p)
 
     def add_dir(d: str) -> None:
-        files = _scan_files_in(d, recursive)
+        files = _scan_files_in(d, recursive, skip)
         if not files:
             exts = " ".join(SCAN_EXTENSIONS)
             where = "or its subdirectories" if recursive else "(subdirectories not searched)"
@@ -285,8 +351,10 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> list[str]:
             files = []
             for m in matches:
                 if os.path.isdir(m):
-                    files.extend(_scan_files_in(m, recursive))
-                elif _is_scan_file(m):
+                    if not _excluded_dir(m, skip):
+                        files.extend(_scan_files_in(m, recursive, skip))
+                elif _is_scan_file(m) and not is_madclip_output(m) and \
+                        os.path.realpath(os.path.dirname(m) or ".") not in skip:
                     files.append(m)
             if not files:
                 raise InputError(f"{item}: {len(matches)} paths match this pattern but none is a scan file")

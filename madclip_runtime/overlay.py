@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import INTENDED_USE
 from .atomic import atomic_save_npy, atomic_save_png, atomic_write_text
+from .outputs import mark_output_dir
 from .imageio import ScanImage
 
 # Anchor colours of a dark-purple-orange-pale-yellow perceptual ramp (inferno-like), evenly spaced on [0, 1].
@@ -264,6 +265,7 @@ def save_prediction(
         raise ValueError(f"record has no {score_name!r} entry (keys: {', '.join(record)})")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    mark_output_dir(out_dir)  # so input expansion never takes these files for scans
     lo, hi = _check_scale(scale)
     amap = np.asarray(amap_native, dtype=np.float32)  # [H, W]
 

@@ -237,15 +237,26 @@ def load(
     threshold: float | None = None,
     cache_dir: str | os.PathLike | None = None,
     verify: str | bool = "model",
+    trusted_key: Any = None,
 ) -> Predictor:
     """Open a bundle (verified per `verify`, see `madclip_runtime.bundle`) on `backend` at `precision`.
 
     backend "auto" picks the fastest available (trt > ort-trt > ort-cuda > ort-cpu; int8 -> ort-cpu).
     `threshold` overrides the bundle's calibrated threshold. `cache_dir` holds TensorRT engines.
+    `trusted_key` (path to an Ed25519 public key PEM, raw key bytes or a key object): refuse a bundle that is
+    unsigned or signed by another key. Every metadata field is checked against the bundle's integrity record
+    and validated before any model file is opened (`madclip_runtime.bundle.load_bundle`).
     """
     if threshold is not None and not np.isfinite(float(threshold)):
         raise InputError(f"threshold must be a finite number, got {threshold}")
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify, precision=precision)
+    if isinstance(bundle, Bundle):
+        b = bundle
+        if trusted_key is not None:  # re-check the signature of an already loaded bundle against this key
+            from .signing import verify_signature
+
+            verify_signature(b.meta, b.metadata_path, trusted_key)
+    else:
+        b = load_bundle(bundle, verify=verify, precision=precision, trusted_key=trusted_key)
     model_path = b.model_path(precision)
     name = resolve_auto(precision) if backend == "auto" else backend
     if name == "ort-cpu" and precision == "fp16" and backend != "auto":

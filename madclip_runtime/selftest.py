@@ -1,9 +1,13 @@
 """Self-test on the target: run the bundle's golden inputs through a backend and compare with the FP32 reference.
 
-golden.npz (written by madclip-export) holds preprocessed inputs `image` [N, 3, S, S] and the FP32 onnxruntime
-CPU outputs `score` [N], `anomaly_map` [N, 1, S, S], `score_map_max` [N]. The self-test answers "does this
-machine, with this backend and precision, compute what the exporter computed?" It first verifies every
-bundle file (sha256) and the schema version, so a tampered or foreign bundle is refused before it runs.
+golden.npz (written by madclip-export) holds preprocessed inputs `image` [N, 3, S, S], the FP32 reference
+outputs `score` [N], `anomaly_map` [N, 1, S, S], `score_map_max` [N], and the decisions the exported
+calibration made on them: `decisions` int8 [N] (1 anomaly, 0 normal, -1 no threshold), `decision_threshold`
+(NaN: none) and `decision_score_name`. The self-test answers "does this machine, with this backend and
+precision, compute what the exporter computed, and does the bundle still decide as it did at export?" It
+first verifies every bundle file (sha256), the schema version, the metadata's integrity record and
+signature, so a tampered or foreign bundle is refused before it runs; then it fails when the bundle's
+calibration (threshold, score name) no longer reproduces the recorded decisions.
 
 Tolerances (absolute; scores and maps lie in [0, L], L = 4):
 
@@ -35,7 +39,8 @@ from .predictor import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
-GOLDEN_KEYS = ("image", "score", "anomaly_map", "score_map_max")
+GOLDEN_KEYS = ("image", "score", "anomaly_map", "score_map_max", "decisions", "decision_threshold",
+               "decision_score_name")
 CPU_BACKENDS = ("ort-cpu",)
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"score": 1e-4, "map_p99": 1e-4},
@@ -62,15 +67,48 @@ def read_golden(bundle: Bundle) -> dict[str, np.ndarray]:
         raise BundleError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     missing = [k for k in GOLDEN_KEYS if k not in data]
     if missing:
-        raise BundleError(f"{path}: missing arrays {', '.join(missing)}")
+        raise BundleError(f"{path}: missing arrays {', '.join(missing)} (written by an older madclip-export: re-export)")
     n, s = len(data["image"]), bundle.image_size
-    expected = {"image": (n, 3, s, s), "score": (n,), "anomaly_map": (n, 1, s, s), "score_map_max": (n,)}
+    expected = {"image": (n, 3, s, s), "score": (n,), "anomaly_map": (n, 1, s, s), "score_map_max": (n,),
+                "decisions": (n,), "decision_threshold": (), "decision_score_name": ()}
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise BundleError(f"{path}: {key} has shape {data[key].shape}, expected {shape}")
     if n == 0:
         raise BundleError(f"{path}: holds no golden inputs")
     return data
+
+
+def golden_decisions(outputs: dict[str, np.ndarray], calibration: dict) -> dict[str, np.ndarray]:
+    """The decisions the exported calibration makes on the golden FP32 reference outputs, for --selftest.
+
+    decisions int8 [N]: 1 anomaly, 0 normal, -1 no threshold; decision_threshold float64 [] (NaN: none);
+    decision_score_name str []. The self-test fails when the bundle's calibration no longer reproduces them.
+    """
+    name = calibration.get("score_name", "score")
+    t = calibration.get("threshold")
+    values = np.asarray(outputs[name], dtype=np.float64)
+    decisions = np.full(values.shape, -1, np.int8) if t is None else (values >= float(t)).astype(np.int8)
+    return {"decisions": decisions, "decision_threshold": np.float64(np.nan if t is None else t),
+            "decision_score_name": np.array(name)}
+
+
+def check_decisions(bundle: Bundle, golden: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Do the bundle's threshold and score name still make the decisions recorded at export on the golden set?
+
+    Returns {"decisions_reproduced": bool, "export_threshold", "threshold", "n_changed"}.
+    """
+    name = str(golden["decision_score_name"])
+    export_t = float(golden["decision_threshold"])
+    recorded = golden["decisions"].astype(np.int8)
+    t = bundle.threshold
+    if t is None:
+        now = np.full(recorded.shape, -1, np.int8)
+    else:
+        now = (golden[bundle.score_name].astype(np.float64) >= t).astype(np.int8)
+    same = bool(np.array_equal(now, recorded)) and (t is None or name == bundle.score_name)
+    return {"decisions_reproduced": same, "export_threshold": None if np.isnan(export_t) else export_t,
+            "threshold": t, "n_changed": int((now != recorded).sum())}
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,16 +121,21 @@ def run_selftest(
     backend: str = "auto",
     precision: str = "fp32",
     cache_dir: str | os.PathLike | None = None,
+    trusted_key: Any = None,
 ) -> dict[str, Any]:
     """Verify the bundle fully, run golden.npz on `backend` at `precision`, compare with the FP32 reference.
 
     Returns a JSON-able dict: backend, provider, precision, n, the errors (score_max_abs_err,
     score_map_max_max_abs_err, map_p99_abs_err, map_max_abs_err), tolerance, label_agreement (fraction of
-    golden inputs whose thresholded decision matches the reference's, None without a threshold) and passed.
-    A tampered bundle or unknown schema raises BundleError (load_bundle with verify=True).
+    golden inputs whose thresholded decision matches the reference's, None without a threshold),
+    decisions_reproduced (the bundle's calibration makes the export's decisions on the reference outputs),
+    export_threshold, threshold, n_changed, and passed (tolerances met and decisions reproduced).
+    A tampered bundle, an edited metadata field or an unknown schema raises BundleError (load_bundle with
+    verify=True); `trusted_key` requires a signature by that key.
     """
-    b = load_bundle(bundle.path if isinstance(bundle, Bundle) else bundle, verify=True)
+    b = load_bundle(bundle.path if isinstance(bundle, Bundle) else bundle, verify=True, trusted_key=trusted_key)
     golden = read_golden(b)
+    decisions = check_decisions(b, golden)
     name = resolve_auto(precision) if backend == "auto" else backend
     be = create_backend(name, b.model_path(precision), precision, b.max_batch or DEFAULT_MAX_BATCH,
                         None if cache_dir is None else os.fspath(cache_dir), input_chw=(3, b.image_size, b.image_size))
@@ -111,7 +154,7 @@ def run_selftest(
     }
     tol = tolerance(precision, name)
     passed = (errors["score_max_abs_err"] <= tol["score"] and errors["score_map_max_max_abs_err"] <= tol["score"]
-              and errors["map_p99_abs_err"] <= tol["map_p99"])
+              and errors["map_p99_abs_err"] <= tol["map_p99"] and decisions["decisions_reproduced"])
     agreement = None
     if b.threshold is not None:
         key = b.score_name
@@ -119,7 +162,7 @@ def run_selftest(
     result = {
         "bundle": b.path, "backend": name, "provider": provider, "precision": precision,
         "n": int(len(golden["image"])), **errors, "tolerance": tol,
-        "label_agreement": agreement, "load_seconds": float(load_seconds), "passed": bool(passed),
+        "label_agreement": agreement, **decisions, "load_seconds": float(load_seconds), "passed": bool(passed),
     }
     log.debug("selftest %s", result)
     return result

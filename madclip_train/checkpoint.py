@@ -60,15 +60,65 @@ def load_trainable_state(model: MadCLIP, state: dict[str, torch.Tensor], source:
 
 
 def read_config(run_dir: str | Path) -> dict:
+    """config.json of a run, checked (`validate_run_config`) so a missing or mistyped key is one line, not a KeyError."""
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir():
         raise MadclipError(f"{run_dir}: run directory not found")
     if not path.is_file():
         raise MadclipError(f"{path}: missing (not a madclip run directory)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MadclipError(f"{path}: invalid JSON ({exc})") from None
+    validate_run_config(config, str(path))
+    return config
+
+
+# key -> accepted types, for the `model` entry of config.json (what rebuilding the model reads).
+_MODEL_KEYS: dict[str, tuple[type, ...]] = {
+    "backbone": (str,), "pretrained": (str,), "image_size": (int,), "quick_gelu": (bool,),
+    "causal_prompt_mask": (bool,), "objective": (str,), "n_ctx": (int,), "init_seed": (int,), "taps": (list,),
+    "preprocess": (dict,),
+}
+_REQUIRED_MODEL_KEYS = ("backbone", "pretrained", "image_size", "objective")
+
+
+def _type_ok(value: object, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def validate_run_config(config: object, where: str) -> None:
+    """config.json must hold a `model` object with the keys the model is rebuilt from, of the right types."""
+    if not isinstance(config, dict):
+        raise MadclipError(f"{where}: expected a JSON object")
+    model = config.get("model")
+    if not isinstance(model, dict):
+        raise MadclipError(f"{where}: key 'model' is missing or not an object (not a complete madclip run)")
+    for key in _REQUIRED_MODEL_KEYS:
+        if key not in model:
+            raise MadclipError(f"{where}: key 'model.{key}' is missing")
+    for key, types in _MODEL_KEYS.items():
+        if key in model and not _type_ok(model[key], types):
+            raise MadclipError(f"{where}: 'model.{key}' must be {'/'.join(t.__name__ for t in types)}, "
+                               f"got {model[key]!r}")
+    for key in ("train", "dataset"):
+        if key in config and config[key] is not None and not isinstance(config[key], dict):
+            raise MadclipError(f"{where}: key '{key}' must be an object")
+    try:
+        ModelConfig.from_dict(model)
+        TrainConfig.from_dict(config.get("train") or {})
+    except (TypeError, ValueError) as exc:
+        raise MadclipError(f"{where}: invalid model/train configuration ({exc})") from None
+
+
+def check_finite_state(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a checkpoint holding NaN/inf (a diverged run): one line naming the first bad tensor."""
+    bad = [k for k, v in sorted(state.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MadclipError(f"{source}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. {bad[0]}): "
+                           f"the run diverged; retrain it (e.g. with a lower --lr)")
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", check_weights: bool = True) -> tuple[MadCLIP, dict]:
@@ -86,7 +136,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", check_weig
         state = load_file(str(ckpt))
     except (SafetensorError, OSError, ValueError) as exc:
         raise MadclipError(f"{ckpt}: unreadable safetensors file ({exc})") from None
-    model = build_model(mcfg, seed=TrainConfig.from_dict(config.get("train", {})).seed)
+    check_finite_state(state, str(ckpt))
+    model = build_model(mcfg, seed=TrainConfig.from_dict(config.get("train") or {}).seed)
     expected = config.get("backbone_fingerprint")
     if check_weights and expected:
         got = weights_fingerprint(model.backbone.visual)

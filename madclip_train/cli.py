@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from madclip_runtime.cli_common import err_console, run_cli, setup_logging
+from madclip_runtime.cli_common import ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
 from madclip_runtime.errors import MadclipError
+from madclip_runtime.safe_text import escape_control
 
 log = logging.getLogger("madclip_train")
 
@@ -23,36 +24,39 @@ def _progress():
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="madclip-train", description="Learn MadCLIP adapters and prompts from k normal + "
+    p = ArgumentParser(prog="madclip-train", description="Learn MadCLIP adapters and prompts from k normal + "
                                 "k abnormal images of a dataset's valid/ split and write a run directory.")
     p.add_argument("--data", required=True, help="dataset root (MVFA layout ROOT/valid/good/img ..., or plain "
                    "ROOT/normal, ROOT/abnormal, ROOT/masks)")
     p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument("--shots", type=int, default=16, help="k normal + k abnormal shots (default 16)")
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--shots", type=bounded_int(1, 10_000), default=16, help="k normal + k abnormal shots (default 16)")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=111)
     p.add_argument("--shot-list", help="shot-list file (lines 'a-0: name ...' and 'n-0: name ...'); overrides --shots")
     p.add_argument("--objective", help="[Objective] word (default: from the dataset folder name, else 'medical image')")
     p.add_argument("--backbone", default="ViT-L-14-336", help="open_clip model name, or madclip-tiny")
     p.add_argument("--pretrained", default="openai", help="openai | PATH to weights | none (random, pipeline checks)")
-    p.add_argument("--image-size", type=int, default=240)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--image-size", type=bounded_int(28, 4096), default=240)
+    p.add_argument("--epochs", type=bounded_int(1, 100_000), default=60)
+    p.add_argument("--batch-size", type=bounded_int(1, 65_536), default=16)
+    p.add_argument("--lr", type=finite_float(0.0, 10.0, min_open=True), default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--select-on", default="none", choices=["none", "valid"],
                    help="none: fixed epoch budget, keep the last epoch (default); valid: hold out part of the shots "
                         "and keep the epoch with the lowest held-out loss. The test split is never used.")
-    p.add_argument("--holdout-fraction", type=float, default=0.25)
+    p.add_argument("--holdout-fraction", type=finite_float(0.0, 1.0, min_open=True, max_open=True), default=0.25)
     p.add_argument("--feature-cache", default="memory", choices=["memory", "disk", "off"],
                    help="compute backbone features once (memory/disk) or every step (off)")
     p.add_argument("--cache-dir", help="directory of the disk feature cache (default ~/.cache/madclip/features)")
     p.add_argument("--no-augment", action="store_true", help="skip the offline x16 augmentation")
+    p.add_argument("--augment-variant", default="reference", choices=["reference", "exact"],
+                   help="reference (default): the authors' zoom crop int(S/scale) and colour jitter (per-column mean, "
+                        "one factor pair per class of shots); exact: exact affine zooms, per-image jitter")
     p.add_argument("--quick-gelu", action="store_true", help="QuickGELU (what OpenAI trained with); the reference uses GELU")
     p.add_argument("--causal-prompt-mask", action="store_true",
                    help="encode the learnable prompts with CLIP's causal mask (the reference omits it)")
     p.add_argument("--normalize", default="none", choices=["none", "clip"],
                    help="input normalisation: none (reference) or CLIP mean/std")
-    p.add_argument("--init-seed", type=int, default=0, help="seed of the random backbone when --pretrained none")
+    p.add_argument("--init-seed", type=bounded_int(0, 2**63 - 1), default=0, help="seed of the random backbone when --pretrained none")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -68,12 +72,14 @@ def _train(argv) -> int:
                        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        device=args.device, select_on=args.select_on, holdout_fraction=args.holdout_fraction,
                        feature_cache=args.feature_cache, cache_dir=args.cache_dir, augment=not args.no_augment,
+                       augment_variant=args.augment_variant,
                        quick_gelu=args.quick_gelu, causal_prompt_mask=args.causal_prompt_mask,
                        normalize=args.normalize, init_seed=args.init_seed, force=args.force)
     with _progress() as progress:
         summary = train_run(req, progress=progress)
-    err_console.print(f"[green]run written:[/] {summary['run_dir']}  ({summary['n_train_images']} training images, "
-                      f"epoch {summary['selected_epoch']} kept, {summary['seconds']:.1f} s)")
+    err_console.print(f"run written: {escape_control(summary['run_dir'])}  ({summary['n_train_images']} training images, "
+                      f"epoch {summary['selected_epoch']} kept, {summary['seconds']:.1f} s)", style="green",
+                      markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -82,12 +88,12 @@ def train_main(argv=None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="madclip-eval", description="Score a dataset split with a trained run.")
+    p = ArgumentParser(prog="madclip-eval", description="Score a dataset split with a trained run.")
     p.add_argument("run", help="run directory written by madclip-train")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--split", default="test")
     p.add_argument("--json", help="write the metrics to this JSON file")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=bounded_int(1, 65_536), default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -114,7 +120,9 @@ def _eval(argv) -> int:
     metrics = metrics_from_predictions(pred)
     metrics.update({"split": args.split, "data": str(args.data), "run": str(args.run),
                     "seconds": round(time.perf_counter() - t0, 2)})
-    table = Table(title=f"madclip-eval {args.run} on {args.data}/{args.split}")
+    from rich.markup import escape
+
+    table = Table(title=escape(escape_control(f"madclip-eval {args.run} on {args.data}/{args.split}")))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in ("image_auroc", "image_auroc_max_map", "pixel_auroc", "aupro", "f1_max", "n_images"):
@@ -133,7 +141,7 @@ def eval_main(argv=None) -> int:
 
 
 def convert_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="madclip-convert-reference",
+    p = ArgumentParser(prog="madclip-convert-reference",
                                 description="Convert an authors' released MadCLIP .pth (loaded with weights_only=True) "
                                             "into a madclip run directory.")
     p.add_argument("checkpoint", help="the released .pth file")
@@ -141,7 +149,7 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", required=True, help="[Objective] word the checkpoint was trained with, e.g. Brain")
     p.add_argument("--backbone", default="ViT-L-14-336")
     p.add_argument("--pretrained", default="openai")
-    p.add_argument("--image-size", type=int, default=240)
+    p.add_argument("--image-size", type=bounded_int(28, 4096), default=240)
     p.add_argument("--force", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -154,7 +162,8 @@ def _convert(argv) -> int:
 
     out = convert_reference_run(args.checkpoint, args.out, objective=args.objective, backbone=args.backbone,
                                 pretrained=args.pretrained, image_size=args.image_size, force=args.force)
-    err_console.print(f"[green]run written:[/] {out}")
+    err_console.print(f"run written: {escape_control(out)}", style="green", markup=False, highlight=False,
+                      soft_wrap=True)
     return 0
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
     augment: bool = True  # offline x16 augmentation
+    augment_variant: str = "reference"  # "reference": the authors' zoom crop and per-batch jitter; "exact": see augment.py
     select_on: str = "none"  # "none": fixed epoch budget; "valid": hold out part of the shots, keep best epoch
     holdout_fraction: float = 0.25
     feature_cache: str = "memory"  # "memory" | "disk" | "off" (re-run the backbone every step)

@@ -320,4 +320,9 @@ def load_arrays(
                     f"is {scan.width}x{scan.height} (width x height)"
                 )
             masks[i] = preprocess_mask(mask, spec)
+            if smp.label == 1 and not masks[i].any():
+                why = ("is empty (all zero)" if not (mask > spec.mask_threshold).any()
+                       else f"becomes empty at {s}x{s} (lesion too small)")
+                log.warning("%s: mask of abnormal image %s %s: its lesion will be trained as background; check the "
+                            "mask", smp.mask_path, os.path.basename(smp.path), why)
     return images, masks, labels

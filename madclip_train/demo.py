@@ -8,7 +8,6 @@ Abnormal images get 1-2 irregular lesions with soft edges inside the brain, brig
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -196,22 +195,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from madclip_runtime.cli_common import run_cli, setup_logging
+    from madclip_runtime.cli_common import ArgumentParser, bounded_int, run_cli, setup_logging
+    from madclip_runtime.safe_text import escape_control
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="madclip-demo-data",
         description="Generate a procedural MRI-like brain demo dataset (MVFA layout) for the quickstart.",
     )
     parser.add_argument("--out", default="data", help="output folder; the dataset goes to OUT/Brain_AD (default: data)")
-    parser.add_argument("--n-valid", type=int, default=16, help="normal and abnormal images each in valid/ (default: 16)")
-    parser.add_argument("--n-test", type=int, default=20, help="normal and abnormal images each in test/ (default: 20)")
-    parser.add_argument("--size", type=int, default=240, help="image side in pixels (default: 240)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--n-valid", type=bounded_int(1, 100_000), default=16, help="normal and abnormal images each in valid/ (default: 16)")
+    parser.add_argument("--n-test", type=bounded_int(0, 100_000), default=20, help="normal and abnormal images each in test/ (default: 20)")
+    parser.add_argument("--size", type=bounded_int(32, 4096), default=240, help="image side in pixels (default: 240)")
+    parser.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="random seed (default: 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty OUT/Brain_AD")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of unexpected errors)")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        setup_logging()
+        setup_logging(args.verbose)
         console = Console()
         with Progress(TextColumn("demo data"), BarColumn(), MofNCompleteColumn(), console=console, transient=True,
                       disable=not console.is_terminal) as bar:
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         console.print(
             f"wrote {DATASET_NAME}: {args.n_valid}+{args.n_valid} valid, {args.n_test}+{args.n_test} test images "
-            f"to {path}", markup=False, highlight=False, soft_wrap=True,
+            f"to {escape_control(path)}", markup=False, highlight=False, soft_wrap=True,
         )
         return 0
 

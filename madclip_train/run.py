@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from madclip_runtime.atomic import AtomicDirectory
 from madclip_runtime.errors import MadclipError
 from madclip_runtime.preprocess import PreprocessSpec
 
+from .augment import AUGMENT_VARIANTS
 from .backbone import weights_fingerprint
 from .checkpoint import CHECKPOINT, CONFIG, checkpoint_bytes, load_reference_checkpoint, load_trainable_state
 from .config import ModelConfig, TrainConfig, dump_json, objective_for
@@ -50,6 +52,7 @@ class TrainRequest:
     feature_cache: str = "memory"
     cache_dir: str | None = None
     augment: bool = True
+    augment_variant: str = "reference"
     quick_gelu: bool = False
     causal_prompt_mask: bool = False
     normalize: str = "none"
@@ -75,11 +78,15 @@ def backbone_identity(mcfg: ModelConfig, fingerprint: str, taps) -> dict:
 def _check_request(req: TrainRequest) -> None:
     if req.shots < 1:
         raise MadclipError(f"--shots must be >= 1 (got {req.shots})")
-    if req.epochs < 1 or req.batch_size < 1 or req.lr <= 0:
-        raise MadclipError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if req.epochs < 1 or req.batch_size < 1:
+        raise MadclipError(f"--epochs and --batch-size must be >= 1 (got {req.epochs} and {req.batch_size})")
+    if not (math.isfinite(req.lr) and req.lr > 0):
+        raise MadclipError(f"--lr must be a finite number > 0 (got {req.lr})")
+    if req.augment_variant not in AUGMENT_VARIANTS:
+        raise MadclipError(f"--augment-variant must be one of {', '.join(AUGMENT_VARIANTS)} (got {req.augment_variant!r})")
     if req.image_size < 28:
         raise MadclipError(f"--image-size {req.image_size} is too small")
-    if not 0 < req.holdout_fraction < 1:
+    if not (math.isfinite(req.holdout_fraction) and 0 < req.holdout_fraction < 1):
         raise MadclipError(f"--holdout-fraction must be in (0, 1) (got {req.holdout_fraction})")
 
 
@@ -95,7 +102,8 @@ def train_run(req: TrainRequest, progress=None) -> dict:
                        quick_gelu=req.quick_gelu, causal_prompt_mask=req.causal_prompt_mask, objective=objective,
                        init_seed=req.init_seed, preprocess=spec)
     tcfg = TrainConfig(shots=req.shots if not req.shot_list else len(samples) // 2, seed=req.seed, epochs=req.epochs,
-                       batch_size=req.batch_size, lr=req.lr, augment=req.augment, select_on=req.select_on,
+                       batch_size=req.batch_size, lr=req.lr, augment=req.augment,
+                       augment_variant=req.augment_variant, select_on=req.select_on,
                        holdout_fraction=req.holdout_fraction, feature_cache=req.feature_cache)
     device = resolve_device(req.device)
     with AtomicDirectory(req.out, force=req.force) as tmp:

@@ -71,8 +71,8 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
     return torch.tensor(sorted(train)), torch.tensor(sorted(held))
 
 
-def _augment(shots: ShotTensors, seed: int) -> ShotTensors:
-    images, masks, index = augment_x16(shots.images, shots.masks, seed=seed)
+def _augment(shots: ShotTensors, seed: int, variant: str = "reference") -> ShotTensors:
+    images, masks, index = augment_x16(shots.images, shots.masks, seed=seed, variant=variant, groups=shots.labels)
     return ShotTensors(images, masks, shots.labels[index])
 
 
@@ -136,6 +136,26 @@ def _evaluate_holdout(model: MadCLIP, source: _FeatureSource, has_masks: bool, b
     return out
 
 
+def check_finite_step(parts: dict[str, torch.Tensor], epoch: int, step: int, model: torch.nn.Module | None = None) -> None:
+    """Stop training at the first NaN/inf loss or trainable parameter: one line naming epoch and step.
+
+    Called once per step after `optimizer.step()`. Raised as a MadclipError inside the run's AtomicDirectory,
+    so nothing of the run is written. Parameters are checked too: an inf learning rate keeps the loss finite
+    for one step but turns every parameter into NaN.
+    """
+    from madclip_runtime.errors import MadclipError
+
+    for name, value in parts.items():
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise MadclipError(f"training diverged: loss {name} is {float(value.detach().float().mean())} at epoch "
+                               f"{epoch} step {step}; nothing written (try a lower --lr)")
+    if model is not None:
+        for name, p in model.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+                raise MadclipError(f"training diverged: parameter {name} became NaN/inf at epoch {epoch} step {step}; "
+                                   f"nothing written (try a lower --lr)")
+
+
 def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, device: torch.device,
         backbone_id: dict, cache_dir: Path | None = None, progress=None, log_file=None) -> dict:
     """Train adapters and prompt context in place. `shots.images` are un-normalised [0, 1]. Returns a summary (history, selected epoch, cache info)."""
@@ -144,8 +164,8 @@ def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, 
                            if tcfg.select_on == "valid" else (torch.arange(len(shots)), torch.tensor([], dtype=torch.long)))
     train_set, held_set = shots.subset(train_idx), shots.subset(held_idx)
     if tcfg.augment:
-        train_set = _augment(train_set, tcfg.seed)
-        held_set = _augment(held_set, tcfg.seed + 1) if len(held_set) else held_set
+        train_set = _augment(train_set, tcfg.seed, tcfg.augment_variant)
+        held_set = _augment(held_set, tcfg.seed + 1, tcfg.augment_variant) if len(held_set) else held_set
     train_set, held_set = _normalize(train_set, model.cfg.preprocess), _normalize(held_set, model.cfg.preprocess)
     train_src = _FeatureSource(model, train_set, tcfg, device, backbone_id, cache_dir, progress, "train shots")
     held_src = _FeatureSource(model, held_set, tcfg, device, backbone_id, cache_dir, progress, "held-out shots")
@@ -166,6 +186,7 @@ def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, 
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
             optimizer.step()
+            check_finite_step(parts, epoch, start // tcfg.batch_size + 1, model)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(index)
         record = {"epoch": epoch, **{f"loss_{k}": v / n for k, v in sums.items()},

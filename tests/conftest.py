@@ -52,3 +52,31 @@ def exported_tiny_bundle(trained_tiny_run, tmp_path_factory):
     export_bundle(ExportOptions(run=str(trained_tiny_run), out=str(out), fp16=True, int8=True, triton=True,
                                 max_batch=4))
     return out
+
+
+def fake_reference_checkpoint(width=64, embed=32, ctx_dim=64) -> dict:
+    """A synthetic checkpoint in the authors' key format for the madclip-tiny geometry (random tensors)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ref = {}
+    for branch in ("normal", "abnormal"):
+        ref[f"{branch}_det_adapters"] = {f"{j}.fc{n}.0.weight": torch.randn(width if n == 1 else embed, width, generator=g)
+                                         for j in range(4) for n in (1, 2, 3)}
+        ref[f"prompt_maker_{branch}"] = {f"prompt_learner.ctx.{c}_{p}": torch.randn(7, 8, ctx_dim, generator=g)
+                                         for c in ("normal", "abnormal") for p in ("end", "front", "middle")}
+        ref[f"prompt_maker_{branch}"]["text_encoder.ln_final.weight"] = torch.ones(ctx_dim)
+    return ref
+
+
+def copy_tree(src, dst):
+    """A private copy of a (session-scoped) bundle or run directory that a test may edit."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def cli_error_lines(err: str) -> list[str]:
+    """The non-empty lines of a CLI's stderr."""
+    return [line for line in err.splitlines() if line.strip()]

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from madclip_train.augment import N_VARIANTS, VARIANTS, augment_x16, jitter_factors
+from madclip_train.augment import (N_VARIANTS, VARIANTS, augment_x16, jitter_factors, jitter_reference,
+                                   reference_jitter_factors, zoom_crop)
 
 S = 32
 
@@ -90,9 +91,9 @@ def test_rotation_angle():
 
 def test_jitter_is_photometric_and_seeded():
     images, masks = _batch(2)
-    a, am, _ = augment_x16(images, masks, seed=5)
-    b, bm, _ = augment_x16(images, masks, seed=5)
-    c, _, _ = augment_x16(images, masks, seed=6)
+    a, am, _ = augment_x16(images, masks, seed=5, variant="exact")
+    b, bm, _ = augment_x16(images, masks, seed=5, variant="exact")
+    c, _, _ = augment_x16(images, masks, seed=6, variant="exact")
     assert torch.equal(a, b) and torch.equal(am, bm)
     j = VARIANTS.index("jitter")
     assert not torch.equal(a[j], c[j])
@@ -119,3 +120,59 @@ def test_bad_shapes():
         augment_x16(images, masks[:1], seed=0)
     with pytest.raises(ValueError):
         augment_x16((images * 255).to(torch.uint8), masks, seed=0)
+
+
+# --- the reference variant (default): the authors' zoom crop and colour jitter, pinned on small tensors ----------
+
+
+def test_reference_zoom_crops_int_size_and_resizes_back():
+    # 4x4, x2: crop int(4 / 2) = 2 rows/columns [1, 3) and upsample 2 -> 4 bilinear (align_corners=False):
+    # source positions -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1).
+    x = torch.zeros((1, 1, 4, 4))
+    x[0, 0, 1:3, 1:3] = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    w = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]])  # [4 out, 2 in]
+    expected = w @ torch.tensor([[0.0, 1.0], [2.0, 3.0]]) @ w.T
+    torch.testing.assert_close(zoom_crop(x, 2.0)[0, 0], expected, atol=1e-6, rtol=0)
+    # 240 pixels: the crops are 218, 208, 200 and 184 pixels (x1.15 is really 240 / 208 = x1.154).
+    img = torch.rand((1, 3, 240, 240), generator=torch.Generator().manual_seed(0))
+    for z, (a, b) in zip((1.1, 1.15, 1.2, 1.3), ((11, 229), (16, 224), (20, 220), (28, 212))):
+        want = torch.nn.functional.interpolate(img[:, :, a:b, a:b], size=(240, 240), mode="bilinear", align_corners=False)
+        assert torch.equal(zoom_crop(img, z), want), z
+    # augment_x16's zoom variants are these crops, by default
+    m = torch.zeros((1, 240, 240), dtype=torch.bool)
+    out, _, _ = augment_x16(img, m, seed=0)
+    assert torch.equal(out[VARIANTS.index("zoom1.15")], zoom_crop(img, 1.15)[0])
+
+
+def test_reference_jitter_arithmetic_per_column_mean():
+    # B=1, C=2, H=2, W=3; brightness 1.1 first, then contrast 0.8 about each column's mean over channels and rows.
+    x = torch.tensor([[[[0.1, 0.2, 0.9], [0.3, 0.4, 0.8]], [[0.5, 0.6, 0.7], [0.7, 0.0, 0.2]]]])
+    y = [[[1.1 * v for v in row] for row in ch] for ch in x[0].tolist()]
+    col_mean = [sum(y[c][r][k] for c in range(2) for r in range(2)) / 4 for k in range(3)]
+    expected = torch.tensor([[[[min(1.0, max(0.0, (y[c][r][k] - col_mean[k]) * 0.8 + col_mean[k])) for k in range(3)]
+                               for r in range(2)] for c in range(2)]])
+    got = jitter_reference(x, torch.tensor([[1.1, 0.8]], dtype=torch.float64))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert got.max() <= 1.0  # 0.9 * 1.1 and contrast push above 1: clamped
+
+
+def test_reference_jitter_one_factor_pair_per_class_abnormal_first():
+    labels = torch.tensor([0, 1, 1, 0])
+    f = reference_jitter_factors(labels, seed=7)
+    g = torch.Generator().manual_seed(7)
+    u = [torch.rand(1, generator=g).item() for _ in range(4)]  # abnormal (b, c), then normal (b, c)
+    ab = torch.tensor([1.0 + u[0] * 0.4 - 0.2, 1.0 + u[1] * 0.4 - 0.2], dtype=torch.float64)
+    no = torch.tensor([1.0 + u[2] * 0.4 - 0.2, 1.0 + u[3] * 0.4 - 0.2], dtype=torch.float64)
+    assert torch.equal(f[1], ab) and torch.equal(f[2], ab) and torch.equal(f[0], no) and torch.equal(f[3], no)
+    # augment_x16 applies them: images of one class share the pair
+    images, masks = _batch(4)
+    out, _, _ = augment_x16(images, masks, seed=7, groups=labels)
+    j = VARIANTS.index("jitter")
+    for i in range(4):
+        torch.testing.assert_close(out[16 * i + j], jitter_reference(images[i:i + 1], f[i:i + 1])[0], atol=0, rtol=0)
+
+
+def test_unknown_variant_refused():
+    images, masks = _batch(1)
+    with pytest.raises(ValueError, match="variant"):
+        augment_x16(images, masks, seed=0, variant="nope")

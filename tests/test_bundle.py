@@ -166,11 +166,15 @@ def _make_bundle(root, name="bundle", precisions=("fp32", "fp16"), external=True
     return final
 
 
-def _edit_meta(bundle, fn):
+def _edit_meta(bundle, fn, reseal=True):
+    """Edit metadata.json; `reseal` recomputes its integrity record (as a careless writer or an attacker would),
+    so the edit reaches the schema validation instead of the tamper check."""
+    from madclip_runtime.integrity import seal
+
     p = os.path.join(bundle, "metadata.json")
     meta = json.load(open(p))
     fn(meta)
-    open(p, "w").write(json.dumps(meta))
+    open(p, "w").write(json.dumps(seal(meta) if reseal else meta))
 
 
 def test_metadata_roundtrip(tmp_path):
@@ -216,14 +220,14 @@ def test_invalid_json(tmp_path):
 def test_unknown_schema(tmp_path):
     path = _make_bundle(tmp_path)
     _edit_meta(path, lambda m: m.update(schema_version=7))
-    with pytest.raises(BundleError, match=r"unknown schema_version 7 \(this madclip reads 1\)"):
+    with pytest.raises(BundleError, match=r"unknown schema_version 7 \(this madclip reads 2\)"):
         load_bundle(path)
 
 
 def test_missing_key(tmp_path):
     path = _make_bundle(tmp_path)
     _edit_meta(path, lambda m: m.pop("preprocess"))
-    with pytest.raises(BundleError, match="missing key 'preprocess'"):
+    with pytest.raises(BundleError, match="preprocess: missing"):
         load_bundle(path)
 
 
@@ -287,14 +291,14 @@ def test_model_path_absent_variant(tmp_path):
 def test_model_listed_but_not_in_files(tmp_path):
     path = _make_bundle(tmp_path)
     _edit_meta(path, lambda m: m["models"].update(int8="model_int8.onnx"))
-    with pytest.raises(BundleError, match=r"int8 model model_int8\.onnx is not in the bundle's file list"):
+    with pytest.raises(BundleError, match=r"models\.int8: model_int8\.onnx is not in the bundle's file list"):
         load_bundle(path)
 
 
 def test_file_entry_outside_bundle_rejected(tmp_path):
     path = _make_bundle(tmp_path)
     _edit_meta(path, lambda m: m["files"].update({"../evil": {"sha256": "0" * 64, "bytes": 1}}))
-    with pytest.raises(BundleError, match="points outside the bundle"):
+    with pytest.raises(BundleError, match="must be a relative path inside the bundle"):
         load_bundle(path)
 
 

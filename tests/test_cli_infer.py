@@ -46,7 +46,8 @@ def assert_one_error(rc: int, err: str, *needles: str, code: int | None = None) 
 
 
 def files_in(d: Path) -> list[str]:
-    return sorted(os.listdir(d)) if d.exists() else []
+    """Files of an output directory, without the results marker (madclip_runtime.outputs)."""
+    return sorted(f for f in os.listdir(d) if f != ".madclip-output") if d.exists() else []
 
 
 def test_json_lines_and_outputs(bundle, tmp_path, capsys):
@@ -289,10 +290,10 @@ def test_selftest_cli(bundle, tmp_path, capsys):
     assert_one_error(rc, err, "golden.npz", "sha256 mismatch", code=2)
     shutil.copy(bundle / "golden.npz", b / "golden.npz")
     meta = json.loads((b / "metadata.json").read_text())
-    meta["schema_version"] = 2
+    meta["schema_version"] = 3
     (b / "metadata.json").write_text(json.dumps(meta))
     rc, stdout, err = run(capsys, "--bundle", b, "--selftest")
-    assert_one_error(rc, err, "schema_version 2", code=2)
+    assert_one_error(rc, err, "schema_version 3", code=2)
 
 
 def test_selftest_tolerance_failure_stops_inference(bundle, tmp_path, capsys):

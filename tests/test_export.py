@@ -93,7 +93,7 @@ def test_int8_parity_bound(bundle):
 def test_metadata_schema_checksums_and_calibration(bundle):
     b = load_bundle(bundle, verify=True)
     meta = b.meta
-    assert meta["schema_version"] == 1 and "not for clinical decisions" in meta["intended_use"]
+    assert meta["schema_version"] == 2 and "not for clinical decisions" in meta["intended_use"]
     assert meta["models"] == {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
     for rel in ("model.onnx", "model_fp16.onnx", "model_int8.onnx", "golden.npz", "export_report.json",
                 "triton/madclip/config.pbtxt"):

@@ -20,6 +20,7 @@ from madclip_runtime.bundle import io_metadata, load_bundle, write_metadata
 from madclip_runtime.atomic import AtomicDirectory
 from madclip_runtime.errors import BundleError, InputError
 from madclip_runtime.preprocess import PreprocessSpec, preprocess, resize_map
+from madclip_runtime.selftest import golden_decisions
 
 S = 32
 THRESHOLD = 2.0  # uniform grey v: score = 4*sigmoid(v/255 - 0.5); white -> 2.49 (anomaly), black -> 1.51 (normal)
@@ -66,7 +67,7 @@ def expected_outputs(images: np.ndarray) -> dict[str, np.ndarray]:
 
 def build_tiny_bundle(path: Path, score_name: str = "score", threshold: float | None = THRESHOLD,
                       size: int = S) -> Path:
-    """Write a complete schema-1 bundle (fp32 + fp16 graphs, golden.npz, metadata.json) at `path`."""
+    """Write a complete schema-2 bundle (fp32 + fp16 graphs, golden.npz, metadata.json) at `path`."""
     import onnx
     import onnxruntime as ort
 
@@ -78,10 +79,11 @@ def build_tiny_bundle(path: Path, score_name: str = "score", threshold: float | 
                            rng.random((3, size, size), dtype=np.float32)])  # [3, 3, S, S]
         sess = ort.InferenceSession(os.path.join(tmp, "model.onnx"), providers=["CPUExecutionProvider"])
         score, amap, smax = sess.run(["score", "anomaly_map", "score_map_max"], {"image": images})
-        np.savez(os.path.join(tmp, "golden.npz"), image=images, score=score, anomaly_map=amap, score_map_max=smax,
-                 labels=np.array([-1, 1, -1]), sources=np.array(["dark", "bright", "noise"]))
         calibration = {"threshold": threshold, "score_name": score_name, "method": "fixed for tests",
                        "map_threshold": 2.2, "map_scale": [0.0, 4.0]}
+        outputs = {"score": score, "anomaly_map": amap, "score_map_max": smax}
+        np.savez(os.path.join(tmp, "golden.npz"), image=images, **outputs, **golden_decisions(outputs, calibration),
+                 labels=np.array([-1, 1, -1]), sources=np.array(["dark", "bright", "noise"]))
         meta = {"preprocess": PreprocessSpec(image_size=size).to_dict(), **io_metadata(size), "max_batch": 4,
                 "opset": 17, "n_layers": 4, "calibration": calibration,
                 "provenance": {"backbone": "test-graph", "pretrained": "none"},
