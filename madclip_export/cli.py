@@ -79,7 +79,7 @@ def _main(argv) -> int:
     err_console.print(_report_table(report))
     trt = report.get("tensorrt")
     if trt and not trt.get("built"):
-        err_console.print(trt["reason"], markup=False, highlight=False)
+        err_console.print(escape_control(trt["reason"]), markup=False, highlight=False)
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(report["sizes_bytes"].items()))
     err_console.print(f"bundle written: {escape_control(args.out)}  ({sizes}; {report['seconds']:.0f} s)", style="green",
                       markup=False, highlight=False, soft_wrap=True)

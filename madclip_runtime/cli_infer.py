@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="inference backend (auto: fastest available; the one actually used is printed)")
     p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="model variant (default fp32)")
-    p.add_argument("--threshold", type=finite_float(), default=None,
-                   help="decision threshold overriding the bundle's calibrated one")
+    p.add_argument("--threshold", type=finite_float(0.0), default=None,
+                   help="decision threshold overriding the bundle's calibrated one (within the score range [0, L])")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write <stem>.json, <stem>_overlay.png and <stem>_map.png/.npy per scan")
     p.add_argument("--json", action="store_true", help="one JSON object per scan on stdout instead of a table")

@@ -257,6 +257,9 @@ def load(
             verify_signature(b.meta, b.metadata_path, trusted_key)
     else:
         b = load_bundle(bundle, verify=verify, precision=precision, trusted_key=trusted_key)
+    if threshold is not None and not 0.0 <= float(threshold) <= b.n_layers:
+        raise InputError(f"threshold {threshold} is outside the score range [0, {b.n_layers}] of {b.path}: every scan "
+                         f"would get the same label")
     model_path = b.model_path(precision)
     name = resolve_auto(precision) if backend == "auto" else backend
     if name == "ort-cpu" and precision == "fp16" and backend != "auto":

@@ -12,12 +12,12 @@ import unicodedata
 
 # Categories shown escaped: Cc control (C0, DEL, C1), Cf format (bidi overrides, zero-width), Zl/Zp separators.
 _UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
-_SIMPLE = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_SIMPLE = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape_char(ch: str) -> str:
     if ch in _SIMPLE:
-        return _SIMPLE[ch] if ch != "\\" else ch  # a lone backslash is harmless; keep paths readable
+        return _SIMPLE[ch]
     code = ord(ch)
     if code < 0x100:
         return f"\\x{code:02x}"

@@ -11,7 +11,8 @@ files are hashed too (`load_bundle` hashes at least the model variant in use and
 Keys are PEM files: a PKCS#8 private key (`madclip-keygen`, or `openssl genpkey -algorithm ed25519`) and a
 SubjectPublicKeyInfo public key (`openssl pkey -in KEY -pubout`). Raw 32-byte keys in base64 are accepted too.
 Without a trusted key a signature is still checked against the key it names (catching edits) and logged as
-"not checked against a trusted key"; with one (`load(..., trusted_key=...)`, `madclip-infer --trusted-key`)
+"not checked against a trusted key" (or skipped with a warning where `cryptography` is not installed: the
+per-field digests still apply); with one (`load(..., trusted_key=...)`, `madclip-infer --trusted-key`)
 an unsigned bundle or one signed by any other key is refused.
 """
 from __future__ import annotations
@@ -119,6 +120,13 @@ def verify_signature(meta: dict[str, Any], where: str, trusted_key: Any = None) 
     `trusted_key` (a key object, a path or raw bytes): the bundle must be signed by exactly that key.
     Without it, a present signature is verified against the key it names (catching edits, not origin).
     """
+    if trusted_key is None and meta.get("signature") is not None:
+        try:
+            _crypto()
+        except BackendUnavailable:  # a serving machine without the extra: the per-field digests still apply
+            log.warning("%s: bundle is signed, but the signature is not checked ('cryptography' is not installed; "
+                        "pip install \"madclip[sign]\" and pass a trusted key to check it)", where)
+            return None
     ed25519 = _crypto()
     trusted = None
     if trusted_key is not None:  # a bad key file is the user's first problem: report it before the bundle's

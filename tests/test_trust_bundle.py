@@ -280,3 +280,25 @@ def test_selftest_fails_when_calibration_no_longer_reproduces_decisions(bundle, 
     assert res["decisions_reproduced"] is False and res["passed"] is False  # ...the decisions do not
     rc, _, err = _infer(capsys, "--bundle", bundle, "--selftest")
     assert rc == 1 and "no longer reproduces the decisions made at export" in err and "Traceback" not in err
+
+
+def test_signed_bundle_on_a_machine_without_cryptography(bundle, keys, monkeypatch, caplog):
+    import builtins
+    import logging
+
+    _sign(bundle, keys / "alice.key")
+    real_import = builtins.__import__
+
+    def no_crypto(name, *args, **kwargs):
+        if name.startswith("cryptography"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_crypto)
+    with caplog.at_level(logging.WARNING):
+        load_bundle(bundle)  # still served: the integrity record is checked; the signature cannot be
+    assert any("signature is not checked" in r.getMessage() for r in caplog.records)
+    from madclip_runtime.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="cryptography"):
+        load_bundle(bundle, trusted_key=keys / "alice.pub")  # but a required signature is never skipped

@@ -49,7 +49,7 @@ BAD_OPTIONS = [
     ("demo", [], "--seed", ["-1"]),
     ("export", ["run", "--out", "b"], "--opset", ["5", "17", "22", "nan"]),
     ("export", ["run", "--out", "b"], "--max-batch", ["0", "-1"]),
-    ("infer", ["x.png", "--bundle", "b"], "--threshold", ["nan", "inf", "-inf", "abc"]),
+    ("infer", ["x.png", "--bundle", "b"], "--threshold", ["nan", "inf", "-inf", "abc", "-1"]),
     ("infer", ["x.png", "--bundle", "b"], "--slice", ["-1", "x"]),
     ("bench", ["--bundle", "b"], "--throughput-iters", ["-1", "0"]),
     ("bench", ["--bundle", "b"], "--iters", ["0", "-5"]),
@@ -234,3 +234,15 @@ def test_open_clip_info_quieted_warnings_kept(capsys):
         assert "Loaded ViT model config." in capsys.readouterr().err
     finally:
         setup_logging(False)
+
+
+def test_threshold_override_outside_score_range_refused(bundle, tmp_path, capsys):
+    import madclip_runtime as mr
+    from madclip_runtime.cli_infer import main
+    from madclip_runtime.errors import InputError
+
+    with pytest.raises(InputError, match=r"outside the score range \[0, 4\]"):
+        mr.load(bundle, threshold=7.0)
+    rc = main([str(_png(tmp_path / "s.png")), "--bundle", str(bundle), "--threshold", "7"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "outside the score range" in err and "Traceback" not in err
