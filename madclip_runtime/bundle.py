@@ -21,10 +21,10 @@ metadata.json keys (schema_version 2):
     outputs          {"score": {"shape": ["batch"], "range": [0, L], "meaning": ...},
                       "anomaly_map": {"shape": ["batch", 1, S, S], "range": [0, L], "meaning": ...},
                       "score_map_max": {"shape": ["batch"], "range": [0, L], "meaning": ...}}
-                     L = n_layers (4 for MadCLIP): AC and AS are sums of L probabilities.
+                     ranges and meanings are the method's (MadCLIP: [0, 4], sums of 4 probabilities).
     max_batch        int, the largest batch the graphs/engines are built for (null: no limit)
     opset            int, ONNX opset of the graphs
-    n_layers         int, number of tapped layers L
+    method           str, the method the graph was exported from ("madclip", ...; absent = "madclip")
     calibration      {"threshold": float|null, "score_name": "score"|"score_map_max",
                       "method": how the threshold was chosen (text), "map_threshold": float|null,
                       "map_scale": [0, L]}  (optional: a bundle without it yields scores but no decision)
@@ -60,6 +60,7 @@ from typing import Any, Iterable
 from . import INTENDED_USE, __version__
 from .atomic import atomic_write_text, sha256_file
 from . import integrity
+from .contract import ANOMALY_MAP, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, PRECISIONS, SCORE
 from .errors import BundleError
 from .metadata_schema import SCHEMA_VERSION, validate_metadata
 from .preprocess import PreprocessSpec
@@ -67,32 +68,6 @@ from .preprocess import PreprocessSpec
 log = logging.getLogger(__name__)
 
 SUPPORTED_SCHEMAS = {SCHEMA_VERSION}
-METADATA_FILE = "metadata.json"
-GOLDEN_FILE = "golden.npz"
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
-
-
-def io_metadata(image_size: int, n_layers: int = 4) -> dict[str, Any]:
-    """The `input` and `outputs` entries of metadata.json for a MadCLIP graph (one definition, no drift)."""
-    s, top = int(image_size), float(n_layers)
-    return {
-        "input": {"name": "image", "dtype": "float32", "shape": ["batch", 3, s, s]},
-        "outputs": {
-            "score": {
-                "shape": ["batch"], "range": [0.0, top],
-                "meaning": f"image anomaly score AC: sum over {n_layers} layers of the mean patch P(abnormal)",
-            },
-            "anomaly_map": {
-                "shape": ["batch", 1, s, s], "range": [0.0, top],
-                "meaning": f"pixel anomaly map AS at {s}x{s}: sum over {n_layers} layers of P(abnormal)",
-            },
-            "score_map_max": {
-                "shape": ["batch"], "range": [0.0, top],
-                "meaning": "max of anomaly_map per image (the reference's image score on datasets with masks)",
-            },
-        },
-    }
 
 
 def _utc_now() -> str:
@@ -189,6 +164,16 @@ class Bundle:
         return dict(self.meta.get("calibration") or {})
 
     @property
+    def method(self) -> str:
+        """The method the bundle was exported from (bundles written before methods were recorded: MadCLIP)."""
+        return str(self.meta.get("method", "madclip"))
+
+    def output_range(self, name: str) -> tuple[float, float]:
+        """The declared value range of an output (validated at load), default [0, 4] (MadCLIP)."""
+        lo, hi = ((self.meta.get("outputs") or {}).get(name) or {}).get("range", (0.0, 4.0))
+        return float(lo), float(hi)
+
+    @property
     def threshold(self) -> float | None:
         """Calibrated decision threshold on `score_name`, or None when the bundle has none."""
         t = self.calibration.get("threshold")
@@ -197,7 +182,7 @@ class Bundle:
     @property
     def score_name(self) -> str:
         """Which output the threshold applies to: "score" (AC) or "score_map_max" (max of AS)."""
-        return str(self.calibration.get("score_name", "score"))
+        return str(self.calibration.get("score_name", SCORE))
 
     @property
     def map_threshold(self) -> float | None:
@@ -205,13 +190,11 @@ class Bundle:
         return None if t is None else float(t)
 
     @property
-    def n_layers(self) -> int:
-        return int(self.meta.get("n_layers", 4))
-
-    @property
     def map_scale(self) -> tuple[float, float]:
-        """The fixed value range for colouring and 16-bit encoding of anomaly maps: [0, n_layers]."""
-        lo, hi = self.calibration.get("map_scale", (0.0, float(self.n_layers)))
+        """The fixed value range for colouring and 16-bit encoding of anomaly maps: the calibration's map_scale,
+        else the anomaly_map output's range (MadCLIP: [0, 4], a sum of 4 probabilities)."""
+        default = self.output_range(ANOMALY_MAP)
+        lo, hi = self.calibration.get("map_scale", default)
         return float(lo), float(hi)
 
     @property
@@ -244,7 +227,7 @@ class Bundle:
         """Absolute path of a model variant; BundleError if the bundle does not have it."""
         models = self.meta["models"]
         if precision not in models:
-            wanted = DEFAULT_MODEL_FILES.get(precision, precision)
+            wanted = MODEL_FILES.get(precision, precision)
             raise BundleError(f"{self.path}: no {precision} model ({wanted}) in this bundle "
                               f"(has {', '.join(self.precisions)})")
         path = os.path.join(self.path, models[precision])

@@ -25,7 +25,7 @@ from .errors import BundleError
 SCHEME = "madclip-fields-sha256-1"
 UNSEALED_KEYS = ("integrity", "signature")
 # Checked first, so the message names the decision-relevant field when several changed.
-_PRIORITY = ("calibration", "preprocess", "input", "outputs", "models", "max_batch", "opset", "n_layers", "files")
+_PRIORITY = ("calibration", "preprocess", "input", "outputs", "models", "max_batch", "opset", "method", "files")
 
 
 def canonical_json(value: Any) -> bytes:

@@ -13,12 +13,10 @@ import os
 import re
 from typing import Any
 
+from .contract import OUTPUT_NAMES, PRECISIONS, SCORE_NAMES
 from .errors import BundleError
 
 SCHEMA_VERSION = 2
-PRECISIONS = ("fp32", "fp16", "int8")
-SCORE_NAMES = ("score", "score_map_max")
-OUTPUT_NAMES = ("score", "anomaly_map", "score_map_max")
 INTERPOLATIONS = ("bicubic", "bilinear")
 NORMALIZE_MODES = ("none", "clip")
 WINDOW_MODES = ("auto", "minmax", "full")
@@ -126,7 +124,9 @@ def _preprocess(where: str, p: Any) -> int:
     return size
 
 
-def _io(where: str, meta: dict, size: int, n_layers: int) -> None:
+def _io(where: str, meta: dict, size: int) -> dict[str, tuple[float, float]]:
+    """Check `input` and `outputs`; returns each output's declared range (default [0, 4], MadCLIP's)."""
+    ranges = {name: (0.0, 4.0) for name in OUTPUT_NAMES}
     if "input" in meta:
         inp = _obj(where, "input", meta["input"])
         _str(where, "input.name", inp.get("name"))
@@ -143,20 +143,22 @@ def _io(where: str, meta: dict, size: int, n_layers: int) -> None:
             o = _obj(where, f"outputs.{name}", outs[name])
             if not isinstance(o.get("shape"), list):
                 raise _fail(where, f"outputs.{name}.shape", f"must be a list, got {_show(o.get('shape'))}")
-            _pair(where, f"outputs.{name}.range", o.get("range"), 0.0, float(n_layers))
+            ranges[name] = _pair(where, f"outputs.{name}.range", o.get("range"), -1e6, 1e6)
+    return ranges
 
 
-def _calibration(where: str, c: Any, n_layers: int) -> None:
+def _calibration(where: str, c: Any, ranges: dict[str, tuple[float, float]]) -> None:
+    """Thresholds must lie within the declared range of the output they apply to (else every scan gets one label)."""
     if c is None:
         return
     c = _obj(where, "calibration", c)
-    top = float(n_layers)
-    _choice(where, "calibration.score_name", c.get("score_name", "score"), SCORE_NAMES)
-    for key in ("threshold", "map_threshold", "threshold_score_map_max"):
+    name = _choice(where, "calibration.score_name", c.get("score_name", "score"), SCORE_NAMES)
+    for key, output in (("threshold", name), ("threshold_score_map_max", "score_map_max"),
+                        ("map_threshold", "anomaly_map")):
         if c.get(key) is not None:
-            _finite(where, f"calibration.{key}", c[key], 0.0, top)
+            _finite(where, f"calibration.{key}", c[key], *ranges[output])
     if "map_scale" in c:
-        _pair(where, "calibration.map_scale", c["map_scale"], 0.0, top)
+        _pair(where, "calibration.map_scale", c["map_scale"], -1e6, 1e6)
     for key in ("method", "map_threshold_method"):
         if key in c:
             _str(where, f"calibration.{key}", c[key])
@@ -196,14 +198,17 @@ def validate_metadata(meta: Any, where: str) -> None:
     for key in ("madclip_version", "created_utc", "intended_use"):
         if key in meta:
             _str(where, key, meta[key])
-    n_layers = _int(where, "n_layers", meta.get("n_layers", 4), 1, N_LAYERS_MAX)
+    if "n_layers" in meta:
+        _int(where, "n_layers", meta["n_layers"], 1, N_LAYERS_MAX)
+    if "method" in meta:
+        _str(where, "method", meta["method"])
     size = _preprocess(where, meta["preprocess"])
-    _io(where, meta, size, n_layers)
+    ranges = _io(where, meta, size)
     if meta.get("max_batch") is not None:
         _int(where, "max_batch", meta["max_batch"], 1, MAX_BATCH_MAX)
     if "opset" in meta:
         _int(where, "opset", meta["opset"], OPSET_READ_MIN, OPSET_READ_MAX)
-    _calibration(where, meta.get("calibration"), n_layers)
+    _calibration(where, meta.get("calibration"), ranges)
     if "provenance" in meta:
         _obj(where, "provenance", meta["provenance"])
     _models_and_files(where, meta)

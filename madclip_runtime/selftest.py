@@ -16,11 +16,11 @@ Tolerances (absolute; scores and maps lie in [0, L], L = 4):
     fp16       5e-2                               5e-2
     int8       1e-1                               1e-1
 
-FP32 on the CPU reproduces the reference to ~1e-6 (DESIGN.md section 4), so 1e-4 leaves room for other CPUs
+FP32 on the CPU reproduces the reference to ~1e-6 (docs/ARCHITECTURE.md §4), so 1e-4 leaves room for other CPUs
 and thread counts only. GPU backends get 2e-3 because cuDNN/TensorRT use TF32 for FP32 matrix products by
 default (10-bit mantissa inputs). FP16 keeps the scoring head in FP32 but the backbone runs in half
 precision (~1e-3 relative per layer, compounding); 5e-2 is 1.25 % of the range. Dynamic INT8 moved the map
-by up to 3.4e-2 with random weights (DESIGN.md section 4); 1e-1 is 2.5 % of the range. The map is judged
+by up to 3.4e-2 with random weights (docs/ARCHITECTURE.md §4); 1e-1 is 2.5 % of the range. The map is judged
 on its 99th percentile so a handful of boundary pixels do not fail a healthy build, while the max is reported.
 """
 from __future__ import annotations
@@ -34,13 +34,14 @@ import numpy as np
 
 from .backends import create_backend, resolve_auto
 from .bundle import Bundle, load_bundle
+from .contract import (ANOMALY_MAP, GOLDEN_DECISION_KEYS, GOLDEN_DECISION_SCORE_NAME, GOLDEN_DECISION_THRESHOLD,
+                       GOLDEN_DECISIONS, GOLDEN_INPUT, NORMAL, ANOMALY, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide)
 from .errors import BundleError
 from .predictor import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
-GOLDEN_KEYS = ("image", "score", "anomaly_map", "score_map_max", "decisions", "decision_threshold",
-               "decision_score_name")
+GOLDEN_KEYS = (GOLDEN_INPUT, *OUTPUT_NAMES, *GOLDEN_DECISION_KEYS)
 CPU_BACKENDS = ("ort-cpu",)
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"score": 1e-4, "map_p99": 1e-4},
@@ -68,15 +69,21 @@ def read_golden(bundle: Bundle) -> dict[str, np.ndarray]:
     missing = [k for k in GOLDEN_KEYS if k not in data]
     if missing:
         raise BundleError(f"{path}: missing arrays {', '.join(missing)} (written by an older madclip-export: re-export)")
-    n, s = len(data["image"]), bundle.image_size
-    expected = {"image": (n, 3, s, s), "score": (n,), "anomaly_map": (n, 1, s, s), "score_map_max": (n,),
-                "decisions": (n,), "decision_threshold": (), "decision_score_name": ()}
+    n, s = len(data[GOLDEN_INPUT]), bundle.image_size
+    expected = {GOLDEN_INPUT: (n, 3, s, s), SCORE: (n,), ANOMALY_MAP: (n, 1, s, s), SCORE_MAP_MAX: (n,),
+                GOLDEN_DECISIONS: (n,), GOLDEN_DECISION_THRESHOLD: (), GOLDEN_DECISION_SCORE_NAME: ()}
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise BundleError(f"{path}: {key} has shape {data[key].shape}, expected {shape}")
     if n == 0:
         raise BundleError(f"{path}: holds no golden inputs")
     return data
+
+
+def decision_codes(values: np.ndarray, threshold: float | None) -> np.ndarray:
+    """`contract.decide` per value as int8 [N]: 1 anomaly, 0 normal, -1 no decision."""
+    codes = {ANOMALY: 1, NORMAL: 0, None: -1}
+    return np.array([codes[decide(float(v), threshold)] for v in np.asarray(values).ravel()], dtype=np.int8)
 
 
 def golden_decisions(outputs: dict[str, np.ndarray], calibration: dict) -> dict[str, np.ndarray]:
@@ -87,10 +94,9 @@ def golden_decisions(outputs: dict[str, np.ndarray], calibration: dict) -> dict[
     """
     name = calibration.get("score_name", "score")
     t = calibration.get("threshold")
-    values = np.asarray(outputs[name], dtype=np.float64)
-    decisions = np.full(values.shape, -1, np.int8) if t is None else (values >= float(t)).astype(np.int8)
-    return {"decisions": decisions, "decision_threshold": np.float64(np.nan if t is None else t),
-            "decision_score_name": np.array(name)}
+    decisions = decision_codes(outputs[name], None if t is None else float(t))
+    return {GOLDEN_DECISIONS: decisions, GOLDEN_DECISION_THRESHOLD: np.float64(np.nan if t is None else t),
+            GOLDEN_DECISION_SCORE_NAME: np.array(name)}
 
 
 def check_decisions(bundle: Bundle, golden: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -98,14 +104,11 @@ def check_decisions(bundle: Bundle, golden: dict[str, np.ndarray]) -> dict[str, 
 
     Returns {"decisions_reproduced": bool, "export_threshold", "threshold", "n_changed"}.
     """
-    name = str(golden["decision_score_name"])
-    export_t = float(golden["decision_threshold"])
-    recorded = golden["decisions"].astype(np.int8)
+    name = str(golden[GOLDEN_DECISION_SCORE_NAME])
+    export_t = float(golden[GOLDEN_DECISION_THRESHOLD])
+    recorded = golden[GOLDEN_DECISIONS].astype(np.int8)
     t = bundle.threshold
-    if t is None:
-        now = np.full(recorded.shape, -1, np.int8)
-    else:
-        now = (golden[bundle.score_name].astype(np.float64) >= t).astype(np.int8)
+    now = decision_codes(golden[bundle.score_name], t)
     same = bool(np.array_equal(now, recorded)) and (t is None or name == bundle.score_name)
     return {"decisions_reproduced": same, "export_threshold": None if np.isnan(export_t) else export_t,
             "threshold": t, "n_changed": int((now != recorded).sum())}
@@ -140,7 +143,7 @@ def run_selftest(
     be = create_backend(name, b.model_path(precision), precision, b.max_batch or DEFAULT_MAX_BATCH,
                         None if cache_dir is None else os.fspath(cache_dir), input_chw=(3, b.image_size, b.image_size))
     try:
-        out = be.run(golden["image"].astype(np.float32))  # [N, ...]
+        out = be.run(golden[GOLDEN_INPUT].astype(np.float32))  # [N, ...]
         provider, load_seconds = be.provider, be.load_seconds
     finally:
         be.close()
@@ -158,10 +161,11 @@ def run_selftest(
     agreement = None
     if b.threshold is not None:
         key = b.score_name
-        agreement = float(np.mean((out[key] >= b.threshold) == (golden[key] >= b.threshold)))
+        agreement = float(np.mean([decide(float(o), b.threshold) == decide(float(g), b.threshold)
+                                   for o, g in zip(out[key], golden[key])]))
     result = {
         "bundle": b.path, "backend": name, "provider": provider, "precision": precision,
-        "n": int(len(golden["image"])), **errors, "tolerance": tol,
+        "n": int(len(golden[GOLDEN_INPUT])), **errors, "tolerance": tol,
         "label_agreement": agreement, **decisions, "load_seconds": float(load_seconds), "passed": bool(passed),
     }
     log.debug("selftest %s", result)
