@@ -103,4 +103,6 @@ def test_cli(tmp_path, capsys):
     assert "already exists" in err and "Traceback" not in err
     assert main(["--out", str(out), "--n-valid", "1", "--n-test", "1", "--force"]) == 0
     assert len(_files(out / "Brain_AD" / "test" / "Ungood" / "img")) == 1
-    assert main(["--out", str(out), "--n-valid", "0", "--force"]) != 0
+    with pytest.raises(SystemExit) as ei:  # a bad number is refused by the argument parser: one line, exit 2
+        main(["--out", str(out), "--n-valid", "0", "--force"])
+    assert ei.value.code == 2 and "--n-valid" in capsys.readouterr().err

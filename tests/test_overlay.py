@@ -142,7 +142,8 @@ def test_save_prediction(tmp_path, map_format):
     ext = ".png" if map_format == "png16" else ".npy"
     assert paths == {"json": str(out / "scan.json"), "overlay": str(out / "scan_overlay.png"),
                      "map": str(out / f"scan_map{ext}")}
-    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths.values())  # no temp files
+    # no temp files; the results marker tells input expansion these are outputs (madclip_runtime.outputs)
+    assert sorted(os.listdir(out)) == sorted([".madclip-output", *(os.path.basename(p) for p in paths.values())])
 
     doc = json.load(open(paths["json"]))
     assert doc["intended_use"] == INTENDED_USE
