@@ -27,7 +27,7 @@ from types import ModuleType
 import numpy as np
 
 from .errors import InputError, MadclipError
-from .imageio import ScanImage, check_finite, check_regular_file, check_size, check_window, one_line, window_to_unit
+from .scan import ScanImage, check_finite, check_regular_file, check_size, check_window, one_line, window_to_unit
 
 log = logging.getLogger(__name__)
 

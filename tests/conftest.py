@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-REALSCANS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realscans"
+import os
+
+# ../shared beside the repository; MADCLIP_REALSCANS overrides it (e.g. from a git worktree elsewhere).
+REALSCANS = Path(os.environ.get("MADCLIP_REALSCANS") or Path(__file__).resolve().parents[2] / "shared" / "data" / "realscans")
 
 
 def realscans_or_skip(name: str = "") -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from madclip_runtime import imageio
+from madclip_runtime import imageio, scan
 from madclip_runtime.errors import InputError, MadclipError
 from madclip_runtime.imageio import (
     MIN_SIDE,
@@ -225,9 +225,9 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 def test_our_pixel_limit_and_pil_bomb_warning(tmp_path, monkeypatch):
     p = tmp_path / "big.png"
     Image.new("L", (100, 100)).save(p)
-    monkeypatch.setattr(imageio, "MAX_PIXELS", 5000)
+    monkeypatch.setattr(scan, "MAX_PIXELS", 5000)  # the limit lives in madclip_runtime.scan
     _raises_one_line(read_image, p, match="over the limit of 5000")
-    monkeypatch.setattr(imageio, "MAX_PIXELS", 100_000_000)
+    monkeypatch.setattr(scan, "MAX_PIXELS", 100_000_000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10000 px: PIL warns (between 1x and 2x its limit)
     _raises_one_line(read_image, p, match="too large")
 
