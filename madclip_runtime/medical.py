@@ -55,8 +55,20 @@ def _require(module: str, path: str, what: str) -> ModuleType:
         raise MadclipError(f'{path}: reading {what} needs {module}; install it with: pip install "madclip[medical]"') from None
 
 
+_budget_override: int | None = None  # set by a CLI's --max-voxels for the readers of that run
+
+
+def set_max_voxels(max_voxels: int | None) -> None:
+    """Set (None: clear) the process-wide voxel budget that readers use when not given one explicitly."""
+    global _budget_override
+    _budget_override = None if max_voxels is None else voxel_budget(max_voxels)
+
+
 def voxel_budget(max_voxels: int | None = None) -> int:
-    """The voxel budget: `max_voxels` when given, else $MADCLIP_MAX_VOXELS, else DEFAULT_MAX_VOXELS."""
+    """The voxel budget: `max_voxels` when given, else `set_max_voxels`'s, else $MADCLIP_MAX_VOXELS, else
+    DEFAULT_MAX_VOXELS."""
+    if max_voxels is None and _budget_override is not None:
+        return _budget_override
     if max_voxels is None:
         raw = os.environ.get(MAX_VOXELS_ENV)
         if raw is None or raw.strip() == "":
