@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import INTENDED_USE
-from .cli_common import err_console, error_line
+from .cli_common import error_line
 from .errors import InputError, MadclipError
 
 log = logging.getLogger(__name__)

@@ -24,14 +24,13 @@ Deterministic: the same inputs and seed give byte-identical files. Torch-free (n
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -220,17 +219,6 @@ def _png(unit: np.ndarray, bits: int) -> Image.Image:
     if bits == 8:
         return Image.fromarray(np.round(unit * 255.0).astype(np.uint8))  # L
     return Image.fromarray(np.round(unit * 65535.0).astype(np.uint16))  # I;16
-
-
-@dataclass
-class SliceChoice:
-    case: str
-    patient: str
-    split: str
-    label: int  # 1 abnormal, 0 normal
-    slice: int
-    lesion_voxels: int
-    content: float
 
 
 def choose_slices(lesion_per_slice: np.ndarray, content: np.ndarray, opts: PrepareOptions,

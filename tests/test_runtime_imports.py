@@ -1,0 +1,69 @@
+"""madclip_runtime's import graph has no cycle (module-level and lazy in-function imports alike), and the
+volume modules never import torch (issue 12: the imageio <-> medical cycle is broken through scan.py)."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import madclip_runtime
+
+PKG = Path(madclip_runtime.__file__).resolve().parent
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for f in sorted(PKG.glob("*.py")):
+        mod = f.stem
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("madclip_runtime."):
+                deps.add(node.module.split(".")[1])
+        graph[mod] = {d for d in deps if (PKG / f"{d}.py").exists() and d != mod}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_import_cycle_in_runtime():
+    graph = _graph()
+    assert "imageio" not in graph["medical"] and "scan" in graph["medical"] and "scan" in graph["imageio"]
+    cycle = _cycle({k: v - {"__init__"} for k, v in graph.items() if k != "__init__"})
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_volume_modules_import_without_torch():
+    code = ("import sys\n"
+            "import madclip_runtime.volume, madclip_runtime.volume_output, madclip_runtime.dicom_seg, "
+            "madclip_runtime.prepare, madclip_runtime.cli_prepare, madclip_runtime.cli_volume\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'madclip_train', "
+            "'madclip_export', 'pydicom', 'nibabel', 'highdicom'))\n"
+            "assert not bad, bad\nprint('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
