@@ -133,8 +133,8 @@ def _seg_builder(volume: Any, map_t: float | None, method: str | None, bundle: A
         raise InputError(f"{bundle.path}: the bundle has no calibrated map threshold; give --map-threshold for --dicom-seg")
     from .dicom_seg import dicom_seg_bytes
 
-    model_name = str(bundle.meta.get("model", {}).get("backbone", "") if isinstance(bundle.meta.get("model"), dict)
-                     else bundle.meta.get("model", "")) or "madclip"
+    prov = bundle.meta.get("provenance") if isinstance(bundle.meta.get("provenance"), dict) else {}
+    model_name = f"madclip {prov.get('backbone', '')} {prov.get('objective', '')}".strip()
     return lambda arr: dicom_seg_bytes(volume, arr, map_t, method or "", model_name)
 
 

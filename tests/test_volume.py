@@ -111,6 +111,7 @@ def _frames_from(vol: np.ndarray) -> np.ndarray:
     return np.transpose(vol, (2, 1, 0)).copy()  # [X, Y, Z] -> [N, R(=Y), C(=X)]
 
 
+@pytest.mark.filterwarnings("ignore:The DICOM readers are highly experimental")
 def test_dicom_series_shuffled_on_disk_is_ordered_and_mapped(brightness, tmp_path):
     from nibabel.nicom.dicomwrappers import wrapper_from_data
 
@@ -145,6 +146,43 @@ def test_dicom_series_shuffled_on_disk_is_ordered_and_mapped(brightness, tmp_pat
     assert summary["top_slices"][0] == 2
     amap = volume.map_array([p.anomaly_map for p in preds])  # [R, C, N]
     assert np.transpose(fmask, (1, 2, 0))[np.unravel_index(np.argmax(amap), amap.shape)]
+
+
+def test_enhanced_multiframe_ordered_by_per_frame_positions(brightness, tmp_path):
+    """An enhanced multi-frame file whose frames are stored out of order: per-frame positions order them."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from madclip_runtime.volume import plan_volumes
+    from madclip_runtime.volume_output import parse_volume_score, score_volume, summarize
+
+    predictor, _ = brightness
+    vol, mask = lesion_volume(lesion_slice=5)
+    frames = _frames_from(vol)  # [7, R, C] in slice order
+    stored_order = [3, 5, 0, 6, 1, 4, 2]  # file frame i holds slice stored_order[i]
+    paths, _ = write_dicom_series(tmp_path / "one", frames[:1])
+    ds = pydicom.dcmread(paths[0])
+    ds.NumberOfFrames = 7
+    ds.PixelData = np.ascontiguousarray(frames[stored_order].astype("<i2")).tobytes()
+    shared, per_frame = Dataset(), []
+    ori, pix = Dataset(), Dataset()
+    ori.ImageOrientationPatient, pix.PixelSpacing, pix.SliceThickness = [1, 0, 0, 0, 1, 0], [0.8, 0.7], 2.5
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([ori]), Sequence([pix])
+    for k in stored_order:
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [-10.0, 20.0, -30.0 + 2.5 * k]
+        item.PlanePositionSequence = Sequence([pos])
+        per_frame.append(item)
+    ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence = Sequence([shared]), Sequence(per_frame)
+    del ds.ImagePositionPatient
+    ds.save_as(str(tmp_path / "mf.dcm"))
+    (job,), flat, _ = plan_volumes([str(tmp_path / "mf.dcm")])
+    volume = job.read()
+    assert volume.kind == "dicom-multiframe" and volume.frame_of_slice == [stored_order.index(k) for k in range(7)]
+    np.testing.assert_allclose(volume.affine[:3, 3], [10.0, -20.0, -30.0])  # LPS (-10, 20, -30) in RAS
+    np.testing.assert_allclose(volume.affine[:3, 2], [0, 0, 2.5])
+    preds = score_volume(predictor, volume)
+    assert summarize(volume, preds, parse_volume_score("max"), None, "score")["top_slices"][0] == 5
 
 
 def test_two_series_in_one_folder_are_kept_apart(exported_tiny_bundle, tmp_path, capsys):
