@@ -26,6 +26,7 @@ from PIL import Image
 
 from . import INTENDED_USE
 from .atomic import atomic_save_png, atomic_write_bytes, atomic_write_text
+from .contract import decide
 from .errors import MadclipError
 from .overlay import render_overlay
 from .volume import Volume
@@ -77,8 +78,6 @@ def _finite(x: float | None) -> float | None:
 def summarize(volume: Volume, preds: Sequence[Any], method: VolumeScoreMethod, threshold: float | None,
               score_name: str, n_top: int = MONTAGE_SLICES) -> dict[str, Any]:
     """Per-slice scores, the volume score and label, and the most anomalous slices (highest first)."""
-    from .predictor import decide
-
     decision = [float(p.decision_score) for p in preds]
     top = [int(i) for i in np.argsort(-np.asarray(decision), kind="stable")[: min(n_top, len(preds))]]
     vscore = method.reduce(decision)
@@ -121,8 +120,8 @@ def render_montage(volume: Volume, preds: Sequence[Any], top: Sequence[int], sca
     tiles = []
     for k in top:
         p = preds[k]
-        tile = render_overlay(volume.slices[k], p.anomaly_map, float(p.decision_score), threshold, map_threshold,
-                              scale, label=f"{volume.name}  slice {k} of {volume.n_slices}")
+        tile = render_overlay(volume.slices[k], p.anomaly_map, float(p.decision_score), threshold, p.label,
+                              map_threshold, scale, label=f"{volume.name}  slice {k} of {volume.n_slices}")
         f = MONTAGE_TILE / max(tile.size)
         if f < 1.0:
             tile = tile.resize((max(1, round(tile.width * f)), max(1, round(tile.height * f))),

@@ -19,7 +19,7 @@ import pytest
 from madclip_runtime.cli_infer import main as infer_main
 from madclip_runtime.errors import InputError
 
-from .conftest import lesion_volume, realscans_or_skip, write_dicom_series
+from .conftest import build_tiny_bundle, lesion_volume, realscans_or_skip, write_dicom_series
 
 nib = pytest.importorskip("nibabel", reason="nibabel (madclip[medical]) not installed")
 pydicom = pytest.importorskip("pydicom", reason="pydicom (madclip[medical]) not installed")
@@ -43,13 +43,19 @@ class BrightnessBackend:
         pass
 
 
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """The conftest stand-in ONNX bundle (map = 4 sigmoid(brightness - 0.5), map threshold 2.2), 64 px input."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("standin") / "b", size=64)
+
+
 @pytest.fixture()
-def brightness(exported_tiny_bundle):
+def brightness(standin):
     from madclip_runtime.bundle import load_bundle
     from madclip_runtime.predictor import Predictor
 
     backend = BrightnessBackend()
-    return Predictor(load_bundle(exported_tiny_bundle), backend), backend
+    return Predictor(load_bundle(standin), backend), backend
 
 
 def _write_nifti(path: Path, vol: np.ndarray, affine: np.ndarray) -> Path:
@@ -185,7 +191,7 @@ def test_enhanced_multiframe_ordered_by_per_frame_positions(brightness, tmp_path
     assert summarize(volume, preds, parse_volume_score("max"), None, "score")["top_slices"][0] == 5
 
 
-def test_two_series_in_one_folder_are_kept_apart(exported_tiny_bundle, tmp_path, capsys):
+def test_two_series_in_one_folder_are_kept_apart(standin, tmp_path, capsys):
     from madclip_runtime.volume import plan_volumes
 
     vol, _ = lesion_volume(shape=(16, 16, 3))
@@ -201,15 +207,15 @@ def test_two_series_in_one_folder_are_kept_apart(exported_tiny_bundle, tmp_path,
     assert {j.name for j in jobs} == {"mixed_series1", "mixed_series2"}
 
     out = tmp_path / "out"
-    rc, stdout, err = _run(capsys, tmp_path / "mixed", "--bundle", exported_tiny_bundle, "--out", out, "--json")
+    rc, stdout, err = _run(capsys, tmp_path / "mixed", "--bundle", standin, "--out", out, "--json")
     assert rc == 0, err
     records = [json.loads(line) for line in stdout.splitlines()]
     assert sorted((r["series_uid"], r["n_slices"]) for r in records) == sorted([(uid1, 3), (uid2, 2)])
     assert {"mixed_series1.json", "mixed_series2.json"} <= {p.name for p in out.iterdir()}
 
-    rc, stdout, err = _run(capsys, tmp_path / "mixed", "--bundle", exported_tiny_bundle, "--series", uid2, "--json")
+    rc, stdout, err = _run(capsys, tmp_path / "mixed", "--bundle", standin, "--series", uid2, "--json")
     assert rc == 0 and [json.loads(x)["series_uid"] for x in stdout.splitlines()] == [uid2]
-    rc, stdout, err = _run(capsys, tmp_path / "mixed", "--bundle", exported_tiny_bundle, "--series", "1.2.3")
+    rc, stdout, err = _run(capsys, tmp_path / "mixed", "--bundle", standin, "--series", "1.2.3")
     assert rc == 2 and "no such series" in err and uid1 in err
 
 
@@ -242,12 +248,12 @@ def test_series_checks_duplicates_gaps_uneven(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------ CLI end to end
 
 
-def test_cli_nifti_volume_outputs(exported_tiny_bundle, tmp_path, capsys):
+def test_cli_nifti_volume_outputs(standin, tmp_path, capsys):
     vol, _ = lesion_volume()
     affine = np.array([[0.9, 0.1, 0, -20], [-0.1, 0.9, 0, 15], [0, 0, 2.5, -40], [0, 0, 0, 1]])
     p = _write_nifti(tmp_path / "case01.nii.gz", vol, affine)
     out = tmp_path / "results"
-    rc, stdout, err = _run(capsys, p, "--bundle", exported_tiny_bundle, "--out", out, "--json")
+    rc, stdout, err = _run(capsys, p, "--bundle", standin, "--out", out, "--json")
     assert rc == 0, err
     (rec,) = [json.loads(x) for x in stdout.splitlines()]
     assert sorted(x.name for x in out.iterdir()) == ["case01.json", "case01_map.nii.gz", "case01_montage.png"]
@@ -256,30 +262,31 @@ def test_cli_nifti_volume_outputs(exported_tiny_bundle, tmp_path, capsys):
     assert rec["n_slices"] == 7 and len(rec["slices"]) == 7 and rec["volume_score_method"] == "max"
     scores = [s["score"] for s in rec["slices"]]
     assert rec["volume_score"] == pytest.approx(max(scores)) and rec["top_slices"][0] == int(np.argmax(scores))
+    assert rec["top_slices"][0] == 4  # the planted lesion's slice
     doc = json.loads((out / "case01.json").read_text())
     assert doc["map_threshold_method"].startswith("bundle calibration") and doc["montage_file"] == "case01_montage.png"
 
-    rc, stdout, err = _run(capsys, p, "--bundle", exported_tiny_bundle, "--volume-score", "mean-top-2", "--json")
+    rc, stdout, err = _run(capsys, p, "--bundle", standin, "--volume-score", "mean-top-2", "--json")
     (rec2,) = [json.loads(x) for x in stdout.splitlines()]
     assert rc == 0 and rec2["volume_score"] == pytest.approx(np.mean(sorted(scores)[-2:]), rel=1e-5)
-    rc, _, err = _run(capsys, p, "--bundle", exported_tiny_bundle, "--volume-score", "median")
+    rc, _, err = _run(capsys, p, "--bundle", standin, "--volume-score", "median")
     assert rc == 2 and err.count("\n") == 1 and "--volume-score" in err
 
     four = _write_nifti(tmp_path / "dyn.nii.gz", np.stack([vol, vol], axis=3), affine)
-    rc, _, err = _run(capsys, four, "--bundle", exported_tiny_bundle, "--out", out)
+    rc, _, err = _run(capsys, four, "--bundle", standin, "--out", out)
     assert rc == 2 and "--volume-index" in err and str(four) in err
-    rc, _, err = _run(capsys, four, "--bundle", exported_tiny_bundle, "--out", out, "--volume-index", "1")
+    rc, _, err = _run(capsys, four, "--bundle", standin, "--out", out, "--volume-index", "1")
     assert rc == 0, err
     assert nib.load(out / "dyn_map.nii.gz").shape == vol.shape
 
 
-def test_cli_dicom_seg_reads_back(exported_tiny_bundle, tmp_path, capsys):
+def test_cli_dicom_seg_reads_back(standin, tmp_path, capsys):
     hd = pytest.importorskip("highdicom", reason="highdicom (madclip[medical]) not installed")
     vol, _ = lesion_volume(shape=(24, 20, 5), lesion_slice=1)
     paths, uid = write_dicom_series(tmp_path / "ct", _frames_from(vol), order=[3, 1, 4, 0, 2])
     out = tmp_path / "out"
-    rc, stdout, err = _run(capsys, tmp_path / "ct", "--bundle", exported_tiny_bundle, "--out", out, "--dicom-seg",
-                           "--map-threshold", "1.0", "--json")
+    rc, stdout, err = _run(capsys, tmp_path / "ct", "--bundle", standin, "--out", out, "--dicom-seg",
+                           "--map-threshold", "2.1", "--json")
     assert rc == 0, err
     (rec,) = [json.loads(x) for x in stdout.splitlines()]
     seg = hd.seg.segread(out / "ct_seg.dcm")
@@ -290,14 +297,15 @@ def test_cli_dicom_seg_reads_back(exported_tiny_bundle, tmp_path, capsys):
     params = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert "--map-threshold" in seg.ContentDescription or "--map-threshold" in str(params)
     amap = np.asarray(nib.load(out / "ct_map.nii.gz").dataobj)  # [R, C, N], N in slice order
-    for k, p in enumerate(paths):  # the SEG's frame for each source image is that slice's map >= 1.0
+    assert 0 < (amap >= 2.1).sum() < amap.size  # the stand-in's bright lesion, not everything
+    for k, p in enumerate(paths):  # the SEG's frame for each source image is that slice's map >= 2.1
         sop = str(pydicom.dcmread(p).SOPInstanceUID)
         frame = seg.get_pixels_by_source_instance([sop], segment_numbers=[1])[0, :, :, 0]
-        np.testing.assert_array_equal(frame, (amap[:, :, k] >= 1.0).astype(frame.dtype))
+        np.testing.assert_array_equal(frame, (amap[:, :, k] >= 2.1).astype(frame.dtype))
     assert rec["seg_file"] if "seg_file" in rec else rec["outputs"]["seg"] == "ct_seg.dcm"
 
     nii = _write_nifti(tmp_path / "v.nii.gz", vol, np.eye(4))
-    rc, _, err = _run(capsys, nii, "--bundle", exported_tiny_bundle, "--out", out, "--dicom-seg", "--map-threshold", "1")
+    rc, _, err = _run(capsys, nii, "--bundle", standin, "--out", out, "--dicom-seg", "--map-threshold", "1")
     assert rc == 0 and "not DICOM" in err and not (out / "v_seg.dcm").exists()
 
 
@@ -357,15 +365,15 @@ def test_huge_nifti_refused_before_decoding_and_one_slice_decodes_alone(tmp_path
     assert peaks["slice"] < 400e6  # one 16 M-voxel plane and its float copies, not the 1.6 G-voxel volume
 
 
-def test_budget_option_env_and_dicom_header(tmp_path, capsys, monkeypatch, exported_tiny_bundle):
+def test_budget_option_env_and_dicom_header(tmp_path, capsys, monkeypatch, standin):
     from madclip_runtime.medical import read_dicom
 
     vol, _ = lesion_volume(shape=(24, 20, 7))
     p = _write_nifti(tmp_path / "v.nii.gz", vol, np.eye(4))
-    rc, _, err = _run(capsys, p, "--bundle", exported_tiny_bundle, "--max-voxels", "1000")
+    rc, _, err = _run(capsys, p, "--bundle", standin, "--max-voxels", "1000")
     assert rc == 1 and "over the budget of 1000" in err and str(p) in err
     monkeypatch.setenv("MADCLIP_MAX_VOXELS", "1000")
-    rc, _, err = _run(capsys, p, "--bundle", exported_tiny_bundle, "--slice", "3", "--json")
+    rc, _, err = _run(capsys, p, "--bundle", standin, "--slice", "3", "--json")
     assert rc == 0, err  # one 480-voxel slice fits the budget
     monkeypatch.delenv("MADCLIP_MAX_VOXELS")
 
