@@ -72,8 +72,6 @@ def test_dependencies_point_one_way_and_runtime_has_no_torch():
     assert not bad, "\n".join(sorted(bad))
 
 
-
-
 def test_no_import_cycles():
     graph = _graph()
     state: dict[str, int] = {}
