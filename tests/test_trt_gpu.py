@@ -29,7 +29,7 @@ if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
 onnx = pytest.importorskip("onnx")
-from test_backends import images, make_tiny_model, reference_outputs  # noqa: E402 (tests dir is on sys.path)
+from .conftest import images, make_tiny_model, reference_outputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
