@@ -25,6 +25,7 @@ from .checkpoint import CHECKPOINT, CONFIG, checkpoint_bytes, load_reference_che
 from .config import ModelConfig, TrainConfig, dump_json, objective_for
 from .data import load_arrays, load_split, sample_shots, shots_from_list, shots_record
 from .model import build_model
+from .precision import resolve_precision
 from .train import ShotTensors, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class TrainRequest:
     normalize: str = "none"
     init_seed: int = 0
     force: bool = False
+    precision: str = "auto"  # fp32 | fp16 | bf16 | auto (CUDA: the reference's fp16, CPU: fp32)
 
 
 def versions() -> dict:
@@ -98,6 +100,7 @@ def train_run(req: TrainRequest, progress=None) -> dict:
                        batch_size=req.batch_size, lr=req.lr, augment=req.augment, select_on=req.select_on,
                        holdout_fraction=req.holdout_fraction, feature_cache=req.feature_cache)
     device = resolve_device(req.device)
+    tcfg = replace(tcfg, precision=resolve_precision(req.precision, device))
     with AtomicDirectory(req.out, force=req.force) as tmp:
         tmp = Path(tmp)
         # augmentation works on [0, 1] images: load un-normalised, `fit` normalises after augmenting

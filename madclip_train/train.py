@@ -26,6 +26,8 @@ from .config import TrainConfig
 from .losses import madclip_loss
 from .metrics import image_auroc
 from .model import MadCLIP
+from .precision import Precision
+from .device import gather_to_device, place_on_device
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,21 @@ class _FeatureSource:
                 advance=(lambda n: progress.advance(task, n)) if progress else None)
             self.info["seconds"] = time.perf_counter() - t0
             self.info["bytes"] = self.feats.numel() * self.feats.element_size()
+            self.feats, self.info["placement"] = place_on_device(self.feats, device)  # GPU if it fits, else pinned
+
+    def targets(self, index: torch.Tensor, has_masks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """labels [b] and masks [b, S, S] (or None) of data[index] on the device; copied there once."""
+        if not hasattr(self, "_targets"):
+            self._targets = (place_on_device(self.data.labels, self.device)[0],
+                             place_on_device(self.data.masks, self.device)[0] if has_masks else None)
+        labels, masks = self._targets
+        return (gather_to_device(labels, index, self.device, dim=0),
+                gather_to_device(masks, index, self.device, dim=0) if masks is not None else None)
 
     def get(self, index: torch.Tensor) -> list[torch.Tensor]:
         """Features of data[index] as L x [b, P, W] float32 on the device (rounded through the cache dtype)."""
         if self.feats is not None:
-            f = self.feats[:, index].to(self.device).float()
+            f = gather_to_device(self.feats, index, self.device).float()
         else:
             with torch.no_grad():
                 f = torch.stack(self.model.backbone(self.data.images[index].to(self.device)))
@@ -112,11 +124,14 @@ class _FeatureSource:
         return list(f.unbind(0))
 
 
-def _batch_loss(model: MadCLIP, source: _FeatureSource, index: torch.Tensor, has_masks: bool) -> dict:
-    t_n, t_ab = model.text_embeddings()
-    logits = model.branch_logits(source.get(index), t_ab - t_n)
-    labels = source.data.labels[index].to(source.device)
-    masks = source.data.masks[index].to(source.device) if has_masks else None
+def _batch_loss(model: MadCLIP, source: _FeatureSource, index: torch.Tensor, has_masks: bool,
+                precision: Precision | None = None) -> dict:
+    precision = precision or Precision.create("fp32", source.device)
+    with precision.autocast():
+        t_n, t_ab = model.text_embeddings()
+        logits = model.branch_logits(source.get(index), t_ab - t_n)
+    logits = precision.loss_inputs(logits)  # losses in FP32
+    labels, masks = source.targets(index, has_masks)
     return madclip_loss(logits, labels, masks, model.image_size)
 
 
@@ -151,6 +166,7 @@ def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, 
     held_src = _FeatureSource(model, held_set, tcfg, device, backbone_id, cache_dir, progress, "held-out shots")
 
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    precision = Precision.create(tcfg.precision, device)
     generator = torch.Generator().manual_seed(tcfg.seed)
     n = len(train_set)
     history, best, best_state = [], None, None
@@ -162,13 +178,12 @@ def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, 
         sums: dict[str, float] = {}
         for start in range(0, n, tcfg.batch_size):
             index = order[start:start + tcfg.batch_size]
-            parts = _batch_loss(model, train_src, index, has_masks)
+            parts = _batch_loss(model, train_src, index, has_masks, precision)
             optimizer.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            optimizer.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(index)
-        record = {"epoch": epoch, **{f"loss_{k}": v / n for k, v in sums.items()},
+            precision.backward_step(parts["total"], optimizer)
+            for k, v in parts.items():  # summed on the device: no host sync per step
+                sums[k] = sums.get(k, 0.0) + v.detach() * len(index)
+        record = {"epoch": epoch, **{f"loss_{k}": float(v) / n for k, v in sums.items()},
                   "seconds": round(time.perf_counter() - t0, 4)}
         model.adapters.eval()
         if len(held_set):
@@ -187,6 +202,7 @@ def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, 
         _restore(model, best_state)
         selected = best["epoch"]
     return {"history": history, "selected_epoch": selected, "n_train_images": n, "n_holdout_images": len(held_set),
+            "precision": precision.record(),
             "holdout_index": [int(i) for i in held_idx], "cache": {"train": train_src.info, "holdout": held_src.info}}
 
 
