@@ -3,8 +3,6 @@ and the CUDA training path (gpu-marked: device placement, no per-step host syncs
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
