@@ -240,9 +240,9 @@ def check(out_dir: Path, quick: bool = False) -> dict:
     steps.append(run_step("gpu/trt tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
                                             "gpu or trt", str(ROOT / "tests")], TIMEOUTS["tests"], cwd=ROOT))
 
-    data = work / "demo"
+    data = work / "demo" / "Brain_AD"  # madclip-demo-data writes the dataset folder under --out
     if not data.exists():
-        subprocess.run([_bin("madclip-demo-data"), "--out", str(data)], capture_output=True, timeout=120)
+        steps.append(run_step("demo data", [_bin("madclip-demo-data"), "--out", str(data.parent), "--force"], 120))
     runs = {"tiny": (["--backbone", "madclip-tiny", "--epochs", "3", "--shots", "2"], "train_tiny"),
             "vitb16": (["--backbone", "ViT-B-16", "--epochs", "1", "--shots", "2", "--image-size", "224"], "train_vitb")}
     bundles = {}

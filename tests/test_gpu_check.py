@@ -71,3 +71,17 @@ def test_markdown_report_lists_every_step():
     text = gpu_check.markdown(report)
     assert "| export tiny | fail |" in text and "FAIL: export tiny" in text
     assert "achieved fraction of peak: 0.032" in text and "| tiny | fp16 | 4.2 |" in text
+
+
+def test_full_check_paths_run_and_report_on_a_cpu_machine(tmp_path, monkeypatch):
+    """The check's steps and report writing, run for real where there is no GPU: every command resolves,
+    the CUDA steps fail in their own step (not the whole check), and both report files are written."""
+    monkeypatch.setitem(gpu_check.TIMEOUTS, "tests", 300)
+    report = gpu_check.check(tmp_path, quick=True)
+    names = [s["name"] for s in report["steps"]]
+    assert names[:2] == ["versions", "gpu/trt tests"] and "train tiny on CUDA" in names
+    by_name = {s["name"]: s for s in report["steps"]}
+    assert by_name["versions"]["status"] == "pass" and "torch" in report["environment"]
+    assert by_name["gpu/trt tests"]["status"] == "pass"  # collected and skipped without a GPU
+    assert by_name["train tiny on CUDA"]["status"] == "fail" and report["verdict"].startswith("FAIL")
+    assert (tmp_path / "gpu_check.json").is_file() and "| versions | pass |" in (tmp_path / "gpu_check.md").read_text()

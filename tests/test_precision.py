@@ -3,6 +3,7 @@ and the CUDA training path (gpu-marked: device placement, no per-step host syncs
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,22 @@ def test_pinned_host_placement_when_the_cache_does_not_fit(monkeypatch):
     assert where == "pinned-host" and placed.is_pinned()
     rows = dev.gather_to_device(placed, torch.tensor([0, 3]), torch.device("cuda"))
     assert rows.device.type == "cuda" and rows.shape == (4, 2, 16)
+
+
+def test_bench_train_precision_sweep_records_each_precision(tmp_path):
+    """benchmarks/bench_train.py --precisions keeps working: one cached run + step breakdown per precision."""
+    import os
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    env = {**os.environ, "MADCLIP_BENCH_WORK": str(tmp_path / "work"), "MADCLIP_BENCH_RESULTS": str(tmp_path / "res")}
+    proc = subprocess.run([sys.executable, str(bench / "bench_train.py"), "--backbones", "madclip-tiny", "--shots", "1",
+                           "--epochs-cached", "1", "--precisions", "fp32,bf16"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "res" / "train_precision_madclip-tiny.json").read_text())
+    assert [r["precision"] for r in out["results"]] == ["fp32", "bf16"]
+    assert all(r["step_breakdown"]["full_cached_step_ms"] > 0 for r in out["results"])
+    a, b = (r["final_loss"] for r in out["results"])
+    assert abs(a - b) <= BF16_LOSS_RTOL * abs(a)
