@@ -40,15 +40,16 @@ def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int
     the trainable parts under `precision`'s autocast (madclip_train.precision), the frozen backbone without."""
     import torch
 
+    from madclip_runtime.preprocess import PreprocessSpec
     from madclip_train.precision import Precision
 
     amp = Precision.create(precision, torch.device(device))
-
     from madclip_train.config import ModelConfig
     from madclip_train.losses import madclip_loss
     from madclip_train.model import build_model
 
-    model = build_model(ModelConfig(backbone=backbone, pretrained="none", image_size=image_size), seed=0).to(device)
+    model = build_model(ModelConfig(backbone=backbone, pretrained="none",
+                                    preprocess=PreprocessSpec(image_size=image_size)), seed=0).to(device)
     images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
     labels = (torch.arange(batch_size) % 2).to(device)
     masks = torch.zeros(batch_size, image_size, image_size, dtype=torch.bool, device=device)
