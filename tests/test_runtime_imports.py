@@ -1,61 +1,9 @@
-"""madclip_runtime's import graph has no cycle (module-level and lazy in-function imports alike), and the
-volume modules never import torch (issue 12: the imageio <-> medical cycle is broken through scan.py)."""
+"""The volume modules import neither torch nor the medical libraries until a file needs them (the import
+rules and the absence of cycles, the imageio <-> medical one included, are tests/test_imports.py's)."""
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
-
-import madclip_runtime
-
-PKG = Path(madclip_runtime.__file__).resolve().parent
-
-
-def _graph() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {}
-    for f in sorted(PKG.glob("*.py")):
-        mod = f.stem
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    deps.add(node.module.split(".")[0])
-                else:
-                    deps.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("madclip_runtime."):
-                deps.add(node.module.split(".")[1])
-        graph[mod] = {d for d in deps if (PKG / f"{d}.py").exists() and d != mod}
-    return graph
-
-
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(graph.get(n, ())):
-            if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
-            if m not in state and (found := visit(m)):
-                return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in sorted(graph):
-        if n not in state and (found := visit(n)):
-            return found
-    return None
-
-
-def test_no_import_cycle_in_runtime():
-    graph = _graph()
-    assert "imageio" not in graph["medical"] and "scan" in graph["medical"] and "scan" in graph["imageio"]
-    cycle = _cycle({k: v - {"__init__"} for k, v in graph.items() if k != "__init__"})
-    assert cycle is None, " -> ".join(cycle or [])
 
 
 def test_volume_modules_import_without_torch():
