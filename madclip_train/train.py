@@ -27,6 +27,8 @@ from .config import TrainConfig
 from .methods import Batch, MethodModel
 from .methods.base import iterate_batches
 from .metrics import image_auroc
+from .device import gather_to_device, place_on_device
+from .precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,9 @@ class CachedSource:
                 advance=(lambda n: progress.advance(task, n)) if progress else None)
             self.info["seconds"] = time.perf_counter() - t0
             self.info["bytes"] = self.feats.numel() * self.feats.element_size()
+            self.feats, self.info["placement"] = place_on_device(self.feats, device)  # GPU if it fits, else pinned
+        if device.type == "cuda":  # labels and masks are read every step: copied once
+            self.labels, self.masks = place_on_device(labels, device)[0], place_on_device(masks, device)[0]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -107,11 +112,12 @@ class CachedSource:
     def get(self, index: torch.Tensor) -> Batch:
         """Batch of data[index]: features on the device (rounded through the cache dtype), labels, masks."""
         if self.feats is not None:
-            feats = self.feats[index].to(self.device)
+            feats = gather_to_device(self.feats, index, self.device, dim=0)
         else:
             with torch.no_grad():
                 feats = self.model.cacheable(self.images[index].to(self.device)).to(DTYPES[self.dtype])
-        return Batch(feats, self.labels[index].to(self.device), self.masks[index].to(self.device))
+        return Batch(feats, gather_to_device(self.labels, index, self.device, dim=0),
+                     gather_to_device(self.masks, index, self.device, dim=0))
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         for index in iterate_batches(len(self), self.batch_size, generator):
@@ -152,10 +158,36 @@ def check_finite_step(parts: dict[str, torch.Tensor], epoch: int, step: int, mod
             raise MadclipError(f"training diverged: loss {name} is {float(value.detach().float().mean())} at epoch "
                                f"{epoch} step {step}; nothing written (try a lower --lr)")
     if model is not None:
+        where = f"epoch {epoch} step {step}" if step else f"epoch {epoch}"
         for name, p in model.named_parameters():
             if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
-                raise MadclipError(f"training diverged: parameter {name} became NaN/inf at epoch {epoch} step {step}; "
+                raise MadclipError(f"training diverged: parameter {name} became NaN/inf at {where}; "
                                    f"nothing written (try a lower --lr)")
+
+
+class FiniteGuard:
+    """Per-step NaN/inf detection of the loss without a host sync per step; checked once per epoch.
+
+    `step(parts, step)` records on the device the first step whose total loss is not finite; `end_epoch`
+    syncs once and raises (via `check_finite_step`'s message) naming that epoch and step, and checks the
+    trainable parameters (an inf learning rate turns them into NaN while the loss of that step is finite).
+    """
+
+    def __init__(self) -> None:
+        self.first_bad: torch.Tensor | None = None  # int64 scalar on the loss's device: 0 = none yet
+
+    def step(self, parts: dict[str, torch.Tensor], step: int) -> None:
+        total = parts["total"].detach()
+        code = torch.where(torch.isfinite(total).all(), torch.zeros((), dtype=torch.long, device=total.device),
+                           torch.full((), step, dtype=torch.long, device=total.device))
+        self.first_bad = code if self.first_bad is None else torch.where(self.first_bad > 0, self.first_bad, code)
+
+    def end_epoch(self, epoch: int, model: torch.nn.Module) -> None:
+        bad_step = int(self.first_bad) if self.first_bad is not None else 0
+        self.first_bad = None
+        if bad_step:
+            check_finite_step({"total": torch.tensor(float("nan"))}, epoch, bad_step)
+        check_finite_step({}, epoch, 0, model)
 
 
 def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, device: torch.device,
@@ -168,6 +200,7 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
     train_set, held_set = shots.subset(train_idx), shots.subset(held_idx)
 
     model.augment_variant = tcfg.augment_variant  # read by the default training_source's augmentation
+    finite = FiniteGuard()
 
     def make_cached(images01, masks, labels, label):
         return CachedSource(model, images01, masks, labels, tcfg, device, cache_dir, progress, label)
@@ -182,6 +215,7 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
 
     optimizer = torch.optim.Adam(model.trainable_parameters(has_masks), lr=tcfg.lr, betas=tuple(tcfg.betas))
     params = model.trainable_parameters(has_masks)
+    precision = Precision.create(tcfg.precision, device)
     generator = torch.Generator().manual_seed(tcfg.seed)
     n = len(train_src)
     history, best, best_state = [], None, None
@@ -191,14 +225,15 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         for step, batch in enumerate(train_src.batches(epoch, generator), 1):
-            parts = model.loss(batch.feats, batch.labels, batch.masks if has_masks else None)
+            with precision.autocast():
+                parts = model.loss(batch.feats, batch.labels, batch.masks if has_masks else None)
             optimizer.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            optimizer.step()
-            check_finite_step(parts, epoch, step, model)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch.labels)
-        record = {"epoch": epoch, **{f"loss_{k}": v / n for k, v in sums.items()},
+            precision.backward_step(parts["total"], optimizer)
+            finite.step(parts, step)  # device-side: no host sync per step
+            for k, v in parts.items():  # summed on the device: no host sync per step
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(batch.labels)
+        finite.end_epoch(epoch, model)  # one sync: a NaN/inf loss or parameter stops training, naming epoch and step
+        record = {"epoch": epoch, **{f"loss_{k}": float(v) / n for k, v in sums.items()},
                   "seconds": round(time.perf_counter() - t0, 4)}
         model.set_training(False)
         if len(held_src):
@@ -220,5 +255,5 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
         selected = best["epoch"]
     finalized = model.finalize(train_src, device)
     return {"history": history, "selected_epoch": selected, "n_train_images": n, "n_holdout_images": len(held_src),
-            "holdout_index": [int(i) for i in held_idx], "finalize": finalized,
+            "holdout_index": [int(i) for i in held_idx], "finalize": finalized, "precision": precision.record(),
             "cache": {"train": getattr(train_src, "info", {}), "holdout": getattr(held_src, "info", {})}}
