@@ -25,7 +25,7 @@ def _entry(name: str):
         "train": ("madclip_train.cli", "train_main"), "eval": ("madclip_train.cli", "eval_main"),
         "convert": ("madclip_train.cli", "convert_main"), "demo": ("madclip_train.demo", "main"),
         "export": ("madclip_export.cli", "main"), "infer": ("madclip_runtime.cli_infer", "main"),
-        "bench": ("madclip_runtime.cli_bench", "main"),
+        "bench": ("madclip_runtime.cli_bench", "main"), "prepare": ("madclip_runtime.cli_prepare", "main"),
     }[name]
     return getattr(importlib.import_module(module), func)
 
@@ -51,6 +51,13 @@ BAD_OPTIONS = [
     ("export", ["run", "--out", "b"], "--max-batch", ["0", "-1"]),
     ("infer", ["x.png", "--bundle", "b"], "--threshold", ["nan", "inf", "-inf", "abc", "-1"]),
     ("infer", ["x.png", "--bundle", "b"], "--slice", ["-1", "x"]),
+    ("infer", ["x.nii", "--bundle", "b"], "--max-voxels", ["0", "-1", "nan"]),
+    ("infer", ["x.nii", "--bundle", "b"], "--map-threshold", ["nan", "-1", "inf"]),
+    ("infer", ["x.nii", "--bundle", "b"], "--volume-index", ["-1"]),
+    ("prepare", ["--images", "i", "--labels", "l", "--out", "o"], "--valid-fraction", ["nan", "1.5", "0"]),
+    ("prepare", ["--images", "i", "--labels", "l", "--out", "o"], "--min-content", ["-0.1", "1", "inf"]),
+    ("prepare", ["--images", "i", "--labels", "l", "--out", "o"], "--max-per-volume", ["0"]),
+    ("prepare", ["--images", "i", "--labels", "l", "--out", "o"], "--seed", ["-1"]),
     ("bench", ["--bundle", "b"], "--throughput-iters", ["-1", "0"]),
     ("bench", ["--bundle", "b"], "--iters", ["0", "-5"]),
     ("bench", ["--bundle", "b"], "--warmup", ["-1"]),
