@@ -107,6 +107,74 @@ def _graph(fp16: bool, size: int = S):
     return model
 
 
+# ---- a tiny ONNX model of the bundle's interface (image -> score, anomaly_map, score_map_max) -------------
+# Shared by the backend tests (CPU) and the TensorRT tests (GPU). onnx is imported inside: collecting the
+# suite must not need it.
+
+SIZE = 16  # image H = W
+PATCH = 4
+
+
+def make_tiny_model(seed: int = 0):
+    """image [B,3,16,16] -> Conv 4x4/4 -> channel mean [B,1,4,4] -> nearest x4 -> sigmoid = anomaly_map;
+    score = mean of the map, score_map_max = max of the map (the bundle's output contract)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.2, (4, 3, PATCH, PATCH)).astype(np.float32)
+    bias = rng.normal(0, 0.1, (4,)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(weight, "w"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(np.array([1], np.int64), "ax_c"),
+        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "ax_all"),
+        numpy_helper.from_array(np.array([1, 1, PATCH, PATCH], np.float32), "scales"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w", "b"], ["feat"], strides=[PATCH, PATCH], name="patch_embed"),
+        helper.make_node("ReduceMean", ["feat", "ax_c"], ["logit"], keepdims=1, name="channel_mean"),
+        helper.make_node("Resize", ["logit", "", "scales"], ["up"], mode="nearest", name="upsample"),
+        helper.make_node("Sigmoid", ["up"], ["prob"], name="sigmoid"),
+        # A graph output that other nodes also consume trips onnxconverter-common's keep_io_types casts.
+        helper.make_node("Identity", ["prob"], ["anomaly_map"], name="map_out"),
+        helper.make_node("ReduceMean", ["prob", "ax_all"], ["score"], keepdims=0, name="score_mean"),
+        helper.make_node("ReduceMax", ["prob", "ax_all"], ["score_map_max"], keepdims=0, name="map_max"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_madclip",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE]),
+            helper.make_tensor_value_info("score_map_max", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def reference_outputs(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """The tiny model computed in numpy."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.2, (4, 3, PATCH, PATCH)).astype(np.float64)
+    bias = rng.normal(0, 0.1, (4,)).astype(np.float64)
+    b, g = images.shape[0], SIZE // PATCH
+    patches = images.astype(np.float64).reshape(b, 3, g, PATCH, g, PATCH)  # [B, C, i, p, j, q]
+    feat = np.einsum("bcipjq,ocpq->boij", patches, weight) + bias[None, :, None, None]  # [B, 4, g, g]
+    logit = feat.mean(axis=1, keepdims=True)  # [B, 1, g, g]
+    up = logit.repeat(PATCH, axis=2).repeat(PATCH, axis=3)  # [B, 1, 16, 16]
+    amap = 1.0 / (1.0 + np.exp(-up))
+    return {"score": amap.mean(axis=(1, 2, 3)), "anomaly_map": amap, "score_map_max": amap.max(axis=(1, 2, 3))}
+
+
+def images(batch: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (batch, 3, SIZE, SIZE)).astype(np.float32)
+
+
 def expected_outputs(images: np.ndarray) -> dict[str, np.ndarray]:
     """numpy reference of the tiny graph: images [B, 3, S, S] -> outputs."""
     amap = 4.0 / (1.0 + np.exp(-(images.mean(axis=1, keepdims=True) - 0.5)))  # [B, 1, S, S]

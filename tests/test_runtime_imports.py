@@ -1,39 +1,9 @@
-"""The imageio <-> medical cycle stays broken (both import scan.py; lazy in-function imports count), and the
-volume modules import without torch or the optional medical libraries."""
+"""The volume modules import neither torch nor the medical libraries until a file needs them (the import
+rules and the absence of cycles, the imageio <-> medical one included, are tests/test_imports.py's)."""
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
-
-import madclip_runtime
-
-PKG = Path(madclip_runtime.__file__).resolve().parent
-
-
-def _graph() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {}
-    for f in sorted(PKG.glob("*.py")):
-        mod = f.stem
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    deps.add(node.module.split(".")[0])
-                else:
-                    deps.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("madclip_runtime."):
-                deps.add(node.module.split(".")[1])
-        graph[mod] = {d for d in deps if (PKG / f"{d}.py").exists() and d != mod}
-    return graph
-
-
-def test_medical_and_imageio_share_scan_not_each_other():
-    """The former cycle: medical must not import imageio (tests/test_imports.py checks the whole graph)."""
-    graph = _graph()
-    assert "imageio" not in graph["medical"] and "scan" in graph["medical"] and "scan" in graph["imageio"]
-    assert "imageio" not in graph["scan"] and "medical" not in graph["scan"]
 
 
 def test_volume_modules_import_without_torch():
