@@ -93,6 +93,7 @@ class MadclipServer:
         self.cfg = cfg
         self.predictor, self.meta = open_verified(cfg)  # raises: a bad bundle never serves
         self.failure: str | None = None
+        self.stats = {"requests": 0, "model_calls": 0, "scans": 0, "largest_batch": 0}  # this replica's
         self.requests = metrics.Counter("madclip_requests", "madclip /predict requests by outcome",
                                         tag_keys=("outcome",))
         log.info("madclip replica ready: %s on %s %s", cfg.bundle, self.predictor.backend_name, cfg.precision)
@@ -111,6 +112,9 @@ class MadclipServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def infer(self, items: list[tuple[ScanImage, float]]) -> list[Any]:
         """Up to max_batch_size queued (scan, decode ms) -> one backend call (in a thread: the loop keeps accepting)."""
+        self.stats["model_calls"] += 1
+        self.stats["scans"] += len(items)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         try:
             return await asyncio.to_thread(self.predictor.predict_scans, [s for s, _ in items],
                                            [ms for _, ms in items])
@@ -144,11 +148,13 @@ class MadclipServer:
         if path in ("/healthz", "/ready"):
             if self.failure is not None:
                 return _error(503, self.failure)
-            return JSONResponse({"status": "ok", "ready": True, "bundle_sha256": self.meta["bundle_sha256"]})
+            return JSONResponse({"status": "ok", "ready": True, "bundle_sha256": self.meta["bundle_sha256"],
+                                 "replica_stats": dict(self.stats)})
         return _error(404, f"no route {path}; use POST /predict, GET /metadata, /healthz, /ready")
 
     async def _predict_guarded(self, request: Request) -> Response:
         """/predict with every per-request failure turned into that request's error response."""
+        self.stats["requests"] += 1
         try:
             response = await self._predict(request)
             outcome = "ok"
@@ -171,9 +177,14 @@ class MadclipServer:
 def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               max_batch_size: int | None = None, batch_wait_s: float = 0.005,
               autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 64,
-              graceful_shutdown_timeout_s: float = 30.0) -> Any:
-    """The bound Serve application for `serve.run` (replicas, or autoscaling between min and max)."""
+              graceful_shutdown_timeout_s: float = 30.0, constructor_retries: int = 2) -> Any:
+    """The bound Serve application for `serve.run` (replicas, or autoscaling between min and max).
+
+    `constructor_retries` is small on purpose: a replica that cannot verify its bundle will not do better on
+    the 20th try (Serve's default), and the deployment should fail promptly with the reason.
+    """
     options: dict[str, Any] = {
+        "max_constructor_retry_count": constructor_retries,
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "user_config": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
         "max_ongoing_requests": max_ongoing_requests,

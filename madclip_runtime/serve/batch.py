@@ -81,44 +81,40 @@ def load_result(out_dir: str, item: FileItem) -> dict[str, Any] | None:
     return doc if doc.get("status") == "ok" and same and doc.get("file") == item.path else None
 
 
-class ReadPreprocess:
-    """Ray Data UDF (tasks): file rows -> one row per slice with the preprocessed image [3, S, S]."""
+def read_preprocess(batch: dict[str, np.ndarray], spec: dict[str, Any], slice_index: int | None) -> dict[str, np.ndarray]:
+    """Ray Data UDF (parallel tasks): file rows -> one row per slice with the preprocessed image [3, S, S].
 
-    def __init__(self, spec: dict[str, Any], slice_index: int | None):
-        from ..preprocess import PreprocessSpec
+    A file that cannot be read becomes one row with its error (and a zero image the scorer skips).
+    """
+    from ..errors import InputError
+    from ..imageio import read_scans
+    from ..preprocess import PreprocessSpec, preprocess
 
-        self.spec = PreprocessSpec.from_dict(spec)
-        self.slice_index = slice_index
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..errors import InputError
-        from ..imageio import read_scans
-        from ..preprocess import preprocess
-
-        s = self.spec.image_size
-        rows: list[tuple[str, str, str, int, int, int, int, str, np.ndarray]] = []
-        for path, key in zip(batch["path"], batch["key"]):
-            path, key = str(path), str(key)
-            try:
-                scans = read_scans(path, slice_index=self.slice_index, window=self.spec.window)
-                images = [preprocess(scan, self.spec) for scan in scans]  # [3, S, S] each
-            except InputError as exc:
-                rows.append((path, key, path, -1, 1, 0, 0, str(exc), np.zeros((3, s, s), np.float32)))
-                continue
-            except Exception as exc:  # a reader bug must not stop the archive either
-                rows.append((path, key, path, -1, 1, 0, 0, f"{path}: {type(exc).__name__}: {exc}",
-                             np.zeros((3, s, s), np.float32)))
-                continue
-            for i, (scan, image) in enumerate(zip(scans, images)):
-                rows.append((path, key, scan.source, i, len(scans), scan.height, scan.width, "", image))
-        cols = list(zip(*rows)) if rows else [[] for _ in range(9)]
-        return {
-            "path": np.array(cols[0], dtype=object), "key": np.array(cols[1], dtype=object),
-            "source": np.array(cols[2], dtype=object), "index": np.array(cols[3], np.int64),
-            "n_slices": np.array(cols[4], np.int64), "height": np.array(cols[5], np.int64),
-            "width": np.array(cols[6], np.int64), "error": np.array(cols[7], dtype=object),
-            "image": np.stack(cols[8]) if rows else np.zeros((0, 3, s, s), np.float32),  # [B, 3, S, S]
-        }
+    pspec = PreprocessSpec.from_dict(spec)
+    s = pspec.image_size
+    rows: list[tuple[str, str, str, int, int, int, int, str, np.ndarray]] = []
+    for path, key in zip(batch["path"], batch["key"]):
+        path, key = str(path), str(key)
+        try:
+            scans = read_scans(path, slice_index=slice_index, window=pspec.window)
+            images = [preprocess(scan, pspec) for scan in scans]  # [3, S, S] each
+        except InputError as exc:
+            rows.append((path, key, path, -1, 1, 0, 0, str(exc), np.zeros((3, s, s), np.float32)))
+            continue
+        except Exception as exc:  # a reader bug must not stop the archive either
+            rows.append((path, key, path, -1, 1, 0, 0, f"{path}: {type(exc).__name__}: {exc}",
+                         np.zeros((3, s, s), np.float32)))
+            continue
+        for i, (scan, image) in enumerate(zip(scans, images)):
+            rows.append((path, key, scan.source, i, len(scans), scan.height, scan.width, "", image))
+    cols = list(zip(*rows)) if rows else [[] for _ in range(9)]
+    return {
+        "path": np.array(cols[0], dtype=object), "key": np.array(cols[1], dtype=object),
+        "source": np.array(cols[2], dtype=object), "index": np.array(cols[3], np.int64),
+        "n_slices": np.array(cols[4], np.int64), "height": np.array(cols[5], np.int64),
+        "width": np.array(cols[6], np.int64), "error": np.array(cols[7], dtype=object),
+        "image": np.stack(cols[8]) if rows else np.zeros((0, 3, s, s), np.float32),  # [B, 3, S, S]
+    }
 
 
 class Scorer:
@@ -227,7 +223,8 @@ def write_summary(out_dir: str, docs: Iterable[dict[str, Any]], formats: Sequenc
 
 def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int = 1, cpus_per_actor: float = 1.0,
               gpus_per_actor: float = 0.0, slice_index: int | None = None, maps: str | None = None,
-              summary: Sequence[str] = ("csv", "parquet"), progress: Any = None) -> dict[str, Any]:
+              summary: Sequence[str] = ("csv", "parquet"), progress: Any = None,
+              read_cpus: float = 0.5) -> dict[str, Any]:
     """Score `files` into `out_dir` on the Ray instance already initialised. Returns counts and the docs."""
     require_ray("data")
     import ray.data
@@ -256,10 +253,11 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
         ray.data.DataContext.get_current().enable_progress_bars = False
         max_batch = int(bundle.max_batch or 8)
         ds = ray.data.from_items([{"path": it.path, "key": it.key} for it in todo])
-        ds = ds.map_batches(ReadPreprocess, fn_constructor_args=(bundle.spec.to_dict(), slice_index),
-                            batch_size=max_batch, concurrency=(1, max(1, actors)), num_cpus=0.5)
+        ds = ds.map_batches(read_preprocess, fn_args=(bundle.spec.to_dict(), slice_index), batch_size=max_batch,
+                            num_cpus=read_cpus)
         ds = ds.map_batches(Scorer, fn_constructor_args=(cfg, maps_dir, maps or "npy"), batch_size=max_batch,
-                            concurrency=max(1, actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+                            compute=ray.data.ActorPoolStrategy(size=max(1, actors)), num_cpus=cpus_per_actor,
+                            num_gpus=gpus_per_actor or None)
         by_key = {it.key: it for it in todo}
         pending: dict[str, list[dict[str, Any]]] = {}
         if backend_name == "auto":

@@ -94,10 +94,15 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
     require_ray("serve")
     import ray
 
+    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, **quiet)
+    if not log.isEnabledFor(logging.DEBUG):
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices are not the user's business
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)  # ray.init installs sys.exit on SIGTERM; we drain first
     return ray
