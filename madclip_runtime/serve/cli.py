@@ -86,6 +86,20 @@ def deployment_error(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def app_failure(app_name: str, exc: BaseException) -> str:
+    """Why `serve.run` failed: the replicas' own error (from serve.status) rather than Serve's summary line."""
+    texts = []
+    try:
+        from ray import serve
+
+        status = serve.status().applications.get(app_name)
+        if status is not None:
+            texts = [d.message for d in status.deployments.values() if d.message] + [status.message or ""]
+    except Exception as status_exc:  # the status query is best effort; the summary line remains
+        log.debug("serve.status failed: %s", status_exc)
+    return deployment_error(RuntimeError("\n".join([*texts, str(exc)])))
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
@@ -139,7 +153,7 @@ def _main(argv: Sequence[str] | None) -> int:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
-                raise MadclipError(f"{bundle.path}: deployment failed: {deployment_error(exc)}") from None
+                raise MadclipError(f"deployment failed: {app_failure(APP_NAME, exc)}") from None
             err_console.print(f"madclip-serve: {bundle.path} ready on http://{args.host}:{args.port} "
                               f"(POST /predict, GET /metadata, /healthz, /ready); {INTENDED_USE}",
                               markup=False, highlight=False, soft_wrap=True)
