@@ -124,3 +124,15 @@ def test_multiframe_dicom_bytes_sniffed(tmp_path):
         np.testing.assert_array_equal(a.pixels, b.pixels)
     [one] = decode_scan_bytes(path.read_bytes(), name="ct.dcm", slice_index=2)
     assert one.source == "ct.dcm#slice=2"
+
+
+def test_config_file_app_builder():
+    """The import path a Serve config / KubeRay RayService uses builds the app from plain args."""
+    pytest.importorskip("ray.serve", reason="ray[serve] (madclip[serve]) not installed")
+    from madclip_runtime.serve.app import app_builder
+
+    app = app_builder({"bundle": "/bundles/b", "backend": "ort-cpu", "max_body_mb": "2", "threshold": "1.5"})
+    cfg = app._bound_deployment.init_args[0]
+    assert (cfg.bundle, cfg.backend, cfg.max_body_bytes, cfg.threshold) == ("/bundles/b", "ort-cpu", 2 * 2**20, 1.5)
+    with pytest.raises(MadclipError, match="args.bundle"):
+        app_builder({})

@@ -195,3 +195,23 @@ def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gp
     else:
         options["num_replicas"] = replicas
     return MadclipServer.options(**options).bind(cfg)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for config files (`serve run`, `serve deploy`, KubeRay's serveConfigV2):
+
+        import_path: madclip_runtime.serve.app:app_builder
+        args: {bundle: /bundles/brain16, backend: ort-cpu, precision: fp32, max_body_mb: 64}
+
+    Replicas, resources, autoscaling and the batch size/wait (user_config) are set in the config's
+    `deployments:` entry for the deployment named "madclip", as for any Serve deployment.
+    """
+    if not args.get("bundle"):
+        raise MadclipError("app_builder needs args.bundle (the bundle directory on the Ray nodes)")
+    threshold = args.get("threshold")
+    cfg = ServeConfig(bundle=str(args["bundle"]), backend=str(args.get("backend", "auto")),
+                      precision=str(args.get("precision", "fp32")),
+                      threshold=None if threshold in (None, "") else float(threshold),
+                      max_body_bytes=int(float(args.get("max_body_mb", 64)) * 2**20),
+                      cache_dir=args.get("cache_dir"))
+    return MadclipServer.options(user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005}).bind(cfg)
