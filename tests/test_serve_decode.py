@@ -136,3 +136,17 @@ def test_config_file_app_builder():
     assert (cfg.bundle, cfg.backend, cfg.max_body_bytes, cfg.threshold) == ("/bundles/b", "ort-cpu", 2 * 2**20, 1.5)
     with pytest.raises(MadclipError, match="args.bundle"):
         app_builder({})
+
+
+def test_serving_modules_never_import_torch():
+    """The serving sub-package is runtime-side: importing all of it (Ray included) loads no torch."""
+    import subprocess
+
+    pytest.importorskip("ray.serve", reason="ray[serve] (madclip[serve]) not installed")
+    code = ("import sys\n"
+            "import madclip_runtime.serve.app, madclip_runtime.serve.batch, madclip_runtime.serve.cli\n"
+            "import madclip_runtime.serve.client\n"
+            "bad = [m for m in ('torch', 'open_clip', 'madclip_train', 'madclip_export') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
