@@ -153,7 +153,9 @@ def _main(argv: Sequence[str] | None) -> int:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
-                raise MadclipError(f"deployment failed: {app_failure(APP_NAME, exc)}") from None
+                reason = app_failure(APP_NAME, exc)
+                serve.delete(APP_NAME, _blocking=True)  # leave no failed application behind on a cluster
+                raise MadclipError(f"deployment failed: {reason}") from None
             err_console.print(f"madclip-serve: {bundle.path} ready on http://{args.host}:{args.port} "
                               f"(POST /predict, GET /metadata, /healthz, /ready); {INTENDED_USE}",
                               markup=False, highlight=False, soft_wrap=True)
@@ -167,7 +169,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_OK
     finally:
         try:
-            serve.shutdown()
+            if not args.address:  # our own local Ray: stop Serve; on a shared cluster leave other apps alone
+                serve.shutdown()
         finally:
             ray.shutdown()
 
