@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import sys
 import zlib
@@ -150,3 +151,17 @@ def test_serving_modules_never_import_torch():
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_infer_server_unreachable_is_one_line(tmp_path, capsys):
+    from madclip_runtime.cli_infer import main
+
+    scan = tmp_path / "a.png"
+    scan.write_bytes(png_bytes(np.zeros((32, 32), np.uint8)))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main([str(scan), "--server", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the madclip server" in err and "Traceback" not in err
+    assert main([str(scan)]) == 2 and "--bundle is required" in capsys.readouterr().err

@@ -152,6 +152,11 @@ def test_infer_cli_server_writes_what_local_writes(served, tmp_path, capsys):
     assert [r["file"] for r in remote_lines] == [r["file"] for r in local_lines]
     assert len(local_lines) == len(files) + 1  # the DICOM has two frames
     assert sorted(os.listdir(remote)) == sorted(os.listdir(local))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main([files[0], str(bad), "--server", served["url"], "--json"]) == 1  # the good one still scored
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and f"{bad}: not an image" in err and "Traceback" not in err
     for name in sorted(os.listdir(local)):
         if name.endswith(".json"):
             a, b = (json.loads((d / name).read_text()) for d in (local, remote))

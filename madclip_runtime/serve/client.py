@@ -116,27 +116,32 @@ def run_remote(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     n_failed, used_stems = failed, set()
-    with ThreadPoolExecutor(max_workers=CLIENT_CONCURRENCY) as pool:
-        for path, result in pool.map(work, files):  # in file order, as local inference prints them
-            if isinstance(result, InputError):
-                error_line(str(result))
-                n_failed += 1
-                continue
-            scans = read_scans(path, args.slice, window=meta["window"]) if out_dir is not None else None
-            for i, record in enumerate(result):
-                amap_doc = record.pop("anomaly_map", None)
-                if out_dir is not None:
-                    t0 = time.perf_counter()
-                    stem = output_stem(record["file"], used_stems)
-                    save_prediction(out_dir, stem, scans[i], decode_map(amap_doc), record,
-                                    tuple(meta["map_scale"]), record["threshold"], meta["map_threshold"],
-                                    args.map_format, score_name=record["score_name"],
-                                    label=os.path.basename(record["file"]))
-                    log.debug("%s: wrote %s/%s.* in %.1f ms", record["file"], out_dir, stem,
-                              (time.perf_counter() - t0) * 1e3)
-                if args.json:
-                    print(json.dumps(record, allow_nan=False), flush=True)
-                rows.append(record)
+    def results():  # in file order, as local inference prints them; a bounded window of files in memory
+        with ThreadPoolExecutor(max_workers=CLIENT_CONCURRENCY) as pool:
+            window = 4 * CLIENT_CONCURRENCY
+            for start in range(0, len(files), window):
+                yield from pool.map(work, files[start : start + window])
+
+    for path, result in results():
+        if isinstance(result, InputError):
+            error_line(str(result))
+            n_failed += 1
+            continue
+        scans = read_scans(path, args.slice, window=meta["window"]) if out_dir is not None else None
+        for i, record in enumerate(result):
+            amap_doc = record.pop("anomaly_map", None)
+            if out_dir is not None:
+                t0 = time.perf_counter()
+                stem = output_stem(record["file"], used_stems)
+                save_prediction(out_dir, stem, scans[i], decode_map(amap_doc), record,
+                                tuple(meta["map_scale"]), record["threshold"], meta["map_threshold"],
+                                args.map_format, score_name=record["score_name"],
+                                label=os.path.basename(record["file"]))
+                log.debug("%s: wrote %s/%s.* in %.1f ms", record["file"], out_dir, stem,
+                          (time.perf_counter() - t0) * 1e3)
+            if args.json:
+                print(json.dumps(record, allow_nan=False), flush=True)
+            rows.append(record)
     if not args.json and rows:
         Console(soft_wrap=True).print(_result_table(rows))
     if n_failed:
