@@ -165,3 +165,19 @@ def test_infer_server_unreachable_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot reach the madclip server" in err and "Traceback" not in err
     assert main([str(scan)]) == 2 and "--bundle is required" in capsys.readouterr().err
+
+
+def test_deployment_options_reach_serve():
+    """Replica resources, batching switch and autoscaling land in the Serve deployment as configured."""
+    pytest.importorskip("ray.serve", reason="ray[serve] (madclip[serve]) not installed")
+    from madclip_runtime.serve.app import build_app
+    from madclip_runtime.serve.replica import ServeConfig
+
+    fixed = build_app(ServeConfig(bundle="/b"), replicas=3, num_cpus=2, num_gpus=0.5, max_batch_size=1,
+                      batch_wait_s=0.0)._bound_deployment
+    assert fixed.num_replicas == 3 and fixed.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.5}
+    assert fixed.user_config == {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    auto = build_app(ServeConfig(bundle="/b"), autoscaling={"min_replicas": 1, "max_replicas": 4,
+                                                             "target_ongoing_requests": 8})._bound_deployment
+    scaling = auto._deployment_config.autoscaling_config  # no public getter in Ray 2.60
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 8.0)
