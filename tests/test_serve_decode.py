@@ -15,7 +15,7 @@ from madclip_runtime.errors import InputError, MadclipError
 from madclip_runtime.imageio import read_scans
 from madclip_runtime.serve import require_ray
 from madclip_runtime.serve.decode import decode_scan_bytes, sniff_suffix
-from madclip_runtime.serve.replica import decode_map, encode_map
+from madclip_runtime.serve.maps import decode_map, encode_map
 
 from .conftest import realscans_or_skip, write_multiframe_dicom
 

@@ -105,7 +105,7 @@ def test_metadata_and_probes(served):
 def test_server_equals_local_predict_on_real_scans(served):
     """Concurrent requests (batched by the server) give local predict()'s scores, labels and maps."""
     import madclip_runtime as mr
-    from madclip_runtime.serve.replica import decode_map
+    from madclip_runtime.serve.maps import decode_map
 
     files = _real_files()
     results: dict[Path, tuple[int, dict]] = {}

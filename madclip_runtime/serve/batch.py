@@ -127,7 +127,7 @@ class Scorer:
         self.maps_dir, self.map_format = maps_dir, map_format
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..predictor import decide
+        from ..contract import decide
         from ..preprocess import resize_map
 
         p = self.predictor

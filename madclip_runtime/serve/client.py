@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.parse
@@ -19,11 +18,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from ..cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
 from ..errors import InputError, MadclipError
-from .replica import decode_map
+from ..predictor import Prediction
+from .maps import decode_map
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,16 @@ def predict_remote(base: str, data: bytes, name: str, slice_index: int | None = 
     return list(doc["slices"]) if "slices" in doc else [doc]
 
 
+def remote_prediction(record: dict[str, Any], anomaly_map: np.ndarray) -> Prediction:
+    """A server's record and map as the Prediction local inference would hold (for writing the same files)."""
+    nan = float("nan")
+    return Prediction(
+        source=record["file"], score=nan if record["score"] is None else float(record["score"]),
+        score_map_max=nan if record["score_map_max"] is None else float(record["score_map_max"]),
+        label=record["label"], threshold=record["threshold"], score_name=record["score_name"],
+        anomaly_map=anomaly_map, model_map=np.zeros((0, 0), np.float32), timings=dict(record["timings_ms"]))
+
+
 def _score_file(args: argparse.Namespace, path: str, want_map: bool) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as f:
@@ -87,10 +98,12 @@ def _score_file(args: argparse.Namespace, path: str, want_map: bool) -> list[dic
     return predict_remote(args.server, data, path, args.slice, "npy" if want_map else None, args.threshold)
 
 
-def run_remote(args: argparse.Namespace) -> int:
-    """The body of `madclip-infer --server URL` (args from madclip_runtime.cli_infer.build_parser)."""
+def run_remote(args: argparse.Namespace, cli: Any) -> int:
+    """The body of `madclip-infer --server URL`: `args` from its parser, `cli` the madclip_runtime.cli_infer
+    module, whose input expansion and output helpers are reused (passed in, so the modules import one way)."""
     from .. import INTENDED_USE
-    from ..cli_infer import _result_table, check_out_dir, expand_each, output_stem
+
+    check_out_dir, expand_each, output_stem = cli.check_out_dir, cli.expand_each, cli.output_stem
 
     if args.selftest:
         raise MadclipError("--selftest runs on the serving machine (madclip-infer --bundle B --selftest there); "
@@ -133,17 +146,15 @@ def run_remote(args: argparse.Namespace) -> int:
             if out_dir is not None:
                 t0 = time.perf_counter()
                 stem = output_stem(record["file"], used_stems)
-                save_prediction(out_dir, stem, scans[i], decode_map(amap_doc), record,
-                                tuple(meta["map_scale"]), record["threshold"], meta["map_threshold"],
-                                args.map_format, score_name=record["score_name"],
-                                label=os.path.basename(record["file"]))
+                save_prediction(out_dir, stem, scans[i], remote_prediction(record, decode_map(amap_doc)), record,
+                                tuple(meta["map_scale"]), meta["map_threshold"], args.map_format)
                 log.debug("%s: wrote %s/%s.* in %.1f ms", record["file"], out_dir, stem,
                           (time.perf_counter() - t0) * 1e3)
             if args.json:
                 print(json.dumps(record, allow_nan=False), flush=True)
             rows.append(record)
     if not args.json and rows:
-        Console(soft_wrap=True).print(_result_table(rows))
+        Console(soft_wrap=True).print(cli._result_table(rows))
     if n_failed:
         err_console.print(f"{len(rows)} scan(s) scored, {n_failed} input(s) failed",
                           style="yellow", markup=False, highlight=False)

@@ -9,10 +9,7 @@ anomaly map on request (16-bit PNG on the bundle's fixed scale, or float32 .npy,
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,11 +20,11 @@ import numpy as np
 from .. import INTENDED_USE, __version__
 from ..atomic import sha256_file
 from ..errors import BundleError
-from ..predictor import Prediction, Predictor, decide, load
+from ..contract import decide
+from ..predictor import Prediction, Predictor, load
+from .maps import MAP_FORMATS, encode_map
 
 log = logging.getLogger(__name__)
-
-MAP_FORMATS = ("png16", "npy")
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,8 @@ def metadata(predictor: Predictor, selftest: dict[str, float] | None) -> dict[st
     """The /metadata document: what is served, with which threshold, and how to read its maps."""
     b = predictor.bundle
     meta = b.meta
-    method = meta.get("method") or (meta.get("provenance") or {}).get("method") or "madclip"
     return {
-        "method": method,
+        "method": b.method,
         "bundle": os.path.basename(b.path.rstrip(os.sep)),
         "bundle_sha256": sha256_file(b.metadata_path),  # metadata.json lists every file's sha256
         "schema_version": meta.get("schema_version"),
@@ -113,44 +109,9 @@ def with_threshold(pred: Prediction, threshold: float | None) -> Prediction:
     return dataclasses.replace(pred, threshold=float(threshold), label=decide(pred.decision_score, threshold))
 
 
-def encode_map(amap: np.ndarray, fmt: str, scale: tuple[float, float]) -> dict[str, Any]:
-    """float32 [H, W] -> {"format", "shape", "scale", "data": base64} (png16: 16-bit PNG on `scale`)."""
-    buf = io.BytesIO()
-    if fmt == "npy":
-        np.save(buf, np.asarray(amap, np.float32), allow_pickle=False)
-    elif fmt == "png16":
-        from PIL import Image
-        from PIL.PngImagePlugin import PngInfo
-
-        from ..overlay import MAP_SCALE_KEY, map_to_uint16
-
-        info = PngInfo()
-        info.add_text(MAP_SCALE_KEY, json.dumps([float(scale[0]), float(scale[1])]))
-        Image.fromarray(map_to_uint16(amap, scale)).save(buf, format="PNG", pnginfo=info)
-    else:
-        raise ValueError(f"map format must be one of {MAP_FORMATS}, got {fmt!r}")
-    return {"format": fmt, "shape": [int(amap.shape[0]), int(amap.shape[1])],
-            "scale": [float(scale[0]), float(scale[1])], "data": base64.b64encode(buf.getvalue()).decode("ascii")}
-
-
-def decode_map(doc: dict[str, Any]) -> np.ndarray:
-    """The inverse of `encode_map` -> float32 [H, W] (png16 values are quantised to the 16-bit scale)."""
-    raw = base64.b64decode(doc["data"])
-    if doc["format"] == "npy":
-        return np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float32)
-    from PIL import Image
-
-    from ..overlay import uint16_to_map
-
-    with Image.open(io.BytesIO(raw)) as img:
-        return uint16_to_map(np.asarray(img), tuple(doc["scale"]))
-
-
 def record_json(pred: Prediction, predictor: Predictor, map_format: str | None) -> dict[str, Any]:
     """The `madclip-infer --json` record for one scan, plus "anomaly_map" when `map_format` is given."""
-    from ..cli_infer import record_for
-
-    record = record_for(pred, predictor)
+    record = predictor.record(pred)
     if map_format:
         record["anomaly_map"] = encode_map(pred.anomaly_map, map_format, predictor.bundle.map_scale)
     return record
