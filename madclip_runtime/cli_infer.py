@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="scan files (PNG/JPEG/TIFF/BMP, DICOM, NIfTI), directories or glob patterns")
-    p.add_argument("--bundle", required=True, help="bundle directory written by madclip-export")
+    p.add_argument("--bundle", default=None, help="bundle directory written by madclip-export (required "
+                   "unless --server)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="score on a madclip-serve endpoint instead of a local bundle (same outputs)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="inference backend (auto: fastest available; the one actually used is printed)")
     p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="model variant (default fp32)")
@@ -231,6 +234,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.slice is not None and args.slice < 0:
         raise MadclipError(f"--slice must be >= 0, got {args.slice}")
     check_volume_args(args)
+    if args.server:
+        from .serve.client import run_remote
+
+        return run_remote(args, sys.modules[__name__])  # the client reuses this module's output helpers
+    if not args.bundle:
+        raise MadclipError("--bundle is required (or --server URL of a madclip-serve endpoint)")
 
     from .bundle import load_bundle
     from .predictor import load

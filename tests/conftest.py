@@ -95,6 +95,32 @@ def copy_tree(src, dst):
 def cli_error_lines(err: str) -> list[str]:
     """The non-empty lines of a CLI's stderr."""
     return [line for line in err.splitlines() if line.strip()]
+def write_multiframe_dicom(path: Path, frames: "np.ndarray") -> Path:
+    """A minimal uint16 CT DICOM with frames [F, R, C] (pydicom, madclip[medical]); skips without pydicom."""
+    import numpy as np
+
+    pytest.importorskip("pydicom", reason="pydicom (madclip[medical]) not installed")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    stored = np.asarray(frames, dtype=np.uint16)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.NumberOfFrames = stored.shape[0]
+    ds.PixelData = stored.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
 # ---- a tiny stand-in bundle (no exporter, no torch) ------------------------------------------------------
 
 S = 32

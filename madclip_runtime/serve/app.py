@@ -1,0 +1,217 @@
+"""The Ray Serve deployment: HTTP in, the runtime predictor with dynamic request batching, JSON out.
+
+Routes (raw Starlette requests, so no web framework beyond what Ray Serve ships):
+
+    POST /predict[?name=scan.png&slice=N&map=png16|npy&threshold=T]   body: the encoded scan bytes
+    GET  /metadata     method, bundle checksum, threshold, intended use, ...
+    GET  /healthz      200 while this replica is healthy (liveness)
+    GET  /ready        200 once the bundle is verified and warmed up (readiness)
+
+A replica only exists once its constructor returned, and the constructor is `replica.open_verified`
+(sha256 of the model, golden inputs within tolerance, a warm-up at the largest batch): Serve routes nothing to
+a replica still starting and never starts one whose bundle is bad. Bad input (empty, oversized, undecodable,
+a decompression bomb, a client that hangs up mid-body) fails that request only, with a 4xx and one line.
+An inference failure of the backend itself marks the replica unhealthy, so Serve replaces it.
+
+Batching: single-slice requests queue in `@serve.batch`; up to `max_batch_size` of them (the bundle's max
+batch) run as one backend call, waiting at most `batch_wait_timeout_s` for the batch to fill. Both come
+from the deployment's user_config and can change without a restart (`reconfigure`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve import metrics
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from ..errors import BundleError, InputError, MadclipError
+from ..imageio import ScanImage, one_line
+from .decode import decode_scan_bytes
+from .replica import MAP_FORMATS, ServeConfig, open_verified, record_json, with_threshold
+
+log = logging.getLogger("ray.serve")
+
+STATUS_CLIENT_CLOSED = 499  # nginx's code for "client closed request": logged, never delivered
+
+
+class RequestError(Exception):
+    """A per-request failure with its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes before reading them when Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # ClientDisconnect when the client hangs up mid-body
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _query(request: Request) -> tuple[str, int | None, str | None, float | None]:
+    q = request.query_params
+    name = q.get("name") or "<request>"
+    try:
+        slice_index = None if q.get("slice") in (None, "") else int(q["slice"])
+        threshold = None if q.get("threshold") in (None, "") else float(q["threshold"])
+    except ValueError:
+        raise RequestError(400, "slice must be an integer and threshold a number") from None
+    if slice_index is not None and slice_index < 0:
+        raise RequestError(400, f"slice must be >= 0, got {slice_index}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise RequestError(400, f"threshold must be finite, got {threshold}")
+    fmt = q.get("map") or None
+    if fmt is not None and fmt not in MAP_FORMATS:
+        raise RequestError(400, f"map must be one of {', '.join(MAP_FORMATS)}, got {fmt!r}")
+    return name, slice_index, fmt, threshold
+
+
+@serve.deployment(name="madclip", health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=30)
+class MadclipServer:
+    """One replica: a verified, warmed-up Predictor behind the routes in the module docstring."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.predictor, self.meta = open_verified(cfg)  # raises: a bad bundle never serves
+        self.failure: str | None = None
+        self.stats = {"requests": 0, "model_calls": 0, "scans": 0, "largest_batch": 0}  # this replica's
+        self.requests = metrics.Counter("madclip_requests", "madclip /predict requests by outcome",
+                                        tag_keys=("outcome",))
+        log.info("madclip replica ready: %s on %s %s", cfg.bundle, self.predictor.backend_name, cfg.precision)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch size and wait from the deployment's user_config (updatable without restarting replicas)."""
+        size = int(user_config.get("max_batch_size") or self.predictor.max_batch)
+        self.infer.set_max_batch_size(max(1, min(size, self.predictor.max_batch)))
+        self.infer.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and gets it replaced."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def infer(self, items: list[tuple[ScanImage, float]]) -> list[Any]:
+        """Up to max_batch_size queued (scan, decode ms) -> one backend call (in a thread: the loop keeps accepting)."""
+        self.stats["model_calls"] += 1
+        self.stats["scans"] += len(items)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+        try:
+            return await asyncio.to_thread(self.predictor.predict_scans, [s for s, _ in items],
+                                           [ms for _, ms in items])
+        except BundleError as exc:  # the backend itself failed: this replica should be replaced
+            self.failure = str(exc)
+            raise
+
+    async def _predict(self, request: Request) -> JSONResponse:
+        name, slice_index, fmt, threshold = _query(request)
+        body = await read_body(request, self.cfg.max_body_bytes)
+        window = self.predictor.bundle.spec.window
+        t0 = time.perf_counter()
+        scans = await asyncio.to_thread(decode_scan_bytes, body, name, slice_index, window, self.cfg.max_body_bytes)
+        decode_ms = (time.perf_counter() - t0) * 1e3 / len(scans)
+        preds = await asyncio.gather(*(self.infer((s, decode_ms)) for s in scans))
+        records = [record_json(with_threshold(p, threshold), self.predictor, fmt) for p in preds]
+        if len(records) == 1:
+            return JSONResponse(records[0])
+        return JSONResponse({"file": name, "slices": records})
+
+    async def __call__(self, request: Request) -> Response:
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        if path == "/predict":
+            if method != "POST":
+                return _error(405, "use POST /predict with the scan bytes as the body")
+            return await self._predict_guarded(request)
+        if method != "GET":
+            return _error(405, f"{path} answers GET only")
+        if path == "/metadata":
+            return JSONResponse(self.meta)
+        if path in ("/healthz", "/ready"):
+            if self.failure is not None:
+                return _error(503, self.failure)
+            return JSONResponse({"status": "ok", "ready": True, "bundle_sha256": self.meta["bundle_sha256"],
+                                 "replica_stats": dict(self.stats)})
+        return _error(404, f"no route {path}; use POST /predict, GET /metadata, /healthz, /ready")
+
+    async def _predict_guarded(self, request: Request) -> Response:
+        """/predict with every per-request failure turned into that request's error response."""
+        self.stats["requests"] += 1
+        try:
+            response = await self._predict(request)
+            outcome = "ok"
+        except RequestError as exc:
+            response, outcome = _error(exc.status, str(exc)), f"http_{exc.status}"
+        except InputError as exc:
+            response, outcome = _error(400, str(exc)), "bad_input"
+        except ClientDisconnect:
+            log.warning("client disconnected before sending the whole body")
+            response, outcome = Response(status_code=STATUS_CLIENT_CLOSED), "client_disconnect"
+        except MadclipError as exc:
+            response, outcome = _error(500, str(exc)), "error"
+        except Exception as exc:  # never let one request take the replica down
+            log.exception("predict failed")
+            response, outcome = _error(500, f"{type(exc).__name__}: {one_line(exc)}"), "error"
+        self.requests.inc(tags={"outcome": outcome})
+        return response
+
+
+def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+              max_batch_size: int | None = None, batch_wait_s: float = 0.005,
+              autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 64,
+              graceful_shutdown_timeout_s: float = 30.0, constructor_retries: int = 2) -> Any:
+    """The bound Serve application for `serve.run` (replicas, or autoscaling between min and max).
+
+    `constructor_retries` is small on purpose: a replica that cannot verify its bundle will not do better on
+    the 20th try (Serve's default), and the deployment should fail promptly with the reason.
+    """
+    options: dict[str, Any] = {
+        "max_constructor_retry_count": constructor_retries,
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        "user_config": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
+        "max_ongoing_requests": max_ongoing_requests,
+        "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
+    }
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas
+    return MadclipServer.options(**options).bind(cfg)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for config files (`serve run`, `serve deploy`, KubeRay's serveConfigV2):
+
+        import_path: madclip_runtime.serve.app:app_builder
+        args: {bundle: /bundles/brain16, backend: ort-cpu, precision: fp32, max_body_mb: 64}
+
+    Replicas, resources, autoscaling and the batch size/wait (user_config) are set in the config's
+    `deployments:` entry for the deployment named "madclip", as for any Serve deployment.
+    """
+    if not args.get("bundle"):
+        raise MadclipError("app_builder needs args.bundle (the bundle directory on the Ray nodes)")
+    threshold = args.get("threshold")
+    cfg = ServeConfig(bundle=str(args["bundle"]), backend=str(args.get("backend", "auto")),
+                      precision=str(args.get("precision", "fp32")),
+                      threshold=None if threshold in (None, "") else float(threshold),
+                      max_body_bytes=int(float(args.get("max_body_mb", 64)) * 2**20),
+                      cache_dir=args.get("cache_dir"))
+    return MadclipServer.options(user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005}).bind(cfg)

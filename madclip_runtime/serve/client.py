@@ -1,0 +1,162 @@
+"""`madclip-infer --server URL`: score scans on a madclip-serve endpoint, write what local inference writes.
+
+Each file's bytes are POSTed as they are on disk (the server decodes them with the same readers), a few
+requests in flight at once so the server can batch them. The records printed (table or --json) and the
+files written with --out (<stem>.json, <stem>_overlay.png, <stem>_map.png/.npy) are those of local
+inference: the server returns the float32 anomaly map, the overlay is drawn here from the scan read with the
+bundle's windowing (from GET /metadata). Standard library HTTP only: a client needs no Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from ..cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
+from ..errors import InputError, MadclipError
+from ..predictor import Prediction
+from .maps import decode_map
+
+log = logging.getLogger(__name__)
+
+CLIENT_CONCURRENCY = 4  # requests in flight: enough for the server to form batches, polite to a shared one
+TIMEOUT_S = 300.0
+
+
+class RemoteError(InputError):
+    """The server refused one request (bad input): reported for that file, the others go on."""
+
+
+def _url(base: str, path: str, params: dict[str, Any] | None = None) -> str:
+    query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
+    return f"{base.rstrip('/')}{path}" + (f"?{query}" if query else "")
+
+
+def _open(req: urllib.request.Request | str, timeout: float) -> dict[str, Any]:
+    """One HTTP exchange -> JSON. 4xx -> RemoteError with the server's line; unreachable -> MadclipError."""
+    url = req if isinstance(req, str) else req.full_url
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read().decode("utf-8")).get("error") or exc.reason
+        except (ValueError, AttributeError, OSError):
+            message = exc.reason
+        if 400 <= exc.code < 500:
+            raise RemoteError(str(message)) from None
+        raise MadclipError(f"{url}: server error {exc.code} ({message})") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise MadclipError(f"{url}: cannot reach the madclip server ({reason})") from None
+
+
+def server_metadata(base: str, timeout: float = 30.0) -> dict[str, Any]:
+    """GET /metadata of a madclip-serve endpoint."""
+    meta = _open(_url(base, "/metadata"), timeout)
+    if "map_scale" not in meta or "bundle_sha256" not in meta:
+        raise MadclipError(f"{base}: does not look like a madclip-serve endpoint (no bundle metadata)")
+    return meta
+
+
+def predict_remote(base: str, data: bytes, name: str, slice_index: int | None = None,
+                   map_format: str | None = None, threshold: float | None = None,
+                   timeout: float = TIMEOUT_S) -> list[dict[str, Any]]:
+    """POST one scan file's bytes -> one record per slice (with "anomaly_map" when map_format is given)."""
+    params = {"name": name, "slice": slice_index, "map": map_format, "threshold": threshold}
+    req = urllib.request.Request(_url(base, "/predict", params), data=data, method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    doc = _open(req, timeout)
+    return list(doc["slices"]) if "slices" in doc else [doc]
+
+
+def remote_prediction(record: dict[str, Any], anomaly_map: np.ndarray) -> Prediction:
+    """A server's record and map as the Prediction local inference would hold (for writing the same files)."""
+    nan = float("nan")
+    return Prediction(
+        source=record["file"], score=nan if record["score"] is None else float(record["score"]),
+        score_map_max=nan if record["score_map_max"] is None else float(record["score_map_max"]),
+        label=record["label"], threshold=record["threshold"], score_name=record["score_name"],
+        anomaly_map=anomaly_map, model_map=np.zeros((0, 0), np.float32), timings=dict(record["timings_ms"]))
+
+
+def _score_file(args: argparse.Namespace, path: str, want_map: bool) -> list[dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from None
+    return predict_remote(args.server, data, path, args.slice, "npy" if want_map else None, args.threshold)
+
+
+def run_remote(args: argparse.Namespace, cli: Any) -> int:
+    """The body of `madclip-infer --server URL`: `args` from its parser, `cli` the madclip_runtime.cli_infer
+    module, whose input expansion and output helpers are reused (passed in, so the modules import one way)."""
+    from .. import INTENDED_USE
+
+    check_out_dir, expand_each, output_stem = cli.check_out_dir, cli.expand_each, cli.output_stem
+
+    if args.selftest:
+        raise MadclipError("--selftest runs on the serving machine (madclip-infer --bundle B --selftest there); "
+                           "the server already ran the bundle's golden inputs before it became ready")
+    meta = server_metadata(args.server)
+    files, failed = expand_each(args.inputs, args.recursive)
+    if not files:
+        return EXIT_USAGE
+    out_dir = check_out_dir(args.out) if args.out else None
+    err_console.print(
+        f"madclip-infer: server {args.server} ({meta['bundle']}, sha256 {meta['bundle_sha256'][:12]}), backend "
+        f"{meta['backend']} (provider {meta['provider']}), precision {meta['precision']}, threshold "
+        f"{args.threshold if args.threshold is not None else meta['threshold']} on {meta['score_name']}; "
+        f"{len(files)} file(s); {INTENDED_USE}", markup=False, highlight=False, soft_wrap=True)
+    from ..imageio import read_scans
+    from ..overlay import save_prediction
+
+    def work(path: str) -> tuple[str, list[dict[str, Any]] | InputError]:
+        try:
+            return path, _score_file(args, path, out_dir is not None)
+        except InputError as exc:
+            return path, exc
+
+    rows: list[dict[str, Any]] = []
+    n_failed, used_stems = failed, set()
+    def results():  # in file order, as local inference prints them; a bounded window of files in memory
+        with ThreadPoolExecutor(max_workers=CLIENT_CONCURRENCY) as pool:
+            window = 4 * CLIENT_CONCURRENCY
+            for start in range(0, len(files), window):
+                yield from pool.map(work, files[start : start + window])
+
+    for path, result in results():
+        if isinstance(result, InputError):
+            error_line(str(result))
+            n_failed += 1
+            continue
+        scans = read_scans(path, args.slice, window=meta["window"]) if out_dir is not None else None
+        for i, record in enumerate(result):
+            amap_doc = record.pop("anomaly_map", None)
+            if out_dir is not None:
+                t0 = time.perf_counter()
+                stem = output_stem(record["file"], used_stems)
+                save_prediction(out_dir, stem, scans[i], remote_prediction(record, decode_map(amap_doc)), record,
+                                tuple(meta["map_scale"]), meta["map_threshold"], args.map_format)
+                log.debug("%s: wrote %s/%s.* in %.1f ms", record["file"], out_dir, stem,
+                          (time.perf_counter() - t0) * 1e3)
+            if args.json:
+                print(json.dumps(record, allow_nan=False), flush=True)
+            rows.append(record)
+    if not args.json and rows:
+        Console(soft_wrap=True).print(cli._result_table(rows))
+    if n_failed:
+        err_console.print(f"{len(rows)} scan(s) scored, {n_failed} input(s) failed",
+                          style="yellow", markup=False, highlight=False)
+        return EXIT_FAILED
+    return EXIT_OK
