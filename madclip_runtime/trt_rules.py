@@ -26,10 +26,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import INPUT_NAME
 from .errors import BackendUnavailable, BundleError, InputError
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map", "score_map_max")
 TRT_PRECISIONS = ("fp32", "fp16")
 STRONGLY_TYPED_FROM = (10, 12)  # first TensorRT whose strongly typed FP16 path we use
 ORT_TRT_STRONGLY_TYPED_FROM = (1, 18)  # onnxruntime PR 19695 (see the module docstring)
