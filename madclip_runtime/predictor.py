@@ -245,7 +245,8 @@ def model_sha256(bundle: Bundle, precision: str) -> str | None:
     info = files.get(rel) if rel else None
     if not info:
         return None
-    parts = [info.get("sha256")] + [files[rel + ".data"].get("sha256")] * (rel + ".data" in files)
+    data = files.get(rel + ".data")  # external weights (ViT-L): part of the model's identity
+    parts = [info.get("sha256")] + ([data.get("sha256")] if data else [])
     return content_id(parts) if all(isinstance(p, str) for p in parts) else None
 
 
