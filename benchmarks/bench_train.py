@@ -74,14 +74,14 @@ def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int
 
     def adapters_head_loss():
         with amp.autocast():
-            logits = model.branch_logits(feats, dt)
-        madclip_loss(amp.loss_inputs(logits), labels, masks, image_size)["total"].backward()
+            loss = madclip_loss(model.branch_logits(feats, dt), labels, masks, image_size)["total"]
+        loss.backward()
 
     def full_cached_step():
         with amp.autocast():
             t_n, t_ab = model.text_embeddings()
-            logits = model.branch_logits(feats, t_ab - t_n)
-        madclip_loss(amp.loss_inputs(logits), labels, masks, image_size)["total"].backward()
+            loss = madclip_loss(model.branch_logits(feats, t_ab - t_n), labels, masks, image_size)["total"]
+        loss.backward()
 
     out = {}
     for name, fn in [("backbone_forward", backbone_forward), ("text_forward_backward", text_forward_backward),

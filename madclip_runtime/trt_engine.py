@@ -80,7 +80,7 @@ def _is_vector_matmul(trt: Any, layer: Any) -> bool:
     return len(shape) == 1 or (len(shape) >= 2 and shape[-1] == 1)
 
 
-def constrain_fp32_islands(trt: Any, network: Any) -> int:
+def constrain_fp32_islands(trt: Any, network: Any, tail_constants: tuple[str, ...] = ("dt",)) -> int:
     """Pin FP32 islands (`trt_rules.fp32_island`) and the score head to FP32; returns the count pinned.
 
     The head (the "tail") starts at the layers reading the baked text difference `dt` (or a vector matmul,
@@ -99,7 +99,7 @@ def constrain_fp32_islands(trt: Any, network: Any) -> int:
         if layer.type == trt.LayerType.CONSTANT:
             constants.update(t.name for t in outputs)
             continue
-        starts_tail = any(is_baked_text(n) for n in names) or _is_vector_matmul(trt, layer)
+        starts_tail = any(is_baked_text(n, tail_constants) for n in names) or _is_vector_matmul(trt, layer)
         in_tail = starts_tail or any(n in tail_tensors for n in names)
         if in_tail:
             tail_tensors.update(t.name for t in outputs)

@@ -26,10 +26,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import INPUT_NAME
 from .errors import BackendUnavailable, BundleError, InputError
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map", "score_map_max")
 TRT_PRECISIONS = ("fp32", "fp16")
 STRONGLY_TYPED_FROM = (10, 12)  # first TensorRT whose strongly typed FP16 path we use
 ORT_TRT_STRONGLY_TYPED_FROM = (1, 18)  # onnxruntime PR 19695 (see the module docstring)
@@ -313,6 +312,7 @@ def fp32_island(layer_type_name: str, layer_name: str, constant_divisor: bool = 
     return False
 
 
-def is_baked_text(tensor_name: str) -> bool:
-    """The tensor TensorRT's ONNX parser creates for the `dt` initializer (named after it)."""
-    return tensor_name == BAKED_TEXT_NAME or tensor_name.split("/")[-1] == BAKED_TEXT_NAME
+def is_baked_text(tensor_name: str, constants: tuple[str, ...] = (BAKED_TEXT_NAME,)) -> bool:
+    """The tensor TensorRT's ONNX parser creates for one of the method's FP32-tail initializers (named after
+    it; MadCLIP: `dt`, the bundle metadata's `fp32_islands`)."""
+    return tensor_name in constants or tensor_name.split("/")[-1] in constants

@@ -1,10 +1,10 @@
 """Mixed-precision training: `--precision fp32|fp16|bf16` as one object the training loop asks for its
 autocast context and its (scaler-aware) backward + optimizer step.
 
-What runs in reduced precision: the forward pass of the trainable part (text tower with the learned prompts,
-adapters, head) under `torch.autocast`; the losses are computed in FP32 from the FP32-cast logits
-(`Precision.loss_inputs`), and parameters, optimizer state and the checkpoint stay FP32 (autocast never
-changes parameter dtypes).
+What runs in reduced precision: the method's training loss (`MethodModel.loss`: for MadCLIP the text tower
+with the learned prompts, adapters, head and loss) under `torch.autocast`, as the reference runs its whole step;
+autocast itself keeps precision-sensitive ops (log, exp, reductions, norms) in FP32. Parameters, optimizer
+state and the checkpoint stay FP32 (autocast never changes parameter dtypes).
 
 Defaults: on CUDA the reference's choice, FP16 autocast (its train.py wraps every step in
 `torch.cuda.amp.autocast()`); on the CPU FP32. The reference steps FP16 without a gradient scaler; madclip
@@ -103,17 +103,12 @@ class Precision:
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """Forward passes of the trainable part run inside this (a no-op for fp32)."""
+        """The training loss is computed inside this (a no-op for fp32)."""
         if self.name == "fp32":
             yield
             return
         with torch.autocast(self.device.type, dtype=self.dtype):
             yield
-
-    @staticmethod
-    def loss_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Logits leave autocast as FP32: the losses (log-sigmoid, focal, dice) are computed in FP32."""
-        return {k: v.float() for k, v in tensors.items()}
 
     def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """loss.backward() + optimizer.step(), through the gradient scaler for fp16 (skips steps with

@@ -298,3 +298,22 @@ def test_export_without_tensorrt_says_so(monkeypatch, model_dir):
     assert report["built"] is False and "TensorRT is not installed" in report["reason"]
     with pytest.raises(BackendUnavailable):
         export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None)
+
+
+def test_model_content_id_from_bundle_metadata(tmp_path):
+    """Defect 3: the runtime's id of a bundle model covers model.onnx.data when the metadata lists it, and
+    equals what hashing the files gives (so export-side and runtime-side engine keys agree)."""
+    import hashlib
+    import types as _types
+
+    from madclip_runtime import predictor, trt_rules
+
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    g = hashlib.sha256(b"graph").hexdigest()
+    files = {"model.onnx": {"sha256": g, "bytes": 5}}
+    bundle = _types.SimpleNamespace(meta={"models": {"fp32": "model.onnx"}, "files": files})
+    assert predictor.model_sha256(bundle, "fp32") == trt_rules.file_sha256(tmp_path / "model.onnx") == g
+    (tmp_path / "model.onnx.data").write_bytes(b"weights")
+    files["model.onnx.data"] = {"sha256": hashlib.sha256(b"weights").hexdigest(), "bytes": 7}
+    assert predictor.model_sha256(bundle, "fp32") == trt_rules.file_sha256(tmp_path / "model.onnx") != g
+    assert predictor.model_sha256(bundle, "fp16") is None

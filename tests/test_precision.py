@@ -33,7 +33,7 @@ def _fit(tiny_cfg, shots, precision, device="cpu", epochs=3):
     tcfg = TrainConfig(shots=2, epochs=epochs, batch_size=16, augment=False, precision=precision)
     torch.manual_seed(tcfg.seed)
     model = build_model(tiny_cfg, seed=tcfg.seed)
-    summary = fit(model, shots, True, tcfg, torch.device(device), {"backbone": "tiny"})
+    summary = fit(model, shots, True, tcfg, torch.device(device))
     return model, summary
 
 
@@ -45,13 +45,13 @@ def test_bf16_training_runs_and_tracks_fp32(tiny_cfg, shots):
     for a, b in zip(s32["history"], s16["history"]):
         assert abs(b["loss_total"] - a["loss_total"]) <= BF16_LOSS_RTOL * abs(a["loss_total"]), (a, b)
     assert s32["history"][0]["loss_total"] != s16["history"][0]["loss_total"]  # bf16 really ran
-    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())  # FP32 master weights
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters(True))  # FP32 master weights
 
 
 def test_fp16_uses_a_gradient_scaler(tiny_cfg, shots):
     model, s = _fit(tiny_cfg, shots, "fp16", epochs=1)
     assert s["precision"]["grad_scaler"] is True
-    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.trainable_parameters())
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.trainable_parameters(True))
 
 
 def test_defaults_follow_the_reference_on_cuda_and_fp32_on_cpu(monkeypatch):
@@ -109,7 +109,7 @@ def test_cuda_training_keeps_everything_on_the_device(tiny_cfg, shots):
     model, s = _fit(tiny_cfg, shots, "fp16", device="cuda")
     assert s["cache"]["train"]["placement"] == "device"
     assert s["precision"]["grad_scaler"] is True
-    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.trainable_parameters())
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.trainable_parameters(True))
     _, ref = _fit(tiny_cfg, shots, "fp32", device="cpu")
     assert abs(s["history"][-1]["loss_total"] - ref["history"][-1]["loss_total"]) <= 0.1 * ref["history"][-1]["loss_total"]
 
@@ -130,7 +130,7 @@ def test_cuda_training_loop_has_no_per_step_host_sync(tiny_cfg, shots):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fit(model, shots, True, tcfg, torch.device("cuda"), {"backbone": "tiny"})
+            fit(model, shots, True, tcfg, torch.device("cuda"))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
