@@ -195,6 +195,54 @@ class MVFAModel(nn.Module):
         # with fixed normalisers the training views span [0, 1]; unseen images may fall outside
         return {"score": (0.0, 1.0), "anomaly_map": (0.0, 1.0)}
 
+    @classmethod
+    def convert_reference(cls, ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
+        """The authors' checkpoint {'seg_adapters': sd, 'det_adapters': sd} -> our adapter tensor names.
+
+        `{j}.fc1.0.weight` [E, W] (down) -> `adapters.{seg,det}.{j}.fc1.weight`, `{j}.fc2.0.weight` [W, E] (up)
+        -> `...fc2.weight`. The release holds no memory bank: it is rebuilt from the shots (finalize).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for head in ("seg", "det"):
+            sd = ref.get(f"{head}_adapters")
+            if not isinstance(sd, dict):
+                raise MadclipError(f"reference checkpoint lacks '{head}_adapters' (not an MVFA-AD few-shot checkpoint)")
+            for j in range(n_layers):
+                for fc in ("fc1", "fc2"):
+                    key = f"{j}.{fc}.0.weight"
+                    if key not in sd or not isinstance(sd[key], torch.Tensor):
+                        raise MadclipError(f"reference checkpoint lacks {head}_adapters.{key}")
+                    out[f"adapters.{head}.{j}.{fc}.weight"] = sd[key].float()
+        return out
+
+    @torch.no_grad()
+    def load_adapters(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Copy converted adapter tensors (no bank, no normalisers) into the model, shapes checked."""
+        for head, mods in (("seg", self.tower.seg), ("det", self.tower.det)):
+            for k, v in mods.state_dict().items():
+                got = state.get(f"adapters.{head}.{k}")
+                if got is None:
+                    raise MadclipError(f"{source}: lacks adapters.{head}.{k}")
+                if got.shape != v.shape:
+                    raise MadclipError(f"{source}: adapters.{head}.{k} has shape {tuple(got.shape)}, "
+                                       f"this backbone expects {tuple(v.shape)}")
+                v.copy_(got)
+
+    def export_module(self) -> nn.Module:
+        """image [B, 3, S, S] -> (score [B], anomaly_map [B, 1, S, S], score_map_max [B]); bank as constants."""
+        from .mvfa_export import MVFAExport
+
+        if self.bank.shape[1] == 0:
+            raise MadclipError("this MVFA model has no memory bank (finalize() was not run)")
+        return MVFAExport(self).eval()
+
+    fp32_island_constants = ("text",)
+
+    def fp16_block_list(self, onnx_model) -> list[str]:
+        from .mvfa_export import fp16_block_list
+
+        return fp16_block_list(onnx_model)
+
     # --- state ----------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"adapters.{k}": v for k, v in self.tower.seg.state_dict(prefix="seg.").items()}
