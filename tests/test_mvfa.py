@@ -192,3 +192,30 @@ def test_augment_x11_views():
     ys, xs = torch.nonzero(om[5], as_tuple=True)
     assert abs(int(ys.min()) - (100 - 12)) <= 1 and abs(int(xs.min()) - (80 - 12)) <= 1
     assert abs(int(ys.max()) - (139 - 12)) <= 1 and abs(int(xs.max()) - (119 - 12)) <= 1
+
+
+def _authors_checkpoint(model, path):
+    """A synthetic checkpoint in MVFA-AD's format: {'seg_adapters': {j.fc1.0.weight, j.fc2.0.weight}, 'det_adapters': ...}."""
+    g = torch.Generator().manual_seed(7)
+    ref = {}
+    for head, mods in (("seg", model.tower.seg), ("det", model.tower.det)):
+        ref[f"{head}_adapters"] = {f"{j}.{fc}.0.weight": torch.randn(getattr(m, fc).weight.shape, generator=g)
+                                   for j, m in enumerate(mods) for fc in ("fc1", "fc2")}
+    torch.save(ref, path)
+    return ref
+
+
+def test_convert_reference_round_trip(mvfa, tmp_path):
+    ref = _authors_checkpoint(mvfa, tmp_path / "Brain.pth")
+    loaded = torch.load(tmp_path / "Brain.pth", map_location="cpu", weights_only=True)
+    state = MVFAModel.convert_reference(loaded)
+    mvfa.load_adapters(state, "Brain.pth")
+    assert torch.equal(mvfa.tower.seg[2].fc1.weight, ref["seg_adapters"]["2.fc1.0.weight"])
+    assert torch.equal(mvfa.tower.det[3].fc2.weight, ref["det_adapters"]["3.fc2.0.weight"])
+    from madclip_runtime.errors import MadclipError
+
+    del loaded["det_adapters"]["1.fc2.0.weight"]
+    with pytest.raises(MadclipError, match="det_adapters.1.fc2.0.weight"):
+        MVFAModel.convert_reference(loaded)
+    with pytest.raises(MadclipError, match="seg_adapters"):
+        MVFAModel.convert_reference({"normal_det_adapters": {}})
