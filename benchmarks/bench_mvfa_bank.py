@@ -42,7 +42,9 @@ def measured_tiny(k: int) -> int:
     m = MVFAModel.build(ModelConfig(backbone="madclip-tiny", pretrained="none", objective="Brain"), seed=0)
     imgs, masks, src = augment_x11(torch.rand(k + 1, 3, 240, 240), torch.zeros(k + 1, 240, 240, dtype=torch.bool))
     labels = (src == k).long()  # one abnormal shot, k normal
-    m.finalize(imgs, labels, masks, type("T", (), {"augment": True})(), "cpu")
+    source = type("Source", (), {"images": imgs, "labels": labels, "masks": masks, "groups": src,
+                                 "__len__": lambda self: len(labels)})()
+    m.finalize(source, "cpu")
     return m.bank.numel()
 
 

@@ -14,9 +14,14 @@ from madclip_train.methods.mvfa_scores import few_shot, nearest_distance, transd
 from madclip_train.methods.mvfa_text import TEMPLATES, ensemble_sentences
 
 
-class _T:
-    augment = True
-    batch_size = 1
+class _Source:
+    """What finalize() reads from the trainer's training source: images, labels, masks, groups."""
+
+    def __init__(self, images, labels, masks, groups):
+        self.images, self.labels, self.masks, self.groups = images, labels, masks, groups
+
+    def __len__(self):
+        return len(self.labels)
 
 
 @pytest.fixture()
@@ -129,7 +134,7 @@ def test_normalisers_use_training_views_only_and_are_cross_fitted(mvfa):
     imgs, ms, src = augment_x11(shots, masks)
     labels = torch.tensor([1, 0, 0])[src]
     mvfa.set_has_masks(True)
-    mvfa.finalize(imgs, labels, ms, _T(), "cpu")
+    mvfa.finalize(_Source(imgs, labels, ms, src), "cpu")
     # brute force: bank from normal views; F of normal views excludes their own shot
     with torch.no_grad():
         mids = mvfa.head_mids(mvfa.cacheable(imgs))  # [L, 33, 290, E]
@@ -160,7 +165,7 @@ def test_finalize_needs_two_normal_shots(mvfa):
 
     imgs, ms, src = augment_x11(_images(2), torch.zeros(2, 240, 240, dtype=torch.bool))
     with pytest.raises(MadclipError, match="2 normal shots"):
-        mvfa.finalize(imgs, torch.tensor([1, 0])[src], ms, _T(), "cpu")
+        mvfa.finalize(_Source(imgs, torch.tensor([1, 0])[src], ms, src), "cpu")
 
 
 def test_image_only_quirk_trains_det_only_but_writes_seg_back(mvfa):

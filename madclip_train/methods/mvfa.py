@@ -20,12 +20,14 @@ from torch import nn
 
 from madclip_runtime.errors import MadclipError
 
+from .base import Batch, MethodModel
 from .mvfa_augment import augment_x11
 from .mvfa_bank import build_bank_and_normalisers
 from .mvfa_losses import DET_LOSSES, det_loss, seg_losses
 from .mvfa_scores import few_shot, mix, zero_shot
 from .mvfa_text import encode_ensemble
 from .mvfa_tower import AdaptedTower
+from .registry import register
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,14 @@ def check_options(options: dict) -> dict:
     return opts
 
 
-class MVFAModel(nn.Module):
+@register
+class MVFAModel(MethodModel):
     """Frozen vision tower + 8 residual adapters + constants: text T [E, 2], bank [L, N, E], normalisers."""
 
     name = "mvfa"
     needs_abnormal = True
     augmentation = "x11"
-    train_defaults = {"epochs": 50, "batch_size": 1, "lr": 1e-3, "betas": (0.5, 0.999), "seed": 111}
+    train_defaults = {"epochs": 50, "batch_size": 1, "lr": 1e-3, "betas": (0.5, 0.999)}
     model_defaults = {"backbone": "ViT-L-14-336", "image_size": 240, "quick_gelu": False, "normalize": "none"}
     reference_format = ("MVFA-AD ckpt/few-shot/<Obj>.pth: {'seg_adapters', 'det_adapters'} with "
                         "{j}.fc1.0.weight [E, W] and {j}.fc2.0.weight [W, E], j = 0..3")
@@ -57,7 +60,7 @@ class MVFAModel(nn.Module):
     def __init__(self, cfg, visual: nn.Module, taps: tuple[int, ...], text: torch.Tensor, options: dict | None = None):
         super().__init__()
         self.cfg = cfg
-        self.options = check_options(options if options is not None else getattr(cfg, "options", {}) or {})
+        self.options = check_options(options if options is not None else cfg.options)
         embed_dim = int(text.shape[0])
         self.tower = AdaptedTower(visual, taps, embed_dim,
                                   seg_write_back=True)  # set per dataset by set_has_masks()
@@ -91,8 +94,12 @@ class MVFAModel(nn.Module):
         return model.eval()
 
     @property
-    def image_size(self) -> int:
-        return int(self.cfg.image_size)
+    def backbone(self) -> AdaptedTower:
+        """The tower (taps, fingerprint()), under the name the trainer and converter use for every method."""
+        return self.tower
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.tower.seg, self.tower.det]
 
     @property
     def masks_mode(self) -> bool:
@@ -113,7 +120,8 @@ class MVFAModel(nn.Module):
 
     # --- the cache boundary and training ---------------------------------------------------------------------
     def cache_identity(self) -> dict:
-        return {"method": self.name, "backbone": self.cfg.backbone, "image_size": self.image_size,
+        return {"method": self.name, "backbone": self.cfg.backbone, "fingerprint": self.tower.fingerprint(),
+                "image_size": self.image_size,
                 "quick_gelu": self.cfg.quick_gelu, "boundary": f"after block {self.tower.taps[0]} (0-based)"}
 
     @torch.no_grad()
@@ -136,28 +144,34 @@ class MVFAModel(nn.Module):
         return parts
 
     # --- memory bank ------------------------------------------------------------------------------------------
-    @staticmethod
-    def augment(images: torch.Tensor, masks: torch.Tensor, seed: int = 0):
-        return augment_x11(images, masks)
+    def training_source(self, images01, masks, labels, augment_seed, make_cached, label):
+        """x11 views of every shot, cached up to the first tap; remembers each view's source shot (`groups`) so
+        finalize() can cross-fit the normalisers."""
+        if len(labels):
+            images01, masks, groups = augment_x11(images01, masks)
+            labels = labels[groups]
+        else:
+            groups = torch.arange(0)
+        source = make_cached(images01, masks, labels, label)
+        source.groups = groups
+        return source
 
     @torch.no_grad()
-    def finalize(self, train_images: torch.Tensor, labels: torch.Tensor, masks, tcfg, device,
-                 groups: torch.Tensor | None = None, progress=None) -> dict:
-        """Build the bank from the normal views and the cross-fitted normalisers (training views only).
+    def finalize(self, source, device, progress=None) -> dict:
+        """Build the bank from the normal training views and the cross-fitted normalisers (training views only).
 
-        groups [N]: source shot of each view; default: consecutive runs of 11 views per shot (augment_x11
-        layout) when the training set was augmented, else one group per image.
-        """
-        n = train_images.shape[0]
-        if groups is None:
-            per = 11 if getattr(tcfg, "augment", True) else 1
-            groups = torch.arange(n) // per
-        self.eval()
+        The views are re-run in fp32 from their images (not from the fp16 cache), as the reference builds its
+        bank with a fresh forward pass. Views of one shot share a group (`source.groups`; without augmentation
+        every image is its own group)."""
+        n = len(source)
+        groups = getattr(source, "groups", None)
+        if groups is None or len(groups) != n:
+            groups = torch.arange(n)
+        self.set_training(False)
         build = build_bank_and_normalisers(
-            lambda x: self.head_mids(self.cacheable(x.to(device))), train_images, labels.cpu(), groups.cpu(),
-            self.text.to(device), self.image_size, with_cls=self.options["bank_cls"],
-            batch_size=8,
-            progress=progress)
+            lambda x: self.head_mids(self.cacheable(x.to(device))), source.images, source.labels.cpu(),
+            groups.cpu(), self.text.to(device), self.image_size, with_cls=self.options["bank_cls"],
+            batch_size=8, progress=progress)
         self.bank = build.bank.to(self.text.device)
         self.norm_lo = torch.cat([build.map_lo, build.img_lo]).to(self.text.device)
         self.norm_scale = torch.cat([build.map_scale, build.img_scale]).to(self.text.device)
@@ -179,6 +193,11 @@ class MVFAModel(nn.Module):
         """-> score [B], anomaly_map [B, 1, S, S] (the mixed map A), score_map_max [B] = max A.
 
         score = max A with masks (the reference's seg-head image score), else 0.5 z' + 0.5 f' (det head)."""
+        if self.bank.shape[1] == 0:  # during training (held-out monitoring): the zero-shot half only
+            zmap, z = zero_shot(self.head_mids(feats), self.text, self.image_size)
+            amap = zmap.unsqueeze(1)
+            amax = amap.flatten(1).amax(dim=1)
+            return {"score": amax if self.masks_mode else z, "anomaly_map": amap, "score_map_max": amax}
         r = self.raw_scores(feats)
         amap = mix(r["Z"], r["F"], self.norm_lo[:2], self.norm_scale[:2]).unsqueeze(1)  # [B, 1, S, S]
         amax = amap.flatten(1).amax(dim=1)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..augment import _warp
+from ..augment import AUGMENTATIONS, _warp
 
 N_VARIANTS = 11
 _ROTATIONS = (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)
@@ -53,3 +53,10 @@ def augment_x11(images: torch.Tensor, masks: torch.Tensor, chunk: int = 8
         out_img[sl, 10], out_mask[sl, 10] = torch.flip(x, dims=(2,)), torch.flip(m, dims=(1,))
     index = torch.arange(n, device=images.device).repeat_interleave(N_VARIANTS)
     return out_img.view(n * N_VARIANTS, c, h, w), out_mask.view(n * N_VARIANTS, h, w), index
+
+
+def _x11(images: torch.Tensor, masks: torch.Tensor, seed: int):
+    return augment_x11(images, masks)  # deterministic: the seed is not used
+
+
+AUGMENTATIONS.setdefault("x11", _x11)  # MethodModel.augmentation = "x11" (madclip_train.augment's registry)

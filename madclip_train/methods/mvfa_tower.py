@@ -56,6 +56,14 @@ class AdaptedTower(nn.Module):
     def grid(self) -> int:
         return int(self.visual.grid_size[0])
 
+    def fingerprint(self) -> str:
+        """sha256 of the frozen vision tower's weights (computed once): a run is never served on other weights."""
+        if getattr(self, "_fingerprint", None) is None:
+            from ..backbone import weights_fingerprint
+
+            self._fingerprint = weights_fingerprint(self.visual)
+        return self._fingerprint
+
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:  # x [B, N, W]
         blk = self.visual.transformer.resblocks[i]
         if self._batch_first:
