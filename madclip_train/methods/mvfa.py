@@ -36,7 +36,10 @@ DEFAULT_OPTIONS = {"det_loss": "bce_on_prob", "image_only_seg": "frozen", "bank_
 
 
 def check_options(options: dict) -> dict:
-    opts = {**DEFAULT_OPTIONS, **{k: v for k, v in (options or {}).items() if k in DEFAULT_OPTIONS}}
+    unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise MadclipError(f"mvfa has no option {unknown[0]!r} (known: {', '.join(DEFAULT_OPTIONS)})")
+    opts = {**DEFAULT_OPTIONS, **(options or {})}
     if opts["det_loss"] not in DET_LOSSES:
         raise MadclipError(f"mvfa option det_loss must be one of {DET_LOSSES}, got {opts['det_loss']!r}")
     if opts["image_only_seg"] not in IMAGE_ONLY_SEG:
@@ -54,6 +57,7 @@ class MVFAModel(MethodModel):
     augmentation = "x11"
     train_defaults = {"epochs": 50, "batch_size": 1, "lr": 1e-3, "betas": (0.5, 0.999)}
     model_defaults = {"backbone": "ViT-L-14-336", "image_size": 240, "quick_gelu": False, "normalize": "none"}
+    fp32_island_constants = ("text", "one", "norm_lo", "norm_scale")  # see mvfa_export.py
     reference_format = ("MVFA-AD ckpt/few-shot/<Obj>.pth: {'seg_adapters', 'det_adapters'} with "
                         "{j}.fc1.0.weight [E, W] and {j}.fc2.0.weight [W, E], j = 0..3")
 
@@ -204,6 +208,12 @@ class MVFAModel(MethodModel):
         score = amax if self.masks_mode else mix(r["z"], r["f"], self.norm_lo[2:], self.norm_scale[2:])
         return {"score": score, "anomaly_map": amap, "score_map_max": amax}
 
+    def predict_transductive(self, split, batch_size: int = 16, device="cpu", progress=None) -> dict:
+        """The reference's evaluation (test-set min-max), predict_split's keys: see mvfa_eval.py."""
+        from .mvfa_eval import predict_split_transductive
+
+        return predict_split_transductive(self, split, batch_size, device, progress)
+
     def inference_context(self):
         return None
 
@@ -255,12 +265,6 @@ class MVFAModel(MethodModel):
             raise MadclipError("this MVFA model has no memory bank (finalize() was not run)")
         return MVFAExport(self).eval()
 
-    fp32_island_constants = ("text",)
-
-    def fp16_block_list(self, onnx_model) -> list[str]:
-        from .mvfa_export import fp16_block_list
-
-        return fp16_block_list(onnx_model)
 
     # --- state ----------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

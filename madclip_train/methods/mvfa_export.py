@@ -5,9 +5,10 @@ them as initializers: `text` [E, 2], `bank_{l}` [E, N] per layer (unit columns, 
 nearest-neighbour search is MatMul + ReduceMax + (1 - x)), `norm_lo`, `norm_scale` [4]. The vision tower runs
 only up to the last tap, with the residual write-back inline.
 
-Mixed precision: the bank matmuls stay FP16 (the bank is the largest constant: FP16 halves it); everything
-reading `text` or the normalisers, and everything after the bank matmuls (the max, 1 - x, upsampling, sums,
-mixing) is the FP32 tail (`fp16_block_list`).
+Mixed precision (the exporter keeps the consumers of `fp32_island_constants` and everything downstream in
+FP32): the bank matmuls stay FP16 (the bank is the largest constant: FP16 halves it); their ReduceMax is an FP32
+op, and `1 - max` reads the constant `one`, so it and the rest of the few-shot tail (upsampling, sums, mixing)
+are FP32, as is everything reading `text` (the zero-shot head).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from .mvfa_scores import _upsample, mix, zero_shot
 
-FP32_SEEDS = ("text", "norm_lo", "norm_scale")
+FP32_ISLANDS = ("text", "one", "norm_lo", "norm_scale")
 BANK_PREFIX = "bank_"
 
 
@@ -34,6 +35,7 @@ class MVFAExport(nn.Module):
         self.register_buffer("text", model.text.detach().float().clone())
         for l in range(self.n_layers):
             self.register_buffer(f"{BANK_PREFIX}{l}", model.bank[l].detach().float().t().contiguous())  # [E, N]
+        self.register_buffer("one", torch.ones(1))  # starts the FP32 few-shot tail (see the module docstring)
         self.register_buffer("norm_lo", model.norm_lo.detach().float().clone())
         self.register_buffer("norm_scale", model.norm_scale.detach().float().clone())
 
@@ -45,7 +47,7 @@ class MVFAExport(nn.Module):
         for l in range(self.n_layers):
             q = torch.nn.functional.normalize(mids[l, :, 1:], dim=-1)  # [B, P, E]
             sim = q @ getattr(self, f"{BANK_PREFIX}{l}")  # [B, P, N]
-            dists.append(1.0 - sim.amax(dim=-1))  # [B, P]
+            dists.append(self.one - sim.amax(dim=-1))  # [B, P]
         d = torch.stack(dists)  # [L, B, P]
         n_layers, b, p = d.shape
         fmap = _upsample(d.reshape(n_layers * b, 1, p), self.image_size)
@@ -54,17 +56,3 @@ class MVFAExport(nn.Module):
         amax = amap.flatten(1).amax(dim=1)
         score = amax if self.masks_mode else mix(z, fmap.mean(dim=(1, 2)), self.norm_lo[2:], self.norm_scale[2:])
         return score, amap, amax
-
-
-def fp16_block_list(onnx_model) -> list[str]:
-    """Nodes kept FP32: everything reading text/normalisers, and everything downstream of a bank MatMul
-    (the MatMul itself, reading the FP16 bank, is not blocked)."""
-    tainted, names = set(FP32_SEEDS), []
-    for node in onnx_model.graph.node:  # topologically sorted
-        if any(i.startswith(BANK_PREFIX) for i in node.input) and node.op_type == "MatMul":
-            tainted.update(node.output)
-            continue
-        if any(i in tainted for i in node.input):
-            tainted.update(node.output)
-            names.append(node.name)
-    return names
