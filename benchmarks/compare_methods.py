@@ -116,7 +116,7 @@ def run_cell(data: Path, k: int, method: Method, args, cell: Path) -> dict:
     run([tool("madclip-export"), str(run_dir), "--out", str(bundle), "--force"])
     config = json.loads((run_dir / "config.json").read_text())
     record["export_mb"] = bundle_bytes(bundle) / 1e6
-    record["cpu_latency_ms"] = cpu_latency_ms(bundle, int(config["model"]["image_size"]), args.latency_iters)
+    record["cpu_latency_ms"] = cpu_latency_ms(bundle, int(config["model"]["preprocess"]["image_size"]), args.latency_iters)
     return record
 
 
