@@ -97,6 +97,31 @@ def _output_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return {o.name: types.get(o.name, o.type.tensor_type.elem_type) for o in model.graph.output}
 
 
+def unshare_initializers(model: onnx.ModelProto, blocked_nodes: set[str], blocked_ops: set[str]) -> onnx.ModelProto:
+    """Give FP32-island consumers their own copy of any initializer also read by FP16 nodes.
+
+    The ONNX exporter deduplicates equal constants (e.g. GELU's 0.5 and a head's 0.5 become one initializer);
+    onnxconverter-common then keeps the shared initializer FP32 for the blocked consumer and the FP16 node reading
+    it fails to type-check. A copy per side keeps both consistent."""
+    init = {i.name: i for i in model.graph.initializer}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            if i in init:
+                users.setdefault(i, []).append(node)
+    for name, nodes in users.items():
+        blocked = [n for n in nodes if n.name in blocked_nodes or n.op_type in blocked_ops]
+        if not blocked or len(blocked) == len(nodes):
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init[name])
+        copy.name = f"{name}_fp32island"
+        model.graph.initializer.append(copy)
+        for node in blocked:
+            node.input[:] = [copy.name if i == name else i for i in node.input]
+    return model
+
+
 def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...] = ("dt",)) -> onnx.ModelProto:
     """FP32 ModelProto (weights loaded) -> mixed-precision ModelProto with float32 inputs and outputs; the
     consumers of `island_constants` (the method's `fp32_island_constants`) and all downstream stay FP32."""
@@ -106,6 +131,7 @@ def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...] = ("
     node_block = head_nodes(model, tuple(island_constants)) + computed_divisions(model)
     del model.graph.value_info[:]  # stale exporter value_info makes the converter emit mistyped edges
     model = isolate_outputs(model)
+    model = unshare_initializers(model, set(node_block), set(FP32_OPS))
     converted = float16.convert_float_to_float16(
         model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=node_block, disable_shape_infer=False)
     # Declared output types can lie after conversion: mark any output whose producer is FP16 and fix it.

@@ -65,9 +65,40 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["none", "clip"],
                    help="input normalisation: none (MadCLIP's reference) or CLIP mean/std")
     p.add_argument("--init-seed", type=bounded_int(0, 2**63 - 1), help="seed of the random backbone when --pretrained none (0)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method switch (repeatable), e.g. --option det_loss=bce for --method mvfa; see README")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def parse_options(items: list[str], method: str) -> dict:
+    """`--option KEY=VALUE` items -> {key: value} (true/false/numbers parsed), keys checked against the method's."""
+    from madclip_runtime.errors import MadclipError
+
+    from .methods import get_method
+
+    known = getattr(get_method(method), "default_options", lambda: {})()
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MadclipError(f"--option {item!r}: expected KEY=VALUE")
+        if key not in known:
+            raise MadclipError(f"--option {key}: method {method!r} has no such option (known: "
+                               f"{', '.join(sorted(known)) or 'none'})")
+        low = value.lower()
+        out[key] = True if low == "true" else False if low == "false" else _number_or_text(value)
+    return out
+
+
+def _number_or_text(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _train(argv) -> int:
@@ -84,7 +115,7 @@ def _train(argv) -> int:
                        augment_variant=args.augment_variant,
                        quick_gelu=args.quick_gelu, causal_prompt_mask=args.causal_prompt_mask,
                        normalize=args.normalize, init_seed=args.init_seed, force=args.force,
-                       precision=args.precision)
+                       precision=args.precision, options=parse_options(args.option, args.method))
     with _progress() as progress:
         summary = train_run(req, progress=progress)
     err_console.print(f"run written: {escape_control(summary['run_dir'])}  ({summary['n_train_images']} training images, "
@@ -105,6 +136,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.add_argument("--batch-size", type=bounded_int(1, 65_536), default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--transductive", action="store_true",
+                   help="MVFA: normalise with the test set's min/max, as the reference does (for comparing with the "
+                        "paper; a deployed model uses the fixed normalisers of the run)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -125,9 +159,17 @@ def _eval(argv) -> int:
     split = load_split(args.data, args.split)
     model, _ = load_run(args.run, device)
     t0 = time.perf_counter()
+    if args.transductive and not hasattr(model, "predict_transductive"):
+        from madclip_runtime.errors import MadclipError
+
+        raise MadclipError(f"{args.run}: --transductive applies to MVFA runs only (this run is {model.name!r})")
     with _progress() as progress:
-        pred = predict_split(model, split, args.batch_size, device, progress)
+        if args.transductive:
+            pred = model.predict_transductive(split, args.batch_size, device, progress)
+        else:
+            pred = predict_split(model, split, args.batch_size, device, progress)
     metrics = metrics_from_predictions(pred)
+    metrics["normalisation"] = "transductive (test-set min-max)" if args.transductive else "fixed (from the run)"
     metrics.update({"split": args.split, "data": str(args.data), "run": str(args.run),
                     "seconds": round(time.perf_counter() - t0, 2)})
     from rich.markup import escape
@@ -164,6 +206,11 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="default: the method's (ViT-L-14-336 for MadCLIP)")
     p.add_argument("--pretrained", help="openai (default) | PATH to weights")
     p.add_argument("--image-size", type=bounded_int(28, 4096), help="default: the method's (240 for MadCLIP)")
+    p.add_argument("--data", help="MVFA: dataset root whose valid/ shots rebuild the memory bank (the release has none)")
+    p.add_argument("--shot-list", help="MVFA: the authors' shot list (e.g. fewshot_seed/Brain/4-shot.txt)")
+    p.add_argument("--shots", type=bounded_int(1, 10_000), default=4,
+                   help="MVFA without --shot-list: k shots sampled with --seed (4)")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=111)
     p.add_argument("--force", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -178,7 +225,13 @@ def _convert(argv) -> int:
     req = TrainRequest(data="", out=args.out, method=args.method, backbone=args.backbone, pretrained=args.pretrained,
                        image_size=args.image_size)
     mcfg, _ = resolve_configs(req, args.objective)
-    out = convert_reference_run(args.checkpoint, args.out, mcfg, force=args.force)
+    if args.method == "mvfa":
+        from .methods.mvfa_reference import convert_mvfa_reference
+
+        out = convert_mvfa_reference(args.checkpoint, args.out, mcfg, args.data, args.shot_list, args.shots,
+                                     args.seed, force=args.force)
+    else:
+        out = convert_reference_run(args.checkpoint, args.out, mcfg, force=args.force)
     err_console.print(f"run written: {escape_control(out)}", style="green", markup=False, highlight=False,
                       soft_wrap=True)
     return 0
