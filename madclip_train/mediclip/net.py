@@ -87,8 +87,8 @@ class MediCLIPExport(nn.Module):
         self.image_size = net.image_size
         self.register_buffer("dt", dt.detach().clone().float())
 
-    def forward(self, images: torch.Tensor):
-        feats = self.backbone(images)  # L x [B, P, W]
+    def forward(self, image: torch.Tensor):  # the ONNX input is named "image"
+        feats = self.backbone(image)  # L x [B, P, W]
         mean = torch.stack([F.normalize(a(f), dim=-1) @ self.dt for a, f in zip(self.adapters, feats)]).mean(dim=0)
         amap = torch.sigmoid(upsample_logits(mean.unsqueeze(0), self.image_size)[0]).unsqueeze(1)  # [B, 1, S, S]
         peak = amap.flatten(1).amax(dim=1)

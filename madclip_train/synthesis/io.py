@@ -68,3 +68,14 @@ def pick_shots(paths: list[Path], k: int, seed: int) -> list[Path]:
     if len(paths) < k:
         raise MadclipError(f"{paths[0].parent} has {len(paths)} normal images, fewer than --shots {k}")
     return random.Random(seed).sample(list(paths), k)
+
+
+def normal_samples(root: str | os.PathLike, k: int, seed: int, shot_list: str | None = None):
+    """The k normal training shots of a normal-only method, as data.Sample (label 0): drawn like pick_shots
+    (the same images data.sample_shots would pick as the normal half for this seed)."""
+    from ..data import Sample
+
+    if shot_list:
+        raise MadclipError(f"{shot_list}: --shot-list is not supported by normal-only methods; use --shots and --seed "
+                           f"(the chosen files are recorded in the run's shots.json)")
+    return tuple(Sample(str(p), 0, None) for p in pick_shots(list_normals(root), k, seed))
