@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from madclip_runtime.cli_bench import machine_description
+from madclip_runtime.machine import machine_description
 
 HERE = Path(__file__).resolve().parent
 WORK = Path(os.environ.get("MADCLIP_BENCH_WORK", HERE / "work"))  # runs, bundles, demo data (not committed)
@@ -101,7 +101,3 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:,.2f}"
     return str(v)
-
-
-def mb(n_bytes: int | None) -> float | None:
-    return None if n_bytes is None else n_bytes / 1e6

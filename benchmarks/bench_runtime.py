@@ -3,7 +3,7 @@
 For each backbone it uses the bundle and run left by bench_export.py in benchmarks/work/ (building them when
 missing) and runs, each as its own process:
 
-1. `madclip-bench --bundle B --run RUN --json ...`: a row per available backend x precision plus PyTorch
+1. `madclip-bench --bundle B --json ...`: a row per available backend x precision, plus (benchmarks/pytorch_eager.py) PyTorch
    eager FP32 on the same weights, so the runtime / PyTorch ratio is measured side by side;
 2. per precision, the wall time of `madclip-infer scan.png --bundle B --precision P` against the wall time of
    a process that only imports the runtime and loads the same model: the difference is what scoring one
@@ -67,10 +67,15 @@ def main() -> None:
         bundle, run_dir = bundle_for(backbone, args.image_size)
         iters = args.iters or (50 if backbone == "madclip-tiny" else 20)
         out_json = WORK / f"bench-{backbone}.json"
-        m = run([tool("madclip-bench"), "--bundle", str(bundle), "--run", str(run_dir), "--iters", str(iters),
+        m = run([tool("madclip-bench"), "--bundle", str(bundle), "--iters", str(iters),
                  "--warmup", "3", "--image", str(image), "--json", str(out_json)])
         print(m.stdout)
         bench = json.loads(out_json.read_text())
+        torch_json = WORK / f"bench-{backbone}-pytorch.json"  # the PyTorch row, in its own process (torch-free runtime)
+        batch = bench["settings"]["batch"]
+        run([sys.executable, str(Path(__file__).with_name("pytorch_eager.py")), "--run", str(run_dir), "--bundle",
+             str(bundle), "--image", str(image), "--iters", str(iters), "--batch", str(batch), "--json", str(torch_json)])
+        bench["rows"].append(json.loads(torch_json.read_text()))
         export_report = json.loads((bundle / "export_report.json").read_text())
         precisions = [r["precision"] for r in bench["rows"] if r["status"] == "ok" and r["backend"] == "ort-cpu"]
         overhead = [infer_overhead(bundle, prec, image, args.repeats) for prec in precisions]

@@ -34,11 +34,13 @@ def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int
     """Milliseconds per training step component for one batch of random images (seconds of the median run)."""
     import torch
 
+    from madclip_runtime.preprocess import PreprocessSpec
     from madclip_train.config import ModelConfig
     from madclip_train.losses import madclip_loss
     from madclip_train.model import build_model
 
-    model = build_model(ModelConfig(backbone=backbone, pretrained="none", image_size=image_size), seed=0)
+    model = build_model(ModelConfig(backbone=backbone, pretrained="none",
+                                    preprocess=PreprocessSpec(image_size=image_size)), seed=0)
     images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(batch_size) % 2
     masks = torch.zeros(batch_size, image_size, image_size, dtype=torch.bool)

@@ -47,7 +47,7 @@ def map_threshold(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray
 
 
 def calibrate(scores: np.ndarray, map_max: np.ndarray, maps: np.ndarray, masks: np.ndarray | None,
-              labels: np.ndarray, n_layers: int, has_masks: bool) -> dict:
+              labels: np.ndarray, map_range: tuple[float, float], has_masks: bool) -> dict:
     """The metadata.json `calibration` entry. score_name: the score the label uses (AC by default)."""
     return {
         "threshold": youden_threshold(scores, labels),
@@ -57,6 +57,6 @@ def calibrate(scores: np.ndarray, map_max: np.ndarray, maps: np.ndarray, masks: 
         "map_threshold": map_threshold(maps, masks if has_masks else None, labels),
         "map_threshold_method": ("pixel F1-max on the shots' masks" if has_masks
                                  else "99.5th percentile of the normal shots' map values"),
-        "map_scale": [0.0, float(n_layers)],
+        "map_scale": [float(map_range[0]), float(map_range[1])],
         "n_shots": int(len(labels)),
     }

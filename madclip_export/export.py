@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ import torch
 
 from madclip_runtime.atomic import AtomicDirectory, atomic_writer
 from madclip_runtime.backends import create_backend
-from madclip_runtime.bundle import io_metadata, write_metadata
+from madclip_runtime.bundle import write_metadata
+from madclip_runtime.contract import (GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS, GOLDEN_SOURCES, INPUT_NAME, MODEL_FILES,
+                                      OUTPUT_NAMES, REPORT_FILE, io_metadata)
 from madclip_runtime.errors import BackendUnavailable, MadclipError
 
 log = logging.getLogger(__name__)
@@ -48,37 +49,26 @@ class ExportOptions:
     fp32_tolerance: float = FP32_TOLERANCE
 
 
-def _golden_samples(config: dict, shots_json: dict, data_override: str | None, n_shots: int, n_test: int):
-    """The run's shots (all, for calibration) and a golden subset: some shots plus a few test images."""
-    from madclip_train.data import Sample, load_split
+def _golden_samples(shots: list, root: str | None, n_shots: int, n_test: int) -> list:
+    """A golden subset: some shots (normal first) plus a few test images of the dataset root when it has them."""
+    from madclip_train.data import load_split
 
-    root = Path(data_override or shots_json.get("root") or config.get("dataset", {}).get("root") or "")
-    shots = []
-    for s in shots_json.get("shots", []):
-        path = root / s["path"] if not os.path.isabs(s["path"]) else Path(s["path"])
-        mask = (root / s["mask"] if s.get("mask") and not os.path.isabs(s["mask"]) else s.get("mask"))
-        if not path.is_file():
-            raise MadclipError(f"{path}: shot image of the run not found (pass --data DATASET_ROOT if the dataset moved)")
-        shots.append(Sample(str(path), int(s["label"]), str(mask) if mask else None))
-    if not shots:
-        raise MadclipError(f"{config.get('run_dir', 'run')}: shots.json lists no shot images (needed for the parity "
-                           f"gate and calibration)")
     normal = [s for s in shots if s.label == 0][: n_shots // 2]
     abnormal = [s for s in shots if s.label == 1][: n_shots - n_shots // 2]
     golden = normal + abnormal
     try:
-        test = load_split(root, "test")
+        test = load_split(root or "", "test")
         for group in (test.normal, test.abnormal):
             pick = np.linspace(0, len(group) - 1, min(len(group), n_test // 2)).round().astype(int) if group else []
             golden += [group[i] for i in sorted(set(int(i) for i in pick))]
     except MadclipError as exc:
         log.info("no test images for the golden set (%s); using shots only", exc)
-    return shots, golden
+    return golden
 
 
 @torch.no_grad()
 def _torch_outputs(model, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
-    outs: dict[str, list] = {"score": [], "anomaly_map": [], "score_map_max": []}
+    outs: dict[str, list] = {k: [] for k in OUTPUT_NAMES}
     for i in range(0, len(images), batch):
         res = model(torch.from_numpy(images[i:i + batch]))
         for k in outs:
@@ -101,16 +91,15 @@ def _ort_outputs(path: Path, precision: str, images: np.ndarray, max_batch: int)
 
 
 def export_onnx(model, path: Path, max_batch: int, opset: int) -> None:
-    """Dynamo export with a dynamic batch 1..max_batch (example batch 2: batch 1 would bake the dimension)."""
-    from .module import OUTPUT_NAMES, ExportModule
-
-    module = ExportModule(model).eval()
+    """Dynamo export of the method's export module (which consumes `model`) with a dynamic batch 1..max_batch
+    (example batch 2: batch 1 would bake the dimension)."""
+    size = model.image_size
+    module = model.export_module().eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers())
-    size = model.image_size
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     example = torch.rand(2, 3, size, size)
-    torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=list(OUTPUT_NAMES),
+    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                       dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True,
                       external_data=n_bytes > 1_000_000_000, verbose=False)
 
@@ -123,9 +112,8 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
     """Export, verify and write the bundle. Returns the export report (also written to export_report.json)."""
     import onnx
 
-    import madclip_runtime
-    from madclip_train.checkpoint import load_run
     from madclip_train.data import load_arrays
+    from madclip_train.rundir import load_run, read_shots
 
     from .calibrate import calibrate
     from .fp16 import to_mixed_fp16
@@ -144,28 +132,34 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         model, config = load_run(opts.run)
         model.eval()
         run_dir = Path(opts.run)
-        shots_json = json.loads((run_dir / "shots.json").read_text())
-        shots, golden = _golden_samples(config, shots_json, opts.data, opts.n_golden_shots, opts.n_golden_test)
+        shots = read_shots(run_dir, config, opts.data)
+        if not shots:
+            raise MadclipError(f"{run_dir}: the run lists no shot images (needed for the parity gate and "
+                               f"calibration)")
+        golden = _golden_samples(shots, opts.data or config.get("dataset", {}).get("root"), opts.n_golden_shots,
+                                 opts.n_golden_test)
         spec = model.cfg.preprocess
-        n_layers = model.n_layers
+        ranges = model.output_ranges()
+        method_meta = {"method": model.name, "ranges": ranges, "meanings": model.output_meanings(),
+                       "provenance": model.provenance(), "fp32_islands": model.fp32_island_constants}
 
         step(f"PyTorch FP32 reference on {len(shots)} shots")
         shot_images, shot_masks, shot_labels = load_arrays(shots, spec)
         shot_out = _torch_outputs(model, shot_images)
         has_masks = bool(config.get("dataset", {}).get("has_masks")) and shot_masks.any()
         calibration = calibrate(shot_out["score"], shot_out["score_map_max"], shot_out["anomaly_map"][:, 0],
-                                shot_masks, shot_labels, n_layers, has_masks)
+                                shot_masks, shot_labels, ranges["anomaly_map"], has_masks)
         golden_images, _, golden_labels = load_arrays(golden, spec)
         torch_ref = _torch_outputs(model, golden_images)
 
         step("exporting the FP32 ONNX graph (text tower baked as dt, backbone truncated)")
         t0 = time.perf_counter()
-        export_onnx(model, tmp / "model.onnx", opts.max_batch, opts.opset)
+        export_onnx(model, tmp / MODEL_FILES["fp32"], opts.max_batch, opts.opset)
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
         del model
 
         step("ORT CPU FP32 parity")
-        fp32, info = _ort_outputs(tmp / "model.onnx", "fp32", golden_images, opts.max_batch)
+        fp32, info = _ort_outputs(tmp / MODEL_FILES["fp32"], "fp32", golden_images, opts.max_batch)
         parity = diff_stats(torch_ref, fp32)
         parity_b1 = diff_stats({k: v[:1] for k, v in torch_ref.items()}, info["single"])
         report["variants"]["fp32"] = {"vs_pytorch": parity, "vs_pytorch_batch1": parity_b1,
@@ -176,47 +170,48 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         if not (worst_score <= opts.fp32_tolerance and worst_map <= opts.fp32_tolerance):
             raise ParityError(f"FP32 ONNX parity failed: score max abs {worst_score:.2e}, anomaly_map p99 "
                               f"{worst_map:.2e} (tolerance {opts.fp32_tolerance:.0e}); no bundle written")
-        models = {"fp32": "model.onnx"}
+        models = {"fp32": MODEL_FILES["fp32"]}
 
         if opts.fp16:
             step("converting to mixed-precision FP16 (FP32 islands)")
-            graph = to_mixed_fp16(onnx.load(str(tmp / "model.onnx")))
-            onnx.save(graph, str(tmp / "model_fp16.onnx"))
+            graph = to_mixed_fp16(onnx.load(str(tmp / MODEL_FILES["fp32"])), method_meta["fp32_islands"])
+            onnx.save(graph, str(tmp / MODEL_FILES["fp16"]))
             del graph
             step("ORT CPU FP16 parity (ORT_ENABLE_EXTENDED: the FP16 CPU segfault is avoided)")
-            got, _ = _ort_outputs(tmp / "model_fp16.onnx", "fp16", golden_images, opts.max_batch)
+            got, _ = _ort_outputs(tmp / MODEL_FILES["fp16"], "fp16", golden_images, opts.max_batch)
             report["variants"]["fp16"] = {**variant_report(fp32, got, golden_labels, calibration),
                                           "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32"}
             _check_finite(report["variants"]["fp16"], "FP16")
-            models["fp16"] = "model_fp16.onnx"
+            models["fp16"] = MODEL_FILES["fp16"]
             report["tensorrt"] = _maybe_build_engine(tmp, opts, step)
 
         if opts.int8:
             step("quantising to dynamic INT8 (s8 weights)")
-            quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")
-            got, info8 = _ort_outputs(tmp / "model_int8.onnx", "int8", golden_images, opts.max_batch)
+            quantize_int8(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"])
+            got, info8 = _ort_outputs(tmp / MODEL_FILES["int8"], "int8", golden_images, opts.max_batch)
             report["variants"]["int8"] = {**variant_report(fp32, got, golden_labels, calibration),
                                           "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32",
                                           "seconds_per_image_cpu": info8["seconds_per_image"]}
             _check_finite(report["variants"]["int8"], "INT8")
-            models["int8"] = "model_int8.onnx"
+            models["int8"] = MODEL_FILES["int8"]
 
         if opts.triton:
             step("writing the Triton model repository")
             from .triton import write_triton_repository
 
-            repo = write_triton_repository(tmp, _model_files(tmp, "model.onnx"), spec.image_size, opts.max_batch)
+            repo = write_triton_repository(tmp, _model_files(tmp, MODEL_FILES["fp32"]), spec.image_size, opts.max_batch)
             report["triton"] = str(repo.relative_to(tmp))
 
         step("writing golden set, report and metadata")
-        with atomic_writer(tmp / "golden.npz") as f:
-            np.savez_compressed(f, image=golden_images, labels=golden_labels.astype(np.int64),
-                                sources=np.array([str(Path(s.path).name) for s in golden]), **torch_ref)
+        with atomic_writer(tmp / GOLDEN_FILE) as f:
+            np.savez_compressed(f, **{GOLDEN_INPUT: golden_images, GOLDEN_LABELS: golden_labels.astype(np.int64),
+                                      GOLDEN_SOURCES: np.array([str(Path(s.path).name) for s in golden])},
+                                **torch_ref)
         report["sizes_bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         report["calibration"] = calibration
         report["seconds"] = round(time.perf_counter() - t_start, 2)
-        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_metadata(tmp, _metadata(config, spec, n_layers, opts, calibration, models, run_dir))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        write_metadata(tmp, _metadata(config, spec, method_meta, opts, calibration, models, run_dir))
     return report
 
 
@@ -248,7 +243,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step) -> dict:
         log.info(msg)
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine (minutes)")
-    onnx_path = tmp / "model_fp16.onnx"
+    onnx_path = tmp / MODEL_FILES["fp16"]
     engines = tmp / "engines"
     engines.mkdir(exist_ok=True)
     path = trt_engine.ensure_engine(onnx_path, engines, "fp16", opts.max_batch,
@@ -256,7 +251,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step) -> dict:
     return {"built": True, "engine": str(Path(path).relative_to(tmp)), "tensorrt": trt.__version__}
 
 
-def _metadata(config: dict, spec, n_layers: int, opts: ExportOptions, calibration: dict, models: dict,
+def _metadata(config: dict, spec, method_meta: dict, opts: ExportOptions, calibration: dict, models: dict,
               run_dir: Path) -> dict:
     import onnx
     import onnxruntime
@@ -264,17 +259,17 @@ def _metadata(config: dict, spec, n_layers: int, opts: ExportOptions, calibratio
 
     mcfg = config["model"]
     return {
+        "method": method_meta["method"],
         "preprocess": spec.to_dict(),
-        **io_metadata(spec.image_size, n_layers),
+        **io_metadata(spec.image_size, method_meta["ranges"], method_meta["meanings"]),
         "max_batch": opts.max_batch,
         "opset": opts.opset,
-        "n_layers": n_layers,
         "calibration": calibration,
         "models": models,
         "provenance": {
-            "backbone": mcfg["backbone"], "pretrained": mcfg["pretrained"], "taps": mcfg["taps"],
-            "objective": mcfg["objective"], "quick_gelu": mcfg["quick_gelu"],
-            "causal_prompt_mask": mcfg["causal_prompt_mask"], "normalize": spec.normalize,
+            "method": method_meta["method"], "backbone": mcfg["backbone"], "pretrained": mcfg["pretrained"],
+            "taps": mcfg["taps"], "quick_gelu": mcfg["quick_gelu"], "normalize": spec.normalize,
+            **method_meta["provenance"],
             "shots": config.get("train", {}).get("shots"), "seed": config.get("train", {}).get("seed"),
             "run_dir": str(run_dir.resolve()), "backbone_fingerprint": config.get("backbone_fingerprint"),
             "versions": {**config.get("versions", {}), "torch_export": torch.__version__,

@@ -1,6 +1,6 @@
 """Mixed-precision (FP16 with FP32 islands) ONNX from the FP32 graph, IO kept float32.
 
-FP32 islands (DESIGN.md section 3): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the adapter
+FP32 islands (docs/ARCHITECTURE.md, "FP16"): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the adapter
 standardisation (a LayerNormalization node), the L2 normalisation (ReduceL2 / Clip / Div / Expand), the dot
 products with the baked dt and the whole head downstream of them, the sigmoid, the upsampling (Resize)
 and every reduction of the head. onnxconverter-common keeps these in FP32 via op/node block lists; its
@@ -20,10 +20,11 @@ FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceMax", "Reduce
             "Pow", "Sigmoid", "Resize", "Clip", "Div", "Expand", "Erf"]
 
 
-def head_nodes(model: onnx.ModelProto, dt_name: str = "dt") -> list[str]:
-    """Names of the score-head nodes: those reading the baked dt constant (the dot products) and everything
-    downstream of them (negation, difference, upsampling, sigmoid, sums, max): the whole head stays FP32."""
-    tainted, names = {dt_name}, []
+def head_nodes(model: onnx.ModelProto, constants: tuple[str, ...] = ("dt",)) -> list[str]:
+    """Names of the score-head nodes: those reading one of the method's baked constants (MadCLIP: the text
+    difference dt, read by the dot products) and everything downstream of them (negation, difference,
+    upsampling, sigmoid, sums, max): the whole head stays FP32."""
+    tainted, names = set(constants), []
     for node in model.graph.node:  # ONNX nodes are topologically sorted
         if any(i in tainted for i in node.input):
             tainted.update(node.output)
@@ -76,11 +77,12 @@ def _output_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return {o.name: types.get(o.name, o.type.tensor_type.elem_type) for o in model.graph.output}
 
 
-def to_mixed_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """FP32 ModelProto (weights loaded) -> mixed-precision ModelProto with float32 inputs and outputs."""
+def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...] = ("dt",)) -> onnx.ModelProto:
+    """FP32 ModelProto (weights loaded) -> mixed-precision ModelProto with float32 inputs and outputs; the
+    consumers of `island_constants` (the method's `fp32_island_constants`) and all downstream stay FP32."""
     from onnxconverter_common import float16
 
-    node_block = head_nodes(model)
+    node_block = head_nodes(model, tuple(island_constants))
     model = onnx.ModelProto.FromString(model.SerializeToString())
     del model.graph.value_info[:]  # stale exporter value_info makes the converter emit mistyped edges
     model = isolate_outputs(model)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-OUTPUTS = ("score", "anomaly_map", "score_map_max")
+from madclip_runtime.contract import OUTPUT_NAMES, decide
 
 
 def diff_stats(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Per output: max, p99 and mean absolute error (float64)."""
     out = {}
-    for name in OUTPUTS:
+    for name in OUTPUT_NAMES:
         d = np.abs(np.asarray(got[name], np.float64) - np.asarray(ref[name], np.float64)).ravel()
         finite = bool(np.isfinite(d).all())
         out[name] = {"max_abs": float(d.max()) if finite else float("inf"),
@@ -21,7 +21,7 @@ def diff_stats(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[s
 def decision_flips(ref_scores: np.ndarray, got_scores: np.ndarray, threshold: float | None) -> int | None:
     if threshold is None:
         return None
-    return int(((np.asarray(ref_scores) >= threshold) != (np.asarray(got_scores) >= threshold)).sum())
+    return int(sum(decide(float(r), threshold) != decide(float(g), threshold) for r, g in zip(ref_scores, got_scores)))
 
 
 def auroc_change(ref_scores: np.ndarray, got_scores: np.ndarray, labels: np.ndarray) -> float | None:

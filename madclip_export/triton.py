@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from madclip_runtime.contract import ANOMALY_MAP, INPUT_NAME, SCORE, SCORE_MAP_MAX
+
 
 def config_pbtxt(name: str, image_size: int, max_batch: int, instance_kind: str = "KIND_AUTO") -> str:
     s = int(image_size)
@@ -21,25 +23,25 @@ platform: "onnxruntime_onnx"
 max_batch_size: {int(max_batch)}
 input [
   {{
-    name: "image"
+    name: "{INPUT_NAME}"
     data_type: TYPE_FP32
     dims: [ 3, {s}, {s} ]
   }}
 ]
 output [
   {{
-    name: "score"
+    name: "{SCORE}"
     data_type: TYPE_FP32
     dims: [ 1 ]
     reshape: {{ shape: [ ] }}
   }},
   {{
-    name: "anomaly_map"
+    name: "{ANOMALY_MAP}"
     data_type: TYPE_FP32
     dims: [ 1, {s}, {s} ]
   }},
   {{
-    name: "score_map_max"
+    name: "{SCORE_MAP_MAX}"
     data_type: TYPE_FP32
     dims: [ 1 ]
     reshape: {{ shape: [ ] }}

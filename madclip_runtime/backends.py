@@ -2,7 +2,7 @@
 
 Every backend takes float32 images [B, 3, H, W] and returns float32 `score` [B], `anomaly_map` [B, 1, H, W]
 and `score_map_max` [B]. It reports the provider that ACTUALLY runs: onnxruntime-gpu silently falls back to
-the CPU when CUDA or TensorRT cannot start (DESIGN.md section 4), which we turn into BackendUnavailable.
+the CPU when CUDA or TensorRT cannot start (docs/ARCHITECTURE.md §4), which we turn into BackendUnavailable.
 
 Names, fastest first: "trt" (native TensorRT engine), "ort-trt", "ort-cuda", "ort-cpu".
 onnxruntime and tensorrt are imported lazily; a missing one is a one-line BackendUnavailable.
@@ -21,18 +21,16 @@ from typing import Any
 import numpy as np
 
 from . import trt_engine
+from .contract import BACKENDS, INPUT_NAME, PRECISIONS
 from .errors import BackendUnavailable, BundleError, InputError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")  # fastest first: resolve_auto's preference order
-PRECISIONS = ("fp32", "fp16", "int8")
 PROVIDERS = {
     "ort-cpu": "CPUExecutionProvider",
     "ort-cuda": "CUDAExecutionProvider",
     "ort-trt": "TensorrtExecutionProvider",
 }
-INPUT_NAME = trt_engine.INPUT_NAME
 # onnxruntime >= 1.22 builds a strongly typed TensorRT network when trt_fp16_enable is off, which honours
 # the FP32 islands written in the mixed-precision ONNX; older versions only offer the blanket FP16 flag.
 ORT_TRT_STRONGLY_TYPED_FROM = (1, 22)
@@ -118,7 +116,7 @@ def resolve_auto(precision: str) -> str:
     """The fastest available backend for `precision` (trt > ort-trt > ort-cuda > ort-cpu).
 
     int8 is the CPU path (dynamic quantisation), so it resolves to ort-cpu. fp16 keeps its precision even
-    when only the CPU is left, although FP16 on a CPU is slower than FP32 (DESIGN.md section 3): the bundle
+    when only the CPU is left, although FP16 on a CPU is slower than FP32 (docs/ARCHITECTURE.md §3): the bundle
     decides the precision, the backend does not silently change it.
     """
     _check_precision(precision)

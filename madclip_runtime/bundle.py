@@ -21,10 +21,10 @@ metadata.json keys (schema_version 1):
     outputs          {"score": {"shape": ["batch"], "range": [0, L], "meaning": ...},
                       "anomaly_map": {"shape": ["batch", 1, S, S], "range": [0, L], "meaning": ...},
                       "score_map_max": {"shape": ["batch"], "range": [0, L], "meaning": ...}}
-                     L = n_layers (4 for MadCLIP): AC and AS are sums of L probabilities.
+                     ranges and meanings are the method's (MadCLIP: [0, 4], sums of 4 probabilities).
     max_batch        int, the largest batch the graphs/engines are built for (null: no limit)
     opset            int, ONNX opset of the graphs
-    n_layers         int, number of tapped layers L
+    method           str, the method the graph was exported from ("madclip", ...; absent = "madclip")
     calibration      {"threshold": float|null, "score_name": "score"|"score_map_max",
                       "method": how the threshold was chosen (text), "map_threshold": float|null,
                       "map_scale": [0, L]}  (optional: a bundle without it yields scores but no decision)
@@ -53,6 +53,7 @@ from typing import Any, Iterable
 
 from . import INTENDED_USE, __version__
 from .atomic import atomic_write_text, sha256_file
+from .contract import ANOMALY_MAP, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, PRECISIONS, SCORE, SCORE_NAMES
 from .errors import BundleError
 from .preprocess import PreprocessSpec
 
@@ -60,33 +61,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = {1}
-METADATA_FILE = "metadata.json"
-GOLDEN_FILE = "golden.npz"
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
 REQUIRED_KEYS = ("schema_version", "intended_use", "preprocess", "models", "files")
-
-
-def io_metadata(image_size: int, n_layers: int = 4) -> dict[str, Any]:
-    """The `input` and `outputs` entries of metadata.json for a MadCLIP graph (one definition, no drift)."""
-    s, top = int(image_size), float(n_layers)
-    return {
-        "input": {"name": "image", "dtype": "float32", "shape": ["batch", 3, s, s]},
-        "outputs": {
-            "score": {
-                "shape": ["batch"], "range": [0.0, top],
-                "meaning": f"image anomaly score AC: sum over {n_layers} layers of the mean patch P(abnormal)",
-            },
-            "anomaly_map": {
-                "shape": ["batch", 1, s, s], "range": [0.0, top],
-                "meaning": f"pixel anomaly map AS at {s}x{s}: sum over {n_layers} layers of P(abnormal)",
-            },
-            "score_map_max": {
-                "shape": ["batch"], "range": [0.0, top],
-                "meaning": "max of anomaly_map per image (the reference's image score on datasets with masks)",
-            },
-        },
-    }
 
 
 def _utc_now() -> str:
@@ -170,7 +145,7 @@ def _validate(meta: Any, where: str) -> None:
     if calib is not None:
         if not isinstance(calib, dict):
             raise BundleError(f"{where}: 'calibration' must be an object")
-        if calib.get("score_name", "score") not in ("score", "score_map_max"):
+        if calib.get("score_name", SCORE) not in SCORE_NAMES:
             raise BundleError(f"{where}: calibration score_name must be 'score' or 'score_map_max', "
                               f"got {calib.get('score_name')!r}")
         for key in ("threshold", "map_threshold"):
@@ -211,6 +186,11 @@ class Bundle:
         return dict(self.meta.get("calibration") or {})
 
     @property
+    def method(self) -> str:
+        """The method the bundle was exported from (bundles written before methods were recorded: MadCLIP)."""
+        return str(self.meta.get("method", "madclip"))
+
+    @property
     def threshold(self) -> float | None:
         """Calibrated decision threshold on `score_name`, or None when the bundle has none."""
         t = self.calibration.get("threshold")
@@ -219,7 +199,7 @@ class Bundle:
     @property
     def score_name(self) -> str:
         """Which output the threshold applies to: "score" (AC) or "score_map_max" (max of AS)."""
-        return str(self.calibration.get("score_name", "score"))
+        return str(self.calibration.get("score_name", SCORE))
 
     @property
     def map_threshold(self) -> float | None:
@@ -227,13 +207,11 @@ class Bundle:
         return None if t is None else float(t)
 
     @property
-    def n_layers(self) -> int:
-        return int(self.meta.get("n_layers", 4))
-
-    @property
     def map_scale(self) -> tuple[float, float]:
-        """The fixed value range for colouring and 16-bit encoding of anomaly maps: [0, n_layers]."""
-        lo, hi = self.calibration.get("map_scale", (0.0, float(self.n_layers)))
+        """The fixed value range for colouring and 16-bit encoding of anomaly maps: the calibration's map_scale,
+        else the anomaly_map output's range (MadCLIP: [0, 4], a sum of 4 probabilities)."""
+        default = ((self.meta.get("outputs") or {}).get(ANOMALY_MAP) or {}).get("range", (0.0, 4.0))
+        lo, hi = self.calibration.get("map_scale", default)
         return float(lo), float(hi)
 
     @property
@@ -254,7 +232,7 @@ class Bundle:
         """Absolute path of a model variant; BundleError if the bundle does not have it."""
         models = self.meta["models"]
         if precision not in models:
-            wanted = DEFAULT_MODEL_FILES.get(precision, precision)
+            wanted = MODEL_FILES.get(precision, precision)
             raise BundleError(f"{self.path}: no {precision} model ({wanted}) in this bundle "
                               f"(has {', '.join(self.precisions)})")
         path = os.path.join(self.path, models[precision])

@@ -1,7 +1,7 @@
 """madclip-bench: latency, throughput, per-stage times, cold start and memory per backend x precision.
 
     madclip-bench --bundle bundle/ [--backends ort-cpu,trt] [--precisions fp32,int8] [--batch 8]
-                  [--iters 50] [--warmup 5] [--image scan.png] [--run RUN_DIR] [--json bench.json]
+                  [--iters 50] [--warmup 5] [--image scan.png] [--json bench.json]
 
 One row per backend x precision (of those requested, default all; precisions default to the bundle's):
     cold start     the backend's load time (session creation, or TensorRT engine build/load)
@@ -14,10 +14,8 @@ One row per backend x precision (of those requested, default all; precisions def
     golden err     max |score - reference| on golden.npz (a sanity check that the row computed the right thing)
 
 Combinations that cannot run here (backend not available, precision not in the bundle, int8 on a GPU
-backend) are listed as skipped with the reason. With --run RUN_DIR and torch + madclip_train importable, a
-"pytorch-eager" row measures the training model on the same weights (torch is imported only then): the
-text embeddings are computed once at load (counted in its cold start), as in the bundle, so the row times what
-the bundle computes per image: backbone, adapters and score head.
+backend) are listed as skipped with the reason. The runtime never imports torch: the PyTorch-eager row of the
+same measurement lives with the benchmarks (benchmarks/pytorch_eager.py, run by benchmarks/bench_runtime.py).
 """
 from __future__ import annotations
 
@@ -25,8 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,23 +33,23 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from . import INTENDED_USE, __version__
+from . import INTENDED_USE
 from .atomic import atomic_write_text
 from .cli_common import EXIT_OK, EXIT_USAGE, err_console, run_cli, setup_logging
+from .contract import BACKENDS, GOLDEN_INPUT, PRECISIONS, SCORE
+from .machine import machine_description, peak_rss_mb
 from .errors import MadclipError
 
 log = logging.getLogger(__name__)
 
-ALL_BACKENDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")
-ALL_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="madclip-bench",
                                 description=f"Benchmark a madclip bundle on the available backends ({INTENDED_USE}).")
     p.add_argument("--bundle", required=True, help="bundle directory written by madclip-export")
-    p.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                   help=f"comma-separated subset of {','.join(ALL_BACKENDS)} (default: all; unavailable ones are skipped)")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; unavailable ones are skipped)")
     p.add_argument("--precisions", default=None,
                    help="comma-separated subset of fp32,fp16,int8 (default: the variants in the bundle)")
     p.add_argument("--batch", type=int, default=None, help="batch size for throughput (default: bundle max batch)")
@@ -63,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs at --batch (default: max(3, iters // 5))")
     p.add_argument("--image", default=None, help="a real scan file for the decode/preprocess stages "
                                                  "(default: golden input 0 written to a temporary PNG)")
-    p.add_argument("--run", default=None, metavar="RUN_DIR",
-                   help="also measure PyTorch eager on this training run (needs torch and madclip_train)")
     p.add_argument("--cache-dir", default=None, help="TensorRT engine cache directory")
     p.add_argument("--json", default=None, metavar="FILE", help="write machine description and rows as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -79,72 +73,11 @@ def _split(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-# --------------------------------------------------------------------------------------------- machine
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_bytes() -> int | None:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def machine_description() -> dict[str, Any]:
-    """Platform, CPU model, cores, RAM, Python and inference library versions (torch is never imported)."""
-    desc: dict[str, Any] = {
-        "platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-        "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
-        "ram_gb": round(_ram_bytes() / 2**30, 2) if _ram_bytes() else None,
-        "madclip": __version__, "numpy": np.__version__,
-    }
-    try:
-        import onnxruntime as ort
-
-        desc["onnxruntime"] = ort.__version__
-        desc["onnxruntime_providers"] = list(ort.get_available_providers())
-    except ImportError:
-        desc["onnxruntime"] = None
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorrt") is not None:
-            import tensorrt
-
-            desc["tensorrt"] = tensorrt.__version__
-    except Exception as exc:  # a broken tensorrt install is information, not a failure
-        desc["tensorrt"] = f"unusable: {type(exc).__name__}"
-    return desc
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
 # --------------------------------------------------------------------------------------------- measuring
 
 
 def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
-def _time_ms(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def golden_image_png(golden_image: np.ndarray, spec: Any, directory: str) -> str:
@@ -166,7 +99,7 @@ def batch_of(images: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([images] * reps)[:batch], dtype=np.float32)  # [batch, 3, S, S]
 
 
-def _throughput(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int) -> float:
+def throughput(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int) -> float:
     run(batch)  # one untimed run at this shape (allocations, TensorRT profile switch)
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -174,7 +107,7 @@ def _throughput(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int)
     return len(batch) * iters / (time.perf_counter() - t0)
 
 
-def _row_from_runs(stage_runs: list[dict[str, float]], cold_s: float, thr: float, batch: int) -> dict[str, Any]:
+def row_from_runs(stage_runs: list[dict[str, float]], cold_s: float, thr: float, batch: int) -> dict[str, Any]:
     infer = [t["inference"] for t in stage_runs]
     total = [sum(t.values()) for t in stage_runs]
     return {
@@ -198,62 +131,11 @@ def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, go
         for _ in range(warmup):
             pred.predict(image_path)
         runs = [dict(pred.predict(image_path).timings) for _ in range(iters)]
-        thr = _throughput(pred.backend.run, batch_of(golden["image"], batch), thr_iters)
-        out = pred.backend.run(golden["image"].astype(np.float32))
-        row = _row_from_runs(runs, pred.load_seconds, thr, batch)
+        thr = throughput(pred.backend.run, batch_of(golden[GOLDEN_INPUT], batch), thr_iters)
+        out = pred.backend.run(golden[GOLDEN_INPUT].astype(np.float32))
+        row = row_from_runs(runs, pred.load_seconds, thr, batch)
         row.update(provider=pred.provider,
-                   golden_score_max_abs_err=float(np.max(np.abs(out["score"] - golden["score"]))))
-    return row
-
-
-def bench_pytorch(run_dir: str, image_path: str, spec: Any, golden: dict[str, np.ndarray], iters: int,
-                  warmup: int, batch: int, thr_iters: int) -> dict[str, Any]:
-    """PyTorch eager FP32 on the CPU for the training run: torch and madclip_train are imported only here."""
-    try:
-        import torch
-        from madclip_train.checkpoint import load_run
-    except ImportError as exc:
-        raise ModuleNotFoundError(f"needs torch and madclip_train ({exc})") from None
-    from .imageio import read_scans
-    from .preprocess import preprocess, resize_map
-
-    t0 = time.perf_counter()
-    model, _config = load_run(run_dir)
-    model.eval()
-    with torch.inference_mode():  # once, as a PyTorch deployment would (the bundle bakes them as constants)
-        t_n, t_ab = model.text_embeddings()
-        dt = t_ab - t_n
-    cold = time.perf_counter() - t0
-
-    def infer(x: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            out = model.outputs_from_features(model.backbone(torch.from_numpy(np.ascontiguousarray(x))), dt)
-        return {k: v.float().numpy() for k, v in out.items()}
-
-    def one() -> dict[str, float]:
-        t: dict[str, float] = {}
-        s = time.perf_counter()
-        scan = read_scans(image_path, window=spec.window)[0]
-        t["decode"] = (time.perf_counter() - s) * 1e3
-        s = time.perf_counter()
-        x = preprocess(scan, spec)[None]  # [1, 3, S, S]
-        t["preprocess"] = (time.perf_counter() - s) * 1e3
-        s = time.perf_counter()
-        out = infer(x)
-        t["inference"] = (time.perf_counter() - s) * 1e3
-        s = time.perf_counter()
-        resize_map(out["anomaly_map"][0, 0], scan.height, scan.width)
-        t["postprocess"] = (time.perf_counter() - s) * 1e3
-        return t
-
-    for _ in range(warmup):
-        one()
-    runs = [one() for _ in range(iters)]
-    thr = _throughput(infer, batch_of(golden["image"], batch), thr_iters)
-    out = infer(golden["image"].astype(np.float32))
-    row = _row_from_runs(runs, cold, thr, batch)
-    row.update(provider=f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads, text precomputed)",
-               golden_score_max_abs_err=float(np.max(np.abs(out["score"] - golden["score"]))))
+                   golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))))
     return row
 
 
@@ -302,8 +184,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
     bundle = load_bundle(args.bundle, verify=True)
     golden = read_golden(bundle)
-    backends = _split(args.backends, ALL_BACKENDS, "backends")
-    precisions = _split(args.precisions, ALL_PRECISIONS, "precisions") if args.precisions else list(bundle.precisions)
+    backends = _split(args.backends, BACKENDS, "backends")
+    precisions = _split(args.precisions, PRECISIONS, "precisions") if args.precisions else list(bundle.precisions)
     batch = args.batch or bundle.max_batch or 8
     if batch < 1 or (bundle.max_batch and batch > bundle.max_batch):
         raise MadclipError(f"--batch must be in 1..{bundle.max_batch or 'inf'} for this bundle, got {batch}")
@@ -321,7 +203,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if not console.is_terminal:
         console = Console(width=160)  # files and pipes: do not squeeze the table into 80 columns
     with tempfile.TemporaryDirectory(prefix="madclip-bench-") as tmp:
-        image = args.image or golden_image_png(golden["image"][0], bundle.spec, tmp)
+        image = args.image or golden_image_png(golden[GOLDEN_INPUT][0], bundle.spec, tmp)
         for be in backends:
             for prec in precisions:
                 row: dict[str, Any] = {"backend": be, "precision": prec}
@@ -341,15 +223,6 @@ def _main(argv: Sequence[str] | None) -> int:
                 if be == "ort-cpu" and prec == "fp16":
                     row["note"] = "FP16 on a CPU is slower than FP32 (no native half arithmetic)"
                 rows.append({**row, "status": "ok", "peak_rss_mb": round(peak_rss_mb(), 1)})
-        if args.run:
-            row = {"backend": "pytorch-eager", "precision": "fp32"}
-            err_console.print("measuring pytorch-eager fp32 ...", markup=False, highlight=False)
-            try:
-                row.update(bench_pytorch(args.run, image, bundle.spec, golden, args.iters, args.warmup, batch,
-                                         thr_iters))
-                rows.append({**row, "status": "ok", "peak_rss_mb": round(peak_rss_mb(), 1)})
-            except (ModuleNotFoundError, MadclipError) as exc:
-                rows.append({**row, "status": "skipped", "reason": str(exc)})
 
     report = {
         "bundle": bundle.path, "intended_use": INTENDED_USE, "machine": machine_description(),

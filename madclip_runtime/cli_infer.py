@@ -121,30 +121,6 @@ def output_stem(source: str, used: set[str]) -> str:
     return stem
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def record_for(pred: Any, predictor: Any) -> dict[str, Any]:
-    """The per-scan record printed with --json and stored in <stem>.json."""
-    return {
-        "file": pred.source,
-        "score": _finite(pred.score),
-        "score_map_max": _finite(pred.score_map_max),
-        "label": pred.label,
-        "threshold": pred.threshold,
-        "score_name": pred.score_name,
-        "backend": predictor.backend_name,
-        "provider": predictor.provider,
-        "precision": predictor.precision,
-        "latency_ms": round(pred.latency_ms, 3),
-        "timings_ms": {k: round(v, 3) for k, v in pred.timings.items()},
-        "height": int(pred.anomaly_map.shape[0]),
-        "width": int(pred.anomaly_map.shape[1]),
-        "intended_use": INTENDED_USE,
-    }
-
-
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -180,7 +156,7 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
     from .selftest import run_selftest
 
     res = run_selftest(args.bundle, args.backend, args.precision, cache_dir=args.cache_dir)
-    clean = {k: (_finite(v) if isinstance(v, float) else v) for k, v in res.items()}
+    clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in res.items()}
     if args.json:
         print(json.dumps({"selftest": clean}, allow_nan=False), flush=True)
     else:
@@ -273,13 +249,12 @@ def _main(argv: Sequence[str] | None) -> int:
             scans = [s for s, _ in batch]
             preds = predictor.predict_scans(scans, [ms for _, ms in batch])
             for scan, pred in zip(scans, preds):
-                record = record_for(pred, predictor)
+                record = predictor.record(pred)
                 if out_dir is not None:
                     t0 = time.perf_counter()
                     stem = output_stem(pred.source, used_stems)
-                    save_prediction(out_dir, stem, scan, pred.anomaly_map, record, bundle.map_scale,
-                                    pred.threshold, bundle.map_threshold, args.map_format,
-                                    score_name=pred.score_name, label=os.path.basename(pred.source))
+                    save_prediction(out_dir, stem, scan, pred, record, bundle.map_scale, bundle.map_threshold,
+                                    args.map_format)
                     log.debug("%s: wrote %s/%s.* in %.1f ms", pred.source, out_dir, stem,
                               (time.perf_counter() - t0) * 1e3)
                 if args.json:

@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import INTENDED_USE
 from .atomic import atomic_save_npy, atomic_save_png, atomic_write_text
+from .contract import ANOMALY, NORMAL
 from .imageio import ScanImage
 
 # Anchor colours of a dark-purple-orange-pale-yellow perceptual ramp (inferno-like), evenly spaced on [0, 1].
@@ -149,6 +150,7 @@ def render_overlay(
     amap_native: np.ndarray,
     score: float,
     threshold: float | None,
+    decision: str | None,
     map_threshold: float | None,
     scale: tuple[float, float],
     label: str | None = None,
@@ -176,12 +178,12 @@ def render_overlay(
     fs = int(min(28, max(11, round(w / 40))))
     font, pad = _font(fs), max(3, fs // 3)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    if threshold is None:
-        verdict, verdict_fg = "(no calibrated threshold)", _LEGEND_FG
-    elif score >= threshold:
+    if decision == ANOMALY:  # the label decided by the predictor (contract.decide), shown, not re-decided
         verdict, verdict_fg = "ANOMALY", _ANOMALY_FG
-    else:
+    elif decision == NORMAL:
         verdict, verdict_fg = "normal", _NORMAL_FG
+    else:
+        verdict, verdict_fg = "(no calibrated threshold)" if threshold is None else "(no decision)", _LEGEND_FG
     score_text = f"score {_fmt(score)}  threshold {_fmt(threshold)}  "
     lo_text, hi_text = f"{lo:g}", f"{hi:g}"
     contour_text = f"  contour {map_threshold:.3f}" if map_threshold is not None else ""
@@ -242,30 +244,26 @@ def save_prediction(
     out_dir: str | os.PathLike,
     stem: str,
     pixels: ScanImage | np.ndarray,
-    amap_native: np.ndarray,
+    pred: Any,
     record: dict[str, Any],
     scale: tuple[float, float],
-    threshold: float | None,
-    map_threshold: float | None,
+    map_threshold: float | None = None,
     map_format: str = "png16",
-    score_name: str = "score",
-    label: str | None = None,
 ) -> dict[str, str]:
     """Write `<stem>_map.png` (16-bit, fixed scale) or `<stem>_map.npy` (float32), `<stem>_overlay.png` and
     `<stem>.json` (the record plus file names, map encoding and intended use), each atomically; the JSON
-    is written last, so its presence means the set is complete. `record[score_name]` is the score shown
-    against `threshold` in the overlay. Returns {"json", "overlay", "map"} -> path.
+    is written last, so its presence means the set is complete. `pred` is the scan's Prediction (its native
+    anomaly map, decision score, threshold and label are shown); `record` is `pred.record(...)`.
+    Returns {"json", "overlay", "map"} -> path.
     """
     if map_format not in ("png16", "npy"):
         raise ValueError(f"map_format must be 'png16' or 'npy', got {map_format!r}")
     if not stem or "/" in stem or os.sep in stem:
         raise ValueError(f"stem must be a plain file-name stem, got {stem!r}")
-    if score_name not in record:
-        raise ValueError(f"record has no {score_name!r} entry (keys: {', '.join(record)})")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     lo, hi = _check_scale(scale)
-    amap = np.asarray(amap_native, dtype=np.float32)  # [H, W]
+    amap = np.asarray(pred.anomaly_map, dtype=np.float32)  # [H, W]
 
     if map_format == "png16":
         map_path = os.path.join(out_dir, f"{stem}_map.png")
@@ -281,7 +279,8 @@ def save_prediction(
         encoding = "float32 npy, raw anomaly map values"
 
     overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
-    overlay = render_overlay(pixels, amap, float(record[score_name]), threshold, map_threshold, (lo, hi), label)
+    overlay = render_overlay(pixels, amap, float(pred.decision_score), pred.threshold, pred.label, map_threshold,
+                             (lo, hi), os.path.basename(pred.source))
     atomic_save_png(overlay_path, overlay)
 
     json_path = os.path.join(out_dir, f"{stem}.json")

@@ -19,8 +19,10 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from . import INTENDED_USE
 from .backends import create_backend, resolve_auto
 from .bundle import Bundle, load_bundle
+from .contract import ANOMALY_MAP, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
 from .errors import BundleError, InputError, MadclipError
 from .imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
 from .preprocess import preprocess, resize_map
@@ -28,7 +30,6 @@ from .preprocess import preprocess, resize_map
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8  # used when the bundle sets no limit (max_batch null)
-OUTPUT_NAMES = ("score", "anomaly_map", "score_map_max")
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 
 PredictInput = Union[str, "os.PathLike[str]", np.ndarray, ScanImage]
@@ -51,18 +52,26 @@ class Prediction:
     @property
     def decision_score(self) -> float:
         """The value compared with the threshold."""
-        return self.score if self.score_name == "score" else self.score_map_max
+        return self.score if self.score_name == SCORE else self.score_map_max
+
+    def record(self, **context: Any) -> dict[str, Any]:
+        """The per-scan record (printed with --json, stored in <stem>.json): JSON-ready, NaN/inf as None.
+        `context` adds where it was computed (backend, provider, precision)."""
+        return {
+            "file": self.source, "score": _finite(self.score), "score_map_max": _finite(self.score_map_max),
+            "label": self.label, "threshold": self.threshold, "score_name": self.score_name, **context,
+            "latency_ms": round(self.latency_ms, 3), "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+            "height": int(self.anomaly_map.shape[0]), "width": int(self.anomaly_map.shape[1]),
+            "intended_use": INTENDED_USE,
+        }
 
     @property
     def latency_ms(self) -> float:
         return float(sum(self.timings.get(s, 0.0) for s in STAGES))
 
 
-def decide(value: float, threshold: float | None) -> str | None:
-    """'anomaly' when value >= threshold (as the overlay shows it), 'normal' below, None without threshold."""
-    if threshold is None or not np.isfinite(value):
-        return None
-    return "anomaly" if value >= threshold else "normal"
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def array_to_scan(pixels: np.ndarray, source: str = "<array>", window: str = "auto") -> ScanImage:
@@ -187,10 +196,10 @@ class Predictor:
         preds = []
         for i, scan in enumerate(scans):
             t0 = time.perf_counter()
-            model_map = np.asarray(outputs["anomaly_map"][i, 0], dtype=np.float32)  # [S, S]
+            model_map = np.asarray(outputs[ANOMALY_MAP][i, 0], dtype=np.float32)  # [S, S]
             native = resize_map(model_map, scan.height, scan.width)  # [H, W]
-            score, smax = float(outputs["score"][i]), float(outputs["score_map_max"][i])
-            value = score if self.score_name == "score" else smax
+            score, smax = float(outputs[SCORE][i]), float(outputs[SCORE_MAP_MAX][i])
+            value = score if self.score_name == SCORE else smax
             label = decide(value, self.threshold)
             post_ms = (time.perf_counter() - t0) * 1e3
             timings = {"decode": float(decode_ms[i]), "preprocess": pre_ms[i], "inference": infer_ms,
@@ -205,9 +214,13 @@ class Predictor:
             raise InputError(f"{self.bundle.path}: the model did not return {', '.join(missing)} "
                              f"(it returned {', '.join(outputs)})")
         s = self.bundle.image_size
-        if outputs["anomaly_map"].shape != (n, 1, s, s) or outputs["score"].shape != (n,):
-            raise InputError(f"{self.bundle.path}: model output shapes {outputs['score'].shape} / "
-                             f"{outputs['anomaly_map'].shape}, expected ({n},) / ({n}, 1, {s}, {s})")
+        if outputs[ANOMALY_MAP].shape != (n, 1, s, s) or outputs[SCORE].shape != (n,):
+            raise InputError(f"{self.bundle.path}: model output shapes {outputs[SCORE].shape} / "
+                             f"{outputs[ANOMALY_MAP].shape}, expected ({n},) / ({n}, 1, {s}, {s})")
+
+    def record(self, pred: Prediction) -> dict[str, Any]:
+        """`pred.record()` with this predictor's backend, provider and precision."""
+        return pred.record(backend=self.backend_name, provider=self.provider, precision=self.precision)
 
     def close(self) -> None:
         self.backend.close()

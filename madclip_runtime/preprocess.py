@@ -1,6 +1,6 @@
 """The one preprocessing implementation, used by training, export (golden inputs) and serving.
 
-MadCLIP (METHOD.md section 2): PIL bicubic resize to 240x240 (aspect not kept), RGB with grey
+MadCLIP (docs/METHODS.md §2): PIL bicubic resize to 240x240 (aspect not kept), RGB with grey
 replicated, values in [0, 1], no CLIP mean/std normalisation by default (a switch turns it on).
 8-bit sources take exactly the reference path (uint8 PIL resize, then /255). Higher bit depths are
 windowed to [0, 1] by `madclip_runtime.imageio` and resized in float ('F' mode) so no precision is lost.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -99,11 +98,6 @@ def normalize_array(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if spec.normalize == "clip":
         out = (out - np.asarray(spec.mean, np.float32)[:, None, None]) / np.asarray(spec.std, np.float32)[:, None, None]
     return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def preprocess_batch(images: Sequence[ScanImage | np.ndarray], spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """Several scans -> float32 [B, 3, S, S]."""
-    return np.stack([preprocess(im, spec) for im in images])
 
 
 def preprocess_mask(mask: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:

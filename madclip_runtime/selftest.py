@@ -12,11 +12,11 @@ Tolerances (absolute; scores and maps lie in [0, L], L = 4):
     fp16       5e-2                               5e-2
     int8       1e-1                               1e-1
 
-FP32 on the CPU reproduces the reference to ~1e-6 (DESIGN.md section 4), so 1e-4 leaves room for other CPUs
+FP32 on the CPU reproduces the reference to ~1e-6 (docs/ARCHITECTURE.md §4), so 1e-4 leaves room for other CPUs
 and thread counts only. GPU backends get 2e-3 because cuDNN/TensorRT use TF32 for FP32 matrix products by
 default (10-bit mantissa inputs). FP16 keeps the scoring head in FP32 but the backbone runs in half
 precision (~1e-3 relative per layer, compounding); 5e-2 is 1.25 % of the range. Dynamic INT8 moved the map
-by up to 3.4e-2 with random weights (DESIGN.md section 4); 1e-1 is 2.5 % of the range. The map is judged
+by up to 3.4e-2 with random weights (docs/ARCHITECTURE.md §4); 1e-1 is 2.5 % of the range. The map is judged
 on its 99th percentile so a handful of boundary pixels do not fail a healthy build, while the max is reported.
 """
 from __future__ import annotations
@@ -30,12 +30,13 @@ import numpy as np
 
 from .backends import create_backend, resolve_auto
 from .bundle import Bundle, load_bundle
+from .contract import ANOMALY_MAP, GOLDEN_INPUT, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
 from .errors import BundleError
 from .predictor import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
-GOLDEN_KEYS = ("image", "score", "anomaly_map", "score_map_max")
+GOLDEN_KEYS = (GOLDEN_INPUT, *OUTPUT_NAMES)
 CPU_BACKENDS = ("ort-cpu",)
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"score": 1e-4, "map_p99": 1e-4},
@@ -63,8 +64,8 @@ def read_golden(bundle: Bundle) -> dict[str, np.ndarray]:
     missing = [k for k in GOLDEN_KEYS if k not in data]
     if missing:
         raise BundleError(f"{path}: missing arrays {', '.join(missing)}")
-    n, s = len(data["image"]), bundle.image_size
-    expected = {"image": (n, 3, s, s), "score": (n,), "anomaly_map": (n, 1, s, s), "score_map_max": (n,)}
+    n, s = len(data[GOLDEN_INPUT]), bundle.image_size
+    expected = {GOLDEN_INPUT: (n, 3, s, s), SCORE: (n,), ANOMALY_MAP: (n, 1, s, s), SCORE_MAP_MAX: (n,)}
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise BundleError(f"{path}: {key} has shape {data[key].shape}, expected {shape}")
@@ -97,7 +98,7 @@ def run_selftest(
     be = create_backend(name, b.model_path(precision), precision, b.max_batch or DEFAULT_MAX_BATCH,
                         None if cache_dir is None else os.fspath(cache_dir), input_chw=(3, b.image_size, b.image_size))
     try:
-        out = be.run(golden["image"].astype(np.float32))  # [N, ...]
+        out = be.run(golden[GOLDEN_INPUT].astype(np.float32))  # [N, ...]
         provider, load_seconds = be.provider, be.load_seconds
     finally:
         be.close()
@@ -115,10 +116,11 @@ def run_selftest(
     agreement = None
     if b.threshold is not None:
         key = b.score_name
-        agreement = float(np.mean((out[key] >= b.threshold) == (golden[key] >= b.threshold)))
+        agreement = float(np.mean([decide(float(o), b.threshold) == decide(float(g), b.threshold)
+                                   for o, g in zip(out[key], golden[key])]))
     result = {
         "bundle": b.path, "backend": name, "provider": provider, "precision": precision,
-        "n": int(len(golden["image"])), **errors, "tolerance": tol,
+        "n": int(len(golden[GOLDEN_INPUT])), **errors, "tolerance": tol,
         "label_agreement": agreement, "load_seconds": float(load_seconds), "passed": bool(passed),
     }
     log.debug("selftest %s", result)

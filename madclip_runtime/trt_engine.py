@@ -4,7 +4,7 @@ An engine only runs on the TensorRT version and GPU it was built for, so engines
 and cached under a name and a JSON sidecar (`EngineKey`) that record the TensorRT version, the GPU compute
 capability, the precision, the ONNX sha256 and the batch profile; any mismatch rebuilds with a message.
 
-FP16 (DESIGN.md section 3): TensorRT >= 10.12 (and 11, which has no FP16 builder flag) builds a strongly
+FP16 (docs/ARCHITECTURE.md §3): TensorRT >= 10.12 (and 11, which has no FP16 builder flag) builds a strongly
 typed network from the mixed-precision `model_fp16.onnx`, so its FP32 islands are honoured as written.
 TensorRT 10.0-10.11 (JetPack 6 ships 10.3) parses the FP32 `model.onnx`, sets the FP16 builder flag and
 pins the FP32 islands (`fp32_island`) with obeyed precision constraints.
@@ -28,12 +28,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .contract import INPUT_NAME
 from .errors import BackendUnavailable, BundleError, InputError
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map", "score_map_max")
 TRT_PRECISIONS = ("fp32", "fp16")
 STRONGLY_TYPED_FROM = (10, 12)  # first TensorRT whose strongly typed FP16 path we use
 

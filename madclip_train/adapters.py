@@ -1,4 +1,4 @@
-"""MadCLIP's dual-branch adapters (METHOD.md section 3): one per tapped layer per branch, nothing shared."""
+"""MadCLIP's dual-branch adapters (docs/METHODS.md §3): one per tapped layer per branch, nothing shared."""
 from __future__ import annotations
 
 import torch

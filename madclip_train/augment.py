@@ -1,4 +1,4 @@
-"""Offline x16 augmentation of the few shots (METHOD.md section 7), done once before training.
+"""Offline x16 augmentation of the few shots (docs/METHODS.md §7), done once before training.
 
 Per source image, 16 consecutive variants (VARIANTS gives their names, in order): the original; rotations by
 -pi/8, -pi/16, +pi/16, +pi/8; translations by (+-0.1, +-0.1) normalised grid units; centre zooms x1.1, x1.15,
@@ -107,3 +107,19 @@ def augment_x16(
         out_mask[sl, 15] = torch.flip(m, dims=(1,))
     index = torch.arange(n, device=images.device).repeat_interleave(N_VARIANTS)  # [16N]
     return out_img.view(n * N_VARIANTS, c, h, w), out_mask.view(n * N_VARIANTS, h, w), index
+
+
+def _no_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int):
+    return images, masks, torch.arange(images.shape[0], device=images.device)
+
+
+# The offline augmentations a method can name (`MethodModel.augmentation`): kind -> fn(images, masks, seed)
+# returning (images, masks, source index of each output).
+AUGMENTATIONS = {"x16": augment_x16, "none": _no_augmentation}
+
+
+def augment_shots(kind: str, images: torch.Tensor, masks: torch.Tensor, seed: int):
+    """Offline augmentation `kind` of [0, 1] shots: (images, masks, source index), see AUGMENTATIONS."""
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r} (known: {', '.join(AUGMENTATIONS)})")
+    return AUGMENTATIONS[kind](images, masks, seed)

@@ -1,6 +1,6 @@
 """The frozen CLIP backbone: creation through open_clip, weights resolution, and the tapped features.
 
-The adapters never write back into the residual stream (METHOD.md section 2), so the backbone is a pure
+The adapters never write back into the residual stream (docs/METHODS.md §2), so the backbone is a pure
 function of the image: `Backbone.forward` returns the 4 tapped token maps and nothing downstream changes them.
 """
 from __future__ import annotations
@@ -102,6 +102,12 @@ class Backbone(nn.Module):
     def grid(self) -> int:
         return int(self.visual.grid_size[0])
 
+    def fingerprint(self) -> str:
+        """`weights_fingerprint` of the frozen vision tower, computed once (hashing ViT-L takes seconds)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = weights_fingerprint(self.visual)
+        return self._fingerprint
+
     def truncate(self) -> "Backbone":
         """Drop blocks after the last tap and the unused pooling head (for export)."""
         self.visual.prune_intermediate_layers(list(self.taps), prune_norm=True, prune_head=True)
@@ -113,6 +119,12 @@ class Backbone(nn.Module):
             normalize_intermediates=False, output_fmt="NLC",
         )
         return out["image_intermediates"]  # 4 x [B, P, W]
+
+
+def embed_dim(clip: nn.Module) -> int:
+    """Width of the joint image-text embedding (the text projection's output)."""
+    proj = clip.text_projection
+    return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
 
 
 def build_backbone(clip: nn.Module, cfg: ModelConfig) -> Backbone:

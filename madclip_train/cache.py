@@ -1,9 +1,10 @@
-"""Feature cache: the tapped backbone features of the (augmented) shots, computed once.
+"""Feature cache: the part of a method's forward pass that is a pure function of the image, computed once.
 
-The adapters never write into the residual stream, so the frozen backbone is a pure function of the image and
-its tapped features can be stored (fp16 by default) and reused by every epoch. "memory" keeps them in RAM;
-"disk" also stores them in a safetensors file keyed by the image content, the backbone, its weights
-(fingerprint), the image size, the taps and the dtype, so a second run on the same shots skips the backbone.
+What that part is, is the method's (`MethodModel.cacheable`): for MadCLIP, whose adapters never write into the
+residual stream, all tapped backbone features. They are stored (fp16 by default) and reused by every epoch.
+"memory" keeps them in RAM; "disk" also stores them in a safetensors file keyed by the image content, the
+method's `cache_identity()` (backbone, weights fingerprint, image size, taps, cache boundary) and the dtype, so a
+second run on the same shots skips the backbone.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 
 from madclip_runtime.atomic import atomic_write_bytes
 
-from .backbone import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,19 @@ def cache_key(images: torch.Tensor, backbone_id: dict, dtype: str) -> str:
 
 
 @torch.no_grad()
-def extract_features(backbone: Backbone, images: torch.Tensor, batch_size: int, dtype: str, device: torch.device,
-                     advance: Callable[[int], None] | None = None) -> torch.Tensor:
-    """images [N, 3, S, S] -> tapped features [L, N, P, W] in `dtype` on the CPU (rounded once, like the cache)."""
+def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int, dtype: str,
+                     device: torch.device, advance: Callable[[int], None] | None = None) -> torch.Tensor:
+    """images [N, 3, S, S] -> fn's features [N, ...] in `dtype` on the CPU (rounded once, like the cache)."""
     chunks = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].to(device)
-        feats = backbone(batch)  # L x [b, P, W]
-        chunks.append(torch.stack(feats).to(DTYPES[dtype]).cpu())  # [L, b, P, W]
+        chunks.append(fn(batch).to(DTYPES[dtype]).cpu())  # [b, ...]
         if advance:
             advance(batch.shape[0])
-    return torch.cat(chunks, dim=1)
+    return torch.cat(chunks, dim=0)
 
 
-def load_or_extract(backbone: Backbone, images: torch.Tensor, backbone_id: dict, mode: str, dtype: str,
+def load_or_extract(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, backbone_id: dict, mode: str, dtype: str,
                     batch_size: int, device: torch.device, cache_dir: Path | None = None,
                     advance: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Features for `images` via the cache `mode` ("memory" or "disk"). Returns (features, info)."""
@@ -64,7 +63,7 @@ def load_or_extract(backbone: Backbone, images: torch.Tensor, backbone_id: dict,
         if path.is_file():
             try:
                 feats = load_file(str(path))["features"]
-                if feats.shape[1] == images.shape[0]:
+                if feats.shape[0] == images.shape[0]:
                     info["hit"] = True
                     log.info("feature cache hit: %s", path)
                     if advance:
@@ -72,7 +71,7 @@ def load_or_extract(backbone: Backbone, images: torch.Tensor, backbone_id: dict,
                     return feats, info
             except Exception as exc:  # corrupt cache file: recompute and overwrite
                 log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
-    feats = extract_features(backbone, images, batch_size, dtype, device, advance)
+    feats = extract_features(fn, images, batch_size, dtype, device, advance)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, save({"features": feats.contiguous()}))

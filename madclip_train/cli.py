@@ -4,13 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
-from pathlib import Path
 
 from madclip_runtime.cli_common import err_console, run_cli, setup_logging
-from madclip_runtime.errors import MadclipError
 
 log = logging.getLogger("madclip_train")
 
@@ -23,36 +20,43 @@ def _progress():
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="madclip-train", description="Learn MadCLIP adapters and prompts from k normal + "
-                                "k abnormal images of a dataset's valid/ split and write a run directory.")
+    from .methods import DEFAULT_METHOD, method_names
+
+    p = argparse.ArgumentParser(prog="madclip-train", description="Learn a few-shot anomaly-detection method (MadCLIP by "
+                                "default) from the shots of a dataset's valid/ split and write a run directory. "
+                                "Options left unset take the method's reference value.")
     p.add_argument("--data", required=True, help="dataset root (MVFA layout ROOT/valid/good/img ..., or plain "
                    "ROOT/normal, ROOT/abnormal, ROOT/masks)")
     p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument("--shots", type=int, default=16, help="k normal + k abnormal shots (default 16)")
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
+                   help=f"the method to train (default {DEFAULT_METHOD})")
+    p.add_argument("--shots", type=int, help="k normal + k abnormal shots (default 16)")
+    p.add_argument("--seed", type=int, help="shot sampling, initialisation, batch order, jitter (default 111)")
     p.add_argument("--shot-list", help="shot-list file (lines 'a-0: name ...' and 'n-0: name ...'); overrides --shots")
     p.add_argument("--objective", help="[Objective] word (default: from the dataset folder name, else 'medical image')")
-    p.add_argument("--backbone", default="ViT-L-14-336", help="open_clip model name, or madclip-tiny")
-    p.add_argument("--pretrained", default="openai", help="openai | PATH to weights | none (random, pipeline checks)")
-    p.add_argument("--image-size", type=int, default=240)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone", help="open_clip model name, or madclip-tiny (default: the method's, ViT-L-14-336 "
+                                      "for MadCLIP)")
+    p.add_argument("--pretrained", help="openai | PATH to weights | none (random, pipeline checks); default openai")
+    p.add_argument("--image-size", type=int, help="input size (default: the method's, 240 for MadCLIP)")
+    p.add_argument("--epochs", type=int, help="default: the method's (60 for MadCLIP)")
+    p.add_argument("--batch-size", type=int, help="default: the method's (16 for MadCLIP)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: the method's, 1e-3)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--select-on", default="none", choices=["none", "valid"],
+    p.add_argument("--select-on", choices=["none", "valid"],
                    help="none: fixed epoch budget, keep the last epoch (default); valid: hold out part of the shots "
                         "and keep the epoch with the lowest held-out loss. The test split is never used.")
-    p.add_argument("--holdout-fraction", type=float, default=0.25)
-    p.add_argument("--feature-cache", default="memory", choices=["memory", "disk", "off"],
-                   help="compute backbone features once (memory/disk) or every step (off)")
+    p.add_argument("--holdout-fraction", type=float, help="share of the shots held out by --select-on valid (0.25)")
+    p.add_argument("--feature-cache", choices=["memory", "disk", "off"],
+                   help="compute the cacheable features once (memory, the default; disk) or every step (off)")
     p.add_argument("--cache-dir", help="directory of the disk feature cache (default ~/.cache/madclip/features)")
-    p.add_argument("--no-augment", action="store_true", help="skip the offline x16 augmentation")
-    p.add_argument("--quick-gelu", action="store_true", help="QuickGELU (what OpenAI trained with); the reference uses GELU")
-    p.add_argument("--causal-prompt-mask", action="store_true",
+    p.add_argument("--no-augment", action="store_true", help="skip the method's offline augmentation")
+    p.add_argument("--quick-gelu", action="store_const", const=True,
+                   help="QuickGELU (what OpenAI trained with); MadCLIP's reference uses GELU")
+    p.add_argument("--causal-prompt-mask", action="store_const", const=True,
                    help="encode the learnable prompts with CLIP's causal mask (the reference omits it)")
-    p.add_argument("--normalize", default="none", choices=["none", "clip"],
-                   help="input normalisation: none (reference) or CLIP mean/std")
-    p.add_argument("--init-seed", type=int, default=0, help="seed of the random backbone when --pretrained none")
+    p.add_argument("--normalize", choices=["none", "clip"],
+                   help="input normalisation: none (MadCLIP's reference) or CLIP mean/std")
+    p.add_argument("--init-seed", type=int, help="seed of the random backbone when --pretrained none (0)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -63,11 +67,12 @@ def _train(argv) -> int:
     setup_logging(args.verbose)
     from .run import TrainRequest, train_run
 
-    req = TrainRequest(data=args.data, out=args.out, shots=args.shots, seed=args.seed, shot_list=args.shot_list,
-                       objective=args.objective, backbone=args.backbone, pretrained=args.pretrained,
-                       image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       device=args.device, select_on=args.select_on, holdout_fraction=args.holdout_fraction,
-                       feature_cache=args.feature_cache, cache_dir=args.cache_dir, augment=not args.no_augment,
+    req = TrainRequest(data=args.data, out=args.out, method=args.method, shots=args.shots, seed=args.seed,
+                       shot_list=args.shot_list, objective=args.objective, backbone=args.backbone,
+                       pretrained=args.pretrained, image_size=args.image_size, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, device=args.device, select_on=args.select_on,
+                       holdout_fraction=args.holdout_fraction, feature_cache=args.feature_cache,
+                       cache_dir=args.cache_dir, augment=False if args.no_augment else None,
                        quick_gelu=args.quick_gelu, causal_prompt_mask=args.causal_prompt_mask,
                        normalize=args.normalize, init_seed=args.init_seed, force=args.force)
     with _progress() as progress:
@@ -100,7 +105,7 @@ def _eval(argv) -> int:
 
     from madclip_runtime.atomic import atomic_write_text
 
-    from .checkpoint import load_run
+    from .rundir import load_run
     from .data import load_split
     from .evaluate import metrics_from_predictions, predict_split
     from .train import resolve_device
@@ -133,15 +138,19 @@ def eval_main(argv=None) -> int:
 
 
 def convert_parser() -> argparse.ArgumentParser:
+    from .methods import DEFAULT_METHOD, method_names
+
     p = argparse.ArgumentParser(prog="madclip-convert-reference",
-                                description="Convert an authors' released MadCLIP .pth (loaded with weights_only=True) "
-                                            "into a madclip run directory.")
+                                description="Convert an authors' released checkpoint (loaded with weights_only=True: "
+                                            "no code is executed) into a madclip run directory.")
     p.add_argument("checkpoint", help="the released .pth file")
     p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
+                   help=f"which method's checkpoint it is (default {DEFAULT_METHOD})")
     p.add_argument("--objective", required=True, help="[Objective] word the checkpoint was trained with, e.g. Brain")
-    p.add_argument("--backbone", default="ViT-L-14-336")
-    p.add_argument("--pretrained", default="openai")
-    p.add_argument("--image-size", type=int, default=240)
+    p.add_argument("--backbone", help="default: the method's (ViT-L-14-336 for MadCLIP)")
+    p.add_argument("--pretrained", help="openai (default) | PATH to weights")
+    p.add_argument("--image-size", type=int, help="default: the method's (240 for MadCLIP)")
     p.add_argument("--force", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -150,10 +159,13 @@ def convert_parser() -> argparse.ArgumentParser:
 def _convert(argv) -> int:
     args = convert_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from .run import convert_reference_run
+    from .reference import convert_reference_run
+    from .run import TrainRequest, resolve_configs
 
-    out = convert_reference_run(args.checkpoint, args.out, objective=args.objective, backbone=args.backbone,
-                                pretrained=args.pretrained, image_size=args.image_size, force=args.force)
+    req = TrainRequest(data="", out=args.out, method=args.method, backbone=args.backbone, pretrained=args.pretrained,
+                       image_size=args.image_size)
+    mcfg, _ = resolve_configs(req, args.objective)
+    out = convert_reference_run(args.checkpoint, args.out, mcfg, force=args.force)
     err_console.print(f"[green]run written:[/] {out}")
     return 0
 

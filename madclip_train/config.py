@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from madclip_runtime.preprocess import PreprocessSpec
 
-# [Objective] words per benchmark dataset folder (METHOD.md section 4).
+# [Objective] words per benchmark dataset folder (docs/METHODS.md §4).
 OBJECTIVE_WORDS = {
     "Brain": "Brain",
     "Liver": "Liver",
@@ -26,23 +26,30 @@ def objective_for(dataset_dir_name: str) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The MadCLIP model: frozen backbone + 8 adapters + learnable prompts.
+    """A method's model: which method, the frozen CLIP backbone and the method's switches.
 
-    Quirk switches default to the reference's behaviour (METHOD.md): exact GELU in a QuickGELU-trained model
+    The defaults are MadCLIP's (the toolkit's default method); a method whose reference differs (backbone,
+    input size, activation, normalisation) declares its own `model_defaults`, applied by `for_method`. Quirk
+    switches default to the reference's behaviour: exact GELU in a QuickGELU-trained model
     (`quick_gelu=False`), prompt text encoder without the causal mask (`causal_prompt_mask=False`), inputs not
-    mean/std-normalised (preprocess.normalize="none").
+    mean/std-normalised (preprocess.normalize="none"). The input size lives in `preprocess` only.
     """
 
+    method: str = "madclip"
     backbone: str = "ViT-L-14-336"
     pretrained: str = "openai"  # "openai" | a local file path | "none" (random init from init_seed)
-    image_size: int = 240
     quick_gelu: bool = False
     causal_prompt_mask: bool = False
     objective: str = DEFAULT_OBJECTIVE
     n_ctx: int = 8
     init_seed: int = 0  # random backbone init when pretrained == "none" (deterministic, so export can rebuild it)
-    taps: tuple[int, ...] = ()  # 0-based block indices; empty = 1/4, 2/4, 3/4, 4/4 of the depth
+    taps: tuple[int, ...] = ()  # 0-based block indices; empty = the method's default taps for the depth
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    options: dict = field(default_factory=dict)  # method-specific switches (JSON values), see the method's module
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.image_size
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -53,16 +60,21 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
+        legacy_size = d.pop("image_size", None)  # runs written before the size lived only in `preprocess`
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["taps"] = tuple(d.get("taps", ()))
-        d["preprocess"] = PreprocessSpec.from_dict(d.get("preprocess", {}))
+        pre = dict(d.get("preprocess", {}))
+        if legacy_size is not None:
+            pre.setdefault("image_size", legacy_size)
+        d["preprocess"] = PreprocessSpec.from_dict(pre)
+        d["options"] = dict(d.get("options") or {})
         return cls(**d)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and shot selection (METHOD.md section 7)."""
+    """Optimisation and shot selection (docs/METHODS.md §7)."""
 
     shots: int = 16
     seed: int = 111

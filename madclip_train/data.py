@@ -1,6 +1,6 @@
 """Datasets: find the images of a split, pick the few shots, load them as arrays.
 
-Two folder layouts are understood (METHOD.md section 1):
+Two folder layouts are understood (docs/METHODS.md §1):
 
 * MVFA/BMAD: ``ROOT/{valid,test}/good/img/*``, ``ROOT/{valid,test}/Ungood/img/*`` and, for datasets with
   pixel labels, ``ROOT/{valid,test}/Ungood/anomaly_mask/*`` (same stems). Few shots come from ``valid``.

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from madclip_runtime.atomic import AtomicDirectory
 from madclip_runtime.errors import MadclipError
 
 DATASET_NAME = "Brain_AD"
@@ -142,7 +141,8 @@ def generate_demo(
     """Write OUT/Brain_AD/{valid,test}/{good/img, Ungood/img, Ungood/anomaly_mask}; returns OUT/Brain_AD.
 
     valid holds n_valid normal + n_valid abnormal images, test n_test + n_test. Built in a temporary sibling
-    folder and renamed into place; an existing non-empty Brain_AD is only replaced with force=True.
+    folder and renamed into place (`AtomicDirectory`); an existing non-empty Brain_AD is only replaced with
+    force=True.
     `progress(done, total)` is called after each image.
     """
     if n_valid < 1 or n_test < 1:
@@ -155,11 +155,11 @@ def generate_demo(
         raise MadclipError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise MadclipError(f"{target}: already exists and is not empty (use --force to replace it)")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}.tmp-", dir=out))
-    try:
-        total = 2 * (n_valid + n_test)
-        done = 0
+    empty = target.is_dir() and not any(target.iterdir())
+    total = 2 * (n_valid + n_test)
+    done = 0
+    with AtomicDirectory(target, force=force or empty) as tmp_dir:
+        tmp = Path(tmp_dir)
         for split, n in (("valid", n_valid), ("test", n_test)):
             good = tmp / split / "good" / "img"
             bad = tmp / split / "Ungood" / "img"
@@ -178,16 +178,6 @@ def generate_demo(
                     done += 1
                     if progress is not None:
                         progress(done, total)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}.old-", dir=out))
-            os.replace(target, trash / DATASET_NAME)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

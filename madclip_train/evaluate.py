@@ -1,4 +1,4 @@
-"""Scoring a split with a trained (or untrained) model and computing the metrics of METHOD.md section 8."""
+"""Scoring a split with a trained (or untrained) model and computing the metrics of docs/METHODS.md §8."""
 from __future__ import annotations
 
 import logging
@@ -8,13 +8,13 @@ import torch
 
 from .data import Split, load_arrays
 from .metrics import all_metrics
-from .model import MadCLIP
+from .methods import MethodModel
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict_split(model: MadCLIP, split: Split, batch_size: int = 16, device: torch.device | str = "cpu",
+def predict_split(model: MethodModel, split: Split, batch_size: int = 16, device: torch.device | str = "cpu",
                   progress=None) -> dict[str, np.ndarray]:
     """Run the full model (image -> AC, AS) over every image of `split`, reading in batches.
 
@@ -23,14 +23,13 @@ def predict_split(model: MadCLIP, split: Split, batch_size: int = 16, device: to
     model.eval().to(device)
     spec = model.cfg.preprocess
     samples = list(split.samples)
-    t_n, t_ab = model.text_embeddings()
-    dt = t_ab - t_n
+    ctx = model.inference_context()  # constants (e.g. text embeddings) computed once
     out: dict[str, list] = {"score": [], "score_map_max": [], "labels": [], "maps": [], "masks": []}
     task = progress.add_task(f"scoring {split.name}", total=len(samples)) if progress else None
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         images, masks, labels = load_arrays(chunk, spec)
-        res = model.outputs_from_features(model.backbone(torch.from_numpy(images).to(device)), dt)
+        res = model.outputs(model.cacheable(torch.from_numpy(images).to(device)), ctx)
         out["score"].append(res["score"].cpu().numpy())
         out["score_map_max"].append(res["score_map_max"].cpu().numpy())
         out["labels"].append(labels)

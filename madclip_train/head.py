@@ -1,4 +1,4 @@
-"""The one score head (METHOD.md section 5), used by training, evaluation and the exported graph.
+"""The one score head (docs/METHODS.md §5), used by training, evaluation and the exported graph.
 
 S_n = O_n.t_n - O_n.t_ab = -O_n.dt and S_ab = O_ab.t_ab - O_ab.t_n = O_ab.dt with dt = t_ab - t_n, so
 p_ab = softmax([S_n, S_ab])[1] = sigmoid(S_ab - S_n) = sigmoid((O_ab + O_n).dt). Only dt matters at inference.
@@ -12,12 +12,6 @@ import torch.nn.functional as F
 def branch_logits(o_n: torch.Tensor, o_ab: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit vectors [..., P, E] of both branches and dt [E] -> (S_n, S_ab), each [..., P]. No temperature."""
     return -(o_n @ dt), o_ab @ dt
-
-
-def anomaly_logit(o_n: torch.Tensor, o_ab: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """S_ab - S_n = (O_ab + O_n).dt, [..., P]; sigmoid of it is p_ab."""
-    s_n, s_ab = branch_logits(o_n, o_ab, dt)
-    return s_ab - s_n
 
 
 def upsample_logits(logit: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""MadCLIP's losses (METHOD.md section 6), per tapped layer and summed over the layers.
+"""MadCLIP's losses (docs/METHODS.md §6), per tapped layer and summed over the layers.
 
 - Detection ("SigLIP") loss on the det logits, no temperature or bias: with z = 2y - 1,
   L_det = -(1/B) sum_b [mean_p log sigmoid(-z_b S_n) + mean_p log sigmoid(z_b S_ab)].

@@ -1,4 +1,4 @@
-"""Evaluation metrics (METHOD.md section 8) with scikit-learn's ROC/PR curves.
+"""Evaluation metrics (docs/METHODS.md §8) with scikit-learn's ROC/PR curves.
 
 - image AUROC over one score per image;
 - pixel AUROC pooled over every pixel of every test image at model resolution (not averaged per image);

@@ -1,4 +1,4 @@
-"""Learnable CoOp-style prompts (METHOD.md section 4) and the frozen text encoder they run through.
+"""Learnable CoOp-style prompts (docs/METHODS.md §4) and the frozen text encoder they run through.
 
 Per class (normal, abnormal): 7 state phrases built from the [Objective] word, each in 3 positions (end, front,
 middle), each (phrase, position) with its own M = 8 context vectors. The 21 sequences of a class are encoded,

@@ -1,31 +1,32 @@
-"""The MadCLIP trainer (METHOD.md section 7) on cached backbone features.
+"""The trainer, for any method (`methods.MethodModel`), on cached features where the method allows it.
 
-Flow: shots -> offline x16 augmentation -> tapped features computed once (fp16 cache) -> epochs that run only
-the 8 adapters and the prompt learner (text tower included, frozen) -> checkpoint. Model selection never sees
+Flow: shots -> the method's training source (default: offline augmentation, then the method's cacheable part
+of the forward pass computed once into the fp16 feature cache) -> epochs that run only what follows the cache
+boundary (for MadCLIP: the 8 adapters and the prompt learner, text tower included, frozen) -> the method's
+`finalize` (e.g. a memory bank) -> checkpoint. Model selection never sees
 the test split: a fixed epoch budget by default (`select_on="none"`, the last epoch is kept), or
 `select_on="valid"`: a part of the shots (per class, `holdout_fraction`, at least one image) is held out of
 training and the epoch with the lowest held-out loss is kept.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from madclip_runtime.preprocess import PreprocessSpec, normalize_array
 
-from .augment import augment_x16
 from .cache import DTYPES, load_or_extract
 from .config import TrainConfig
-from .losses import madclip_loss
+from .methods import Batch, MethodModel
+from .methods.base import iterate_batches
 from .metrics import image_auroc
-from .model import MadCLIP
 
 log = logging.getLogger(__name__)
 
@@ -71,110 +72,116 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
     return torch.tensor(sorted(train)), torch.tensor(sorted(held))
 
 
-def _augment(shots: ShotTensors, seed: int) -> ShotTensors:
-    images, masks, index = augment_x16(shots.images, shots.masks, seed=seed)
-    return ShotTensors(images, masks, shots.labels[index])
-
-
-def _normalize(shots: ShotTensors, spec: PreprocessSpec) -> ShotTensors:
+def _normalize(images01: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """[0, 1] images -> model input range (the shared preprocessing's normalisation step)."""
     if spec.normalize == "none":
-        return shots
-    return ShotTensors(torch.from_numpy(normalize_array(shots.images.numpy(), spec)), shots.masks, shots.labels)
+        return images01
+    return torch.from_numpy(normalize_array(images01.numpy(), spec))
 
 
-class _FeatureSource:
-    """Tapped features for a set of images: from the cache, or (cache "off") by running the backbone each time."""
+class CachedSource:
+    """Training batches from a fixed set of (augmented) images: their `model.cacheable()` features come from the
+    feature cache, or (cache "off") from running the cacheable part every time, rounded through the same dtype."""
 
-    def __init__(self, model: MadCLIP, data: ShotTensors, tcfg: TrainConfig, device: torch.device,
-                 backbone_id: dict, cache_dir: Path | None, progress=None, label: str = "features"):
-        self.model, self.data, self.device, self.dtype = model, data, device, tcfg.cache_dtype
+    def __init__(self, model: MethodModel, images01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                 tcfg: TrainConfig, device: torch.device, cache_dir: Path | None = None, progress=None,
+                 label: str = "features"):
+        self.model, self.device, self.dtype, self.batch_size = model, device, tcfg.cache_dtype, tcfg.batch_size
+        self.images = _normalize(images01, model.cfg.preprocess)  # [N, 3, S, S]
+        self.masks, self.labels = masks, labels
         self.feats = None
         self.info: dict = {"mode": tcfg.feature_cache}
-        if tcfg.feature_cache != "off" and len(data):
-            task = progress.add_task(f"backbone {label}", total=len(data)) if progress else None
+        if tcfg.feature_cache != "off" and len(labels):
+            task = progress.add_task(f"backbone {label}", total=len(labels)) if progress else None
             t0 = time.perf_counter()
             self.feats, self.info = load_or_extract(
-                model.backbone, data.images, backbone_id, tcfg.feature_cache, tcfg.cache_dtype,
+                model.cacheable, self.images, model.cache_identity(), tcfg.feature_cache, tcfg.cache_dtype,
                 batch_size=tcfg.batch_size, device=device, cache_dir=cache_dir,
                 advance=(lambda n: progress.advance(task, n)) if progress else None)
             self.info["seconds"] = time.perf_counter() - t0
             self.info["bytes"] = self.feats.numel() * self.feats.element_size()
 
-    def get(self, index: torch.Tensor) -> list[torch.Tensor]:
-        """Features of data[index] as L x [b, P, W] float32 on the device (rounded through the cache dtype)."""
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def get(self, index: torch.Tensor) -> Batch:
+        """Batch of data[index]: features on the device (rounded through the cache dtype), labels, masks."""
         if self.feats is not None:
-            f = self.feats[:, index].to(self.device).float()
+            feats = self.feats[index].to(self.device)
         else:
             with torch.no_grad():
-                f = torch.stack(self.model.backbone(self.data.images[index].to(self.device)))
-                f = f.to(DTYPES[self.dtype]).float()
-        return list(f.unbind(0))
+                feats = self.model.cacheable(self.images[index].to(self.device)).to(DTYPES[self.dtype])
+        return Batch(feats, self.labels[index].to(self.device), self.masks[index].to(self.device))
 
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        for index in iterate_batches(len(self), self.batch_size, generator):
+            yield self.get(index)
 
-def _batch_loss(model: MadCLIP, source: _FeatureSource, index: torch.Tensor, has_masks: bool) -> dict:
-    t_n, t_ab = model.text_embeddings()
-    logits = model.branch_logits(source.get(index), t_ab - t_n)
-    labels = source.data.labels[index].to(source.device)
-    masks = source.data.masks[index].to(source.device) if has_masks else None
-    return madclip_loss(logits, labels, masks, model.image_size)
+    def in_order(self) -> Iterator[Batch]:
+        for start in range(0, len(self), self.batch_size):
+            yield self.get(torch.arange(start, min(start + self.batch_size, len(self))))
 
 
 @torch.no_grad()
-def _evaluate_holdout(model: MadCLIP, source: _FeatureSource, has_masks: bool, batch_size: int) -> dict:
-    n = len(source.data)
-    totals, scores = {}, []
-    for start in range(0, n, batch_size):
-        index = torch.arange(start, min(start + batch_size, n))
-        parts = _batch_loss(model, source, index, has_masks)
+def _evaluate_holdout(model: MethodModel, source, has_masks: bool) -> dict:
+    n = len(source)
+    totals, scores, labels = {}, [], []
+    ctx = model.inference_context()
+    for batch in source.in_order():
+        parts = model.loss(batch.feats, batch.labels, batch.masks if has_masks else None)
         for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * len(index)
-        t_n, t_ab = model.text_embeddings()
-        scores.append(model.outputs_from_features(source.get(index), t_ab - t_n)["score"].cpu())
+            totals[k] = totals.get(k, 0.0) + float(v) * len(batch.labels)
+        scores.append(model.outputs(batch.feats, ctx)["score"].cpu())
+        labels.append(batch.labels.cpu())
     out = {f"val_{k}": v / n for k, v in totals.items()}
-    out["val_image_auroc"] = image_auroc(torch.cat(scores).numpy(), source.data.labels.numpy())
+    out["val_image_auroc"] = image_auroc(torch.cat(scores).numpy(), torch.cat(labels).numpy())
     return out
 
 
-def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, device: torch.device,
-        backbone_id: dict, cache_dir: Path | None = None, progress=None, log_file=None) -> dict:
-    """Train adapters and prompt context in place. `shots.images` are un-normalised [0, 1]. Returns a summary (history, selected epoch, cache info)."""
+def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, device: torch.device,
+        cache_dir: Path | None = None, progress=None, log_file=None) -> dict:
+    """Train the method's trainables in place. `shots.images` are un-normalised [0, 1]. Returns a summary
+    (history, selected epoch, cache info, what `finalize` built)."""
     model.to(device)
     train_idx, held_idx = (holdout_split(shots.labels, tcfg.holdout_fraction, tcfg.seed)
                            if tcfg.select_on == "valid" else (torch.arange(len(shots)), torch.tensor([], dtype=torch.long)))
     train_set, held_set = shots.subset(train_idx), shots.subset(held_idx)
-    if tcfg.augment:
-        train_set = _augment(train_set, tcfg.seed)
-        held_set = _augment(held_set, tcfg.seed + 1) if len(held_set) else held_set
-    train_set, held_set = _normalize(train_set, model.cfg.preprocess), _normalize(held_set, model.cfg.preprocess)
-    train_src = _FeatureSource(model, train_set, tcfg, device, backbone_id, cache_dir, progress, "train shots")
-    held_src = _FeatureSource(model, held_set, tcfg, device, backbone_id, cache_dir, progress, "held-out shots")
 
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    def make_cached(images01, masks, labels, label):
+        return CachedSource(model, images01, masks, labels, tcfg, device, cache_dir, progress, label)
+
+    def source(data: ShotTensors, seed: int, label: str):
+        if not tcfg.augment:
+            return make_cached(data.images, data.masks, data.labels, label)
+        return model.training_source(data.images, data.masks, data.labels, seed, make_cached, label)
+
+    train_src = source(train_set, tcfg.seed, "train shots")
+    held_src = source(held_set, tcfg.seed + 1, "held-out shots")
+
+    optimizer = torch.optim.Adam(model.trainable_parameters(has_masks), lr=tcfg.lr, betas=tuple(tcfg.betas))
+    params = model.trainable_parameters(has_masks)
     generator = torch.Generator().manual_seed(tcfg.seed)
-    n = len(train_set)
+    n = len(train_src)
     history, best, best_state = [], None, None
     task = progress.add_task("epochs", total=tcfg.epochs) if progress else None
     for epoch in range(1, tcfg.epochs + 1):
-        model.adapters.train()
+        model.set_training(True)
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=generator)
         sums: dict[str, float] = {}
-        for start in range(0, n, tcfg.batch_size):
-            index = order[start:start + tcfg.batch_size]
-            parts = _batch_loss(model, train_src, index, has_masks)
+        for batch in train_src.batches(epoch, generator):
+            parts = model.loss(batch.feats, batch.labels, batch.masks if has_masks else None)
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
             optimizer.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(index)
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch.labels)
         record = {"epoch": epoch, **{f"loss_{k}": v / n for k, v in sums.items()},
                   "seconds": round(time.perf_counter() - t0, 4)}
-        model.adapters.eval()
-        if len(held_set):
-            record.update(_evaluate_holdout(model, held_src, has_masks, tcfg.batch_size))
+        model.set_training(False)
+        if len(held_src):
+            record.update(_evaluate_holdout(model, held_src, has_masks))
             if best is None or record["val_total"] < best["val_total"]:
-                best, best_state = record, copy.deepcopy(_trainable(model))
+                best, best_state = record, [p.detach().clone() for p in params]
         history.append(record)
         if log_file is not None:
             log_file.write(json.dumps(record) + "\n")
@@ -184,19 +191,11 @@ def fit(model: MadCLIP, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, 
         log.debug("epoch %d: %s", epoch, record)
     selected = tcfg.epochs
     if best_state is not None:
-        _restore(model, best_state)
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
         selected = best["epoch"]
-    return {"history": history, "selected_epoch": selected, "n_train_images": n, "n_holdout_images": len(held_set),
-            "holdout_index": [int(i) for i in held_idx], "cache": {"train": train_src.info, "holdout": held_src.info}}
-
-
-def _trainable(model: MadCLIP) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in list(model.adapters.state_dict(prefix="adapters.").items())
-            + [(f"ctx.{k}", p) for k, p in model.prompts.ctx.items()]}
-
-
-@torch.no_grad()
-def _restore(model: MadCLIP, state: dict[str, torch.Tensor]) -> None:
-    model.adapters.load_state_dict({k[len("adapters."):]: v for k, v in state.items() if k.startswith("adapters.")})
-    for k, p in model.prompts.ctx.items():
-        p.copy_(state[f"ctx.{k}"])
+    finalized = model.finalize(train_src, device)
+    return {"history": history, "selected_epoch": selected, "n_train_images": n, "n_holdout_images": len(held_src),
+            "holdout_index": [int(i) for i in held_idx], "finalize": finalized,
+            "cache": {"train": getattr(train_src, "info", {}), "holdout": getattr(held_src, "info", {})}}

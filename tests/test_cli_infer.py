@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from madclip_runtime.cli_infer import main, output_stem
-from tests.test_runtime import THRESHOLD, build_tiny_bundle, write_inputs
+from .conftest import THRESHOLD, build_tiny_bundle, write_inputs
 
 JSON_KEYS = {"file", "score", "score_map_max", "label", "threshold", "backend", "precision", "latency_ms", "provider"}
 

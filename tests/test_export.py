@@ -37,7 +37,7 @@ def _ort(path, images, fp16=False):
 
 
 def test_fp32_onnx_matches_pytorch_at_batch_1_and_3(run_dir, bundle):
-    from madclip_train.checkpoint import load_run
+    from madclip_train.rundir import load_run
 
     model, _ = load_run(run_dir)
     x = np.random.default_rng(0).random((3, 3, 240, 240), dtype=np.float32)
@@ -98,7 +98,8 @@ def test_metadata_schema_checksums_and_calibration(bundle):
     for rel in ("model.onnx", "model_fp16.onnx", "model_int8.onnx", "golden.npz", "export_report.json",
                 "triton/madclip/config.pbtxt"):
         assert rel in meta["files"] and len(meta["files"][rel]["sha256"]) == 64
-    assert meta["max_batch"] == 4 and meta["opset"] == 18 and meta["n_layers"] == 4
+    assert meta["max_batch"] == 4 and meta["opset"] == 18 and meta["method"] == "madclip"
+    assert meta["outputs"]["score"]["range"] == [0.0, 4.0] and meta["outputs"]["anomaly_map"]["range"] == [0.0, 4.0]
     assert meta["provenance"]["backbone"] == "madclip-tiny" and meta["provenance"]["objective"] == "Brain"
     cal = meta["calibration"]
     assert 0.0 <= cal["threshold"] <= 4.0 and cal["score_name"] == "score" and "Youden" in cal["method"]

@@ -53,7 +53,7 @@ def test_overlay_native_size(shape):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
     amap = _blob(shape[0], shape[1], 3.0)
-    im = render_overlay(pixels, amap, 1.7, 1.5, 2.0, SCALE, label="scan.png")
+    im = render_overlay(pixels, amap, 1.7, 1.5, "anomaly", 2.0, SCALE, label="scan.png")
     assert im.mode == "RGB"
     assert im.width >= shape[1] and im.height > shape[0]  # legend strip under the image
     if shape[1] >= 300:
@@ -68,7 +68,7 @@ def test_overlay_native_size(shape):
 
 def test_overlay_float_scanimage():
     scan = ScanImage(np.linspace(0, 1, 64 * 80, dtype=np.float32).reshape(64, 80), "x.png", 16)
-    im = render_overlay(scan, np.zeros((64, 80), np.float32), 0.2, None, None, SCALE)
+    im = render_overlay(scan, np.zeros((64, 80), np.float32), 0.2, None, None, None, SCALE)
     block = np.asarray(im)[:64, :80]
     expect = np.round(0.55 * np.round(scan.pixels * 255) + 0.45 * colorize(np.zeros((1, 1)), SCALE)[0, 0, 0])
     np.testing.assert_allclose(block[..., 0], expect, atol=1)
@@ -79,15 +79,15 @@ def test_overlay_same_value_same_colour_across_images():
     a = np.full((64, 64), 1.0, np.float32)
     b = a.copy()
     b[:8, :8] = 3.9  # different maximum elsewhere
-    ia = np.asarray(render_overlay(px, a, 1.0, 2.0, None, SCALE))[:64, :64]
-    ib = np.asarray(render_overlay(px, b, 1.0, 2.0, None, SCALE))[:64, :64]
+    ia = np.asarray(render_overlay(px, a, 1.0, 2.0, "normal", None, SCALE))[:64, :64]
+    ib = np.asarray(render_overlay(px, b, 1.0, 2.0, "normal", None, SCALE))[:64, :64]
     np.testing.assert_array_equal(ia[40:, 40:], ib[40:, 40:])
 
 
 def test_contour_present_when_map_crosses_threshold():
     px = np.full((120, 120), 60, np.uint8)
     amap = _blob(120, 120, 3.0)
-    block = np.asarray(render_overlay(px, amap, 2.0, 1.0, 2.0, SCALE))[:120, :120]
+    block = np.asarray(render_overlay(px, amap, 2.0, 1.0, "anomaly", 2.0, SCALE))[:120, :120]
     is_contour = np.all(block == np.array(CONTOUR_RGB, np.uint8), axis=2)
     line = contour_mask(amap, 2.0)
     assert line.sum() > 20
@@ -97,7 +97,7 @@ def test_contour_present_when_map_crosses_threshold():
     assert np.all(amap[ys, xs] >= 2.0)
     assert (amap >= 2.0).sum() > line.sum()  # interior pixels are not on the line
     # no crossing -> no contour pixels
-    block2 = np.asarray(render_overlay(px, amap * 0.5, 2.0, 1.0, 2.0, SCALE))[:120, :120]
+    block2 = np.asarray(render_overlay(px, amap * 0.5, 2.0, 1.0, "anomaly", 2.0, SCALE))[:120, :120]
     assert not np.any(np.all(block2 == np.array(CONTOUR_RGB, np.uint8), axis=2))
 
 
@@ -108,7 +108,7 @@ def test_contour_ignores_image_border():
 
 def test_overlay_map_shape_mismatch():
     with pytest.raises(ValueError, match="does not match"):
-        render_overlay(np.zeros((10, 10), np.uint8), np.zeros((12, 10), np.float32), 0.0, 1.0, 1.0, SCALE)
+        render_overlay(np.zeros((10, 10), np.uint8), np.zeros((12, 10), np.float32), 0.0, 1.0, "normal", 1.0, SCALE)
 
 
 def test_uint16_roundtrip():
@@ -122,15 +122,23 @@ def test_uint16_roundtrip():
     assert map_to_uint16(np.array([0.0, 4.0, 5.0, -1.0]), SCALE).tolist() == [0, 65535, 65535, 0]
 
 
+def _pred(amap, score=1.8, smax=3.3, threshold=1.5, source="scan.png"):
+    from madclip_runtime.contract import decide
+    from madclip_runtime.predictor import Prediction
+
+    return Prediction(source, score, smax, decide(score, threshold), threshold, "score", amap, amap, {"inference": 1.0})
+
+
 @pytest.mark.parametrize("map_format", ["png16", "npy"])
 def test_save_prediction(tmp_path, map_format):
     rng = np.random.default_rng(2)
     h, w = 90, 130
     pixels = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
     amap = _blob(h, w, 3.3)
-    record = {"file": "scan.png", "score": np.float32(1.8), "score_map_max": 3.3, "anomalous": True}
+    pred = _pred(amap)
+    record = {**pred.record(backend="ort-cpu"), "anomalous": True}
     out = tmp_path / "out"
-    paths = save_prediction(out, "scan", pixels, amap, record, SCALE, 1.5, 2.0, map_format=map_format)
+    paths = save_prediction(out, "scan", pixels, pred, record, SCALE, 2.0, map_format=map_format)
     ext = ".png" if map_format == "png16" else ".npy"
     assert paths == {"json": str(out / "scan.json"), "overlay": str(out / "scan_overlay.png"),
                      "map": str(out / f"scan_map{ext}")}
@@ -138,7 +146,8 @@ def test_save_prediction(tmp_path, map_format):
 
     doc = json.load(open(paths["json"]))
     assert doc["intended_use"] == INTENDED_USE
-    assert doc["score"] == pytest.approx(1.8) and doc["anomalous"] is True
+    assert doc["score"] == pytest.approx(1.8) and doc["anomalous"] is True and doc["label"] == "anomaly"
+    assert doc["backend"] == "ort-cpu" and doc["height"] == h and doc["width"] == w
     assert doc["map_file"] == f"scan_map{ext}" and doc["map_scale"] == [0.0, 4.0]
 
     ov = Image.open(paths["overlay"])
@@ -156,14 +165,15 @@ def test_save_prediction(tmp_path, map_format):
 
 
 def test_save_prediction_nan_score_is_null(tmp_path):
-    paths = save_prediction(tmp_path, "s", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.float32),
-                            {"score": float("nan")}, SCALE, 1.0, None)
+    pred = _pred(np.zeros((8, 8), np.float32), score=float("nan"), threshold=1.0)
+    assert pred.label is None  # a NaN score is never decided
+    paths = save_prediction(tmp_path, "s", np.zeros((8, 8), np.uint8), pred, pred.record(), SCALE)
     assert json.load(open(paths["json"]))["score"] is None
 
 
 def test_save_prediction_bad_args(tmp_path):
+    pred = _pred(np.zeros((8, 8), np.float32))
     with pytest.raises(ValueError, match="map_format"):
-        save_prediction(tmp_path, "s", np.zeros((8, 8), np.uint8), np.zeros((8, 8)), {"score": 1.0},
-                        SCALE, 1.0, 1.0, map_format="tiff")
-    with pytest.raises(ValueError, match="no 'score' entry"):
-        save_prediction(tmp_path, "s", np.zeros((8, 8), np.uint8), np.zeros((8, 8)), {"x": 1.0}, SCALE, 1.0, 1.0)
+        save_prediction(tmp_path, "s", np.zeros((8, 8), np.uint8), pred, pred.record(), SCALE, 1.0, map_format="tiff")
+    with pytest.raises(ValueError, match="stem"):
+        save_prediction(tmp_path, "a/b", np.zeros((8, 8), np.uint8), pred, pred.record(), SCALE, 1.0)

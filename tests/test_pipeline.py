@@ -10,7 +10,7 @@ from PIL import Image
 
 from madclip_runtime import load
 from madclip_runtime.preprocess import preprocess
-from madclip_train.checkpoint import load_run
+from madclip_train.rundir import load_run
 from madclip_train.data import Sample, load_arrays
 
 from .conftest import REALSCANS

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from madclip_train.checkpoint import load_run, load_reference_checkpoint, trainable_state
+from madclip_train.methods.madclip import MadCLIP
+from madclip_train.reference import load_reference_checkpoint
+from madclip_train.rundir import load_run
 from madclip_train.config import TrainConfig
 from madclip_train.data import load_arrays, load_split, sample_shots
 from madclip_train.demo import generate_demo
@@ -37,7 +39,7 @@ def _fit(tiny_cfg, shots, tcfg, tmp_path=None):
 
     torch.manual_seed(tcfg.seed)
     model = build_model(tiny_cfg, seed=tcfg.seed)
-    summary = fit(model, shots, True, tcfg, torch.device("cpu"), {"backbone": "tiny"}, cache_dir=tmp_path)
+    summary = fit(model, shots, True, tcfg, torch.device("cpu"), cache_dir=tmp_path)
     return model, summary
 
 
@@ -50,9 +52,9 @@ def test_cached_and_uncached_training_agree(tiny_cfg, demo_root, tmp_path):
     disk_again, s4 = _fit(tiny_cfg, shots, replace(base, feature_cache="disk"), tmp_path)
     assert s3["cache"]["train"]["hit"] is False and s4["cache"]["train"]["hit"] is True
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
-    ref = trainable_state(cached)
+    ref = cached.trainable_state()
     for other in (uncached, disk, disk_again):
-        got = trainable_state(other)
+        got = other.trainable_state()
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4)
     for a, b in zip(s1["history"], s2["history"]):
@@ -111,7 +113,7 @@ def test_reference_checkpoint_conversion(tmp_path):
     ref = _fake_reference()
     path = tmp_path / "brain.pth"
     torch.save(ref, path)
-    state = load_reference_checkpoint(path)
+    state = MadCLIP.convert_reference(load_reference_checkpoint(path))
     torch.testing.assert_close(state["adapters.normal.2.det.weight"], ref["normal_det_adapters"]["2.fc2.0.weight"])
     torch.testing.assert_close(state["adapters.abnormal.3.seg.weight"], ref["abnormal_det_adapters"]["3.fc3.0.weight"])
     torch.testing.assert_close(state["prompts.ctx.abnormal_front"],

@@ -1,0 +1,61 @@
+"""The one I/O contract between exporter, bundle, backends and callers: names, shapes, meaning, files, decisions.
+
+Every method's exported graph has the same contract: one input `image` float32 [batch, 3, S, S] (the output of
+the one preprocessing with the bundle's spec) and three outputs:
+
+    score          [batch]            the method's image anomaly score
+    anomaly_map    [batch, 1, S, S]   the pixel anomaly map at the model's resolution
+    score_map_max  [batch]            max of anomaly_map per image
+
+Their ranges and meanings are the method's and are recorded in the bundle's metadata (`io_metadata`). A bundle
+is a directory of the files named here; a decision is `decide(value, threshold)` everywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+INPUT_NAME = "image"
+SCORE, ANOMALY_MAP, SCORE_MAP_MAX = "score", "anomaly_map", "score_map_max"
+OUTPUT_NAMES = (SCORE, ANOMALY_MAP, SCORE_MAP_MAX)
+SCORE_NAMES = (SCORE, SCORE_MAP_MAX)  # what a calibrated threshold may apply to
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")  # fastest first: the "auto" preference order
+
+METADATA_FILE = "metadata.json"
+GOLDEN_FILE = "golden.npz"
+REPORT_FILE = "export_report.json"
+MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+# golden.npz: preprocessed inputs, their labels and source names, and the FP32 reference of every output
+GOLDEN_INPUT, GOLDEN_LABELS, GOLDEN_SOURCES = INPUT_NAME, "labels", "sources"
+
+ANOMALY, NORMAL = "anomaly", "normal"
+
+
+def decide(value: float, threshold: float | None) -> str | None:
+    """'anomaly' when value >= threshold, 'normal' below, None without a threshold or for a non-finite value."""
+    if threshold is None or not math.isfinite(value) or not math.isfinite(threshold):
+        return None
+    return ANOMALY if value >= threshold else NORMAL
+
+
+def io_metadata(image_size: int, ranges: dict[str, tuple[float, float]],
+                meanings: dict[str, str] | None = None) -> dict[str, Any]:
+    """The `input` and `outputs` entries of metadata.json. `ranges`: {"score": (lo, hi), "anomaly_map": (lo, hi)}."""
+    s = int(image_size)
+    meanings = meanings or {}
+    score_range = [float(v) for v in ranges[SCORE]]
+    map_range = [float(v) for v in ranges[ANOMALY_MAP]]
+    return {
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, s, s]},
+        "outputs": {
+            SCORE: {"shape": ["batch"], "range": score_range,
+                    "meaning": meanings.get(SCORE, "image anomaly score")},
+            ANOMALY_MAP: {"shape": ["batch", 1, s, s], "range": map_range,
+                          "meaning": f"{meanings.get(ANOMALY_MAP, 'pixel anomaly map')} at {s}x{s}"},
+            SCORE_MAP_MAX: {"shape": ["batch"], "range": map_range,
+                            "meaning": "max of anomaly_map per image (the reference's image score on datasets "
+                                       "with masks)"},
+        },
+    }
