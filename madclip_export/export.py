@@ -145,10 +145,14 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
 
         step(f"PyTorch FP32 reference on {len(shots)} shots")
         shot_images, shot_masks, shot_labels = load_arrays(shots, spec)
+        shot_images, shot_masks, shot_labels, calibration_note = model.calibration_set(
+            shot_images, shot_masks, shot_labels, int(config.get("train", {}).get("seed") or 0))
         shot_out = _torch_outputs(model, shot_images)
         has_masks = bool(config.get("dataset", {}).get("has_masks")) and shot_masks.any()
         calibration = calibrate(shot_out["score"], shot_out["score_map_max"], shot_out["anomaly_map"][:, 0],
                                 shot_masks, shot_labels, ranges["anomaly_map"], has_masks)
+        if calibration_note:
+            calibration["method"] += f"; {calibration_note}"
         golden_images, _, golden_labels = load_arrays(golden, spec)
         torch_ref = _torch_outputs(model, golden_images)
 

@@ -30,7 +30,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                    help=f"the method to train (default {DEFAULT_METHOD})")
-    p.add_argument("--shots", type=int, help="k normal + k abnormal shots (default 16)")
+    p.add_argument("--shots", type=int, help="k normal + k abnormal shots (default 16; --method mediclip: k normal only)")
     p.add_argument("--seed", type=int, help="shot sampling, initialisation, batch order, jitter (default 111)")
     p.add_argument("--shot-list", help="shot-list file (lines 'a-0: name ...' and 'n-0: name ...'); overrides --shots")
     p.add_argument("--objective", help="[Objective] word (default: from the dataset folder name, else 'medical image')")
@@ -59,12 +59,16 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-seed", type=int, help="seed of the random backbone when --pretrained none (0)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("-v", "--verbose", action="store_true")
+    from .methods.mediclip import add_cli_options
+
+    add_cli_options(p)
     return p
 
 
 def _train(argv) -> int:
     args = train_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from .methods.mediclip import cli_options
     from .run import TrainRequest, train_run
 
     req = TrainRequest(data=args.data, out=args.out, method=args.method, shots=args.shots, seed=args.seed,
@@ -74,7 +78,8 @@ def _train(argv) -> int:
                        holdout_fraction=args.holdout_fraction, feature_cache=args.feature_cache,
                        cache_dir=args.cache_dir, augment=False if args.no_augment else None,
                        quick_gelu=args.quick_gelu, causal_prompt_mask=args.causal_prompt_mask,
-                       normalize=args.normalize, init_seed=args.init_seed, force=args.force)
+                       normalize=args.normalize, init_seed=args.init_seed, force=args.force,
+                       options=cli_options(args))
     with _progress() as progress:
         summary = train_run(req, progress=progress)
     err_console.print(f"[green]run written:[/] {summary['run_dir']}  ({summary['n_train_images']} training images, "
@@ -147,7 +152,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                    help=f"which method's checkpoint it is (default {DEFAULT_METHOD})")
-    p.add_argument("--objective", required=True, help="[Objective] word the checkpoint was trained with, e.g. Brain")
+    p.add_argument("--objective", help="[Objective] word the checkpoint was trained with, e.g. Brain (MadCLIP; "
+                                       "MediCLIP's prompts have none)")
     p.add_argument("--backbone", help="default: the method's (ViT-L-14-336 for MadCLIP)")
     p.add_argument("--pretrained", help="openai (default) | PATH to weights")
     p.add_argument("--image-size", type=int, help="default: the method's (240 for MadCLIP)")
@@ -159,12 +165,18 @@ def convert_parser() -> argparse.ArgumentParser:
 def _convert(argv) -> int:
     args = convert_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from madclip_runtime.errors import MadclipError
+
+    from .config import DEFAULT_OBJECTIVE
+    from .methods import get_method
     from .reference import convert_reference_run
     from .run import TrainRequest, resolve_configs
 
     req = TrainRequest(data="", out=args.out, method=args.method, backbone=args.backbone, pretrained=args.pretrained,
                        image_size=args.image_size)
-    mcfg, _ = resolve_configs(req, args.objective)
+    if args.objective is None and getattr(get_method(args.method), "uses_objective", True):
+        raise MadclipError(f"--objective is required for --method {args.method} (the word its prompts were trained with)")
+    mcfg, _ = resolve_configs(req, args.objective or DEFAULT_OBJECTIVE)
     out = convert_reference_run(args.checkpoint, args.out, mcfg, force=args.force)
     err_console.print(f"[green]run written:[/] {out}")
     return 0

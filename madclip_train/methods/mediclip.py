@@ -1,6 +1,6 @@
 """MediCLIP (MICCAI 2024, cnulab/MediCLIP): trained from normal shots only, on synthetic anomalies.
 
-What it computes (README, "MediCLIP"): the raw residual streams after blocks 12/18/24 of ViT-L/14 at 224
+What it computes (docs/METHODS.md, "MediCLIP"): the raw residual streams after blocks 12/18/24 of ViT-L/14 at 224
 (QuickGELU, CLIP mean/std; CLS dropped) go through one linear adapter each (with bias) and are L2-normalised;
 CoOp prompts (8 class-specific context vectors before each of the reference's 10 normal / 11 abnormal words,
 text tower without the causal mask) give T = [t_n, t_ab]; per layer S = f . T, the layer mean is upsampled
@@ -243,3 +243,28 @@ class _FixedSource:
 class _EmptySource(_FixedSource):
     def __init__(self):
         super().__init__(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0), 1)
+
+
+# ---- command-line switches of madclip-train (kept here so the CLI needs two lines for them) ---------------------
+def add_cli_options(parser) -> None:
+    from ..synthesis import TASKS
+
+    g = parser.add_argument_group("MediCLIP (--method mediclip)")
+    g.add_argument("--synth-tasks", nargs="+", metavar="NAME[=P]",
+                   help=f"anomaly-synthesis mixture, e.g. 'cutpaste=0.5 gauss' (known: {', '.join(TASKS)}; default: "
+                        "cutpaste, gauss, source, identity at 0.25 each, as the reference); preview with madclip-synth")
+    g.add_argument("--focal-target", choices=FOCAL_TARGETS,
+                   help="focal-loss class of a soft label: truncate (the reference: below 1.0 is normal, default) "
+                        "or threshold (>= 0.5)")
+
+
+def cli_options(args) -> dict:
+    """The MediCLIP entries of ModelConfig.options from parsed arguments (error if used with another method)."""
+    opts = {}
+    if getattr(args, "synth_tasks", None):
+        opts["tasks"] = format_mix(parse_mix(args.synth_tasks))
+    if getattr(args, "focal_target", None):
+        opts["focal_target"] = args.focal_target
+    if opts and args.method != MediCLIP.name:
+        raise MadclipError("--synth-tasks and --focal-target apply to --method mediclip only")
+    return opts
