@@ -31,6 +31,26 @@ def _median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def text_tower(backbone: str, repeats: int) -> dict:
+    """Text tower forward + backward per step: maskless over all 77 positions (the reference) vs the causal
+    mask, which lets the prompts be cut after their last EOT (`--causal-prompt-mask`). Text tower only."""
+    import open_clip
+
+    from madclip_train.backbone import create_clip
+    from madclip_train.config import ModelConfig
+    from madclip_train.mediclip.prompts import MediPrompts
+
+    clip = create_clip(ModelConfig(backbone=backbone, pretrained="none", quick_gelu=True))
+    tok = open_clip.get_tokenizer(backbone)
+    out = {}
+    for name, causal in (("maskless_77", False), ("causal_cut_at_eot", True)):
+        prompts = MediPrompts(clip, tok, causal=causal)
+        prompts.token_embedding.requires_grad_(False)
+        prompts.encoder.requires_grad_(False)
+        out[name] = _median_ms(lambda: prompts().square().sum().backward(), repeats)
+    return {"backbone": backbone, "text_fwd_bwd_ms": out}
+
+
 def measure(backbone: str, batch_size: int, n_shots: int, epochs: int, repeats: int) -> dict:
     import numpy as np
     import open_clip
@@ -98,7 +118,9 @@ def measure(backbone: str, batch_size: int, n_shots: int, epochs: int, repeats: 
 
     inline = epoch_time(False)
     prefetched = epoch_time(True)
-    return {"backbone": backbone, "batch_size": batch_size, "n_shots": n_shots, "image_size": size,
+    import os
+
+    return {"backbone": backbone, "batch_size": batch_size, "load_average_1min_at_end": os.getloadavg()[0], "n_shots": n_shots, "image_size": size,
             "step_ms": parts, "step_sum_ms": parts["synthesis"] + parts["backbone_no_grad"]
             + parts["text_tower_fwd_bwd"] + parts["adapters_map_loss_fwd_bwd"],
             "epoch_seconds_inline_synthesis": inline, "epoch_seconds_prefetch_thread": prefetched,
@@ -112,8 +134,21 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared, oversubscribed CPU two threads thrash)")
+    ap.add_argument("--text-only", action="store_true", help="only the text-tower comparison (maskless vs causal)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     print_machine()
+    texts = [text_tower(b, args.repeats) for b in args.backbones]
+    table("MediCLIP text tower forward + backward per step (ms)", ["backbone", "maskless, 77 tokens (reference)",
+          "causal mask, cut after EOT"], [[t["backbone"], t["text_fwd_bwd_ms"]["maskless_77"],
+                                           t["text_fwd_bwd_ms"]["causal_cut_at_eot"]] for t in texts])
+    if args.text_only:
+        write_json("mediclip_text.json", {"text_tower": texts, "torch_threads": args.threads})
+        return
     results = [measure(b, args.batch_size, args.shots, args.epochs, args.repeats) for b in args.backbones]
     rows = [[r["backbone"], *[r["step_ms"][k] for k in ("synthesis", "backbone_no_grad", "backbone_inference_mode",
              "text_tower_fwd_bwd", "adapters_map_loss_fwd_bwd")], r["epoch_seconds_inline_synthesis"],
@@ -121,7 +156,7 @@ def main() -> None:
     table(f"MediCLIP training step (batch {args.batch_size}, 224 px, ms) and epoch ({args.shots} shots, s)",
           ["backbone", "synthesis", "backbone no_grad", "backbone inference_mode", "text fwd+bwd",
            "adapters+loss fwd+bwd", "epoch inline", "epoch prefetch"], rows)
-    write_json("mediclip_train.json", {"results": results})
+    write_json("mediclip_train.json", {"results": results, "text_tower": texts, "torch_threads": args.threads})
 
 
 if __name__ == "__main__":
