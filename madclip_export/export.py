@@ -225,34 +225,33 @@ def _check_finite(variant: dict, name: str) -> None:
 
 
 def _require_tensorrt() -> None:
-    from madclip_runtime import trt_engine
+    from madclip_runtime import backends
 
-    trt_engine.import_tensorrt()  # raises BackendUnavailable with a one-line message
-    if trt_engine.gpu_count() < 1:
-        raise BackendUnavailable("--engine needs a CUDA GPU visible to TensorRT; none found")
+    backends.require_trt()  # raises BackendUnavailable with a one-line message
 
 
 def _maybe_build_engine(tmp: Path, opts: ExportOptions, step) -> dict:
-    from madclip_runtime import trt_engine
+    """Warm THIS machine's TensorRT engine cache; the engine is never put in the bundle.
+
+    An engine only runs on the TensorRT version and GPU that built it, and the runtime looks engines up in
+    its cache by key (model content id, TensorRT, GPU, recipe): building through the runtime's own
+    `backends.prebuild_trt_engine` makes the first `madclip-infer --backend trt` on this machine load it
+    in seconds; other machines build their own on first use.
+    """
+    from madclip_runtime import backends
 
     try:
-        trt = trt_engine.import_tensorrt()
-        if trt_engine.gpu_count() < 1:
-            raise BackendUnavailable("no CUDA GPU")
+        backends.require_trt()
     except BackendUnavailable as exc:
         if opts.engine:
             raise
         msg = (f"TensorRT engine not built here ({str(exc).splitlines()[0]}): madclip-infer --backend trt builds it "
-               f"on the target from model_fp16.onnx on first use")
+               f"on the target on first use")
         log.info(msg)
         return {"built": False, "reason": msg}
-    step("building the TensorRT FP16 engine (minutes)")
-    onnx_path = tmp / MODEL_FILES["fp16"]
-    engines = tmp / "engines"
-    engines.mkdir(exist_ok=True)
-    path = trt_engine.ensure_engine(onnx_path, engines, "fp16", opts.max_batch,
-                                    onnx_sha256=trt_engine.file_sha256(onnx_path))
-    return {"built": True, "engine": str(Path(path).relative_to(tmp)), "tensorrt": trt.__version__}
+    step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
+    path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch)
+    return {"built": True, "in_bundle": False, "cached_engine": str(path), "tensorrt": version}
 
 
 def _metadata(config: dict, spec, method_meta: dict, opts: ExportOptions, calibration: dict, models: dict,

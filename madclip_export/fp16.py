@@ -1,9 +1,9 @@
 """Mixed-precision (FP16 with FP32 islands) ONNX from the FP32 graph, IO kept float32.
 
-FP32 islands (docs/ARCHITECTURE.md, "FP16"): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the adapter
-standardisation (a LayerNormalization node), the L2 normalisation (ReduceL2 / Clip / Div / Expand), the dot
-products with the baked dt and the whole head downstream of them, the sigmoid, the upsampling (Resize)
-and every reduction of the head. onnxconverter-common keeps these in FP32 via op/node block lists; its
+FP32 islands (docs/ARCHITECTURE.md, "FP16"): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the adapter standardisation (a
+LayerNormalization node), the L2 normalisation (ReduceL2 / Clip / Expand and the Div by the computed norm), the
+dot products with the baked dt and the whole head downstream of them (its sigmoid included), the upsampling
+(Resize) and every reduction. onnxconverter-common keeps these in FP32 via op/node block lists; its
 `keep_io_types=True` leaves a graph output FP16 when the output's producer is blocked, so `fix_output_casts`
 re-establishes float32 outputs explicitly.
 """
@@ -16,8 +16,13 @@ from onnx import TensorProto, helper
 
 log = logging.getLogger(__name__)
 
+# Kept FP32 by op type. Not here, on purpose: Sigmoid (QuickGELU in every block is fine in FP16; the head's
+# sigmoid is FP32 as part of `head_nodes`), Erf (exact GELU: bounded, fine in FP16) and Div (only divisions by
+# a computed value, i.e. the L2 normalisation, stay FP32: `computed_divisions`; GELU's / sqrt(2) and attention
+# scaling divide by constants). Each of those used to be FP32 and cost two Casts per block
+# (benchmarks/fp16_islands.py measures it, benchmarks/RESULTS.md has the figures).
 FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceMax", "ReduceSum", "ReduceSumSquare", "Sqrt",
-            "Pow", "Sigmoid", "Resize", "Clip", "Div", "Expand", "Erf"]
+            "Pow", "Resize", "Clip", "Expand"]
 
 
 def head_nodes(model: onnx.ModelProto, constants: tuple[str, ...] = ("dt",)) -> list[str]:
@@ -30,6 +35,21 @@ def head_nodes(model: onnx.ModelProto, constants: tuple[str, ...] = ("dt",)) -> 
             tainted.update(node.output)
             names.append(node.name)
     return names
+
+
+def computed_divisions(model: onnx.ModelProto) -> list[str]:
+    """Names of Div nodes whose divisor is computed (not an initializer or Constant output): normalisations."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "Div" and n.input[1] not in constants]
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give unnamed nodes a unique name (the converter's node block list matches by name)."""
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"_node_{i}_{node.op_type}"
+    return model
 
 
 def fix_output_casts(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,8 +102,8 @@ def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...] = ("
     consumers of `island_constants` (the method's `fp32_island_constants`) and all downstream stay FP32."""
     from onnxconverter_common import float16
 
-    node_block = head_nodes(model, tuple(island_constants))
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = name_nodes(onnx.ModelProto.FromString(model.SerializeToString()))
+    node_block = head_nodes(model, tuple(island_constants)) + computed_divisions(model)
     del model.graph.value_info[:]  # stale exporter value_info makes the converter emit mistyped edges
     model = isolate_outputs(model)
     converted = float16.convert_float_to_float16(

@@ -10,7 +10,8 @@ onnxruntime and tensorrt are imported lazily; a missing one is a one-line Backen
 from __future__ import annotations
 
 import abc
-import ctypes
+import contextlib
+import io
 import logging
 import re
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import trt_engine
+from . import cuda_probe, trt_engine, trt_rules
 from .contract import BACKENDS, INPUT_NAME, PRECISIONS
 from .errors import BackendUnavailable, BundleError, InputError
 
@@ -31,9 +32,6 @@ PROVIDERS = {
     "ort-cuda": "CUDAExecutionProvider",
     "ort-trt": "TensorrtExecutionProvider",
 }
-# onnxruntime >= 1.22 builds a strongly typed TensorRT network when trt_fp16_enable is off, which honours
-# the FP32 islands written in the mixed-precision ONNX; older versions only offer the blanket FP16 flag.
-ORT_TRT_STRONGLY_TYPED_FROM = (1, 22)
 
 
 def import_onnxruntime(gpu: bool = False) -> Any:
@@ -72,28 +70,18 @@ def session_options(model_is_fp16: bool, on_cpu: bool) -> Any:
 
 
 def _visible_gpu() -> bool:
-    """A CUDA GPU is visible: cuda-python if installed, else the CUDA driver library via ctypes."""
-    if trt_engine.gpu_count() > 0:
-        return True
-    try:
-        trt_engine.import_cudart()
-        return False  # cuda-python answered: no device
-    except BackendUnavailable:
-        pass
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        count = ctypes.c_int(0)
-        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-    except OSError:
-        return False
+    """A CUDA GPU is visible (cuda-python, else the CUDA driver library; probed once per process)."""
+    return cuda_probe.gpu_count() > 0
 
 
 def _trt_usable() -> bool:
+    """The native TensorRT backend can run: TensorRT >= 10, a GPU, and a working cuda-python (buffers)."""
     try:
         trt_engine.import_tensorrt()
-        return trt_engine.gpu_count() > 0
     except BackendUnavailable:
         return False
+    found = cuda_probe.cached_probe()
+    return found.count > 0 and found.cudart_ok
 
 
 def available_backends() -> list[str]:
@@ -158,9 +146,9 @@ def trt_ep_options(
 ) -> dict[str, Any]:
     """onnxruntime TensorRT provider options: engine and timing caches, and a batch 1..max_batch profile.
 
-    FP16 uses the mixed-precision ONNX. From onnxruntime 1.22 on, leaving trt_fp16_enable off makes the
-    provider build a strongly typed network that keeps the file's FP32 islands; older versions only have the
-    blanket FP16 flag (which lets TensorRT put LayerNorm in FP16), so the flag is set there.
+    FP16 uses the mixed-precision ONNX: with trt_fp16_enable off the provider builds a strongly typed network
+    that keeps the file's FP32 islands (`trt_rules.ort_trt_precision_options` has the version boundary;
+    below it the blanket FP16 flag is set, with LayerNorm kept in FP32).
     """
     opts: dict[str, Any] = {
         "device_id": 0,
@@ -169,22 +157,19 @@ def trt_ep_options(
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache_dir),
         "trt_max_workspace_size": 2 << 30,
+        **trt_rules.ort_trt_precision_options(precision, ort_version),
     }
-    if precision == "fp16" and tuple(ort_version) < ORT_TRT_STRONGLY_TYPED_FROM:
-        opts["trt_fp16_enable"] = True
     if input_chw is not None:
-        shapes = trt_engine.profile_shapes(input_chw, max_batch)
+        shapes = trt_rules.profile_shapes(input_chw, max_batch)
         for key, shape in zip(("min", "opt", "max"), shapes):
             opts[f"trt_profile_{key}_shapes"] = f"{INPUT_NAME}:" + "x".join(str(d) for d in shape)
     return opts
 
 
 def default_cache_dir() -> Path:
-    """$MADCLIP_CACHE, else $XDG_CACHE_HOME/madclip, else ~/.cache/madclip; engines live under engines/."""
-    root = os.environ.get("MADCLIP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "madclip"
-    )
-    return Path(root) / "engines"
+    """Where engines are cached by default: `trt_rules.engine_cache_dir()` ($MADCLIP_CACHE, else
+    $XDG_CACHE_HOME/madclip, else ~/.cache/madclip; then engines/)."""
+    return trt_rules.engine_cache_dir()
 
 
 def _onnx_input_chw(model_path: Path) -> tuple[int, int, int] | None:
@@ -325,6 +310,35 @@ def create_backend(
     return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
 
 
+def open_session(ort: Any, path: Path, opts: Any, providers: list[Any], gpu: bool) -> Any:
+    """An InferenceSession on exactly `providers`, never a silent fallback.
+
+    onnxruntime's Python session retries a failing GPU provider on another one, printing an "EP Error ...
+    Falling back" banner on stdout (which would corrupt `--json`), both when the session is created and
+    inside `run()`. GPU sessions are created with enable_fallback=0 (so creation raises instead), with any
+    stdout chatter sent to the log, and `disable_fallback()` is called so `run()` cannot switch providers
+    behind our back while we report the first one.
+    """
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            if gpu:
+                session = ort.InferenceSession(str(path), sess_options=opts, providers=providers, enable_fallback=0)
+            else:
+                session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, EPFail ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if gpu and ("EP" in first or "ExecutionProvider" in first or "Execution Provider" in first):
+            raise BackendUnavailable(f"{path}: the GPU provider failed to start: {first}") from None
+        raise BundleError(f"{path}: onnxruntime cannot load the model: {first}") from None
+    finally:
+        if chatter.getvalue().strip():
+            log.warning("onnxruntime: %s", " ".join(chatter.getvalue().split()))
+    if gpu:
+        session.disable_fallback()
+    return session
+
+
 def _create_ort(
     name: str, path: Path, precision: str, max_batch: int, cache_dir: str | None,
     onnx_sha256: str | None, input_chw: tuple[int, int, int] | None, start: float,
@@ -349,7 +363,7 @@ def _create_ort(
         providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     else:
         root = Path(cache_dir) if cache_dir else default_cache_dir()
-        ep_dir = root / "ort-trt"
+        ep_dir = trt_rules.ort_trt_cache_dir(root, onnx_sha256 or trt_rules.file_sha256(path))
         ep_dir.mkdir(parents=True, exist_ok=True)
         chw = input_chw or _onnx_input_chw(path)
         if chw is None:
@@ -359,33 +373,51 @@ def _create_ort(
         providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": 0}),
                      "CPUExecutionProvider"]
     opts = session_options(_model_is_fp16(path, precision), on_cpu=on_cpu)
-    try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(f"{path}: onnxruntime cannot load the model: {first}") from None
+    session = open_session(ort, path, opts, providers, gpu=not on_cpu)
     backend = OrtBackend(name, path, precision, max_batch, session, time.perf_counter() - start)
     log.info("%s: %s loaded on %s in %.2f s", name, path.name, backend.provider, backend.load_seconds)
     return backend
 
 
+def require_trt() -> Any:
+    """The tensorrt module when the native TensorRT backend can run here, else one-line BackendUnavailable."""
+    trt = trt_engine.import_tensorrt()
+    found = cuda_probe.cached_probe()
+    if found.count == 0:
+        raise BackendUnavailable("trt: no CUDA GPU is visible on this machine")
+    if not found.cudart_ok:
+        raise BackendUnavailable(f"trt: cuda-python cannot use the GPU ({found.error}); "
+                                 "JetPack 6 needs cuda-python<13 (see the README, GPU section)")
+    return trt
+
+
+def _trt_model(model_dir: Path, precision: str, trt_version: str) -> Path:
+    """The ONNX file TensorRT builds `precision` from (`trt_rules.onnx_variant`)."""
+    return model_dir / trt_rules.onnx_variant(precision, trt_version)
+
+
+def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch: int,
+                        cache_dir: str | None = None) -> tuple[Path, str]:
+    """Build (or find) the engine `create_backend("trt", ...)` will look up for the model files in
+    `model_dir`, in the same cache and under the same key; returns (engine path, TensorRT version)."""
+    trt = require_trt()
+    onnx_path = _trt_model(Path(model_dir), precision, trt.__version__)
+    engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "trt"
+    return trt_engine.ensure_engine(onnx_path, engine_dir, precision, max_batch), trt.__version__
+
+
 def _create_trt(
     path: Path, precision: str, max_batch: int, cache_dir: str | None, onnx_sha256: str | None, start: float
 ) -> Backend:
-    trt_engine.check_trt_precision(precision)
-    trt = trt_engine.import_tensorrt()
-    if trt_engine.gpu_count() == 0:
-        raise BackendUnavailable("trt: no CUDA GPU is visible (via cuda-python) on this machine")
+    trt_rules.check_trt_precision(precision)
+    trt = require_trt()
     # TensorRT 10.0-10.11 builds FP16 from the FP32 graph with pinned islands: use model.onnx if it is beside.
-    variant = path.parent / trt_engine.onnx_variant(precision, trt.__version__)
+    variant = _trt_model(path.parent, precision, trt.__version__)
     if variant != path and variant.is_file():
         log.info("trt: TensorRT %s builds %s from %s", trt.__version__, precision, variant.name)
         path, onnx_sha256 = variant, None
-    if cache_dir:
-        engine_dir = Path(cache_dir)
-    else:
-        onnx_sha256 = onnx_sha256 or trt_engine.file_sha256(path)
-        engine_dir = default_cache_dir() / onnx_sha256[:16]
+    # One cache dir for every model is safe: engine file names hash the model's content id (EngineKey).
+    engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "trt"
     engine_path = trt_engine.ensure_engine(path, engine_dir, precision, max_batch, onnx_sha256)
     runner = trt_engine.TrtRunner(engine_path)
     backend = TrtBackend(runner, precision, time.perf_counter() - start)

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from . import INTENDED_USE, __version__
 from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line, run_cli, setup_logging
+from .cli_volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
 from .errors import InputError, MadclipError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where TensorRT engines are cached (default ~/.cache/madclip)")
     p.add_argument("--selftest", action="store_true",
                    help="verify the bundle and run its golden inputs on this backend/precision first")
+    add_volume_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"madclip {__version__}")
     return p
@@ -215,6 +217,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise MadclipError("no INPUT given (scan files, directories or globs), and no --selftest")
     if args.slice is not None and args.slice < 0:
         raise MadclipError(f"--slice must be >= 0, got {args.slice}")
+    check_volume_args(args)
 
     from .bundle import load_bundle
     from .predictor import load
@@ -226,7 +229,15 @@ def _main(argv: Sequence[str] | None) -> int:
 
     bundle = load_bundle(args.bundle, verify="model", precision=args.precision)
     files, failed = expand_each(args.inputs, args.recursive)
-    if not files:
+    jobs: list[Any] = []
+    if args.slice is None:  # volumes (NIfTI, DICOM series) get one answer each; --slice reads slices as scans
+        from .volume import plan_volumes
+
+        jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
+        for message in plan_errors:
+            error_line(message)
+        failed += len(plan_errors)
+    if not files and not jobs:
         return EXIT_USAGE  # every argument was reported on its own line
     out_dir = check_out_dir(args.out) if args.out else None
 
@@ -235,7 +246,7 @@ def _main(argv: Sequence[str] | None) -> int:
     err_console.print(
         f"madclip-infer: backend {predictor.backend_name} (provider {predictor.provider}), precision "
         f"{predictor.precision}, threshold {predictor.threshold} on {predictor.score_name}, "
-        f"max batch {predictor.max_batch}; {len(files)} file(s); {INTENDED_USE}",
+        f"max batch {predictor.max_batch}; {len(files)} file(s), {len(jobs)} volume(s); {INTENDED_USE}",
         markup=False, highlight=False, soft_wrap=True,
     )
     from .overlay import save_prediction
@@ -243,7 +254,7 @@ def _main(argv: Sequence[str] | None) -> int:
     failures: list[str] = []
     rows: list[dict[str, Any]] = []
     used_stems: set[str] = set()
-    show_progress = not args.json and err_console.is_terminal and len(files) > 1
+    show_progress = not args.json and err_console.is_terminal and (len(files) > 1 or bool(jobs))
     with predictor, _progress(show_progress) as progress:
         for batch in _batches(predictor, files, args.slice, progress, failures):
             scans = [s for s, _ in batch]
@@ -253,18 +264,19 @@ def _main(argv: Sequence[str] | None) -> int:
                 if out_dir is not None:
                     t0 = time.perf_counter()
                     stem = output_stem(pred.source, used_stems)
-                    save_prediction(out_dir, stem, scan, pred, record, bundle.map_scale, bundle.map_threshold,
+                    save_prediction(out_dir, stem, scan, pred, record, bundle.map_scale, map_threshold_choice(args, bundle)[0],
                                     args.map_format)
                     log.debug("%s: wrote %s/%s.* in %.1f ms", pred.source, out_dir, stem,
                               (time.perf_counter() - t0) * 1e3)
                 if args.json:
                     print(json.dumps(record, allow_nan=False), flush=True)
                 rows.append(record)
+        failed += run_volumes(args, predictor, bundle, jobs, out_dir, used_stems, progress, out_console)
     if not args.json and rows:
         out_console.print(_result_table(rows))
     n_failed = failed + len(failures)
     if n_failed:
-        err_console.print(f"{len(rows)} scan(s) scored, {n_failed} input(s) failed",
+        err_console.print(f"{len(rows)} scan(s) and {len(jobs)} volume(s) processed, {n_failed} input(s) failed",
                           style="yellow", markup=False, highlight=False)
         return EXIT_FAILED
     return EXIT_OK

@@ -2,10 +2,14 @@
 
 pydicom and nibabel are optional (the `medical` extra) and imported only when a file needs them.
 
-Intensities. DICOM: stored values -> modality values (Rescale Slope/Intercept, or a Modality LUT) ->
-window -> [0, 1]; MONOCHROME1 is inverted so bright always means high signal. With `window="auto"` the
-file's VOI window (Window Center/Width, first value when several; LINEAR, LINEAR_EXACT or SIGMOID as
-its VOI LUT Function says) is used when present, else per-slice min/max. "minmax" is per-slice min/max;
+Intensities. DICOM: stored values -> modality values -> VOI -> [0, 1], through pydicom's own
+`pydicom.pixels.apply_modality_lut` (Rescale Slope/Intercept or a Modality LUT Sequence) and `apply_voi_lut`
+(a VOI LUT Sequence, else Window Center/Width with its VOI LUT Function, first when several; common in
+mammography and CR), whose output range is then scaled to [0, 1]. For enhanced multi-frame files the
+per-frame (else shared) functional groups' Pixel Value Transformation and Frame VOI LUT are looked up here
+(pydicom reads only the top level) and handed to pydicom as a per-frame view. MONOCHROME1 is inverted so
+bright always means high signal. With `window="auto"` the file's VOI is used when present, else per-slice
+min/max. "minmax" is per-slice min/max;
 "full" maps the whole range the stored bits can hold (after rescale) to [0, 1]. NIfTI: the same, with
 the header's display range cal_min/cal_max playing the VOI window's part and scl_slope/scl_inter the
 rescale's. 8-bit unsigned sources with no rescale and no window applied stay uint8, like 8-bit PNGs.
@@ -15,6 +19,11 @@ to the closest RAS+ orientation (as `nibabel.as_closest_canonical` does), so its
 inferior -> superior whatever the storage order; slice k is that axis' k-th axial plane, shown the way
 DICOM shows axial images (radiological convention): rows run anterior -> posterior, columns run from the
 patient's right to their left. Volume slices are named "path#slice=N".
+
+Bounded decoding. The number of voxels to decode is checked against a voxel budget (`max_voxels`, default
+`DEFAULT_MAX_VOXELS`, or the MADCLIP_MAX_VOXELS environment variable) from the header alone, before any
+pixel is decoded; a single slice (`slice_index`) decodes only that slice (nibabel's array proxy reads one
+plane; pydicom decodes one frame), so a huge volume can still be looked at slice by slice.
 """
 from __future__ import annotations
 
@@ -22,15 +31,19 @@ import importlib
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError, MadclipError
-from .imageio import ScanImage, check_finite, check_regular_file, check_size, check_window, one_line, window_to_unit
+from .scan import ScanImage, check_finite, check_regular_file, check_size, check_window, one_line, window_to_unit
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_VOXELS = 1 << 28  # 268M voxels: a 512 x 512 x 1024 CT; 1-2 GB once decoded and windowed
+MAX_VOXELS_ENV = "MADCLIP_MAX_VOXELS"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -40,6 +53,42 @@ def _require(module: str, path: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise MadclipError(f'{path}: reading {what} needs {module}; install it with: pip install "madclip[medical]"') from None
+
+
+_budget_override: int | None = None  # set by a CLI's --max-voxels for the readers of that run
+
+
+def set_max_voxels(max_voxels: int | None) -> None:
+    """Set (None: clear) the process-wide voxel budget that readers use when not given one explicitly."""
+    global _budget_override
+    _budget_override = None if max_voxels is None else voxel_budget(max_voxels)
+
+
+def voxel_budget(max_voxels: int | None = None) -> int:
+    """The voxel budget: `max_voxels` when given, else `set_max_voxels`'s, else $MADCLIP_MAX_VOXELS, else
+    DEFAULT_MAX_VOXELS."""
+    if max_voxels is None and _budget_override is not None:
+        return _budget_override
+    if max_voxels is None:
+        raw = os.environ.get(MAX_VOXELS_ENV)
+        if raw is None or raw.strip() == "":
+            return DEFAULT_MAX_VOXELS
+        try:
+            max_voxels = int(raw)
+        except ValueError:
+            raise MadclipError(f"{MAX_VOXELS_ENV}={raw!r} is not a whole number of voxels") from None
+    if int(max_voxels) <= 0:
+        raise MadclipError(f"the voxel budget must be a positive number of voxels, got {max_voxels}")
+    return int(max_voxels)
+
+
+def check_voxels(path: str, shape: tuple[int, ...], n_decode: int, max_voxels: int | None = None) -> None:
+    """Refuse, from the header's `shape`, to decode `n_decode` voxels over the budget (before any decoding)."""
+    budget = voxel_budget(max_voxels)
+    if n_decode > budget:
+        dims = " x ".join(str(int(d)) for d in shape)
+        raise InputError(f"{path}: volume of {dims} needs {n_decode} voxels decoded, over the budget of {budget} "
+                         f"(raise it with --max-voxels or {MAX_VOXELS_ENV}, or read one slice with --slice)")
 
 
 def _select(path: str, n: int, slice_index: int | None) -> list[int]:
@@ -79,57 +128,100 @@ def _first_float(value: object) -> float | None:
     return f if np.isfinite(f) else None
 
 
-def _frame_attr(ds, frame: int, sequence: str, keyword: str):
-    """An attribute from the per-frame functional group, else the shared one, else the top level."""
+def _frame_item(ds, frame: int, sequence: str):
+    """The first item of `sequence` in the per-frame functional group of `frame`, else the shared group."""
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
         if seq is not None and len(seq) > index:
             inner = seq[index].get(sequence)
-            if inner is not None and len(inner) > 0 and keyword in inner[0]:
-                return inner[0].get(keyword)
-    return ds.get(keyword)
+            if inner is not None and len(inner) > 0:
+                return inner[0]
+    return None
 
 
-def _rescale(ds, frame: int) -> tuple[float, float]:
-    slope = _first_float(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope"))
-    intercept = _first_float(_frame_attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept"))
-    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+_MODALITY_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence")
+_VOI_KEYWORDS = ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence")
+_PIXEL_DESCRIPTION = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PhotometricInterpretation",
+                      "SamplesPerPixel")
 
 
-def _voi_window(ds, frame: int) -> tuple[float, float, str] | None:
-    """(center, width, function) of the first VOI window, or None when the file has no usable one."""
-    center = _first_float(_frame_attr(ds, frame, "FrameVOILUTSequence", "WindowCenter"))
-    width = _first_float(_frame_attr(ds, frame, "FrameVOILUTSequence", "WindowWidth"))
-    if center is None or width is None:
-        return None
-    function = str(_frame_attr(ds, frame, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR").upper()
-    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-        log.warning("unknown VOI LUT Function %r; using LINEAR", function)
-        function = "LINEAR"
-    if width < (1.0 if function == "LINEAR" else np.finfo(np.float32).tiny):
-        log.warning("invalid DICOM window width %s; using per-slice min/max", width)
-        return None
-    return center, width, function
+def frame_view(ds, frame: int):
+    """A small pydicom Dataset holding frame `frame`'s modality and VOI attributes at the top level.
+
+    pydicom's LUT functions read Rescale/Window/LUT attributes from the top level only; enhanced multi-frame
+    files keep them per frame (Pixel Value Transformation, Frame VOI LUT functional groups). Per-frame
+    values win over shared ones, which win over top-level ones, as PS3.3 C.7.6.16 says.
+    """
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    if getattr(ds, "file_meta", None) is not None:  # LUT Data (OW) is raw bytes: pydicom needs the byte order
+        view.file_meta = ds.file_meta
+    if ds.original_encoding[0] is not None:
+        view.set_original_encoding(*ds.original_encoding)
+    for kw in _PIXEL_DESCRIPTION + _MODALITY_KEYWORDS + _VOI_KEYWORDS:
+        if kw in ds:
+            setattr(view, kw, ds[kw].value)
+    for sequence, keywords in (("PixelValueTransformationSequence", _MODALITY_KEYWORDS),
+                               ("FrameVOILUTSequence", _VOI_KEYWORDS)):
+        item = _frame_item(ds, frame, sequence)
+        if item is not None and any(kw in item for kw in keywords):
+            for kw in keywords:  # a functional group replaces the top level's set of attributes as a whole
+                if kw in view:
+                    delattr(view, kw)
+            for kw in keywords:
+                if kw in item:
+                    setattr(view, kw, item[kw].value)
+    return view
 
 
-def apply_voi_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """DICOM VOI window (PS3.3 C.11.2.1.2) with output range [0, 1]; float32, same shape as `values`."""
-    x = values.astype(np.float64)
-    if function == "LINEAR_EXACT":
-        y = (x - center) / width + 0.5
-    elif function == "SIGMOID":
-        y = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    elif width == 1.0:  # LINEAR with width 1 is a step at center - 0.5
-        y = (x > center - 0.5).astype(np.float64)
-    else:  # LINEAR: 0 at and below c - 0.5 - (w-1)/2, 1 above c - 0.5 + (w-1)/2
-        y = (x - (center - 0.5)) / (width - 1.0) + 0.5
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+def _has_rescale(view) -> bool:
+    slope, intercept = _first_float(view.get("RescaleSlope")), _first_float(view.get("RescaleIntercept"))
+    return "ModalityLUTSequence" in view or (slope not in (None, 1.0)) or (intercept not in (None, 0.0))
 
 
-def _dcmread(pydicom: ModuleType, path: str):
-    """Read a DICOM file; files without the Part 10 header are retried leniently. -> (dataset, forced)."""
+def _has_voi(view) -> bool:
+    return "VOILUTSequence" in view or ("WindowCenter" in view and "WindowWidth" in view)
+
+
+def voi_to_unit(values: np.ndarray, view) -> np.ndarray | None:
+    """Modality values -> [0, 1] through pydicom's `apply_voi_lut` (None when the file's VOI is unusable).
+
+    pydicom maps a window onto the stored bits' output range, and a VOI LUT onto its entries' range
+    [0, 2^bits - 1]; either range is read off and scaled to [0, 1] here.
+    """
+    from pydicom.pixels import apply_voi_lut
+
     try:
-        return pydicom.dcmread(path), False
+        if "VOILUTSequence" in view:
+            out = apply_voi_lut(values, view, index=0, prefer_lut=True)
+            bits = int(view.VOILUTSequence[0].LUTDescriptor[2])
+            lo, hi = 0.0, float(2**bits - 1)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # SIGMOID's exp overflows on the range probe
+                center, width = _first_float(view.get("WindowCenter")), _first_float(view.get("WindowWidth"))
+                if center is None or width is None:
+                    return None
+                probe = np.array([center - 1e6 * abs(width) - 1.0, center + 1e6 * abs(width) + 1.0])
+                lo, hi = (float(v) for v in apply_voi_lut(probe, view, index=0, prefer_lut=False))
+                out = apply_voi_lut(values.astype(np.float64), view, index=0, prefer_lut=False)
+    except Exception as exc:  # invalid width, malformed LUT descriptor, unknown VOI LUT Function ...
+        log.warning("unusable DICOM VOI (%s: %s); using per-slice min/max", type(exc).__name__, one_line(exc))
+        return None
+    if not hi > lo:
+        return None
+    return np.clip((np.asarray(out, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _dcmread(pydicom: ModuleType, path: str, header_only: bool = False):
+    """Read a DICOM file (pixel data deferred, not loaded); non-Part 10 files are retried leniently.
+
+    -> (dataset, forced). With `header_only` the pixel data element is not read at all.
+    """
+    kwargs = {"stop_before_pixels": True} if header_only else {"defer_size": "1 MB"}
+    try:
+        return pydicom.dcmread(path, **kwargs), False
     except pydicom.errors.InvalidDicomError:
         pass
     except Exception as exc:
@@ -137,9 +229,20 @@ def _dcmread(pydicom: ModuleType, path: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, force=True), True
+            return pydicom.dcmread(path, force=True, **kwargs), True
     except Exception:
         raise InputError(f"{path}: not a DICOM file") from None
+
+
+def read_dicom_header(path: str | os.PathLike):
+    """The dataset of a DICOM file without its pixel data (for grouping series and checking sizes)."""
+    path = os.fspath(path)
+    check_regular_file(path)
+    pydicom = _require("pydicom", path, "DICOM")
+    ds, forced = _dcmread(pydicom, path, header_only=True)
+    if forced and "Rows" not in ds:
+        raise InputError(f"{path}: not a DICOM file")
+    return ds
 
 
 def _stored_range(ds, bits: int) -> tuple[float, float]:
@@ -148,8 +251,27 @@ def _stored_range(ds, bits: int) -> tuple[float, float]:
     return 0.0, 2.0**bits - 1.0
 
 
-def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto") -> list[ScanImage]:
-    """Read a DICOM file into one ScanImage per frame (or just frame `slice_index`)."""
+def _decode_frames(ds, path: str, n: int, frames: list[int], rows: int, cols: int, spp: int) -> np.ndarray:
+    """Decode only `frames` -> [len(frames), R, C(, spp)]; one frame of a multi-frame file decodes alone."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        if n > 1 and len(frames) == 1:
+            arr = pixel_array(ds, index=frames[0])[None]  # [1, R, C(, 3)]
+        else:
+            arr = ds.pixel_array  # [R, C] / [F, R, C], with a trailing [.., 3] for colour
+            arr = arr.reshape((n, rows, cols) + ((spp,) if spp > 1 else ()))[frames]
+    except Exception as exc:
+        raise InputError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__}: {one_line(exc)})") from None
+    return arr.reshape((len(frames), rows, cols) + ((spp,) if spp > 1 else ()))
+
+
+def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto",
+               max_voxels: int | None = None) -> list[ScanImage]:
+    """Read a DICOM file into one ScanImage per frame (or just frame `slice_index`).
+
+    The frames to decode are checked against the voxel budget from the header first (see `check_voxels`).
+    """
     path = os.fspath(path)
     check_window(window)
     check_regular_file(path)
@@ -162,11 +284,8 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
     n = int(ds.get("NumberOfFrames", 1) or 1)
     frames = _select(path, n, slice_index)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    try:
-        arr = ds.pixel_array  # [R, C] / [F, R, C], with a trailing [.., 3] for colour
-        arr = arr.reshape((n, rows, cols) + ((spp,) if spp > 1 else ()))  # [F, R, C(, 3)]
-    except Exception as exc:
-        raise InputError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__}: {one_line(exc)})") from None
+    check_voxels(path, (n, rows, cols), len(frames) * rows * cols * spp, max_voxels)
+    arr = _decode_frames(ds, path, n, frames, rows, cols, spp)  # [len(frames), R, C(, 3)]
     check_finite(path, arr)
     bits_alloc = int(ds.get("BitsAllocated", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)
     bits = int(ds.get("BitsStored", bits_alloc) or bits_alloc)
@@ -176,39 +295,38 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
         if spp != 3:
             raise InputError(f"{path}: unsupported DICOM with {spp} samples per pixel")
         out = []
-        for i in frames:
-            rgb = arr[i]  # [R, C, 3]
+        for j, i in enumerate(frames):
+            rgb = arr[j]  # [R, C, 3]
             px = rgb if rgb.dtype == np.uint8 else window_to_unit(rgb, "full" if window == "full" else "minmax", 2.0**bits - 1)
             out.append(ScanImage(np.ascontiguousarray(px), _source(path, n, i), bits))
         return out
 
-    modality_lut = "ModalityLUTSequence" in ds
-    out = []
-    for i in frames:
-        stored = arr[i]  # [R, C]
-        slope, intercept = _rescale(ds, i)
-        if modality_lut:
-            from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut
 
-            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        elif slope != 1.0 or intercept != 0.0:
-            values = stored.astype(np.float64) * slope + intercept
-        else:
-            values = stored
+    out = []
+    for j, i in enumerate(frames):
+        stored = arr[j]  # [R, C]
+        view = frame_view(ds, i)
+        rescaled = _has_rescale(view)
+        try:
+            values = np.asarray(apply_modality_lut(stored, view)) if rescaled else stored  # [R, C]
+        except Exception as exc:
+            raise InputError(f"{path}: invalid DICOM modality LUT/rescale ({type(exc).__name__}: {one_line(exc)})") from None
         check_finite(path, values)
-        voi = _voi_window(ds, i) if window == "auto" else None
-        rescaled = modality_lut or slope != 1.0 or intercept != 0.0
-        if stored.dtype == np.uint8 and not rescaled and voi is None:
+        unit = voi_to_unit(values, view) if window == "auto" and _has_voi(view) else None
+        if stored.dtype == np.uint8 and not rescaled and unit is None:
             px = 255 - stored if photometric == "MONOCHROME1" else stored  # uint8 [R, C], the PNG path
             out.append(ScanImage(np.ascontiguousarray(px), _source(path, n, i), bits))
             continue
-        if voi is not None:
-            unit = apply_voi_window(values, *voi)
-        elif window == "full" and stored.dtype.kind in "iu" and not modality_lut:
-            ends = sorted(v * slope + intercept for v in _stored_range(ds, bits))
-            unit = _linear(values, ends[0], ends[1]) if ends[1] > ends[0] else np.zeros(values.shape, np.float32)
-        else:  # "minmax", "auto" without a window, "full" on float pixel data or a Modality LUT
-            unit = window_to_unit(values, "full" if window == "full" else "minmax")
+        if unit is None:
+            if window == "full" and stored.dtype.kind in "iu" and "ModalityLUTSequence" not in view:
+                slope = _first_float(view.get("RescaleSlope"))
+                intercept = _first_float(view.get("RescaleIntercept"))
+                slope, intercept = (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+                ends = sorted(v * slope + intercept for v in _stored_range(ds, bits))
+                unit = _linear(values, ends[0], ends[1]) if ends[1] > ends[0] else np.zeros(values.shape, np.float32)
+            else:  # "minmax", "auto" without a VOI, "full" on float pixel data or a Modality LUT
+                unit = window_to_unit(values, "full" if window == "full" else "minmax")
         if photometric == "MONOCHROME1":
             unit = 1.0 - unit
         out.append(ScanImage(np.ascontiguousarray(unit, dtype=np.float32), _source(path, n, i), bits))
@@ -218,37 +336,103 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
 # ----------------------------------------------------------------------------------------------- NIfTI
 
 
-def read_nifti(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto") -> list[ScanImage]:
-    """Read a NIfTI volume (.nii / .nii.gz) into axial slices (all, or just `slice_index`)."""
-    path = os.fspath(path)
-    check_window(window)
-    check_regular_file(path)
+@dataclass(frozen=True)
+class NiftiVolume:
+    """A NIfTI volume read as axial slices, with what is needed to write a map back on its own grid."""
+
+    slices: list[ScanImage]  # axial slices k = 0..n-1 (inferior -> superior), or just the one asked for
+    shape: tuple[int, int, int]  # the stored (spatial) shape [X, Y, Z] of the volume that was read
+    affine: np.ndarray  # the file's 4x4 voxel -> RAS+ mm affine
+    ornt: np.ndarray  # nibabel orientation: storage axis -> closest RAS+ axis and flip
+    header: Any  # the nibabel header (a copy goes into the output map)
+
+    def to_storage(self, planes: np.ndarray) -> np.ndarray:
+        """Per-slice maps [Z(S), Y, X] as the slices are shown -> an array of the stored shape [X, Y, Z]."""
+        nib = importlib.import_module("nibabel")
+        ras = np.ascontiguousarray(np.transpose(planes, (2, 1, 0))[::-1, ::-1, :])  # [X(R), Y(A), Z(S)]
+        back = nib.orientations.ornt_transform(np.array([[0, 1], [1, 1], [2, 1]], dtype=float), self.ornt)
+        return nib.orientations.apply_orientation(ras, back)
+
+
+def _nifti_open(path: str, volume_index: int | None):
+    """Open a NIfTI header (no voxel read) -> (image, spatial shape [X, Y, Z], index of the 4th axis or None)."""
     nib = _require("nibabel", path, "NIfTI")
     try:
         img = nib.load(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {one_line(exc)})") from None
     shape = tuple(int(s) for s in img.shape)
-    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
-        shape = shape[:3]
-    if len(shape) not in (2, 3):
-        raise InputError(f"{path}: NIfTI of shape {shape} is not a 2-D image or 3-D volume (pick one volume first)")
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        if volume_index is None:
+            raise InputError(f"{path}: NIfTI of shape {shape} is 4-D ({shape[3]} volumes); pick one with "
+                             f"--volume-index 0..{shape[3] - 1}")
+        if not 0 <= volume_index < shape[3]:
+            raise InputError(f"{path}: volume index {volume_index} out of range (the file has {shape[3]} "
+                             f"volumes: 0..{shape[3] - 1})")
+    elif len(shape) not in (2, 3):
+        raise InputError(f"{path}: NIfTI of shape {shape} is not a 2-D image, 3-D volume or 4-D series")
+    elif volume_index not in (None, 0):
+        raise InputError(f"{path}: volume index {volume_index} given but the file holds one volume")
     raw_dtype = np.dtype(img.get_data_dtype())
     if raw_dtype.fields is not None or raw_dtype.kind not in "iuf":
         raise InputError(f"{path}: unsupported NIfTI data type {raw_dtype}")
-    shape3 = shape + (1,) * (3 - len(shape))  # [X, Y, Z]
+    spatial = shape[:3] + (1,) * (3 - min(3, len(shape)))
+    return img, tuple(spatial), (volume_index if len(shape) == 4 else None)
+
+
+def _nifti_voxels(img, path: str, spatial: tuple[int, int, int], vol4: int | None, storage_axis: int | None,
+                  index: int | None) -> np.ndarray:
+    """Read voxels through nibabel's array proxy: the whole volume, or one plane of `storage_axis` only."""
+    ndim = len(img.shape)
+    slicer: list[Any] = [slice(None)] * ndim
+    for extra in range(3, ndim):
+        slicer[extra] = 0
+    if vol4 is not None:
+        slicer[3] = vol4
+    keep = list(spatial)
+    if storage_axis is not None and storage_axis < ndim:
+        slicer[storage_axis] = slice(index, index + 1)  # the proxy reads only this plane's bytes
+        keep[storage_axis] = 1
+    try:
+        data = np.asanyarray(img.dataobj[tuple(slicer)])  # scl_slope / scl_inter applied by nibabel
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {one_line(exc)})") from None
+    return data.reshape(keep)  # [X, Y, Z] (the read axis of length 1 for a single plane)
+
+
+def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto",
+                      volume_index: int | None = None, max_voxels: int | None = None) -> NiftiVolume:
+    """Read a NIfTI volume (.nii / .nii.gz) into axial slices (all, or just `slice_index`) plus its geometry.
+
+    4-D files need `volume_index`. The voxels to decode are checked against the budget from the header
+    before any is read; a single slice reads only that plane from disk.
+    """
+    path = os.fspath(path)
+    check_window(window)
+    check_regular_file(path)
+    img, shape3, vol4 = _nifti_open(path, volume_index)
+    nib = importlib.import_module("nibabel")
+    raw_dtype = np.dtype(img.get_data_dtype())
     ornt = nib.orientations.io_orientation(img.affine)  # storage axes -> closest RAS+ axes
     ras_shape = [0, 0, 0]
     for axis, (target, _flip) in enumerate(ornt):
         ras_shape[int(target)] = shape3[axis]
     check_size(path, ras_shape[0], ras_shape[1])  # each axial slice is [Y, X] after the transpose below
-    frames = _select(path, ras_shape[2], slice_index)
+    n = ras_shape[2]
+    frames = _select(path, n, slice_index)
+    check_voxels(path, tuple(img.shape), len(frames) * ras_shape[0] * ras_shape[1], max_voxels)
 
-    try:
-        data = np.asanyarray(img.dataobj)  # scl_slope / scl_inter applied by nibabel
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {one_line(exc)})") from None
-    vol = nib.orientations.apply_orientation(data.reshape(shape3), ornt)  # [X(R), Y(A), Z(S)]
+    if slice_index is None:
+        data = _nifti_voxels(img, path, shape3, vol4, None, None)  # [X, Y, Z] stored
+        ras_index = {k: k for k in frames}
+    else:  # the RAS slice -> the stored plane that holds it
+        axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+        stored = slice_index if ornt[axis, 1] > 0 else n - 1 - slice_index
+        data = _nifti_voxels(img, path, shape3, vol4, axis, stored)
+        ras_index = {slice_index: 0}
+    vol = nib.orientations.apply_orientation(data, ornt)  # [X(R), Y(A), Z(S)] (Z of length 1 for one slice)
     check_finite(path, vol, "voxel")
     slope = _first_float(getattr(img.dataobj, "slope", 1.0))
     inter = _first_float(getattr(img.dataobj, "inter", 0.0))
@@ -259,9 +443,8 @@ def read_nifti(path: str | os.PathLike, slice_index: int | None = None, window: 
     bits = int(img.header.get("bitpix", raw_dtype.itemsize * 8))
 
     out = []
-    n = ras_shape[2]
     for k in frames:
-        plane = np.ascontiguousarray(vol[::-1, ::-1, k].T)  # [Y, X]: rows anterior->posterior, cols right->left
+        plane = np.ascontiguousarray(vol[::-1, ::-1, ras_index[k]].T)  # [Y, X]: rows anterior->posterior, cols right->left
         if raw_dtype == np.uint8 and not scaled and not use_cal:
             px = plane.astype(np.uint8, copy=False)
         elif use_cal:
@@ -273,4 +456,10 @@ def read_nifti(path: str | os.PathLike, slice_index: int | None = None, window: 
         else:
             px = window_to_unit(plane, "full" if window == "full" else "minmax")
         out.append(ScanImage(np.ascontiguousarray(px), _source(path, n, k), bits))
-    return out
+    return NiftiVolume(out, shape3, np.asarray(img.affine, dtype=np.float64), ornt, img.header)
+
+
+def read_nifti(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto",
+               volume_index: int | None = None, max_voxels: int | None = None) -> list[ScanImage]:
+    """Read a NIfTI volume (.nii / .nii.gz) into axial slices (all, or just `slice_index`)."""
+    return read_nifti_volume(path, slice_index, window, volume_index, max_voxels).slices

@@ -26,6 +26,7 @@ from .contract import ANOMALY_MAP, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
 from .errors import BundleError, InputError, MadclipError
 from .imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
 from .preprocess import preprocess, resize_map
+from .trt_rules import content_id
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +238,15 @@ class Predictor:
 
 
 def model_sha256(bundle: Bundle, precision: str) -> str | None:
-    """The metadata's sha256 of a model variant's graph file (saves hashing it again for engine caching)."""
+    """The content id of a model variant (graph + external data) from the metadata's sha256s, so engine
+    caches are keyed by the weights without hashing the files again (`trt_rules.content_id`)."""
     rel = bundle.meta["models"].get(precision)
-    info = bundle.meta["files"].get(rel) if rel else None
-    return info.get("sha256") if info else None
+    files = bundle.meta["files"]
+    info = files.get(rel) if rel else None
+    if not info:
+        return None
+    parts = [info.get("sha256")] + [files[rel + ".data"].get("sha256")] * (rel + ".data" in files)
+    return content_id(parts) if all(isinstance(p, str) for p in parts) else None
 
 
 def load(

@@ -42,6 +42,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the method's (16 for MadCLIP)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the method's, 1e-3)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="autocast precision of training (default auto: fp16 on CUDA, the reference's choice, with a "
+                        "gradient scaler; fp32 on the CPU); bf16 is fast on CPUs with AMX/AVX512-BF16. "
+                        "The checkpoint is always FP32.")
     p.add_argument("--select-on", choices=["none", "valid"],
                    help="none: fixed epoch budget, keep the last epoch (default); valid: hold out part of the shots "
                         "and keep the epoch with the lowest held-out loss. The test split is never used.")
@@ -79,7 +83,7 @@ def _train(argv) -> int:
                        cache_dir=args.cache_dir, augment=False if args.no_augment else None,
                        quick_gelu=args.quick_gelu, causal_prompt_mask=args.causal_prompt_mask,
                        normalize=args.normalize, init_seed=args.init_seed, force=args.force,
-                       options=cli_options(args))
+                       precision=args.precision, options=cli_options(args))
     with _progress() as progress:
         summary = train_run(req, progress=progress)
     err_console.print(f"[green]run written:[/] {summary['run_dir']}  ({summary['n_train_images']} training images, "

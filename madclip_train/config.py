@@ -87,6 +87,7 @@ class TrainConfig:
     holdout_fraction: float = 0.25
     feature_cache: str = "memory"  # "memory" | "disk" | "off" (re-run the backbone every step)
     cache_dtype: str = "float16"
+    precision: str = "fp32"  # autocast precision of the training step (madclip_train/precision.py), resolved
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,7 @@ from .data import load_arrays, load_split, sample_shots, shots_from_list, shots_
 from .methods import DEFAULT_METHOD, get_method
 from .model import build_model
 from .rundir import TRAIN_LOG, versions, write_run
+from .precision import resolve_precision
 from .train import ShotTensors, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class TrainRequest:
     holdout_fraction: float | None = None
     feature_cache: str | None = None
     augment: bool | None = None
+    precision: str | None = None  # fp32 | fp16 | bf16 | auto (None = auto: CUDA the reference's fp16, CPU fp32)
 
 
 def _given(req: TrainRequest, names) -> dict:
@@ -107,6 +109,7 @@ def train_run(req: TrainRequest, progress=None) -> dict:
     if req.shot_list:
         tcfg = replace(tcfg, shots=sum(1 for s in samples if s.label == 0))
     device = resolve_device(req.device)
+    tcfg = replace(tcfg, precision=resolve_precision(req.precision or "auto", device))
     with AtomicDirectory(req.out, force=req.force) as tmp:
         tmp = Path(tmp)
         # augmentation works on [0, 1] images: load un-normalised, the training source normalises after augmenting

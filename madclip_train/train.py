@@ -27,6 +27,8 @@ from .config import TrainConfig
 from .methods import Batch, MethodModel
 from .methods.base import iterate_batches
 from .metrics import image_auroc
+from .device import gather_to_device, place_on_device
+from .precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,9 @@ class CachedSource:
                 advance=(lambda n: progress.advance(task, n)) if progress else None)
             self.info["seconds"] = time.perf_counter() - t0
             self.info["bytes"] = self.feats.numel() * self.feats.element_size()
+            self.feats, self.info["placement"] = place_on_device(self.feats, device)  # GPU if it fits, else pinned
+        if device.type == "cuda":  # labels and masks are read every step: copied once
+            self.labels, self.masks = place_on_device(labels, device)[0], place_on_device(masks, device)[0]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -109,11 +114,12 @@ class CachedSource:
     def get(self, index: torch.Tensor) -> Batch:
         """Batch of data[index]: features on the device (rounded through the cache dtype), labels, masks."""
         if self.feats is not None:
-            feats = self.feats[index].to(self.device)
+            feats = gather_to_device(self.feats, index, self.device, dim=0)
         else:
             with torch.no_grad():
                 feats = self.model.cacheable(self.images[index].to(self.device)).to(DTYPES[self.dtype])
-        return Batch(feats, self.labels[index].to(self.device), self.masks[index].to(self.device))
+        return Batch(feats, gather_to_device(self.labels, index, self.device, dim=0),
+                     gather_to_device(self.masks, index, self.device, dim=0))
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         for index in iterate_batches(len(self), self.batch_size, generator):
@@ -163,6 +169,7 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
 
     optimizer = torch.optim.Adam(model.trainable_parameters(has_masks), lr=tcfg.lr, betas=tuple(tcfg.betas))
     params = model.trainable_parameters(has_masks)
+    precision = Precision.create(tcfg.precision, device)
     generator = torch.Generator().manual_seed(tcfg.seed)
     n = len(train_src)
     history, best, best_state = [], None, None
@@ -172,13 +179,13 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         for batch in train_src.batches(epoch, generator):
-            parts = model.loss(batch.feats, batch.labels, batch.masks if has_masks else None)
+            with precision.autocast():
+                parts = model.loss(batch.feats, batch.labels, batch.masks if has_masks else None)
             optimizer.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            optimizer.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch.labels)
-        record = {"epoch": epoch, **{f"loss_{k}": v / n for k, v in sums.items()},
+            precision.backward_step(parts["total"], optimizer)
+            for k, v in parts.items():  # summed on the device: no host sync per step
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(batch.labels)
+        record = {"epoch": epoch, **{f"loss_{k}": float(v) / n for k, v in sums.items()},
                   "seconds": round(time.perf_counter() - t0, 4)}
         model.set_training(False)
         if len(held_src):
@@ -200,5 +207,5 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
         selected = best["epoch"]
     finalized = model.finalize(train_src, device)
     return {"history": history, "selected_epoch": selected, "n_train_images": n, "n_holdout_images": len(held_src),
-            "holdout_index": [int(i) for i in held_idx], "finalize": finalized,
+            "holdout_index": [int(i) for i in held_idx], "finalize": finalized, "precision": precision.record(),
             "cache": {"train": getattr(train_src, "info", {}), "holdout": getattr(held_src, "info", {})}}

@@ -47,7 +47,10 @@ def weights_available(backbone: str, pretrained: str) -> tuple[bool, str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    backbone, pretrained = (argv + ["ViT-L-14-336", "openai"])[:2] if len(argv) < 2 else argv[:2]
+    from .config import ModelConfig
+
+    default = ModelConfig()  # the default method's reference backbone and weights
+    backbone, pretrained = (list(argv) + [default.backbone, default.pretrained])[:2] if len(argv) < 2 else argv[:2]
     ok, reason = weights_available(backbone, pretrained)
     print(reason)
     return 0 if ok else 1

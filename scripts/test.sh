@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/install.sh
+benchmarks/gpu_check.sh    # on a CPU-only machine: one line, exit 0; with a GPU: the full GPU check
 python -m pytest -q "$@"   # exits 5 when no tests ran: never masked

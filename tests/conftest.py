@@ -18,7 +18,8 @@ from madclip_runtime.bundle import write_metadata
 from madclip_runtime.contract import io_metadata
 from madclip_runtime.preprocess import PreprocessSpec
 
-REALSCANS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realscans"
+# ../shared beside the repository; MADCLIP_REALSCANS overrides it (e.g. from a git worktree elsewhere).
+REALSCANS = Path(os.environ.get("MADCLIP_REALSCANS") or Path(__file__).resolve().parents[2] / "shared" / "data" / "realscans")
 
 
 def realscans_or_skip(name: str = "") -> Path:
@@ -106,6 +107,74 @@ def _graph(fp16: bool, size: int = S):
     return model
 
 
+# ---- a tiny ONNX model of the bundle's interface (image -> score, anomaly_map, score_map_max) -------------
+# Shared by the backend tests (CPU) and the TensorRT tests (GPU). onnx is imported inside: collecting the
+# suite must not need it.
+
+SIZE = 16  # image H = W
+PATCH = 4
+
+
+def make_tiny_model(seed: int = 0):
+    """image [B,3,16,16] -> Conv 4x4/4 -> channel mean [B,1,4,4] -> nearest x4 -> sigmoid = anomaly_map;
+    score = mean of the map, score_map_max = max of the map (the bundle's output contract)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.2, (4, 3, PATCH, PATCH)).astype(np.float32)
+    bias = rng.normal(0, 0.1, (4,)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(weight, "w"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(np.array([1], np.int64), "ax_c"),
+        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "ax_all"),
+        numpy_helper.from_array(np.array([1, 1, PATCH, PATCH], np.float32), "scales"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w", "b"], ["feat"], strides=[PATCH, PATCH], name="patch_embed"),
+        helper.make_node("ReduceMean", ["feat", "ax_c"], ["logit"], keepdims=1, name="channel_mean"),
+        helper.make_node("Resize", ["logit", "", "scales"], ["up"], mode="nearest", name="upsample"),
+        helper.make_node("Sigmoid", ["up"], ["prob"], name="sigmoid"),
+        # A graph output that other nodes also consume trips onnxconverter-common's keep_io_types casts.
+        helper.make_node("Identity", ["prob"], ["anomaly_map"], name="map_out"),
+        helper.make_node("ReduceMean", ["prob", "ax_all"], ["score"], keepdims=0, name="score_mean"),
+        helper.make_node("ReduceMax", ["prob", "ax_all"], ["score_map_max"], keepdims=0, name="map_max"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_madclip",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE]),
+            helper.make_tensor_value_info("score_map_max", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def reference_outputs(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """The tiny model computed in numpy."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.2, (4, 3, PATCH, PATCH)).astype(np.float64)
+    bias = rng.normal(0, 0.1, (4,)).astype(np.float64)
+    b, g = images.shape[0], SIZE // PATCH
+    patches = images.astype(np.float64).reshape(b, 3, g, PATCH, g, PATCH)  # [B, C, i, p, j, q]
+    feat = np.einsum("bcipjq,ocpq->boij", patches, weight) + bias[None, :, None, None]  # [B, 4, g, g]
+    logit = feat.mean(axis=1, keepdims=True)  # [B, 1, g, g]
+    up = logit.repeat(PATCH, axis=2).repeat(PATCH, axis=3)  # [B, 1, 16, 16]
+    amap = 1.0 / (1.0 + np.exp(-up))
+    return {"score": amap.mean(axis=(1, 2, 3)), "anomaly_map": amap, "score_map_max": amap.max(axis=(1, 2, 3))}
+
+
+def images(batch: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (batch, 3, SIZE, SIZE)).astype(np.float32)
+
+
 def expected_outputs(images: np.ndarray) -> dict[str, np.ndarray]:
     """numpy reference of the tiny graph: images [B, 3, S, S] -> outputs."""
     amap = 4.0 / (1.0 + np.exp(-(images.mean(axis=1, keepdims=True) - 0.5)))  # [B, 1, S, S]
@@ -158,3 +227,69 @@ def write_inputs(d: Path) -> dict[str, Path]:
     Image.fromarray(np.stack([_grad(50, 45)] * 3, axis=2)).convert("P").save(out["pal"])
     assert Image.open(out["pal"]).mode == "P"
     return out
+
+
+# ------------------------------------------------------------------ synthetic volumes (issue 15 tests)
+
+
+def lesion_volume(shape=(24, 20, 7), lesion_slice=4, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """int16 volume [X, Y, Z] of smooth "tissue" with a bright 4x4 lesion in z = `lesion_slice`; and its mask."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    base = (200 + 40 * np.sin(x / 3.0) + 30 * np.cos(y / 4.0)).astype(np.float64)  # [X, Y]
+    vol = np.stack([base + rng.normal(0, 3, base.shape) for _ in range(shape[2])], axis=2)
+    mask = np.zeros(shape, np.uint8)
+    mask[9:13, 5:9, min(lesion_slice, shape[2] - 1)] = 1
+    vol[mask.astype(bool)] = 1500
+    return vol.astype(np.int16), mask
+
+
+def write_dicom_series(folder: Path, frames: np.ndarray, *, spacing=(0.8, 0.7), thickness=2.5,
+                       origin=(-10.0, 20.0, -30.0), iop=(1, 0, 0, 0, 1, 0), series_uid=None, study_uid=None,
+                       series_number=1, order=None, patient="P1") -> tuple[list[Path], str]:
+    """Write `frames` [N, R, C] (int16) as N single-frame CT files along the normal of `iop`.
+
+    Slice k sits at origin + k * thickness * normal. Files are named by `order` (a permutation: file i holds
+    slice order[i]), so the on-disk order can be shuffled. Returns (paths in slice order, series UID).
+    """
+    pytest.importorskip("pydicom", reason="pydicom (madclip[medical]) not installed")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = frames.shape[0]
+    series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    frame_uid = generate_uid()
+    normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
+    order = list(range(n)) if order is None else list(order)
+    paths: list[Path | None] = [None] * n
+    for i, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = folder / f"IM{i:04d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient, "Test^Patient", "19700101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "1", "20240101", "120000", "A1"
+        ds.ReferringPhysicianName = ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", series_number, k + 1
+        ds.Manufacturer = "test"
+        ds.PositionReferenceIndicator = ""
+        ds.ImageOrientationPatient = [float(v) for v in iop]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * thickness * normal]
+        ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
+        ds.SliceThickness = thickness
+        ds.Rows, ds.Columns = frames.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "HU"
+        ds.WindowCenter, ds.WindowWidth = 800, 1600  # one intensity scale for every slice
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PixelData = np.ascontiguousarray(frames[k].astype("<i2")).tobytes()
+        ds.save_as(str(path), enforce_file_format=True)
+        paths[k] = path
+    return [p for p in paths if p is not None], series_uid

@@ -3,77 +3,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from madclip_runtime import backends  # noqa: E402
 from madclip_runtime.errors import BackendUnavailable, BundleError, InputError  # noqa: E402
 
-SIZE = 16  # image H = W
-PATCH = 4
-
-
-def make_tiny_model(seed: int = 0) -> onnx.ModelProto:
-    """image [B,3,16,16] -> Conv 4x4/4 -> channel mean [B,1,4,4] -> nearest x4 -> sigmoid = anomaly_map;
-    score = mean of the map, score_map_max = max of the map (the bundle's output contract)."""
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(0, 0.2, (4, 3, PATCH, PATCH)).astype(np.float32)
-    bias = rng.normal(0, 0.1, (4,)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(weight, "w"),
-        numpy_helper.from_array(bias, "b"),
-        numpy_helper.from_array(np.array([1], np.int64), "ax_c"),
-        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "ax_all"),
-        numpy_helper.from_array(np.array([1, 1, PATCH, PATCH], np.float32), "scales"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["image", "w", "b"], ["feat"], strides=[PATCH, PATCH], name="patch_embed"),
-        helper.make_node("ReduceMean", ["feat", "ax_c"], ["logit"], keepdims=1, name="channel_mean"),
-        helper.make_node("Resize", ["logit", "", "scales"], ["up"], mode="nearest", name="upsample"),
-        helper.make_node("Sigmoid", ["up"], ["prob"], name="sigmoid"),
-        # A graph output that other nodes also consume trips onnxconverter-common's keep_io_types casts.
-        helper.make_node("Identity", ["prob"], ["anomaly_map"], name="map_out"),
-        helper.make_node("ReduceMean", ["prob", "ax_all"], ["score"], keepdims=0, name="score_mean"),
-        helper.make_node("ReduceMax", ["prob", "ax_all"], ["score_map_max"], keepdims=0, name="map_max"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_madclip",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
-        [
-            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
-            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE]),
-            helper.make_tensor_value_info("score_map_max", TensorProto.FLOAT, ["batch"]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
-
-
-def reference_outputs(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """The tiny model computed in numpy."""
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(0, 0.2, (4, 3, PATCH, PATCH)).astype(np.float64)
-    bias = rng.normal(0, 0.1, (4,)).astype(np.float64)
-    b, g = images.shape[0], SIZE // PATCH
-    patches = images.astype(np.float64).reshape(b, 3, g, PATCH, g, PATCH)  # [B, C, i, p, j, q]
-    feat = np.einsum("bcipjq,ocpq->boij", patches, weight) + bias[None, :, None, None]  # [B, 4, g, g]
-    logit = feat.mean(axis=1, keepdims=True)  # [B, 1, g, g]
-    up = logit.repeat(PATCH, axis=2).repeat(PATCH, axis=3)  # [B, 1, 16, 16]
-    amap = 1.0 / (1.0 + np.exp(-up))
-    return {"score": amap.mean(axis=(1, 2, 3)), "anomaly_map": amap, "score_map_max": amap.max(axis=(1, 2, 3))}
-
-
-def images(batch: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, 1, (batch, 3, SIZE, SIZE)).astype(np.float32)
-
+from .conftest import SIZE, images, make_tiny_model, reference_outputs  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -180,16 +121,106 @@ def test_check_provider_detects_silent_fallback():
 
 def test_trt_ep_options(tmp_path):
     opts = backends.trt_ep_options("fp16", tmp_path, 8, (3, 240, 240), (1, 20))
-    assert opts["trt_fp16_enable"] is True
     assert opts["trt_engine_cache_enable"] is True and opts["trt_engine_cache_path"] == str(tmp_path)
     assert opts["trt_timing_cache_enable"] is True
     assert opts["trt_profile_min_shapes"] == "image:1x3x240x240"
     assert opts["trt_profile_opt_shapes"] == "image:1x3x240x240"
     assert opts["trt_profile_max_shapes"] == "image:8x3x240x240"
-    # onnxruntime >= 1.22: strongly typed network from the mixed-precision ONNX, no blanket FP16 flag.
-    assert "trt_fp16_enable" not in backends.trt_ep_options("fp16", tmp_path, 8, (3, 240, 240), (1, 31))
-    assert "trt_fp16_enable" not in backends.trt_ep_options("fp32", tmp_path, 8, (3, 240, 240), (1, 20))
     assert "trt_profile_min_shapes" not in backends.trt_ep_options("fp32", tmp_path, 8, None, (1, 31))
+
+
+@pytest.mark.parametrize("version", [(1, 20), (1, 21), (1, 22), (1, 31)])
+def test_ort_trt_fp16_is_strongly_typed_on_every_supported_onnxruntime(tmp_path, version):
+    """Defect 5: the provider builds strongly typed networks (FP16 flag off) since PR 19695, long before
+    1.22: on 1.20-1.21 the blanket FP16 flag let TensorRT put LayerNorm in FP16."""
+    opts = backends.trt_ep_options("fp16", tmp_path, 8, (3, 240, 240), version)
+    assert "trt_fp16_enable" not in opts and "trt_layer_norm_fp32_fallback" not in opts
+
+
+def test_ort_trt_fp16_flag_path_keeps_layernorm_fp32(tmp_path):
+    """Defect 5: where only the FP16 flag exists, LayerNorm falls back to FP32 (provider option)."""
+    opts = backends.trt_ep_options("fp16", tmp_path, 8, (3, 240, 240), (1, 17))
+    assert opts["trt_fp16_enable"] is True and opts["trt_layer_norm_fp32_fallback"] is True
+    assert "trt_fp16_enable" not in backends.trt_ep_options("fp32", tmp_path, 8, None, (1, 17))
+
+
+class _FakeSession:
+    def __init__(self, providers):
+        self._providers, self.fallback = providers, True
+
+    def get_providers(self):
+        return self._providers
+
+    def get_inputs(self):
+        return [type("I", (), {"name": "image"})()]
+
+    def get_outputs(self):
+        return [type("O", (), {"name": n})() for n in ("score", "anomaly_map", "score_map_max")]
+
+    def disable_fallback(self):
+        self.fallback = False
+
+
+class _FakeOrt:
+    """onnxruntime with GPU providers: records sessions; can print the fallback banner like the real one."""
+
+    __version__ = "1.20.1"
+    GraphOptimizationLevel = type("L", (), {"ORT_ENABLE_ALL": 99, "ORT_ENABLE_EXTENDED": 2})
+
+    class SessionOptions:
+        def add_session_config_entry(self, key, value):
+            pass
+
+    def __init__(self, banner=False):
+        self.banner, self.calls = banner, []
+
+    def get_available_providers(self):
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def InferenceSession(self, path, sess_options=None, providers=None, **kwargs):  # noqa: N802 (onnxruntime's name)
+        self.calls.append({"path": path, "providers": providers, **kwargs})
+        if self.banner:
+            print("EP Error: something when using TensorrtExecutionProvider")
+        return _FakeSession([p[0] if isinstance(p, tuple) else p for p in providers])
+
+
+def _gpu_env(monkeypatch, fake):
+    monkeypatch.setattr(backends, "import_onnxruntime", lambda gpu=False: fake)
+    monkeypatch.setattr(backends, "_visible_gpu", lambda: True)
+    monkeypatch.setattr(backends, "_trt_usable", lambda: False)
+
+
+def test_gpu_sessions_cannot_fall_back_and_print_nothing(monkeypatch, model_dir, tmp_path, capsys, caplog):
+    """Defect 10: GPU sessions are created with enable_fallback=0, get disable_fallback(), and any banner
+    onnxruntime prints goes to the log, not stdout (which may be --json)."""
+    fake = _FakeOrt(banner=True)
+    _gpu_env(monkeypatch, fake)
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.backends"):
+        be = backends.create_backend("ort-cuda", str(model_dir / "model.onnx"), "fp32", 4, str(tmp_path))
+    assert capsys.readouterr().out == ""
+    assert "EP Error" in caplog.text
+    assert fake.calls[-1]["enable_fallback"] == 0
+    assert be.session.fallback is False
+    cpu = backends.create_backend("ort-cpu", str(model_dir / "model.onnx"), "fp32", 4, None)
+    assert cpu.provider == "CPUExecutionProvider"
+
+
+def test_ort_trt_engine_cache_is_per_model_content(monkeypatch, tmp_path):
+    """Defect 2: two bundles of the same backbone (same names, other weights) get separate provider caches."""
+    fake = _FakeOrt()
+    _gpu_env(monkeypatch, fake)
+    dirs = []
+    for seed in (0, 1):
+        d = tmp_path / f"bundle{seed}"
+        d.mkdir()
+        onnx.save(make_tiny_model(seed), str(d / "model.onnx"))
+        backends.create_backend("ort-trt", str(d / "model.onnx"), "fp32", 4, str(tmp_path / "cache"))
+        dirs.append(fake.calls[-1]["providers"][0][1]["trt_engine_cache_path"])
+    assert dirs[0] != dirs[1]
+    assert all(str(tmp_path / "cache" / "ort-trt") in d for d in dirs)
+    # the same model again (e.g. the bundle copied elsewhere) reuses its folder
+    backends.create_backend("ort-trt", str(tmp_path / "bundle0" / "model.onnx"), "fp32", 4, str(tmp_path / "cache"))
+    assert fake.calls[-1]["providers"][0][1]["trt_engine_cache_path"] == dirs[0]
 
 
 def test_bad_inputs_are_one_line_errors(model_dir, tmp_path):
@@ -230,3 +261,40 @@ def test_fp16_on_cpu_is_logged_not_changed(caplog):
     with caplog.at_level(logging.WARNING, logger="madclip_runtime.backends"):
         assert backends.resolve_auto("fp16") == "ort-cpu"
     assert "fp16" in caplog.text
+
+
+def test_export_engine_lands_where_the_runtime_looks(monkeypatch, model_dir, tmp_path):
+    """Defect 7: `madclip-export --engine` no longer writes an engine into the bundle (which the runtime never
+    read); it builds through the runtime's own lookup, so the runtime finds the same file under the same key."""
+    import types as _types
+
+    from madclip_export import export
+
+    calls = []
+    monkeypatch.setenv("MADCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "require_trt", lambda: _types.SimpleNamespace(__version__="10.13.0"))
+    monkeypatch.setattr(backends.trt_engine, "ensure_engine",
+                        lambda onnx_path, engine_dir, precision, max_batch, sha=None: calls.append(
+                            (Path(onnx_path).name, Path(engine_dir), precision, max_batch)) or Path(engine_dir) / "e")
+    monkeypatch.setattr(backends.trt_engine, "TrtRunner", lambda path: _types.SimpleNamespace(max_batch=4))
+    before = sorted(p.name for p in model_dir.iterdir())
+    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None)
+    assert report["built"] is True and report["in_bundle"] is False
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing added to the bundle
+    backends.create_backend("trt", str(model_dir / "model_fp16.onnx"), "fp16", 4, None)
+    assert calls[0] == calls[1] == ("model_fp16.onnx", tmp_path / "cache" / "engines" / "trt", "fp16", 4)
+
+
+def test_export_without_tensorrt_says_so(monkeypatch, model_dir):
+    import types as _types
+
+    from madclip_export import export
+
+    def missing():
+        raise BackendUnavailable("TensorRT is not installed")
+
+    monkeypatch.setattr(backends, "require_trt", missing)
+    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=False, max_batch=4), lambda s: None)
+    assert report["built"] is False and "TensorRT is not installed" in report["reason"]
+    with pytest.raises(BackendUnavailable):
+        export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from madclip_runtime import imageio
+from madclip_runtime import imageio, scan
 from madclip_runtime.errors import InputError, MadclipError
 from madclip_runtime.imageio import (
     MIN_SIDE,
@@ -225,9 +225,9 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 def test_our_pixel_limit_and_pil_bomb_warning(tmp_path, monkeypatch):
     p = tmp_path / "big.png"
     Image.new("L", (100, 100)).save(p)
-    monkeypatch.setattr(imageio, "MAX_PIXELS", 5000)
+    monkeypatch.setattr(scan, "MAX_PIXELS", 5000)  # the limit lives in madclip_runtime.scan
     _raises_one_line(read_image, p, match="over the limit of 5000")
-    monkeypatch.setattr(imageio, "MAX_PIXELS", 100_000_000)
+    monkeypatch.setattr(scan, "MAX_PIXELS", 100_000_000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10000 px: PIL warns (between 1x and 2x its limit)
     _raises_one_line(read_image, p, match="too large")
 
@@ -312,14 +312,30 @@ def test_dicom_rescale_and_window(tmp_path):
     np.testing.assert_allclose(full, (hu - (-2048 * 2 - 1000)) / (4095 * 2), atol=1e-6)
 
 
-def test_dicom_voi_functions():
-    from madclip_runtime.medical import apply_voi_window
+def test_dicom_voi_functions_and_voi_lut_sequence(tmp_path):
+    """Window functions and a VOI LUT Sequence (mammography/CR) go through pydicom's apply_voi_lut."""
+    pytest.importorskip("pydicom", reason="pydicom (madclip[medical]) not installed")
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
 
-    x = np.array([0.0, 39.5, 40.0, 79.0, 200.0])
-    np.testing.assert_allclose(apply_voi_window(x, 40, 80, "LINEAR"), np.clip((x - 39.5) / 79 + 0.5, 0, 1), atol=1e-6)
-    np.testing.assert_allclose(apply_voi_window(x, 40, 80, "LINEAR_EXACT"), np.clip((x - 40) / 80 + 0.5, 0, 1), atol=1e-6)
-    np.testing.assert_allclose(apply_voi_window(x, 40, 80, "SIGMOID"), 1 / (1 + np.exp(-4 * (x - 40) / 80)), atol=1e-6)
-    np.testing.assert_array_equal(apply_voi_window(x, 40, 1, "LINEAR"), [0, 0, 1, 1, 1])
+    stored = np.arange(400, dtype=np.uint16).reshape(20, 20)  # [20, 20]
+    x = stored.astype(np.float64)
+    for function, expected in (
+        ("LINEAR", np.clip((x - 39.5) / 79 + 0.5, 0, 1)),
+        ("LINEAR_EXACT", np.clip((x - 40) / 80 + 0.5, 0, 1)),
+        ("SIGMOID", 1 / (1 + np.exp(-4 * (x - 40) / 80))),
+    ):
+        p = _write_dicom(tmp_path / f"{function}.dcm", stored, WindowCenter=40, WindowWidth=80,
+                         VOILUTFunction=function, BitsStored=12)
+        np.testing.assert_allclose(read_scans(p)[0].pixels, expected, atol=1e-4, err_msg=function)
+
+    lut = Dataset()  # 4 entries from stored value 100, 16-bit output: a step curve no window describes
+    lut.LUTDescriptor = [4, 100, 16]
+    lut.LUTData = np.array([0, 1000, 30000, 65535], "<u2").tobytes()  # written as raw 16-bit words
+    p = _write_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=Sequence([lut]))
+    px = read_scans(p)[0].pixels
+    expected = np.take(np.array([0, 1000, 30000, 65535]) / 65535.0, np.clip(stored.astype(int) - 100, 0, 3))
+    np.testing.assert_allclose(px, expected, atol=1e-6)  # not min/max: the LUT is applied
 
 
 def test_dicom_monochrome1_and_uint8(tmp_path):
@@ -483,7 +499,7 @@ def test_nifti_bad_inputs(tmp_path):
     _raises_one_line(read_scans, _write_nifti(tmp_path / "nan.nii.gz", f), match="NaN")
     (tmp_path / "junk.nii").write_text("not a volume\n" * 40)
     _raises_one_line(read_scans, tmp_path / "junk.nii", match="NIfTI")
-    _raises_one_line(read_scans, _write_nifti(tmp_path / "v4.nii", np.zeros((10, 10, 3, 2), np.int16)), match="3-D")
+    _raises_one_line(read_scans, _write_nifti(tmp_path / "v4.nii", np.zeros((10, 10, 3, 2), np.int16)), match="--volume-index")
     good = _write_nifti(tmp_path / "trunc.nii.gz", np.arange(4000, dtype=np.int16).reshape(20, 20, 10))
     good.write_bytes(good.read_bytes()[:200])
     _raises_one_line(read_scans, good)

@@ -72,11 +72,6 @@ def test_dependencies_point_one_way_and_runtime_has_no_torch():
     assert not bad, "\n".join(sorted(bad))
 
 
-import pytest  # noqa: E402
-
-
-@pytest.mark.xfail(strict=True, reason="known cycle madclip_runtime.imageio <-> medical, broken by the volumes work "
-                                       "(issue 15): remove this marker with that change")
 def test_no_import_cycles():
     graph = _graph()
     state: dict[str, int] = {}

@@ -9,6 +9,7 @@ import pytest
 
 from madclip_runtime import backends
 from madclip_runtime import trt_engine as te
+from madclip_runtime import trt_rules as tr
 from madclip_runtime.errors import BackendUnavailable
 
 pytestmark = [pytest.mark.trt, pytest.mark.gpu]
@@ -16,11 +17,9 @@ pytestmark = [pytest.mark.trt, pytest.mark.gpu]
 
 def _skip_reason() -> str | None:
     try:
-        te.import_tensorrt()
+        backends.require_trt()
     except BackendUnavailable as exc:
-        return f"TensorRT unavailable: {exc}"
-    if te.gpu_count() == 0:
-        return "no CUDA GPU visible through cuda-python"
+        return f"TensorRT backend unavailable: {exc}"
     return None
 
 
@@ -29,7 +28,7 @@ if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
 onnx = pytest.importorskip("onnx")
-from test_backends import images, make_tiny_model, reference_outputs  # noqa: E402 (tests dir is on sys.path)
+from .conftest import images, make_tiny_model, reference_outputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +51,10 @@ def _close(out, ref, atol):
 def test_build_and_run_fp32_engine(bundle, tmp_path):
     engine = tmp_path / "tiny.engine"
     cache = tmp_path / "timing.cache"
-    key = te.build_engine(bundle / "model.onnx", engine, precision="fp32", max_batch=4, timing_cache_path=cache)
+    key = te.build_engine(bundle / "model.onnx", engine, te.engine_key(bundle / "model.onnx", "fp32", 4),
+                          timing_cache_file=cache)
     assert engine.is_file() and cache.is_file()
-    assert te.read_engine_key(engine) == key and key.max_batch == 4
+    assert tr.read_engine_key(engine) == key and key.max_batch == 4 and key.typing == "fp32"
     runner = te.TrtRunner(engine)
     try:
         assert runner.max_batch == 4 and runner.input_chw == (3, 16, 16)
@@ -78,13 +78,13 @@ def test_ensure_engine_reuses_then_rebuilds_on_mismatch(bundle, tmp_path, caplog
     assert "using cached TensorRT engine" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="madclip_runtime.trt_engine"):
-        te.ensure_engine(onnx_path, tmp_path, "fp32", 2, onnx_sha256="0" * 64)
-    assert "cache mismatch: ONNX sha256" in caplog.text
+        other = te.ensure_engine(onnx_path, tmp_path, "fp32", 2, model_sha256="0" * 64)
+    assert other != first and "building TensorRT engine" in caplog.text  # another model: its own file
 
 
 def test_fp16_engine_close_to_reference(bundle, tmp_path):
     trt = te.import_tensorrt()
-    onnx_path = bundle / te.onnx_variant("fp16", trt.__version__)
+    onnx_path = bundle / tr.onnx_variant("fp16", trt.__version__)
     engine = te.ensure_engine(onnx_path, tmp_path, "fp16", 4)
     runner = te.TrtRunner(engine)
     try:
@@ -103,3 +103,24 @@ def test_trt_backend_end_to_end(bundle, tmp_path):
         _close(be.run(x), reference_outputs(x), atol=1e-2)
     finally:
         be.close()
+
+
+def test_timing_cache_from_this_gpu_is_reused(bundle, tmp_path, caplog):
+    """The timing cache written by one build attaches to the next (set_timing_cache returns True)."""
+    te.ensure_engine(bundle / "model.onnx", tmp_path, "fp32", 2)
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.trt_engine"):
+        te.ensure_engine(bundle / "model.onnx", tmp_path, "fp16", 2)
+    assert "timing cache not usable" not in caplog.text
+
+
+def test_ort_trt_and_ort_cuda_run_without_fallback(bundle, tmp_path):
+    for name in ("ort-cuda", "ort-trt"):
+        if name not in backends.available_backends():
+            pytest.skip(f"{name} not available")
+        be = backends.create_backend(name, str(bundle / "model.onnx"), "fp32", 2, str(tmp_path))
+        try:
+            x = images(2, seed=3)
+            _close(be.run(x), reference_outputs(x), atol=1e-3)  # TF32 in cuDNN/cuBLAS: 1e-3
+            assert be.session._enable_fallback is False
+        finally:
+            be.close()

@@ -1,14 +1,20 @@
 """Pure logic of the TensorRT path (no TensorRT, no GPU needed)."""
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
+import logging
 import sys
 import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from madclip_runtime import cuda_probe
 from madclip_runtime import trt_engine as te
+from madclip_runtime import trt_rules as tr
 from madclip_runtime.errors import BackendUnavailable, BundleError, InputError
 
 
@@ -17,12 +23,12 @@ from madclip_runtime.errors import BackendUnavailable, BundleError, InputError
     [("10.3.0.30", (10, 3, 0)), ("10.12", (10, 12, 0)), ("11.0.0", (11, 0, 0)), ("8.6.1.6", (8, 6, 1)), ("10", (10, 0, 0))],
 )
 def test_parse_trt_version(text, expected):
-    assert te.parse_trt_version(text) == expected
+    assert tr.parse_trt_version(text) == expected
 
 
 def test_parse_trt_version_rejects_garbage():
     with pytest.raises(BackendUnavailable, match="unrecognised"):
-        te.parse_trt_version("tensorrt-latest")
+        tr.parse_trt_version("tensorrt-latest")
 
 
 @pytest.mark.parametrize(
@@ -31,69 +37,128 @@ def test_parse_trt_version_rejects_garbage():
      ("10.13.2", "strongly_typed"), ("11.0.0", "strongly_typed"), ((12, 1), "strongly_typed"), ((10, 3, 0), "fp16_flag")],
 )
 def test_typing_mode(version, mode):
-    assert te.typing_mode(version) == mode
+    assert tr.typing_mode(version) == mode
 
 
 @pytest.mark.parametrize("version", ["8.6.1", "9.3.0", (7, 2)])
 def test_typing_mode_needs_trt10(version):
     with pytest.raises(BackendUnavailable, match=r"TensorRT >= 10 required"):
-        te.typing_mode(version)
+        tr.typing_mode(version)
 
 
 def test_onnx_variant_follows_typing_mode():
-    assert te.onnx_variant("fp16", "10.3.0") == "model.onnx"  # FP16 flag + pinned islands on the FP32 graph
-    assert te.onnx_variant("fp16", "10.12.0") == "model_fp16.onnx"
-    assert te.onnx_variant("fp16", "11.0.0") == "model_fp16.onnx"
-    assert te.onnx_variant("fp32", "11.0.0") == "model.onnx"
+    assert tr.onnx_variant("fp16", "10.3.0") == "model.onnx"  # FP16 flag + pinned islands on the FP32 graph
+    assert tr.onnx_variant("fp16", "10.12.0") == "model_fp16.onnx"
+    assert tr.onnx_variant("fp16", "11.0.0") == "model_fp16.onnx"
+    assert tr.onnx_variant("fp32", "11.0.0") == "model.onnx"
     with pytest.raises(BackendUnavailable, match="CPU path"):
-        te.onnx_variant("int8", "10.3.0")
+        tr.onnx_variant("int8", "10.3.0")
 
 
 def test_profile_shapes():
-    mn, opt, mx = te.profile_shapes((3, 240, 240), 8)
+    mn, opt, mx = tr.profile_shapes((3, 240, 240), 8)
     assert mn == (1, 3, 240, 240) and opt == (1, 3, 240, 240) and mx == (8, 3, 240, 240)
-    assert te.profile_shapes((3, 16, 16), 1)[2] == (1, 3, 16, 16)
+    assert tr.profile_shapes((3, 16, 16), 1)[2] == (1, 3, 16, 16)
     with pytest.raises(InputError):
-        te.profile_shapes((3, 240, 240), 0)
+        tr.profile_shapes((3, 240, 240), 0)
     with pytest.raises(BundleError, match="static"):
-        te.profile_shapes((3, -1, 240), 4)
+        tr.profile_shapes((3, -1, 240), 4)
+
+
+def _key(**kw):
+    base = dict(trt_version="10.3.0", compute_capability=(8, 7), precision="fp16", model_sha256="ab" * 32,
+                max_batch=8, gpu_name="Orin", typing="fp16_flag")
+    return tr.EngineKey(**{**base, **kw})
 
 
 def test_engine_and_timing_cache_names(tmp_path):
-    assert te.engine_file_name("fp16", "10.3.0", (8, 7)) == "model_fp16_trt10.3.0_sm87.engine"
-    assert te.engine_file_name("fp32", "10.13.0.35", (12, 0)) == "model_fp32_trt10.13.0.35_sm120.engine"
-    assert te.timing_cache_path(tmp_path, "10.3.0", (8, 7)) == tmp_path / "timing_trt10.3.0_sm87.cache"
-    key = te.EngineKey("10.3.0", (8, 7), "fp16", "ab" * 32, 8)
-    assert key.file_name == "model_fp16_trt10.3.0_sm87.engine"
+    assert tr.timing_cache_path(tmp_path, "10.3.0", (8, 7)) == tmp_path / "timing_trt10.3.0_sm87.cache"
+    key = _key()
+    assert key.file_name.startswith("model_fp16_trt10.3.0_sm87_") and key.file_name.endswith(".engine")
+    assert key.file_name == _key().file_name  # deterministic
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model_sha256", "cd" * 32),  # another bundle / retrained weights (defect 3)
+    ("gpu_name", "NVIDIA RTX 4090"),  # same compute capability, other GPU (defect 12)
+    ("rules_version", tr.RULES_VERSION + 1),  # madclip's precision rules changed (defect 12)
+    ("typing", "strongly_typed"), ("max_batch", 4), ("trt_version", "10.3.1"), ("compute_capability", (8, 9)),
+])
+def test_engine_file_name_hashes_every_key_field(field, value):
+    """Defect 3: engines of different models never share a file name, so a shared --cache-dir (or a
+    concurrent process replacing a file) cannot hand one model another model's engine."""
+    assert _key(**{field: value}).file_name != _key().file_name
+    assert _key(**{field: value}).mismatches(_key()) != []
 
 
 def test_engine_key_json_round_trip_and_sidecar(tmp_path):
-    key = te.EngineKey("10.3.0", (8, 7), "fp16", "0123abcd" * 8, 4)
-    back = te.EngineKey.from_json(key.to_json())
+    key = _key(max_batch=4)
+    back = tr.EngineKey.from_json(key.to_json())
     assert back == key and isinstance(back.compute_capability, tuple)
     assert json.loads(key.to_json())["compute_capability"] == [8, 7]
+    assert json.loads(key.to_json())["rules_version"] == tr.RULES_VERSION
     engine = tmp_path / key.file_name
-    assert te.read_engine_key(engine) is None  # no engine yet
+    assert tr.read_engine_key(engine) is None  # no engine yet
     engine.write_bytes(b"plan")
-    assert te.read_engine_key(engine) is None  # engine without sidecar: not trusted
-    te.sidecar_path(engine).write_text(key.to_json())
-    assert te.read_engine_key(engine) == key
-    te.sidecar_path(engine).write_text("{not json")
-    assert te.read_engine_key(engine) is None
-    te.sidecar_path(engine).write_text(json.dumps({"trt_version": "10.3.0"}))
-    assert te.read_engine_key(engine) is None
+    assert tr.read_engine_key(engine) is None  # engine without sidecar: not trusted
+    tr.sidecar_path(engine).write_text(key.to_json())
+    assert tr.read_engine_key(engine) == key
+    tr.sidecar_path(engine).write_text("{not json")
+    assert tr.read_engine_key(engine) is None
+    tr.sidecar_path(engine).write_text(json.dumps({"trt_version": "10.3.0"}))
+    assert tr.read_engine_key(engine) is None
 
 
 def test_engine_key_mismatch_detection():
-    key = te.EngineKey("10.3.0", (8, 7), "fp16", "a" * 64, 8)
+    key = _key(model_sha256="a" * 64)
     assert key.mismatches(key) == []
-    assert key.mismatches(te.EngineKey("10.3.0", [8, 7], "fp16", "a" * 64, 8)) == []
-    other = te.EngineKey("10.4.0", (8, 9), "fp16", "b" * 64, 8)
-    diffs = key.mismatches(other)
-    assert diffs == ["TensorRT 10.3.0 -> 10.4.0", "GPU compute capability (8, 7) -> (8, 9)",
-                     f"ONNX sha256 {'a' * 12} -> {'b' * 12}"]
-    assert key.mismatches(te.EngineKey("10.3.0", (8, 7), "fp32", "a" * 64, 8)) == ["precision fp16 -> fp32"]
-    assert key.mismatches(te.EngineKey("10.3.0", (8, 7), "fp16", "a" * 64, 16)) == ["max batch 8 -> 16"]
+    assert key.mismatches(_key(model_sha256="a" * 64, compute_capability=[8, 7])) == []
+    other = _key(trt_version="10.4.0", compute_capability=(8, 9), model_sha256="b" * 64)
+    assert key.mismatches(other) == ["TensorRT 10.3.0 -> 10.4.0", "GPU compute capability (8, 7) -> (8, 9)",
+                                     f"model sha256 {'a' * 12} -> {'b' * 12}"]
+    assert key.mismatches(_key(model_sha256="a" * 64, precision="fp32", typing="fp32")) == [
+        "precision fp16 -> fp32", "typing fp16_flag -> fp32"]
+
+
+def test_engine_typing_and_tf32():
+    """Defect 9: fp32 engines are built with TF32 cleared; the recipe is part of the key."""
+    assert tr.engine_typing("fp32", "10.3.0") == "fp32" and not tr.tf32_allowed("fp32")
+    assert tr.engine_typing("fp16", "10.3.0") == "fp16_flag" and tr.tf32_allowed("fp16")
+    assert tr.engine_typing("fp16", "10.12.0") == "strongly_typed"
+
+
+def test_content_id_from_metadata_equals_file_hash(tmp_path):
+    """Defect 3: the id from a bundle's sha256 list (runtime) and from the files (export, builder) agree,
+    and the external weights are part of it."""
+    import hashlib
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"graph")
+    g = hashlib.sha256(b"graph").hexdigest()
+    assert tr.file_sha256(model) == tr.content_id([g]) == g
+    (tmp_path / "model.onnx.data").write_bytes(b"weights")
+    d = hashlib.sha256(b"weights").hexdigest()
+    assert tr.file_sha256(model) == tr.content_id([g, d]) != g
+    (tmp_path / "model.onnx.data").write_bytes(b"weights2")
+    assert tr.file_sha256(model) != tr.content_id([g, d])
+
+
+def test_one_cache_root(monkeypatch, tmp_path):
+    """Engines and training features share one root, honouring MADCLIP_CACHE and XDG_CACHE_HOME."""
+    monkeypatch.delenv("MADCLIP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tr.cache_root() == tmp_path / "xdg" / "madclip"
+    assert tr.engine_cache_dir() == tmp_path / "xdg" / "madclip" / "engines"
+    monkeypatch.setenv("MADCLIP_CACHE", str(tmp_path / "mine"))
+    assert tr.cache_root() == tmp_path / "mine"
+    monkeypatch.delenv("MADCLIP_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert tr.cache_root() == Path.home() / ".cache" / "madclip"
+
+
+def test_ort_trt_cache_dir_is_per_model(tmp_path):
+    assert tr.ort_trt_cache_dir(tmp_path, "a" * 64) != tr.ort_trt_cache_dir(tmp_path, "b" * 64)
+    assert tr.ort_trt_cache_dir(tmp_path, "a" * 64).parent == tmp_path / "ort-trt"
 
 
 @pytest.mark.parametrize(
@@ -106,13 +171,14 @@ def test_engine_key_mismatch_detection():
         ("REDUCE", "node_ReduceMean_32", True),
         ("RESIZE", "node_upsample_bilinear2d", True),
         ("LayerType.RESIZE", "/head/Resize", True),
-        # activations: only the sigmoid
-        ("ACTIVATION", "node_sigmoid", True),
-        ("ACTIVATION", "/head/Sigmoid", True),
+        # activations: none by themselves (the head's sigmoid is FP32 as part of the tail; a QuickGELU
+        # sigmoid in every block stays FP16, defect 6)
+        ("ACTIVATION", "node_sigmoid", False),
+        ("ACTIVATION", "/head/Sigmoid", False),
         ("ACTIVATION", "node_leaky_relu", False),
         ("ACTIVATION", "/visual/transformer/resblocks.0/mlp/gelu/Gelu", False),
         # arithmetic of standardisation / L2 normalisation
-        ("ELEMENTWISE", "node_div", True),
+        ("ELEMENTWISE", "node_div", True),  # divisor computed (an L2 norm)
         ("ELEMENTWISE", "/adapter/Pow", True),
         ("UNARY", "/adapter/Sqrt", True),
         ("ELEMENTWISE", "/ln_post/Sub", True),
@@ -133,25 +199,32 @@ def test_engine_key_mismatch_detection():
     ],
 )
 def test_fp32_island(layer_type, name, expected):
-    assert te.fp32_island(layer_type, name) is expected
+    assert tr.fp32_island(layer_type, name) is expected
+
+
+def test_div_by_constant_is_not_an_island():
+    """Defect 6: exact GELU's x / sqrt(2) and attention scaling divide by constants: FP16 is fine there."""
+    assert tr.fp32_island("ELEMENTWISE", "node_div_3", constant_divisor=False) is True
+    assert tr.fp32_island("ELEMENTWISE", "node_div_3", constant_divisor=True) is False
+    assert tr.fp32_island("ELEMENTWISE", "/ln_post/Div", constant_divisor=True) is True  # inside a norm
 
 
 def test_check_trt_precision():
-    te.check_trt_precision("fp16")
-    te.check_trt_precision("fp32")
+    tr.check_trt_precision("fp16")
+    tr.check_trt_precision("fp32")
     with pytest.raises(BackendUnavailable, match="ort-cpu"):
-        te.check_trt_precision("int8")
+        tr.check_trt_precision("int8")
 
 
 def test_file_sha256_covers_external_data(tmp_path):
     model = tmp_path / "model.onnx"
     model.write_bytes(b"graph")
-    alone = te.file_sha256(model)
+    alone = tr.file_sha256(model)
     (tmp_path / "model.onnx.data").write_bytes(b"weights")
-    with_data = te.file_sha256(model)
+    with_data = tr.file_sha256(model)
     assert alone != with_data and len(with_data) == 64
     (tmp_path / "model.onnx.data").write_bytes(b"weights2")
-    assert te.file_sha256(model) != with_data
+    assert tr.file_sha256(model) != with_data
 
 
 def test_missing_tensorrt_is_one_line(monkeypatch):
@@ -171,9 +244,9 @@ def test_gpu_count_is_zero_without_gpu_or_bindings(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     monkeypatch.setitem(sys.modules, "cuda.cudart", None)
-    with pytest.raises(BackendUnavailable, match="pip install cuda-python"):
-        te.import_cudart()
-    assert te.gpu_count() == 0
+    with pytest.raises(BackendUnavailable, match=r'pip install "madclip\[trt\]"'):
+        cuda_probe.import_cudart()
+    assert cuda_probe.probe_gpu().count == 0
 
 
 # ---- builder logic on a fake network (the objects TensorRT's parser would produce) -----------------------
@@ -282,3 +355,406 @@ def test_network_flags():
     assert te._network_flags(FakeTrt, "fp16", (10, 3, 0)) == 0  # FP16 builder flag path
     assert te._network_flags(FakeTrt, "fp16", (11, 0, 0)) == 0  # always strongly typed; flag deprecated
     assert te._network_flags(FakeTrt, "fp32", (10, 12, 0)) == 0
+
+
+def test_quick_gelu_sigmoids_do_not_pin_the_backbone():
+    """Defect 6: with --quick-gelu every block has a sigmoid; the FP32 tail starts at the consumers of the
+    baked dt, so the backbone (its sigmoids, its matmuls, divisions by constants) stays FP16."""
+    t = {n: Tensor(n) for n in ["img", "x", "s", "g", "h", "half", "ln", "logit", "prob", "amap"]}
+    dt = Tensor("dt", shape=(768, 1))
+    sqrt2 = Tensor("sqrt2", shape=())
+    layers = [
+        Layer(LayerType.CONVOLUTION, "/visual/conv1/Conv", [t["img"]], [t["x"]]),
+        Layer(LayerType.ACTIVATION, "/visual/transformer/resblocks.0/mlp/gelu/Sigmoid", [t["x"]], [t["s"]]),
+        Layer(LayerType.ELEMENTWISE, "/visual/transformer/resblocks.0/mlp/gelu/Mul", [t["x"], t["s"]], [t["g"]]),
+        Layer(LayerType.MATRIX_MULTIPLY, "/visual/transformer/resblocks.0/mlp/c_proj/MatMul",
+              [t["g"], Tensor("w", shape=(1024, 1024))], [t["h"]]),
+        Layer(LayerType.CONSTANT, "node_const_sqrt2", [], [sqrt2]),
+        Layer(LayerType.ELEMENTWISE, "node_div_gelu", [t["h"], sqrt2], [t["half"]]),
+        Layer(LayerType.NORMALIZATION, "node_layer_norm", [t["half"]], [t["ln"]]),
+        Layer(LayerType.CONSTANT, "dt", [], [dt]),
+        Layer(LayerType.MATRIX_MULTIPLY, "node_MatMul_9", [t["ln"], dt], [t["logit"]]),
+        Layer(LayerType.ACTIVATION, "node_sigmoid_head", [t["logit"]], [t["prob"]]),
+        Layer(LayerType.ELEMENTWISE, "node_add_layers", [t["prob"], t["prob"]], [t["amap"]]),
+    ]
+    te.constrain_fp32_islands(FakeTrt, Network(layers))
+    fp32 = {layer.name for layer in layers if layer.precision == "float32"}
+    assert fp32 == {"node_layer_norm", "node_MatMul_9", "node_sigmoid_head", "node_add_layers"}
+
+
+# ---- the builder on a fake tensorrt (the API calls NVIDIA documents; no GPU) --------------------------------
+
+
+class _Flag(enum.Enum):
+    FP16 = 1
+    TF32 = 2
+    OBEY_PRECISION_CONSTRAINTS = 3
+
+
+class _Cache:
+    def __init__(self, blob):
+        self.blob = blob
+
+    def serialize(self):
+        return memoryview(b"timing:" + self.blob)
+
+
+class _Config:
+    def __init__(self, accept_blob):
+        self.flags = {_Flag.TF32}  # TF32 is on by default (TensorRT developer guide)
+        self.accept_blob, self.attached, self.progress_monitor = accept_blob, None, None
+
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def add_optimization_profile(self, profile):
+        pass
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
+
+    def create_timing_cache(self, blob):
+        return _Cache(bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        ok = self.accept_blob or not cache.blob  # a foreign cache does not attach
+        if ok:
+            self.attached = cache
+        return ok
+
+    def get_timing_cache(self):
+        return self.attached
+
+
+class _FakeBuilderTrt(FakeTrt):
+    __version__ = "10.3.0"
+    BuilderFlag = _Flag
+    MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+
+    def __init__(self, accept_blob=True):
+        self.accept_blob, self.configs = accept_blob, []
+
+    def Builder(self, logger):  # noqa: N802 (TensorRT's name)
+        trt = self
+
+        class B:
+            def create_network(self, flags):
+                return Network([])
+
+            def create_builder_config(self):
+                trt.configs.append(_Config(trt.accept_blob))
+                return trt.configs[-1]
+
+            def create_optimization_profile(self):
+                return types.SimpleNamespace(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network, config):
+                return memoryview(b"PLAN")
+
+        return B()
+
+    def OnnxParser(self, network, logger):  # noqa: N802
+        network.num_inputs = 1
+        network.get_input = lambda i: Tensor("image", dtype="float32", shape=(-1, 3, 16, 16))
+        return types.SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch, tmp_path):
+    trt = _FakeBuilderTrt()
+    monkeypatch.setattr(te, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(te._TrtLogger, "get", classmethod(lambda cls, trt: None))
+    monkeypatch.setattr(te, "compute_capability", lambda device=0: (8, 7))
+    monkeypatch.setattr(te, "device_name", lambda device=0: "Orin")
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"graph")
+    return trt, onnx_path
+
+
+def test_fp32_engine_is_built_without_tf32(fake_trt, tmp_path):
+    """Defect 9: TF32 is on by default; an "fp32" engine clears it. FP16 keeps it."""
+    trt, onnx_path = fake_trt
+    te.build_engine(onnx_path, tmp_path / "e32.engine", te.engine_key(onnx_path, "fp32", 2))
+    assert _Flag.TF32 not in trt.configs[-1].flags
+    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2))
+    assert {_Flag.TF32, _Flag.FP16, _Flag.OBEY_PRECISION_CONSTRAINTS} <= trt.configs[-1].flags
+
+
+def test_foreign_timing_cache_is_replaced_by_a_fresh_one(fake_trt, tmp_path, caplog):
+    """Defect 8: set_timing_cache's result is checked; a cache that does not attach is replaced, and the
+    saved cache is the one the build used (get_timing_cache would otherwise return None)."""
+    trt, onnx_path = fake_trt
+    trt.accept_blob = False
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from-another-gpu")
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.trt_engine"):
+        te.build_engine(onnx_path, tmp_path / "e.engine", te.engine_key(onnx_path, "fp32", 2), timing_cache_file=cache)
+    assert "starting a new one" in caplog.text
+    assert trt.configs[-1].attached is not None and trt.configs[-1].attached.blob == b""
+    assert cache.read_bytes() == b"timing:"  # the fresh cache was saved
+
+
+def test_timing_cache_that_never_attaches_does_not_break_the_build(fake_trt, tmp_path, monkeypatch):
+    trt, onnx_path = fake_trt
+    monkeypatch.setattr(_Config, "set_timing_cache", lambda self, cache, ignore: False)
+    cache = tmp_path / "timing.cache"
+    te.build_engine(onnx_path, tmp_path / "e.engine", te.engine_key(onnx_path, "fp32", 2), timing_cache_file=cache)
+    assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and not cache.exists()
+
+
+def test_ensure_engine_shared_dir_keyed_by_model(fake_trt, tmp_path):
+    """Defect 3: one cache dir, two models (same file name, other weights incl. external data): two engines;
+    the same model again: reused."""
+    trt, onnx_path = fake_trt
+    cache = tmp_path / "cache"
+    first = te.ensure_engine(onnx_path, cache, "fp32", 2)
+    (tmp_path / "model.onnx.data").write_bytes(b"retrained weights")
+    second = te.ensure_engine(onnx_path, cache, "fp32", 2)
+    assert first != second and first.is_file() and second.is_file()
+    assert tr.read_engine_key(second).model_sha256 == tr.file_sha256(onnx_path)
+    n = len(trt.configs)
+    assert te.ensure_engine(onnx_path, cache, "fp32", 2) == second and len(trt.configs) == n  # no rebuild
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+
+def test_ensure_engine_does_not_probe_the_gpu_again(fake_trt, tmp_path, monkeypatch):
+    """Structure: the GPU is checked once, by backends; the builder does not re-check it."""
+    _, onnx_path = fake_trt
+    monkeypatch.setattr(cuda_probe, "probe_gpu", lambda: pytest.fail("trt_engine probed the GPU again"))
+    te.ensure_engine(onnx_path, tmp_path, "fp32", 2)
+
+
+# ---- the GPU probe (defect 4) and stream handles (defect 12) -------------------------------------------------
+
+
+class _Err(enum.Enum):
+    cudaSuccess = 0
+    cudaErrorInsufficientDriver = 35
+
+
+def _fake_cudart(err):
+    return types.SimpleNamespace(
+        cudaError_t=_Err, cudaGetDeviceCount=lambda: (err, 0 if err != _Err.cudaSuccess else 2),
+        cudaGetErrorString=lambda e: (_Err.cudaSuccess, b"CUDA driver version is insufficient for CUDA runtime version"))
+
+
+def test_probe_falls_back_to_libcuda_and_keeps_the_error(monkeypatch):
+    """Defect 4: cuda-python 13 on an older driver answers cudaErrorInsufficientDriver: that is not "no GPU";
+    the driver library is asked, the error is kept (shown), and TensorRT (which needs cuda-python) is off."""
+    monkeypatch.setattr(cuda_probe, "import_cudart", lambda: _fake_cudart(_Err.cudaErrorInsufficientDriver))
+    monkeypatch.setattr(cuda_probe, "_libcuda_count", lambda: (1, None))
+    found = cuda_probe.probe_gpu()
+    assert found.count == 1 and found.source == "libcuda" and not found.cudart_ok
+    assert "cudaErrorInsufficientDriver" in found.error and "insufficient" in found.error
+    monkeypatch.setattr(cuda_probe, "import_cudart", lambda: _fake_cudart(_Err.cudaSuccess))
+    assert cuda_probe.probe_gpu() == cuda_probe.GpuProbe(2, "cuda-python")
+
+
+def test_backends_use_the_probe(monkeypatch):
+    from madclip_runtime import backends
+
+    probe = cuda_probe.GpuProbe(1, "libcuda", "cuda-python: cudaErrorInsufficientDriver: ...")
+    monkeypatch.setattr(cuda_probe, "cached_probe", lambda: probe)
+    assert backends._visible_gpu() is True  # ort-cuda / ort-trt stay available
+    monkeypatch.setattr(backends.trt_engine, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
+    with pytest.raises(BackendUnavailable, match=r"cuda-python<13"):
+        backends.require_trt()
+
+
+def test_native_handle_uses_cuda_bindings_13_helper(monkeypatch):
+    """Defect 12: int(stream) is deprecated in cuda-bindings 13; its get_cuda_native_handle is used."""
+    utils = types.ModuleType("cuda.bindings.utils")
+    utils.get_cuda_native_handle = lambda obj: 0xBEEF
+    monkeypatch.setitem(sys.modules, "cuda.bindings.utils", utils)
+
+    class Stream:
+        def __int__(self):
+            raise AssertionError("int() used")
+
+    assert cuda_probe.native_handle(Stream()) == 0xBEEF
+    monkeypatch.setitem(sys.modules, "cuda.bindings.utils", None)  # cuda-bindings 12: no helper
+    assert cuda_probe.native_handle(7) == 7
+
+
+def test_trt_extra_pins_cuda_python_below_13():
+    """Defect 4: cuda-python 13 needs an R580+ driver, which JetPack 6 does not have."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    cuda = [d for d in extras["trt"] if d.replace(" ", "").startswith("cuda-python")]
+    assert cuda and "<13" in cuda[0]
+
+
+# ---- the runner on a fake engine and a fake cudart whose "device" is host memory ------------------------------
+
+
+class _FakeCudart:
+    """cuda-python's runtime API surface the runner uses; device and pinned memory are ctypes buffers."""
+
+    cudaError_t = _Err
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __init__(self):
+        self.buffers, self.pinned, self.freed_host, self.copies = {}, set(), set(), []
+
+    def _alloc(self, n):
+        buf = ctypes.create_string_buffer(n)
+        self.buffers[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    def cudaMalloc(self, n):  # noqa: N802 (cuda-python's names)
+        return _Err.cudaSuccess, self._alloc(n)
+
+    def cudaMallocHost(self, n):  # noqa: N802
+        ptr = self._alloc(n)
+        self.pinned.add(ptr)
+        return _Err.cudaSuccess, ptr
+
+    def cudaFreeHost(self, ptr):  # noqa: N802
+        self.freed_host.add(ptr)
+        return (_Err.cudaSuccess,)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        return (_Err.cudaSuccess,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return _Err.cudaSuccess, "stream"
+
+    def cudaStreamDestroy(self, s):  # noqa: N802
+        return (_Err.cudaSuccess,)
+
+    def cudaStreamSynchronize(self, s):  # noqa: N802
+        return (_Err.cudaSuccess,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
+        self.copies.append((src in self.pinned if kind == 1 else dst in self.pinned, kind))
+        ctypes.memmove(dst, src, n)
+        return (_Err.cudaSuccess,)
+
+    def cudaGetErrorString(self, e):  # noqa: N802
+        return _Err.cudaSuccess, b"error"
+
+
+class _FakeEngineTrt:
+    __version__ = "10.3.0"
+    TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+    def Runtime(self, logger):  # noqa: N802
+        return types.SimpleNamespace(deserialize_cuda_engine=lambda blob: _FakeEngine())
+
+
+class _FakeEngine:
+    names = ["image", "score", "anomaly_map", "score_map_max"]
+    num_io_tensors = 4
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, n):
+        return "in" if n == "image" else "out"
+
+    def get_tensor_dtype(self, n):
+        return np.float32
+
+    def get_tensor_profile_shape(self, n, p):
+        return (1, 3, 4, 4), (1, 3, 4, 4), (3, 3, 4, 4)
+
+    def create_execution_context(self):
+        return _FakeContext()
+
+
+class _FakeContext:
+    def __init__(self):
+        self.batch, self.addr, self.handles = 3, {}, []
+
+    def set_input_shape(self, name, shape):
+        self.batch = shape[0]
+        return True
+
+    def get_tensor_shape(self, n):
+        b = self.batch
+        return {"image": (b, 3, 4, 4), "score": (b,), "anomaly_map": (b, 1, 4, 4), "score_map_max": (b,)}[n]
+
+    def set_tensor_address(self, n, ptr):
+        self.addr[n] = ptr
+
+    def execute_async_v3(self, handle):
+        self.handles.append(handle)
+        b = self.batch
+        x = np.frombuffer((ctypes.c_float * (b * 48)).from_address(self.addr["image"]), np.float32).reshape(b, 3, 4, 4)
+        amap = x.mean(axis=1, keepdims=True)
+        for name, value in (("anomaly_map", amap), ("score", amap.mean(axis=(1, 2, 3))),
+                            ("score_map_max", amap.max(axis=(1, 2, 3)))):
+            flat = np.ascontiguousarray(value, np.float32).ravel()
+            ctypes.memmove(self.addr[name], flat.ctypes.data, flat.nbytes)
+        return True
+
+
+def test_runner_uses_pinned_host_buffers_and_native_stream_handle(monkeypatch, tmp_path):
+    """Defect 12: the async copies go through pinned (cudaMallocHost) buffers, the stream handle comes from
+    `native_handle`, results are right for every batch size and independent of the next call."""
+    cudart = _FakeCudart()
+    monkeypatch.setattr(te, "import_tensorrt", lambda: _FakeEngineTrt())
+    monkeypatch.setattr(te, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(te._TrtLogger, "get", classmethod(lambda cls, trt: None))
+    monkeypatch.setattr(te, "native_handle", lambda s: 4242)
+    (tmp_path / "e.engine").write_bytes(b"PLAN")
+    runner = te.TrtRunner(tmp_path / "e.engine")
+    assert runner.max_batch == 3 and runner.input_chw == (3, 4, 4)
+    rng = np.random.default_rng(0)
+    first = None
+    for batch in (1, 3, 2):
+        x = rng.normal(size=(batch, 3, 4, 4)).astype(np.float32)
+        out = runner.run(x)
+        amap = x.mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(out["anomaly_map"], amap, rtol=1e-6)
+        np.testing.assert_allclose(out["score"], amap.mean(axis=(1, 2, 3)), rtol=1e-6)
+        assert out["score_map_max"].shape == (batch,) and out["score"].dtype == np.float32
+        first = first if first is not None else (out, x)
+    np.testing.assert_allclose(first[0]["anomaly_map"], first[1].mean(axis=1, keepdims=True), rtol=1e-6)  # not overwritten
+    assert cudart.copies and all(pinned for pinned, _ in cudart.copies)
+    assert runner._context.handles == [4242, 4242, 4242]
+    with pytest.raises(InputError):
+        runner.run(np.zeros((4, 3, 4, 4), np.float32))
+    pinned = set(cudart.pinned)
+    runner.close()
+    assert cudart.freed_host == pinned
+
+
+def test_trt_and_backend_tests_import_no_other_test_module():
+    """Defect 1: `from test_backends import ...` raises at collection (tests/ is a package), so on a machine
+    with TensorRT and a GPU the TensorRT tests would never run. Shared helpers live in tests/conftest.py."""
+    import ast
+
+    here = Path(__file__).resolve().parent
+    for path in [*here.glob("test_trt_*.py"), here / "test_backends.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = (node.module or "").split(".")[-1]
+                assert not module.startswith("test_"), f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[-1].startswith("test_") for a in node.names), path.name
+
+
+def test_trt_gpu_module_collects_where_tensorrt_and_a_gpu_are(monkeypatch):
+    """Defect 1, the behaviour: with the backend usable (faked), the GPU test module imports cleanly."""
+    import importlib
+
+    from madclip_runtime import backends
+
+    pytest.importorskip("onnx")
+    monkeypatch.setattr(backends, "require_trt", lambda: None)
+    monkeypatch.delitem(sys.modules, "tests.test_trt_gpu", raising=False)
+    try:
+        module = importlib.import_module("tests.test_trt_gpu")
+        assert callable(module.test_build_and_run_fp32_engine)
+    finally:
+        sys.modules.pop("tests.test_trt_gpu", None)

@@ -34,8 +34,10 @@ class MadCLIP(MethodModel):
     name = "madclip"
     needs_abnormal = True
     augmentation = "x16"
-    model_defaults = {"backbone": "ViT-L-14-336", "image_size": 240, "quick_gelu": False, "normalize": "none"}
-    train_defaults = {"epochs": 60, "batch_size": 16, "lr": 1e-3, "betas": (0.5, 0.999)}
+    # the ModelConfig / PreprocessSpec / TrainConfig defaults are MadCLIP's reference (ViT-L-14-336 at 240, exact
+    # GELU, [0, 1] inputs; Adam 1e-3, betas (0.5, 0.999), 60 epochs, batch 16): nothing to override
+    model_defaults: dict = {}
+    train_defaults: dict = {}
     fp32_island_constants = ("dt",)
     reference_format = ("the authors' per-dataset .pth: {normal,abnormal}_det_adapters (fc1, fc2 = det, fc3 = seg) "
                         "and prompt_maker_{normal,abnormal} context vectors")

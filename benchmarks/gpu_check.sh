@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One command that proves the GPU half of madclip (README, section "GPU"): on a Linux machine with an NVIDIA
+# GPU, from a clean checkout, it creates its own venv, installs madclip the way the README tells a GPU user to,
+# and runs benchmarks/gpu_check.py (versions, gpu/trt tests, CUDA training, exports, TensorRT engines,
+# self-tests, madclip-bench), which writes benchmarks/results/gpu_check/gpu_check.{json,md}.
+# Without a GPU it says so in one line and exits 0 (CI runs it that way).
+#
+#   benchmarks/gpu_check.sh [--quick] [--out DIR]
+#   GPU_CHECK_VENV=/path/venv  reuse or place the venv elsewhere (default .gpu-check-venv in the checkout)
+#   GPU_CHECK_SYSTEM_SITE=1    let the venv see the system Python's packages (Jetson: JetPack's TensorRT)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+py="${PYTHON:-python3}"
+
+# The GPU test needs nothing installed: gpu_check.py's no_gpu_reason() uses only the standard library.
+if ! reason="$("$py" -c "import sys; sys.path.insert(0, '$here'); import gpu_check as g; r = g.no_gpu_reason(); print(r or '')")"; then
+    echo "gpu_check: cannot run $py"; exit 1
+fi
+if [[ -n "$reason" ]]; then
+    echo "gpu_check: $reason; nothing to check (exit 0)"
+    exit 0
+fi
+
+venv="${GPU_CHECK_VENV:-$root/.gpu-check-venv}"
+if [[ -f /etc/nv_tegra_release ]]; then
+    GPU_CHECK_SYSTEM_SITE="${GPU_CHECK_SYSTEM_SITE:-1}"  # JetPack's TensorRT lives in the system Python
+fi
+if [[ ! -x "$venv/bin/python" ]]; then
+    if [[ "${GPU_CHECK_SYSTEM_SITE:-0}" == "1" ]]; then
+        timeout 120 "$py" -m venv --system-site-packages "$venv"
+    else
+        timeout 120 "$py" -m venv "$venv"
+    fi
+fi
+# The README's GPU install: onnxruntime-gpu, TensorRT + cuda-python, the trainer and exporter, test tools.
+extras="gpu,trt,train,export,medical,dev"
+if [[ -f /etc/nv_tegra_release ]]; then
+    extras="jetson,train,export,medical,dev"  # JetPack brings TensorRT; onnxruntime-gpu from the Jetson index
+fi
+timeout 600 "$venv/bin/python" -m pip install -q --upgrade pip
+timeout 900 "$venv/bin/python" -m pip install -q -e "$root[$extras]"
+exec "$venv/bin/python" "$here/gpu_check.py" "$@"
