@@ -66,7 +66,7 @@ def measure(backbone: str, batch_size: int, n_shots: int, epochs: int, repeats: 
 
     size = 224
     spec = PreprocessSpec(image_size=size, interpolation="bilinear", normalize="clip")
-    clip = create_clip(ModelConfig(backbone=backbone, pretrained="none", image_size=size, quick_gelu=True))
+    clip = create_clip(ModelConfig(backbone=backbone, pretrained="none", quick_gelu=True, preprocess=spec))
     torch.manual_seed(0)
     net = MediCLIPNet(clip, open_clip.get_tokenizer(backbone), mediclip_taps(len(clip.visual.transformer.resblocks)), size)
     rng = np.random.default_rng(0)
