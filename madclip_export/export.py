@@ -149,6 +149,8 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
 
         step(f"PyTorch FP32 reference on {len(shots)} shots")
         shot_images, shot_masks, shot_labels = load_arrays(shots, spec)
+        shot_images, shot_masks, shot_labels, calibration_note = model.calibration_set(
+            shot_images, shot_masks, shot_labels, int(config.get("train", {}).get("seed") or 0))
         shot_out = _torch_outputs(model, shot_images)
         has_masks = bool(has_masks_data) and bool(shot_masks.any())
         calibration = calibrate(shot_out["score"], shot_out["score_map_max"], shot_out["anomaly_map"][:, 0],
@@ -156,6 +158,8 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         if opts.calib is not None and calibration["threshold"] is not None:
             calibration["method"] = (f"Youden's J maximised over midpoints of the image scores of {len(shots)} labelled "
                                      f"--calib images ({opts.calib}, split {opts.calib_split}); check it on held-out data")
+        if calibration_note:
+            calibration["method"] += f"; {calibration_note}"
         golden_images, _, golden_labels = load_arrays(golden, spec)
         torch_ref = _torch_outputs(model, golden_images)
 

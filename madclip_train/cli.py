@@ -31,7 +31,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                    help=f"the method to train (default {DEFAULT_METHOD})")
-    p.add_argument("--shots", type=bounded_int(1, 10_000), help="k normal + k abnormal shots (default 16)")
+    p.add_argument("--shots", type=bounded_int(1, 10_000),
+                   help="k normal + k abnormal shots (default 16; --method mediclip: k normal only)")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), help="shot sampling, initialisation, batch order, jitter (default 111)")
     p.add_argument("--shot-list", help="shot-list file (lines 'a-0: name ...' and 'n-0: name ...'); overrides --shots")
     p.add_argument("--objective", help="[Objective] word (default: from the dataset folder name, else 'medical image')")
@@ -69,6 +70,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="a method switch (repeatable), e.g. --option det_loss=bce for --method mvfa; see README")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("-v", "--verbose", action="store_true")
+    from .methods.mediclip import add_cli_options
+
+    add_cli_options(p)
     return p
 
 
@@ -104,6 +108,7 @@ def _number_or_text(value: str):
 def _train(argv) -> int:
     args = train_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from .methods.mediclip import cli_options
     from .run import TrainRequest, train_run
 
     req = TrainRequest(data=args.data, out=args.out, method=args.method, shots=args.shots, seed=args.seed,
@@ -115,7 +120,8 @@ def _train(argv) -> int:
                        augment_variant=args.augment_variant,
                        quick_gelu=args.quick_gelu, causal_prompt_mask=args.causal_prompt_mask,
                        normalize=args.normalize, init_seed=args.init_seed, force=args.force,
-                       precision=args.precision, options=parse_options(args.option, args.method))
+                       precision=args.precision,
+                       options={**parse_options(args.option, args.method), **cli_options(args)})
     with _progress() as progress:
         summary = train_run(req, progress=progress)
     err_console.print(f"run written: {escape_control(summary['run_dir'])}  ({summary['n_train_images']} training images, "
@@ -202,7 +208,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                    help=f"which method's checkpoint it is (default {DEFAULT_METHOD})")
-    p.add_argument("--objective", required=True, help="[Objective] word the checkpoint was trained with, e.g. Brain")
+    p.add_argument("--objective", help="[Objective] word the checkpoint was trained with, e.g. Brain (MadCLIP; "
+                                       "MediCLIP's prompts have none)")
     p.add_argument("--backbone", help="default: the method's (ViT-L-14-336 for MadCLIP)")
     p.add_argument("--pretrained", help="openai (default) | PATH to weights")
     p.add_argument("--image-size", type=bounded_int(28, 4096), help="default: the method's (240 for MadCLIP)")
@@ -219,12 +226,18 @@ def convert_parser() -> argparse.ArgumentParser:
 def _convert(argv) -> int:
     args = convert_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from madclip_runtime.errors import MadclipError
+
+    from .config import DEFAULT_OBJECTIVE
+    from .methods import get_method
     from .reference import convert_reference_run
     from .run import TrainRequest, resolve_configs
 
     req = TrainRequest(data="", out=args.out, method=args.method, backbone=args.backbone, pretrained=args.pretrained,
                        image_size=args.image_size)
-    mcfg, _ = resolve_configs(req, args.objective)
+    if args.objective is None and getattr(get_method(args.method), "uses_objective", True):
+        raise MadclipError(f"--objective is required for --method {args.method} (the word its prompts were trained with)")
+    mcfg, _ = resolve_configs(req, args.objective or DEFAULT_OBJECTIVE)
     if args.method == "mvfa":
         from .methods.mvfa_reference import convert_mvfa_reference
 

@@ -29,7 +29,7 @@ from .train import ShotTensors, fit, resolve_device
 
 log = logging.getLogger(__name__)
 
-_PREPROCESS_KEYS = ("image_size", "normalize")
+_PREPROCESS_KEYS = ("image_size", "normalize", "interpolation")
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,14 @@ def train_run(req: TrainRequest, progress=None) -> dict:
     objective = req.objective or objective_for(Path(req.data).resolve().name)
     mcfg, tcfg = resolve_configs(req, objective)
     _check_configs(mcfg, tcfg)
-    split = load_split(req.data, "valid")
-    samples = shots_from_list(split, req.shot_list) if req.shot_list else sample_shots(split, tcfg.shots, tcfg.seed)
+    if get_method(req.method).needs_abnormal:
+        split = load_split(req.data, "valid")
+        samples = shots_from_list(split, req.shot_list) if req.shot_list else sample_shots(split, tcfg.shots, tcfg.seed)
+        has_masks = split.has_masks
+    else:  # normal shots only (a dataset root or a plain folder of normal scans); the method makes its own masks
+        from .synthesis.io import normal_samples
+
+        samples, has_masks = normal_samples(req.data, tcfg.shots, tcfg.seed, req.shot_list), True
     if req.shot_list:
         tcfg = replace(tcfg, shots=sum(1 for s in samples if s.label == 0))
     device = resolve_device(req.device)
@@ -125,7 +131,7 @@ def train_run(req: TrainRequest, progress=None) -> dict:
         log.info("training %s: %s (%s) on %d shots of %s, objective %r, device %s", mcfg.method, mcfg.backbone,
                  mcfg.pretrained, len(samples), req.data, objective, device)
         with open(tmp / TRAIN_LOG, "w") as log_file:
-            summary = fit(model, shots, split.has_masks, tcfg, device,
+            summary = fit(model, shots, has_masks, tcfg, device,
                           cache_dir=Path(req.cache_dir) if req.cache_dir else None, progress=progress,
                           log_file=log_file)
         model.cpu()
@@ -136,7 +142,7 @@ def train_run(req: TrainRequest, progress=None) -> dict:
         config = {
             "model": mcfg.to_dict(), "train": tcfg.to_dict(), "backbone_fingerprint": model.backbone.fingerprint(),
             "dataset": {"root": str(Path(req.data).resolve()), "name": Path(req.data).resolve().name,
-                        "has_masks": split.has_masks, "n_shots": len(samples)},
+                        "has_masks": has_masks, "n_shots": len(samples)},
             "selected_epoch": summary["selected_epoch"], "selection": tcfg.select_on,
             "cache": summary["cache"], "finalize": summary["finalize"], "versions": versions(),
             "device": str(device), "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

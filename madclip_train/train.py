@@ -64,6 +64,8 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
     train, held = [], []
     for cls in (0, 1):
         idx = [int(i) for i in torch.nonzero(labels == cls).flatten()]
+        if not idx:  # a class without shots (methods trained on normal shots only)
+            continue
         if len(idx) < 2:
             raise MadclipError(f"--select-on valid needs at least 2 shots per class (got {len(idx)}); use more "
                                f"--shots or the fixed epoch budget (--select-on none)")
@@ -206,9 +208,10 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
         return CachedSource(model, images01, masks, labels, tcfg, device, cache_dir, progress, label)
 
     def source(data: ShotTensors, seed: int, label: str):
-        if not tcfg.augment:
+        if not tcfg.augment and model.augmentation != "none":  # "none": the method's source is not an augmentation
             return make_cached(data.images, data.masks, data.labels, label)
-        return model.training_source(data.images, data.masks, data.labels, seed, make_cached, label)
+        return model.training_source(data.images, data.masks, data.labels, seed, make_cached, label,
+                                     batch_size=tcfg.batch_size)
 
     train_src = source(train_set, tcfg.seed, "train shots")
     held_src = source(held_set, tcfg.seed + 1, "held-out shots")

@@ -92,7 +92,7 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
         return []
 
     def training_source(self, images01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, augment_seed: int,
-                        make_cached, label: str):
+                        make_cached, label: str, batch_size: int = 16):
         """Batches for one part of the training data (train or held-out shots). The default augments offline
         with `augmentation`, normalises and caches `cacheable()`; `make_cached(images, masks, labels, label)` is
         the trainer's feature-cache source. A method whose images change every step overrides this and returns
@@ -109,6 +109,13 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
         """After training, with the training source: build what inference needs beyond the trained weights
         (kept as buffers so `trainable_state()` saves them). Returns information for the run's log."""
         return {}
+
+    def calibration_set(self, images, masks, labels, seed: int):
+        """The exporter's calibration data from the run's shots (model inputs [N, 3, S, S], masks [N, S, S],
+        labels [N], numpy) -> (images, masks, labels, note or None). A method trained on normal shots only adds
+        abnormal examples here (MediCLIP: synthetic anomalies); the note is appended to the calibration's
+        description in the bundle metadata."""
+        return images, masks, labels, None
 
     # ---- inference ----------------------------------------------------------------------------------------
     def inference_context(self) -> Any:
