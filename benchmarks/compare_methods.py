@@ -43,11 +43,14 @@ class Method:
     train_args: tuple[str, ...] = ()  # extra madclip-train arguments
     eval_modes: dict = field(default_factory=lambda: {"inductive": ()})  # mode -> extra madclip-eval arguments
     paper_mode: str = "inductive"  # the mode comparable with the method's published numbers
+    shot_lists: bool = True  # takes the authors' k-normal + k-abnormal shot lists (normal-only methods do not)
 
 
 METHODS = [
     Method("madclip"),
     Method("mvfa", eval_modes={"inductive": (), "transductive": ("--transductive",)}, paper_mode="transductive"),
+    # MediCLIP trains on the k normal shots only (anomalies synthesised); evaluated on the same test split
+    Method("mediclip", shot_lists=False),
 ]
 
 # Published AUC % (AC image, AS pixel; None = not reported), keyed by our short dataset names.
@@ -100,7 +103,8 @@ def run_cell(data: Path, k: int, method: Method, args, cell: Path) -> dict:
     cmd = [tool("madclip-train"), "--method", method.name, "--data", str(data), "--shots", str(k), "--seed",
            str(args.seed), "--out", str(run_dir), "--backbone", args.backbone, "--pretrained", args.pretrained,
            "--device", args.device, "--force", *method.train_args]
-    shot_list = Path(args.shot_lists) / data.name[:-3] / f"{k}-shot.txt" if args.shot_lists else None
+    shot_list = (Path(args.shot_lists) / data.name[:-3] / f"{k}-shot.txt"
+                 if args.shot_lists and method.shot_lists else None)
     if shot_list is not None and shot_list.is_file():
         cmd += ["--shot-list", str(shot_list)]
     if args.epochs:

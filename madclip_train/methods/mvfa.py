@@ -148,7 +148,7 @@ class MVFAModel(MethodModel):
         return parts
 
     # --- memory bank ------------------------------------------------------------------------------------------
-    def training_source(self, images01, masks, labels, augment_seed, make_cached, label):
+    def training_source(self, images01, masks, labels, augment_seed, make_cached, label, batch_size: int = 1):
         """x11 views of every shot, cached up to the first tap; remembers each view's source shot (`groups`) so
         finalize() can cross-fit the normalisers."""
         if len(labels):
