@@ -245,7 +245,8 @@ def model_sha256(bundle: Bundle, precision: str) -> str | None:
     info = files.get(rel) if rel else None
     if not info:
         return None
-    parts = [info.get("sha256")] + ([files[rel + ".data"].get("sha256")] if rel + ".data" in files else [])
+    data = files.get(rel + ".data")  # external weights, when the graph has them
+    parts = [info.get("sha256")] + ([data.get("sha256")] if data else [])
     return content_id(parts) if all(isinstance(p, str) for p in parts) else None
 
 
