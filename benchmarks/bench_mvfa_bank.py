@@ -9,8 +9,6 @@ not run); for the tiny config the bank of a real `finalize()` is measured to che
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from _common import print_machine, table, write_json
 

@@ -1,8 +1,6 @@
 """The one preprocessing: shapes, value ranges, the reference uint8 path, masks, maps, and no torch."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -22,7 +22,7 @@ from ..atomic import sha256_file
 from ..errors import BundleError
 from ..contract import decide
 from ..predictor import Prediction, Predictor, load
-from .maps import MAP_FORMATS, encode_map
+from .maps import MAP_FORMATS, encode_map  # noqa: F401  (MAP_FORMATS: imported from here by app.py)
 
 log = logging.getLogger(__name__)
 

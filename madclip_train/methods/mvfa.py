@@ -20,7 +20,7 @@ from torch import nn
 
 from madclip_runtime.errors import MadclipError
 
-from .base import Batch, MethodModel
+from .base import MethodModel
 from .mvfa_augment import augment_x11
 from .mvfa_bank import build_bank_and_normalisers
 from .mvfa_losses import DET_LOSSES, det_loss, seg_losses
