@@ -139,7 +139,7 @@ def _seg_builder(volume: Any, map_t: float | None, method: str | None, bundle: A
 
 
 def _strict(obj: Any) -> Any:
-    from .volume_output import _jsonable
+    from .overlay import jsonable
 
-    return _jsonable(obj)
+    return jsonable(obj)
 

@@ -226,14 +226,14 @@ def render_overlay(
     return canvas
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """numpy scalars/arrays -> Python; NaN/inf -> None (strict JSON has no NaN)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not np.isfinite(obj):
@@ -294,5 +294,5 @@ def save_prediction(
         overlay_file=os.path.basename(overlay_path),
         intended_use=INTENDED_USE,
     )
-    atomic_write_text(json_path, json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(json_path, json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")
     return {"json": json_path, "overlay": overlay_path, "map": map_path}

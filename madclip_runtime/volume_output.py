@@ -28,7 +28,7 @@ from . import INTENDED_USE
 from .atomic import atomic_save_png, atomic_write_bytes, atomic_write_text
 from .contract import decide
 from .errors import MadclipError
-from .overlay import render_overlay
+from .overlay import jsonable, render_overlay
 from .volume import Volume
 
 DEFAULT_TOP_K = 3
@@ -136,20 +136,6 @@ def render_montage(volume: Volume, preds: Sequence[Any], top: Sequence[int], sca
     return canvas
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def volume_record(volume: Volume, summary: dict[str, Any], predictor: Any) -> dict[str, Any]:
     """The per-volume record (printed with --json, stored in <stem>.json)."""
     return {
@@ -196,5 +182,5 @@ def save_volume_outputs(out_dir: str, stem: str, volume: Volume, preds: Sequence
         seg_file=os.path.basename(paths["seg"]) if "seg" in paths else None,
     )
     paths["json"] = os.path.join(out_dir, f"{stem}.json")
-    atomic_write_text(paths["json"], json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["json"], json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")
     return paths

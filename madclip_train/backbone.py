@@ -86,13 +86,10 @@ def weights_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-class Backbone(nn.Module):
-    """Frozen vision tower returning the tapped residual streams, CLS dropped: list of 4 x [B, P, W]."""
+class FrozenVisual(nn.Module):
+    """What every method's wrapper of the frozen open_clip vision tower (`self.visual`) shares."""
 
-    def __init__(self, visual: nn.Module, taps: tuple[int, ...]):
-        super().__init__()
-        self.visual = visual
-        self.taps = tuple(taps)
+    visual: nn.Module
 
     @property
     def width(self) -> int:
@@ -107,6 +104,16 @@ class Backbone(nn.Module):
         if getattr(self, "_fingerprint", None) is None:
             self._fingerprint = weights_fingerprint(self.visual)
         return self._fingerprint
+
+
+class Backbone(FrozenVisual):
+    """Frozen vision tower returning the tapped residual streams, CLS dropped: list of 4 x [B, P, W]."""
+
+    def __init__(self, visual: nn.Module, taps: tuple[int, ...]):
+        super().__init__()
+        self.visual = visual
+        self.taps = tuple(taps)
+
 
     def truncate(self) -> "Backbone":
         """Drop blocks after the last tap and the unused pooling head (for export)."""

@@ -18,7 +18,7 @@ from madclip_train.data import load_arrays, load_split, sample_shots
 from madclip_train.demo import generate_demo
 from madclip_train.train import ShotTensors, fit
 
-from .conftest import realscans_or_skip
+from .conftest import fake_reference_checkpoint, realscans_or_skip
 
 TINY = ["--backbone", "madclip-tiny", "--pretrained", "none"]
 
@@ -95,22 +95,10 @@ def test_checkpoint_round_trip_reproduces_outputs(demo_root, tmp_path):
     assert log[0]["epoch"] == 1 and "loss_det" in log[0] and "seconds" in log[0]
 
 
-def _fake_reference(width=64, embed=32, ctx_dim=64) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ref = {}
-    for branch in ("normal", "abnormal"):
-        ref[f"{branch}_det_adapters"] = {f"{j}.fc{n}.0.weight": torch.randn(width if n == 1 else embed, width, generator=g)
-                                         for j in range(4) for n in (1, 2, 3)}
-        ref[f"prompt_maker_{branch}"] = {f"prompt_learner.ctx.{c}_{p}": torch.randn(7, 8, ctx_dim, generator=g)
-                                         for c in ("normal", "abnormal") for p in ("end", "front", "middle")}
-        ref[f"prompt_maker_{branch}"]["text_encoder.ln_final.weight"] = torch.ones(ctx_dim)
-    return ref
-
-
 def test_reference_checkpoint_conversion(tmp_path):
     from madclip_train.cli import convert_main
 
-    ref = _fake_reference()
+    ref = fake_reference_checkpoint()
     path = tmp_path / "brain.pth"
     torch.save(ref, path)
     state = MadCLIP.convert_reference(load_reference_checkpoint(path))

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbone import FrozenVisual
+
 LEAKY = 0.01  # nn.LeakyReLU() default slope
 WRITE_BACK = (0.8, 0.1, 0.1)  # (stream, seg out, det out): the reference's fixed coefficients
 
@@ -31,7 +33,7 @@ class ResidualAdapter(nn.Module):
         return mid, (F.leaky_relu(self.fc2(mid), LEAKY) if with_out else None)
 
 
-class AdaptedTower(nn.Module):
+class AdaptedTower(FrozenVisual):
     """Frozen open_clip VisionTransformer + 2 x len(taps) residual adapters.
 
     `seg_write_back` False drops the seg term (x <- 0.9 x + 0.1 out_det), a non-reference variant for
@@ -47,22 +49,6 @@ class AdaptedTower(nn.Module):
         self.det = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in self.taps)
         self.seg_write_back = bool(seg_write_back)
         self._batch_first = bool(getattr(visual.transformer, "batch_first", True))
-
-    @property
-    def width(self) -> int:
-        return int(self.visual.conv1.out_channels)
-
-    @property
-    def grid(self) -> int:
-        return int(self.visual.grid_size[0])
-
-    def fingerprint(self) -> str:
-        """sha256 of the frozen vision tower's weights (computed once): a run is never served on other weights."""
-        if getattr(self, "_fingerprint", None) is None:
-            from ..backbone import weights_fingerprint
-
-            self._fingerprint = weights_fingerprint(self.visual)
-        return self._fingerprint
 
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:  # x [B, N, W]
         blk = self.visual.transformer.resblocks[i]
