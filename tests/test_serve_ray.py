@@ -136,6 +136,23 @@ def test_server_equals_local_predict_on_real_scans(served):
     assert stats["model_calls"] < stats["scans"]
 
 
+def test_infer_cli_server_refuses_volumes_instead_of_answering_per_slice(served, tmp_path, capsys):
+    """Locally a volume gets one answer; over --server it is refused in one line (never a silent per-slice
+    answer), while a 2-D scan in the same call is still scored and --slice k scores one slice remotely."""
+    nib = pytest.importorskip("nibabel", reason="nibabel (madclip[medical]) not installed")
+    from madclip_runtime.cli_infer import main
+
+    vol = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 36, 3)).astype(np.float32), np.eye(4)), str(vol))
+    scan = str(_real_files()[0])
+    assert main([scan, str(vol), "--server", served["url"], "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and "case.nii.gz: a volume is scored as one volume" in err
+    assert "Traceback" not in err
+    assert main([str(vol), "--slice", "1", "--server", served["url"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["file"].endswith("#slice=1")
+
+
 def test_infer_cli_server_writes_what_local_writes(served, tmp_path, capsys):
     """`madclip-infer --server URL` writes the same files, the same records and the same maps as local."""
     from madclip_runtime.cli_infer import main

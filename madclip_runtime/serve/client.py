@@ -109,7 +109,16 @@ def run_remote(args: argparse.Namespace, cli: Any) -> int:
         raise MadclipError("--selftest runs on the serving machine (madclip-infer --bundle B --selftest there); "
                            "the server already ran the bundle's golden inputs before it became ready")
     meta = server_metadata(args.server)
-    files, failed = expand_each(args.inputs, args.recursive)
+    files, failed = expand_each(args.inputs, args.recursive, [args.out] if args.out else [])
+    if args.slice is None and files:  # locally a volume gets one answer per volume: never a silent per-slice answer
+        from ..volume import plan_volumes
+
+        jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
+        for message in plan_errors + [f"{job.source}: a volume is scored as one volume by local "
+                                      f"inference (madclip-infer --bundle B) or madclip-batch; --server scores 2-D "
+                                      f"scans, or one slice of it with --slice k" for job in jobs]:
+            error_line(message)
+        failed += len(plan_errors) + len(jobs)
     if not files:
         return EXIT_USAGE
     out_dir = check_out_dir(args.out) if args.out else None
