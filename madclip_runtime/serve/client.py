@@ -115,7 +115,7 @@ def run_remote(args: argparse.Namespace, cli: Any) -> int:
 
         jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
         for message in plan_errors + [f"{job.source}: a volume is scored as one volume by local "
-                                      f"inference (madclip-infer --bundle B) or madclip-batch; --server scores 2-D "
+                                      f"inference (madclip-infer --bundle B; madclip-batch gives per-slice rows); --server scores 2-D "
                                       f"scans, or one slice of it with --slice k" for job in jobs]:
             error_line(message)
         failed += len(plan_errors) + len(jobs)
