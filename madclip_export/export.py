@@ -195,7 +195,7 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
                                           "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32"}
             _check_finite(report["variants"]["fp16"], "FP16")
             models["fp16"] = MODEL_FILES["fp16"]
-            report["tensorrt"] = _maybe_build_engine(tmp, opts, step)
+            report["tensorrt"] = _maybe_build_engine(tmp, opts, step, tuple(method_meta["fp32_islands"]))
 
         if opts.int8:
             step("quantising to dynamic INT8 (s8 weights)")
@@ -287,7 +287,7 @@ def _require_tensorrt() -> None:
     backends.require_trt()  # raises BackendUnavailable with a one-line message
 
 
-def _maybe_build_engine(tmp: Path, opts: ExportOptions, step) -> dict:
+def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tuple[str, ...] = ("dt",)) -> dict:
     """Warm THIS machine's TensorRT engine cache; the engine is never put in the bundle.
 
     An engine only runs on the TensorRT version and GPU that built it, and the runtime looks engines up in
@@ -307,7 +307,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step) -> dict:
         log.info(msg)
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
-    path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch)
+    path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
     return {"built": True, "in_bundle": False, "cached_engine": str(path), "tensorrt": version}
 
 
@@ -320,6 +320,7 @@ def _metadata(config: dict, spec, method_meta: dict, opts: ExportOptions, calibr
     mcfg = config["model"]
     return {
         "method": method_meta["method"],
+        "fp32_islands": list(method_meta["fp32_islands"]),
         "preprocess": spec.to_dict(),
         **io_metadata(spec.image_size, method_meta["ranges"], method_meta["meanings"]),
         "max_batch": opts.max_batch,

@@ -287,12 +287,14 @@ def create_backend(
     cache_dir: str | None,
     onnx_sha256: str | None = None,
     input_chw: tuple[int, int, int] | None = None,
+    fp32_islands: tuple[str, ...] | None = None,
 ) -> Backend:
     """Load `model_path` on backend `name` ("auto" resolves to the fastest available).
 
     `cache_dir` holds TensorRT engines and timing caches (default: `default_cache_dir()`); `onnx_sha256`
     (from the bundle metadata) saves hashing the model again; `input_chw` (from the bundle metadata) gives
-    the onnxruntime TensorRT provider its static [3, H, W] profile dims.
+    the onnxruntime TensorRT provider its static [3, H, W] profile dims; `fp32_islands` (the bundle metadata's,
+    default MadCLIP's `dt`) are the constants whose consumers start the FP32 tail of a TensorRT FP16-flag build.
     """
     _check_precision(precision)
     if name == "auto":
@@ -306,7 +308,7 @@ def create_backend(
         raise BundleError(f"{path}: model file not found")
     start = time.perf_counter()
     if name == "trt":
-        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start)
+        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ("dt",)))
     return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
 
 
@@ -397,17 +399,19 @@ def _trt_model(model_dir: Path, precision: str, trt_version: str) -> Path:
 
 
 def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch: int,
-                        cache_dir: str | None = None) -> tuple[Path, str]:
+                        cache_dir: str | None = None, fp32_islands: tuple[str, ...] = ("dt",)) -> tuple[Path, str]:
     """Build (or find) the engine `create_backend("trt", ...)` will look up for the model files in
     `model_dir`, in the same cache and under the same key; returns (engine path, TensorRT version)."""
     trt = require_trt()
     onnx_path = _trt_model(Path(model_dir), precision, trt.__version__)
     engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "trt"
-    return trt_engine.ensure_engine(onnx_path, engine_dir, precision, max_batch), trt.__version__
+    return (trt_engine.ensure_engine(onnx_path, engine_dir, precision, max_batch, fp32_islands=tuple(fp32_islands)),
+            trt.__version__)
 
 
 def _create_trt(
-    path: Path, precision: str, max_batch: int, cache_dir: str | None, onnx_sha256: str | None, start: float
+    path: Path, precision: str, max_batch: int, cache_dir: str | None, onnx_sha256: str | None, start: float,
+    fp32_islands: tuple[str, ...] = ("dt",),
 ) -> Backend:
     trt_rules.check_trt_precision(precision)
     trt = require_trt()
@@ -418,7 +422,8 @@ def _create_trt(
         path, onnx_sha256 = variant, None
     # One cache dir for every model is safe: engine file names hash the model's content id (EngineKey).
     engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "trt"
-    engine_path = trt_engine.ensure_engine(path, engine_dir, precision, max_batch, onnx_sha256)
+    engine_path = trt_engine.ensure_engine(path, engine_dir, precision, max_batch, onnx_sha256,
+                                           fp32_islands=fp32_islands)
     runner = trt_engine.TrtRunner(engine_path)
     backend = TrtBackend(runner, precision, time.perf_counter() - start)
     log.info("trt: %s loaded in %.2f s", engine_path.name, backend.load_seconds)

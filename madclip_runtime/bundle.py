@@ -174,6 +174,12 @@ class Bundle:
         return float(lo), float(hi)
 
     @property
+    def fp32_islands(self) -> tuple[str, ...]:
+        """Graph constants whose consumers start the method's FP32 tail (MadCLIP: the text difference `dt`);
+        a TensorRT FP16-flag build pins them and everything downstream to FP32."""
+        return tuple(self.meta.get("fp32_islands") or ("dt",))
+
+    @property
     def threshold(self) -> float | None:
         """Calibrated decision threshold on `score_name`, or None when the bundle has none."""
         t = self.calibration.get("threshold")

@@ -202,6 +202,10 @@ def validate_metadata(meta: Any, where: str) -> None:
         _int(where, "n_layers", meta["n_layers"], 1, N_LAYERS_MAX)
     if "method" in meta:
         _str(where, "method", meta["method"])
+    if "fp32_islands" in meta:
+        islands = meta["fp32_islands"]
+        if not isinstance(islands, list) or not islands or not all(isinstance(n, str) and n for n in islands):
+            raise _fail(where, "fp32_islands", f"must be a non-empty list of graph constant names, got {_show(islands)}")
     size = _preprocess(where, meta["preprocess"])
     ranges = _io(where, meta, size)
     if meta.get("max_batch") is not None:

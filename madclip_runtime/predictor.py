@@ -289,6 +289,6 @@ def load(
     be = create_backend(
         name, model_path, precision, b.max_batch or DEFAULT_MAX_BATCH,
         None if cache_dir is None else os.fspath(cache_dir),
-        onnx_sha256=model_sha256(b, precision), input_chw=(3, s, s),
+        onnx_sha256=model_sha256(b, precision), input_chw=(3, s, s), fp32_islands=b.fp32_islands,
     )
     return Predictor(b, be, threshold=threshold)

@@ -141,7 +141,8 @@ def run_selftest(
     decisions = check_decisions(b, golden)
     name = resolve_auto(precision) if backend == "auto" else backend
     be = create_backend(name, b.model_path(precision), precision, b.max_batch or DEFAULT_MAX_BATCH,
-                        None if cache_dir is None else os.fspath(cache_dir), input_chw=(3, b.image_size, b.image_size))
+                        None if cache_dir is None else os.fspath(cache_dir), input_chw=(3, b.image_size, b.image_size),
+                        fp32_islands=b.fp32_islands)
     try:
         out = be.run(golden[GOLDEN_INPUT].astype(np.float32))  # [N, ...]
         provider, load_seconds = be.provider, be.load_seconds

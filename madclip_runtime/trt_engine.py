@@ -198,6 +198,7 @@ def build_engine(
     workspace_bytes: int = 2 << 30,
     timing_cache_file: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    fp32_islands: tuple[str, ...] = ("dt",),
 ) -> EngineKey:
     """Parse `onnx_path`, build a serialized engine for `key` (profile batch 1..max_batch), write it and
     its key atomically. The timing cache at `timing_cache_file` is loaded if present and saved back."""
@@ -227,7 +228,7 @@ def build_engine(
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *profile_shapes(tuple(image.shape)[1:], key.max_batch))
     config.add_optimization_profile(profile)
-    configure_precision(trt, config, network, key)
+    configure_precision(trt, config, network, key, fp32_islands)
     if progress is not None and hasattr(trt, "IProgressMonitor"):
         monitor = _progress_monitor(trt, progress)
         config.progress_monitor = monitor  # must outlive the build
@@ -253,15 +254,17 @@ def build_engine(
     return key
 
 
-def configure_precision(trt: Any, config: Any, network: Any, key: EngineKey) -> None:
+def configure_precision(trt: Any, config: Any, network: Any, key: EngineKey,
+                        fp32_islands: tuple[str, ...] = ("dt",)) -> None:
     """Builder flags for the key's recipe: TF32 off for fp32; FP16 flag + obeyed FP32 islands for
-    "fp16_flag"; nothing for "strongly_typed" (the types come from the file; precision flags are refused)."""
+    "fp16_flag" (the tail starts at the consumers of the method's `fp32_islands` constants, recorded in the
+    bundle's metadata); nothing for "strongly_typed" (the types come from the file; precision flags are refused)."""
     if not tf32_allowed(key.precision):
         config.clear_flag(trt.BuilderFlag.TF32)
     if key.typing == "fp16_flag":
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = constrain_fp32_islands(trt, network)
+        pinned = constrain_fp32_islands(trt, network, tuple(fp32_islands))
         log.info("FP16 builder flag (TensorRT %s): %d layers pinned to FP32", trt.__version__, pinned)
 
 
@@ -272,6 +275,7 @@ def ensure_engine(
     max_batch: int,
     model_sha256: str | None = None,
     progress: Callable[[str], None] | None = None,
+    fp32_islands: tuple[str, ...] = ("dt",),
 ) -> Path:
     """Path of an engine for this TensorRT, GPU, precision recipe and model: the cached one if its key
     matches, else built. The file name hashes the key, so a cache dir shared by several models or processes
@@ -287,7 +291,7 @@ def ensure_engine(
     log.info("building TensorRT engine %s (%s); this can take minutes on a Jetson", engine_path.name, why)
     build_engine(onnx_path, engine_path, want,
                  timing_cache_file=timing_cache_path(cache_dir, want.trt_version, want.compute_capability),
-                 progress=progress)
+                 progress=progress, fp32_islands=tuple(fp32_islands))
     return engine_path
 
 

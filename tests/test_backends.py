@@ -274,15 +274,18 @@ def test_export_engine_lands_where_the_runtime_looks(monkeypatch, model_dir, tmp
     monkeypatch.setenv("MADCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(backends, "require_trt", lambda: _types.SimpleNamespace(__version__="10.13.0"))
     monkeypatch.setattr(backends.trt_engine, "ensure_engine",
-                        lambda onnx_path, engine_dir, precision, max_batch, sha=None: calls.append(
-                            (Path(onnx_path).name, Path(engine_dir), precision, max_batch)) or Path(engine_dir) / "e")
+                        lambda onnx_path, engine_dir, precision, max_batch, sha=None, fp32_islands=("dt",): calls.append(
+                            (Path(onnx_path).name, Path(engine_dir), precision, max_batch, tuple(fp32_islands)))
+                        or Path(engine_dir) / "e")
     monkeypatch.setattr(backends.trt_engine, "TrtRunner", lambda path: _types.SimpleNamespace(max_batch=4))
     before = sorted(p.name for p in model_dir.iterdir())
-    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None)
+    islands = ("text", "norm_lo")  # a method whose FP32 tail starts elsewhere than MadCLIP's dt (MVFA)
+    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None,
+                                        islands)
     assert report["built"] is True and report["in_bundle"] is False
     assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing added to the bundle
-    backends.create_backend("trt", str(model_dir / "model_fp16.onnx"), "fp16", 4, None)
-    assert calls[0] == calls[1] == ("model_fp16.onnx", tmp_path / "cache" / "engines" / "trt", "fp16", 4)
+    backends.create_backend("trt", str(model_dir / "model_fp16.onnx"), "fp16", 4, None, fp32_islands=islands)
+    assert calls[0] == calls[1] == ("model_fp16.onnx", tmp_path / "cache" / "engines" / "trt", "fp16", 4, islands)
 
 
 def test_export_without_tensorrt_says_so(monkeypatch, model_dir):

@@ -758,3 +758,42 @@ def test_trt_gpu_module_collects_where_tensorrt_and_a_gpu_are(monkeypatch):
         assert callable(module.test_build_and_run_fp32_engine)
     finally:
         sys.modules.pop("tests.test_trt_gpu", None)
+
+
+def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
+    """A method whose head starts at other constants than MadCLIP's `dt` (MVFA: its text and normalisers) gets its
+    FP32 tail pinned on the TensorRT FP16-flag path: the bundle metadata's `fp32_islands` reach the builder."""
+    from madclip_runtime import bundle as bundle_mod
+
+    from .conftest import build_tiny_bundle
+    from madclip_runtime import metadata_schema, trt_engine
+    from madclip_runtime.errors import BundleError
+
+    calls = []
+
+    class _Config:
+        def set_flag(self, flag):
+            pass
+
+        def clear_flag(self, flag):
+            pass
+
+    trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32="tf32", FP16="fp16",
+                                                                  OBEY_PRECISION_CONSTRAINTS="obey"),
+                                __version__="10.3.0")
+    key = types.SimpleNamespace(precision="fp16", typing="fp16_flag")
+    orig = trt_engine.constrain_fp32_islands
+    trt_engine.constrain_fp32_islands = lambda t, n, tail=("dt",): calls.append(tuple(tail)) or 0
+    try:
+        trt_engine.configure_precision(trt, _Config(), object(), key, ("text", "norm_lo"))
+        trt_engine.configure_precision(trt, _Config(), object(), key)
+    finally:
+        trt_engine.constrain_fp32_islands = orig
+    assert calls == [("text", "norm_lo"), ("dt",)]
+    b = bundle_mod.Bundle(path=str(tmp_path), meta={"fp32_islands": ["text", "one"]}, spec=None)
+    assert b.fp32_islands == ("text", "one")
+    assert bundle_mod.Bundle(path=str(tmp_path), meta={}, spec=None).fp32_islands == ("dt",)  # older bundles
+    meta = json.loads((build_tiny_bundle(tmp_path / "b") / "metadata.json").read_text())
+    metadata_schema.validate_metadata({**meta, "fp32_islands": ["text", "one"]}, "metadata.json")
+    with pytest.raises(BundleError, match="fp32_islands"):
+        metadata_schema.validate_metadata({**meta, "fp32_islands": [3]}, "metadata.json")
