@@ -34,10 +34,10 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def main() -> int:
-    from madclip_runtime import integrity
-    from madclip_runtime.bundle import load_bundle, write_metadata
-    from madclip_runtime.metadata_schema import validate_metadata
-    from madclip_runtime.signing import generate_keypair, load_private_key, load_public_key, verify_signature
+    from madclip_runtime.bundles import integrity
+    from madclip_runtime.bundles.bundle import load_bundle, write_metadata
+    from madclip_runtime.bundles.metadata_schema import validate_metadata
+    from madclip_runtime.bundles.signing import generate_keypair, load_private_key, load_public_key, verify_signature
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)

@@ -36,7 +36,7 @@ def convert(model: onnx.ModelProto, rule: str) -> onnx.ModelProto:
 
 
 def run(model: onnx.ModelProto, images: np.ndarray) -> dict[str, np.ndarray]:
-    from madclip_runtime.backends import session_options
+    from madclip_runtime.engines.backends import session_options
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(True, True),

@@ -205,7 +205,7 @@ try:
     import onnxruntime as ort; out["ort_providers"] = ort.get_available_providers()
 except Exception:
     pass
-from madclip_runtime import backends, cuda_probe
+from madclip_runtime.engines import backends, cuda_probe
 p = cuda_probe.probe_gpu(); out["probe"] = {"count": p.count, "source": p.source, "error": p.error}
 out["backends"] = backends.available_backends()
 print(json.dumps(out))
@@ -268,7 +268,7 @@ def check(out_dir: Path, quick: bool = False) -> dict:
         if e.status == "pass":
             bundles[name] = bundle
 
-    engine_code = ("import sys, time, json; from madclip_runtime import backends; t=time.perf_counter(); "
+    engine_code = ("import sys, time, json; from madclip_runtime.engines import backends; t=time.perf_counter(); "
                    "p, v = backends.prebuild_trt_engine(sys.argv[1], sys.argv[2], 8, sys.argv[3]); "
                    "print(json.dumps({'engine': str(p), 'tensorrt': v, 'seconds': time.perf_counter()-t}))")
     cache = work / "engine-cache"

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from madclip_runtime.bundle import load_bundle
-from madclip_runtime.cli_bench import batch_of, row_from_runs, throughput
+from madclip_runtime.bundles.bundle import load_bundle
+from madclip_runtime.cli.bench import batch_of, row_from_runs, throughput
 from madclip_runtime.contract import ANOMALY_MAP, GOLDEN_INPUT, OUTPUT_NAMES, SCORE
-from madclip_runtime.imageio import read_scans
+from madclip_runtime.scans.imageio import read_scans
 from madclip_runtime.machine import peak_rss_mb
 from madclip_runtime.preprocess import preprocess, resize_map
-from madclip_runtime.selftest import read_golden
+from madclip_runtime.bundles.selftest import read_golden
 from madclip_train.rundir import load_run
 
 

@@ -32,7 +32,7 @@ def _spread(items: list, n: int) -> list:
 
 def calib_samples(path: str, split: str, n_golden: int):
     """(calibration samples, golden samples, has masks) from a dataset root or a folder of images."""
-    from madclip_runtime.imageio import IMAGE_EXTENSIONS, expand_inputs
+    from madclip_runtime.scans.imageio import IMAGE_EXTENSIONS, expand_inputs
     from madclip_train.data import Sample, load_split
 
     root = Path(os.path.abspath(path))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from madclip_runtime.metadata_schema import OPSET_MAX, OPSET_MIN
+from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
 
 OPSET_DEFAULT = 18
 
-from madclip_runtime.cli_common import ArgumentParser, bounded_int, err_console, run_cli, setup_logging
+from madclip_runtime.cli.common import ArgumentParser, bounded_int, err_console, run_cli, setup_logging
 from madclip_runtime.safe_text import escape_control
 
 
@@ -104,7 +104,7 @@ def keygen_parser() -> argparse.ArgumentParser:
 def _keygen(argv) -> int:
     args = keygen_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from madclip_runtime.signing import generate_keypair
+    from madclip_runtime.bundles.signing import generate_keypair
 
     kid = generate_keypair(f"{args.prefix}.key", f"{args.prefix}.pub")
     err_console.print(f"key {kid}: private {escape_control(args.prefix)}.key (keep it secret), public "

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from madclip_runtime.atomic import AtomicDirectory, atomic_writer
-from madclip_runtime.backends import create_backend
-from madclip_runtime.bundle import write_metadata
+from madclip_runtime.engines.backends import create_backend
+from madclip_runtime.bundles.bundle import write_metadata
 from madclip_runtime.contract import (GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS, GOLDEN_SOURCES, INPUT_NAME, MODEL_FILES,
                                       OUTPUT_NAMES, REPORT_FILE, io_metadata)
 from madclip_runtime.errors import BackendUnavailable, MadclipError
-from madclip_runtime.metadata_schema import OPSET_MAX, OPSET_MIN
-from madclip_runtime.selftest import golden_decisions
+from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
+from madclip_runtime.bundles.selftest import golden_decisions
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
     check_options(opts)
     signing_key = None
     if opts.sign is not None:
-        from madclip_runtime.signing import load_private_key
+        from madclip_runtime.bundles.signing import load_private_key
 
         signing_key = load_private_key(opts.sign)  # a bad key fails before minutes of export
     if opts.engine:
@@ -282,7 +282,7 @@ def _check_finite(variant: dict, name: str) -> None:
 
 
 def _require_tensorrt() -> None:
-    from madclip_runtime import backends
+    from madclip_runtime.engines import backends
 
     backends.require_trt()  # raises BackendUnavailable with a one-line message
 
@@ -295,7 +295,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
     `backends.prebuild_trt_engine` makes the first `madclip-infer --backend trt` on this machine load it
     in seconds; other machines build their own on first use.
     """
-    from madclip_runtime import backends
+    from madclip_runtime.engines import backends
 
     try:
         backends.require_trt()

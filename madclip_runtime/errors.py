@@ -1,7 +1,7 @@
 """User-facing errors: one line, naming the file and what is wrong.
 
 Library code raises these; the CLIs catch them and print the message without a traceback (see
-`madclip_runtime.cli_common.run_cli`).
+`madclip_runtime.cli.common.run_cli`).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from . import INTENDED_USE
 from .atomic import atomic_save_npy, atomic_save_png, atomic_write_text
 from .outputs import mark_output_dir
 from .contract import ANOMALY, NORMAL
-from .imageio import ScanImage
+from .scans.imageio import ScanImage
 
 # Anchor colours of a dark-purple-orange-pale-yellow perceptual ramp (inferno-like), evenly spaced on [0, 1].
 _ANCHORS = np.array(

@@ -20,13 +20,13 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from . import INTENDED_USE
-from .backends import create_backend, resolve_auto
-from .bundle import Bundle, load_bundle
+from .engines.backends import create_backend, resolve_auto
+from .bundles.bundle import Bundle, load_bundle
 from .contract import ANOMALY_MAP, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
 from .errors import BundleError, InputError, MadclipError
-from .imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
+from .scans.imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
 from .preprocess import preprocess, resize_map
-from .trt_rules import content_id
+from .engines.trt_rules import content_id
 
 log = logging.getLogger(__name__)
 
@@ -259,20 +259,20 @@ def load(
     verify: str | bool = "model",
     trusted_key: Any = None,
 ) -> Predictor:
-    """Open a bundle (verified per `verify`, see `madclip_runtime.bundle`) on `backend` at `precision`.
+    """Open a bundle (verified per `verify`, see `madclip_runtime.bundles.bundle`) on `backend` at `precision`.
 
     backend "auto" picks the fastest available (trt > ort-trt > ort-cuda > ort-cpu; int8 -> ort-cpu).
     `threshold` overrides the bundle's calibrated threshold. `cache_dir` holds TensorRT engines.
     `trusted_key` (path to an Ed25519 public key PEM, raw key bytes or a key object): refuse a bundle that is
     unsigned or signed by another key. Every metadata field is checked against the bundle's integrity record
-    and validated before any model file is opened (`madclip_runtime.bundle.load_bundle`).
+    and validated before any model file is opened (`madclip_runtime.bundles.bundle.load_bundle`).
     """
     if threshold is not None and not np.isfinite(float(threshold)):
         raise InputError(f"threshold must be a finite number, got {threshold}")
     if isinstance(bundle, Bundle):
         b = bundle
         if trusted_key is not None:  # re-check the signature of an already loaded bundle against this key
-            from .signing import verify_signature
+            from .bundles.signing import verify_signature
 
             verify_signature(b.meta, b.metadata_path, trusted_key)
     else:

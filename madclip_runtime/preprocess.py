@@ -3,7 +3,7 @@
 MadCLIP (docs/METHODS.md §2): PIL bicubic resize to 240x240 (aspect not kept), RGB with grey
 replicated, values in [0, 1], no CLIP mean/std normalisation by default (a switch turns it on).
 8-bit sources take exactly the reference path (uint8 PIL resize, then /255). Higher bit depths are
-windowed to [0, 1] by `madclip_runtime.imageio` and resized in float ('F' mode) so no precision is lost.
+windowed to [0, 1] by `madclip_runtime.scans.imageio` and resized in float ('F' mode) so no precision is lost.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from .imageio import ScanImage
+from .scans.imageio import ScanImage
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

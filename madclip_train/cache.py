@@ -16,13 +16,13 @@ from typing import Callable
 import torch
 
 from madclip_runtime.atomic import atomic_write_bytes
-from madclip_runtime.trt_rules import cache_root
+from madclip_runtime.engines.trt_rules import cache_root
 
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-DEFAULT_CACHE_DIR = cache_root() / "features"  # the one cache root (madclip_runtime.trt_rules.cache_root)
+DEFAULT_CACHE_DIR = cache_root() / "features"  # the one cache root (madclip_runtime.engines.trt_rules.cache_root)
 
 
 def cache_key(images: torch.Tensor, backbone_id: dict, dtype: str) -> str:

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from madclip_runtime.cli_common import ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
+from madclip_runtime.cli.common import ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
 from madclip_runtime.safe_text import escape_control
 
 log = logging.getLogger("madclip_train")

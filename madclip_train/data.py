@@ -24,9 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from madclip_runtime import imageio
+from madclip_runtime.scans import imageio
 from madclip_runtime.errors import InputError, MadclipError
-from madclip_runtime.imageio import read_image, read_mask
+from madclip_runtime.scans.imageio import read_image, read_mask
 from madclip_runtime.preprocess import PreprocessSpec, preprocess, preprocess_mask
 
 log = logging.getLogger(__name__)

@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from madclip_runtime.cli_common import ArgumentParser, bounded_int, run_cli, setup_logging
+    from madclip_runtime.cli.common import ArgumentParser, bounded_int, run_cli, setup_logging
     from madclip_runtime.safe_text import escape_control
 
     parser = ArgumentParser(

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from madclip_runtime.atomic import AtomicDirectory
-from madclip_runtime.bundle import write_metadata
+from madclip_runtime.bundles.bundle import write_metadata
 from madclip_runtime.contract import io_metadata
 from madclip_runtime.preprocess import PreprocessSpec
-from madclip_runtime.selftest import golden_decisions
+from madclip_runtime.bundles.selftest import golden_decisions
 
 # ../shared beside the repository; MADCLIP_REALSCANS overrides it (e.g. from a git worktree elsewhere).
 REALSCANS = Path(os.environ.get("MADCLIP_REALSCANS") or Path(__file__).resolve().parents[2] / "shared" / "data" / "realscans")

@@ -11,7 +11,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from madclip_runtime import backends  # noqa: E402
+from madclip_runtime.engines import backends  # noqa: E402
 from madclip_runtime.errors import BackendUnavailable, BundleError, InputError  # noqa: E402
 
 from .conftest import SIZE, images, make_tiny_model, reference_outputs  # noqa: E402
@@ -195,7 +195,7 @@ def test_gpu_sessions_cannot_fall_back_and_print_nothing(monkeypatch, model_dir,
     onnxruntime prints goes to the log, not stdout (which may be --json)."""
     fake = _FakeOrt(banner=True)
     _gpu_env(monkeypatch, fake)
-    with caplog.at_level(logging.WARNING, logger="madclip_runtime.backends"):
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.engines.backends"):
         be = backends.create_backend("ort-cuda", str(model_dir / "model.onnx"), "fp32", 4, str(tmp_path))
     assert capsys.readouterr().out == ""
     assert "EP Error" in caplog.text
@@ -258,7 +258,7 @@ def test_missing_onnxruntime_names_pip_command(monkeypatch):
 def test_fp16_on_cpu_is_logged_not_changed(caplog):
     if backends._visible_gpu():
         pytest.skip("a GPU backend is available here")
-    with caplog.at_level(logging.WARNING, logger="madclip_runtime.backends"):
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.engines.backends"):
         assert backends.resolve_auto("fp16") == "ort-cpu"
     assert "fp16" in caplog.text
 
@@ -309,7 +309,8 @@ def test_model_content_id_from_bundle_metadata(tmp_path):
     import hashlib
     import types as _types
 
-    from madclip_runtime import predictor, trt_rules
+    from madclip_runtime import predictor
+    from madclip_runtime.engines import trt_rules
 
     (tmp_path / "model.onnx").write_bytes(b"graph")
     g = hashlib.sha256(b"graph").hexdigest()

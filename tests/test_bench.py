@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from madclip_runtime.cli_bench import batch_of, main, peak_rss_mb
+from madclip_runtime.cli.bench import batch_of, main, peak_rss_mb
 from .conftest import build_tiny_bundle
 
 ROW_KEYS = {"cold_start_s", "latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "end_to_end_p50_ms",

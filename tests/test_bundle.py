@@ -16,7 +16,7 @@ from madclip_runtime.atomic import (
     atomic_write_text,
     sha256_file,
 )
-from madclip_runtime.bundle import (
+from madclip_runtime.bundles.bundle import (
     SCHEMA_VERSION,
     load_bundle,
     write_metadata,
@@ -167,7 +167,7 @@ def _make_bundle(root, name="bundle", precisions=("fp32", "fp16"), external=True
 def _edit_meta(bundle, fn, reseal=True):
     """Edit metadata.json; `reseal` recomputes its integrity record (as a careless writer or an attacker would),
     so the edit reaches the schema validation instead of the tamper check."""
-    from madclip_runtime.integrity import seal
+    from madclip_runtime.bundles.integrity import seal
 
     p = os.path.join(bundle, "metadata.json")
     meta = json.load(open(p))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from madclip_runtime.cli_infer import main, output_stem
+from madclip_runtime.cli.infer import main, output_stem
 from .conftest import THRESHOLD, build_tiny_bundle, write_inputs
 
 JSON_KEYS = {"file", "score", "score_map_max", "label", "threshold", "backend", "precision", "latency_ms", "provider"}
@@ -298,7 +298,7 @@ def test_selftest_cli(bundle, tmp_path, capsys):
 
 
 def test_selftest_tolerance_failure_stops_inference(bundle, tmp_path, capsys):
-    from madclip_runtime.bundle import write_metadata
+    from madclip_runtime.bundles.bundle import write_metadata
 
     b = _copy(bundle, tmp_path)
     with np.load(b / "golden.npz") as z:
@@ -316,11 +316,11 @@ def test_cli_and_api_never_import_torch(bundle, tmp_path):
     img = write_inputs(tmp_path / "in")["grey"]
     code = f"""
 import json, sys
-from madclip_runtime.cli_infer import main
+from madclip_runtime.cli.infer import main
 rc = main([{str(img)!r}, "--bundle", {str(bundle)!r}, "--json", "--out", {str(tmp_path / 'out')!r}])
 import madclip_runtime as mr
 pred = mr.load({str(bundle)!r}).predict({str(img)!r})
-from madclip_runtime.cli_bench import machine_description
+from madclip_runtime.cli.bench import machine_description
 machine_description()
 bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'madclip_train', 'madclip_export'))
 print(json.dumps({{"rc": rc, "bad": bad, "score": pred.score}}))
@@ -333,13 +333,13 @@ print(json.dumps({{"rc": rc, "bad": bad, "score": pred.score}}))
 
 def test_console_script_runs(bundle, tmp_path):
     img = write_inputs(tmp_path / "in")["pal"]
-    res = subprocess.run([sys.executable, "-m", "madclip_runtime.cli_infer", str(img), "--bundle", str(bundle),
+    res = subprocess.run([sys.executable, "-m", "madclip_runtime.cli.infer", str(img), "--bundle", str(bundle),
                           "--json"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert JSON_KEYS <= set(json.loads(res.stdout))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
-    res = subprocess.run([sys.executable, "-m", "madclip_runtime.cli_infer", str(bad), "--bundle", str(bundle)],
+    res = subprocess.run([sys.executable, "-m", "madclip_runtime.cli.infer", str(bad), "--bundle", str(bundle)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert len([x for x in res.stderr.splitlines() if x.startswith("error:")]) == 1

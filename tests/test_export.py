@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from madclip_export.export import ExportOptions, ParityError, export_bundle
-from madclip_runtime.bundle import load_bundle
+from madclip_runtime.bundles.bundle import load_bundle
 from madclip_runtime.errors import BundleError
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from madclip_runtime import imageio, scan
+from madclip_runtime.scans import imageio, scan
 from madclip_runtime.errors import InputError, MadclipError
-from madclip_runtime.imageio import (
+from madclip_runtime.scans.imageio import (
     MIN_SIDE,
     SCAN_EXTENSIONS,
     ScanImage,
@@ -225,7 +225,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 def test_our_pixel_limit_and_pil_bomb_warning(tmp_path, monkeypatch):
     p = tmp_path / "big.png"
     Image.new("L", (100, 100)).save(p)
-    monkeypatch.setattr(scan, "MAX_PIXELS", 5000)  # the limit lives in madclip_runtime.scan
+    monkeypatch.setattr(scan, "MAX_PIXELS", 5000)  # the limit lives in madclip_runtime.scans.scan
     _raises_one_line(read_image, p, match="over the limit of 5000")
     monkeypatch.setattr(scan, "MAX_PIXELS", 100_000_000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10000 px: PIL warns (between 1x and 2x its limit)
@@ -563,7 +563,7 @@ def test_real_scans_read():
 
 
 def test_read_mask_keeps_0_1_label_masks(tmp_path):
-    from madclip_runtime.imageio import read_mask
+    from madclip_runtime.scans.imageio import read_mask
 
     labels = np.zeros((20, 20), np.uint8)
     labels[5:10, 5:10] = 1

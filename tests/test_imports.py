@@ -95,9 +95,9 @@ def test_no_import_cycles():
 def test_rules_catch_what_they_claim(tmp_path, monkeypatch):
     """The walker sees lazy, relative and `from . import x` imports (so the two tests above can fail)."""
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    import torch\n    from ..madclip_export import export\n    from . import bundle\n")
+    src.write_text("def f():\n    import torch\n    from ..madclip_export import export\n    from .bundles import bundle\n")
     found = _imports("madclip_runtime.m", src)
-    assert {"torch", "madclip_export.export", "madclip_runtime.bundle"} <= found
+    assert {"torch", "madclip_export.export", "madclip_runtime.bundles.bundle"} <= found
 
 
 def test_importing_every_runtime_module_loads_no_torch():

@@ -62,7 +62,7 @@ def test_trains_from_a_folder_without_abnormal_images(normals_run):
 
 
 def _clip_input(path):
-    from madclip_runtime.imageio import read_image
+    from madclip_runtime.scans.imageio import read_image
     from madclip_runtime.preprocess import PreprocessSpec, preprocess
 
     return preprocess(read_image(path), PreprocessSpec(image_size=224, interpolation="bilinear", normalize="clip"))
@@ -105,7 +105,7 @@ def _run_cli(main, argv):
 def test_cli_end_to_end_on_real_scans_and_runtime_matches_pytorch(tmp_path):
     from madclip_export.cli import main as export_main
     from madclip_runtime import predictor
-    from madclip_runtime.cli_infer import main as infer_main
+    from madclip_runtime.cli.infer import main as infer_main
     from madclip_train.cli import eval_main, train_main
     from madclip_train.rundir import load_run
 

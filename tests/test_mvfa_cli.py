@@ -76,7 +76,7 @@ def test_unknown_option_is_one_line_error(tmp_path, capsys):
 
 def test_export_and_infer(mvfa_run, tmp_path, capsys):
     from madclip_export.cli import main as export_main
-    from madclip_runtime.cli_infer import main as infer_main
+    from madclip_runtime.cli.infer import main as infer_main
     from madclip_train.evaluate import predict_split
     from madclip_train.data import load_split
     from madclip_train.rundir import load_run

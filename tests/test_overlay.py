@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from madclip_runtime import INTENDED_USE
-from madclip_runtime.imageio import ScanImage
+from madclip_runtime.scans.imageio import ScanImage
 from madclip_runtime.overlay import (
     CONTOUR_RGB,
     colorize,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from madclip_runtime.cli_prepare import main as prepare_main
+from madclip_runtime.cli.prepare import main as prepare_main
 
 from .conftest import realscans_or_skip
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from madclip_runtime.imageio import ScanImage
+from madclip_runtime.scans.imageio import ScanImage
 from madclip_runtime.preprocess import (
     CLIP_MEAN,
     CLIP_STD,

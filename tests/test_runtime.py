@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from madclip_runtime.bundle import load_bundle, write_metadata
+from madclip_runtime.bundles.bundle import load_bundle, write_metadata
 from madclip_runtime.errors import BundleError, InputError
 from madclip_runtime.preprocess import preprocess, resize_map
 
@@ -27,7 +27,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 def test_load_and_predict_png_kinds(tiny_bundle, tmp_path):
     import madclip_runtime as mr
-    from madclip_runtime.imageio import read_image
+    from madclip_runtime.scans.imageio import read_image
 
     files = write_inputs(tmp_path)
     with mr.load(tiny_bundle, backend="ort-cpu") as p:
@@ -139,7 +139,7 @@ def test_missing_precision_and_bad_backend(tiny_bundle):
 
 
 def test_selftest_pass_and_tampered(tiny_bundle, tmp_path):
-    from madclip_runtime.selftest import run_selftest
+    from madclip_runtime.bundles.selftest import run_selftest
 
     res = run_selftest(tiny_bundle, "ort-cpu", "fp32")
     assert res["passed"] and res["n"] == 3 and res["provider"] == "CPUExecutionProvider"
@@ -159,7 +159,7 @@ def test_selftest_pass_and_tampered(tiny_bundle, tmp_path):
 
 def test_selftest_fails_on_wrong_reference(tiny_bundle, tmp_path):
     """A bundle whose golden reference disagrees with its graph (checksums consistent) fails the tolerances."""
-    from madclip_runtime.selftest import run_selftest
+    from madclip_runtime.bundles.selftest import run_selftest
 
     bad = tmp_path / "wrong"
     shutil.copytree(tiny_bundle, bad)

@@ -8,8 +8,8 @@ import sys
 
 def test_volume_modules_import_without_torch():
     code = ("import sys\n"
-            "import madclip_runtime.volume, madclip_runtime.volume_output, madclip_runtime.dicom_seg, "
-            "madclip_runtime.prepare, madclip_runtime.cli_prepare, madclip_runtime.cli_volume\n"
+            "import madclip_runtime.scans.volume, madclip_runtime.scans.volume_output, madclip_runtime.scans.dicom_seg, "
+            "madclip_runtime.scans.prepare, madclip_runtime.cli.prepare, madclip_runtime.cli.volume\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'madclip_train', "
             "'madclip_export', 'pydicom', 'nibabel', 'highdicom'))\n"
             "assert not bad, bad\nprint('ok')\n")

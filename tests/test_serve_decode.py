@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from madclip_runtime.errors import InputError, MadclipError
-from madclip_runtime.imageio import read_scans
+from madclip_runtime.scans.imageio import read_scans
 from madclip_runtime.serve import require_ray
 from madclip_runtime.serve.decode import decode_scan_bytes, sniff_suffix
 from madclip_runtime.serve.maps import decode_map, encode_map
@@ -154,7 +154,7 @@ def test_serving_modules_never_import_torch():
 
 
 def test_infer_server_unreachable_is_one_line(tmp_path, capsys):
-    from madclip_runtime.cli_infer import main
+    from madclip_runtime.cli.infer import main
 
     scan = tmp_path / "a.png"
     scan.write_bytes(png_bytes(np.zeros((32, 32), np.uint8)))

@@ -88,7 +88,7 @@ def _real_files() -> list[Path]:
 def test_metadata_and_probes(served):
     from madclip_runtime import INTENDED_USE
     from madclip_runtime.atomic import sha256_file
-    from madclip_runtime.bundle import load_bundle
+    from madclip_runtime.bundles.bundle import load_bundle
 
     bundle = load_bundle(served["bundle"], verify="none")
     status, meta = _get(f"{served['url']}/metadata")
@@ -140,7 +140,7 @@ def test_infer_cli_server_refuses_volumes_instead_of_answering_per_slice(served,
     """Locally a volume gets one answer; over --server it is refused in one line (never a silent per-slice
     answer), while a 2-D scan in the same call is still scored and --slice k scores one slice remotely."""
     nib = pytest.importorskip("nibabel", reason="nibabel (madclip[medical]) not installed")
-    from madclip_runtime.cli_infer import main
+    from madclip_runtime.cli.infer import main
 
     vol = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 36, 3)).astype(np.float32), np.eye(4)), str(vol))
@@ -155,7 +155,7 @@ def test_infer_cli_server_refuses_volumes_instead_of_answering_per_slice(served,
 
 def test_infer_cli_server_writes_what_local_writes(served, tmp_path, capsys):
     """`madclip-infer --server URL` writes the same files, the same records and the same maps as local."""
-    from madclip_runtime.cli_infer import main
+    from madclip_runtime.cli.infer import main
     from madclip_runtime.overlay import read_map_png
 
     files = [str(f) for f in _real_files()[:4]]

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from madclip_runtime import backends
-from madclip_runtime import trt_engine as te
-from madclip_runtime import trt_rules as tr
+from madclip_runtime.engines import backends
+from madclip_runtime.engines import trt_engine as te
+from madclip_runtime.engines import trt_rules as tr
 from madclip_runtime.errors import BackendUnavailable
 
 pytestmark = [pytest.mark.trt, pytest.mark.gpu]
@@ -67,17 +67,17 @@ def test_build_and_run_fp32_engine(bundle, tmp_path):
 
 def test_ensure_engine_reuses_then_rebuilds_on_mismatch(bundle, tmp_path, caplog):
     onnx_path = bundle / "model.onnx"
-    with caplog.at_level(logging.INFO, logger="madclip_runtime.trt_engine"):
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.engines.trt_engine"):
         first = te.ensure_engine(onnx_path, tmp_path, "fp32", 2)
     assert "building TensorRT engine" in caplog.text
     stamp = os.stat(first).st_mtime_ns
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="madclip_runtime.trt_engine"):
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.engines.trt_engine"):
         again = te.ensure_engine(onnx_path, tmp_path, "fp32", 2)
     assert again == first and os.stat(again).st_mtime_ns == stamp
     assert "using cached TensorRT engine" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="madclip_runtime.trt_engine"):
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.engines.trt_engine"):
         other = te.ensure_engine(onnx_path, tmp_path, "fp32", 2, model_sha256="0" * 64)
     assert other != first and "building TensorRT engine" in caplog.text  # another model: its own file
 
@@ -108,7 +108,7 @@ def test_trt_backend_end_to_end(bundle, tmp_path):
 def test_timing_cache_from_this_gpu_is_reused(bundle, tmp_path, caplog):
     """The timing cache written by one build attaches to the next (set_timing_cache returns True)."""
     te.ensure_engine(bundle / "model.onnx", tmp_path, "fp32", 2)
-    with caplog.at_level(logging.WARNING, logger="madclip_runtime.trt_engine"):
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.engines.trt_engine"):
         te.ensure_engine(bundle / "model.onnx", tmp_path, "fp16", 2)
     assert "timing cache not usable" not in caplog.text
 

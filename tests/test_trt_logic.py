@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from madclip_runtime import cuda_probe
-from madclip_runtime import trt_engine as te
-from madclip_runtime import trt_rules as tr
+from madclip_runtime.engines import cuda_probe
+from madclip_runtime.engines import trt_engine as te
+from madclip_runtime.engines import trt_rules as tr
 from madclip_runtime.errors import BackendUnavailable, BundleError, InputError
 
 
@@ -490,7 +490,7 @@ def test_foreign_timing_cache_is_replaced_by_a_fresh_one(fake_trt, tmp_path, cap
     trt.accept_blob = False
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"from-another-gpu")
-    with caplog.at_level(logging.WARNING, logger="madclip_runtime.trt_engine"):
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.engines.trt_engine"):
         te.build_engine(onnx_path, tmp_path / "e.engine", te.engine_key(onnx_path, "fp32", 2), timing_cache_file=cache)
     assert "starting a new one" in caplog.text
     assert trt.configs[-1].attached is not None and trt.configs[-1].attached.blob == b""
@@ -554,7 +554,7 @@ def test_probe_falls_back_to_libcuda_and_keeps_the_error(monkeypatch):
 
 
 def test_backends_use_the_probe(monkeypatch):
-    from madclip_runtime import backends
+    from madclip_runtime.engines import backends
 
     probe = cuda_probe.GpuProbe(1, "libcuda", "cuda-python: cudaErrorInsufficientDriver: ...")
     monkeypatch.setattr(cuda_probe, "cached_probe", lambda: probe)
@@ -748,7 +748,7 @@ def test_trt_gpu_module_collects_where_tensorrt_and_a_gpu_are(monkeypatch):
     """Defect 1, the behaviour: with the backend usable (faked), the GPU test module imports cleanly."""
     import importlib
 
-    from madclip_runtime import backends
+    from madclip_runtime.engines import backends
 
     pytest.importorskip("onnx")
     monkeypatch.setattr(backends, "require_trt", lambda: None)
@@ -763,10 +763,11 @@ def test_trt_gpu_module_collects_where_tensorrt_and_a_gpu_are(monkeypatch):
 def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
     """A method whose head starts at other constants than MadCLIP's `dt` (MVFA: its text and normalisers) gets its
     FP32 tail pinned on the TensorRT FP16-flag path: the bundle metadata's `fp32_islands` reach the builder."""
-    from madclip_runtime import bundle as bundle_mod
+    from madclip_runtime.bundles import bundle as bundle_mod
 
     from .conftest import build_tiny_bundle
-    from madclip_runtime import metadata_schema, trt_engine
+    from madclip_runtime.bundles import metadata_schema
+    from madclip_runtime.engines import trt_engine
     from madclip_runtime.errors import BundleError
 
     calls = []

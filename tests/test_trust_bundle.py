@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from madclip_runtime.bundle import load_bundle, write_metadata
-from madclip_runtime.cli_infer import main as infer_main
+from madclip_runtime.bundles.bundle import load_bundle, write_metadata
+from madclip_runtime.cli.infer import main as infer_main
 from madclip_runtime.errors import BundleError, MadclipError
-from madclip_runtime.integrity import seal
+from madclip_runtime.bundles.integrity import seal
 
 from .conftest import cli_error_lines, copy_tree
 
@@ -190,7 +190,7 @@ def keys(tmp_path_factory):
 
 
 def _sign(b: Path, key: Path) -> None:
-    from madclip_runtime.signing import load_private_key
+    from madclip_runtime.bundles.signing import load_private_key
 
     write_metadata(b, _meta(b), signing_key=load_private_key(key))
 
@@ -237,7 +237,7 @@ def test_resealed_edit_of_a_signed_bundle_is_caught_by_the_signature(bundle, key
 
 def _signature_of(keys: Path, b: Path) -> dict:
     """A valid signature by alice over DIFFERENT content (the bundle before the edit is gone: sign a variant)."""
-    from madclip_runtime.signing import load_private_key, sign_metadata
+    from madclip_runtime.bundles.signing import load_private_key, sign_metadata
 
     meta = _meta(b)
     meta["calibration"]["threshold"] = 0.123
@@ -245,7 +245,7 @@ def _signature_of(keys: Path, b: Path) -> dict:
 
 
 def test_bad_key_files_are_one_line(tmp_path, bundle):
-    from madclip_runtime.signing import load_private_key
+    from madclip_runtime.bundles.signing import load_private_key
 
     (tmp_path / "k.pem").write_text("not a key\n")
     with pytest.raises(MadclipError, match="not a PEM private key"):
@@ -267,7 +267,7 @@ def test_golden_records_the_export_decisions(exported_tiny_bundle):
 
 
 def test_selftest_fails_when_calibration_no_longer_reproduces_decisions(bundle, capsys):
-    from madclip_runtime.selftest import run_selftest
+    from madclip_runtime.bundles.selftest import run_selftest
 
     with np.load(bundle / "golden.npz") as g:
         scores, decisions = g["score"].astype(np.float64), g["decisions"]

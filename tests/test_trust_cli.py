@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from madclip_runtime.cli_common import bounded_int, error_line, finite_float, run_cli, setup_logging
-from madclip_runtime.imageio import expand_inputs
+from madclip_runtime.cli.common import bounded_int, error_line, finite_float, run_cli, setup_logging
+from madclip_runtime.scans.imageio import expand_inputs
 from madclip_runtime.safe_text import escape_control
 
 from .conftest import cli_error_lines, copy_tree
@@ -24,8 +24,8 @@ def _entry(name: str):
     module, func = {
         "train": ("madclip_train.cli", "train_main"), "eval": ("madclip_train.cli", "eval_main"),
         "convert": ("madclip_train.cli", "convert_main"), "demo": ("madclip_train.demo", "main"),
-        "export": ("madclip_export.cli", "main"), "infer": ("madclip_runtime.cli_infer", "main"),
-        "bench": ("madclip_runtime.cli_bench", "main"), "prepare": ("madclip_runtime.cli_prepare", "main"),
+        "export": ("madclip_export.cli", "main"), "infer": ("madclip_runtime.cli.infer", "main"),
+        "bench": ("madclip_runtime.cli.bench", "main"), "prepare": ("madclip_runtime.cli.prepare", "main"),
     }[name]
     return getattr(importlib.import_module(module), func)
 
@@ -161,7 +161,7 @@ def bundle(exported_tiny_bundle, tmp_path) -> Path:
 
 
 def test_hostile_file_names_reach_the_terminal_escaped(bundle, tmp_path, capsys):
-    from madclip_runtime.cli_infer import main
+    from madclip_runtime.cli.infer import main
 
     d = tmp_path / "in"
     d.mkdir()
@@ -203,7 +203,7 @@ def test_expansion_skips_result_files_by_name_and_location(tmp_path):
 
 
 def test_infer_twice_into_its_input_folder_scores_only_the_scans(bundle, tmp_path, capsys):
-    from madclip_runtime.cli_infer import main
+    from madclip_runtime.cli.infer import main
 
     d = tmp_path / "scans"
     d.mkdir()
@@ -245,7 +245,7 @@ def test_open_clip_info_quieted_warnings_kept(capsys):
 
 def test_threshold_override_outside_score_range_refused(bundle, tmp_path, capsys):
     import madclip_runtime as mr
-    from madclip_runtime.cli_infer import main
+    from madclip_runtime.cli.infer import main
     from madclip_runtime.errors import InputError
 
     with pytest.raises(InputError, match=r"outside the score range \[0, 4\]"):

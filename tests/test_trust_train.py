@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from madclip_runtime.errors import MadclipError
-from madclip_runtime.imageio import mask_to_unit, read_mask
+from madclip_runtime.scans.imageio import mask_to_unit, read_mask
 
 from .conftest import cli_error_lines, copy_tree, fake_reference_checkpoint
 
@@ -166,7 +166,7 @@ def test_converted_run_without_calib_says_which_option(converted_run, tmp_path, 
 
 def test_convert_export_sign_infer_end_to_end(converted_run, calib_root, tmp_path, capsys):
     from madclip_export.cli import keygen_main, main
-    from madclip_runtime.cli_infer import main as infer
+    from madclip_runtime.cli.infer import main as infer
 
     assert keygen_main([str(tmp_path / "k")]) == 0
     b = tmp_path / "bundle"
@@ -185,7 +185,7 @@ def test_convert_export_sign_infer_end_to_end(converted_run, calib_root, tmp_pat
 
 def test_calib_folder_of_unlabelled_images_gives_scores_without_threshold(converted_run, calib_root, tmp_path, capsys):
     from madclip_export.cli import main
-    from madclip_runtime.cli_infer import main as infer
+    from madclip_runtime.cli.infer import main as infer
 
     folder = calib_root / "valid" / "good" / "img"
     b = tmp_path / "bundle"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from madclip_runtime.cli_infer import main as infer_main
+from madclip_runtime.cli.infer import main as infer_main
 from madclip_runtime.errors import InputError
 
 from .conftest import build_tiny_bundle, lesion_volume, realscans_or_skip, write_dicom_series
@@ -51,7 +51,7 @@ def standin(tmp_path_factory):
 
 @pytest.fixture()
 def brightness(standin):
-    from madclip_runtime.bundle import load_bundle
+    from madclip_runtime.bundles.bundle import load_bundle
     from madclip_runtime.predictor import Predictor
 
     backend = BrightnessBackend()
@@ -81,8 +81,8 @@ def _run(capsys, *args) -> tuple[int, str, str]:
     np.array([[0, -0.8, 0, 10], [0, 0, 0.9, -5], [-2.5, 0, 0, 40], [0, 0, 0, 1]], float),
 ], ids=["ras", "permuted-flipped"])
 def test_nifti_map_has_input_geometry_and_lesion_voxels(brightness, tmp_path, affine):
-    from madclip_runtime.volume import read_nifti_as_volume
-    from madclip_runtime.volume_output import parse_volume_score, save_volume_outputs, score_volume, summarize, volume_record
+    from madclip_runtime.scans.volume import read_nifti_as_volume
+    from madclip_runtime.scans.volume_output import parse_volume_score, save_volume_outputs, score_volume, summarize, volume_record
 
     predictor, backend = brightness
     vol, mask = lesion_volume(lesion_slice=4)  # [X, Y, Z], lesion in z = 4
@@ -121,8 +121,8 @@ def _frames_from(vol: np.ndarray) -> np.ndarray:
 def test_dicom_series_shuffled_on_disk_is_ordered_and_mapped(brightness, tmp_path):
     from nibabel.nicom.dicomwrappers import wrapper_from_data
 
-    from madclip_runtime.volume import LPS_TO_RAS, plan_volumes
-    from madclip_runtime.volume_output import score_volume, summarize, parse_volume_score
+    from madclip_runtime.scans.volume import LPS_TO_RAS, plan_volumes
+    from madclip_runtime.scans.volume_output import score_volume, summarize, parse_volume_score
 
     predictor, _ = brightness
     vol, mask = lesion_volume(lesion_slice=2)
@@ -159,8 +159,8 @@ def test_enhanced_multiframe_ordered_by_per_frame_positions(brightness, tmp_path
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    from madclip_runtime.volume import plan_volumes
-    from madclip_runtime.volume_output import parse_volume_score, score_volume, summarize
+    from madclip_runtime.scans.volume import plan_volumes
+    from madclip_runtime.scans.volume_output import parse_volume_score, score_volume, summarize
 
     predictor, _ = brightness
     vol, mask = lesion_volume(lesion_slice=5)
@@ -192,7 +192,7 @@ def test_enhanced_multiframe_ordered_by_per_frame_positions(brightness, tmp_path
 
 
 def test_two_series_in_one_folder_are_kept_apart(standin, tmp_path, capsys):
-    from madclip_runtime.volume import plan_volumes
+    from madclip_runtime.scans.volume import plan_volumes
 
     vol, _ = lesion_volume(shape=(16, 16, 3))
     study = pydicom.uid.generate_uid()
@@ -220,7 +220,7 @@ def test_two_series_in_one_folder_are_kept_apart(standin, tmp_path, capsys):
 
 
 def test_series_checks_duplicates_gaps_uneven(tmp_path, caplog):
-    from madclip_runtime.volume import plan_volumes
+    from madclip_runtime.scans.volume import plan_volumes
 
     vol, _ = lesion_volume(shape=(16, 16, 5))
     frames = _frames_from(vol)
@@ -336,8 +336,8 @@ def test_huge_nifti_refused_before_decoding_and_one_slice_decodes_alone(tmp_path
     code = textwrap.dedent(f"""
         import sys, tracemalloc
         from madclip_runtime.errors import InputError
-        from madclip_runtime.imageio import read_scans
-        from madclip_runtime.medical import read_nifti
+        from madclip_runtime.scans.imageio import read_scans
+        from madclip_runtime.scans.medical import read_nifti
         mode = sys.argv[1]
         tracemalloc.start()  # numpy's buffers are traced too
         if mode == "all":
@@ -366,7 +366,7 @@ def test_huge_nifti_refused_before_decoding_and_one_slice_decodes_alone(tmp_path
 
 
 def test_budget_option_env_and_dicom_header(tmp_path, capsys, monkeypatch, standin):
-    from madclip_runtime.medical import read_dicom
+    from madclip_runtime.scans.medical import read_dicom
 
     vol, _ = lesion_volume(shape=(24, 20, 7))
     p = _write_nifti(tmp_path / "v.nii.gz", vol, np.eye(4))

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import BundleError, InputError, MadclipError
-from ..imageio import ScanImage, one_line
+from ..scans.imageio import ScanImage, one_line
 from .decode import decode_scan_bytes
 from .replica import MAP_FORMATS, ServeConfig, open_verified, record_json, with_threshold
 

@@ -31,8 +31,8 @@ import numpy as np
 
 from .. import INTENDED_USE, __version__
 from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
-from ..cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line, run_cli, setup_logging
-from ..cli_infer import BACKEND_CHOICES, PRECISION_CHOICES, _file_stem, _progress, check_out_dir, expand_each
+from ..cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line, run_cli, setup_logging
+from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES, _file_stem, _progress, check_out_dir, expand_each
 from ..errors import MadclipError
 from . import require_ray
 from .replica import ServeConfig
@@ -87,7 +87,7 @@ def read_preprocess(batch: dict[str, np.ndarray], spec: dict[str, Any], slice_in
     A file that cannot be read becomes one row with its error (and a zero image the scorer skips).
     """
     from ..errors import InputError
-    from ..imageio import read_scans
+    from ..scans.imageio import read_scans
     from ..preprocess import PreprocessSpec, preprocess
 
     pspec = PreprocessSpec.from_dict(spec)
@@ -229,7 +229,7 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
     require_ray("data")
     import ray.data
 
-    from ..bundle import load_bundle
+    from ..bundles.bundle import load_bundle
 
     bundle = load_bundle(cfg.bundle, verify="none")
     threshold = cfg.threshold if cfg.threshold is not None else bundle.threshold
@@ -261,7 +261,7 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
         by_key = {it.key: it for it in todo}
         pending: dict[str, list[dict[str, Any]]] = {}
         if backend_name == "auto":
-            from ..backends import resolve_auto
+            from ..engines.backends import resolve_auto
 
             backend_name = resolve_auto(precision)
         for row in ds.iter_rows():
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from ..bundle import load_bundle
+    from ..bundles.bundle import load_bundle
 
     if args.actors < 1 or args.cpus_per_actor < 0 or args.gpus_per_actor < 0:
         raise MadclipError("--actors must be >= 1 and --cpus-per-actor/--gpus-per-actor >= 0")

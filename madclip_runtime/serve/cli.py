@@ -20,8 +20,8 @@ import time
 from typing import Any, Sequence
 
 from .. import INTENDED_USE, __version__
-from ..cli_common import EXIT_OK, Terminated, err_console, run_cli, setup_logging
-from ..cli_infer import BACKEND_CHOICES, PRECISION_CHOICES
+from ..cli.common import EXIT_OK, Terminated, err_console, run_cli, setup_logging
+from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
 from ..errors import MadclipError
 from . import require_ray
 from .decode import DEFAULT_MAX_BODY_BYTES
@@ -125,7 +125,7 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from ..bundle import load_bundle
+    from ..bundles.bundle import load_bundle
     from .replica import ServeConfig
 
     if not 0 < args.port < 65536:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from ..cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
+from ..cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
 from ..errors import InputError, MadclipError
 from ..predictor import Prediction
 from .maps import decode_map
@@ -99,7 +99,7 @@ def _score_file(args: argparse.Namespace, path: str, want_map: bool) -> list[dic
 
 
 def run_remote(args: argparse.Namespace, cli: Any) -> int:
-    """The body of `madclip-infer --server URL`: `args` from its parser, `cli` the madclip_runtime.cli_infer
+    """The body of `madclip-infer --server URL`: `args` from its parser, `cli` the madclip_runtime.cli.infer
     module, whose input expansion and output helpers are reused (passed in, so the modules import one way)."""
     from .. import INTENDED_USE
 
@@ -111,7 +111,7 @@ def run_remote(args: argparse.Namespace, cli: Any) -> int:
     meta = server_metadata(args.server)
     files, failed = expand_each(args.inputs, args.recursive, [args.out] if args.out else [])
     if args.slice is None and files:  # locally a volume gets one answer per volume: never a silent per-slice answer
-        from ..volume import plan_volumes
+        from ..scans.volume import plan_volumes
 
         jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
         for message in plan_errors + [f"{job.source}: a volume is scored as one volume by local "
@@ -127,7 +127,7 @@ def run_remote(args: argparse.Namespace, cli: Any) -> int:
         f"{meta['backend']} (provider {meta['provider']}), precision {meta['precision']}, threshold "
         f"{args.threshold if args.threshold is not None else meta['threshold']} on {meta['score_name']}; "
         f"{len(files)} file(s); {INTENDED_USE}", markup=False, highlight=False, soft_wrap=True)
-    from ..imageio import read_scans
+    from ..scans.imageio import read_scans
     from ..overlay import save_prediction
 
     def work(path: str) -> tuple[str, list[dict[str, Any]] | InputError]:

@@ -1,6 +1,6 @@
 """Encoded scan bytes (an HTTP request body) -> ScanImage slices, with the runtime's own readers.
 
-The bytes go to a private temporary file that `madclip_runtime.imageio.read_scans` reads exactly as it reads
+The bytes go to a private temporary file that `madclip_runtime.scans.imageio.read_scans` reads exactly as it reads
 a local file, so a scan sent to the server decodes to the same pixels as `madclip-infer scan.png` (same
 PIL path, same DICOM/NIfTI windowing, same header-first size check and decompression-bomb refusal, same
 truncation errors). The file type comes from the client's file name when it has a known scan extension,
@@ -14,7 +14,7 @@ import os
 import tempfile
 
 from ..errors import InputError
-from ..imageio import SCAN_EXTENSIONS, ScanImage, read_scans
+from ..scans.imageio import SCAN_EXTENSIONS, ScanImage, read_scans
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # 64 MiB: a large uncompressed CT slice stack still fits
 

@@ -41,7 +41,7 @@ class ServeConfig:
 
 def _golden_check(predictor: Predictor) -> dict[str, float] | None:
     """Run golden.npz through `predictor`'s backend; BundleError when outside the self-test tolerances."""
-    from ..selftest import read_golden, tolerance
+    from ..bundles.selftest import read_golden, tolerance
 
     bundle = predictor.bundle
     if not bundle.has_golden:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from madclip_runtime.cli_common import err_console, run_cli, setup_logging
+from madclip_runtime.cli.common import err_console, run_cli, setup_logging
 from madclip_runtime.errors import MadclipError
 
 log = logging.getLogger("madclip_train.synthesis")

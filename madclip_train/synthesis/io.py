@@ -2,7 +2,7 @@
 
 MediCLIP reads a training image with PIL: bilinear resize to S x S (aspect not kept), then convert("L")
 (ITU-R 601 luma for colour), uint8. 8-bit files take exactly that path; >8-bit files are windowed to [0, 1]
-by madclip_runtime.imageio, resized in float and rounded to uint8 (the tasks are defined on 0..255).
+by madclip_runtime.scans.imageio, resized in float and rounded to uint8 (the tasks are defined on 0..255).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from madclip_runtime.errors import MadclipError
-from madclip_runtime.imageio import read_image
+from madclip_runtime.scans.imageio import read_image
 
 from ..data import MVFA_IMG, MVFA_NORMAL, PLAIN_NORMAL, _list_images
 

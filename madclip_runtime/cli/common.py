@@ -21,8 +21,8 @@ from typing import Callable, NoReturn
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .errors import MadclipError
-from .safe_text import escape_control
+from ..errors import MadclipError
+from ..safe_text import escape_control
 
 # Exit codes shared by every madclip CLI.
 EXIT_OK = 0

@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import INPUT_NAME
-from .errors import BackendUnavailable, BundleError, InputError
+from ..contract import INPUT_NAME
+from ..errors import BackendUnavailable, BundleError, InputError
 
 TRT_PRECISIONS = ("fp32", "fp16")
 STRONGLY_TYPED_FROM = (10, 12)  # first TensorRT whose strongly typed FP16 path we use

@@ -12,9 +12,9 @@ from typing import Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import INTENDED_USE, __version__
-from .cli_common import EXIT_OK, ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
-from .prepare import PrepareOptions, pair_volumes, prepare
+from .. import INTENDED_USE, __version__
+from .common import EXIT_OK, ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
+from ..scans.prepare import PrepareOptions, pair_volumes, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ import os
 import re
 from typing import Any
 
-from .contract import OUTPUT_NAMES, PRECISIONS, SCORE_NAMES
-from .errors import BundleError
+from ..contract import OUTPUT_NAMES, PRECISIONS, SCORE_NAMES
+from ..errors import BundleError
 
 SCHEMA_VERSION = 2
 INTERPOLATIONS = ("bicubic", "bilinear")

@@ -3,7 +3,7 @@
 Per volume: `<stem>_map.nii.gz` (float32 anomaly map with exactly the geometry in `Volume.shape` and
 `Volume.affine`, each slice's map resampled to the slice's native grid by the Predictor), `<stem>_montage.png`
 (the most anomalous slices with their overlays), optionally `<stem>_seg.dcm` (see
-`madclip_runtime.dicom_seg`), and `<stem>.json` written LAST, so its presence means the set is complete.
+`madclip_runtime.scans.dicom_seg`), and `<stem>.json` written LAST, so its presence means the set is complete.
 Every file is written atomically.
 
 Volume score: the slices' decision scores (the score the bundle's threshold applies to) reduced by "max"
@@ -24,11 +24,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from . import INTENDED_USE
-from .atomic import atomic_save_png, atomic_write_bytes, atomic_write_text
-from .contract import decide
-from .errors import MadclipError
-from .overlay import jsonable, render_overlay
+from .. import INTENDED_USE
+from ..atomic import atomic_save_png, atomic_write_bytes, atomic_write_text
+from ..contract import decide
+from ..errors import MadclipError
+from ..overlay import jsonable, render_overlay
 from .volume import Volume
 
 DEFAULT_TOP_K = 3

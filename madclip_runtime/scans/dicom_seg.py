@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import InputError, MadclipError
+from .. import __version__
+from ..errors import InputError, MadclipError
 from .volume import Volume
 
 

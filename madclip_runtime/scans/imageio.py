@@ -2,7 +2,7 @@
 
 `read_image` returns a ScanImage whose pixels are uint8 for 8-bit sources (so preprocessing can take the
 reference's exact uint8 path) or float32 in [0, 1] for windowed higher-bit-depth sources.
-`read_scans` adds DICOM and NIfTI (see `madclip_runtime.medical`) and returns one ScanImage per slice;
+`read_scans` adds DICOM and NIfTI (see `madclip_runtime.scans.medical`) and returns one ScanImage per slice;
 `expand_inputs` turns command-line arguments (files, directories, globs) into a list of scan files.
 
 Safety: image sizes are checked from the header (PIL opens lazily) before any pixel is decoded, PIL's
@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
-from .errors import InputError
+from ..errors import InputError
 from .scan import (  # noqa: F401  (re-exported: the public names of this module before the split)
     MAX_PIXELS, MIN_SIDE, WINDOW_MODES, ScanImage, check_finite, check_regular_file, check_size, check_window,
     one_line, window_to_unit,
@@ -180,7 +180,7 @@ def is_dicom_path(path: str) -> bool:
 def read_scans(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto") -> list[ScanImage]:
     """Read any supported scan file into 2-D slices.
 
-    DICOM (.dcm/.dicom, or DICM magic) and NIfTI (.nii/.nii.gz) go to `madclip_runtime.medical`
+    DICOM (.dcm/.dicom, or DICM magic) and NIfTI (.nii/.nii.gz) go to `madclip_runtime.scans.medical`
     (frames/axial slices; `slice_index` picks one, None = all). Other files are read by PIL as one slice,
     so `slice_index` may only be None or 0 for them.
     """
@@ -209,7 +209,7 @@ def _is_scan_file(path: str) -> bool:
 
 
 def _excluded_dir(path: str, exclude: set[str]) -> bool:
-    from .outputs import is_marked_dir
+    from ..outputs import is_marked_dir
 
     return os.path.realpath(path) in exclude or is_marked_dir(path)
 
@@ -217,7 +217,7 @@ def _excluded_dir(path: str, exclude: set[str]) -> bool:
 def _scan_files_in(directory: str, recursive: bool, exclude: set[str] = frozenset()) -> list[str]:
     """Scan files of a directory, without madclip's own outputs (`madclip_runtime.outputs`): subdirectories that
     are an --out directory or carry the results marker are not entered, result files are skipped by name."""
-    from .outputs import is_madclip_output, is_marked_dir
+    from ..outputs import is_madclip_output, is_marked_dir
 
     found: list[str] = []
     if recursive:
@@ -245,7 +245,7 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False, exclude: Seque
     `exclude` (e.g. the --out directory) and marked results directories below an input are not entered, and
     result files (`*_overlay.png`, `*_map.png`, `*_map.npy` beside their `<stem>.json`) are skipped.
     """
-    from .outputs import is_madclip_output
+    from ..outputs import is_madclip_output
 
     skip = {os.path.realpath(os.fspath(e)) for e in exclude}
     out: list[str] = []

@@ -36,11 +36,11 @@ metadata.json keys (schema_version 2):
                      (e.g. `model.onnx.data`) and belong to it for verification.
     files            {relpath: {"sha256": hex, "bytes": int}} for every file in the bundle except
                      metadata.json itself (relpaths use "/").
-    integrity        per-field sha256 digests of everything above (`madclip_runtime.integrity`): an edited
+    integrity        per-field sha256 digests of everything above (`madclip_runtime.bundles.integrity`): an edited
                      value is refused by name.
-    signature        optional Ed25519 signature over everything else (`madclip_runtime.signing`).
+    signature        optional Ed25519 signature over everything else (`madclip_runtime.bundles.signing`).
 
-Every value is validated at load (`madclip_runtime.metadata_schema.validate_metadata`: types, finiteness,
+Every value is validated at load (`madclip_runtime.bundles.metadata_schema.validate_metadata`: types, finiteness,
 ranges), after the integrity and signature checks and before any model file is opened.
 
 Verification (`load_bundle(path, verify=...)`):
@@ -57,13 +57,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from . import INTENDED_USE, __version__
-from .atomic import atomic_write_text, sha256_file
+from .. import INTENDED_USE, __version__
+from ..atomic import atomic_write_text, sha256_file
 from . import integrity
-from .contract import ANOMALY_MAP, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, PRECISIONS, SCORE
-from .errors import BundleError
+from ..contract import ANOMALY_MAP, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, PRECISIONS, SCORE
+from ..errors import BundleError
 from .metadata_schema import SCHEMA_VERSION, validate_metadata
-from .preprocess import PreprocessSpec
+from ..preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def write_metadata(directory: str | os.PathLike, meta: dict[str, Any], signing_k
 
     Fills schema_version, madclip_version, created_utc and intended_use when absent and always recomputes
     `files`; call it last, after every other file is written. `signing_key`: an Ed25519 private key object
-    (`madclip_runtime.signing.load_private_key`). Returns the metadata as written.
+    (`madclip_runtime.bundles.signing.load_private_key`). Returns the metadata as written.
     Raises BundleError if the result would not load (e.g. a NaN threshold, a listed model file missing).
     """
     directory = os.fspath(directory)

@@ -25,12 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from . import INTENDED_USE, __version__
-from .cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
+from .. import INTENDED_USE, __version__
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
                          finite_float, run_cli, setup_logging)
-from .cli_volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
-from .errors import InputError, MadclipError
-from .safe_text import escape_control
+from .volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
+from ..errors import InputError, MadclipError
+from ..safe_text import escape_control
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def expand_each(inputs: Sequence[str], recursive: bool, exclude: Sequence[str] =
     """Expand every argument on its own so one bad argument is reported and the others still run.
 
     `exclude`: directories never entered (the --out tree); madclip's own result files are skipped too."""
-    from .imageio import expand_inputs
+    from ..scans.imageio import expand_inputs
 
     files: list[str] = []
     seen: set[str] = set()
@@ -165,7 +165,7 @@ def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, prog
 
 
 def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
-    from .selftest import run_selftest
+    from ..bundles.selftest import run_selftest
 
     res = run_selftest(args.bundle, args.backend, args.precision, cache_dir=args.cache_dir, trusted_key=args.trusted_key)
     clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in res.items()}
@@ -235,14 +235,14 @@ def _main(argv: Sequence[str] | None) -> int:
         raise MadclipError(f"--slice must be >= 0, got {args.slice}")
     check_volume_args(args)
     if args.server:
-        from .serve.client import run_remote
+        from ..serve.client import run_remote
 
         return run_remote(args, sys.modules[__name__])  # the client reuses this module's output helpers
     if not args.bundle:
         raise MadclipError("--bundle is required (or --server URL of a madclip-serve endpoint)")
 
-    from .bundle import load_bundle
-    from .predictor import load
+    from ..bundles.bundle import load_bundle
+    from ..predictor import load
 
     if args.selftest and not _run_selftest(args, out_console):
         return EXIT_FAILED
@@ -253,7 +253,7 @@ def _main(argv: Sequence[str] | None) -> int:
     files, failed = expand_each(args.inputs, args.recursive, [args.out] if args.out else [])
     jobs: list[Any] = []
     if args.slice is None:  # volumes (NIfTI, DICOM series) get one answer each; --slice reads slices as scans
-        from .volume import plan_volumes
+        from ..scans.volume import plan_volumes
 
         jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
         for message in plan_errors:
@@ -271,7 +271,7 @@ def _main(argv: Sequence[str] | None) -> int:
         f"max batch {predictor.max_batch}; {len(files)} file(s), {len(jobs)} volume(s); {INTENDED_USE}",
         markup=False, highlight=False, soft_wrap=True,
     )
-    from .overlay import save_prediction
+    from ..overlay import save_prediction
 
     failures: list[str] = []
     rows: list[dict[str, Any]] = []

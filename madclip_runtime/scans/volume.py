@@ -1,6 +1,6 @@
 """Volumes: a NIfTI file, a multi-frame DICOM or a DICOM series -> ordered 2-D slices plus their geometry.
 
-A `Volume` holds the slices the model scores (`ScanImage`s, read by `madclip_runtime.medical`, so the one
+A `Volume` holds the slices the model scores (`ScanImage`s, read by `madclip_runtime.scans.medical`, so the one
 windowing applies) and what is needed to write per-slice anomaly maps back as ONE array on the input's grid:
 
 - NIfTI: the output has the file's own stored shape and affine; slice k is the k-th axial plane after
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import medical
-from .errors import InputError
+from ..errors import InputError
 from .imageio import has_dicom_magic, is_dicom_path, is_nifti_path
 from .scan import ScanImage
 

@@ -1,6 +1,6 @@
 """Optional Ed25519 signatures of a bundle's metadata.json (through the `cryptography` package).
 
-The signature covers the canonical JSON (`madclip_runtime.integrity.canonical_json`) of the whole metadata
+The signature covers the canonical JSON (`madclip_runtime.bundles.integrity.canonical_json`) of the whole metadata
 except the `signature` entry itself: every field, the integrity record, and through `files` the sha256 of
 every model, golden and report file. So a verified signature vouches for the whole bundle, provided the
 files are hashed too (`load_bundle` hashes at least the model variant in use and golden.npz).
@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Any
 
-from .errors import BackendUnavailable, BundleError, MadclipError
+from ..errors import BackendUnavailable, BundleError, MadclipError
 from .integrity import canonical_json
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
     ed25519 = _crypto()
     from cryptography.hazmat.primitives import serialization
 
-    from .atomic import atomic_write_text
+    from ..atomic import atomic_write_text
 
     key = ed25519.Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -15,7 +15,7 @@ This is how the MVFA/BMAD benchmark slices were cut from BraTS/LiTS-style volume
   slice with a lesion voxel. Slices whose content (fraction of pixels above 2 % of the window) is below
   `min_content` are skipped (air, empty slices at the volume's ends). At most `max_per_volume` slices per
   class and volume, drawn with the seed.
-- Slices are the reader's axial planes (`madclip_runtime.medical`: closest RAS+, shown radiologically), so a
+- Slices are the reader's axial planes (`madclip_runtime.scans.medical`: closest RAS+, shown radiologically), so a
   slice of the training set looks exactly like the slice `madclip-infer` scores.
 - Intensities: a window preset (ct-abdomen C40/W400, ct-lung C-600/W1500, ct-brain C40/W80), `mr` = the
   volume's 0.5-99.5th percentiles of non-zero voxels, or an explicit "C,W"; written as 8- or 16-bit PNG.
@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from . import INTENDED_USE, __version__
-from .atomic import AtomicDirectory, atomic_save_png, atomic_write_text
-from .errors import InputError, MadclipError
+from .. import INTENDED_USE, __version__
+from ..atomic import AtomicDirectory, atomic_save_png, atomic_write_text
+from ..errors import InputError, MadclipError
 from .medical import check_voxels
 from .scan import one_line
 

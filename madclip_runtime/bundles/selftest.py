@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from .backends import create_backend, resolve_auto
+from ..engines.backends import create_backend, resolve_auto
 from .bundle import Bundle, load_bundle
-from .contract import (ANOMALY_MAP, GOLDEN_DECISION_KEYS, GOLDEN_DECISION_SCORE_NAME, GOLDEN_DECISION_THRESHOLD,
+from ..contract import (ANOMALY_MAP, GOLDEN_DECISION_KEYS, GOLDEN_DECISION_SCORE_NAME, GOLDEN_DECISION_THRESHOLD,
                        GOLDEN_DECISIONS, GOLDEN_INPUT, NORMAL, ANOMALY, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide)
-from .errors import BundleError
-from .predictor import DEFAULT_MAX_BATCH
+from ..errors import BundleError
+from ..predictor import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The scan types and checks shared by every reader: `ScanImage`, size/finiteness/window checks, windowing.
 
-A leaf module (numpy only): `madclip_runtime.imageio` (2-D images, dispatch) and `madclip_runtime.medical`
+A leaf module (numpy only): `madclip_runtime.scans.imageio` (2-D images, dispatch) and `madclip_runtime.scans.medical`
 (DICOM, NIfTI) both import it, so neither has to import the other's module at load time.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 WINDOW_MODES = ("auto", "minmax", "full")
 

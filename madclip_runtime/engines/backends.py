@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from . import cuda_probe, trt_engine, trt_rules
-from .contract import BACKENDS, INPUT_NAME, PRECISIONS
-from .errors import BackendUnavailable, BundleError, InputError
+from ..contract import BACKENDS, INPUT_NAME, PRECISIONS
+from ..errors import BackendUnavailable, BundleError, InputError
 
 log = logging.getLogger(__name__)
 

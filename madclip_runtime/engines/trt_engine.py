@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from .cuda_probe import check as _check
 from .cuda_probe import compute_capability, device_name, import_cudart, native_handle
-from .errors import BackendUnavailable, BundleError, InputError
+from ..errors import BackendUnavailable, BundleError, InputError
 from .trt_rules import (
     INPUT_NAME,
     EngineKey,

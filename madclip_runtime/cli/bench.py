@@ -33,13 +33,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from . import INTENDED_USE
-from .atomic import atomic_write_text
-from .cli_common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
-from .contract import BACKENDS, GOLDEN_INPUT, PRECISIONS, SCORE
-from .machine import machine_description, peak_rss_mb
-from .errors import MadclipError
-from .safe_text import escape_control
+from .. import INTENDED_USE
+from ..atomic import atomic_write_text
+from .common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
+from ..contract import BACKENDS, GOLDEN_INPUT, PRECISIONS, SCORE
+from ..machine import machine_description, peak_rss_mb
+from ..errors import MadclipError
+from ..safe_text import escape_control
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def row_from_runs(stage_runs: list[dict[str, float]], cold_s: float, thr: float,
 def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, golden: dict[str, np.ndarray],
                   iters: int, warmup: int, batch: int, thr_iters: int, cache_dir: str | None) -> dict[str, Any]:
     """Measure one backend x precision with the Predictor (the same code path madclip-infer uses)."""
-    from .predictor import load
+    from ..predictor import load
 
     with load(bundle, backend=backend, precision=precision, cache_dir=cache_dir) as pred:
         for _ in range(warmup):
@@ -180,10 +180,10 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging(args.verbose)
     if args.iters < 1 or args.warmup < 0:
         raise MadclipError(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
-    from .backends import available_backends
-    from .bundle import load_bundle
-    from .imageio import read_scans
-    from .selftest import read_golden
+    from ..engines.backends import available_backends
+    from ..bundles.bundle import load_bundle
+    from ..scans.imageio import read_scans
+    from ..bundles.selftest import read_golden
 
     bundle = load_bundle(args.bundle, verify=True)
     golden = read_golden(bundle)

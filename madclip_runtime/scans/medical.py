@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, MadclipError
+from ..errors import InputError, MadclipError
 from .scan import ScanImage, check_finite, check_regular_file, check_size, check_window, one_line, window_to_unit
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ A field is a top-level key, or `key.subkey` for a top-level object (`files.model
 Each digest is the sha256 of the field's canonical JSON (sorted keys, no spaces, ASCII, NaN written as NaN so
 that an edited non-finite value is still caught). `check(meta, where)` recomputes them and names the first
 field that was edited, added or removed. The digests stop accidental and casual edits; an adversary who
-recomputes them is stopped by the optional Ed25519 signature (`madclip_runtime.signing`), which covers the
+recomputes them is stopped by the optional Ed25519 signature (`madclip_runtime.bundles.signing`), which covers the
 canonical JSON of everything but the signature itself, integrity record included.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import hashlib
 import json
 from typing import Any
 
-from .errors import BundleError
+from ..errors import BundleError
 
 SCHEME = "madclip-fields-sha256-1"
 UNSEALED_KEYS = ("integrity", "signature")

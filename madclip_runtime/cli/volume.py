@@ -1,7 +1,7 @@
 """madclip-infer's volume path: options, and scoring each NIfTI / DICOM series to one answer per scan.
 
 `madclip-infer case01.nii.gz --bundle B --out results/` writes case01_map.nii.gz, case01_montage.png and
-case01.json (and case01_seg.dcm with --dicom-seg on DICOM input); see `madclip_runtime.volume_output`.
+case01.json (and case01_seg.dcm with --dicom-seg on DICOM input); see `madclip_runtime.scans.volume_output`.
 A volume is a NIfTI with more than one axial slice, a multi-frame DICOM, or two or more DICOM files of one
 SeriesInstanceUID; with `--slice N` volumes are read slice by slice as before (one slice decoded).
 """
@@ -17,9 +17,9 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from . import INTENDED_USE
-from .cli_common import bounded_int, error_line, finite_float
-from .errors import InputError, MadclipError
+from .. import INTENDED_USE
+from .common import bounded_int, error_line, finite_float
+from ..errors import InputError, MadclipError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def add_volume_args(p: argparse.ArgumentParser) -> None:
 
 def check_volume_args(args: argparse.Namespace) -> None:
     """Validate the volume options (one line each) and apply the voxel budget for every reader."""
-    from .medical import set_max_voxels
-    from .volume_output import parse_volume_score
+    from ..scans.medical import set_max_voxels
+    from ..scans.volume_output import parse_volume_score
 
     parse_volume_score(args.volume_score)
     if args.volume_index is not None and args.volume_index < 0:
@@ -87,7 +87,7 @@ def _volume_table(rows: list[dict[str, Any]]) -> Table:
 def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Sequence[Any], out_dir: str | None,
                 used_stems: set[str], progress: Any, out_console: Console) -> int:
     """Score every volume job; write outputs with --out. Returns the number of volumes that failed."""
-    from .volume_output import parse_volume_score, save_volume_outputs, score_volume, summarize, volume_record
+    from ..scans.volume_output import parse_volume_score, save_volume_outputs, score_volume, summarize, volume_record
 
     method = parse_volume_score(args.volume_score)
     map_t, map_t_method = map_threshold_choice(args, bundle)
@@ -131,7 +131,7 @@ def _seg_builder(volume: Any, map_t: float | None, method: str | None, bundle: A
         return None
     if map_t is None:
         raise InputError(f"{bundle.path}: the bundle has no calibrated map threshold; give --map-threshold for --dicom-seg")
-    from .dicom_seg import dicom_seg_bytes
+    from ..scans.dicom_seg import dicom_seg_bytes
 
     prov = bundle.meta.get("provenance") if isinstance(bundle.meta.get("provenance"), dict) else {}
     model_name = f"madclip {prov.get('backbone', '')} {prov.get('objective', '')}".strip()
@@ -139,7 +139,7 @@ def _seg_builder(volume: Any, map_t: float | None, method: str | None, bundle: A
 
 
 def _strict(obj: Any) -> Any:
-    from .overlay import jsonable
+    from ..overlay import jsonable
 
     return jsonable(obj)
 

@@ -1,0 +1,1 @@
+"""Inference backends: onnxruntime (CPU, CUDA, TensorRT EP) and native TensorRT (rules, builder, runner)."""
