@@ -11,11 +11,12 @@ decompression-bomb warning is an error here, and truncated files fail (we never 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -71,6 +72,14 @@ def read_image(path: str | os.PathLike, window: str = "auto") -> ScanImage:
     check_regular_file(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled by some other code; truncated files may load")
+    with _decoded(path) as img:
+        return _pil_to_pixels(img, path, window)
+
+
+@contextlib.contextmanager
+def _decoded(path: str) -> Iterator[Image.Image]:
+    """A PIL image opened lazily, its size checked from the header before decoding (bombs refused), then
+    loaded; every PIL failure while it is in use becomes one InputError line naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -78,7 +87,7 @@ def read_image(path: str | os.PathLike, window: str = "auto") -> ScanImage:
             with Image.open(path) as img:  # lazy: reads the header only
                 check_size(path, *img.size)
                 img.load()
-                return _pil_to_pixels(img, path, window)
+                yield img
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -95,25 +104,12 @@ MASK_MAX_LABELS = 8  # integer masks with at most this many distinct values are 
 def _raw_mask_pixels(path: str) -> np.ndarray:
     """The stored sample values of a mask image (no windowing, no scaling): [H, W] or [H, W, 3]."""
     check_regular_file(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:  # lazy: reads the header only
-                check_size(path, *img.size)
-                img.load()
-                if img.mode in ("LA", "La", "PA"):
-                    img = img.convert("L") if img.mode != "PA" else img.convert("P")
-                elif img.mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"):
-                    img = img.convert("RGB")
-                return np.asarray(img)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{path}: image too large, refusing to decode ({one_line(exc)})") from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"{path}: not an image (unrecognised or unsupported format)") from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, zlib.error, ValueError ... for corrupt files
-        raise InputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {one_line(exc)})") from None
+    with _decoded(path) as img:
+        if img.mode in ("LA", "La", "PA"):
+            img = img.convert("L") if img.mode != "PA" else img.convert("P")
+        elif img.mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"):
+            img = img.convert("RGB")
+        return np.asarray(img)
 
 
 def mask_to_unit(raw: np.ndarray, path: str = "<mask>") -> np.ndarray:
