@@ -14,6 +14,7 @@ the Gaussian intensity change, then truncation back to uint8), so the value stat
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -41,7 +42,7 @@ class TaskResult:
     rounds: int
 
 
-class Task:
+class Task(abc.ABC):
     """One synthesis task. Subclasses set the size proportions and shape, and implement `augment`."""
 
     name: str = ""
@@ -55,10 +56,10 @@ class Task:
         mask, intersect, _ = deformed_shape(bounds, img_dims, rng)
         return mask, intersect
 
+    @abc.abstractmethod
     def augment(self, aug: np.ndarray, corner: np.ndarray, patch: np.ndarray, intersect: Intersect | None,
                 rng: np.random.Generator, shots: Sequence[np.ndarray]) -> np.ndarray:
         """Apply the task inside the box at `corner` covered by `patch` (bool [h, w]); may grow `patch`."""
-        raise NotImplementedError
 
     def label(self, aug: np.ndarray, orig: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return mask.astype(np.float64)
@@ -180,8 +181,9 @@ class RadialDeformation(Task):
     min_prop, max_prop, shape = 0.2, 0.6, "deformed"
 
     @staticmethod
+    @abc.abstractmethod
     def new_distance(d: np.ndarray, big_d: np.ndarray, f: float) -> np.ndarray:
-        raise NotImplementedError
+        """Where a pixel at distance d from the centre (edge at distance D along its ray) reads the old image."""
 
     def augment(self, aug, corner, patch, intersect, rng, shots):
         dims = np.array(patch.shape)
@@ -231,6 +233,9 @@ class Identity(Task):
     """The image unchanged, an all-zero mask (normal examples for the model)."""
 
     name = "identity"
+
+    def augment(self, aug, corner, patch, intersect, rng, shots):
+        return aug  # nothing changes (never reached: __call__ below skips shape drawing)
 
     def __call__(self, image, rng, shots=()):
         if image.dtype != np.uint8 or image.ndim != 2:
