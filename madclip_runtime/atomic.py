@@ -39,7 +39,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _create_temp_file(path: str) -> tuple[int, str]:
-    """Create `.{name}.tmp-XXXXXXXX` beside `path` with the default (umask) permissions, unlike mkstemp's 0600."""
+    """Create `.{name}.tmp-<8 hex digits>` beside `path` with the default (umask) permissions, unlike mkstemp's 0600."""
     parent, name = os.path.split(os.path.abspath(path))
     for _ in range(100):
         tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
@@ -123,7 +123,7 @@ def _unique_sibling(final: str, tag: str) -> str:
 
 
 class AtomicDirectory:
-    """Build a directory in a hidden sibling (`.{name}.tmp-XXXXXXXX`) and rename it into place on success.
+    """Build a directory in a hidden sibling (`.{name}.tmp-<8 hex digits>`) and rename it into place on success.
 
         with AtomicDirectory("out/bundle", force=args.force) as tmp:
             ...write files into tmp...
