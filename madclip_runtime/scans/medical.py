@@ -354,16 +354,22 @@ class NiftiVolume:
         return nib.orientations.apply_orientation(ras, back)
 
 
-def _nifti_open(path: str, volume_index: int | None):
-    """Open a NIfTI header (no voxel read) -> (image, spatial shape [X, Y, Z], index of the 4th axis or None)."""
+def nifti_header(path: str, what: str = "file"):
+    """Open a NIfTI lazily (header only, no voxel read) -> (image, shape without trailing singleton axes)."""
     nib = _require("nibabel", path, "NIfTI")
     try:
         img = nib.load(path)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {one_line(exc)})") from None
+        raise InputError(f"{path}: not a readable NIfTI {what} ({type(exc).__name__}: {one_line(exc)})") from None
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
+    return img, shape
+
+
+def _nifti_open(path: str, volume_index: int | None):
+    """Open a NIfTI header (no voxel read) -> (image, spatial shape [X, Y, Z], index of the 4th axis or None)."""
+    img, shape = nifti_header(path)
     if len(shape) == 4:
         if volume_index is None:
             raise InputError(f"{path}: NIfTI of shape {shape} is 4-D ({shape[3]} volumes); pick one with "

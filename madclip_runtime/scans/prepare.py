@@ -39,8 +39,7 @@ from PIL import Image
 from .. import INTENDED_USE, __version__
 from ..atomic import AtomicDirectory, atomic_save_png, atomic_write_text
 from ..errors import InputError, MadclipError
-from .medical import check_voxels
-from .scan import one_line
+from .medical import check_voxels, nifti_header
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +171,8 @@ def split_patients(patients: Sequence[str], valid_fraction: float, seed: int,
 
 def _load_ras(path: str, volume_index: int | None, what: str) -> tuple[np.ndarray, np.ndarray]:
     """A NIfTI -> (float32 volume [X(R), Y(A), Z(S)] reoriented like madclip's reader, original affine)."""
-    nib = importlib.import_module("nibabel")
-    try:
-        img = nib.load(path)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable NIfTI {what} ({type(exc).__name__}: {one_line(exc)})") from None
-    shape = tuple(int(s) for s in img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
+    img, shape = nifti_header(path, what)
+    nib = importlib.import_module("nibabel")  # present: nifti_header required it
     if len(shape) == 4 and volume_index is not None and 0 <= volume_index < shape[3]:
         check_voxels(path, shape, int(np.prod(shape[:3])))
         data = np.asanyarray(img.dataobj[..., volume_index])
