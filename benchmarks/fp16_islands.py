@@ -57,7 +57,8 @@ def main() -> None:
     rows, results = [], []
     for b in map(Path, args.bundles):
         fp32 = onnx.load(str(b / "model.onnx"))
-        islands = Bundle(path=str(b), meta=json.loads((b / "metadata.json").read_text()), spec=None).fp32_islands
+        meta = json.loads((b / "metadata.json").read_text())
+        islands = Bundle(path=str(b), meta=meta, spec=None).fp32_islands  # the method's FP32-tail constants
         golden = np.load(b / "golden.npz")
         images = golden["image"].astype(np.float32)
         ref = run(fp32, images)

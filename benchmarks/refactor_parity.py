@@ -1,4 +1,4 @@
-"""Evidence that a refactor changed no number: train and export the same tiny run of every method, dump every output.
+"""Evidence that a refactor changed no number: the same tiny run of every method, trained, exported, dumped.
 
     python benchmarks/refactor_parity.py --save before.npz      # on the old code
     python benchmarks/refactor_parity.py --compare before.npz   # on the new code: prints max |diff| per array
@@ -37,8 +37,8 @@ def produce(work: Path, method: str) -> dict[str, np.ndarray]:
 
     bindir = Path(sys.executable).parent
     if not (work / "data").is_dir():
-        _run(str(bindir / "madclip-demo-data"), "--out", str(work / "data"), "--n-valid", "4", "--n-test", "4",
-             "--seed", "5")
+        _run(str(bindir / "madclip-demo-data"), "--out", str(work / "data"), "--n-valid", "4",
+             "--n-test", "4", "--seed", "5")
     run, bundle = work / f"run-{method}", work / f"bundle-{method}"
     _run(str(bindir / "madclip-train"), "--method", method, "--data", str(work / "data" / "Brain_AD"),
          "--out", str(run), "--shots", "3", "--epochs", "2", "--seed", "7", "--backbone", "madclip-tiny",
@@ -99,7 +99,8 @@ def main() -> int:
     for method in args.methods:
         n = sum(1 for k in ref if k.startswith(method + "/"))
         w = per_method.get(method, 0.0)
-        print(f"{method:10s} {n:4d} arrays  worst max|diff| {w:.3g} ({'bit-identical' if w == 0 else 'DIFFERENT'})")
+        verdict = "bit-identical" if w == 0 else "DIFFERENT"
+        print(f"{method:10s} {n:4d} arrays  worst max|diff| {w:.3g} ({verdict})")
     print(f"worst max|diff| over {len(ref)} arrays: {worst:.3g} ({'bit-identical' if worst == 0 else 'DIFFERENT'})")
     return 0 if worst == 0 else 1
 
