@@ -479,7 +479,8 @@ def test_fp32_engine_is_built_without_tf32(fake_trt, tmp_path):
     trt, onnx_path = fake_trt
     te.build_engine(onnx_path, tmp_path / "e32.engine", te.engine_key(onnx_path, "fp32", 2))
     assert _Flag.TF32 not in trt.configs[-1].flags
-    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2))
+    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2),
+                    fp32_islands=("dt",))
     assert {_Flag.TF32, _Flag.FP16, _Flag.OBEY_PRECISION_CONSTRAINTS} <= trt.configs[-1].flags
 
 
