@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from _common import print_machine, table, write_json
 
 from madclip_runtime.bundles.bundle import Bundle
