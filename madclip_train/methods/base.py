@@ -235,6 +235,11 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
         """The authors' released checkpoint (a dict of tensors / state dicts) -> `trainable_state()` names
         (those the release holds; `load_reference` loads them)."""
 
+    def reference_checkpoint(self) -> dict:
+        """This model's trained tensors in the authors' format (`reference_format`), the inverse of
+        `convert_reference`: a run can go to the reference code, and the conformance test round-trips it."""
+        raise MadclipError(f"{self.title} does not write its reference format (reference_checkpoint)")
+
     def load_reference(self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None) -> dict:
         """Load converted reference tensors into this model; `shots` (when `reference_needs_shots`) are the
         dataset's shots to rebuild what the release lacks. Returns information for the run's config."""
