@@ -9,7 +9,8 @@ once in `registry.py`. The rest of madclip only calls what is declared here:
 - the frozen backbone: `backbone` (a `BackboneContract`: `taps`, `fingerprint()`), read by the trainer, the
   run directory and the reference converter.
 - the authors' checkpoints: `reference_format`, `convert_reference()`, `reference_needs_shots` and
-  `load_reference()` (a method whose release lacks state rebuilds it from the dataset's shots).
+  `load_reference()` (a method whose release lacks state rebuilds it from the dataset's shots), and the
+  inverse `reference_checkpoint()` (tests/test_conformance.py round-trips every method through it).
 
 - what can be cached: `cacheable(images)` is the part of the forward pass that is a pure function of the image
   (MadCLIP: the tapped streams, its adapters are side branches; MVFA: the stream before its first tap, its
