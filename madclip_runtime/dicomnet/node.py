@@ -196,26 +196,27 @@ class DicomNode:
         return SUCCESS
 
     def _on_requested(self, event: Any) -> None:
-        calling = str(event.assoc.requestor.ae_title).strip()
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # before pynetdicom's check
         if self.o.allow is not None and calling not in self.o.allow:
-            log.warning("%s: association refused: calling AE title %r is not in --allow", _peer(event.assoc), calling)
+            log.warning("%s@%s: association refused: calling AE title %r is not in --allow", calling,
+                        event.assoc.requestor.address, calling)
 
     def _on_accepted(self, event: Any) -> None:
         log.debug("%s: association accepted", _peer(event.assoc))
 
     def _on_aborted(self, event: Any) -> None:
-        n = self.assoc_counts.pop(id(event.assoc), 0)
-        log.warning("%s: association aborted by the peer; the %d instance(s) it delivered are kept", _peer(event.assoc), n)
+        log.debug("%s: A-ABORT", _peer(event.assoc))
 
     def _on_conn_close(self, event: Any) -> None:
         a = event.assoc
         n = self.assoc_counts.pop(id(a), None)
-        if n is not None and not a.is_released and not a.is_aborted:
-            log.warning("%s: the peer dropped the connection without releasing the association; the %d "
-                        "instance(s) acknowledged before are kept, anything in transit was never acknowledged",
-                        _peer(a), n)
-        elif n is not None:
-            log.info("%s: association released after %d instance(s)", _peer(a), n)
+        if not a.is_established and n is None:
+            return  # rejected or never negotiated: logged where it was refused
+        if a.is_released:
+            log.info("%s: association released after %d instance(s)", _peer(a), n or 0)
+        else:
+            log.warning("%s: association aborted or dropped by the peer before release; the %d instance(s) "
+                        "acknowledged in it are kept (anything in transit was never acknowledged)", _peer(a), n or 0)
 
     # ------------------------------------------------------------------------------------------ life cycle
     def start(self) -> int:
