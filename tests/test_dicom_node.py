@@ -155,6 +155,8 @@ def check_results(seg, sr, rec: dict, local_seg: Path, sources: list) -> None:
     assert len(v["slices"]) == rec["n_slices"]
     assert [s["score"] for s in v["slices"]] == pytest.approx([s["score"] for s in rec["slices"]], abs=1e-6)
     assert {s["sop"] for s in v["slices"]} == sops
+    if len(sources) == 1:  # multi-frame: one slice score per source frame
+        assert sorted(f for s in v["slices"] for f in s["frames"]) == list(range(1, int(sources[0].NumberOfFrames) + 1))
     assert any("research use, not for clinical decisions" in p for p in v["parameters"])
     assert any(p.startswith("model_sha256=") for p in v["parameters"])
     evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence

@@ -126,6 +126,8 @@ def _walk(items: Sequence[Any]):
 def sr_values(ds: Any) -> dict[str, Any]:
     """Read madclip's values back from an SR dataset: volume score, threshold, decision, slice scores
     (with the SOP instance and frame each references) and the algorithm parameters."""
+    from pydicom.multival import MultiValue
+
     out: dict[str, Any] = {"volume_score": None, "threshold": None, "decision": None, "slices": [],
                            "parameters": []}
     for item in _walk(ds.ContentSequence):
@@ -140,7 +142,8 @@ def sr_values(ds: Any) -> dict[str, Any]:
                 out["threshold"] = value
             elif name.CodeValue == CODE_SLICE_SCORE[0]:
                 ref = next(i for i in item.ContentSequence if i.ValueType == "IMAGE").ReferencedSOPSequence[0]
-                frames = [int(f) for f in ref.get("ReferencedFrameNumber") or []] if "ReferencedFrameNumber" in ref else []
+                raw = ref.get("ReferencedFrameNumber")
+                frames = [] if raw is None else [int(f) for f in (raw if isinstance(raw, MultiValue) else [raw])]
                 out["slices"].append({"score": value, "sop": str(ref.ReferencedSOPInstanceUID), "frames": frames})
         elif item.ValueType == "CODE" and name.CodeValue == CODE_DECISION[0] and name.CodingSchemeDesignator == SCHEME:
             out["decision"] = str(item.ConceptCodeSequence[0].CodeMeaning)
