@@ -39,6 +39,7 @@ class SeriesResult:
     seg: bytes | None
     sr: bytes
     source_sops: list[str] = field(default_factory=list)
+    preds: list[Any] = field(default_factory=list)  # per-slice predictions (for --out's map and montage)
 
 
 def bundle_identity(bundle: Any, precision: str = "fp32") -> dict[str, str]:
@@ -153,7 +154,7 @@ def sr_values(ds: Any) -> dict[str, Any]:
     return out
 
 
-def read_series(files: Sequence[str], window: str = "auto") -> Any:
+def read_series(files: Sequence[str], window: str = "auto", name: str | None = None) -> Any:
     """The files of ONE series (single-frame files, or one multi-frame file) -> a Volume (InputError if not)."""
     from ..scans.volume import group_series, read_dicom_series
 
@@ -162,7 +163,7 @@ def read_series(files: Sequence[str], window: str = "auto") -> Any:
         raise InputError(f"{bad[0]}: not a readable DICOM file")
     if len(groups) != 1:
         raise InputError(f"{len(groups)} series among the files given; one expected")
-    return read_dicom_series(groups[0], window)
+    return read_dicom_series(groups[0], window, name=name)
 
 
 def score_series(volume: Any, predictor: Any, bundle: Any, volume_score: str = "max",
@@ -190,4 +191,4 @@ def score_series(volume: Any, predictor: Any, bundle: Any, volume_score: str = "
         seg = dicom_seg_bytes(volume, arr, float(map_t), how, model, series_number=SEG_SERIES_NUMBER)
     sr = sr_bytes(volume, record, identity)
     sops = [str(d.SOPInstanceUID) for d in volume.datasets]
-    return SeriesResult(record, seg, sr, sops)
+    return SeriesResult(record, seg, sr, sops, list(preds))
