@@ -120,7 +120,7 @@ def test_auth_from_file_or_environment_never_printed(standin, study, tmp_path):
 
 
 def test_dicomweb_option_errors_are_one_line(standin, tmp_path):
-    for args, needle in ((["--study", "1.2.3", "--bundle", standin], "--study needs --dicomweb URL"),
+    for args, needle in (([tmp_path, "--study", "1.2.3", "--bundle", standin], "--study needs --dicomweb URL"),
                          (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--bundle", standin], "needs --study"),
                          (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--study", "1.2", "--bundle", standin],
                           "DICOMweb request failed (ConnectionError)")):
