@@ -346,9 +346,12 @@ class DicomNode:
                                          f"instance, fewer than --min-slices {self.o.min_slices}")
         try:
             volume = read_dicom_series(groups[0], self.bundle.spec.window)
-            result = score_series(volume, self.predictor, self.bundle, self.o.volume_score, self.o.map_threshold)
         except InputError as exc:
             return self._fail(st, files, f"not one volume ({_strip_paths(str(exc), files)})")
+        try:
+            result = score_series(volume, self.predictor, self.bundle, self.o.volume_score, self.o.map_threshold)
+        except InputError as exc:
+            return self._fail(st, files, f"no result objects ({_strip_paths(str(exc), files)})")
         objects = {"sr.dcm": result.sr}
         if result.seg is not None:
             objects["seg.dcm"] = result.seg
