@@ -445,3 +445,38 @@ def test_cli_refuses_bad_options_in_one_line(standin, tmp_path):
                            capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
         assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1
+
+
+def test_crash_after_commit_before_cleanup_neither_rescored_nor_lost(loaded, tmp_path, caplog):
+    """The window between committing the outbox item and deleting the incoming instances: after a restart the
+    leftovers are removed (not scored twice), the pending item is sent, and a later re-send of the same
+    instances is a new series to score (its files are newer than the committed result)."""
+    caplog.set_level(logging.INFO)
+    from madclip_runtime.dicomnet.spool import Spool, series_key
+
+    paths, uid = _series(tmp_path, "ct", n=3)
+    spool = Spool(str(tmp_path / "spool"))
+    key = series_key(uid)
+    files = [spool.store_instance(key, str(pydicom.dcmread(p).SOPInstanceUID), p.read_bytes())[0] for p in paths]
+    old = time.time() - 60
+    for f in files:
+        os.utime(f, (old, old))
+    pacs = Receiver()
+    bundle, predictor = loaded
+    from madclip_runtime.dicomnet.results import read_series, score_series
+
+    result = score_series(read_series(files), predictor, bundle)
+    spool.commit_result(key, {"sr.dcm": result.sr, "seg.dcm": result.seg},
+                        {"series_uid": uid, "instance_files": files, "committed_at": time.time() - 30})
+    node = make_node(tmp_path, loaded, pacs.port)  # the "restart"
+    try:
+        assert "already scored before the restart removed" in caplog.text
+        received = pacs.wait(2, 30)
+        assert len(received) == 2 and not os.listdir(tmp_path / "spool" / "incoming")
+        time.sleep(1.5)
+        assert node.stats["scored"] == 0 and len(pacs.datasets) == 2
+        assert push(node.port, paths) == [0, 0, 0]  # sent again later: scored again, as a new request
+        assert len(pacs.wait(4, 30)) == 4
+    finally:
+        node.stop()
+        pacs.stop()

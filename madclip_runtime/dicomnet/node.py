@@ -268,11 +268,11 @@ class DicomNode:
         resumed = 0
         for key in self.spool.incoming_series():
             files = self.spool.incoming_files(key)
-            done = [f for f in files if f in used]
+            done = [f for f in files if f in used and os.path.getmtime(f) <= used[f]]
             if done:
                 self.spool.remove_incoming(done)
                 log.info("spool: %d instance(s) of a series already scored before the restart removed", len(done))
-            files = [f for f in files if f not in used]
+            files = [f for f in files if f not in done]
             if not files:
                 self.spool.drop_empty(key)
                 continue
@@ -359,7 +359,7 @@ class DicomNode:
         doc = {"series_uid": st.uid, "instance_files": list(files), "volume_score": rec["volume_score"],
                "label": rec["label"], "threshold": rec["threshold"], "n_slices": rec["n_slices"],
                "last_instance_age_s": round(time.monotonic() - st.last_seen, 3),
-               "received_monotonic": st.last_seen, "identity": rec["bundle_identity"], "intended_use": INTENDED_USE}
+               "committed_at": time.time(), "identity": rec["bundle_identity"], "intended_use": INTENDED_USE}
         item = self.spool.commit_result(st.key, objects, doc)
         self.spool.remove_incoming(files)
         self.stats["scored"] += 1

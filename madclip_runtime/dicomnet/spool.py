@@ -133,21 +133,29 @@ class Spool:
         atomic_write_text(self.path(SENT, item + ".json"), json.dumps(summary, indent=1, allow_nan=False))
         shutil.rmtree(self.path(OUTBOX, item), ignore_errors=True)
 
-    def used_instance_files(self) -> set[str]:
-        """Incoming file paths that a committed (pending or sent) result already used."""
-        used: set[str] = set()
+    def used_instance_files(self) -> dict[str, float]:
+        """{incoming file path: when the result using it was committed} over pending and sent results.
+
+        A file written after that time is a new copy of the instance (the series was sent again), not a leftover.
+        """
+        docs: list[dict[str, Any]] = []
         for item in self.outbox_items():
             try:
-                used.update(self.item_doc(item).get("instance_files", []))
+                docs.append(self.item_doc(item))
             except (OSError, ValueError):
                 continue
         for name in os.listdir(self.path(SENT)):
             if name.endswith(".json") and not name.startswith("."):
                 try:
                     with open(self.path(SENT, name), encoding="utf-8") as f:
-                        used.update(json.load(f).get("instance_files", []))
+                        docs.append(json.load(f))
                 except (OSError, ValueError):
                     continue
+        used: dict[str, float] = {}
+        for doc in docs:
+            at = float(doc.get("committed_at", 0.0))
+            for f in doc.get("instance_files", []):
+                used[f] = max(used.get(f, 0.0), at)
         return used
 
     # --------------------------------------------------------------------------------------- failed
