@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
 from _common import WORK, console, print_machine, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]

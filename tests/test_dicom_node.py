@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +31,15 @@ from madclip_runtime.dicomnet.node import DicomNode, NodeOptions, parse_destinat
 from madclip_runtime.dicomnet.results import sr_values  # noqa: E402
 
 from .conftest import build_tiny_bundle, lesion_volume, write_dicom_series  # noqa: E402
-from .orthanc import (SECRET_ID, SECRET_NAME, OrthancServer, enhanced_multiframe, free_port,  # noqa: E402
-                      realscan_series, set_patient)
+from .orthanc import (  # noqa: E402
+    SECRET_ID,
+    SECRET_NAME,
+    OrthancServer,
+    enhanced_multiframe,
+    free_port,
+    realscan_series,
+    set_patient,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -360,7 +360,7 @@ class DicomNode:
                "label": rec["label"], "threshold": rec["threshold"], "n_slices": rec["n_slices"],
                "last_instance_age_s": round(time.monotonic() - st.last_seen, 3),
                "committed_at": time.time(), "identity": rec["bundle_identity"], "intended_use": INTENDED_USE}
-        item = self.spool.commit_result(st.key, objects, doc)
+        self.spool.commit_result(st.key, objects, doc)
         self.spool.remove_incoming(files)
         self.stats["scored"] += 1
         label = rec["label"] or "no threshold"

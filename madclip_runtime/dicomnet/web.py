@@ -171,7 +171,7 @@ def run_dicomweb(args: argparse.Namespace, infer: Any) -> int:
                 if out_dir is not None:
                     map_t, how = infer.map_threshold_choice(args, bundle)
                     paths = save_volume_outputs(out_dir, stem, volume, result.preds, record, bundle.map_scale, map_t,
-                                                how, (lambda arr: result.seg) if result.seg is not None else None)
+                                                how, (lambda arr, seg=result.seg: seg) if result.seg is not None else None)
                     record["outputs"] = {k: os.path.basename(v) for k, v in paths.items()}
                 if args.stow:
                     record["stored"] = _stow(client, args.dicomweb, args.study, result)
