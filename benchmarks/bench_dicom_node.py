@@ -171,7 +171,7 @@ def one_run(bundle: Path, n: int, senders: int, slices: int, size: int, quiet: f
         "c_store_ms": {"median": statistics.median(store_ms), "p95": float(np.percentile(store_ms, 95)),
                        "max": max(store_ms)},
         "lost": lost, "duplicated": dup, "node_peak_rss_mb": usage.ru_maxrss / 1024,
-        "node_exit": os.waitstatus_to_exitcode(status),
+        "node_exit": os.waitstatus_to_exitcode(status),  # 0: SIGTERM is a clean stop
     }
 
 

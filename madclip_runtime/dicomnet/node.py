@@ -562,9 +562,15 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
 
 
 def quiet_library_loggers() -> None:
-    """pynetdicom and pydicom log dataset contents at DEBUG: keep them at WARNING so no identifier is logged."""
+    """pynetdicom and pydicom log dataset contents at DEBUG, and pydicom's validation warnings quote element
+    values (a malformed PatientName would be printed): keep the loggers at WARNING and those warnings off, so
+    no identifier reaches the log."""
+    import warnings
+
     for name in ("pynetdicom", "pydicom", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    for module in (r"pydicom(\..*)?", r"highdicom(\..*)?", r"pynetdicom(\..*)?"):
+        warnings.filterwarnings("ignore", module=module)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -590,8 +596,11 @@ def _main(argv: Sequence[str] | None) -> int:
         try:
             while True:
                 time.sleep(0.5)
+        except KeyboardInterrupt as exc:  # SIGTERM (run_cli raises Terminated) or Ctrl-C: the normal way to stop
+            log.info("stopping (%s)", "SIGTERM" if type(exc).__name__ == "Terminated" else "interrupted")
         finally:
-            node.stop()  # after SIGTERM/Ctrl-C too: the spool keeps what is not finished
+            node.stop()  # the spool keeps what is not finished
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,7 +76,7 @@ def _client(url: str, auth: str | None) -> Any:
         from dicomweb_client.api import DICOMwebClient
     except ImportError:
         raise MadclipError('--dicomweb needs dicomweb-client; install it with: pip install "madclip[pacs]"') from None
-    for name in ("dicomweb_client", "urllib3", "requests"):
+    for name in ("dicomweb_client", "urllib3", "requests", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)  # request lines may carry headers at DEBUG
     return DICOMwebClient(url=url.rstrip("/"), headers={"Authorization": auth} if auth else None, timeout=120)
 
