@@ -63,7 +63,7 @@ def test_wado_score_and_stow_seg_sr_into_orthanc(standin, study, tmp_path):
     try:
         orthanc.upload(brain + [mf, local / "brain_seg.dcm"])  # the SEG: a non-image series in the study
         rc, out, err = infer("--dicomweb", orthanc.dicomweb, "--study", study_uid, "--bundle", standin, "--backend",
-                             "ort-cpu", "--stow", "--json", "--out", tmp_path / "out")
+                             "ort-cpu", "--stow", "--json", "--out", tmp_path / "out", "--dicom-seg")
         assert rc == 0, err
         rows = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
         assert len(rows) == 2 and "not an image series: skipped" in err and "stored with STOW-RS" in err
@@ -81,7 +81,11 @@ def test_wado_score_and_stow_seg_sr_into_orthanc(standin, study, tmp_path):
             check_results(seg, sr, rec, local / seg_file, srcs)
             (row,) = [r for r in rows if r["series_uid"] == uid]
             assert row["volume_score"] == pytest.approx(rec["volume_score"], abs=1e-6) and row["stored"] == ["SEG", "SR"]
-        assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".json") == ["series1.json", "series7.json"]
+        written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix in (".json", ".dcm"))
+        assert written == ["series1.json", "series1_seg.dcm", "series7.json", "series7_seg.dcm"]
+        stored = {str(s.SOPInstanceUID) for s in segs}  # the files written with --out are the objects stored
+        assert {str(pydicom.dcmread(tmp_path / "out" / f).SOPInstanceUID)
+                for f in ("series1_seg.dcm", "series7_seg.dcm")} == stored
 
         # --series: only that one; without --stow nothing new is stored
         rc, out, err = infer("--dicomweb", orthanc.dicomweb, "--study", study_uid, "--series",

@@ -167,8 +167,9 @@ def read_series(files: Sequence[str], window: str = "auto", name: str | None = N
 
 
 def score_series(volume: Any, predictor: Any, bundle: Any, volume_score: str = "max",
-                 map_threshold: float | None = None) -> SeriesResult:
-    """Score a read DICOM volume like `madclip-infer` and build the SEG (when a map threshold is known) and SR."""
+                 map_threshold: float | None = None, objects: bool = True) -> SeriesResult:
+    """Score a read DICOM volume like `madclip-infer` and build the SEG (when a map threshold is known) and SR
+    (`objects=False`: the record and predictions only; `seg` and `sr` are then None and empty)."""
     from ..scans.dicom_seg import dicom_seg_bytes
     from ..scans.volume_output import parse_volume_score, score_volume, summarize, volume_record
 
@@ -179,6 +180,9 @@ def score_series(volume: Any, predictor: Any, bundle: Any, volume_score: str = "
                                              predictor.score_name), predictor)
     identity = bundle_identity(bundle, predictor.precision)
     record["bundle_identity"] = identity
+    sops = [str(d.SOPInstanceUID) for d in volume.datasets]
+    if not objects:
+        return SeriesResult(record, None, b"", sops, list(preds))
     map_t, how = (map_threshold, "given with --map-threshold") if map_threshold is not None else (
         bundle.map_threshold, "bundle calibration")
     seg = None
@@ -190,5 +194,4 @@ def score_series(volume: Any, predictor: Any, bundle: Any, volume_score: str = "
         model = f"madclip {identity['method']}"
         seg = dicom_seg_bytes(volume, arr, float(map_t), how, model, series_number=SEG_SERIES_NUMBER)
     sr = sr_bytes(volume, record, identity)
-    sops = [str(d.SOPInstanceUID) for d in volume.datasets]
     return SeriesResult(record, seg, sr, sops, list(preds))

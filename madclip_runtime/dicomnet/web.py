@@ -3,7 +3,7 @@
 Each image series of the study (or the one given with --series) is retrieved with WADO-RS (dicomweb-client,
 instance by instance into a private temporary folder), read and scored exactly as a local series folder is
 (`madclip_runtime.dicomnet.results`), printed like the volume path (a table, or one JSON object per series with
---json), written to --out like a local volume, and with --stow its DICOM SEG and TID 1500 SR are stored back
+--json), written to --out like a local volume (the SEG file with --dicom-seg), and with --stow its DICOM SEG and TID 1500 SR are stored back
 with STOW-RS. Series that are not images (SEG, SR, RT...) are skipped with a log line.
 
 Authentication: the Authorization header comes from --dicomweb-auth-file FILE (the header value, e.g.
@@ -166,12 +166,13 @@ def run_dicomweb(args: argparse.Namespace, infer: Any) -> int:
                     stem, k = f"{base}_{k}", k + 1
                 used.add(stem)
                 volume = read_series(files, bundle.spec.window, name=stem)
-                result = score_series(volume, predictor, bundle, args.volume_score, args.map_threshold)
+                result = score_series(volume, predictor, bundle, args.volume_score, args.map_threshold,
+                                      objects=args.stow or args.dicom_seg)
                 record = dict(result.record, file=f"{args.dicomweb} series {uid}")
                 if out_dir is not None:
                     map_t, how = infer.map_threshold_choice(args, bundle)
                     paths = save_volume_outputs(out_dir, stem, volume, result.preds, record, bundle.map_scale, map_t,
-                                                how, (lambda arr, seg=result.seg: seg) if result.seg is not None else None)
+                                                how, (lambda arr, seg=result.seg: seg) if args.dicom_seg and result.seg else None)
                     record["outputs"] = {k: os.path.basename(v) for k, v in paths.items()}
                 if args.stow:
                     record["stored"] = _stow(client, args.dicomweb, args.study, result)
