@@ -187,6 +187,9 @@ class DicomNode:
             self.stats["refused"] += 1
             return OUT_OF_RESOURCES
         with self.lock:
+            if self.series.get(key) is not st:  # its previous batch finished scoring meanwhile: a new batch
+                st = self.series.setdefault(key, SeriesState(key, uid))
+                new = True
             st.last_seen = time.monotonic()
             if new:
                 st.n += 1

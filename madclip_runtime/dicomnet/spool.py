@@ -61,11 +61,17 @@ class Spool:
     def store_instance(self, key: str, sop_uid: str, data: bytes) -> tuple[str, bool]:
         """Write one received instance durably (fsync'ed file and directory). -> (path, new instance?)."""
         folder = self.path(INCOMING, key)
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, _safe_uid(sop_uid) + ".dcm")
-        existed = os.path.exists(path)
-        atomic_write_bytes(path, data)
-        return path, not existed
+        for attempt in range(3):  # the scoring worker may remove the emptied folder between makedirs and write
+            os.makedirs(folder, exist_ok=True)
+            existed = os.path.exists(path)
+            try:
+                atomic_write_bytes(path, data)
+                return path, not existed
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def incoming_series(self) -> list[str]:
         return sorted(d for d in os.listdir(self.path(INCOMING)) if not d.startswith("."))
