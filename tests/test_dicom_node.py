@@ -62,7 +62,7 @@ def loaded(standin):
 class Receiver:
     """A pynetdicom storage SCP standing in for a PACS: keeps every dataset it receives."""
 
-    def __init__(self, port: int = 0, ae_title: str = "PACS") -> None:
+    def __init__(self, port: int = 0, ae_title: str = "PACS", ssl_context=None) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         self.datasets: list = []
@@ -75,7 +75,8 @@ class Receiver:
             self.datasets.append(ds)
             return 0x0000
 
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)],
+                                      ssl_context=ssl_context)
         self.port = int(self.server.server_address[1])
 
     def wait(self, n: int, timeout: float = 60.0) -> list:
@@ -427,8 +428,9 @@ def test_tls_offered_and_verified(loaded, tmp_path, caplog):
     from madclip_runtime.dicomnet.node import client_ssl_context, server_ssl_context
 
     cert, key = _self_signed(tmp_path)
-    pacs = Receiver()
-    node = make_node(tmp_path, loaded, pacs.port, server_ssl=server_ssl_context(str(cert), str(key), None))
+    pacs = Receiver(ssl_context=server_ssl_context(str(cert), str(key), None))  # results go over TLS too
+    node = make_node(tmp_path, loaded, pacs.port, server_ssl=server_ssl_context(str(cert), str(key), None),
+                     send_ssl=client_ssl_context(str(cert)))
     try:
         paths, uid = _series(tmp_path, "ct", n=3)
         assert push(node.port, paths[:1]) == []  # plain DICOM to a TLS port: no association
