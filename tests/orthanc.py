@@ -51,7 +51,8 @@ def orthanc_or_skip() -> str:
 class OrthancServer:
     """One Orthanc process with its own storage; `rest` speaks to its REST API with `requests`."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", users: dict[str, str] | None = None,
+                 lua: str | None = None, modalities: dict[str, list] | None = None) -> None:
         import requests
 
         self.binary = orthanc_or_skip()
@@ -73,9 +74,12 @@ class OrthancServer:
             "HttpTimeout": 60, "StableAge": 1, "Plugins": [dicomweb_plugin()],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "StudiesMetadata": "Full",
                          "SeriesMetadata": "Full"},
-            "DicomModalities": {}, "DicomModalitiesInDatabase": False, "OverwriteInstances": True,
+            "DicomModalities": modalities or {}, "DicomModalitiesInDatabase": False, "OverwriteInstances": True,
             "ConcurrentJobs": 2, "HttpServerThreads": 8,
         }
+        if lua:
+            (self.workdir / "route.lua").write_text(lua)
+            config["LuaScripts"] = [str(self.workdir / "route.lua")]
         self.config_path = self.workdir / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log = open(self.workdir / "orthanc.log", "wb")

@@ -488,3 +488,26 @@ def test_crash_after_commit_before_cleanup_neither_rescored_nor_lost(loaded, tmp
     finally:
         node.stop()
         pacs.stop()
+
+
+def test_orthanc_lua_autorouting_from_the_docs_does_not_loop(loaded, tmp_path, caplog):
+    """docs/hospital.md's Lua script: Orthanc forwards each stored image to the node, results come back once."""
+    caplog.set_level(logging.INFO)
+    doc = (ROOT / "docs" / "hospital.md").read_text()
+    lua = doc.split("```lua\n")[1].split("```")[0]
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", lua=lua, modalities={"madclip": ["MADCLIP", "127.0.0.1", node_port]})
+    node = None
+    try:
+        node = make_node(tmp_path, loaded, orthanc.dicom_port, port=node_port, quiet=2.0)
+        node.o.send_to = parse_destination(f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+        paths, uid = _series(tmp_path, "ct", n=4)
+        orthanc.upload(paths)
+        assert wait_for(lambda: len(orthanc.instances_with_modality("SR")) == 1, 90), caplog.text[-2000:]
+        time.sleep(6)  # had the results been routed back, the series would be scored again by now
+        assert node.stats["scored"] == 1 and len(orthanc.instances_with_modality("SEG")) == 1
+        assert len(orthanc.instances_with_modality("SR")) == 1 and node.stats["not_scored"] == 0
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
