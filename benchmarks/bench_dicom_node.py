@@ -8,13 +8,14 @@ lost and duplicated results (every series must get exactly one SEG and one SR), 
 latency (the node acknowledges after fsync, without scoring), and the node's peak RSS (os.wait4 on the
 process after SIGTERM), which must not grow with N (one series is scored at a time).
 
-    python benchmarks/bench_dicom_node.py                          # N = 8 and 24, K = 4, 16 slices of 128 x 128
+    python benchmarks/bench_dicom_node.py            # N = 8 and 24, K = 4, 16 slices of 128 x 128
     python benchmarks/bench_dicom_node.py --series 8 24 --senders 4 --slices 16 --bundle B
 
 Default bundle: the test suite's stand-in ONNX graph (tests/conftest.py `build_tiny_bundle`, 64 px input; no
 training), so the figures are the node's own overhead plus a small model; pass --bundle for a real one.
 Writes benchmarks/results/dicom_node.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_series(n_slices: int, size: int, seed: int) -> list:
-    """One synthetic CT series (pydicom datasets in memory): noise "tissue" with a bright blob on one slice."""
+    """One synthetic CT series (pydicom datasets in memory): noise "tissue", a bright blob on one slice."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -47,7 +48,7 @@ def make_series(n_slices: int, size: int, seed: int) -> list:
     for k in range(n_slices):
         img = (200 + rng.normal(0, 20, (size, size))).astype(np.int16)
         if k == n_slices // 2:
-            img[size // 3: size // 3 + 12, size // 2: size // 2 + 12] = 1400
+            img[size // 3 : size // 3 + 12, size // 2 : size // 2 + 12] = 1400
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -82,7 +83,9 @@ class Collector:
         self.results: dict[str, list[tuple[str, str, float]]] = {}
         ae = AE(ae_title="PACS")
         ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self.on_store)]
+        )
         self.port = int(self.server.server_address[1])
 
     def on_store(self, event) -> int:
@@ -90,9 +93,13 @@ class Collector:
         if ds.Modality == "SEG":
             ref = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
         else:
-            ref = str(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID)
+            ref = str(
+                ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID
+            )
         with self.lock:
-            self.results.setdefault(ref, []).append((str(ds.Modality), str(ds.SOPInstanceUID), time.perf_counter()))
+            self.results.setdefault(ref, []).append(
+                (str(ds.Modality), str(ds.SOPInstanceUID), time.perf_counter())
+            )
         return 0x0000
 
 
@@ -128,10 +135,32 @@ def one_run(bundle: Path, n: int, senders: int, slices: int, size: int, quiet: f
     log = work / "node.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "madclip_runtime.dicomnet.node", "--bundle", str(bundle),
-                                 "--send-to", f"PACS@127.0.0.1:{collector.port}", "--allow", "MODALITY",
-                                 "--host", "127.0.0.1", "--port", "0", "--spool", str(work / "spool"),
-                                 "--quiet", str(quiet), "--backend", "ort-cpu"], stdout=f, stderr=f, env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "madclip_runtime.dicomnet.node",
+                "--bundle",
+                str(bundle),
+                "--send-to",
+                f"PACS@127.0.0.1:{collector.port}",
+                "--allow",
+                "MODALITY",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--spool",
+                str(work / "spool"),
+                "--quiet",
+                str(quiet),
+                "--backend",
+                "ort-cpu",
+            ],
+            stdout=f,
+            stderr=f,
+            env=env,
+        )
     port = None
     deadline = time.time() + 120
     while port is None and time.time() < deadline:
@@ -159,18 +188,34 @@ def one_run(bundle: Path, n: int, senders: int, slices: int, size: int, quiet: f
     results = collector.results
     lost = sum(1 for u in uids if len({m for m, _, _ in results.get(u, [])}) < 2)
     dup = sum(max(0, len({sop for _, sop, _ in results.get(u, [])}) - 2) for u in uids)
-    sr_at = {u: min(t for m, _, t in results[u] if m == "SR") for u in uids if any(m == "SR" for m, _, _ in results.get(u, []))}
+    sr_at = {
+        u: min(t for m, _, t in results[u] if m == "SR")
+        for u in uids
+        if any(m == "SR" for m, _, _ in results.get(u, []))
+    }
     lat = [sr_at[u] - last_ack[u] for u in sr_at]
     store_ms = [x for _, ms in pushed for x in ms]
     t_end = max(sr_at.values()) if sr_at else time.perf_counter()
     return {
-        "series": n, "senders": senders, "slices": slices, "size": size, "quiet_s": quiet,
+        "series": n,
+        "senders": senders,
+        "slices": slices,
+        "size": size,
+        "quiet_s": quiet,
         "series_per_minute": n / (t_end - t_start) * 60.0,
         "push_seconds": max(last_ack.values()) - t_start,
-        "result_latency_s": {"median": statistics.median(lat) if lat else None, "max": max(lat) if lat else None},
-        "c_store_ms": {"median": statistics.median(store_ms), "p95": float(np.percentile(store_ms, 95)),
-                       "max": max(store_ms)},
-        "lost": lost, "duplicated": dup, "node_peak_rss_mb": usage.ru_maxrss / 1024,
+        "result_latency_s": {
+            "median": statistics.median(lat) if lat else None,
+            "max": max(lat) if lat else None,
+        },
+        "c_store_ms": {
+            "median": statistics.median(store_ms),
+            "p95": float(np.percentile(store_ms, 95)),
+            "max": max(store_ms),
+        },
+        "lost": lost,
+        "duplicated": dup,
+        "node_peak_rss_mb": usage.ru_maxrss / 1024,
         "node_exit": os.waitstatus_to_exitcode(status),  # 0: SIGTERM is a clean stop
     }
 
@@ -197,13 +242,39 @@ def main() -> int:
     for n in a.series:
         console.print(f"N = {n} series x {a.slices} slices, {a.senders} senders ...")
         runs.append(one_run(bundle, n, a.senders, a.slices, a.size, a.quiet))
-    rows = [[f"N={r['series']}, K={r['senders']}", r["series_per_minute"], r["push_seconds"],
-             r["c_store_ms"]["median"], r["c_store_ms"]["p95"], r["result_latency_s"]["median"],
-             r["result_latency_s"]["max"], (r["result_latency_s"]["median"] or 0) - r["quiet_s"], r["lost"],
-             r["duplicated"], r["node_peak_rss_mb"]] for r in runs]
-    table("madclip-dicom-node load", ["run", "series/min", "push s", "C-STORE ms med", "C-STORE ms p95",
-                                      "last instance -> SR s (med)", "max", "med - quiet", "lost", "dup",
-                                      "node peak RSS MB"], rows)
+    rows = [
+        [
+            f"N={r['series']}, K={r['senders']}",
+            r["series_per_minute"],
+            r["push_seconds"],
+            r["c_store_ms"]["median"],
+            r["c_store_ms"]["p95"],
+            r["result_latency_s"]["median"],
+            r["result_latency_s"]["max"],
+            (r["result_latency_s"]["median"] or 0) - r["quiet_s"],
+            r["lost"],
+            r["duplicated"],
+            r["node_peak_rss_mb"],
+        ]
+        for r in runs
+    ]
+    table(
+        "madclip-dicom-node load",
+        [
+            "run",
+            "series/min",
+            "push s",
+            "C-STORE ms med",
+            "C-STORE ms p95",
+            "last instance -> SR s (med)",
+            "max",
+            "med - quiet",
+            "lost",
+            "dup",
+            "node peak RSS MB",
+        ],
+        rows,
+    )
     write_json("dicom_node.json", {"bundle": str(bundle), "runs": runs})
     return 0 if all(r["lost"] == 0 and r["duplicated"] == 0 for r in runs) else 1
 

@@ -5,6 +5,7 @@ enabled, DICOM and HTTP ports picked free, optional HTTP basic-auth user) and st
 `orthanc_or_skip()` skips with the reason when the binary or the DICOMweb plugin is absent. REST helpers
 upload instances, declare modalities, forward (C-STORE from Orthanc) and read instances back.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def dicomweb_plugin() -> str | None:
 def orthanc_or_skip() -> str:
     binary = ORTHANC_BIN if os.path.exists(ORTHANC_BIN) else shutil.which("Orthanc")
     if not binary:
-        pytest.skip(f"Orthanc not installed ({ORTHANC_BIN}; Debian: apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip(
+            f"Orthanc not installed ({ORTHANC_BIN}; Debian: apt-get install orthanc orthanc-dicomweb)"
+        )
     plugin = dicomweb_plugin()
     if plugin is None:
         pytest.skip("Orthanc's DICOMweb plugin not installed (Debian: apt-get install orthanc-dicomweb)")
@@ -51,8 +54,14 @@ def orthanc_or_skip() -> str:
 class OrthancServer:
     """One Orthanc process with its own storage; `rest` speaks to its REST API with `requests`."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", users: dict[str, str] | None = None,
-                 lua: str | None = None, modalities: dict[str, list] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        aet: str = "ORTHANC",
+        users: dict[str, str] | None = None,
+        lua: str | None = None,
+        modalities: dict[str, list] | None = None,
+    ) -> None:
         import requests
 
         self.binary = orthanc_or_skip()
@@ -66,16 +75,33 @@ class OrthancServer:
         if users:
             self.session.auth = next(iter(users.items()))
         config = {
-            "Name": "madclip-test", "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"), "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port, "DicomAet": aet, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
-            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomScuTimeout": 10,
-            "HttpTimeout": 60, "StableAge": 1, "Plugins": [dicomweb_plugin()],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "StudiesMetadata": "Full",
-                         "SeriesMetadata": "Full"},
-            "DicomModalities": modalities or {}, "DicomModalitiesInDatabase": False, "OverwriteInstances": True,
-            "ConcurrentJobs": 2, "HttpServerThreads": 8,
+            "Name": "madclip-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomScuTimeout": 10,
+            "HttpTimeout": 60,
+            "StableAge": 1,
+            "Plugins": [dicomweb_plugin()],
+            "DicomWeb": {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            },
+            "DicomModalities": modalities or {},
+            "DicomModalitiesInDatabase": False,
+            "OverwriteInstances": True,
+            "ConcurrentJobs": 2,
+            "HttpServerThreads": 8,
         }
         if lua:
             (self.workdir / "route.lua").write_text(lua)
@@ -83,12 +109,15 @@ class OrthancServer:
         self.config_path = self.workdir / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log = open(self.workdir / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([self.binary, str(self.config_path)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            [self.binary, str(self.config_path)], stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
         deadline = time.time() + 60
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited ({self.proc.returncode}); see {self.workdir / 'orthanc.log'}")
+                raise RuntimeError(
+                    f"Orthanc exited ({self.proc.returncode}); see {self.workdir / 'orthanc.log'}"
+                )
             try:
                 if self.session.get(f"{self.url}/system", timeout=2).ok:
                     break
@@ -126,19 +155,28 @@ class OrthancServer:
         return ids
 
     def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1") -> None:
-        r = self.session.put(f"{self.url}/modalities/{name}", timeout=30,
-                             data=json.dumps({"AET": aet, "Host": host, "Port": port}))
+        r = self.session.put(
+            f"{self.url}/modalities/{name}",
+            timeout=30,
+            data=json.dumps({"AET": aet, "Host": host, "Port": port}),
+        )
         r.raise_for_status()
 
     def store_to(self, modality: str, resources: list[str], timeout: float = 120) -> dict:
         """Orthanc sends the resources (study/series/instance ids) by C-STORE to `modality` (synchronous)."""
-        r = self.session.post(f"{self.url}/modalities/{modality}/store", timeout=timeout,
-                              data=json.dumps({"Resources": resources, "Synchronous": True}))
+        r = self.session.post(
+            f"{self.url}/modalities/{modality}/store",
+            timeout=timeout,
+            data=json.dumps({"Resources": resources, "Synchronous": True}),
+        )
         return {"status": r.status_code, "body": r.text}
 
     def series_of_study(self, study_uid: str) -> list[dict]:
-        found = self.session.post(f"{self.url}/tools/find", timeout=30, data=json.dumps(
-            {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}))
+        found = self.session.post(
+            f"{self.url}/tools/find",
+            timeout=30,
+            data=json.dumps({"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}),
+        )
         found.raise_for_status()
         return found.json()
 
@@ -163,8 +201,9 @@ class OrthancServer:
 SECRET_NAME, SECRET_ID = "Secretname^Patientperson", "PHI-7734219"  # must never appear in any log
 
 
-def realscan_series(folder: Path, case: str = "brain1", every: int = 1, study_uid: str | None = None,
-                    series_number: int = 1) -> tuple[list[Path], str]:
+def realscan_series(
+    folder: Path, case: str = "brain1", every: int = 1, study_uid: str | None = None, series_number: int = 1
+) -> tuple[list[Path], str]:
     """The real-scan PNG slices of `case` (../shared/data/realscans) as a single-frame CT series.
 
     Slice k is the PNG with z index k (every `every`-th), grey value x 6 as CT numbers (window 800/1600).
@@ -179,9 +218,12 @@ def realscan_series(folder: Path, case: str = "brain1", every: int = 1, study_ui
     files = sorted(root.rglob(f"img/{case}_z*.png"), key=lambda q: int(q.stem.split("_z")[1]))[::every]
     if len(files) < 3:
         pytest.skip(f"fewer than 3 {case} slices in the real scans")
-    frames = np.stack([np.asarray(Image.open(f).convert("L"), dtype=np.int16) * 6 for f in files])  # [N, R, C]
-    return write_dicom_series(folder, frames, study_uid=study_uid, series_number=series_number,
-                              patient=SECRET_ID, **{})
+    frames = np.stack(
+        [np.asarray(Image.open(f).convert("L"), dtype=np.int16) * 6 for f in files]
+    )  # [N, R, C]
+    return write_dicom_series(
+        folder, frames, study_uid=study_uid, series_number=series_number, patient=SECRET_ID, **{}
+    )
 
 
 def set_patient(paths: list[Path]) -> None:
@@ -199,7 +241,12 @@ def enhanced_multiframe(path: Path, single_frame: list[Path]) -> Path:
     import pydicom
 
     legacy = [pydicom.dcmread(p) for p in single_frame]
-    mf = hd.legacy.LegacyConvertedEnhancedCTImage(legacy_datasets=legacy, series_instance_uid=hd.UID(),
-                                                  series_number=7, sop_instance_uid=hd.UID(), instance_number=1)
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=legacy,
+        series_instance_uid=hd.UID(),
+        series_number=7,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
     mf.save_as(path, enforce_file_format=True)
     return path

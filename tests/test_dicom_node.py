@@ -8,6 +8,7 @@ the local `madclip-infer` run. The failure cases (incomplete series, geometry, o
 associations, refused AE title, failed sends retried from the outbox, SIGTERM/SIGKILL and restart, TLS, no
 patient identifier in any log) each have a test with pynetdicom peers.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,12 @@ class Receiver:
             self.datasets.append(ds)
             return 0x0000
 
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)],
-                                      ssl_context=ssl_context)
+        self.server = ae.start_server(
+            ("127.0.0.1", port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+            ssl_context=ssl_context,
+        )
         self.port = int(self.server.server_address[1])
 
     def wait(self, n: int, timeout: float = 60.0) -> list:
@@ -107,9 +112,16 @@ def push(port: int, items, ae: str = "MODALITY", called: str = "MADCLIP", tls=No
 
 def make_node(tmp_path, loaded, send_port: int, **kw) -> DicomNode:
     bundle, predictor = loaded
-    opts = dict(spool=str(tmp_path / "spool"), host="127.0.0.1", port=0,
-                send_to=parse_destination(f"PACS@127.0.0.1:{send_port}"), allow=("MODALITY", "ORTHANC"),
-                quiet=0.5, retry_min=0.2, retry_max=1.0)
+    opts = dict(
+        spool=str(tmp_path / "spool"),
+        host="127.0.0.1",
+        port=0,
+        send_to=parse_destination(f"PACS@127.0.0.1:{send_port}"),
+        allow=("MODALITY", "ORTHANC"),
+        quiet=0.5,
+        retry_min=0.2,
+        retry_max=1.0,
+    )
     opts.update(kw)
     node = DicomNode(NodeOptions(**opts), predictor, bundle)
     node.start()
@@ -128,21 +140,40 @@ def wait_for(cond, timeout: float = 60.0) -> bool:
 def local_infer(bundle: Path, source: Path, out: Path) -> dict:
     """The local madclip-infer run on the same series (its JSON record; the SEG in `out`)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "madclip_runtime.cli.infer", str(source), "--bundle", str(bundle),
-                        "--backend", "ort-cpu", "--out", str(out), "--dicom-seg", "--json"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "madclip_runtime.cli.infer",
+            str(source),
+            "--bundle",
+            str(bundle),
+            "--backend",
+            "ort-cpu",
+            "--out",
+            str(out),
+            "--dicom-seg",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     (rec,) = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     return rec
 
 
 def check_results(seg, sr, rec: dict, local_seg: Path, sources: list) -> None:
-    """SEG + SR of one series: references, SEG frames equal to the local run's, SR score equal to the local score."""
+    """SEG + SR of one series: references, SEG frames as the local run's, SR score equal to the local one."""
     sops = {str(d.SOPInstanceUID) for d in sources}
     series_uid = str(sources[0].SeriesInstanceUID)
     seg = hd.seg.Segmentation.from_dataset(seg)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
-    assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == sops
+    assert {
+        i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    } == sops
     ref = hd.seg.segread(local_seg)
     if len(sources) > 1:  # single-frame series: the frame of every source instance
         for sop in sorted(sops):
@@ -163,11 +194,17 @@ def check_results(seg, sr, rec: dict, local_seg: Path, sources: list) -> None:
     assert [s["score"] for s in v["slices"]] == pytest.approx([s["score"] for s in rec["slices"]], abs=1e-6)
     assert {s["sop"] for s in v["slices"]} == sops
     if len(sources) == 1:  # multi-frame: one slice score per source frame
-        assert sorted(f for s in v["slices"] for f in s["frames"]) == list(range(1, int(sources[0].NumberOfFrames) + 1))
+        assert sorted(f for s in v["slices"] for f in s["frames"]) == list(
+            range(1, int(sources[0].NumberOfFrames) + 1)
+        )
     assert any("research use, not for clinical decisions" in p for p in v["parameters"])
     assert any(p.startswith("model_sha256=") for p in v["parameters"])
-    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
     assert evidence == sops
 
 
@@ -197,7 +234,9 @@ def test_orthanc_forwards_studies_node_sends_seg_and_sr_back(standin, loaded, tm
             assert res["status"] == 200, res  # every object acknowledged: Orthanc's forward succeeded
 
         def results():
-            segs = [d for d in orthanc.instances_with_modality("SEG") if str(d.SOPInstanceUID) != local_seg_uid]
+            segs = [
+                d for d in orthanc.instances_with_modality("SEG") if str(d.SOPInstanceUID) != local_seg_uid
+            ]
             return segs, orthanc.instances_with_modality("SR")
 
         assert wait_for(lambda: [len(x) for x in results()] == [2, 2], 120), caplog.text[-3000:]
@@ -208,12 +247,20 @@ def test_orthanc_forwards_studies_node_sends_seg_and_sr_back(standin, loaded, tm
             srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
             uid = str(srcs[0].SeriesInstanceUID)
             (seg,) = [s for s in segs if s.ReferencedSeriesSequence[0].SeriesInstanceUID == uid]
-            (sr,) = [s for s in srs if s.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-                     .SeriesInstanceUID == uid]
+            (sr,) = [
+                s
+                for s in srs
+                if s.CurrentRequestedProcedureEvidenceSequence[0]
+                .ReferencedSeriesSequence[0]
+                .SeriesInstanceUID
+                == uid
+            ]
             assert str(seg.StudyInstanceUID) == str(sr.StudyInstanceUID) == str(srcs[0].StudyInstanceUID)
             check_results(seg, sr, rec, tmp_path / "local" / local, srcs)
         assert "is not an image: acknowledged, not scored" in caplog.text
-        assert not os.listdir(tmp_path / "spool" / "outbox") and not os.listdir(tmp_path / "spool" / "incoming")
+        assert not os.listdir(tmp_path / "spool" / "outbox") and not os.listdir(
+            tmp_path / "spool" / "incoming"
+        )
         assert SECRET_NAME.split("^")[0] not in caplog.text and SECRET_ID not in caplog.text
     finally:
         if node is not None:
@@ -223,7 +270,9 @@ def test_orthanc_forwards_studies_node_sends_seg_and_sr_back(standin, loaded, tm
 
 def _series(tmp_path: Path, name: str, n: int = 4, **kw) -> tuple[list[Path], str]:
     vol, _ = lesion_volume(shape=(24, 20, n), lesion_slice=1)
-    paths, uid = write_dicom_series(tmp_path / name, np.transpose(vol, (2, 1, 0)).copy(), patient=SECRET_ID, **kw)
+    paths, uid = write_dicom_series(
+        tmp_path / name, np.transpose(vol, (2, 1, 0)).copy(), patient=SECRET_ID, **kw
+    )
     set_patient(paths)
     return paths, uid
 
@@ -237,7 +286,9 @@ def test_incomplete_geometry_nonimage_overlimit_each_one_log_line(loaded, tmp_pa
         assert push(node.port, one) == [0]
         broken, uid2 = _series(tmp_path, "broken", n=4)
         ds = pydicom.dcmread(broken[2])
-        ds.ImagePositionPatient = pydicom.dcmread(broken[1]).ImagePositionPatient  # two slices at one position
+        ds.ImagePositionPatient = pydicom.dcmread(
+            broken[1]
+        ).ImagePositionPatient  # two slices at one position
         ds.save_as(broken[2], enforce_file_format=True)
         assert push(node.port, broken) == [0, 0, 0, 0]
         big, uid3 = _series(tmp_path, "big", n=7)
@@ -247,14 +298,21 @@ def test_incomplete_geometry_nonimage_overlimit_each_one_log_line(loaded, tmp_pa
         received = pacs.wait(2)
         assert wait_for(lambda: node.stats["failed"] == 3)
         assert f"series {uid1}: not scored: incomplete: 1 frame(s)" in caplog.text
-        assert f"series {uid2}: not scored: not one volume" in caplog.text and "share the position" in caplog.text
+        assert (
+            f"series {uid2}: not scored: not one volume" in caplog.text
+            and "share the position" in caplog.text
+        )
         assert f"series {uid3}: over the limit of 5 instances" in caplog.text
         assert f"series {uid3}: not scored: more than 5 instances" in caplog.text
         assert len(received) == 2 and {d.Modality for d in received} == {"SEG", "SR"}
-        assert received[0].ReferencedSeriesSequence[0].SeriesInstanceUID == uid4 or \
-            received[1].ReferencedSeriesSequence[0].SeriesInstanceUID == uid4
+        assert (
+            received[0].ReferencedSeriesSequence[0].SeriesInstanceUID == uid4
+            or received[1].ReferencedSeriesSequence[0].SeriesInstanceUID == uid4
+        )
         failed = sorted(os.listdir(tmp_path / "spool" / "failed"))
-        assert len(failed) == 3 and all((tmp_path / "spool" / "failed" / f / "reason.txt").exists() for f in failed)
+        assert len(failed) == 3 and all(
+            (tmp_path / "spool" / "failed" / f / "reason.txt").exists() for f in failed
+        )
         assert SECRET_ID not in caplog.text and "Secretname" not in caplog.text
     finally:
         node.stop()
@@ -271,9 +329,16 @@ def test_non_image_objects_are_acknowledged_not_scored(loaded, standin, tmp_path
         assert rec["n_slices"] == 3
         seg = pydicom.dcmread(tmp_path / "local" / "ct_seg.dcm")
         assert push(node.port, [seg]) == [0]
-        assert "Segmentation Storage" in caplog.text and "is not an image: acknowledged, not scored" in caplog.text
+        assert (
+            "Segmentation Storage" in caplog.text
+            and "is not an image: acknowledged, not scored" in caplog.text
+        )
         time.sleep(1.5)
-        assert node.stats["scored"] == 0 and not os.listdir(tmp_path / "spool" / "incoming") and not pacs.datasets
+        assert (
+            node.stats["scored"] == 0
+            and not os.listdir(tmp_path / "spool" / "incoming")
+            and not pacs.datasets
+        )
     finally:
         node.stop()
         pacs.stop()
@@ -295,7 +360,9 @@ def test_refused_calling_ae_title_and_dropped_associations_keep_the_node_alive(l
         assoc = scu.associate("127.0.0.1", node.port, ae_title="MADCLIP")
         assert [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in paths[:2]] == [0, 0]
         assoc.abort()
-        assert wait_for(lambda: "aborted or dropped by the peer before release; the 2 instance(s)" in caplog.text, 10)
+        assert wait_for(
+            lambda: "aborted or dropped by the peer before release; the 2 instance(s)" in caplog.text, 10
+        )
         # a peer whose TCP connection just drops mid-PDU
         assoc = scu.associate("127.0.0.1", node.port, ae_title="MADCLIP")
         assert int(assoc.send_c_store(pydicom.dcmread(paths[2])).Status) == 0
@@ -341,13 +408,40 @@ def test_failed_send_is_retried_from_the_outbox(loaded, tmp_path, caplog):
             pacs.stop()
 
 
-def _node_process(standin: Path, spool: Path, send_port: int, quiet: float, log: Path) -> tuple[subprocess.Popen, int]:
+def _node_process(
+    standin: Path, spool: Path, send_port: int, quiet: float, log: Path
+) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     f = open(log, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "madclip_runtime.dicomnet.node", "--bundle", str(standin),
-                             "--send-to", f"PACS@127.0.0.1:{send_port}", "--allow", "MODALITY", "--host", "127.0.0.1",
-                             "--port", "0", "--spool", str(spool), "--quiet", str(quiet), "--retry-min", "0.2",
-                             "--backend", "ort-cpu", "-v"], stdout=f, stderr=f, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "madclip_runtime.dicomnet.node",
+            "--bundle",
+            str(standin),
+            "--send-to",
+            f"PACS@127.0.0.1:{send_port}",
+            "--allow",
+            "MODALITY",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--spool",
+            str(spool),
+            "--quiet",
+            str(quiet),
+            "--retry-min",
+            "0.2",
+            "--backend",
+            "ort-cpu",
+            "-v",
+        ],
+        stdout=f,
+        stderr=f,
+        env=env,
+    )
     f.close()
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -384,7 +478,9 @@ def test_stopped_node_keeps_received_instances_and_resumes_them(standin, tmp_pat
         received = pacs.wait(2, 90)
         assert len(received) == 2
         sr = [d for d in received if d.Modality == "SR"][0]
-        assert {s["sop"] for s in sr_values(sr)["slices"]} == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+        assert {s["sop"] for s in sr_values(sr)["slices"]} == {
+            str(pydicom.dcmread(p).SOPInstanceUID) for p in paths
+        }
         text = log.read_text()
         assert "resuming 1 series received before the restart" in text
         assert SECRET_ID not in text and "Secretname" not in text
@@ -406,18 +502,30 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cp, kp = tmp_path / "cert.pem", tmp_path / "key.pem"
     cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
+    kp.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return cp, kp
 
 
@@ -429,12 +537,19 @@ def test_tls_offered_and_verified(loaded, tmp_path, caplog):
 
     cert, key = _self_signed(tmp_path)
     pacs = Receiver(ssl_context=server_ssl_context(str(cert), str(key), None))  # results go over TLS too
-    node = make_node(tmp_path, loaded, pacs.port, server_ssl=server_ssl_context(str(cert), str(key), None),
-                     send_ssl=client_ssl_context(str(cert)))
+    node = make_node(
+        tmp_path,
+        loaded,
+        pacs.port,
+        server_ssl=server_ssl_context(str(cert), str(key), None),
+        send_ssl=client_ssl_context(str(cert)),
+    )
     try:
         paths, uid = _series(tmp_path, "ct", n=3)
         assert push(node.port, paths[:1]) == []  # plain DICOM to a TLS port: no association
-        untrusted = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # system CAs: our cert is not among them
+        untrusted = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH
+        )  # system CAs: our cert is not among them
         assert push(node.port, paths[:1], tls=(untrusted, "127.0.0.1")) == []
         assert push(node.port, paths, tls=(client_ssl_context(str(cert)), "127.0.0.1")) == [0, 0, 0]
         received = pacs.wait(2)
@@ -446,11 +561,18 @@ def test_tls_offered_and_verified(loaded, tmp_path, caplog):
 
 def test_cli_refuses_bad_options_in_one_line(standin, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for args, needle in ((["--send-to", "PACS@127.0.0.1:4242"], "--allow"),
-                         (["--send-to", "nohost", "--allow-any"], "--send-to must be AE@host:port"),
-                         (["--send-to", "P@h:1", "--allow", "A", "--tls-cert", "x.pem"], "--tls-cert and --tls-key")):
-        r = subprocess.run([sys.executable, "-m", "madclip_runtime.dicomnet.node", "--bundle", str(standin), *args],
-                           capture_output=True, text=True, env=env, timeout=120)
+    for args, needle in (
+        (["--send-to", "PACS@127.0.0.1:4242"], "--allow"),
+        (["--send-to", "nohost", "--allow-any"], "--send-to must be AE@host:port"),
+        (["--send-to", "P@h:1", "--allow", "A", "--tls-cert", "x.pem"], "--tls-cert and --tls-key"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "madclip_runtime.dicomnet.node", "--bundle", str(standin), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
         assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1
 
@@ -465,7 +587,9 @@ def test_crash_after_commit_before_cleanup_neither_rescored_nor_lost(loaded, tmp
     paths, uid = _series(tmp_path, "ct", n=3)
     spool = Spool(str(tmp_path / "spool"))
     key = series_key(uid)
-    files = [spool.store_instance(key, str(pydicom.dcmread(p).SOPInstanceUID), p.read_bytes())[0] for p in paths]
+    files = [
+        spool.store_instance(key, str(pydicom.dcmread(p).SOPInstanceUID), p.read_bytes())[0] for p in paths
+    ]
     old = time.time() - 60
     for f in files:
         os.utime(f, (old, old))
@@ -474,8 +598,11 @@ def test_crash_after_commit_before_cleanup_neither_rescored_nor_lost(loaded, tmp
     from madclip_runtime.dicomnet.results import read_series, score_series
 
     result = score_series(read_series(files), predictor, bundle)
-    spool.commit_result(key, {"sr.dcm": result.sr, "seg.dcm": result.seg},
-                        {"series_uid": uid, "instance_files": files, "committed_at": time.time() - 30})
+    spool.commit_result(
+        key,
+        {"sr.dcm": result.sr, "seg.dcm": result.seg},
+        {"series_uid": uid, "instance_files": files, "committed_at": time.time() - 30},
+    )
     node = make_node(tmp_path, loaded, pacs.port)  # the "restart"
     try:
         assert "already scored before the restart removed" in caplog.text
@@ -491,12 +618,14 @@ def test_crash_after_commit_before_cleanup_neither_rescored_nor_lost(loaded, tmp
 
 
 def test_orthanc_lua_autorouting_from_the_docs_does_not_loop(loaded, tmp_path, caplog):
-    """docs/hospital.md's Lua script: Orthanc forwards each stored image to the node, results come back once."""
+    """docs/hospital.md's Lua script: Orthanc forwards each stored image to the node; results come once."""
     caplog.set_level(logging.INFO)
     doc = (ROOT / "docs" / "hospital.md").read_text()
     lua = doc.split("```lua\n")[1].split("```")[0]
     node_port = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc", lua=lua, modalities={"madclip": ["MADCLIP", "127.0.0.1", node_port]})
+    orthanc = OrthancServer(
+        tmp_path / "orthanc", lua=lua, modalities={"madclip": ["MADCLIP", "127.0.0.1", node_port]}
+    )
     node = None
     try:
         node = make_node(tmp_path, loaded, orthanc.dicom_port, port=node_port, quiet=2.0)

@@ -10,6 +10,7 @@ path. An outbox item is written as a whole (a hidden temporary directory renamed
 incoming instances it used are deleted; on restart, instances that a committed item already lists are
 removed instead of being scored twice, so a crash at any point neither loses nor duplicates a result.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,9 @@ class Spool:
         """Write one received instance durably (fsync'ed file and directory). -> (path, new instance?)."""
         folder = self.path(INCOMING, key)
         path = os.path.join(folder, _safe_uid(sop_uid) + ".dcm")
-        for attempt in range(3):  # the scoring worker may remove the emptied folder between makedirs and write
+        for attempt in range(
+            3
+        ):  # the scoring worker may remove the emptied folder between makedirs and write
             os.makedirs(folder, exist_ok=True)
             existed = os.path.exists(path)
             try:
@@ -135,14 +138,15 @@ class Spool:
         return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".dcm"))
 
     def mark_sent(self, item: str, summary: dict[str, Any]) -> None:
-        """Journal first, then drop the item: a crash in between re-sends (the PACS keeps one copy per UID)."""
+        """Journal first, then drop the item: a crash in between re-sends (a PACS keeps one copy per UID)."""
         atomic_write_text(self.path(SENT, item + ".json"), json.dumps(summary, indent=1, allow_nan=False))
         shutil.rmtree(self.path(OUTBOX, item), ignore_errors=True)
 
     def used_instance_files(self) -> dict[str, float]:
         """{incoming file path: when the result using it was committed} over pending and sent results.
 
-        A file written after that time is a new copy of the instance (the series was sent again), not a leftover.
+        A file written after that time is a new copy of the instance (the series was sent again), not a
+        leftover.
         """
         docs: list[dict[str, Any]] = []
         for item in self.outbox_items():

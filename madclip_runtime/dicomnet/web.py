@@ -1,16 +1,18 @@
-"""madclip-infer --dicomweb URL --study UID [--series UID] --bundle B [--stow]: score a study from a DICOMweb PACS.
+"""madclip-infer --dicomweb URL --study UID [--series UID] --bundle B [--stow]: a study from a DICOMweb PACS.
 
 Each image series of the study (or the one given with --series) is retrieved with WADO-RS (dicomweb-client,
 instance by instance into a private temporary folder), read and scored exactly as a local series folder is
-(`madclip_runtime.dicomnet.results`), printed like the volume path (a table, or one JSON object per series with
---json), written to --out like a local volume (the SEG file with --dicom-seg), and with --stow its DICOM SEG and TID 1500 SR are stored back
-with STOW-RS. Series that are not images (SEG, SR, RT...) are skipped with a log line.
+(`madclip_runtime.dicomnet.results`), printed like the volume path (a table, or one JSON object per series
+with --json), written to --out like a local volume (the SEG file with --dicom-seg), and with --stow its DICOM
+SEG and TID 1500 SR are stored back with STOW-RS. Series that are not images (SEG, SR, RT...) are skipped
+with a log line.
 
-Authentication: the Authorization header comes from --dicomweb-auth-file FILE (the header value, e.g.
-"Bearer eyJ..." or "Basic dXNlcjpwYXNz"), else $MADCLIP_DICOMWEB_AUTH (same form), else $MADCLIP_DICOMWEB_TOKEN
-(a bare bearer token). It is never printed and never accepted on the command line; dicomweb-client's and
+Authentication: the Authorization header comes from --dicomweb-auth-file FILE (the header value, e.g. "Bearer
+eyJ..." or "Basic dXNlcjpwYXNz"), else $MADCLIP_DICOMWEB_AUTH (same form), else $MADCLIP_DICOMWEB_TOKEN (a
+bare bearer token). It is never printed and never accepted on the command line; dicomweb-client's and
 urllib3's loggers stay at WARNING even with -v.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +33,37 @@ ENV_AUTH, ENV_TOKEN = "MADCLIP_DICOMWEB_AUTH", "MADCLIP_DICOMWEB_TOKEN"
 
 def add_dicomweb_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DICOMweb (a PACS instead of files; docs/hospital.md)")
-    g.add_argument("--dicomweb", default=None, metavar="URL",
-                   help="DICOMweb root of the PACS (e.g. http://pacs:8042/dicom-web): retrieve with WADO-RS")
-    g.add_argument("--study", default=None, metavar="UID", help="StudyInstanceUID to score (with --dicomweb; "
-                   "--series UID keeps one series)")
-    g.add_argument("--stow", action="store_true", help="store the SEG and SR of each series back with STOW-RS")
-    g.add_argument("--dicomweb-auth-file", default=None, metavar="FILE",
-                   help=f"file holding the Authorization header value (else ${ENV_AUTH} or ${ENV_TOKEN})")
+    g.add_argument(
+        "--dicomweb",
+        default=None,
+        metavar="URL",
+        help="DICOMweb root of the PACS (e.g. http://pacs:8042/dicom-web): retrieve with WADO-RS",
+    )
+    g.add_argument(
+        "--study",
+        default=None,
+        metavar="UID",
+        help="StudyInstanceUID to score (with --dicomweb; --series UID keeps one series)",
+    )
+    g.add_argument(
+        "--stow", action="store_true", help="store the SEG and SR of each series back with STOW-RS"
+    )
+    g.add_argument(
+        "--dicomweb-auth-file",
+        default=None,
+        metavar="FILE",
+        help=f"file holding the Authorization header value (else ${ENV_AUTH} or ${ENV_TOKEN})",
+    )
 
 
 def dicomweb_requested(args: argparse.Namespace) -> bool:
     """True with --dicomweb; its companion options without it are refused in one line."""
     if not args.dicomweb:
-        for opt, value in (("--study", args.study), ("--stow", args.stow),
-                           ("--dicomweb-auth-file", args.dicomweb_auth_file)):
+        for opt, value in (
+            ("--study", args.study),
+            ("--stow", args.stow),
+            ("--dicomweb-auth-file", args.dicomweb_auth_file),
+        ):
             if value:
                 raise MadclipError(f"{opt} needs --dicomweb URL")
         return False
@@ -62,7 +81,9 @@ def auth_header(path: str | None) -> str | None:
         except OSError as exc:
             raise MadclipError(f"{path}: cannot read --dicomweb-auth-file ({exc.strerror or exc})") from None
         if not value or "\n" in value:
-            raise MadclipError(f"{path}: --dicomweb-auth-file must hold one line, the Authorization header value")
+            raise MadclipError(
+                f"{path}: --dicomweb-auth-file must hold one line, the Authorization header value"
+            )
         return value
     if os.environ.get(ENV_AUTH, "").strip():
         return os.environ[ENV_AUTH].strip()
@@ -75,7 +96,9 @@ def _client(url: str, auth: str | None) -> Any:
     try:
         from dicomweb_client.api import DICOMwebClient
     except ImportError:
-        raise MadclipError('--dicomweb needs dicomweb-client; install it with: pip install "madclip[pacs]"') from None
+        raise MadclipError(
+            '--dicomweb needs dicomweb-client; install it with: pip install "madclip[pacs]"'
+        ) from None
     for name in ("dicomweb_client", "urllib3", "requests", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)  # request lines may carry headers at DEBUG
     return DICOMwebClient(url=url.rstrip("/"), headers={"Authorization": auth} if auth else None, timeout=120)
@@ -86,8 +109,11 @@ def _http_error(url: str, exc: Exception) -> MadclipError:
 
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         code = exc.response.status_code
-        hint = {401: f": give credentials with --dicomweb-auth-file or ${ENV_AUTH}",
-                403: ": the credentials are not allowed to do this", 404: ": not found"}.get(code, "")
+        hint = {
+            401: f": give credentials with --dicomweb-auth-file or ${ENV_AUTH}",
+            403: ": the credentials are not allowed to do this",
+            404: ": not found",
+        }.get(code, "")
         return MadclipError(f"{url}: DICOMweb answered HTTP {code} {exc.response.reason}{hint}")
     if isinstance(exc, requests.RequestException):
         return MadclipError(f"{url}: DICOMweb request failed ({type(exc).__name__})")
@@ -133,12 +159,21 @@ def run_dicomweb(args: argparse.Namespace, infer: Any) -> int:
     if not series:
         raise MadclipError(f"{args.dicomweb}: study {args.study} has no series (or does not exist)")
     out_dir = infer.check_out_dir(args.out) if args.out else None
-    predictor = load(bundle, backend=args.backend, precision=args.precision, threshold=args.threshold,
-                     cache_dir=args.cache_dir)
-    err_console.print(f"madclip-infer: backend {predictor.backend_name} (provider {predictor.provider}), precision "
-                      f"{predictor.precision}, threshold {predictor.threshold} on {predictor.score_name}; study "
-                      f"{args.study}: {len(series)} series from {args.dicomweb}; {INTENDED_USE}",
-                      markup=False, highlight=False, soft_wrap=True)
+    predictor = load(
+        bundle,
+        backend=args.backend,
+        precision=args.precision,
+        threshold=args.threshold,
+        cache_dir=args.cache_dir,
+    )
+    err_console.print(
+        f"madclip-infer: backend {predictor.backend_name} (provider {predictor.provider}), precision "
+        f"{predictor.precision}, threshold {predictor.threshold} on {predictor.score_name}; study "
+        f"{args.study}: {len(series)} series from {args.dicomweb}; {INTENDED_USE}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     images = image_sop_classes()
     rows: list[dict[str, Any]] = []
     failed = 0
@@ -166,20 +201,41 @@ def run_dicomweb(args: argparse.Namespace, infer: Any) -> int:
                     stem, k = f"{base}_{k}", k + 1
                 used.add(stem)
                 volume = read_series(files, bundle.spec.window, name=stem)
-                result = score_series(volume, predictor, bundle, args.volume_score, args.map_threshold,
-                                      objects=args.stow or args.dicom_seg)
+                result = score_series(
+                    volume,
+                    predictor,
+                    bundle,
+                    args.volume_score,
+                    args.map_threshold,
+                    objects=args.stow or args.dicom_seg,
+                )
                 record = dict(result.record, file=f"{args.dicomweb} series {uid}")
                 if out_dir is not None:
                     map_t, how = infer.map_threshold_choice(args, bundle)
-                    paths = save_volume_outputs(out_dir, stem, volume, result.preds, record, bundle.map_scale, map_t,
-                                                how, (lambda arr, seg=result.seg: seg) if args.dicom_seg and result.seg else None)
+                    paths = save_volume_outputs(
+                        out_dir,
+                        stem,
+                        volume,
+                        result.preds,
+                        record,
+                        bundle.map_scale,
+                        map_t,
+                        how,
+                        (lambda arr, seg=result.seg: seg) if args.dicom_seg and result.seg else None,
+                    )
                     record["outputs"] = {k: os.path.basename(v) for k, v in paths.items()}
                 if args.stow:
                     record["stored"] = _stow(client, args.dicomweb, args.study, result)
-                    err_console.print(f"series {uid}: {' + '.join(record['stored'])} stored with STOW-RS",
-                                      markup=False, highlight=False, soft_wrap=True)
+                    err_console.print(
+                        f"series {uid}: {' + '.join(record['stored'])} stored with STOW-RS",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             except (InputError, MadclipError) as exc:
-                error_line(f"series {uid}: {str(exc).replace(tmp + os.sep, '').replace(tmp, 'retrieved series')}")
+                error_line(
+                    f"series {uid}: {str(exc).replace(tmp + os.sep, '').replace(tmp, 'retrieved series')}"
+                )
                 failed += 1
                 continue
             finally:
