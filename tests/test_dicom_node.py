@@ -640,3 +640,29 @@ def test_orthanc_lua_autorouting_from_the_docs_does_not_loop(loaded, tmp_path, c
         if node is not None:
             node.stop()
         orthanc.stop()
+
+
+@pytest.mark.parametrize(
+    "option, values",
+    [
+        ("--quiet", ["nan", "inf", "-1", "abc"]),
+        ("--port", ["-1", "70000", "x"]),
+        ("--max-instances", ["0", "-3"]),
+        ("--max-mb", ["0"]),
+        ("--min-slices", ["0"]),
+        ("--retry-min", ["0", "nan"]),
+        ("--retry-max", ["-1", "inf"]),
+        ("--threshold", ["nan", "-1"]),
+        ("--map-threshold", ["nan", "-1"]),
+    ],
+)
+def test_numeric_options_refused_in_one_line(capsys, option, values):
+    from madclip_runtime.dicomnet.node import main
+
+    for value in values:
+        with pytest.raises(SystemExit) as ei:
+            main(["--bundle", "b", "--send-to", "P@h:1", "--allow", "A", f"{option}={value}"])
+        assert ei.value.code == 2, (option, value)
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert len(lines) == 1 and option in lines[0] and "Traceback" not in err, (option, value, err)
