@@ -195,3 +195,41 @@ def test_dicomweb_option_errors_are_one_line(standin, tmp_path):
         rc, out, err = infer(*args)
         assert rc == 2 and needle in err and "Traceback" not in err, err
         assert len([x for x in err.splitlines() if x.strip()]) == 1, err
+
+
+def test_a_broken_series_is_one_line_and_the_others_are_scored(standin, tmp_path):
+    import numpy as np
+
+    from .conftest import lesion_volume, write_dicom_series
+
+    vol, _ = lesion_volume(shape=(24, 20, 4), lesion_slice=1)
+    frames = np.transpose(vol, (2, 1, 0)).copy()
+    good, good_uid = write_dicom_series(tmp_path / "good", frames, series_number=1)
+    study_uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
+    bad, bad_uid = write_dicom_series(tmp_path / "bad", frames, series_number=2, study_uid=study_uid)
+    ds = pydicom.dcmread(bad[2])
+    ds.ImagePositionPatient = pydicom.dcmread(bad[1]).ImagePositionPatient  # two slices at one position
+    ds.save_as(bad[2], enforce_file_format=True)
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    try:
+        orthanc.upload(good + bad)
+        rc, out, err = infer(
+            "--dicomweb",
+            orthanc.dicomweb,
+            "--study",
+            study_uid,
+            "--bundle",
+            standin,
+            "--backend",
+            "ort-cpu",
+            "--json",
+            "--stow",
+        )
+        assert rc == 1 and "Traceback" not in err
+        (row,) = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        assert row["series_uid"] == good_uid and row["stored"] == ["SEG", "SR"]
+        errors = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and bad_uid in errors[0] and "share the position" in errors[0]
+        assert "/tmp" not in errors[0] and "madclip-dicomweb-" not in errors[0]  # no private temporary paths
+    finally:
+        orthanc.stop()
