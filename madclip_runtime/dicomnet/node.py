@@ -39,6 +39,7 @@ from .spool import Spool, series_key
 log = logging.getLogger("madclip.dicom-node")
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+MAX_ASSOCIATIONS = 32  # concurrent incoming associations
 
 # Image storage SOP classes that are scored (PS3.4 B.5): CT, MR, enhanced multi-frame, secondary capture,
 # X-ray (CR, DX, mammography, XA, RF), PET. Every other storage class is acknowledged and not scored.
@@ -278,6 +279,7 @@ class DicomNode:
         if self.o.allow is not None:
             ae.require_calling_aet = list(self.o.allow)
         ae.dimse_timeout = ae.network_timeout = 60
+        ae.maximum_associations = MAX_ASSOCIATIONS  # pynetdicom's default (10) rejects the 11th sender
         handlers = [
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_REQUESTED, self._on_requested),
