@@ -904,3 +904,25 @@ def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
     metadata_schema.validate_metadata({**meta, "fp32_islands": ["text", "one"]}, "metadata.json")
     with pytest.raises(BundleError, match="fp32_islands"):
         metadata_schema.validate_metadata({**meta, "fp32_islands": [3]}, "metadata.json")
+
+
+def test_export_survives_an_engine_build_error_unless_engine_was_asked(monkeypatch, tmp_path):
+    """Defect 5: a TensorRT build error other than "backend unavailable" does not abort an export that did
+    not ask for --engine (the bundle is written, the reason reported); with --engine it does."""
+    pytest.importorskip("onnx")
+    from madclip_export import export as ex
+    from madclip_runtime.engines import backends
+
+    def boom(*a, **k):
+        raise RuntimeError("[TRT] [E] 2: [optimizer.cpp::computeCosts] Error Code 2: Internal Error\nmore")
+
+    monkeypatch.setattr(backends, "require_trt", lambda: None)
+    monkeypatch.setattr(backends, "prebuild_trt_engine", boom)
+    opts = ex.ExportOptions(run=str(tmp_path), out=str(tmp_path / "b"), fp16=True, max_batch=2)
+    got = ex._maybe_build_engine(tmp_path, opts, lambda msg: None, ("dt",))
+    assert got["built"] is False and "RuntimeError" in got["reason"] and "\n" not in got["reason"]
+    import dataclasses
+
+    opts = dataclasses.replace(opts, engine=True)
+    with pytest.raises(RuntimeError, match="Internal Error"):
+        ex._maybe_build_engine(tmp_path, opts, lambda msg: None, ("dt",))
