@@ -70,7 +70,7 @@ def test_markdown_report_lists_every_step():
               "tensor_core": {"gflops": 35.2, "latency_ms": 1.1, "peak_tflops": 989.4, "fraction": 0.032}}
     text = gpu_check.markdown(report)
     assert "| export tiny | fail |" in text and "FAIL: export tiny" in text
-    assert "achieved fraction of peak: 0.032" in text and "| tiny | fp16 | 4.2 |" in text
+    assert "achieved fraction of peak: 0.032" in text and "| tiny | fp16 |  |  | 4.2 |" in text
 
 
 def test_full_check_paths_run_and_report_on_a_cpu_machine(tmp_path, monkeypatch):
@@ -85,3 +85,33 @@ def test_full_check_paths_run_and_report_on_a_cpu_machine(tmp_path, monkeypatch)
     assert by_name["gpu/trt tests"]["status"] == "pass"  # collected and skipped without a GPU
     assert by_name["train tiny on CUDA"]["status"] == "fail" and report["verdict"].startswith("FAIL")
     assert (tmp_path / "gpu_check.json").is_file() and "| versions | pass |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_fp16_paths_prove_both_recipes_where_tensorrt_has_both():
+    """Issue 21: on TensorRT 10.12-10.x one GPU run builds, self-tests and benchmarks the FP16-flag path
+    (JetPack's TensorRT 10.3) beside the strongly typed one; elsewhere there is only one recipe."""
+    assert gpu_check.fp16_paths("10.13.2.6") == ["auto", "flag"]
+    assert gpu_check.fp16_paths("10.12.0") == ["auto", "flag"]
+    assert gpu_check.fp16_paths("10.3.0.30") == ["auto"]  # auto already is the flag path there
+    assert gpu_check.fp16_paths("11.0.0") == ["auto"]  # no FP16 builder flag in TensorRT 11
+    assert gpu_check.fp16_paths("10.13.2", "auto") == ["auto"]
+    assert gpu_check.fp16_paths(None) == ["auto"] and gpu_check.fp16_paths("missing (ImportError)") == ["auto"]
+    from madclip_runtime.engines import trt_rules
+
+    assert gpu_check.FP16_PATH_ENV == trt_rules.FP16_PATH_ENV
+
+
+def test_report_states_the_budget_per_step_within_ten_minutes():
+    """The plan (every step's H100/H200 budget, both FP16 recipes, three GPU backends, tiny + ViT-B-16) adds
+    up to under 10 minutes, and the report shows each step's budget beside its measured time."""
+    full = gpu_check.planned_seconds(["tiny", "vitb16"], ["trt", "ort-trt", "ort-cuda"], ["auto", "flag"])
+    assert 300 < full <= 600, full
+    assert gpu_check.planned_seconds(["tiny"], ["trt", "ort-trt", "ort-cuda"], ["auto"]) < full / 2
+    step = gpu_check.Step("export vitb16", "pass", 95.0, budget=gpu_check._budget("export", "vitb16"))
+    report = {"environment": {}, "verdict": "PASS", "seconds": 95.0, "planned_seconds": full,
+              "steps": [vars(step)], "engines": [{"bundle": "vitb16", "precision": "fp16", "typing": "strongly_typed",
+                                                  "cached": True, "seconds": 0.4}]}
+    md = gpu_check.markdown(report)
+    assert "budget s (H100/H200)" in md and "| export vitb16 | pass | 95.0 | 120 |" in md
+    assert f"budget {full:.0f} s" in md
+    assert "| vitb16 | fp16 | strongly_typed | True | 0.4 |" in md

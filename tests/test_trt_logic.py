@@ -926,3 +926,21 @@ def test_export_survives_an_engine_build_error_unless_engine_was_asked(monkeypat
     opts = dataclasses.replace(opts, engine=True)
     with pytest.raises(RuntimeError, match="Internal Error"):
         ex._maybe_build_engine(tmp_path, opts, lambda msg: None, ("dt",))
+
+
+def test_export_engine_is_found_again_by_the_runtime_key(fake_trt, tmp_path, monkeypatch):
+    """Defect 5: the engine madclip-export builds (into $MADCLIP_CACHE) is the one the GPU check and the
+    runtime look up afterwards (same key, islands included): built once, never twice."""
+    from madclip_export import export as ex
+    from madclip_runtime.engines import backends
+
+    trt, onnx_path = fake_trt
+    monkeypatch.setenv("MADCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "require_trt", lambda: trt)
+    opts = ex.ExportOptions(run=str(tmp_path), out=str(tmp_path / "b"), fp16=True, max_batch=2)
+    got = ex._maybe_build_engine(onnx_path.parent, opts, lambda msg: None, ("text", "one"))
+    assert got["built"] is True
+    builds = len(trt.configs)
+    again, _ = backends.prebuild_trt_engine(onnx_path.parent, "fp16", 2, fp32_islands=("text", "one"))
+    assert str(again) == got["cached_engine"] and len(trt.configs) == builds
+    assert again.parent == tmp_path / "cache" / "engines" / "trt"
