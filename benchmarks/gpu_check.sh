@@ -12,6 +12,7 @@
 #   benchmarks/gpu_check.sh [--quick] [--fp16-path both|auto] [--out DIR]
 #   GPU_CHECK_VENV=/path/venv  reuse or place the venv elsewhere (default .gpu-check-venv in the checkout)
 #   GPU_CHECK_SYSTEM_SITE=1    let the venv see the system Python's packages (Jetson: JetPack's TensorRT)
+#   GPU_CHECK_JETSON_INDEX=URL where onnxruntime-gpu for JetPack 6 comes from (default: Jetson AI Lab jp6/cu126)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -44,4 +45,10 @@ if [[ -f /etc/nv_tegra_release ]]; then
 fi
 timeout 600 "$venv/bin/python" -m pip install -q --upgrade pip
 timeout 900 "$venv/bin/python" -m pip install -q -e "$root[$extras]"
+if [[ -f /etc/nv_tegra_release ]]; then
+    # onnxruntime-gpu for JetPack 6 (CUDA 12.6) comes from NVIDIA's Jetson AI Lab index; ort-* are optional here.
+    timeout 600 "$venv/bin/python" -m pip install -q onnxruntime-gpu "numpy<2" \
+        --extra-index-url "${GPU_CHECK_JETSON_INDEX:-https://pypi.jetson-ai-lab.io/jp6/cu126}" \
+        || echo "gpu_check: onnxruntime-gpu for Jetson not installed; ort-cuda/ort-trt are skipped"
+fi
 exec "$venv/bin/python" "$here/gpu_check.py" "$@"

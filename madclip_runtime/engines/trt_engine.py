@@ -53,7 +53,7 @@ def import_tensorrt() -> Any:
     except ImportError as exc:
         raise BackendUnavailable(
             f"TensorRT is not installed ({exc.__class__.__name__}: {exc}); on Jetson it ships with JetPack "
-            '(see the README, GPU section), elsewhere: pip install "madclip[trt]"'
+            '(see docs/gpu.md), elsewhere: pip install "madclip[trt]"'
         ) from None
     typing_mode(trt.__version__, "auto")  # raises for TensorRT < 10
     return trt
