@@ -944,3 +944,22 @@ def test_export_engine_is_found_again_by_the_runtime_key(fake_trt, tmp_path, mon
     again, _ = backends.prebuild_trt_engine(onnx_path.parent, "fp16", 2, fp32_islands=("text", "one"))
     assert str(again) == got["cached_engine"] and len(trt.configs) == builds
     assert again.parent == tmp_path / "cache" / "engines" / "trt"
+
+
+def test_engine_built_under_older_rules_is_rebuilt_with_a_reason(fake_trt, tmp_path, caplog):
+    """Defect 4: a sidecar written before the islands/flags fields existed (rules version 2) is read, and the
+    engine is rebuilt, saying why."""
+    trt, onnx_path = fake_trt
+    cache = tmp_path / "cache"
+    want = te.engine_key(onnx_path, "fp16", 2)
+    old = {k: v for k, v in json.loads(want.to_json()).items()
+           if k not in ("fp32_islands", "builder_flags", "workspace_bytes")}
+    old["rules_version"] = 2
+    cache.mkdir()
+    (cache / want.file_name).write_bytes(b"OLD PLAN")
+    tr.sidecar_path(cache / want.file_name).write_text(json.dumps(old))
+    assert tr.read_engine_key(cache / want.file_name).rules_version == 2
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.engines.trt_engine"):
+        path = te.ensure_engine(onnx_path, cache, "fp16", 2)
+    assert "precision rules version 2 -> 3" in caplog.text and "FP32 islands () -> ('dt',)" in caplog.text
+    assert path.read_bytes() == b"PLAN"

@@ -264,10 +264,13 @@ class EngineKey:
     @classmethod
     def from_json(cls, text: str) -> "EngineKey":
         data = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or not names.issubset(data):
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        if not isinstance(data, dict) or not required.issubset(data):
             raise ValueError("engine key JSON lacks fields")
-        return cls(**{k: data[k] for k in names})
+        # A key written by an older madclip lacks the newer fields: their defaults make it a mismatch to
+        # report ("precision rules version 2 -> 3"), not an unreadable sidecar.
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
     def mismatches(self, other: "EngineKey") -> list[str]:
         """Human-readable differences `self -> other` (empty when the engine can be reused)."""
