@@ -44,9 +44,9 @@ PEAK_DENSE_FP16_TFLOPS: list[tuple[tuple[str, ...], float]] = [
     (("T4",), 65.0),
 ]
 
-# Seconds per step. TIMEOUTS are hard limits (a hung step is killed and recorded). BUDGET is what a step should
-# take on an H100/H200 with a warm package cache (ViT-B-16 at 224 px; the tiny bundle is a smoke test), stated
-# in the report beside the measured time; `planned_seconds` adds them up for the whole check: under 10 minutes.
+# Seconds per step. TIMEOUTS are hard limits (a hung step is killed and recorded). BUDGET is what a step
+# should take on an H100/H200 with a warm package cache (ViT-B-16 at 224 px; the tiny bundle is a smoke test),
+# stated in the report beside the measured time; `planned_seconds` adds them up: under 10 minutes.
 # Each engine is built once: the export builds the FP16 engine into the shared cache (MADCLIP_CACHE under the
 # work dir) and every later step (engine check, self-tests, madclip-bench) finds it there by key; the second
 # FP16 recipe (flag path, `fp16_paths`) is one more build with the timing cache already warm; onnxruntime's
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="skip the ViT-B-16 bundle (tiny only)")
     p.add_argument("--fp16-path", choices=("both", "auto"), default="both",
                    help="both (default): where TensorRT offers both FP16 recipes (10.12-10.x), also build, "
-                        "self-test and benchmark the FP16-flag path JetPack's TensorRT 10.3 takes; auto: only "
+                        "self-test and benchmark the FP16-flag path of JetPack's TensorRT 10.3; auto: only "
                         "the one this TensorRT picks")
     args = p.parse_args(argv)
     reason = no_gpu_reason()

@@ -309,7 +309,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
     try:
         path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
-    except Exception as exc:  # noqa: BLE001 (TensorRT raises RuntimeError/TypeError too; the engine is optional)
+    except Exception as exc:  # noqa: BLE001 (TensorRT raises RuntimeError too; the engine is optional)
         if opts.engine:
             raise
         first = (str(exc).splitlines() or [exc.__class__.__name__])[0]

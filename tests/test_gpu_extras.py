@@ -3,15 +3,16 @@ cuda-python on workstations, and JetPack 6's CUDA 12.6 / NumPy 1.x on a Jetson (
 
 The static checks read pyproject.toml with tomllib and packaging; the `network` checks ask pip to resolve the
 extras against the package index (`pip install --dry-run --report`) and read the chosen wheels' metadata."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -51,9 +52,14 @@ def test_gpu_extra_matches_the_cuda_major_of_the_trt_extra():
     assert not _allows(ort, str(ORT_GPU_CUDA13_FROM)), "onnxruntime-gpu >= 1.27 is a CUDA 13 build"
     cuda_majors = {
         "onnxruntime-gpu": 12,  # every version the extra admits is < ORT_GPU_CUDA13_FROM
-        "tensorrt": int(next(iter(n for n in _extra("trt") if n.startswith("tensorrt-cu")))[len("tensorrt-cu"):]),
-        "cuda-python": max(int(s.version.split(".")[0]) for s in _extra("trt")["cuda-python"].specifier
-                           if s.operator in (">=", "==", "~=")),
+        "tensorrt": int(
+            next(iter(n for n in _extra("trt") if n.startswith("tensorrt-cu")))[len("tensorrt-cu") :]
+        ),
+        "cuda-python": max(
+            int(s.version.split(".")[0])
+            for s in _extra("trt")["cuda-python"].specifier
+            if s.operator in (">=", "==", "~=")
+        ),
     }
     assert set(cuda_majors.values()) == {12}, cuda_majors
 
@@ -72,8 +78,20 @@ def test_jetson_extra_matches_jetpack6():
 
 def _resolve(requirements: list[str], *platform_args: str) -> list[dict]:
     """pip's own resolution (`--dry-run --report`) of `requirements`; skips when the index is unreachable."""
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
-           "--only-binary=:all:", *platform_args, *requirements]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--report",
+        "-",
+        "--only-binary=:all:",
+        *platform_args,
+        *requirements,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
@@ -93,8 +111,13 @@ def _strs(name: str) -> list[str]:
 @pytest.mark.network
 def test_jetson_extra_resolves_for_jetpack6_python():
     """JetPack 6: Ubuntu 22.04, Python 3.10, aarch64; the extra resolves to wheels and to CUDA 12.6 / NumPy 1."""
-    got = _resolve(_strs("jetson") + [str(r) for r in _project()["dependencies"]],
-                   "--platform", "manylinux2014_aarch64", "--python-version", "3.10")
+    got = _resolve(
+        _strs("jetson") + [str(r) for r in _project()["dependencies"]],
+        "--platform",
+        "manylinux2014_aarch64",
+        "--python-version",
+        "3.10",
+    )
     versions = {i["metadata"]["name"].lower(): Version(i["metadata"]["version"]) for i in got}
     assert versions["cuda-python"].release[:2] == JETPACK6_CUDA
     assert versions["numpy"].major == 1
@@ -103,12 +126,20 @@ def test_jetson_extra_resolves_for_jetpack6_python():
 @pytest.mark.network
 def test_gpu_extra_resolves_to_a_cuda12_onnxruntime():
     """The onnxruntime-gpu pip picks for the `gpu` extra declares CUDA 12 libraries in its own metadata."""
-    got = _resolve(_strs("gpu"), "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--no-deps")
+    got = _resolve(
+        _strs("gpu"), "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--no-deps"
+    )
     ort = next(i["metadata"] for i in got if i["metadata"]["name"].lower() == "onnxruntime-gpu")
     cuda_runtime = [Requirement(r) for r in ort.get("requires_dist", []) if "cuda-runtime" in r]
     if cuda_runtime:  # onnxruntime-gpu >= 1.21 declares them ([cuda] extra)
         assert all(r.name.endswith("-cu12") for r in cuda_runtime), [str(r) for r in cuda_runtime]
     assert Version(ort["version"]) < ORT_GPU_CUDA13_FROM
-    cuda = _resolve([r for r in _strs("trt") if r.startswith("cuda-python")],
-                    "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--no-deps")
+    cuda = _resolve(
+        [r for r in _strs("trt") if r.startswith("cuda-python")],
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--python-version",
+        "3.11",
+        "--no-deps",
+    )
     assert Version(cuda[0]["metadata"]["version"]).major == 12

@@ -255,58 +255,7 @@ def test_gpu_count_is_zero_without_gpu_or_bindings(monkeypatch):
 # ---- builder logic on the network TensorRT's ONNX parser builds (tests/trt_fakes.py) ---------------------
 
 
-def _head_model(quick_gelu: bool = False, dt_name: str = "dt"):
-    """A small MadCLIP-shaped graph: patch conv -> tokens -> (QuickGELU) -> MatMul with a weight -> / sqrt(2)
-    -> LayerNorm -> L2 normalise (divisor computed) -> MatMul with the 1-D baked `dt` -> sigmoid -> map."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    e = 8
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(e, 3, 4, 4)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(np.array([-1, e, 16], np.int64), "tok_shape"),
-        numpy_helper.from_array(rng.normal(size=(e, e)).astype(np.float32), "fc_w"),
-        numpy_helper.from_array(np.array(1.4142135, np.float32), "sqrt2"),
-        numpy_helper.from_array(np.ones(e, np.float32), "ln_w"),
-        numpy_helper.from_array(np.zeros(e, np.float32), "ln_b"),
-        numpy_helper.from_array(np.array([-1], np.int64), "ax_last"),
-        numpy_helper.from_array(rng.normal(size=(e,)).astype(np.float32), dt_name),
-        numpy_helper.from_array(np.array([-1, 1, 4, 4], np.int64), "map_shape"),
-        numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "scales"),
-        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "ax_all"),
-    ]
-    n = helper.make_node
-    nodes = [n("Conv", ["image", "conv_w"], ["feat"], strides=[4, 4], name="/visual/conv1/Conv"),
-             n("Reshape", ["feat", "tok_shape"], ["tok_t"], name="node_view"),
-             n("Transpose", ["tok_t"], ["tok"], perm=[0, 2, 1], name="node_permute")]
-    x = "tok"
-    if quick_gelu:
-        nodes += [n("Sigmoid", ["tok"], ["s"], name="/visual/transformer/resblocks.0/mlp/gelu/Sigmoid"),
-                  n("Mul", ["tok", "s"], ["g"], name="/visual/transformer/resblocks.0/mlp/gelu/Mul")]
-        x = "g"
-    nodes += [
-        n("MatMul", [x, "fc_w"], ["h"], name="/visual/transformer/resblocks.0/mlp/c_proj/MatMul"),
-        n("Div", ["h", "sqrt2"], ["half"], name="node_div_gelu"),
-        n("LayerNormalization", ["half", "ln_w", "ln_b"], ["ln"], axis=-1, name="node_layer_norm"),
-        n("ReduceL2", ["ln", "ax_last"], ["nrm"], keepdims=1, name="node_linalg_vector_norm"),
-        n("Div", ["ln", "nrm"], ["unit"], name="node_div"),
-        n("MatMul", ["unit", dt_name], ["logit"], name="node_matmul"),
-        n("Sigmoid", ["logit"], ["prob"], name="node_sigmoid"),
-        n("Reshape", ["prob", "map_shape"], ["small"], name="node_view_1"),
-        n("Resize", ["small", "", "scales"], ["anomaly_map"], mode="linear", name="node_upsample_bilinear2d"),
-        n("ReduceMean", ["anomaly_map", "ax_all"], ["score"], keepdims=0, name="node_mean"),
-        n("ReduceMax", ["anomaly_map", "ax_all"], ["score_map_max"], keepdims=0, name="node_amax"),
-    ]
-    graph = helper.make_graph(
-        nodes, "head", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, 16, 16]),
-         helper.make_tensor_value_info("score_map_max", TensorProto.FLOAT, ["batch"])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
+_head_model = trt_fakes.head_model
 
 
 def _parsed(tmp_path, model):

@@ -5,6 +5,7 @@ For each method (MadCLIP, MVFA, MediCLIP) the layers the builder pins must be ex
 ONNX conversion keeps in FP32 (madclip_export/fp16.py `head_nodes`, from the bundle's `fp32_islands`) plus
 the type/name islands (`trt_rules.fp32_island`); no other matmul (backbone, MVFA's memory bank) is pinned.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,18 @@ def method_bundles(tmp_path_factory):
     out = {}
     for method in METHODS:
         run = base / f"run-{method}"
-        train_run(TrainRequest(data=str(root), out=str(run), method=method, shots=2, epochs=1,
-                               backbone="madclip-tiny", pretrained="none", device="cpu"))
+        train_run(
+            TrainRequest(
+                data=str(root),
+                out=str(run),
+                method=method,
+                shots=2,
+                epochs=1,
+                backbone="madclip-tiny",
+                pretrained="none",
+                device="cpu",
+            )
+        )
         bundle = base / f"bundle-{method}"
         export_bundle(ExportOptions(run=str(run), out=str(bundle), max_batch=2))
         out[method] = bundle
@@ -82,8 +93,11 @@ def test_tail_pinned_by_structure_for_every_method(method, method_bundles):
         assert name in pinned
 
     # The head the FP16 ONNX conversion keeps FP32: every node of it with a float output is pinned here.
-    float_outputs = {vi.name for vi in onnx.shape_inference.infer_shapes(model).graph.value_info
-                     if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    float_outputs = {
+        vi.name
+        for vi in onnx.shape_inference.infer_shapes(model).graph.value_info
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    }
     float_outputs |= {o.name for o in model.graph.output}
     head = [n for n in model.graph.node if n.name in set(head_nodes(model, islands))]
     assert head
@@ -97,8 +111,11 @@ def test_tail_pinned_by_structure_for_every_method(method, method_bundles):
         if name in nodes and name not in head_names:
             assert impl.type != LayerType.MATRIX_MULTIPLY, f"{method}: backbone matmul {name} pinned"
             assert tr.fp32_island(impl.type.name, name, constant_divisor=False), name
-    backbone_mm = [impl.name for impl in network.layers()
-                   if impl.type == LayerType.MATRIX_MULTIPLY and impl.name not in head_names]
+    backbone_mm = [
+        impl.name
+        for impl in network.layers()
+        if impl.type == LayerType.MATRIX_MULTIPLY and impl.name not in head_names
+    ]
     assert backbone_mm and not set(backbone_mm) & set(pinned)
 
 
@@ -108,9 +125,16 @@ def test_mvfa_bank_matmuls_stay_fp16_and_its_tail_is_found(method_bundles):
     bundle = method_bundles["mvfa"]
     islands = tuple(json.loads((bundle / "metadata.json").read_text())["fp32_islands"])
     network = trt_fakes.parse(bundle / "model.onnx")
-    old_starts = [network.get_layer(i).name for i in range(network.num_layers)
-                  if any(tr_name in islands for tr_name in
-                         (network.get_layer(i).get_input(j).name for j in range(network.get_layer(i).num_inputs)))]
+    old_starts = [
+        network.get_layer(i).name
+        for i in range(network.num_layers)
+        if any(
+            tr_name in islands
+            for tr_name in (
+                network.get_layer(i).get_input(j).name for j in range(network.get_layer(i).num_inputs)
+            )
+        )
+    ]
     assert old_starts == []  # no layer input TENSOR carries an island name
     te.constrain_fp32_islands(FakeTrt, network, islands)
     pinned = _pinned(network)

@@ -22,6 +22,7 @@ What it reproduces, each from the real source:
   Other ops become one layer of the TensorRT type the importer uses for them; their inner decompositions
   (e.g. Gemm's bias add) are not reproduced, as the FP32-tail rules never depend on them.
 """
+
 from __future__ import annotations
 
 import enum
@@ -158,11 +159,15 @@ class FakeNetwork:
     def mark_output(self, tensor: ITensor) -> None:
         self._outputs.append(tensor)
 
-    def add(self, kind: LayerType, inputs: list, shapes: list, dtypes: list | None = None, ops=None) -> _LayerImpl:
+    def add(
+        self, kind: LayerType, inputs: list, shapes: list, dtypes: list | None = None, ops=None
+    ) -> _LayerImpl:
         index = len(self._layers)
         dtypes = dtypes or [DataType.FLOAT] * len(shapes)
-        outputs = [ITensor(f"(Unnamed Layer* {index}) [{kind.name.title()}]_output", s, d)
-                   for s, d in zip(shapes, dtypes)]
+        outputs = [
+            ITensor(f"(Unnamed Layer* {index}) [{kind.name.title()}]_output", s, d)
+            for s, d in zip(shapes, dtypes)
+        ]
         impl = _LayerImpl(index, kind, list(inputs), outputs, ops)
         self._layers.append(impl)
         return impl
@@ -172,18 +177,46 @@ class FakeNetwork:
         return list(self._layers)
 
 
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Greater", "Less", "And", "Or", "Mod"}
+_ELEMENTWISE = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Max",
+    "Min",
+    "Equal",
+    "Greater",
+    "Less",
+    "And",
+    "Or",
+    "Mod",
+}
 _UNARY = {"Sqrt", "Erf", "Neg", "Exp", "Log", "Abs", "Reciprocal", "Floor", "Ceil", "Not", "Sin", "Cos"}
 _ACTIVATION = {"Sigmoid", "Relu", "LeakyRelu", "Tanh", "Clip", "Elu", "Softplus", "HardSigmoid"}
 _REDUCE = {"ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1"}
 _SIMPLE = {
-    "Reshape": LayerType.SHUFFLE, "Transpose": LayerType.SHUFFLE, "Squeeze": LayerType.SHUFFLE,
-    "Unsqueeze": LayerType.SHUFFLE, "Flatten": LayerType.SHUFFLE, "Concat": LayerType.CONCATENATION,
-    "Gather": LayerType.GATHER, "Slice": LayerType.SLICE, "Expand": LayerType.SLICE, "Shape": LayerType.SHAPE,
-    "Cast": LayerType.CAST, "Identity": LayerType.IDENTITY, "Where": LayerType.SELECT,
-    "ConstantOfShape": LayerType.FILL, "Softmax": LayerType.SOFTMAX, "Resize": LayerType.RESIZE,
-    "LayerNormalization": LayerType.NORMALIZATION, "Conv": LayerType.CONVOLUTION,
-    "Gemm": LayerType.MATRIX_MULTIPLY, "Range": LayerType.FILL, "Tile": LayerType.SLICE,
+    "Reshape": LayerType.SHUFFLE,
+    "Transpose": LayerType.SHUFFLE,
+    "Squeeze": LayerType.SHUFFLE,
+    "Unsqueeze": LayerType.SHUFFLE,
+    "Flatten": LayerType.SHUFFLE,
+    "Concat": LayerType.CONCATENATION,
+    "Gather": LayerType.GATHER,
+    "Slice": LayerType.SLICE,
+    "Expand": LayerType.SLICE,
+    "Shape": LayerType.SHAPE,
+    "Cast": LayerType.CAST,
+    "Identity": LayerType.IDENTITY,
+    "Where": LayerType.SELECT,
+    "ConstantOfShape": LayerType.FILL,
+    "Softmax": LayerType.SOFTMAX,
+    "Resize": LayerType.RESIZE,
+    "LayerNormalization": LayerType.NORMALIZATION,
+    "Conv": LayerType.CONVOLUTION,
+    "Gemm": LayerType.MATRIX_MULTIPLY,
+    "Range": LayerType.FILL,
+    "Tile": LayerType.SLICE,
 }
 _WEIGHT_INPUTS = {"Conv": (1, 2)}  # read as weights by the importer (no constant layer) when initializers
 
@@ -267,16 +300,27 @@ class FakeOnnxParser:
             tensors = [self._tensor(i) for i in node.input]
             rank = max(len(t.shape) for t in tensors)
             tensors = [self._broadcast(t, rank) for t in tensors]
-            result = self._register(self.network.add(LayerType.ELEMENTWISE, tensors, out_shapes, out_dtypes),
-                                    base).outputs[0]
+            result = self._register(
+                self.network.add(LayerType.ELEMENTWISE, tensors, out_shapes, out_dtypes), base
+            ).outputs[0]
         else:
-            kind = (LayerType.UNARY if op in _UNARY else LayerType.ACTIVATION if op in _ACTIVATION
-                    else LayerType.REDUCE if op in _REDUCE else _SIMPLE.get(op))
+            kind = (
+                LayerType.UNARY
+                if op in _UNARY
+                else LayerType.ACTIVATION
+                if op in _ACTIVATION
+                else LayerType.REDUCE
+                if op in _REDUCE
+                else _SIMPLE.get(op)
+            )
             if kind is None:
                 raise NotImplementedError(f"fake parser: no importer for {op}")
             weights = _WEIGHT_INPUTS.get(op, ())
-            tensors = [self._tensor(i) for j, i in enumerate(node.input)
-                       if i and not (j in weights and not isinstance(self._values[i], ITensor))]
+            tensors = [
+                self._tensor(i)
+                for j, i in enumerate(node.input)
+                if i and not (j in weights and not isinstance(self._values[i], ITensor))
+            ]
             impl = self._register(self.network.add(kind, tensors, out_shapes, out_dtypes), base)
             for name, tensor in zip([o for o in node.output if o], impl.outputs):
                 tensor.name = name
@@ -299,8 +343,9 @@ class FakeOnnxParser:
         mm_shape = tuple(out_shape) + ((1,) if squeeze_tail else ())
         if squeeze_head:
             mm_shape = mm_shape[:-1] + (1,) + mm_shape[-1:]
-        impl = self._register(self.network.add(LayerType.MATRIX_MULTIPLY, [a, b], [mm_shape], [out_dtype], ops),
-                              base)
+        impl = self._register(
+            self.network.add(LayerType.MATRIX_MULTIPLY, [a, b], [mm_shape], [out_dtype], ops), base
+        )
         out = impl.outputs[0]
         if squeeze_head or squeeze_tail:
             out = self._shuffle(out, tuple(out_shape), "ONNXTRT_squeezeTensor")
@@ -314,7 +359,13 @@ class FakeTrt:
     LayerType = LayerType
     MatrixOperation = MatrixOperation
     DataType = DataType
-    float32, float16, int32, int64, bool = DataType.FLOAT, DataType.HALF, DataType.INT32, DataType.INT64, DataType.BOOL
+    float32, float16, int32, int64, bool = (
+        DataType.FLOAT,
+        DataType.HALF,
+        DataType.INT32,
+        DataType.INT64,
+        DataType.BOOL,
+    )
     ILayer = ILayer
     IMatrixMultiplyLayer = IMatrixMultiplyLayer
     IConstantLayer = IConstantLayer
@@ -328,3 +379,68 @@ def parse(path: str | Path) -> FakeNetwork:
     network = FakeNetwork()
     FakeOnnxParser(network).parse_from_file(str(path))
     return network
+
+
+def head_model(quick_gelu: bool = False, dt_name: str = "dt"):
+    """A small MadCLIP-shaped graph: patch conv -> tokens -> (QuickGELU) -> MatMul with a weight -> / sqrt(2)
+    -> LayerNorm -> L2 normalise (divisor computed) -> MatMul with the 1-D baked `dt` -> sigmoid -> map."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    e = 8
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(e, 3, 4, 4)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(np.array([-1, e, 16], np.int64), "tok_shape"),
+        numpy_helper.from_array(rng.normal(size=(e, e)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(np.array(1.4142135, np.float32), "sqrt2"),
+        numpy_helper.from_array(np.ones(e, np.float32), "ln_w"),
+        numpy_helper.from_array(np.zeros(e, np.float32), "ln_b"),
+        numpy_helper.from_array(np.array([-1], np.int64), "ax_last"),
+        numpy_helper.from_array(rng.normal(size=(e,)).astype(np.float32), dt_name),
+        numpy_helper.from_array(np.array([-1, 1, 4, 4], np.int64), "map_shape"),
+        numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "scales"),
+        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "ax_all"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["image", "conv_w"], ["feat"], strides=[4, 4], name="/visual/conv1/Conv"),
+        n("Reshape", ["feat", "tok_shape"], ["tok_t"], name="node_view"),
+        n("Transpose", ["tok_t"], ["tok"], perm=[0, 2, 1], name="node_permute"),
+    ]
+    x = "tok"
+    if quick_gelu:
+        nodes += [
+            n("Sigmoid", ["tok"], ["s"], name="/visual/transformer/resblocks.0/mlp/gelu/Sigmoid"),
+            n("Mul", ["tok", "s"], ["g"], name="/visual/transformer/resblocks.0/mlp/gelu/Mul"),
+        ]
+        x = "g"
+    nodes += [
+        n("MatMul", [x, "fc_w"], ["h"], name="/visual/transformer/resblocks.0/mlp/c_proj/MatMul"),
+        n("Div", ["h", "sqrt2"], ["half"], name="node_div_gelu"),
+        n("LayerNormalization", ["half", "ln_w", "ln_b"], ["ln"], axis=-1, name="node_layer_norm"),
+        n("ReduceL2", ["ln", "ax_last"], ["nrm"], keepdims=1, name="node_linalg_vector_norm"),
+        n("Div", ["ln", "nrm"], ["unit"], name="node_div"),
+        n("MatMul", ["unit", dt_name], ["logit"], name="node_matmul"),
+        n("Sigmoid", ["logit"], ["prob"], name="node_sigmoid"),
+        n("Reshape", ["prob", "map_shape"], ["small"], name="node_view_1"),
+        n("Resize", ["small", "", "scales"], ["anomaly_map"], mode="linear", name="node_upsample_bilinear2d"),
+        n("ReduceMean", ["anomaly_map", "ax_all"], ["score"], keepdims=0, name="node_mean"),
+        n("ReduceMax", ["anomaly_map", "ax_all"], ["score_map_max"], keepdims=0, name="node_amax"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, 16, 16]),
+            helper.make_tensor_value_info("score_map_max", TensorProto.FLOAT, ["batch"]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model

@@ -60,7 +60,7 @@ def import_tensorrt() -> Any:
 
 
 def _network_flags(trt: Any, typing: str, version: tuple[int, int, int]) -> int:
-    """create_network flags: strongly typed for the strongly typed FP16 recipe (implicit and ignored in 11+)."""
+    """create_network flags: STRONGLY_TYPED for the strongly typed FP16 recipe (implicit, ignored in 11+)."""
     if typing == "strongly_typed" and version[0] < 11:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0  # explicit batch is the only mode since TensorRT 10 (EXPLICIT_BATCH is deprecated, ignored)

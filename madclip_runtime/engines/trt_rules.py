@@ -6,7 +6,7 @@ Version boundaries (each checked against the library's own code or documentation
 * TensorRT >= 10.12 (and 11, which has no FP16 builder flag): FP16 engines are built strongly typed from
   the mixed-precision `model_fp16.onnx`, so its FP32 islands are honoured as written. TensorRT 10.0-10.11
   (JetPack 6.1/6.2 ship 10.3) parse the FP32 `model.onnx`, set the FP16 builder flag and pin the FP32
-  islands (`fp32_island`, `is_island_constant`) with obeyed precision constraints. TensorRT < 10 (JetPack 6.0 ships
+  islands (`fp32_island`, `is_island_constant`) under obeyed precision constraints. TensorRT < 10 (JetPack 6.0 ships
   8.6) is refused.
 * onnxruntime's TensorRT provider creates the network with NetworkDefinitionCreationFlag::kSTRONGLY_TYPED
   whenever trt_fp16_enable and trt_int8_enable are off (tensorrt_execution_provider.cc:
@@ -65,7 +65,7 @@ def as_version(version: str | tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def fp16_path() -> str:
-    """The requested FP16 recipe from $MADCLIP_TRT_FP16_PATH: "auto" (default) or "flag" (see FP16_PATH_ENV)."""
+    """The requested FP16 recipe, $MADCLIP_TRT_FP16_PATH: "auto" (default) or "flag" (see FP16_PATH_ENV)."""
     value = os.environ.get(FP16_PATH_ENV, "auto").strip().lower() or "auto"
     if value not in FP16_PATHS:
         raise BackendUnavailable(f"{FP16_PATH_ENV}={value!r}: expected one of {', '.join(FP16_PATHS)}")
@@ -73,8 +73,8 @@ def fp16_path() -> str:
 
 
 def typing_mode(version: str | tuple[int, ...], path: str | None = None) -> str:
-    """How an FP16 engine is built with this TensorRT: "strongly_typed" (>= 10.12, 11+) or "fp16_flag" (10.0-10.11,
-    or 10.12-10.x when `path` (default: `fp16_path()`) is "flag"; TensorRT 11 has no FP16 builder flag)."""
+    """How an FP16 engine is built with this TensorRT: "strongly_typed" (>= 10.12, 11+) or "fp16_flag"
+    (10.0-10.11, or 10.12-10.x when `path` (default: `fp16_path()`) is "flag"; 11 has no FP16 flag)."""
     v = as_version(version)
     if v[0] < 10:
         raise BackendUnavailable(f"TensorRT >= 10 required (found {v[0]}.{v[1]}.{v[2]})")
