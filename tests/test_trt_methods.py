@@ -25,27 +25,22 @@ METHODS = ("madclip", "mvfa", "mediclip")
 
 
 @pytest.fixture(scope="module")
-def method_bundles(tmp_path_factory):
-    """One tiny bundle per method (trained 1 epoch on the generated demo data, exported FP32)."""
+def method_bundles(exported_tiny_bundle, tmp_path_factory):
+    """One tiny bundle per method: MadCLIP's is the suite's shared one; MVFA and MediCLIP are trained 1 epoch
+    on the generated demo data and exported FP32 (`--method mvfa` / `--method mediclip`)."""
     from madclip_export.export import ExportOptions, export_bundle
     from madclip_train.demo import generate_demo
     from madclip_train.run import TrainRequest, train_run
 
     base = tmp_path_factory.mktemp("trt_methods")
     root = generate_demo(base / "data", n_valid=3, n_test=3, seed=11)
-    out = {}
-    for method in METHODS:
+    out = {"madclip": exported_tiny_bundle}
+    for method in METHODS[1:]:
         run = base / f"run-{method}"
         train_run(
             TrainRequest(
-                data=str(root),
-                out=str(run),
-                method=method,
-                shots=2,
-                epochs=1,
-                backbone="madclip-tiny",
-                pretrained="none",
-                device="cpu",
+                data=str(root), out=str(run), method=method, shots=2, epochs=1,
+                backbone="madclip-tiny", pretrained="none", device="cpu",
             )
         )
         bundle = base / f"bundle-{method}"
