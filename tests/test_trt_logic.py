@@ -395,79 +395,7 @@ def test_quick_gelu_sigmoids_do_not_pin_the_backbone(tmp_path):
 # ---- the builder on a fake tensorrt (the API calls NVIDIA documents; no GPU) --------------------------------
 
 
-class _Flag(enum.Enum):
-    FP16 = 1
-    TF32 = 2
-    OBEY_PRECISION_CONSTRAINTS = 3
-
-
-class _Cache:
-    def __init__(self, blob):
-        self.blob = blob
-
-    def serialize(self):
-        return memoryview(b"timing:" + self.blob)
-
-
-class _Config:
-    def __init__(self, accept_blob):
-        self.flags = {_Flag.TF32}  # TF32 is on by default (TensorRT developer guide)
-        self.accept_blob, self.attached, self.progress_monitor = accept_blob, None, None
-
-    def set_memory_pool_limit(self, pool, size):
-        pass
-
-    def add_optimization_profile(self, profile):
-        pass
-
-    def set_flag(self, flag):
-        self.flags.add(flag)
-
-    def clear_flag(self, flag):
-        self.flags.discard(flag)
-
-    def create_timing_cache(self, blob):
-        return _Cache(bytes(blob))
-
-    def set_timing_cache(self, cache, ignore_mismatch):
-        ok = self.accept_blob or not cache.blob  # a foreign cache does not attach
-        if ok:
-            self.attached = cache
-        return ok
-
-    def get_timing_cache(self):
-        return self.attached
-
-
-class _FakeBuilderTrt(FakeTrt):
-    __version__ = "10.3.0"
-    BuilderFlag = _Flag
-    MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
-
-    def __init__(self, accept_blob=True):
-        self.accept_blob, self.configs, self.networks = accept_blob, [], []
-
-    def Builder(self, logger):  # noqa: N802 (TensorRT's name)
-        trt = self
-
-        class B:
-            def create_network(self, flags):
-                trt.networks.append(trt_fakes.FakeNetwork())
-                return trt.networks[-1]
-
-            def create_builder_config(self):
-                trt.configs.append(_Config(trt.accept_blob))
-                return trt.configs[-1]
-
-            def create_optimization_profile(self):
-                return types.SimpleNamespace(set_shape=lambda *a: None)
-
-            def build_serialized_network(self, network, config):
-                return memoryview(b"PLAN")
-
-        return B()
-
-    OnnxParser = trt_fakes.FakeOnnxParser
+_Flag, _Config, _FakeBuilderTrt = trt_fakes.BuilderFlag, trt_fakes.FakeConfig, trt_fakes.FakeBuilderTrt
 
 
 @pytest.fixture()
@@ -819,11 +747,11 @@ def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
     """A method whose head starts at other constants than MadCLIP's `dt` (MVFA: its text and normalisers) gets its
     FP32 tail pinned on the TensorRT FP16-flag path: the bundle metadata's `fp32_islands` reach the builder."""
     from madclip_runtime.bundles import bundle as bundle_mod
-
-    from .conftest import build_tiny_bundle
     from madclip_runtime.bundles import metadata_schema
     from madclip_runtime.engines import trt_engine
     from madclip_runtime.errors import BundleError
+
+    from .conftest import build_tiny_bundle
 
     calls = []
 

@@ -26,6 +26,7 @@ What it reproduces, each from the real source:
 from __future__ import annotations
 
 import enum
+import types
 from pathlib import Path
 
 
@@ -372,6 +373,84 @@ class FakeTrt:
 
     class NetworkDefinitionCreationFlag:
         STRONGLY_TYPED = 1
+
+
+# ---- the builder side: Builder, IBuilderConfig, ITimingCache (the calls trt_engine.build_engine makes) ------
+
+
+class BuilderFlag(enum.Enum):
+    FP16 = 1
+    TF32 = 2
+    OBEY_PRECISION_CONSTRAINTS = 3
+
+
+class FakeTimingCache:
+    def __init__(self, blob):
+        self.blob = blob
+
+    def serialize(self):
+        return memoryview(b"timing:" + self.blob)
+
+
+class FakeConfig:
+    def __init__(self, accept_blob):
+        self.flags = {BuilderFlag.TF32}  # TF32 is on by default (TensorRT developer guide)
+        self.accept_blob, self.attached, self.progress_monitor = accept_blob, None, None
+
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def add_optimization_profile(self, profile):
+        pass
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
+
+    def create_timing_cache(self, blob):
+        return FakeTimingCache(bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        ok = self.accept_blob or not cache.blob  # a foreign cache does not attach
+        if ok:
+            self.attached = cache
+        return ok
+
+    def get_timing_cache(self):
+        return self.attached
+
+
+class FakeBuilderTrt(FakeTrt):
+    __version__ = "10.3.0"
+    BuilderFlag = BuilderFlag
+    MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+
+    def __init__(self, accept_blob=True):
+        self.accept_blob, self.configs, self.networks = accept_blob, [], []
+
+    def Builder(self, logger):  # noqa: N802 (TensorRT's name)
+        trt = self
+
+        class B:
+            def create_network(self, flags):
+                trt.networks.append(FakeNetwork())
+                return trt.networks[-1]
+
+            def create_builder_config(self):
+                trt.configs.append(FakeConfig(trt.accept_blob))
+                return trt.configs[-1]
+
+            def create_optimization_profile(self):
+                return types.SimpleNamespace(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network, config):
+                return memoryview(b"PLAN")
+
+        return B()
+
+    OnnxParser = FakeOnnxParser
 
 
 def parse(path: str | Path) -> FakeNetwork:
