@@ -94,11 +94,13 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
     rows: list[dict[str, Any]] = []
     failed = 0
     for job in jobs:
+        task = None
         try:
             volume = job.read(bundle.spec.window, args.volume_index)
             task = progress.add_task(f"{volume.name} ({volume.n_slices} slices)", total=volume.n_slices)
             preds = score_volume(predictor, volume, lambda n: progress.advance(task, n))
             progress.remove_task(task)
+            task = None
             record = volume_record(volume, summarize(volume, preds, method, predictor.threshold,
                                                      predictor.score_name), predictor)
             if out_dir is not None:
@@ -113,10 +115,23 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
                 paths = save_volume_outputs(out_dir, stem, volume, preds, record, bundle.map_scale, map_t,
                                             map_t_method, seg)
                 record["outputs"] = {k: os.path.basename(v) for k, v in paths.items()}
-        except InputError as exc:
+        except (InputError, MadclipError) as exc:
             error_line(str(exc))
             failed += 1
             continue
+        except MemoryError:
+            error_line(f"{job.source}: out of memory reading or scoring this volume (try --max-voxels or --slice)")
+            failed += 1
+            continue
+        except Exception as exc:  # one bad input never stops the others: an error row, the rest is scored
+            log.debug("%s", job.source, exc_info=True)
+            error_line(f"{job.source}: cannot process this volume ({type(exc).__name__}: {_one_line(exc)})")
+            failed += 1
+            continue
+        finally:
+            volume = preds = None  # release this volume's slices and maps before the next one
+            if task is not None:
+                progress.remove_task(task)
         if args.json:
             print(json.dumps(_strict(record), allow_nan=False), flush=True)
         rows.append(record)
@@ -135,7 +150,22 @@ def _seg_builder(volume: Any, map_t: float | None, method: str | None, bundle: A
 
     prov = bundle.meta.get("provenance") if isinstance(bundle.meta.get("provenance"), dict) else {}
     model_name = f"madclip {prov.get('backbone', '')} {prov.get('objective', '')}".strip()
-    return lambda arr: dicom_seg_bytes(volume, arr, map_t, method or "", model_name)
+    return lambda planes: dicom_seg_bytes(volume, planes, map_t, method or "", model_name)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def dicom_image_seg(args: argparse.Namespace, bundle: Any, path: str, scan: Any, amap: Any) -> bytes:
+    """The one-frame DICOM SEG of a 2-D DICOM image scored on the 2-D path (--dicom-seg)."""
+    from ..scans.dicom_seg import dicom_seg_bytes, image_volume
+    from ..scans.medical import read_dicom_header
+
+    map_t, method = map_threshold_choice(args, bundle)
+    volume = image_volume(path, read_dicom_header(path), scan)
+    build = _seg_builder(volume, map_t, method, bundle)
+    return build([amap])
 
 
 def _strict(obj: Any) -> Any:
