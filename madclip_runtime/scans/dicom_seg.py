@@ -8,6 +8,7 @@ OHIF and ITK-SNAP (via Slicer/dcmqi) show it over the series. Research use, not 
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 from typing import Any, Sequence
@@ -71,6 +72,27 @@ def _plane_sequences(hd: Any, volume: Volume) -> dict[str, Any]:
     }
 
 
+def _shared_geometry(ds: Any) -> Any:
+    """An enhanced multi-frame header whose shared functional groups hold the pixel measures and plane
+    orientation (copied from frame 1 when the scanner wrote them per frame, as Philips does): highdicom
+    reads them from the shared groups only. The frames' own values go into the SEG explicitly."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    missing = [name for name in ("PixelMeasuresSequence", "PlaneOrientationSequence")
+               if not (len(ds.get("SharedFunctionalGroupsSequence", [])) and name in ds.SharedFunctionalGroupsSequence[0])]
+    if not missing or not len(ds.get("PerFrameFunctionalGroupsSequence", [])):
+        return ds
+    out = copy.deepcopy(ds)
+    if not len(out.get("SharedFunctionalGroupsSequence", [])):
+        out.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
+    first = out.PerFrameFunctionalGroupsSequence[0]
+    for name in missing:
+        if name in first:
+            setattr(out.SharedFunctionalGroupsSequence[0], name, copy.deepcopy(first[name].value))
+    return out
+
+
 def dicom_seg_bytes(volume: Volume, planes: Sequence[np.ndarray], threshold: float, threshold_method: str,
                     model_name: str, series_number: int = 9901) -> bytes:
     """Build the SEG for `volume` from its per-slice maps (>= `threshold` is the segment) -> Part 10 bytes.
@@ -82,6 +104,8 @@ def dicom_seg_bytes(volume: Volume, planes: Sequence[np.ndarray], threshold: flo
     from pydicom.sr.codedict import codes
 
     sources = volume.datasets  # single-frame files in file order, or the one multi-frame dataset
+    if volume.kind == "dicom-multiframe":
+        sources = [_shared_geometry(sources[0])]
     pixels = seg_pixels(volume, planes, threshold)
     params = {"map_threshold": f"{threshold:.6g}", "map_threshold_method": threshold_method[:64]}
     algorithm = hd.AlgorithmIdentificationSequence(

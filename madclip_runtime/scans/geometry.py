@@ -3,7 +3,8 @@ resampled onto a regular grid (as dcm2niix does for gantry tilt and unequal slic
 
 A NIfTI header has one affine, and ITK-based readers (ITK-SNAP, 3D Slicer, SimpleITK) read it from the
 qform, which can only hold a rotation, voxel sizes and a shift, while nibabel reads the sform. madclip
-therefore writes every map with qform == sform, bit for bit (see `nifti_map_bytes`), and only ever uses
+therefore writes every map with sform = the stored qform (equal to float32 precision, see
+`volume_output.nifti_map_bytes`), and only ever uses
 grids that a qform can hold: orthogonal axes along the slice's row/column directions and its normal.
 
 A DICOM stack fits such a grid exactly when every slice origin lies on the normal through the first one
@@ -14,9 +15,11 @@ A DICOM stack fits such a grid exactly when every slice origin lies on the norma
 
 are resampled onto a regular grid aligned with the slice plane: rows/columns keep the pixel spacing and
 the in-plane extent grows to cover every slice; planes are `dz` apart along the normal, `dz` the smallest
-step in the stack (at most 4 x N planes). Each output plane interpolates linearly between the two source
-slices around it (each shifted in-plane to its true position, bilinearly); across a gap larger than 1.5 x
-the median step, only planes within half a median step of a slice take that slice, the rest hold no data.
+step in the stack (larger when the grid would exceed max(8 x the source's voxels, 16M voxels); the JSON
+then counts the slices that fall between planes). Each output plane interpolates linearly between the two source
+slices around it (each shifted in-plane to its true position, bilinearly); a plane inside a gap (a step
+larger than 1.5 x the median step) holds no data unless it lies on a slice: values never move off their
+position.
 Voxels with no data (outside every slice's extent, inside a gap) are 0 in the map and counted in the JSON.
 The DICOM SEG is always written on the source frames, so both outputs place each value at the same point.
 """
@@ -31,7 +34,8 @@ import numpy as np
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 POSITION_TOL = 0.02  # mm: slice origins within this of a regular grid are written on the source grid
 GAP_FACTOR = 1.5  # steps larger than this x the median step are gaps (no interpolation across them)
-MAX_PLANES_FACTOR = 4  # a resampled grid has at most this many x the source's slice count
+MAX_GRID_FACTOR = 8  # a resampled grid holds at most this many x the source's voxels ...
+MAX_GRID_VOXELS = 1 << 24  # ... or 16M voxels (64 MB of float32) when that is more
 
 
 @dataclass
@@ -77,6 +81,10 @@ class MapGrid:
     planes: list[list[tuple[int, float]]] = field(default_factory=list)  # output plane -> [(slice, weight)]
     dz: float = 0.0
 
+    def slices_on_grid(self) -> int:
+        """How many source slices contribute to at least one plane of the map."""
+        return len({k for contrib in self.planes for k, wt in contrib if wt > 0})
+
     def info(self) -> dict[str, Any]:
         zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
         out: dict[str, Any] = {"grid": "resampled" if self.resampled else "source",
@@ -85,6 +93,8 @@ class MapGrid:
             out["reason"] = self.reason
             out["method"] = ("linear between neighbouring slices, bilinear in-plane shift to each slice's true "
                              "position; no interpolation across gaps")
+            out["slice_spacing_mm"] = round(self.dz, 6)
+            out["source_slices_in_map"] = self.slices_on_grid()
         return out
 
 
@@ -135,8 +145,12 @@ def map_grid(geom: StackGeometry) -> MapGrid:
     med = float(np.median(steps))
     span = float(w[-1] - w[0])
     dz = float(steps.min())
-    if span / dz + 1 > MAX_PLANES_FACTOR * n:
-        dz = span / (MAX_PLANES_FACTOR * n - 1)
+    a_min, b_min = float(off[:, 0].min()), float(off[:, 1].min())
+    rows = geom.rows + int(math.ceil((float(off[:, 0].max()) - a_min) / dr - 1e-6))
+    cols = geom.cols + int(math.ceil((float(off[:, 1].max()) - b_min) / dc - 1e-6))
+    max_planes = max(MAX_GRID_FACTOR * n * geom.rows * geom.cols, MAX_GRID_VOXELS) // max(1, rows * cols)
+    if span / dz + 1 > max_planes:
+        dz = span / max(1, max_planes - 1)
     m = int(math.floor(span / dz + 1e-6)) + 1
     if span - (m - 1) * dz > POSITION_TOL:
         m += 1  # one more plane so the last slice is covered
@@ -152,12 +166,8 @@ def map_grid(geom: StackGeometry) -> MapGrid:
         elif k + 1 < n and steps[k] <= GAP_FACTOR * med:
             t = (z - w[k]) / steps[k]
             planes.append([(k, 1.0 - t), (k + 1, t)])
-        else:  # in a gap (or past the last slice): the nearest slice within half a median step, else nothing
-            cand = [i for i in (k, k + 1) if i < n and abs(w[i] - z) <= med / 2]
-            planes.append([(min(cand, key=lambda i: abs(w[i] - z)), 1.0)] if cand else [])
-    a_min, b_min = float(off[:, 0].min()), float(off[:, 1].min())
-    rows = geom.rows + int(math.ceil((float(off[:, 0].max()) - a_min) / dr - 1e-6))
-    cols = geom.cols + int(math.ceil((float(off[:, 1].max()) - b_min) / dc - 1e-6))
+        else:  # inside a gap (a missing slice, two acquisitions): no data, never a slice moved off its position
+            planes.append([])
     shifts = np.stack([(off[:, 0] - a_min) / dr, (off[:, 1] - b_min) / dc], axis=1)
     origin = geom.positions[0] + a_min * u + b_min * v
     return MapGrid((rows, cols, m), _affine(origin, u, v, nrm, dr, dc, dz), True, "; ".join(reasons),
