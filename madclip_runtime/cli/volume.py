@@ -103,6 +103,7 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
             task = None
             record = volume_record(volume, summarize(volume, preds, method, predictor.threshold,
                                                      predictor.score_name), predictor)
+            volume.release_pixels(record["top_slices"])  # the montage's slices are all that is shown
             if out_dir is not None:
                 stem = volume.name
                 base, k = stem, 2

@@ -379,12 +379,15 @@ class NiftiVolume:
     nonfinite_mask: np.ndarray | None = None  # bool, stored shape [X, Y, Z]: where those voxels are
     positions_mm: list[float] | None = None  # slice k's centre along the slice axis (mm, scanner space)
 
-    def to_storage(self, planes: np.ndarray) -> np.ndarray:
-        """Per-slice maps [Z(S), Y, X] as the slices are shown -> an array of the stored shape [X, Y, Z]."""
+    def to_storage(self, planes: Any) -> np.ndarray:
+        """Per-slice maps (Z(S) planes [Y, X] as the slices are shown) -> float32 array of the stored shape
+        [X, Y, Z], filled plane by plane through a reoriented view (no whole-volume temporaries)."""
         nib = importlib.import_module("nibabel")
-        ras = np.ascontiguousarray(np.transpose(planes, (2, 1, 0))[::-1, ::-1, :])  # [X(R), Y(A), Z(S)]
-        back = nib.orientations.ornt_transform(np.array([[0, 1], [1, 1], [2, 1]], dtype=float), self.ornt)
-        return nib.orientations.apply_orientation(ras, back)
+        out = np.zeros(self.shape, dtype=np.float32)
+        ras = nib.orientations.apply_orientation(out, self.ornt)  # a view of `out`: [X(R), Y(A), Z(S)]
+        for k, plane in enumerate(planes):
+            ras[::-1, ::-1, k] = np.asarray(plane, dtype=np.float32).T
+        return out
 
 
 def nifti_header(path: str, what: str = "file"):
@@ -471,7 +474,16 @@ def _nifti_voxels(img, path: str, spatial: tuple[int, int, int], vol4: int | Non
         slicer[storage_axis] = slice(index, index + 1)  # the proxy reads only this plane's bytes
         keep[storage_axis] = 1
     try:
-        data = np.asanyarray(img.dataobj[tuple(slicer)])  # scl_slope / scl_inter applied by nibabel
+        proxy = img.dataobj
+        whole = storage_axis is None and ndim == 3 and hasattr(proxy, "get_unscaled")
+        slope, inter = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) if whole else (1, 0)
+        if whole and (slope != 1.0 or inter != 0.0) and np.isfinite([slope, inter]).all():
+            # nibabel would scale in float64 (2 x a float32 volume, plus a temporary): scale in float32, in place
+            data = np.asarray(proxy.get_unscaled()).astype(np.float32)
+            data *= np.float32(slope)
+            data += np.float32(inter)
+        else:
+            data = np.asanyarray(proxy[tuple(slicer)])  # scl_slope / scl_inter applied by nibabel
     except Exception as exc:
         raise InputError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {one_line(exc)})") from None
     return data.reshape(keep)  # [X, Y, Z] (the read axis of length 1 for a single plane)

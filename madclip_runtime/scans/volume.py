@@ -18,6 +18,7 @@ about. The voxel budget is checked from the headers before any pixel is decoded.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ class Volume:
     def is_dicom(self) -> bool:
         return self.kind.startswith("dicom")
 
+    def release_pixels(self, keep: Sequence[int]) -> None:
+        """Drop the decoded pixels of every slice but `keep` (the montage's) once scored: bounded memory."""
+        kept = set(int(k) for k in keep)
+        self.slices = [s if k in kept else ScanImage(np.zeros((1, 1), np.uint8), s.source, s.bits)
+                       for k, s in enumerate(self.slices)]
+        if self.nifti is not None:  # it holds the same slice list
+            self.nifti = dataclasses.replace(self.nifti, slices=[])
+
     def map_array(self, planes: Sequence[np.ndarray]) -> np.ndarray:
         """Per-slice maps (each [H, W] at the slice's native size, slice order) -> float32 array of `shape`."""
         return self.map_output(planes)[0]
@@ -75,9 +84,7 @@ class Volume:
         grid when the stack is regular, else the resampled regular grid (`geometry.resample_planes`)."""
         info: dict[str, Any]
         if self.nifti is not None:
-            stack = np.stack([np.asarray(p, dtype=np.float32) for p in planes])  # [N, H, W]
-            out = np.ascontiguousarray(self.nifti.to_storage(stack), dtype=np.float32)
-            del stack
+            out = self.nifti.to_storage(planes)
             info = {"grid": "source", "shape": list(out.shape)}
             if self.nifti.nonfinite_mask is not None:
                 out[self.nifti.nonfinite_mask] = 0.0

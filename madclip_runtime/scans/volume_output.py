@@ -13,6 +13,7 @@ written "mean-top-k"), then compared with the same threshold.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib
 import io
@@ -39,6 +40,7 @@ from .volume import Volume
 DEFAULT_TOP_K = 3
 MONTAGE_SLICES = 6
 _FG = (235, 235, 235)
+_EMPTY = np.zeros((0, 0), np.float32)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def score_volume(predictor: Any, volume: Volume, advance: Callable[[int], None] 
     step = max(1, int(predictor.max_batch))
     for start in range(0, volume.n_slices, step):
         chunk = volume.slices[start : start + step]
-        preds.extend(predictor.predict_scans(chunk))
+        for p in predictor.predict_scans(chunk):  # the model-resolution map is not needed per volume
+            preds.append(dataclasses.replace(p, model_map=_EMPTY) if dataclasses.is_dataclass(p) else p)
         if advance is not None:
             advance(len(chunk))
     return preds
@@ -130,7 +133,10 @@ def nifti_map_bytes(volume: Volume, arr: np.ndarray, scale: tuple[float, float],
     img.header["descrip"] = b"madclip anomaly map (research use)"
     img.header["intent_code"] = 0
     img.header.set_xyzt_units("mm")
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz:  # streamed: no raw copy
+        img.to_file_map({"image": nib.FileHolder(fileobj=gz), "header": nib.FileHolder(fileobj=gz)})
+    return buf.getvalue()
 
 
 def header_agreement(volume: Volume) -> dict[str, Any]:
