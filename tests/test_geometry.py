@@ -348,3 +348,122 @@ def test_nifti2_map_header_stays_valid_and_nan_background(tmp_path):
             data = np.asarray(out.dataobj)
             assert (data[nan] == 0).all() and (data[~nan] == 1).all()
             assert all(np.isfinite(s.pixels).all() for s in vol.slices)
+
+
+# ------------------------------------------------------------------------------------------ the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from .conftest import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("geo") / "b", size=64)
+
+
+def _cli(capsys, *args) -> tuple[int, str, list[str]]:
+    from madclip_runtime.cli.infer import main
+
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, [line for line in cap.err.splitlines() if line.startswith("error:")]
+
+
+def test_cli_tilted_series_map_and_seg_agree(bundle, tmp_path, capsys):
+    """The real CLI on a 15 degree tilted series with --dicom-seg: the map is resampled (said in the JSON), both
+    readers read one grid, and the SEG's frames lie on the source slices."""
+    files = _cases(tmp_path / "in")["tilt 15 deg"]
+    rc, out, errors = _cli(capsys, files[0].parent, "--bundle", bundle, "--out", tmp_path / "o", "--dicom-seg", "--json",
+                           "--map-threshold", "0.5")
+    assert rc == 0 and not errors, errors
+    (rec,) = [json.loads(x) for x in out.splitlines()]
+    doc = json.loads((tmp_path / "o" / f"{rec['outputs']['json']}").read_text())
+    assert doc["map_geometry"]["grid"] == "resampled" and doc["seg_file"]
+    assert [s["position_mm"] for s in doc["slices"]] == pytest.approx(list(np.arange(6) * 2.5 - 30.0), abs=1e-3)
+    maps = reader_positions(tmp_path / "o" / doc["map_file"])
+    np.testing.assert_allclose(maps["SimpleITK"][1], maps["nibabel"][1], atol=1e-4)
+    seg = pydicom.dcmread(str(tmp_path / "o" / doc["seg_file"]))
+    ipp = {uid: pos for uid, _, pos, *_ in dicom_frames(files)}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        np.testing.assert_allclose(np.array(item.PlanePositionSequence[0].ImagePositionPatient, float), ipp[ref], atol=1e-3)
+
+
+def test_cli_dicom_seg_for_one_2d_dicom(bundle, tmp_path, capsys):
+    """--dicom-seg on one 2-D DICOM (pydicom's CT_small.dcm) writes a one-frame SEG referencing it."""
+    hd = pytest.importorskip("highdicom")
+    src = tmp_path / "CT_small.dcm"
+    shutil.copy(PYDICOM_DATA / "CT_small.dcm", src)
+    rc, out, errors = _cli(capsys, src, "--bundle", bundle, "--out", tmp_path / "o", "--dicom-seg", "--map-threshold",
+                           "1.0", "--json")
+    assert rc == 0 and not errors, errors
+    seg = hd.seg.segread(str(tmp_path / "o" / "CT_small_seg.dcm"))
+    assert int(seg.NumberOfFrames) == 1
+    uid = pydicom.dcmread(str(src), stop_before_pixels=True).SOPInstanceUID
+    assert uid in [u[2] for u in seg.get_source_image_uids()]
+    assert (tmp_path / "o" / "CT_small.json").is_file() and (tmp_path / "o" / "CT_small_overlay.png").is_file()
+
+
+def test_cli_bad_inputs_are_error_rows_and_the_rest_is_scored(bundle, tmp_path, capsys):
+    """A NaN-affine NIfTI, an all-zero-affine NIfTI, an RT Dose, a DICOM SEG, a CIFTI-2 file and a real
+    scan with NaN background next to a good PNG: one error line per bad input, naming it; the rest scored."""
+    from PIL import Image
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, value in (("nan_affine.nii", np.nan), ("zero_affine.nii", 0.0)):
+        raw = nib.Nifti1Image(np.ones((10, 10, 3), np.float32), np.eye(4)).to_bytes()
+        hdr = nib.Nifti1Header(raw[:348])
+        for row in ("srow_x", "srow_y", "srow_z"):
+            hdr[row] = [value] * 4
+        (d / name).write_bytes(hdr.binaryblock + raw[348:])
+    for name in ("rtdose.dcm", "liver_1frame.dcm"):
+        shutil.copy(PYDICOM_DATA / name, d / name)
+    shutil.copy(NIBABEL_DATA / "row_major.dconn.nii", d / "cifti.dconn.nii")
+    shutil.copy(NIBABEL_DATA / "resampled_anat_moved.nii", d / "resampled_anat_moved.nii")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)).save(d / "good.png")
+    rc, out, errors = _cli(capsys, d, "--bundle", bundle, "--out", tmp_path / "o", "--json")
+    assert rc == 1
+    assert len(errors) == 5, errors
+    for name, words in (("nan_affine.nii", "NaN"), ("zero_affine.nii", "singular"), ("rtdose.dcm", "RT Dose"),
+                        ("liver_1frame.dcm", "Segmentation"), ("cifti.dconn.nii", "CIFTI-2")):
+        assert any(name in e and words in e for e in errors), (name, errors)
+    assert not any("unexpected" in e or "Traceback" in e for e in errors)
+    recs = [json.loads(x) for x in out.splitlines()]
+    assert {Path(r["file"]).name for r in recs} == {"good.png", "resampled_anat_moved.nii"}
+    vol = next(r for r in recs if r["file"].endswith("moved.nii"))
+    assert vol["nonfinite_voxels"] > 0
+
+
+def test_cli_failed_seg_leaves_no_file_of_that_volume(bundle, tmp_path, capsys, monkeypatch):
+    """A SEG that cannot be built: that volume gets an error row and no file at all (no map, no montage, no
+    JSON); the next volume is written completely."""
+    import madclip_runtime.scans.dicom_seg as dicom_seg
+
+    cases = _cases(tmp_path / "in")
+    calls = []
+
+    def failing(volume, *a, **k):
+        calls.append(volume.source)
+        if len(calls) == 1:
+            raise InputError(f"{volume.source}: cannot build a DICOM SEG for this input (test)")
+        return real(volume, *a, **k)
+
+    real = dicom_seg.dicom_seg_bytes
+    monkeypatch.setattr(dicom_seg, "dicom_seg_bytes", failing)
+    out = tmp_path / "o"
+    rc, _, errors = _cli(capsys, cases["regular"][0].parent, cases["oblique"][0].parent, "--bundle", bundle,
+                         "--out", out, "--dicom-seg", "--map-threshold", "0.5", "--json")
+    assert rc == 1 and len(errors) == 1 and "cannot build a DICOM SEG" in errors[0]
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == ["oblique.json", "oblique_map.nii.gz", "oblique_montage.png", "oblique_seg.dcm"], names
+    assert not [p for p in out.iterdir() if p.name.startswith(".madclip-stage")]
+
+
+def test_mixed_orientations_named_once(tmp_path, capsys, bundle):
+    files = _cases(tmp_path / "in")["regular"]
+    ds = pydicom.dcmread(str(files[2]))
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal localizer inside the axial series
+    ds.save_as(str(files[2]))
+    rc, _, errors = _cli(capsys, files[0].parent, "--bundle", bundle, "--json")
+    assert rc == 1 and len(errors) == 1
+    assert ds.SeriesInstanceUID in errors[0] and "2 orientations" in errors[0] and "--series" not in errors[0]

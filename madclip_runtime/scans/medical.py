@@ -27,6 +27,7 @@ plane; pydicom decodes one frame), so a huge volume can still be looked at slice
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -394,7 +395,9 @@ def nifti_header(path: str, what: str = "file"):
     """Open a NIfTI lazily (header only, no voxel read) -> (image, shape without trailing singleton axes)."""
     nib = _require("nibabel", path, "NIfTI")
     try:
-        img = nib.load(path)
+        quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)  # nibabel's header fixes print unless -v
+        with (nib.imageglobals.LoggingOutputSuppressor() if quiet else contextlib.nullcontext()):
+            img = nib.load(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable NIfTI {what} ({type(exc).__name__}: {one_line(exc)})") from None
     check_nifti_image(path, img)
