@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib
 import io
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,6 +22,8 @@ from .volume import Volume
 
 
 def _highdicom() -> Any:
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # highdicom narrates every module it copies: -v only
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return importlib.import_module("highdicom")
     except ImportError:
