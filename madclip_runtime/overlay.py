@@ -240,6 +240,17 @@ def blend_map(pixels: ScanImage | np.ndarray, amap: np.ndarray, scale: tuple[flo
     return out
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    """Split `text` at double spaces into lines no wider than `width` (a part wider than that stays whole)."""
+    lines: list[str] = []
+    for part in text.split("  "):
+        if lines and _text_w(draw, lines[-1] + "  " + part, font) <= width:
+            lines[-1] += "  " + part
+        else:
+            lines.append(part)
+    return lines
+
+
 def render_montage_tiles(tiles: list[tuple[np.ndarray, np.ndarray, str, str | None]], scale: tuple[float, float],
                          map_threshold: float | None, legend: list[tuple[str, tuple[int, int, int]]],
                          min_side: int = 240, max_side: int = 512, columns: int = 3) -> Image.Image:
@@ -278,16 +289,18 @@ def render_montage_tiles(tiles: list[tuple[np.ndarray, np.ndarray, str, str | No
                                             thickness=max(1, round(longer / max(size) * 1.5))))
             if resample is not None:
                 img = img.resize(size, resample)
-        panel = Image.new("RGB", (img.width, img.height + row), _LEGEND_BG)
-        panel.paste(img, (0, row))
+        lines = _wrap(probe, caption, font, img.width - 2 * pad)
+        panel = Image.new("RGB", (img.width, img.height + len(lines) * row), _LEGEND_BG)
+        panel.paste(img, (0, len(lines) * row))
         d = ImageDraw.Draw(panel)
         colour = _ANOMALY_FG if decision == ANOMALY else (_NORMAL_FG if decision == NORMAL else _LEGEND_FG)
-        d.text((pad, pad // 2), caption, fill=colour, font=font)
+        for i, line in enumerate(lines):
+            d.text((pad, pad // 2 + i * row), line, fill=colour, font=font)
         panels.append(panel)
     cols = max(1, min(columns, len(panels)))
     n_rows = -(-len(panels) // cols)
     cw, ch = max(p.width for p in panels), max(p.height for p in panels)
-    gap = 4
+    gap = 6
     grid_w = cols * cw + (cols - 1) * gap
     bar_w = 200
     lines_w = [_text_w(probe, text, font) for text, _ in legend] + [_text_w(probe, INTENDED_USE, font)]

@@ -467,3 +467,19 @@ def test_mixed_orientations_named_once(tmp_path, capsys, bundle):
     rc, _, errors = _cli(capsys, files[0].parent, "--bundle", bundle, "--json")
     assert rc == 1 and len(errors) == 1
     assert ds.SeriesInstanceUID in errors[0] and "2 orientations" in errors[0] and "--series" not in errors[0]
+
+
+def test_montage_is_readable_for_tiny_slices(bundle, tmp_path, capsys):
+    """pydicom's 16 x 16 CT2 slices are enlarged by a whole factor to at least 240 px; the slices, not the
+    legend, fill most of the picture; every slice's position is written on it (checked via the JSON)."""
+    from PIL import Image
+
+    rc, out, errors = _cli(capsys, CT2, "--bundle", bundle, "--out", tmp_path / "o", "--json")
+    assert rc == 0 and not errors
+    (rec,) = [json.loads(x) for x in out.splitlines()]
+    img = Image.open(tmp_path / "o" / rec["outputs"]["montage"])
+    rgb = np.asarray(img.convert("RGB"))
+    assert img.width >= 3 * 240 and img.height >= 2 * 240
+    assert (rgb[:240, :240] != (24, 24, 24)).any(axis=2).mean() > 0.9  # the first tile is the scan, not text
+    assert [s["position_mm"] for s in rec["slices"]] == pytest.approx([-99.48, 103.02, 104.27, 105.52], abs=1e-3)
+    assert img.height - 2 * 240 < 0.4 * img.height  # captions and legend take less than 40 %

@@ -162,7 +162,7 @@ def render_montage(volume: Volume, preds: Sequence[Any], top: Sequence[int], sca
     for k in sorted(top):
         p = preds[k]
         pos = volume.positions_mm[k] if volume.positions_mm else None
-        caption = f"slice {k} of {volume.n_slices}" + (f"  at {pos:.1f} mm" if pos is not None else "")
+        caption = f"slice {k}/{volume.n_slices}" + (f"  {pos:.1f} mm" if pos is not None else "")
         caption += f"  score {float(p.decision_score):.3f}"
         tiles.append((volume.slices[k].pixels, p.anomaly_map, caption, p.label))
     rec = record or {}
