@@ -10,6 +10,7 @@ f(P) = P . g with |g| = 1 per mm: linear interpolation reproduces it exactly, so
 from f(its reader-given position) by less than 0.1 sits within 0.1 mm (along g) of where the data came from;
 three orthogonal g give the full position.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -39,7 +40,9 @@ CT2 = PYDICOM_DATA / "dicomdirtests" / "77654033" / "CT2"  # a real CT series wi
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def dicom_frames(files: list[Path]) -> list[tuple[str, int | None, np.ndarray, np.ndarray, np.ndarray, int, int]]:
+def dicom_frames(
+    files: list[Path],
+) -> list[tuple[str, int | None, np.ndarray, np.ndarray, np.ndarray, int, int]]:
     """(SOPInstanceUID, frame number or None, IPP, IOP, PixelSpacing, rows, cols) of every source frame,
     read straight from the files with pydicom (single-frame files, or the per-frame groups of one file)."""
     out = []
@@ -47,20 +50,38 @@ def dicom_frames(files: list[Path]) -> list[tuple[str, int | None, np.ndarray, n
         ds = pydicom.dcmread(str(f), stop_before_pixels=True)
         n = int(ds.get("NumberOfFrames", 1) or 1)
         if n == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
-            out.append((ds.SOPInstanceUID, None, np.array(ds.ImagePositionPatient, float),
-                        np.array(ds.ImageOrientationPatient, float), np.array(ds.PixelSpacing, float),
-                        int(ds.Rows), int(ds.Columns)))
+            out.append(
+                (
+                    ds.SOPInstanceUID,
+                    None,
+                    np.array(ds.ImagePositionPatient, float),
+                    np.array(ds.ImageOrientationPatient, float),
+                    np.array(ds.PixelSpacing, float),
+                    int(ds.Rows),
+                    int(ds.Columns),
+                )
+            )
             continue
         shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
         for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-            def get(seq, kw):
+
+            def get(seq, kw, item=item, shared=shared):
                 for src in (item, shared):
                     if src is not None and seq in src and kw in src[seq][0]:
                         return src[seq][0][kw].value
                 raise KeyError(kw)
-            out.append((ds.SOPInstanceUID, i + 1, np.array(get("PlanePositionSequence", "ImagePositionPatient"), float),
-                        np.array(get("PlaneOrientationSequence", "ImageOrientationPatient"), float),
-                        np.array(get("PixelMeasuresSequence", "PixelSpacing"), float), int(ds.Rows), int(ds.Columns)))
+
+            out.append(
+                (
+                    ds.SOPInstanceUID,
+                    i + 1,
+                    np.array(get("PlanePositionSequence", "ImagePositionPatient"), float),
+                    np.array(get("PlaneOrientationSequence", "ImageOrientationPatient"), float),
+                    np.array(get("PixelMeasuresSequence", "PixelSpacing"), float),
+                    int(ds.Rows),
+                    int(ds.Columns),
+                )
+            )
     return out
 
 
@@ -79,8 +100,9 @@ def reader_positions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     idx = np.stack(np.meshgrid(*[np.arange(s) for s in arr.shape], indexing="ij"), axis=-1).astype(float)
     out["SimpleITK"] = (arr, idx @ m.T + np.array(img.GetOrigin()))
     for probe in ((0, 0, 0), tuple(s - 1 for s in arr.shape)):  # the matrix above is what ITK computes
-        np.testing.assert_allclose(img.TransformIndexToPhysicalPoint([int(v) for v in probe]),
-                                   out["SimpleITK"][1][probe], atol=1e-4)
+        np.testing.assert_allclose(
+            img.TransformIndexToPhysicalPoint([int(v) for v in probe]), out["SimpleITK"][1][probe], atol=1e-4
+        )
     n = nib.load(str(path))
     ras = idx @ n.affine[:3, :3].T + n.affine[:3, 3]
     out["nibabel"] = (np.asarray(n.dataobj, dtype=np.float32), ras * [-1, -1, 1])
@@ -95,23 +117,41 @@ GRADIENTS = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
 def write_linear_map(volume, out: Path, g: np.ndarray, seg: bool = False) -> dict:
     """Write `volume`'s outputs with per-slice maps f(P) = P . g (P: the DICOM position of each pixel, from
     the madclip-independent `dicom_frames`) through the real writer; -> the paths and the JSON."""
-    from madclip_runtime.scans.volume_output import VolumeScoreMethod, save_volume_outputs, summarize, volume_record
+    from madclip_runtime.scans.volume_output import (
+        VolumeScoreMethod,
+        save_volume_outputs,
+        summarize,
+        volume_record,
+    )
 
     frames = volume._test_frames
     planes = []
-    for k, src in enumerate(volume.frame_of_slice):
+    for src in volume.frame_of_slice:
         _, _, ipp, iop, sp, r, c = frames[src]
         planes.append((pixel_positions(ipp, iop, sp, r, c) @ g + 1000.0).astype(np.float32))
-    preds = [SimpleNamespace(anomaly_map=p, decision_score=float(p.max()), score=float(p.max()), score_map_max=None,
-                             label=None, source=f"s{k}") for k, p in enumerate(planes)]
+    preds = [
+        SimpleNamespace(
+            anomaly_map=p,
+            decision_score=float(p.max()),
+            score=float(p.max()),
+            score_map_max=None,
+            label=None,
+            source=f"s{k}",
+        )
+        for k, p in enumerate(planes)
+    ]
     predictor = SimpleNamespace(score_name="score", backend_name="test", provider="numpy", precision="fp32")
-    record = volume_record(volume, summarize(volume, preds, VolumeScoreMethod("max", 1), None, "score"), predictor)
+    record = volume_record(
+        volume, summarize(volume, preds, VolumeScoreMethod("max", 1), None, "score"), predictor
+    )
     build = None
     if seg:
         from madclip_runtime.scans.dicom_seg import dicom_seg_bytes
 
         build = lambda pl: dicom_seg_bytes(volume, pl, 1000.0, "test", "madclip test")  # noqa: E731
-    paths = save_volume_outputs(str(out), volume.name, volume, preds, record, (0.0, 2000.0), 1000.0, "test", build)
+    paths = save_volume_outputs(
+        str(out), volume.name, volume, preds, record, (0.0, 2000.0), 1000.0, "test", build
+    )
     return {"paths": paths, "json": json.loads(Path(paths["json"]).read_text())}
 
 
@@ -121,7 +161,9 @@ def read_volume(files: list[Path]):
     (job,), flat, errors = plan_volumes([str(f) for f in files])
     assert not flat and not errors
     vol = job.read()
-    vol._test_frames = dicom_frames([Path(d.filename) for d in vol.datasets])  # the source order of frame_of_slice
+    vol._test_frames = dicom_frames(
+        [Path(d.filename) for d in vol.datasets]
+    )  # the source order of frame_of_slice
     return vol
 
 
@@ -138,8 +180,14 @@ def max_position_error(volume, tmp: Path, gradients=GRADIENTS, min_data: float =
     return worst
 
 
-def write_stack(folder: Path, positions: np.ndarray, iop=(1, 0, 0, 0, 1, 0), shape=(12, 10), spacing=(0.8, 0.7),
-                tilt: float | None = None) -> list[Path]:
+def write_stack(
+    folder: Path,
+    positions: np.ndarray,
+    iop=(1, 0, 0, 0, 1, 0),
+    shape=(12, 10),
+    spacing=(0.8, 0.7),
+    tilt: float | None = None,
+) -> list[Path]:
     """A CT series with slice k at `positions[k]` (LPS), written with the conftest writer then repositioned."""
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 1000, size=(len(positions),) + shape).astype(np.int16)
@@ -168,13 +216,15 @@ def _cases(tmp: Path) -> dict[str, list[Path]]:
     out["oblique"] = write_stack(tmp / "oblique", origin + np.outer(z, normal), iop=(*row, *col))
     for deg in (15.0, 0.3):  # gantry tilt: each slice origin moves along the column direction (y) with z
         shift = np.tan(np.radians(deg)) * z
-        out[f"tilt {deg:g} deg"] = write_stack(tmp / f"tilt{deg:g}", origin + np.outer(z, [0, 0, 1])
-                                               + np.outer(shift, [0, 1, 0]), tilt=deg)
+        out[f"tilt {deg:g} deg"] = write_stack(
+            tmp / f"tilt{deg:g}", origin + np.outer(z, [0, 0, 1]) + np.outer(shift, [0, 1, 0]), tilt=deg
+        )
     zu = np.array([0.0, 2.5, 5.0, 10.0, 11.25, 13.75])  # a missing slice and a half step
     out["uneven"] = write_stack(tmp / "uneven", origin + np.outer(zu, [0, 0, 1]))
     shift = np.tan(np.radians(10.0)) * zu
-    out["tilted + uneven oblique"] = write_stack(tmp / "tu", origin + np.outer(zu, normal) + np.outer(shift, col),
-                                                 iop=(*row, *col))
+    out["tilted + uneven oblique"] = write_stack(
+        tmp / "tu", origin + np.outer(zu, normal) + np.outer(shift, col), iop=(*row, *col)
+    )
     return out
 
 
@@ -190,8 +240,14 @@ def test_map_voxels_sit_on_their_dicom_pixels_in_both_readers(tmp_path):
         report[name] = (vol.grid.resampled, worst)
         assert all(v < TOL_MM for v in worst.values()), (name, worst)
     assert {k for k, (resampled, _) in report.items() if resampled} == {
-        "tilt 15 deg", "tilt 0.3 deg", "uneven", "tilted + uneven oblique"}
-    print("\nposition error (mm):", {k: {r: round(e, 5) for r, e in v.items()} for k, (_, v) in report.items()})
+        "tilt 15 deg",
+        "tilt 0.3 deg",
+        "uneven",
+        "tilted + uneven oblique",
+    }
+    print(
+        "\nposition error (mm):", {k: {r: round(e, 5) for r, e in v.items()} for k, (_, v) in report.items()}
+    )
 
 
 def test_regular_stack_is_written_as_acquired_voxel_for_voxel(tmp_path):
@@ -205,7 +261,9 @@ def test_regular_stack_is_written_as_acquired_voxel_for_voxel(tmp_path):
         assert data.shape == (12, 10, 6)
         for k, src in enumerate(vol.frame_of_slice):
             _, _, ipp, iop, sp, r, c = frames[src]
-            np.testing.assert_allclose(pos[:, :, k], pixel_positions(ipp, iop, sp, r, c), atol=TOL_MM, err_msg=reader)
+            np.testing.assert_allclose(
+                pos[:, :, k], pixel_positions(ipp, iop, sp, r, c), atol=TOL_MM, err_msg=reader
+            )
 
 
 def test_tilt_is_resampled_and_said_in_the_json(tmp_path):
@@ -231,8 +289,9 @@ def test_seg_frames_sit_on_and_reference_their_source_frames(tmp_path):
     assert int(seg.NumberOfFrames) == len(by_uid)
     for item in seg.PerFrameFunctionalGroupsSequence:
         ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        np.testing.assert_allclose(np.array(item.PlanePositionSequence[0].ImagePositionPatient, float),
-                                   by_uid[ref][0], atol=1e-3)
+        np.testing.assert_allclose(
+            np.array(item.PlanePositionSequence[0].ImagePositionPatient, float), by_uid[ref][0], atol=1e-3
+        )
     assert set(hd.seg.segread(res["paths"]["seg"]).get_source_image_uids()[0][:1])  # highdicom parses it
 
 
@@ -240,11 +299,16 @@ def test_enhanced_multiframe_philips_mprage(tmp_path):
     """nibabel's Philips Enhanced MR: map in both readers on the frames' DICOM positions; SEG (which failed
     with "no attribute 'PixelMeasuresSequence'") built, one frame per source frame, each referencing it."""
     src = tmp_path / "philips_mprage.dcm"
-    src.write_bytes(gzip.decompress((Path(nib.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz")
-                                    .read_bytes()))
+    src.write_bytes(
+        gzip.decompress(
+            (Path(nib.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz").read_bytes()
+        )
+    )
     vol = read_volume([src])
     assert vol.kind == "dicom-multiframe"
-    worst = max_position_error(vol, tmp_path / "out", [np.array([0.48, 0.6, 0.64])])  # one oblique g: 11M voxels
+    worst = max_position_error(
+        vol, tmp_path / "out", [np.array([0.48, 0.6, 0.64])]
+    )  # one oblique g: 11M voxels
     assert all(v < TOL_MM for v in worst.values()), worst
     res = write_linear_map(vol, tmp_path / "seg", GRADIENTS[2], seg=True)
     seg = pydicom.dcmread(res["paths"]["seg"])
@@ -252,10 +316,17 @@ def test_enhanced_multiframe_philips_mprage(tmp_path):
     positions = {frame: ipp for _, frame, ipp, *_ in vol._test_frames}
     for item in seg.PerFrameFunctionalGroupsSequence:
         ref = item.DerivationImageSequence[0].SourceImageSequence[0]
-        np.testing.assert_allclose(np.array(item.PlanePositionSequence[0].ImagePositionPatient, float),
-                                   positions[int(ref.ReferencedFrameNumber[0] if isinstance(
-                                       ref.ReferencedFrameNumber, pydicom.multival.MultiValue)
-                                       else ref.ReferencedFrameNumber)], atol=1e-3)
+        np.testing.assert_allclose(
+            np.array(item.PlanePositionSequence[0].ImagePositionPatient, float),
+            positions[
+                int(
+                    ref.ReferencedFrameNumber[0]
+                    if isinstance(ref.ReferencedFrameNumber, pydicom.multival.MultiValue)
+                    else ref.ReferencedFrameNumber
+                )
+            ],
+            atol=1e-3,
+        )
 
 
 def test_pydicom_ct2_with_a_202_mm_gap(tmp_path):
@@ -279,15 +350,25 @@ def test_regular_grid_matches_dcm2niix(tmp_path):
     files = _cases(tmp_path / "in")["oblique"]
     vol = read_volume(files)
     res = write_linear_map(vol, tmp_path / "out", GRADIENTS[0])
-    subprocess.run([exe, "-z", "n", "-f", "ref", "-o", str(tmp_path), str(files[0].parent)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [exe, "-z", "n", "-f", "ref", "-o", str(tmp_path), str(files[0].parent)],
+        check=True,
+        capture_output=True,
+    )
     ours, ref = sitk.ReadImage(res["paths"]["map"]), sitk.ReadImage(str(tmp_path / "ref.nii"))
     assert ours.GetSize() in (ref.GetSize(),) or sorted(ours.GetSize()) == sorted(ref.GetSize())
-    corners_ours = {tuple(np.round(ours.TransformIndexToPhysicalPoint([i, j, k]), 1))
-                    for i in (0, ours.GetSize()[0] - 1) for j in (0, ours.GetSize()[1] - 1)
-                    for k in (0, ours.GetSize()[2] - 1)}
-    corners_ref = [ref.TransformIndexToPhysicalPoint([i, j, k]) for i in (0, ref.GetSize()[0] - 1)
-                   for j in (0, ref.GetSize()[1] - 1) for k in (0, ref.GetSize()[2] - 1)]
+    corners_ours = {
+        tuple(np.round(ours.TransformIndexToPhysicalPoint([i, j, k]), 1))
+        for i in (0, ours.GetSize()[0] - 1)
+        for j in (0, ours.GetSize()[1] - 1)
+        for k in (0, ours.GetSize()[2] - 1)
+    }
+    corners_ref = [
+        ref.TransformIndexToPhysicalPoint([i, j, k])
+        for i in (0, ref.GetSize()[0] - 1)
+        for j in (0, ref.GetSize()[1] - 1)
+        for k in (0, ref.GetSize()[2] - 1)
+    ]
     for p in corners_ref:  # dcm2niix may flip the row axis; the set of corner points must be the same
         assert min(np.abs(np.array(c) - p).max() for c in corners_ours) < TOL_MM
 
@@ -295,10 +376,16 @@ def test_regular_grid_matches_dcm2niix(tmp_path):
 # ------------------------------------------------------------------------------------------ refusals, NIfTI
 
 
-@pytest.mark.parametrize("name,words", [
-    ("rtdose.dcm", "RT Dose Storage"), ("rtplan.dcm", "RT Plan Storage"), ("rtstruct.dcm", "RT Structure Set"),
-    ("liver_1frame.dcm", "Segmentation Storage"), ("test-SR.dcm", "Comprehensive SR"),
-])
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        ("rtdose.dcm", "RT Dose Storage"),
+        ("rtplan.dcm", "RT Plan Storage"),
+        ("rtstruct.dcm", "RT Structure Set"),
+        ("liver_1frame.dcm", "Segmentation Storage"),
+        ("test-SR.dcm", "Comprehensive SR"),
+    ],
+)
 def test_non_image_dicom_refused_naming_the_sop_class(name, words):
     from madclip_runtime.scans.medical import read_dicom
 
@@ -327,18 +414,34 @@ def test_nifti2_map_header_stays_valid_and_nan_background(tmp_path):
     """nibabel's NIfTI-2 example keeps a readable qform; nibabel's resampled_anat_moved.nii (NaN outside the
     field of view) is scored with NaN as background, masked (0) in the map, and counted in the JSON."""
     from madclip_runtime.scans.volume import read_nifti_as_volume
-    from madclip_runtime.scans.volume_output import VolumeScoreMethod, save_volume_outputs, summarize, volume_record
+    from madclip_runtime.scans.volume_output import (
+        VolumeScoreMethod,
+        save_volume_outputs,
+        summarize,
+        volume_record,
+    )
 
     predictor = SimpleNamespace(score_name="score", backend_name="test", provider="numpy", precision="fp32")
     for name, idx in (("example_nifti2.nii.gz", 0), ("resampled_anat_moved.nii", None)):
         vol = read_nifti_as_volume(str(NIBABEL_DATA / name), volume_index=idx)
-        preds = [SimpleNamespace(anomaly_map=np.ones((s.height, s.width), np.float32), decision_score=1.0, score=1.0,
-                                 score_map_max=1.0, label=None, source=s.source) for s in vol.slices]
+        preds = [
+            SimpleNamespace(
+                anomaly_map=np.ones((s.height, s.width), np.float32),
+                decision_score=1.0,
+                score=1.0,
+                score_map_max=1.0,
+                label=None,
+                source=s.source,
+            )
+            for s in vol.slices
+        ]
         rec = volume_record(vol, summarize(vol, preds, VolumeScoreMethod("max", 1), None, "score"), predictor)
         paths = save_volume_outputs(str(tmp_path / name), vol.name, vol, preds, rec, (0.0, 4.0), None, None)
         out = nib.load(paths["map"])
         src = nib.load(str(NIBABEL_DATA / name))
-        np.testing.assert_allclose(out.get_qform(), src.get_qform(), atol=1e-5)  # does not raise, same geometry
+        np.testing.assert_allclose(
+            out.get_qform(), src.get_qform(), atol=1e-5
+        )  # does not raise, same geometry
         np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
         doc = json.loads(Path(paths["json"]).read_text())
         if name.startswith("resampled"):
@@ -372,20 +475,34 @@ def test_cli_tilted_series_map_and_seg_agree(bundle, tmp_path, capsys):
     """The real CLI on a 15 degree tilted series with --dicom-seg: the map is resampled (said in the JSON), both
     readers read one grid, and the SEG's frames lie on the source slices."""
     files = _cases(tmp_path / "in")["tilt 15 deg"]
-    rc, out, errors = _cli(capsys, files[0].parent, "--bundle", bundle, "--out", tmp_path / "o", "--dicom-seg", "--json",
-                           "--map-threshold", "0.5")
+    rc, out, errors = _cli(
+        capsys,
+        files[0].parent,
+        "--bundle",
+        bundle,
+        "--out",
+        tmp_path / "o",
+        "--dicom-seg",
+        "--json",
+        "--map-threshold",
+        "0.5",
+    )
     assert rc == 0 and not errors, errors
     (rec,) = [json.loads(x) for x in out.splitlines()]
     doc = json.loads((tmp_path / "o" / f"{rec['outputs']['json']}").read_text())
     assert doc["map_geometry"]["grid"] == "resampled" and doc["seg_file"]
-    assert [s["position_mm"] for s in doc["slices"]] == pytest.approx(list(np.arange(6) * 2.5 - 30.0), abs=1e-3)
+    assert [s["position_mm"] for s in doc["slices"]] == pytest.approx(
+        list(np.arange(6) * 2.5 - 30.0), abs=1e-3
+    )
     maps = reader_positions(tmp_path / "o" / doc["map_file"])
     np.testing.assert_allclose(maps["SimpleITK"][1], maps["nibabel"][1], atol=1e-4)
     seg = pydicom.dcmread(str(tmp_path / "o" / doc["seg_file"]))
     ipp = {uid: pos for uid, _, pos, *_ in dicom_frames(files)}
     for item in seg.PerFrameFunctionalGroupsSequence:
         ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        np.testing.assert_allclose(np.array(item.PlanePositionSequence[0].ImagePositionPatient, float), ipp[ref], atol=1e-3)
+        np.testing.assert_allclose(
+            np.array(item.PlanePositionSequence[0].ImagePositionPatient, float), ipp[ref], atol=1e-3
+        )
 
 
 def test_cli_dicom_seg_for_one_2d_dicom(bundle, tmp_path, capsys):
@@ -393,14 +510,26 @@ def test_cli_dicom_seg_for_one_2d_dicom(bundle, tmp_path, capsys):
     hd = pytest.importorskip("highdicom")
     src = tmp_path / "CT_small.dcm"
     shutil.copy(PYDICOM_DATA / "CT_small.dcm", src)
-    rc, out, errors = _cli(capsys, src, "--bundle", bundle, "--out", tmp_path / "o", "--dicom-seg", "--map-threshold",
-                           "1.0", "--json")
+    rc, out, errors = _cli(
+        capsys,
+        src,
+        "--bundle",
+        bundle,
+        "--out",
+        tmp_path / "o",
+        "--dicom-seg",
+        "--map-threshold",
+        "1.0",
+        "--json",
+    )
     assert rc == 0 and not errors, errors
     seg = hd.seg.segread(str(tmp_path / "o" / "CT_small_seg.dcm"))
     assert int(seg.NumberOfFrames) == 1
     uid = pydicom.dcmread(str(src), stop_before_pixels=True).SOPInstanceUID
     assert uid in [u[2] for u in seg.get_source_image_uids()]
-    assert (tmp_path / "o" / "CT_small.json").is_file() and (tmp_path / "o" / "CT_small_overlay.png").is_file()
+    assert (tmp_path / "o" / "CT_small.json").is_file() and (
+        tmp_path / "o" / "CT_small_overlay.png"
+    ).is_file()
 
 
 def test_cli_bad_inputs_are_error_rows_and_the_rest_is_scored(bundle, tmp_path, capsys):
@@ -424,8 +553,13 @@ def test_cli_bad_inputs_are_error_rows_and_the_rest_is_scored(bundle, tmp_path, 
     rc, out, errors = _cli(capsys, d, "--bundle", bundle, "--out", tmp_path / "o", "--json")
     assert rc == 1
     assert len(errors) == 5, errors
-    for name, words in (("nan_affine.nii", "NaN"), ("zero_affine.nii", "singular"), ("rtdose.dcm", "RT Dose"),
-                        ("liver_1frame.dcm", "Segmentation"), ("cifti.dconn.nii", "CIFTI-2")):
+    for name, words in (
+        ("nan_affine.nii", "NaN"),
+        ("zero_affine.nii", "singular"),
+        ("rtdose.dcm", "RT Dose"),
+        ("liver_1frame.dcm", "Segmentation"),
+        ("cifti.dconn.nii", "CIFTI-2"),
+    ):
         assert any(name in e and words in e for e in errors), (name, errors)
     assert not any("unexpected" in e or "Traceback" in e for e in errors)
     recs = [json.loads(x) for x in out.splitlines()]
@@ -451,8 +585,19 @@ def test_cli_failed_seg_leaves_no_file_of_that_volume(bundle, tmp_path, capsys, 
     real = dicom_seg.dicom_seg_bytes
     monkeypatch.setattr(dicom_seg, "dicom_seg_bytes", failing)
     out = tmp_path / "o"
-    rc, _, errors = _cli(capsys, cases["regular"][0].parent, cases["oblique"][0].parent, "--bundle", bundle,
-                         "--out", out, "--dicom-seg", "--map-threshold", "0.5", "--json")
+    rc, _, errors = _cli(
+        capsys,
+        cases["regular"][0].parent,
+        cases["oblique"][0].parent,
+        "--bundle",
+        bundle,
+        "--out",
+        out,
+        "--dicom-seg",
+        "--map-threshold",
+        "0.5",
+        "--json",
+    )
     assert rc == 1 and len(errors) == 1 and "cannot build a DICOM SEG" in errors[0]
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert names == ["oblique.json", "oblique_map.nii.gz", "oblique_montage.png", "oblique_seg.dcm"], names
@@ -481,5 +626,7 @@ def test_montage_is_readable_for_tiny_slices(bundle, tmp_path, capsys):
     rgb = np.asarray(img.convert("RGB"))
     assert img.width >= 3 * 240 and img.height >= 2 * 240
     assert (rgb[:240, :240] != (24, 24, 24)).any(axis=2).mean() > 0.9  # the first tile is the scan, not text
-    assert [s["position_mm"] for s in rec["slices"]] == pytest.approx([-99.48, 103.02, 104.27, 105.52], abs=1e-3)
+    assert [s["position_mm"] for s in rec["slices"]] == pytest.approx(
+        [-99.48, 103.02, 104.27, 105.52], abs=1e-3
+    )
     assert img.height - 2 * 240 < 0.4 * img.height  # captions and legend take less than 40 %

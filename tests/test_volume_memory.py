@@ -6,6 +6,7 @@ madclip-prepare cuts a labelled volume into a training set, divided by the volum
 issue 19 the ratios were 4.1 (infer) and 4.0 (prepare) on this volume; the bounds stated in docs/volumes.md
 are 3 and 2.5.
 """
+
 from __future__ import annotations
 
 import tracemalloc
@@ -23,7 +24,7 @@ FLOAT32_BYTES = int(np.prod(SHAPE)) * 4
 
 def _phantom() -> np.ndarray:
     x, y, z = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij", sparse=True)
-    vol = (((x - 128) ** 2 + (y - 128) ** 2 < 90 ** 2) * 1000 + z // 8).astype(np.int16)
+    vol = (((x - 128) ** 2 + (y - 128) ** 2 < 90**2) * 1000 + z // 8).astype(np.int16)
     return np.ascontiguousarray(vol)
 
 
@@ -37,10 +38,10 @@ def _peak(fn) -> float:
 
 
 def test_infer_and_prepare_memory_is_a_small_multiple_of_the_volume(tmp_path):
-    from madclip_runtime.cli.infer import main as infer_main
-    from madclip_runtime.cli.prepare import main as prepare_main
     import madclip_runtime.predictor  # noqa: F401  (warm every import the runs make)
     import madclip_runtime.scans.volume_output  # noqa: F401
+    from madclip_runtime.cli.infer import main as infer_main
+    from madclip_runtime.cli.prepare import main as prepare_main
 
     bundle = build_tiny_bundle(tmp_path / "b", size=64)
     vol = _phantom()
@@ -55,9 +56,22 @@ def test_infer_and_prepare_memory_is_a_small_multiple_of_the_volume(tmp_path):
     del vol, lab
 
     assert infer_main([str(nii), "--bundle", str(bundle), "--out", str(tmp_path / "warm"), "--json"]) == 0
-    infer = _peak(lambda: infer_main([str(nii), "--bundle", str(bundle), "--out", str(tmp_path / "o"), "--json"]))
-    prep = _peak(lambda: prepare_main(["--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
-                                       "--out", str(tmp_path / "p"), "--force"]))
+    infer = _peak(
+        lambda: infer_main([str(nii), "--bundle", str(bundle), "--out", str(tmp_path / "o"), "--json"])
+    )
+    prep = _peak(
+        lambda: prepare_main(
+            [
+                "--images",
+                str(tmp_path / "img"),
+                "--labels",
+                str(tmp_path / "lab"),
+                "--out",
+                str(tmp_path / "p"),
+                "--force",
+            ]
+        )
+    )
     print(f"\npeak traced memory / float32 volume: infer {infer:.2f}, prepare {prep:.2f}")
     assert infer <= 3.0, infer
     assert prep <= 2.5, prep

@@ -98,7 +98,7 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
         try:
             volume = job.read(bundle.spec.window, args.volume_index)
             task = progress.add_task(f"{volume.name} ({volume.n_slices} slices)", total=volume.n_slices)
-            preds = score_volume(predictor, volume, lambda n: progress.advance(task, n))
+            preds = score_volume(predictor, volume, lambda n, t=task: progress.advance(t, n))
             progress.remove_task(task)
             task = None
             record = volume_record(volume, summarize(volume, preds, method, predictor.threshold,
@@ -160,7 +160,7 @@ def _one_line(exc: BaseException) -> str:
 
 def dicom_image_seg(args: argparse.Namespace, bundle: Any, path: str, scan: Any, amap: Any) -> bytes:
     """The one-frame DICOM SEG of a 2-D DICOM image scored on the 2-D path (--dicom-seg)."""
-    from ..scans.dicom_seg import dicom_seg_bytes, image_volume
+    from ..scans.dicom_seg import image_volume
     from ..scans.medical import read_dicom_header
 
     map_t, method = map_threshold_choice(args, bundle)

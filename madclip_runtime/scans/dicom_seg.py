@@ -22,7 +22,7 @@ from .volume import Volume
 
 
 def _highdicom() -> Any:
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # highdicom narrates every module it copies: -v only
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # highdicom narrates each module it copies: -v
         logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return importlib.import_module("highdicom")
@@ -37,7 +37,7 @@ def seg_pixels(volume: Volume, planes: Sequence[np.ndarray], threshold: float) -
     its source image."""
     r, c = np.asarray(planes[0]).shape[:2]
     frames = np.zeros((len(planes), r, c), dtype=np.uint8)  # [N, R, C]
-    for k, src in enumerate(volume.frame_of_slice or range(len(planes))):  # slice k came from file/frame `src`
+    for k, src in enumerate(volume.frame_of_slice or range(len(planes))):  # slice k came from frame `src`
         frames[src] = np.asarray(planes[k]) >= threshold
     return frames
 
@@ -66,12 +66,14 @@ def _plane_sequences(hd: Any, volume: Volume) -> dict[str, Any]:
         thickness = float(volume.grid.dz) if volume.grid is not None and volume.grid.dz > 0 else 1.0
     return {
         "plane_orientation": hd.PlaneOrientationSequence(
-            coordinate_system="PATIENT", image_orientation=[float(x) for x in (*geom.row_cos, *geom.col_cos)]),
+            coordinate_system="PATIENT",
+            image_orientation=[float(x) for x in (*geom.row_cos, *geom.col_cos)]),
         "pixel_measures": hd.PixelMeasuresSequence(pixel_spacing=[float(x) for x in geom.spacing],
                                                    slice_thickness=float(thickness)),
         "plane_positions": [hd.PlanePositionSequence(coordinate_system="PATIENT",
                                                      image_position=[float(x) for x in p],
-                                                     pixel_matrix_position=(1, 1)) for p in position_of_source],
+                                                     pixel_matrix_position=(1, 1))
+                            for p in position_of_source],
     }
 
 
@@ -82,8 +84,9 @@ def _shared_geometry(ds: Any) -> Any:
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
     missing = [name for name in ("PixelMeasuresSequence", "PlaneOrientationSequence")
-               if not (len(ds.get("SharedFunctionalGroupsSequence", [])) and name in ds.SharedFunctionalGroupsSequence[0])]
+               if not (len(shared) and name in shared[0])]
     if not missing or not len(ds.get("PerFrameFunctionalGroupsSequence", [])):
         return ds
     out = copy.deepcopy(ds)
@@ -144,7 +147,8 @@ def dicom_seg_bytes(volume: Volume, planes: Sequence[np.ndarray], threshold: flo
         )
     except Exception as exc:  # highdicom validates a lot of the sources; any refusal is one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{volume.source}: cannot build a DICOM SEG for this input ({type(exc).__name__}: {first})") from None
+        raise InputError(f"{volume.source}: cannot build a DICOM SEG for this input "
+                         f"({type(exc).__name__}: {first})") from None
     buf = io.BytesIO()
     seg.save_as(buf)
     return buf.getvalue()

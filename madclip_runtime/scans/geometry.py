@@ -16,13 +16,14 @@ A DICOM stack fits such a grid exactly when every slice origin lies on the norma
 are resampled onto a regular grid aligned with the slice plane: rows/columns keep the pixel spacing and
 the in-plane extent grows to cover every slice; planes are `dz` apart along the normal, `dz` the smallest
 step in the stack (larger when the grid would exceed max(8 x the source's voxels, 16M voxels); the JSON
-then counts the slices that fall between planes). Each output plane interpolates linearly between the two source
-slices around it (each shifted in-plane to its true position, bilinearly); a plane inside a gap (a step
+then counts the slices that fall between planes). Each output plane interpolates linearly between the two
+source slices around it (each shifted in-plane to its true position, bilinearly); a plane inside a gap (a step
 larger than 1.5 x the median step) holds no data unless it lies on a slice: values never move off their
 position.
 Voxels with no data (outside every slice's extent, inside a gap) are 0 in the map and counted in the JSON.
 The DICOM SEG is always written on the source frames, so both outputs place each value at the same point.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,11 @@ class StackGeometry:
     def pixel_positions_lps(self, k: int) -> np.ndarray:
         """[R, C, 3] DICOM patient position of every pixel centre of slice k (as the standard defines it)."""
         r, c = np.meshgrid(np.arange(self.rows), np.arange(self.cols), indexing="ij")
-        return (self.positions[k][None, None, :] + r[..., None] * self.spacing[0] * self.col_cos
-                + c[..., None] * self.spacing[1] * self.row_cos)
+        return (
+            self.positions[k][None, None, :]
+            + r[..., None] * self.spacing[0] * self.col_cos
+            + c[..., None] * self.spacing[1] * self.row_cos
+        )
 
 
 @dataclass
@@ -87,19 +91,25 @@ class MapGrid:
 
     def info(self) -> dict[str, Any]:
         zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-        out: dict[str, Any] = {"grid": "resampled" if self.resampled else "source",
-                               "shape": list(self.shape), "voxel_mm": [round(float(z), 6) for z in zooms]}
+        out: dict[str, Any] = {
+            "grid": "resampled" if self.resampled else "source",
+            "shape": list(self.shape),
+            "voxel_mm": [round(float(z), 6) for z in zooms],
+        }
         if self.resampled:
             out["reason"] = self.reason
-            out["method"] = ("linear between neighbouring slices, bilinear in-plane shift to each slice's true "
-                             "position; no interpolation across gaps")
+            out["method"] = (
+                "linear between neighbouring slices, bilinear in-plane shift to each slice's "
+                "true position; no interpolation across gaps"
+            )
             out["slice_spacing_mm"] = round(self.dz, 6)
             out["source_slices_in_map"] = self.slices_on_grid()
         return out
 
 
-def _affine(origin: np.ndarray, u: np.ndarray, v: np.ndarray, n: np.ndarray, dr: float, dc: float,
-            dz: float) -> np.ndarray:
+def _affine(
+    origin: np.ndarray, u: np.ndarray, v: np.ndarray, n: np.ndarray, dr: float, dc: float, dz: float
+) -> np.ndarray:
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = u * dr, v * dc, n * dz, origin
     return LPS_TO_RAS @ lps
@@ -118,8 +128,9 @@ def classify(geom: StackGeometry) -> tuple[list[str], float]:
     drift = np.hypot(off[-1, 0], off[-1, 1])
     tilt = math.degrees(math.atan2(drift, span)) if span > 0 else 0.0
     if drift > POSITION_TOL:
-        reasons.append(f"gantry tilt / sheared stack ({tilt:.2f} degrees: slice origins drift {drift:.2f} mm "
-                       "in-plane)")
+        reasons.append(
+            f"gantry tilt / sheared stack ({tilt:.2f} degrees: slice origins drift {drift:.2f} mm in-plane)"
+        )
     elif np.abs(inplane).max() > POSITION_TOL:
         reasons.append(f"slice origins off the slice normal by up to {np.abs(inplane).max():.2f} mm")
     steps = np.diff(w)
@@ -138,8 +149,13 @@ def map_grid(geom: StackGeometry) -> MapGrid:
     reasons, _ = classify(geom)
     if not reasons:
         dz = float(off[-1, 2] / (n - 1)) if n > 1 else 1.0
-        return MapGrid((geom.rows, geom.cols, n), _affine(geom.positions[0], u, v, nrm, dr, dc, dz), False,
-                       planes=[[(k, 1.0)] for k in range(n)], dz=dz)
+        return MapGrid(
+            (geom.rows, geom.cols, n),
+            _affine(geom.positions[0], u, v, nrm, dr, dc, dz),
+            False,
+            planes=[[(k, 1.0)] for k in range(n)],
+            dz=dz,
+        )
     w = off[:, 2]
     steps = np.diff(w)
     med = float(np.median(steps))
@@ -166,12 +182,13 @@ def map_grid(geom: StackGeometry) -> MapGrid:
         elif k + 1 < n and steps[k] <= GAP_FACTOR * med:
             t = (z - w[k]) / steps[k]
             planes.append([(k, 1.0 - t), (k + 1, t)])
-        else:  # inside a gap (a missing slice, two acquisitions): no data, never a slice moved off its position
+        else:  # inside a gap (a missing slice, two acquisitions): no data; no slice moves off its position
             planes.append([])
     shifts = np.stack([(off[:, 0] - a_min) / dr, (off[:, 1] - b_min) / dc], axis=1)
     origin = geom.positions[0] + a_min * u + b_min * v
-    return MapGrid((rows, cols, m), _affine(origin, u, v, nrm, dr, dc, dz), True, "; ".join(reasons),
-                   shifts, planes, dz)
+    return MapGrid(
+        (rows, cols, m), _affine(origin, u, v, nrm, dr, dc, dz), True, "; ".join(reasons), shifts, planes, dz
+    )
 
 
 def _shift_axis(x: np.ndarray, shift: float, size: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,9 +209,10 @@ def _shift_axis(x: np.ndarray, shift: float, size: int, axis: int) -> tuple[np.n
     return a * (1.0 - f) + b * f, valid
 
 
-def resample_planes(grid: MapGrid, planes: Sequence[np.ndarray],
-                    valid: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, int]:
-    """Per-slice maps (slice order, [R, C] each) -> (float32 array of grid.shape [R', C', M], voxels w/o data).
+def resample_planes(
+    grid: MapGrid, planes: Sequence[np.ndarray], valid: Sequence[np.ndarray | None] | None = None
+) -> tuple[np.ndarray, int]:
+    """Per-slice maps (slice order, [R, C] each) -> (float32 array [R', C', M] of grid.shape, voxels w/o data).
 
     `valid` (optional, per slice [R, C] bool) marks source pixels that hold data (False: masked input)."""
     rows, cols, m = grid.shape
@@ -205,8 +223,11 @@ def resample_planes(grid: MapGrid, planes: Sequence[np.ndarray],
         ok = np.ones((rows, cols), dtype=bool) if contrib else np.zeros((rows, cols), dtype=bool)
         for k, wt in contrib:
             src = np.asarray(planes[k], dtype=np.float32)
-            src_ok = np.ones(src.shape, np.float32) if valid is None or valid[k] is None else valid[k].astype(np.float32)
-            sr, sc = (0.0, 0.0) if grid.shifts is None else (float(grid.shifts[k, 0]), float(grid.shifts[k, 1]))
+            mask = None if valid is None else valid[k]
+            src_ok = np.ones(src.shape, np.float32) if mask is None else mask.astype(np.float32)
+            sr, sc = (
+                (0.0, 0.0) if grid.shifts is None else (float(grid.shifts[k, 0]), float(grid.shifts[k, 1]))
+            )
             tmp, vr = _shift_axis(src, sr, rows, 0)
             val, vc = _shift_axis(tmp, sc, cols, 1)
             okr, _ = _shift_axis(src_ok, sr, rows, 0)
