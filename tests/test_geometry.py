@@ -395,7 +395,16 @@ def test_non_image_dicom_refused_naming_the_sop_class(name, words):
 
 
 def test_cifti_and_bad_affines_refused_in_one_line(tmp_path):
+    from nibabel.gifti import GiftiDataArray, GiftiImage
+
+    from madclip_runtime.scans.imageio import read_scans
     from madclip_runtime.scans.medical import nifti_header
+
+    surf = tmp_path / "lh.surf.gii"
+    nib.save(GiftiImage(darrays=[GiftiDataArray(np.zeros((10, 3), np.float32), intent="NIFTI_INTENT_POINTSET")]),
+             str(surf))
+    with pytest.raises(InputError, match="GIFTI surface file, not an image"):
+        read_scans(str(surf))
 
     with pytest.raises(InputError, match="CIFTI-2"):
         nifti_header(str(NIBABEL_DATA / "row_major.dconn.nii"))
