@@ -46,7 +46,9 @@ def test_infer_and_prepare_memory_is_a_small_multiple_of_the_volume(tmp_path):
     bundle = build_tiny_bundle(tmp_path / "b", size=64)
     vol = _phantom()
     nii = tmp_path / "phantom.nii.gz"
-    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 2.0, 1.0])), str(nii))
+    img = nib.Nifti1Image(vol, np.diag([0.8, 0.8, 2.0, 1.0]))
+    img.header.set_slope_inter(1.0, -1024.0)  # CT-style rescale: nibabel alone would decode it as float64
+    nib.save(img, str(nii))
     (tmp_path / "img").mkdir()
     (tmp_path / "lab").mkdir()
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "img" / "c1_0000.nii.gz"))
