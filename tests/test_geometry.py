@@ -401,8 +401,10 @@ def test_cifti_and_bad_affines_refused_in_one_line(tmp_path):
     from madclip_runtime.scans.medical import nifti_header
 
     surf = tmp_path / "lh.surf.gii"
-    nib.save(GiftiImage(darrays=[GiftiDataArray(np.zeros((10, 3), np.float32), intent="NIFTI_INTENT_POINTSET")]),
-             str(surf))
+    nib.save(
+        GiftiImage(darrays=[GiftiDataArray(np.zeros((10, 3), np.float32), intent="NIFTI_INTENT_POINTSET")]),
+        str(surf),
+    )
     with pytest.raises(InputError, match="GIFTI surface file, not an image"):
         read_scans(str(surf))
 
@@ -639,3 +641,57 @@ def test_montage_is_readable_for_tiny_slices(bundle, tmp_path, capsys):
         [-99.48, 103.02, 104.27, 105.52], abs=1e-3
     )
     assert img.height - 2 * 240 < 0.4 * img.height  # captions and legend take less than 40 %
+
+
+def test_nifti_input_with_sheared_sform_map_copies_both_transforms(tmp_path):
+    """A NIfTI input whose sform holds a shear its qform cannot: the map copies both, so each reader places
+    the map's voxels exactly where it places the scan's (SimpleITK by the qform, nibabel by the sform), and
+    the JSON says the input's two transforms disagree."""
+    from madclip_runtime.scans.volume import read_nifti_as_volume
+    from madclip_runtime.scans.volume_output import (
+        VolumeScoreMethod,
+        save_volume_outputs,
+        summarize,
+        volume_record,
+    )
+
+    shear = np.array([[0.9, 0.0, 0.0, -20], [0.0, 0.9, 0.6, 15], [0.0, 0.0, 2.5, -40], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(np.random.default_rng(0).random((20, 18, 6)).astype(np.float32), None)
+    img.set_qform(np.array([[0.9, 0, 0, -20], [0, 0.9, 0, 15], [0, 0, 2.5, -40], [0, 0, 0, 1]]), code=1)
+    img.set_sform(shear, code=1)
+    src = tmp_path / "sheared.nii.gz"
+    nib.save(img, str(src))
+    vol = read_nifti_as_volume(str(src))
+    preds = [
+        SimpleNamespace(
+            anomaly_map=np.ones((s.height, s.width), np.float32),
+            decision_score=1.0,
+            score=1.0,
+            score_map_max=1.0,
+            label=None,
+            source=s.source,
+        )
+        for s in vol.slices
+    ]
+    predictor = SimpleNamespace(score_name="score", backend_name="test", provider="numpy", precision="fp32")
+    rec = volume_record(vol, summarize(vol, preds, VolumeScoreMethod("max", 1), None, "score"), predictor)
+    paths = save_volume_outputs(str(tmp_path / "o"), vol.name, vol, preds, rec, (0.0, 4.0), None, None)
+    doc = json.loads(Path(paths["json"]).read_text())
+    assert doc["map_geometry"]["qform_equals_sform"] is False
+    assert doc["map_geometry"]["qform_sform_max_difference_mm"] > 1.0
+    for reader in ("SimpleITK", "nibabel"):
+        a, b = reader_positions_any(src)[reader], reader_positions_any(Path(paths["map"]))[reader]
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=reader)
+
+
+def reader_positions_any(path: Path) -> dict[str, np.ndarray]:
+    """LPS position of every voxel per reader, without requiring qform == sform."""
+    img = sitk.ReadImage(str(path))
+    size = img.GetSize()
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in size], indexing="ij"), axis=-1).astype(float)
+    m = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    n = nib.load(str(path))
+    return {
+        "SimpleITK": idx @ m.T + np.array(img.GetOrigin()),
+        "nibabel": (idx @ n.affine[:3, :3].T + n.affine[:3, 3]) * [-1, -1, 1],
+    }
