@@ -91,24 +91,44 @@ def pixel_positions(ipp, iop, spacing, rows, cols) -> np.ndarray:
     return ipp + r[..., None] * spacing[0] * iop[3:] + c[..., None] * spacing[1] * iop[:3]
 
 
-def reader_positions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{reader: (data [I, J, K], LPS position [I, J, K, 3] of every voxel)} for SimpleITK and nibabel."""
+def reader_transforms(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{reader: (data [I, J, K], M [3, 3], origin [3])}: voxel (i, j, k) lies at M @ (i, j, k) + origin (LPS),
+    as SimpleITK and nibabel read the file."""
     out = {}
     img = sitk.ReadImage(str(path))
     arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))  # sitk [K, J, I] -> [I, J, K]
     m = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
-    idx = np.stack(np.meshgrid(*[np.arange(s) for s in arr.shape], indexing="ij"), axis=-1).astype(float)
-    out["SimpleITK"] = (arr, idx @ m.T + np.array(img.GetOrigin()))
+    out["SimpleITK"] = (arr, m, np.array(img.GetOrigin()))
     for probe in ((0, 0, 0), tuple(s - 1 for s in arr.shape)):  # the matrix above is what ITK computes
         np.testing.assert_allclose(
-            img.TransformIndexToPhysicalPoint([int(v) for v in probe]), out["SimpleITK"][1][probe], atol=1e-4
+            img.TransformIndexToPhysicalPoint([int(v) for v in probe]),
+            m @ probe + np.array(img.GetOrigin()),
+            atol=1e-4,
         )
     n = nib.load(str(path))
-    ras = idx @ n.affine[:3, :3].T + n.affine[:3, 3]
-    out["nibabel"] = (np.asarray(n.dataobj, dtype=np.float32), ras * [-1, -1, 1])
+    flip = np.array([-1.0, -1.0, 1.0])  # RAS -> LPS
+    out["nibabel"] = (
+        np.asarray(n.dataobj, dtype=np.float32),
+        flip[:, None] * n.affine[:3, :3],
+        flip * n.affine[:3, 3],
+    )
     q, s = n.header.get_qform(), n.header.get_sform()
     np.testing.assert_allclose(q, s, atol=1e-6)  # one geometry for every family of readers (float32 storage)
     return out
+
+
+def plane_positions(m: np.ndarray, origin: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
+    """[I, J, 3] LPS positions of plane k's voxels."""
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    return i[..., None] * m[:, 0] + j[..., None] * m[:, 1] + k * m[:, 2] + origin
+
+
+def reader_positions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{reader: (data [I, J, K], LPS position [I, J, K, 3] of every voxel)} (small maps only)."""
+    return {
+        r: (data, np.stack([plane_positions(m, o, data.shape, k) for k in range(data.shape[2])], axis=2))
+        for r, (data, m, o) in reader_transforms(path).items()
+    }
 
 
 GRADIENTS = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
@@ -172,11 +192,15 @@ def max_position_error(volume, tmp: Path, gradients=GRADIENTS, min_data: float =
     worst: dict[str, float] = {}
     for i, g in enumerate(gradients):
         res = write_linear_map(volume, tmp / f"g{i}", g)
-        for reader, (data, pos_lps) in reader_positions(Path(res["paths"]["map"])).items():
-            has = data != 0
-            assert has.mean() >= min_data, "most of the map must hold data"
-            err = np.abs(data[has] - (pos_lps[has] @ g + 1000.0))
-            worst[reader] = max(worst.get(reader, 0.0), float(err.max()))
+        for reader, (data, m, o) in reader_transforms(Path(res["paths"]["map"])).items():
+            assert (data != 0).mean() >= min_data, "most of the map must hold data"
+            for k in range(data.shape[2]):  # every voxel, one plane at a time (bounded memory)
+                has = data[:, :, k] != 0
+                if has.any():
+                    err = np.abs(
+                        data[:, :, k][has] - (plane_positions(m, o, data.shape, k)[has] @ g + 1000.0)
+                    )
+                    worst[reader] = max(worst.get(reader, 0.0), float(err.max()))
     return worst
 
 
