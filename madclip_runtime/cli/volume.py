@@ -1,7 +1,9 @@
 """madclip-infer's volume path: options, and scoring each NIfTI / DICOM series to one answer per scan.
 
 `madclip-infer case01.nii.gz --bundle B --out results/` writes case01_map.nii.gz, case01_montage.png and
-case01.json (and case01_seg.dcm with --dicom-seg on DICOM input); see `madclip_runtime.scans.volume_output`.
+case01.json (and case01_seg.dcm with --dicom-seg on DICOM input), together or not at all; see
+`madclip_runtime.scans.volume_output` and, for tilted or unevenly spaced series, `madclip_runtime.scans.geometry`.
+Any failure of one volume is one error line (an error row); the other inputs are still scored.
 A volume is a NIfTI with more than one axial slice, a multi-frame DICOM, or two or more DICOM files of one
 SeriesInstanceUID; with `--slice N` volumes are read slice by slice as before (one slice decoded).
 """
@@ -33,7 +35,8 @@ def add_volume_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--volume-index", type=bounded_int(0), default=None, metavar="T",
                    help="volume T of a 4-D NIfTI (4-D files are refused without it)")
     g.add_argument("--dicom-seg", action="store_true",
-                   help="with --out and DICOM input: also write <stem>_seg.dcm, the thresholded map as DICOM SEG")
+                   help="with --out and DICOM input (a series, a multi-frame file or one 2-D image): also write "
+                        "<stem>_seg.dcm, the thresholded map as DICOM SEG on the source frames")
     g.add_argument("--map-threshold", type=finite_float(0.0), default=None, metavar="T",
                    help="anomaly-map pixel threshold for the SEG and contours (default: the bundle's calibrated one)")
     g.add_argument("--max-voxels", type=bounded_int(1), default=None, metavar="N",
