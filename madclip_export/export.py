@@ -421,7 +421,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
     try:
-        path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
+        path, version = backends.prebuild_trt_engine(tmp, FP16, opts.max_batch, fp32_islands=fp32_islands)
     except Exception as exc:  # noqa: BLE001 (TensorRT raises RuntimeError too; the engine is optional)
         if opts.engine:
             raise
