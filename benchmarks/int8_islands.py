@@ -21,7 +21,15 @@ import onnx
 from _common import WORK, print_machine, run, table, tool, write_json
 
 from madclip_runtime.bundles.bundle import Bundle
-from madclip_runtime.contract import ANOMALY_MAP, GOLDEN_FILE, GOLDEN_INPUT, METADATA_FILE, MODEL_FILES, SCORE
+from madclip_runtime.contract import (
+    ANOMALY_MAP,
+    FP32,
+    GOLDEN_FILE,
+    GOLDEN_INPUT,
+    METADATA_FILE,
+    MODEL_FILES,
+    SCORE,
+)
 
 PREVIOUS = ("dt",)  # the default the quantiser used for every method before issue 22
 
@@ -62,7 +70,7 @@ def measure(bundle: Path, tmp: Path) -> list[dict]:
 
     meta = json.loads((bundle / METADATA_FILE).read_text())
     islands = Bundle(path=str(bundle), meta=meta, spec=None).fp32_islands
-    fp32_path = bundle / MODEL_FILES["fp32"]
+    fp32_path = bundle / MODEL_FILES[FP32]
     graph = onnx.load(str(fp32_path), load_external_data=False)
     images = np.load(bundle / GOLDEN_FILE)[GOLDEN_INPUT].astype(np.float32)
     ref = ort_run(fp32_path, images)

@@ -18,7 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from madclip_runtime.contract import ANOMALY_MAP, GOLDEN_FILE, GOLDEN_INPUT, MODEL_FILES, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX
+from madclip_runtime.contract import (
+    ANOMALY_MAP,
+    FP32,
+    GOLDEN_FILE,
+    GOLDEN_INPUT,
+    MODEL_FILES,
+    ORT_CPU,
+    OUTPUT_NAMES,
+    SCORE,
+    SCORE_MAP_MAX,
+)
 from madclip_train.methods.registry import method_names
 
 METHODS = method_names()
@@ -199,7 +209,7 @@ def test_export_fp32_parity(method, artefacts):
     ref = _outputs(model, images)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(bundle / MODEL_FILES["fp32"]), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(bundle / MODEL_FILES[FP32]), opts, providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == list(OUTPUT_NAMES)
     got = dict(zip(OUTPUT_NAMES, sess.run(list(OUTPUT_NAMES), {sess.get_inputs()[0].name: images})))
     for name in OUTPUT_NAMES:
@@ -219,7 +229,7 @@ def test_runtime_predict_parity(method, artefacts):
     samples = [split.normal[0], split.abnormal[0]]
     images, _, _ = load_arrays(samples, model.cfg.preprocess)  # madclip_train preprocesses with the runtime's code
     ref = _outputs(model, images)
-    with madclip_runtime.load(str(bundle), backend="ort-cpu", precision="fp32") as predictor:
+    with madclip_runtime.load(str(bundle), backend=ORT_CPU, precision=FP32) as predictor:
         preds = predictor.predict_batch([s.path for s in samples])
     for i, p in enumerate(preds):
         assert abs(p.score - ref[SCORE][i]) <= TOLERANCE, f"{method}: score {p.score} vs {ref[SCORE][i]}"

@@ -17,8 +17,18 @@ import pytest
 
 from madclip_export import export as ex
 from madclip_export.export import ExportOptions, ExportState, ParityError
-from madclip_runtime.contract import (ANOMALY_MAP, FP16, FP32, GOLDEN_FILE, INT8, MODEL_FILES, OUTPUT_NAMES,
-                                      REPORT_FILE, SCORE, SCORE_MAP_MAX)
+from madclip_runtime.contract import (
+    ANOMALY_MAP,
+    FP16,
+    FP32,
+    GOLDEN_FILE,
+    INT8,
+    MODEL_FILES,
+    OUTPUT_NAMES,
+    REPORT_FILE,
+    SCORE,
+    SCORE_MAP_MAX,
+)
 from madclip_runtime.errors import MadclipError
 from madclip_runtime.preprocess import PreprocessSpec
 
