@@ -1,13 +1,15 @@
-"""INT8 and the method's FP32 tail: the previous rule (only MadCLIP's `dt` consumers and downstream kept out of
-quantisation, for every method) against the current one (the method's own `fp32_island_constants`), per bundle:
-quantised MatMul/Gemm count, nodes kept FP32, and the INT8 graph's error against the FP32 graph on the bundle's
-golden inputs (onnxruntime CPU, both rules in one run).
+"""INT8 and the method's FP32 tail: the previous rule (only MadCLIP's `dt` consumers and downstream kept out
+of quantisation, for every method) against the current one (the method's own `fp32_island_constants`), per
+bundle: quantised MatMul/Gemm count, nodes kept FP32, and the INT8 graph's error against the FP32 graph on the
+bundle's golden inputs (onnxruntime CPU, both rules in one run).
 
     python benchmarks/int8_islands.py BUNDLE [BUNDLE ...]     # bundles exported with madclip-export
-    python benchmarks/int8_islands.py --tiny                   # tiny runs of every registered method (madclip-tiny)
+    python benchmarks/int8_islands.py --tiny        # tiny runs of every registered method (madclip-tiny)
 
-Writes benchmarks/results/int8_islands.json and prints a table. FP32 and FP16 graphs do not depend on the rule.
+Writes benchmarks/results/int8_islands.json and prints a table. FP32 and FP16 graphs do not depend on the
+rule.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +37,7 @@ PREVIOUS = ("dt",)  # the default the quantiser used for every method before iss
 
 
 def tiny_bundles(work: Path) -> list[Path]:
-    """A tiny run of every registered method (madclip-tiny, random weights, generated data) exported to FP32."""
+    """A tiny run of every registered method (madclip-tiny, random weights, generated data), exported."""
     from madclip_train.methods import method_names
 
     data = work / "data"
@@ -45,9 +47,31 @@ def tiny_bundles(work: Path) -> list[Path]:
     for method in method_names():
         r, b = work / f"run-{method}", work / f"bundle-{method}"
         if not (r / "config.json").is_file():
-            run([tool("madclip-train"), "--method", method, "--data", str(data / "Brain_AD"), "--out", str(r),
-                 "--shots", "3", "--epochs", "2", "--seed", "7", "--backbone", "madclip-tiny", "--pretrained",
-                 "none", "--device", "cpu", "--precision", "fp32"])
+            run(
+                [
+                    tool("madclip-train"),
+                    "--method",
+                    method,
+                    "--data",
+                    str(data / "Brain_AD"),
+                    "--out",
+                    str(r),
+                    "--shots",
+                    "3",
+                    "--epochs",
+                    "2",
+                    "--seed",
+                    "7",
+                    "--backbone",
+                    "madclip-tiny",
+                    "--pretrained",
+                    "none",
+                    "--device",
+                    "cpu",
+                    "--precision",
+                    "fp32",
+                ]
+            )
         if not (b / METADATA_FILE).is_file():
             run([tool("madclip-export"), str(r), "--out", str(b), "--max-batch", "4", "--force"])
         out.append(b)
@@ -61,7 +85,7 @@ def ort_run(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    outs = [sess.run(names, {sess.get_inputs()[0].name: images[i:i + 1]}) for i in range(len(images))]
+    outs = [sess.run(names, {sess.get_inputs()[0].name: images[i : i + 1]}) for i in range(len(images))]
     return {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(names)}
 
 
@@ -82,20 +106,32 @@ def measure(bundle: Path, tmp: Path) -> list[dict]:
         got = ort_run(path, images)
         err_s = np.abs(got[SCORE].astype(np.float64) - ref[SCORE])
         err_m = np.abs(got[ANOMALY_MAP].astype(np.float64) - ref[ANOMALY_MAP])
-        recs.append({"bundle": str(bundle), "method": meta.get("method", "madclip"), "rule": rule,
-                     "constants": list(constants), "kept_fp32": len(int8_excluded_nodes(graph, constants)),
-                     "quantised_matmuls": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
-                                              for n in q.graph.node),
-                     "score_max_abs_err": float(err_s.max()), "map_p99_abs_err": float(np.percentile(err_m, 99)),
-                     "map_max_abs_err": float(err_m.max()), "n_images": int(len(images)),
-                     "bytes": path.stat().st_size})
+        recs.append(
+            {
+                "bundle": str(bundle),
+                "method": meta.get("method", "madclip"),
+                "rule": rule,
+                "constants": list(constants),
+                "kept_fp32": len(int8_excluded_nodes(graph, constants)),
+                "quantised_matmuls": sum(
+                    n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in q.graph.node
+                ),
+                "score_max_abs_err": float(err_s.max()),
+                "map_p99_abs_err": float(np.percentile(err_m, 99)),
+                "map_max_abs_err": float(err_m.max()),
+                "n_images": int(len(images)),
+                "bytes": path.stat().st_size,
+            }
+        )
     return recs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundles", nargs="*")
-    p.add_argument("--tiny", action="store_true", help="make tiny runs and bundles of every registered method")
+    p.add_argument(
+        "--tiny", action="store_true", help="make tiny runs and bundles of every registered method"
+    )
     args = p.parse_args()
     if not args.bundles and not args.tiny:
         p.error("give bundles or --tiny")
@@ -105,10 +141,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for b in bundles:
             results += measure(b, Path(tmp))
-    table("dynamic INT8: nodes kept out of quantisation, previous vs current rule (error vs the FP32 graph)",
-          ["method", "rule", "kept FP32", "quantised MatMuls", "score max |err|", "map p99 |err|", "map max |err|"],
-          [[r["method"], r["rule"], r["kept_fp32"], r["quantised_matmuls"], f"{r['score_max_abs_err']:.2e}",
-            f"{r['map_p99_abs_err']:.2e}", f"{r['map_max_abs_err']:.2e}"] for r in results])
+    table(
+        "dynamic INT8: nodes kept out of quantisation, previous vs current rule (error vs the FP32 graph)",
+        [
+            "method",
+            "rule",
+            "kept FP32",
+            "quantised MatMuls",
+            "score max |err|",
+            "map p99 |err|",
+            "map max |err|",
+        ],
+        [
+            [
+                r["method"],
+                r["rule"],
+                r["kept_fp32"],
+                r["quantised_matmuls"],
+                f"{r['score_max_abs_err']:.2e}",
+                f"{r['map_p99_abs_err']:.2e}",
+                f"{r['map_max_abs_err']:.2e}",
+            ]
+            for r in results
+        ],
+    )
     write_json("int8_islands.json", {"results": results})
 
 

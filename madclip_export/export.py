@@ -19,9 +19,9 @@ import torch
 from madclip_runtime.atomic import AtomicDirectory, atomic_writer
 from madclip_runtime.engines.backends import create_backend
 from madclip_runtime.bundles.bundle import write_metadata
-from madclip_runtime.contract import (ANOMALY_MAP, FP16, FP32, GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS, GOLDEN_SOURCES,
-                                      INPUT_NAME, INT8, MODEL_FILES, ORT_CPU, OUTPUT_NAMES, REPORT_FILE, SCORE,
-                                      SCORE_MAP_MAX, io_metadata)
+from madclip_runtime.contract import (ANOMALY_MAP, FP16, FP32, GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS,
+                                      GOLDEN_SOURCES, INPUT_NAME, INT8, MODEL_FILES, ORT_CPU, OUTPUT_NAMES,
+                                      REPORT_FILE, SCORE, SCORE_MAP_MAX, io_metadata)
 from madclip_runtime.errors import BackendUnavailable, MadclipError
 from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
 from madclip_runtime.bundles.selftest import golden_decisions
@@ -145,7 +145,7 @@ class ExportState:
     torch_ref: dict = field(default_factory=dict)
     # export_fp32, fp32_parity, variants
     opset: int = 0
-    fp32: dict = field(default_factory=dict)  # the FP32 ONNX outputs on the golden images (the variants' reference)
+    fp32: dict = field(default_factory=dict)  # FP32 ONNX outputs on the golden images (variants' reference)
     models: dict = field(default_factory=dict)  # precision -> file name, for metadata.json
     extra_metadata: dict = field(default_factory=dict)  # entries a step adds to metadata.json
 
@@ -220,8 +220,8 @@ def golden_reference_step(st: ExportState) -> None:
 
 def export_fp32_step(st: ExportState) -> None:
     """The FP32 ONNX graph (consumes the model) and the opset it was written with."""
-    st.progress(f"exporting the FP32 ONNX graph ({st.model.title}: text side baked as constants, FP32 tail from "
-                f"{', '.join(st.model.fp32_island_constants)}; backbone truncated)")
+    st.progress(f"exporting the FP32 ONNX graph ({st.model.title}: text side baked as constants, FP32 tail "
+                f"from {', '.join(st.model.fp32_island_constants)}; backbone truncated)")
     t0 = time.perf_counter()
     export_onnx(st.model, st.path(FP32), st.opts.max_batch, st.opts.opset)
     st.opset = written_opset(st.path(FP32), st.opts.opset)
@@ -310,22 +310,24 @@ def triton_step(st: ExportState) -> None:
 
 
 def write_bundle_step(st: ExportState) -> None:
-    """golden.npz (inputs, labels, sources, FP32 reference, decisions), the report and metadata.json (signed)."""
+    """golden.npz (inputs, labels, sources, FP32 reference, decisions), the report, metadata.json (signed)."""
     st.progress("writing golden set, report and metadata")
     tmp = st.tmp
     with atomic_writer(tmp / GOLDEN_FILE) as f:
-        np.savez_compressed(f, **{GOLDEN_INPUT: st.golden_images, GOLDEN_LABELS: st.golden_labels.astype(np.int64),
+        np.savez_compressed(f, **{GOLDEN_INPUT: st.golden_images,
+                                  GOLDEN_LABELS: st.golden_labels.astype(np.int64),
                                   GOLDEN_SOURCES: np.array([str(Path(s.path).name) for s in st.golden])},
                             **st.torch_ref, **golden_decisions(st.torch_ref, st.calibration))
     st.report["sizes_bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
     st.report["calibration"] = st.calibration
     st.report["seconds"] = round(time.perf_counter() - st.t_start, 2)
     (tmp / REPORT_FILE).write_text(json.dumps(st.report, indent=2) + "\n")
-    meta = _metadata(st.config, st.spec, st.method_meta, st.opts, st.calibration, st.models, st.run_dir, st.opset)
+    meta = _metadata(st.config, st.spec, st.method_meta, st.opts, st.calibration, st.models, st.run_dir,
+                     st.opset)
     write_metadata(tmp, {**meta, **st.extra_metadata}, signing_key=st.signing_key)
 
 
-# The export, in order. A step that does not apply to the options (e.g. fp16_step without --fp16) returns at once.
+# The export, in order. A step that does not apply to the options (fp16_step without --fp16) returns at once.
 STEPS: tuple[Callable[[ExportState], None], ...] = (
     load_run_step, pytorch_reference_step, calibrate_step, golden_reference_step, export_fp32_step,
     fp32_parity_step, fp16_step, engine_step, int8_step, triton_step, write_bundle_step)

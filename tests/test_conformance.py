@@ -1,4 +1,4 @@
-"""Conformance of every registered method (`registry.all_methods()`) to the method interface (issue 22, item 3).
+"""Conformance of every registered method (`registry.all_methods()`) to the method interface (issue 22.3).
 
 Each method, on the tiny random CLIP (`madclip-tiny`) and generated data, must pass, in order:
 build -> loss finite and backward (finite gradients, some non-zero) -> outputs' names, shapes and declared
@@ -9,6 +9,7 @@ round trip (the method's reference-format weights, converted by madclip-convert-
 A new method gets these tests by registering (`methods/registry.py`). The trained run, the bundle and the
 converted run of each method are made once per module (`artefacts`) and shared by the tests that need them.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ TOLERANCE = 1e-4  # the exporter's FP32 parity gate (ONNX vs PyTorch)
 
 class Artefacts:
     """Per method, made on first use: the trained run, its bundle, and the run converted from its reference
-    checkpoint. A failure is remembered, so the later checks of that method fail at once instead of retrying."""
+    checkpoint. A failure is remembered: the later checks of that method fail at once instead of retrying."""
 
     def __init__(self, base: Path):
         self.base = base
@@ -59,16 +60,29 @@ class Artefacts:
     def data_root(self) -> Path:
         from madclip_train.demo import generate_demo
 
-        return self._once(("", "data"), lambda: Path(generate_demo(self.base / "data", n_valid=3, n_test=2, seed=5)))
+        return self._once(
+            ("", "data"), lambda: Path(generate_demo(self.base / "data", n_valid=3, n_test=2, seed=5))
+        )
 
     def run(self, method: str) -> Path:
         from madclip_train.run import TrainRequest, train_run
 
         def make() -> Path:
             out = self.base / f"run-{method}"
-            train_run(TrainRequest(data=str(self.data_root()), out=str(out), method=method, shots=SHOTS,
-                                   epochs=EPOCHS, seed=SEED, backbone="madclip-tiny", pretrained="none",
-                                   device="cpu", precision="fp32"))
+            train_run(
+                TrainRequest(
+                    data=str(self.data_root()),
+                    out=str(out),
+                    method=method,
+                    shots=SHOTS,
+                    epochs=EPOCHS,
+                    seed=SEED,
+                    backbone="madclip-tiny",
+                    pretrained="none",
+                    device="cpu",
+                    precision="fp32",
+                )
+            )
             return out
 
         return self._once((method, "run"), make)
@@ -94,8 +108,13 @@ def _tiny_config(method: str):
     from madclip_train.methods import get_method
 
     cls = get_method(method)
-    return ModelConfig(method=method, backbone="madclip-tiny", pretrained="none", objective="Brain",
-                       options=cls.default_options())
+    return ModelConfig(
+        method=method,
+        backbone="madclip-tiny",
+        pretrained="none",
+        objective="Brain",
+        options=cls.default_options(),
+    )
 
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -123,11 +142,12 @@ def _outputs(model, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
 
 def _assert_equal_outputs(a: dict, b: dict, what: str) -> None:
     for name in OUTPUT_NAMES:
-        assert np.array_equal(a[name], b[name]), f"{what}: {name} differs (max |diff| " \
-            f"{np.abs(a[name].astype(np.float64) - b[name]).max():.3g})"
+        assert np.array_equal(a[name], b[name]), (
+            f"{what}: {name} differs (max |diff| {np.abs(a[name].astype(np.float64) - b[name]).max():.3g})"
+        )
 
 
-# ---- the checks, one test each per method -----------------------------------------------------------------------
+# ---- the checks, one test each per method ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -140,8 +160,8 @@ def test_build_loss_backward(method):
     images = _images(n, size)
     labels = torch.tensor([0, 1, 0, 1])
     masks = torch.zeros(n, size, size)
-    masks[1, size // 4: size // 2, size // 4: size // 2] = 1
-    masks[3, size // 2:, size // 2:] = 1
+    masks[1, size // 4 : size // 2, size // 4 : size // 2] = 1
+    masks[3, size // 2 :, size // 2 :] = 1
     with torch.no_grad():
         feats = model.cacheable(images)
     params = model.trainable_parameters(True)
@@ -155,7 +175,9 @@ def test_build_loss_backward(method):
     assert all(torch.isfinite(g).all() for g in grads), f"{method}: non-finite gradient"
     assert any(g.abs().sum() > 0 for g in grads), f"{method}: every gradient is zero"
     frozen = [p for p in model.parameters() if all(p is not q for q in params)]
-    assert all(p.grad is None or not p.grad.any() for p in frozen), f"{method}: a frozen weight got a gradient"
+    assert all(p.grad is None or not p.grad.any() for p in frozen), (
+        f"{method}: a frozen weight got a gradient"
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -172,15 +194,18 @@ def test_outputs_names_shapes_and_ranges(method, artefacts):
     assert out[SCORE].shape == (n,) and out[SCORE_MAP_MAX].shape == (n,)
     assert out[ANOMALY_MAP].shape == (n, 1, size, size)
     assert all(np.isfinite(v).all() for v in out.values())
-    np.testing.assert_allclose(out[SCORE_MAP_MAX], out[ANOMALY_MAP].reshape(n, -1).max(axis=1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        out[SCORE_MAP_MAX], out[ANOMALY_MAP].reshape(n, -1).max(axis=1), rtol=0, atol=1e-6
+    )
     ranges = model.output_ranges()
     assert set(ranges) >= {SCORE, ANOMALY_MAP}
     for name, key in ((SCORE, SCORE), (ANOMALY_MAP, ANOMALY_MAP), (SCORE_MAP_MAX, ANOMALY_MAP)):
         lo, hi = ranges[key]
         assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
         eps = 1e-5 * (hi - lo)
-        assert out[name].min() >= lo - eps and out[name].max() <= hi + eps, \
+        assert out[name].min() >= lo - eps and out[name].max() <= hi + eps, (
             f"{method}: {name} in [{out[name].min():.4g}, {out[name].max():.4g}], declared [{lo}, {hi}]"
+        )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -227,7 +252,9 @@ def test_runtime_predict_parity(method, artefacts):
     model, _ = _load(artefacts.run(method))
     split = load_split(artefacts.data_root(), "test")
     samples = [split.normal[0], split.abnormal[0]]
-    images, _, _ = load_arrays(samples, model.cfg.preprocess)  # madclip_train preprocesses with the runtime's code
+    images, _, _ = load_arrays(
+        samples, model.cfg.preprocess
+    )  # madclip_train preprocesses with the runtime's code
     ref = _outputs(model, images)
     with madclip_runtime.load(str(bundle), backend=ORT_CPU, precision=FP32) as predictor:
         preds = predictor.predict_batch([s.path for s in samples])
@@ -248,8 +275,17 @@ def test_reference_conversion_round_trip(method, artefacts, tmp_path):
     model, config = _load(run)
     ref_path = tmp_path / "reference.pth"
     torch.save(model.reference_checkpoint(), ref_path)
-    argv = [str(ref_path), "--out", str(tmp_path / "converted"), "--method", method, "--backbone", "madclip-tiny",
-            "--pretrained", "none"]
+    argv = [
+        str(ref_path),
+        "--out",
+        str(tmp_path / "converted"),
+        "--method",
+        method,
+        "--backbone",
+        "madclip-tiny",
+        "--pretrained",
+        "none",
+    ]
     if cls.uses_objective:
         argv += ["--objective", model.cfg.objective]
     if cls.reference_needs_shots:  # the run's own shots rebuild what the release lacks
@@ -264,11 +300,13 @@ def test_reference_conversion_round_trip(method, artefacts, tmp_path):
     assert convert_main(argv) == 0
     converted, _ = _load(tmp_path / "converted")
     images = _images(3, model.image_size, seed=2)
-    _assert_equal_outputs(_outputs(model, images), _outputs(converted, images), f"{method} reference round trip")
+    _assert_equal_outputs(
+        _outputs(model, images), _outputs(converted, images), f"{method} reference round trip"
+    )
 
 
 def test_every_registered_method_is_covered():
-    """The matrix is the registry: a method registered in methods/registry.py is a parameter of every check."""
+    """The matrix is the registry: a method registered in methods/registry.py is a parameter of each check."""
     from madclip_train.methods import all_methods
 
     assert [m.name for m in all_methods()] == METHODS and len(METHODS) >= 3

@@ -1,4 +1,4 @@
-"""The contract's names are spelled once (issue 22, item 5): output names, precisions, backends and bundle file
+"""The contract's names are spelled once (issue 22.5): output names, precisions, backends and bundle file
 names live in `madclip_runtime/contract.py`; product code imports them instead of writing the string again.
 
 An AST walk over every string constant of madclip_runtime, madclip_train and madclip_export finds a literal
@@ -7,6 +7,7 @@ messages) is never equal to it, so it is not matched. Argparse `choices` must co
 (they are string constants like any other). `PENDING` lists, with their current counts, the files that other
 branches are editing and that are swept after they merge: a count may only go down.
 """
+
 from __future__ import annotations
 
 import ast
@@ -63,9 +64,11 @@ def literals(source: str, words: set[str], filename: str = "<source>") -> list[t
     """(line, value) of every string constant equal to a contract word, docstrings excluded."""
     tree = ast.parse(source, filename)
     docs = _docstrings(tree)
-    return sorted((n.lineno, n.value) for n in ast.walk(tree)
-                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in words
-                  and id(n) not in docs)
+    return sorted(
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in words and id(n) not in docs
+    )
 
 
 def offenders() -> dict[str, list[tuple[int, str]]]:
@@ -88,30 +91,43 @@ def test_no_contract_literals_outside_the_contract():
         allowed = PENDING.get(rel, 0)
         if len(hits) > allowed:
             where = ", ".join(f"{line}: {value!r}" for line, value in hits)
-            bad.append(f"{rel}: {len(hits)} literal(s) of contract names (allowed {allowed}) at {where}; "
-                       f"import the name from madclip_runtime.contract")
+            bad.append(
+                f"{rel}: {len(hits)} literal(s) of contract names (allowed {allowed}) at {where}; "
+                f"import the name from madclip_runtime.contract"
+            )
     assert not bad, "\n".join(bad)
 
 
 def test_pending_list_names_existing_files():
-    """An entry for a file that moved or no longer exists would hide nothing and mislead: keep the list true."""
+    """An entry for a file that moved or no longer exists hides nothing and misleads: keep the list true."""
     missing = [rel for rel in PENDING if not (ROOT / rel).is_file()]
     assert not missing, f"PENDING names files that do not exist: {missing}"
 
 
 def test_the_walk_catches_what_it_claims():
     words = contract_words()
-    src = ('"""Docstring naming score and model.onnx."""\n'
-           'import argparse\n'
-           'def f(out, p: argparse.ArgumentParser):\n'
-           '    """score"""\n'
-           '    p.add_argument("--precision", choices=["fp32", "fp16"], help="fp16 is half precision")\n'
-           '    p.add_argument("--backend", default="ort-cpu")\n'
-           '    name = "golden.npz"\n'
-           '    return out["anomaly_map"], f"{out}score", "scores"\n')
+    src = (
+        '"""Docstring naming score and model.onnx."""\n'
+        "import argparse\n"
+        "def f(out, p: argparse.ArgumentParser):\n"
+        '    """score"""\n'
+        '    p.add_argument("--precision", choices=["fp32", "fp16"], help="fp16 is half precision")\n'
+        '    p.add_argument("--backend", default="ort-cpu")\n'
+        '    name = "golden.npz"\n'
+        '    return out["anomaly_map"], f"{out}score", "scores"\n'
+    )
     hits = literals(src, words)
     # sorted by (line, value); the constant part of an f-string counts ("score" in f"{out}score")
     assert [v for _, v in hits] == ["fp16", "fp32", "ort-cpu", "golden.npz", "anomaly_map", "score"]
     assert all(line > 4 for line, _ in hits)  # the docstrings are skipped
-    assert {"score", "anomaly_map", "score_map_max", "fp16", "int8", "ort-cpu", "model_fp16.onnx",
-            "golden.npz", "metadata.json"} <= words
+    assert {
+        "score",
+        "anomaly_map",
+        "score_map_max",
+        "fp16",
+        "int8",
+        "ort-cpu",
+        "model_fp16.onnx",
+        "golden.npz",
+        "metadata.json",
+    } <= words

@@ -4,6 +4,7 @@ Steps that need the PyTorch model start from the suite's tiny MadCLIP run (`trai
 (parity gate, FP16, INT8, engine, Triton, writing the bundle) run on conftest's tiny hand-built graph, whose
 outputs numpy computes (`reference_outputs`), so each is checked without an export before it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,9 +40,19 @@ ISLANDS = ("scales",)  # the tiny graph's Resize scales: the Resize and everythi
 
 def test_the_pipeline_is_the_named_steps_in_order():
     names = [s.__name__ for s in ex.STEPS]
-    assert names == ["load_run_step", "pytorch_reference_step", "calibrate_step", "golden_reference_step",
-                     "export_fp32_step", "fp32_parity_step", "fp16_step", "engine_step", "int8_step",
-                     "triton_step", "write_bundle_step"]
+    assert names == [
+        "load_run_step",
+        "pytorch_reference_step",
+        "calibrate_step",
+        "golden_reference_step",
+        "export_fp32_step",
+        "fp32_parity_step",
+        "fp16_step",
+        "engine_step",
+        "int8_step",
+        "triton_step",
+        "write_bundle_step",
+    ]
 
 
 def test_prepare_refuses_bad_options_before_any_work(tmp_path):
@@ -54,7 +65,7 @@ def test_prepare_refuses_bad_options_before_any_work(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-# ---- the steps that need the PyTorch model ------------------------------------------------------------------
+# ---- the steps that need the PyTorch model -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +112,7 @@ def test_export_fp32_step_consumes_the_model(trained_tiny_run, tmp_path):
     assert st.opset == 18 and st.model is None and st.report["export_seconds"] >= 0
 
 
-# ---- calibration (numbers only) -----------------------------------------------------------------------------
+# ---- calibration (numbers only) ----------------------------------------------------------------------------
 
 
 def _calib_state(calib: str | None = None, note: str | None = None) -> ExportState:
@@ -125,24 +136,34 @@ def test_calibrate_step():
     assert st.calibration["map_scale"] == [0.0, 1.0] and "shots" in st.calibration["method"]
     st = _calib_state(calib="/data/x", note="synthetic anomalies added")
     ex.calibrate_step(st)
-    assert st.calibration["method"].startswith("Youden's J maximised over midpoints of the image scores of 4 "
-                                               "labelled --calib images (/data/x, split valid)")
+    assert st.calibration["method"].startswith(
+        "Youden's J maximised over midpoints of the image scores of 4 "
+        "labelled --calib images (/data/x, split valid)"
+    )
     assert st.calibration["method"].endswith("; synthetic anomalies added")
 
 
-# ---- the ONNX steps on the tiny hand-built graph ------------------------------------------------------------
+# ---- the ONNX steps on the tiny hand-built graph -----------------------------------------------------------
 
 
 def _onnx_state(tmp_path: Path, **opts) -> ExportState:
     onnx.save(make_tiny_model(), str(tmp_path / MODEL_FILES[FP32]))
-    st = ExportState(opts=ExportOptions(run="r", out="o", max_batch=4, **opts), tmp=tmp_path,
-                     report={"run": "r", "variants": {}})
+    st = ExportState(
+        opts=ExportOptions(run="r", out="o", max_batch=4, **opts),
+        tmp=tmp_path,
+        report={"run": "r", "variants": {}},
+    )
     st.golden_images = images(3)
     st.golden_labels = np.array([0, 1, -1])
     st.torch_ref = {k: v.astype(np.float32) for k, v in reference_outputs(st.golden_images).items()}
     st.calibration = {"threshold": 0.5, "threshold_score_map_max": 0.6}
-    st.method_meta = {"method": "madclip", "fp32_islands": ISLANDS, "ranges": {SCORE: (0.0, 1.0),
-                      ANOMALY_MAP: (0.0, 1.0)}, "meanings": {}, "provenance": {}}
+    st.method_meta = {
+        "method": "madclip",
+        "fp32_islands": ISLANDS,
+        "ranges": {SCORE: (0.0, 1.0), ANOMALY_MAP: (0.0, 1.0)},
+        "meanings": {},
+        "provenance": {},
+    }
     st.spec = PreprocessSpec(image_size=SIZE)
     return st
 
@@ -231,11 +252,21 @@ def test_write_bundle_step(tmp_path):
 
     st = _onnx_state(tmp_path)
     ex.fp32_parity_step(st)
-    st.calibration = {"threshold": 0.5, "score_name": SCORE, "threshold_score_map_max": 0.6, "method": "test",
-                      "map_threshold": 0.7, "map_threshold_method": "test", "map_scale": [0.0, 1.0], "n_shots": 3}
+    st.calibration = {
+        "threshold": 0.5,
+        "score_name": SCORE,
+        "threshold_score_map_max": 0.6,
+        "method": "test",
+        "map_threshold": 0.7,
+        "map_threshold_method": "test",
+        "map_scale": [0.0, 1.0],
+        "n_shots": 3,
+    }
     st.golden = [SimpleNamespace(path=f"/data/img{i}.png") for i in range(3)]
-    st.config = {"model": {"backbone": "tiny-graph", "pretrained": "none", "taps": [0], "quick_gelu": False},
-                 "train": {"shots": 1, "seed": 0}}
+    st.config = {
+        "model": {"backbone": "tiny-graph", "pretrained": "none", "taps": [0], "quick_gelu": False},
+        "train": {"shots": 1, "seed": 0},
+    }
     st.run_dir, st.opset = tmp_path, 18
     st.extra_metadata = {"note_from_a_step": "kept"}
     ex.write_bundle_step(st)

@@ -187,9 +187,9 @@ def test_every_method_package_is_registered_once():
     assert all(path == f"{METHODS_PKG}.{name}" for name, path in registry._PACKAGES.items())
 
 
-# ---- no module imports another module's underscore-private names (issue 22, item 4) -------------------------------
-# In runtime files other branches were editing when this test was written (serve/ and cli/infer.py: i20s; scans/:
-# i19; dicomnet/: i24): (file, name).
+# ---- no module imports another module's underscore-private names (issue 22.4) ------------------------------
+# In runtime files other branches were editing when this test was written (serve/ and cli/infer.py: i20s;
+# scans/: i19; dicomnet/: i24): (file, name).
 PRIVATE_IMPORTS_PENDING = {("madclip_runtime/serve/batch.py", "_file_stem"),
                            ("madclip_runtime/serve/batch.py", "_progress"),
                            ("madclip_runtime/cli/infer.py", "_is_dicom"),
@@ -206,8 +206,8 @@ def _is_private(name: str) -> bool:
 
 
 def _private_imports(name: str, path: Path, modules: set[str]) -> list[tuple[int, str]]:
-    """(line, what) for each private name this module takes from another: `from m import _x`, `import m._x`, and
-    `m._x` where `m` was imported as a project module (`import pkg.m as m`, `from pkg import m`)."""
+    """(line, what) for each private name this module takes from another: `from m import _x`, `import m._x`,
+    and `m._x` where `m` was imported as a project module (`import pkg.m as m`, `from pkg import m`)."""
     is_pkg = path.name == "__init__.py"
     base = name.split(".") if is_pkg else name.split(".")[:-1]
     tree = ast.parse(path.read_text(), str(path))
@@ -241,7 +241,7 @@ def _private_import_offences() -> list[str]:
         rel = path.relative_to(ROOT).as_posix()
         for line, what in _private_imports(name, path, set(modules)):
             if (rel, what.rsplit(".", 1)[-1]) not in PRIVATE_IMPORTS_PENDING:
-                bad.append(f"{rel}:{line}: imports the private name {what} (make it public where it is defined)")
+                bad.append(f"{rel}:{line}: imports the private name {what} (make it public where defined)")
     return bad
 
 
@@ -253,7 +253,8 @@ def test_private_import_rule_catches_what_it_claims(tmp_path):
     pkg = tmp_path / "madclip_train"
     pkg.mkdir()
     src = pkg / "m.py"
-    src.write_text("import madclip_train.data as data\nfrom .augment import _warp, public\nfrom .. import _x\n"
+    src.write_text("import madclip_train.data as data\nfrom .augment import _warp, public\n"
+                   "from .. import _x\n"
                    "from madclip_train import rundir\nimport os._hidden\n"
                    "def f():\n    return data._list_images, rundir._type_ok, os.path, data.__name__\n")
     found = [what for _, what in _private_imports("madclip_train.m", src, {"madclip_train.data",

@@ -39,12 +39,12 @@ def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
 
 
 def to_reference(state: dict[str, torch.Tensor], n_layers: int = 4) -> dict:
-    """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`): each prompt maker
-    holds its own class's context vectors."""
+    """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`): each prompt
+    maker holds its own class's context vectors."""
     ref: dict = {}
-    for branch in ("normal", "abnormal"):
-        ref[f"{branch}_det_adapters"] = {f"{j}.{ref_name}.0.weight": state[f"adapters.{branch}.{j}.{ours}.weight"]
-                                         for j in range(n_layers) for ref_name, ours in REF_HEADS.items()}
-        ref[f"prompt_maker_{branch}"] = {f"prompt_learner.ctx.{branch}_{pos}": state[f"prompts.ctx.{branch}_{pos}"]
-                                         for pos in ("end", "front", "middle")}
+    for b in ("normal", "abnormal"):
+        ref[f"{b}_det_adapters"] = {f"{j}.{theirs}.0.weight": state[f"adapters.{b}.{j}.{ours}.weight"]
+                                    for j in range(n_layers) for theirs, ours in REF_HEADS.items()}
+        ref[f"prompt_maker_{b}"] = {f"prompt_learner.ctx.{b}_{pos}": state[f"prompts.ctx.{b}_{pos}"]
+                                    for pos in ("end", "front", "middle")}
     return ref

@@ -42,5 +42,5 @@ def to_reference(state: dict[str, torch.Tensor], n_layers: int = 3) -> dict:
     for i in range(n_layers):
         ad[f"{i}_adapter.0.weight"] = state[f"adapters.{i}.weight"][:, :, None, None].contiguous()
         ad[f"{i}_adapter.0.bias"] = state[f"adapters.{i}.bias"]
-    return {"adapter_state_dict": ad,
-            "prompt_state_dict": {f"ctx.{c}_end": state[f"prompts.ctx.{c}_end"] for c in ("normal", "abnormal")}}
+    prompts = {f"ctx.{c}_end": state[f"prompts.ctx.{c}_end"] for c in ("normal", "abnormal")}
+    return {"adapter_state_dict": ad, "prompt_state_dict": prompts}

@@ -42,9 +42,11 @@ def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
 
 
 def to_reference(state: dict[str, torch.Tensor], n_layers: int = 4) -> dict:
-    """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`; no bank, as released)."""
+    """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`; no bank, as the
+    release)."""
     return {f"{head}_adapters": {f"{j}.{fc}.0.weight": state[f"adapters.{head}.{j}.{fc}.weight"]
-                                 for j in range(n_layers) for fc in ("fc1", "fc2")} for head in ("seg", "det")}
+                                 for j in range(n_layers) for fc in ("fc1", "fc2")}
+            for head in ("seg", "det")}
 
 
 @dataclass
