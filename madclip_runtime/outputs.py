@@ -1,52 +1,242 @@
-"""Recognising madclip's own output files, so input expansion never scores them as scans.
+"""madclip's own output files: ONE registry of every kind it writes, the ONE rule that recognises them, and
+the output helpers every CLI shares (input expansion without own outputs, --out checks, result stems).
 
-`madclip-infer DIR --out DIR`, run twice, would otherwise score `scan_overlay.png` and `scan_map.png` as scans
-(and write `scan_map_map.png`). Two independent marks, either of which is enough:
+The rule (`is_madclip_output`), applied by input expansion (`madclip_runtime.scans.imageio.expand_inputs`, used
+by madclip-infer, madclip-infer --server and madclip-batch), so a second run over its own output directory
+never scores what the first one wrote:
 
-* by location: a directory madclip writes results into holds a marker file `.madclip-output`
-  (`mark_output_dir`); expansion skips such directories below an input directory, and skips the --out
-  directory itself, and inside a marked directory skips every file with an output suffix;
-* by name: `<stem>_overlay.png`, `<stem>_map.png` and `<stem>_map.npy` next to the `<stem>.json` that
-  `madclip_runtime.overlay.save_prediction` writes last are a result set, wherever they are.
+* a directory madclip writes into carries the marker file `.madclip-output` (`mark_output_dir`, called by
+  every writer through `output_path`); expansion never descends into a marked directory below an input, nor
+  into the --out directory; and
+* a file whose name ends with a registered output suffix (`OUTPUT_KINDS`) is an output when it lies in a
+  marked directory, or beside the `<stem>.json` that madclip writes last for each result set.
 
 A file named explicitly on the command line is always kept (the user asked for it).
+
+Adding an output kind (for a new writer) is one call, in this module or in the writer's module at import:
+
+    MAP_NIFTI = register_output("volume_map", "_map.nii.gz", "madclip_runtime.scans.volume_output:save_volume_outputs")
+    path = output_path(out_dir, stem, MAP_NIFTI)          # marks out_dir, returns out_dir/<stem>_map.nii.gz
+
+`tests/test_outputs.py` finds every function of the runtime that writes a file (AST) and requires it to be
+a registered writer (or a declared non-output writer); it runs each writer and checks that every file it wrote
+is recognised, so a new output kind cannot be forgotten.
 """
 from __future__ import annotations
 
 import os
+import secrets
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from .atomic import atomic_write_text
+from .errors import InputError, MadclipError
 
 OUTPUT_MARKER = ".madclip-output"
-OUTPUT_SUFFIXES = ("_overlay.png", "_map.png", "_map.npy")
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of file madclip writes: `suffix` ends its name (lower case); `writer` is "module:function"."""
+
+    name: str
+    suffix: str
+    writer: str
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {}
+
+
+def register_output(name: str, suffix: str, writer: str) -> str:
+    """Register an output kind (idempotent for the same values); returns `suffix` for the writer to use.
+
+    `suffix` is the end of the file name, e.g. "_map.nii.gz" (or a whole name such as "summary.csv");
+    `writer` names the function that writes it ("package.module:function"), checked by the tests.
+    """
+    kind = OutputKind(name, suffix.lower(), writer)
+    old = OUTPUT_KINDS.get(name)
+    if old is not None and old != kind:
+        raise ValueError(f"output kind {name!r} is already registered as {old}")
+    OUTPUT_KINDS[name] = kind
+    return suffix
+
+
+# ---- the kinds madclip writes today (one place; a new writer adds its own line) -------------------------
+_OVERLAY = "madclip_runtime.overlay:save_prediction"
+_VOLUME = "madclip_runtime.scans.volume_output:save_volume_outputs"
+_BATCH_MAP = "madclip_runtime.serve.batch:Scorer.save_map"
+_BATCH_RESULT = "madclip_runtime.serve.batch:write_file_result"
+_BATCH_SUMMARY = "madclip_runtime.serve.batch:write_summary"
+_MARKER = "madclip_runtime.outputs:mark_output_dir"
+
+MARKER = register_output("marker", OUTPUT_MARKER, _MARKER)
+RECORD_JSON = register_output("record_json", ".json", f"{_OVERLAY} {_VOLUME} {_BATCH_RESULT}")
+OVERLAY_PNG = register_output("overlay_png", "_overlay.png", _OVERLAY)
+MAP_PNG16 = register_output("map_png16", "_map.png", f"{_OVERLAY} {_BATCH_MAP}")
+MAP_NPY = register_output("map_npy", "_map.npy", f"{_OVERLAY} {_BATCH_MAP}")
+VOLUME_MAP = register_output("volume_map", "_map.nii.gz", _VOLUME)
+MONTAGE_PNG = register_output("montage_png", "_montage.png", _VOLUME)
+DICOM_SEG = register_output("dicom_seg", "_seg.dcm", _VOLUME)
+SUMMARY_CSV = register_output("summary_csv", "summary.csv", _BATCH_SUMMARY)
+SUMMARY_PARQUET = register_output("summary_parquet", "summary.parquet", _BATCH_SUMMARY)
 
 
 def mark_output_dir(directory: str | os.PathLike) -> None:
     """Put the marker into a results directory (idempotent)."""
     path = os.path.join(os.fspath(directory), OUTPUT_MARKER)
     if not os.path.isfile(path):
-        atomic_write_text(path, "madclip results directory: madclip-infer does not read scans from here\n")
+        atomic_write_text(path, "madclip results directory: madclip does not read scans from here\n")
+
+
+def output_path(out_dir: str | os.PathLike, stem: str, suffix: str) -> str:
+    """`out_dir/<stem><suffix>` for a registered suffix, with `out_dir` created and marked."""
+    if suffix.lower() not in {k.suffix for k in OUTPUT_KINDS.values()}:
+        raise ValueError(f"{suffix!r} is not a registered output suffix (outputs.register_output)")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    mark_output_dir(out_dir)
+    return os.path.join(out_dir, f"{stem}{suffix}")
 
 
 def is_marked_dir(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, OUTPUT_MARKER))
 
 
-def output_stem(name: str) -> str | None:
-    """'a_overlay.png' -> 'a'; None when the name has no output suffix."""
+def result_stem(name: str) -> str | None:
+    """'a_overlay.png' -> 'a', 'v_map.nii.gz' -> 'v', 'summary.csv' -> ''; None without an output suffix."""
     low = name.lower()
-    for suffix in OUTPUT_SUFFIXES:
-        if low.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
+    best = None
+    for kind in OUTPUT_KINDS.values():  # the longest matching suffix wins ("_map.nii.gz" over ".gz"-less ones)
+        if low.endswith(kind.suffix) and (best is None or len(kind.suffix) > len(best)):
+            best = kind.suffix
+    return None if best is None else name[: len(name) - len(best)]
 
 
 def is_madclip_output(path: str, marked_dir: bool | None = None) -> bool:
-    """True for a file madclip wrote: an output suffix in a marked directory, or next to its `<stem>.json`."""
-    stem = output_stem(os.path.basename(path))
+    """THE rule: a registered output suffix, in a marked directory or beside its `<stem>.json`."""
+    name = os.path.basename(path)
+    stem = result_stem(name)
     if stem is None:
         return False
     directory = os.path.dirname(path) or "."
     if is_marked_dir(directory) if marked_dir is None else marked_dir:
         return True
-    return os.path.isfile(os.path.join(directory, stem + ".json"))
+    return bool(stem) and name.lower() != f"{stem}.json".lower() and \
+        os.path.isfile(os.path.join(directory, stem + ".json"))
+
+
+# ---- helpers shared by madclip-infer, madclip-infer --server and madclip-batch ---------------------------
+
+
+def check_out_dir(out: str) -> str:
+    """Create --out and prove it is writable (write and remove a probe file) before any inference."""
+    out = os.path.abspath(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".madclip-probe-{secrets.token_hex(4)}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise MadclipError(f"{out}: output directory is not writable ({exc.strerror or exc})") from None
+    return out  # the results marker is written with the first result (output_path)
+
+
+def expand_each(inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = (),
+                on_error: Any = None) -> tuple[list[str], int]:
+    """Expand every argument on its own so one bad argument is reported and the others still run.
+
+    `exclude`: directories never entered (the --out tree); madclip's own outputs are skipped by the rule above.
+    `on_error(message)` reports a bad argument (default: `cli.common.error_line`). Returns (files, n_failed).
+    """
+    from .scans.imageio import expand_inputs
+
+    if on_error is None:
+        from .cli.common import error_line as on_error
+    files: list[str] = []
+    seen: set[str] = set()
+    failed = 0
+    for raw in inputs:
+        try:
+            found = expand_inputs([raw], recursive=recursive, exclude=exclude)
+        except InputError as exc:
+            on_error(str(exc))  # type: ignore[operator]
+            failed += 1
+            continue
+        for f in found:
+            key = os.path.normpath(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files, failed
+
+
+def file_stem(path: str) -> str:
+    """'dir/a.png' -> 'a'; 'v.nii.gz' -> 'v'."""
+    name = os.path.basename(path)
+    if name.lower().endswith(".nii.gz"):
+        return name[: -len(".nii.gz")]
+    stem = os.path.splitext(name)[0]
+    return stem or name
+
+
+def output_stem(source: str, used: set[str]) -> str:
+    """'dir/a.png' -> 'a'; volume slice 'dir/v.nii.gz#slice=7' -> 'v_s007'; repeated names get '_2', '_3'."""
+    path, _, slice_part = source.partition("#slice=")
+    stem = file_stem(path)
+    if slice_part:
+        stem = f"{stem}_s{int(slice_part):03d}"
+    base, k = stem, 2
+    while stem in used:
+        stem, k = f"{base}_{k}", k + 1
+    used.add(stem)
+    return stem
+
+
+def slice_number(source: str) -> int | None:
+    """The slice number of a scan source ('v.nii.gz#slice=7' -> 7), None for a 2-D image."""
+    _, sep, part = source.rpartition("#slice=")
+    return int(part) if sep and part.isdigit() else None
+
+
+def progress_bar(enabled: bool) -> Any:
+    """The progress bar of madclip-infer / --server / madclip-batch (on stderr, transient; off when disabled)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .cli.common import err_console
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled,
+    )
+
+
+def short_path(path: str) -> str:
+    """A path relative to the working directory when that is shorter (table display only)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return rel if len(rel) < len(path) else path
+
+
+def result_table(rows: list[dict[str, Any]]) -> Any:
+    """The results table madclip-infer prints (local and --server): file, score, map max, label, latency."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from . import INTENDED_USE
+    from .safe_text import escape_control
+
+    table = Table(caption=INTENDED_USE)
+    table.add_column("file", overflow="fold")
+    for name, justify in (("score", "right"), ("map max", "right"), ("label", "left"), ("latency ms", "right")):
+        table.add_column(name, justify=justify)
+    for r in rows:
+        label = r["label"] or "-"
+        style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
+        table.add_row(Text(escape_control(short_path(r["file"]))),
+                      f"{r['score']:.4f}" if r["score"] is not None else "nan",
+                      f"{r['score_map_max']:.4f}" if r["score_map_max"] is not None else "nan",
+                      f"[{style}]{label}[/]" if style else label, f"{r['latency_ms']:.1f}")
+    return table

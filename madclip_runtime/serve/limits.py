@@ -1,0 +1,123 @@
+"""Request-body limits of a serving replica, so slow or stalled clients cannot starve the others.
+
+Ray Serve hands a request to a replica before its body has arrived; the replica reads the body from the
+proxy chunk by chunk. Without limits, a client that sends one byte every few seconds holds one of the
+replica's request slots for as long as it likes, and a few dozen such clients hold them all. `UploadGate`
+bounds that, per replica:
+
+* at most `max_uploads` bodies are being received at once. When all upload slots are taken, a new request
+  takes the slot of the slowest upload that is under the minimum rate (that one gets 408); when no upload is
+  that slow, the new request gets 503 with Retry-After (the service is busy with real uploads);
+* a body whose next chunk does not arrive within `body_timeout_s` gets 408;
+* after a grace second, a body arriving slower than `min_rate` bytes/s on average gets 408;
+* more than `limit` bytes get 413 (before reading them when Content-Length says so).
+
+The serving deployment (`app.py`) reserves `max_uploads` request slots for uploads on top of --max-ongoing,
+so uploads in progress never take the slots of requests being scored.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+DEFAULT_MAX_UPLOADS = 16  # bodies received at once per replica
+DEFAULT_BODY_TIMEOUT_S = 10.0  # longest wait for the next body chunk
+DEFAULT_MIN_UPLOAD_RATE = 4096.0  # bytes/s, averaged from the start of the body, after GRACE_S
+GRACE_S = 1.0
+TICK_S = 0.25  # how often a waiting upload re-checks its rate and whether it was evicted
+
+
+class RequestError(Exception):
+    """A per-request failure with its HTTP status (and headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+@dataclass(eq=False)
+class _Upload:
+    started: float
+    received: int = 0
+    evicted: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def rate(self, now: float) -> float:
+        return self.received / max(now - self.started, 1e-9)
+
+
+class UploadGate:
+    """Bounded, rate-checked body reads for one replica (see the module docstring). Single event loop."""
+
+    def __init__(self, max_uploads: int = DEFAULT_MAX_UPLOADS, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 min_rate: float = DEFAULT_MIN_UPLOAD_RATE):
+        self.max_uploads = int(max_uploads)
+        self.body_timeout_s = float(body_timeout_s)
+        self.min_rate = float(min_rate)
+        self.active: list[_Upload] = []
+        self.stats = {"uploads": 0, "evicted": 0, "refused_busy": 0, "timed_out": 0, "too_slow": 0}
+
+    def _admit(self) -> _Upload:
+        now = time.monotonic()
+        if len(self.active) >= self.max_uploads:
+            slow = [u for u in self.active if not u.evicted and now - u.started >= GRACE_S
+                    and u.rate(now) < self.min_rate]
+            if not slow:
+                self.stats["refused_busy"] += 1
+                raise RequestError(503, f"{len(self.active)} uploads in progress (the limit of this replica): "
+                                        "retry shortly", {"Retry-After": "1"})
+            victim = min(slow, key=lambda u: u.rate(now))
+            victim.evicted = True
+            self.active.remove(victim)
+            self.stats["evicted"] += 1
+        upload = _Upload(started=now)
+        self.active.append(upload)
+        self.stats["uploads"] += 1
+        return upload
+
+    async def read(self, chunks: AsyncIterator[bytes], limit: int, declared: str | None = None) -> bytes:
+        """The whole body from `chunks` (e.g. starlette's `request.stream()`), within the limits; RequestError."""
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+        upload = self._admit()
+        parts: list[bytes] = []
+        iterator = chunks.__aiter__()
+        pending: asyncio.Future | None = None
+        try:
+            last = time.monotonic()
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(iterator.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=TICK_S)
+                now = time.monotonic()
+                if upload.evicted:
+                    raise RequestError(408, f"request body too slow ({upload.rate(now):.0f} bytes/s) while the "
+                                            f"upload slots were needed: dropped")
+                if done:
+                    try:
+                        chunk = pending.result()
+                    except StopAsyncIteration:
+                        pending = None
+                        break
+                    pending = None
+                    last = now
+                    upload.received += len(chunk)
+                    if upload.received > limit:
+                        raise RequestError(413, f"request body is over the limit of {limit} bytes")
+                    parts.append(chunk)
+                elif now - last > self.body_timeout_s:
+                    self.stats["timed_out"] += 1
+                    raise RequestError(408, f"no request body data for {self.body_timeout_s:g} s")
+                if now - upload.started >= GRACE_S and upload.rate(now) < self.min_rate:
+                    self.stats["too_slow"] += 1
+                    raise RequestError(408, f"request body arriving at {upload.rate(now):.0f} bytes/s, under "
+                                            f"the minimum of {self.min_rate:g} bytes/s")
+            return b"".join(parts)
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if upload in self.active:
+                self.active.remove(upload)
