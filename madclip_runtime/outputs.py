@@ -1,5 +1,5 @@
-"""madclip's own output files: ONE registry of every kind it writes, the ONE rule that recognises them, and
-the output helpers every CLI shares (input expansion without own outputs, --out checks, result stems).
+"""madclip's own output files: ONE registry of every kind it writes and the ONE rule that recognises them
+(the output helpers the CLIs share, built on this, are in `madclip_runtime.cli.results`).
 
 The rule (`is_madclip_output`), applied by input expansion (`madclip_runtime.scans.imageio.expand_inputs`, used
 by madclip-infer, madclip-infer --server and madclip-batch), so a second run over its own output directory
@@ -25,12 +25,9 @@ is recognised, so a new output kind cannot be forgotten.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 from .atomic import atomic_write_text
-from .errors import InputError, MadclipError
 
 OUTPUT_MARKER = ".madclip-output"
 
@@ -125,118 +122,7 @@ def is_madclip_output(path: str, marked_dir: bool | None = None) -> bool:
         os.path.isfile(os.path.join(directory, stem + ".json"))
 
 
-# ---- helpers shared by madclip-infer, madclip-infer --server and madclip-batch ---------------------------
-
-
-def check_out_dir(out: str) -> str:
-    """Create --out and prove it is writable (write and remove a probe file) before any inference."""
-    out = os.path.abspath(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".madclip-probe-{secrets.token_hex(4)}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise MadclipError(f"{out}: output directory is not writable ({exc.strerror or exc})") from None
-    return out  # the results marker is written with the first result (output_path)
-
-
-def expand_each(inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = (),
-                on_error: Any = None) -> tuple[list[str], int]:
-    """Expand every argument on its own so one bad argument is reported and the others still run.
-
-    `exclude`: directories never entered (the --out tree); madclip's own outputs are skipped by the rule above.
-    `on_error(message)` reports a bad argument (default: `cli.common.error_line`). Returns (files, n_failed).
-    """
-    from .scans.imageio import expand_inputs
-
-    if on_error is None:
-        from .cli.common import error_line as on_error
-    files: list[str] = []
-    seen: set[str] = set()
-    failed = 0
-    for raw in inputs:
-        try:
-            found = expand_inputs([raw], recursive=recursive, exclude=exclude)
-        except InputError as exc:
-            on_error(str(exc))  # type: ignore[operator]
-            failed += 1
-            continue
-        for f in found:
-            key = os.path.normpath(f)
-            if key not in seen:
-                seen.add(key)
-                files.append(f)
-    return files, failed
-
-
-def file_stem(path: str) -> str:
-    """'dir/a.png' -> 'a'; 'v.nii.gz' -> 'v'."""
-    name = os.path.basename(path)
-    if name.lower().endswith(".nii.gz"):
-        return name[: -len(".nii.gz")]
-    stem = os.path.splitext(name)[0]
-    return stem or name
-
-
-def output_stem(source: str, used: set[str]) -> str:
-    """'dir/a.png' -> 'a'; volume slice 'dir/v.nii.gz#slice=7' -> 'v_s007'; repeated names get '_2', '_3'."""
-    path, _, slice_part = source.partition("#slice=")
-    stem = file_stem(path)
-    if slice_part:
-        stem = f"{stem}_s{int(slice_part):03d}"
-    base, k = stem, 2
-    while stem in used:
-        stem, k = f"{base}_{k}", k + 1
-    used.add(stem)
-    return stem
-
-
 def slice_number(source: str) -> int | None:
     """The slice number of a scan source ('v.nii.gz#slice=7' -> 7), None for a 2-D image."""
     _, sep, part = source.rpartition("#slice=")
     return int(part) if sep and part.isdigit() else None
-
-
-def progress_bar(enabled: bool) -> Any:
-    """The progress bar of madclip-infer / --server / madclip-batch (on stderr, transient; off when disabled)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .cli.common import err_console
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled,
-    )
-
-
-def short_path(path: str) -> str:
-    """A path relative to the working directory when that is shorter (table display only)."""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        return path
-    return rel if len(rel) < len(path) else path
-
-
-def result_table(rows: list[dict[str, Any]]) -> Any:
-    """The results table madclip-infer prints (local and --server): file, score, map max, label, latency."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from . import INTENDED_USE
-    from .safe_text import escape_control
-
-    table = Table(caption=INTENDED_USE)
-    table.add_column("file", overflow="fold")
-    for name, justify in (("score", "right"), ("map max", "right"), ("label", "left"), ("latency ms", "right")):
-        table.add_column(name, justify=justify)
-    for r in rows:
-        label = r["label"] or "-"
-        style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
-        table.add_row(Text(escape_control(short_path(r["file"]))),
-                      f"{r['score']:.4f}" if r["score"] is not None else "nan",
-                      f"{r['score_map_max']:.4f}" if r["score_map_max"] is not None else "nan",
-                      f"[{style}]{label}[/]" if style else label, f"{r['latency_ms']:.1f}")
-    return table

@@ -28,7 +28,7 @@ from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_i
 from .volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
 from ..contract import BACKENDS, PRECISIONS
 from ..errors import InputError, MadclipError
-from ..outputs import check_out_dir, expand_each, output_stem, progress_bar, result_table
+from .results import check_out_dir, expand_each, output_stem, progress_bar, result_table
 
 log = logging.getLogger(__name__)
 

@@ -229,14 +229,14 @@ def app_builder(args: dict[str, Any]) -> Any:
         args: {bundle: /bundles/brain16, backend: ort-cpu, precision: fp32, max_body_mb: 64,
                trusted_key: /keys/lab.pub, max_uploads: 16, body_timeout: 10, min_upload_rate: 4096}
 
-    Every value is validated as madclip-serve validates its options (`cli.serve_config_from`).
+    Every value is validated as madclip-serve validates its options (`options.serve_config_from`).
 
     Replicas, resources, autoscaling and the batch size/wait (user_config) are set in the config's
     `deployments:` entry for the deployment named "madclip", as for any Serve deployment.
     """
     if not args.get("bundle"):
         raise MadclipError("app_builder needs args.bundle (the bundle directory on the Ray nodes)")
-    from .cli import serve_config_from
+    from .options import serve_config_from
 
     cfg = serve_config_from({k.replace("-", "_"): v for k, v in args.items()})
     return MadclipServer.options(user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005},

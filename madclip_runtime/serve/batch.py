@@ -35,8 +35,9 @@ from ..cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, boun
                           finite_float, run_cli, setup_logging)
 from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
 from ..errors import MadclipError
-from ..outputs import (MAP_NPY, MAP_PNG16, RECORD_JSON, SUMMARY_CSV, SUMMARY_PARQUET, check_out_dir, expand_each,
-                       file_stem, mark_output_dir, output_path, progress_bar, slice_number)
+from ..cli.results import check_out_dir, expand_each, file_stem, progress_bar
+from ..outputs import (MAP_NPY, MAP_PNG16, RECORD_JSON, SUMMARY_CSV, SUMMARY_PARQUET, mark_output_dir, output_path,
+                       slice_number)
 from . import require_ray
 from .replica import ServeConfig
 
@@ -359,7 +360,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from ..bundles.bundle import load_bundle
 
     from ..predictor import check_threshold
-    from .cli import read_trusted_key
+    from .options import read_trusted_key
 
     trusted_key = read_trusted_key(args.trusted_key)
     bundle = load_bundle(args.bundle, verify="model", precision=args.precision,

@@ -17,41 +17,21 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .. import INTENDED_USE, __version__
-from ..cli.common import (EXIT_OK, ArgumentParser, Terminated, bounded_int, err_console, finite_float, run_cli,
-                          setup_logging)
+from ..cli.common import EXIT_OK, ArgumentParser, Terminated, err_console, run_cli, setup_logging
 from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
 from ..errors import MadclipError
 from . import require_ray
 from .decode import DEFAULT_MAX_BODY_BYTES
 from .limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_UPLOADS, DEFAULT_MIN_UPLOAD_RATE
+from .options import VALIDATORS, read_trusted_key
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "madclip"
 ANSI_CODES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-# One validator per numeric option, shared by the parser (type=) and the config-file builder (app_builder).
-VALIDATORS: dict[str, Callable[[str], Any]] = {
-    "port": bounded_int(1, 65535),
-    "replicas": bounded_int(1),
-    "target_ongoing": finite_float(0, min_open=True),
-    "num_cpus": finite_float(0),
-    "num_gpus": finite_float(0),
-    "max_batch": bounded_int(1),
-    "batch_wait_ms": finite_float(0),
-    "max_ongoing": bounded_int(1),
-    "max_body_mb": finite_float(0, min_open=True),
-    "graceful_timeout": finite_float(0),
-    "ray_num_cpus": bounded_int(1),
-    "threshold": finite_float(0),
-    "max_uploads": bounded_int(1),
-    "body_timeout": finite_float(0, min_open=True),
-    "min_upload_rate": finite_float(0),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,42 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"madclip {__version__}")
     return p
-
-
-def read_trusted_key(path: str | None) -> bytes | None:
-    """The trusted public key's bytes (read once by the driver, shipped to the replicas), checked to be a key."""
-    if path is None:
-        return None
-    from ..bundles.signing import load_public_key
-
-    load_public_key(path)  # one line when it is not an Ed25519 public key
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise MadclipError(f"{path}: cannot read the trusted key ({exc.strerror or exc})") from None
-
-
-def serve_config_from(values: dict[str, Any]) -> Any:
-    """A ServeConfig from plain values (a config file's args), each checked by the option's own validator."""
-    from .replica import ServeConfig
-
-    def get(key: str, default: Any) -> Any:
-        raw = values.get(key)
-        if raw in (None, ""):
-            return default
-        try:
-            return VALIDATORS[key](str(raw))
-        except argparse.ArgumentTypeError as exc:
-            raise MadclipError(f"{key} {exc}") from None
-
-    return ServeConfig(bundle=str(values["bundle"]), backend=str(values.get("backend") or "auto"),
-                       precision=str(values.get("precision") or "fp32"), threshold=get("threshold", None),
-                       max_body_bytes=int(get("max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20),
-                       cache_dir=values.get("cache_dir"), trusted_key=read_trusted_key(values.get("trusted_key")),
-                       max_uploads=get("max_uploads", DEFAULT_MAX_UPLOADS),
-                       body_timeout_s=get("body_timeout", DEFAULT_BODY_TIMEOUT_S),
-                       min_upload_rate=get("min_upload_rate", DEFAULT_MIN_UPLOAD_RATE))
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from ..cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
 from ..errors import BundleError, InputError, MadclipError
-from ..outputs import check_out_dir, expand_each, output_stem, result_table
+from ..cli.results import check_out_dir, expand_each, output_stem, result_table
 from ..predictor import Prediction
 from .maps import decode_map
 
