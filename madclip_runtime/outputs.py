@@ -15,8 +15,8 @@ A file named explicitly on the command line is always kept (the user asked for i
 
 Adding an output kind (for a new writer) is one call, in this module or in the writer's module at import:
 
-    MAP_NIFTI = register_output("volume_map", "_map.nii.gz", "madclip_runtime.scans.volume_output:save_volume_outputs")
-    path = output_path(out_dir, stem, MAP_NIFTI)          # marks out_dir, returns out_dir/<stem>_map.nii.gz
+    PROB = register_output("volume_prob", "_prob.nii.gz", "madclip_runtime.scans.volume_output:save_volume_outputs")
+    path = output_path(out_dir, stem, PROB)          # marks out_dir, returns out_dir/<stem>_prob.nii.gz
 
 `tests/test_outputs.py` finds every function of the runtime that writes a file (AST) and requires it to be
 a registered writer (or a declared non-output writer); it runs each writer and checks that every file it wrote
@@ -34,23 +34,27 @@ OUTPUT_MARKER = ".madclip-output"
 
 @dataclass(frozen=True)
 class OutputKind:
-    """One kind of file madclip writes: `suffix` ends its name (lower case); `writer` is "module:function"."""
+    """One kind of file madclip writes: `suffix` ends its name (lower case); `writers` are "module:function"."""
 
     name: str
     suffix: str
-    writer: str
+    writers: tuple[str, ...]
 
 
 OUTPUT_KINDS: dict[str, OutputKind] = {}
 
 
-def register_output(name: str, suffix: str, writer: str) -> str:
-    """Register an output kind (idempotent for the same values); returns `suffix` for the writer to use.
+def register_output(name: str, suffix: str, *writers: str) -> str:
+    """Register an output kind (idempotent for the same values); returns `suffix` for the writers to use.
 
     `suffix` is the end of the file name, e.g. "_map.nii.gz" (or a whole name such as "summary.csv");
-    `writer` names the function that writes it ("package.module:function"), checked by the tests.
+    `writers` name the functions that write it ("package.module:function" or "module:Class.method"); the
+    tests require every function of the runtime that writes files to be one of them (or declared as not
+    writing outputs) and check that each writer's files are recognised.
     """
-    kind = OutputKind(name, suffix.lower(), writer)
+    if not writers:
+        raise ValueError(f"output kind {name!r}: name the function(s) that write it")
+    kind = OutputKind(name, suffix.lower(), tuple(writers))
     old = OUTPUT_KINDS.get(name)
     if old is not None and old != kind:
         raise ValueError(f"output kind {name!r} is already registered as {old}")
@@ -67,10 +71,10 @@ _BATCH_SUMMARY = "madclip_runtime.serve.batch:write_summary"
 _MARKER = "madclip_runtime.outputs:mark_output_dir"
 
 MARKER = register_output("marker", OUTPUT_MARKER, _MARKER)
-RECORD_JSON = register_output("record_json", ".json", f"{_OVERLAY} {_VOLUME} {_BATCH_RESULT}")
+RECORD_JSON = register_output("record_json", ".json", _OVERLAY, _VOLUME, _BATCH_RESULT)
 OVERLAY_PNG = register_output("overlay_png", "_overlay.png", _OVERLAY)
-MAP_PNG16 = register_output("map_png16", "_map.png", f"{_OVERLAY} {_BATCH_MAP}")
-MAP_NPY = register_output("map_npy", "_map.npy", f"{_OVERLAY} {_BATCH_MAP}")
+MAP_PNG16 = register_output("map_png16", "_map.png", _OVERLAY, _BATCH_MAP)
+MAP_NPY = register_output("map_npy", "_map.npy", _OVERLAY, _BATCH_MAP)
 VOLUME_MAP = register_output("volume_map", "_map.nii.gz", _VOLUME)
 MONTAGE_PNG = register_output("montage_png", "_montage.png", _VOLUME)
 DICOM_SEG = register_output("dicom_seg", "_seg.dcm", _VOLUME)
