@@ -270,7 +270,7 @@ def check_threshold(threshold: Any, bundle: Bundle | None = None) -> float | Non
     if bundle is not None:
         lo, hi = bundle.output_range(bundle.score_name)
         if not lo <= value <= hi:
-            raise InputError(f"threshold {threshold} is outside the {bundle.score_name} range [{lo:g}, {hi:g}] "
+            raise InputError(f"threshold {value:g} is outside the {bundle.score_name} range [{lo:g}, {hi:g}] "
                              f"of {bundle.path}: every scan would get the same label")
     return value
 

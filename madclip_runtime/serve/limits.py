@@ -6,8 +6,9 @@ replica's request slots for as long as it likes, and a few dozen such clients ho
 bounds that, per replica:
 
 * at most `max_uploads` bodies are being received at once. When all upload slots are taken, a new request
-  takes the slot of the slowest upload that is under the minimum rate (that one gets 408); when no upload is
-  that slow, the new request gets 503 with Retry-After (the service is busy with real uploads);
+  takes the slot of the slowest upload that has had its grace second (that one gets 408: under a flood the
+  slowest sender is the cheapest to lose); when every upload is younger, the new request gets 503 with
+  Retry-After;
 * a body whose next chunk does not arrive within `body_timeout_s` gets 408;
 * after a grace second, a body arriving slower than `min_rate` bytes/s on average gets 408;
 * more than `limit` bytes get 413 (before reading them when Content-Length says so).
@@ -63,8 +64,7 @@ class UploadGate:
     def _admit(self) -> _Upload:
         now = time.monotonic()
         if len(self.active) >= self.max_uploads:
-            slow = [u for u in self.active if not u.evicted and now - u.started >= GRACE_S
-                    and u.rate(now) < self.min_rate]
+            slow = [u for u in self.active if not u.evicted and now - u.started >= GRACE_S]
             if not slow:
                 self.stats["refused_busy"] += 1
                 raise RequestError(503, f"{len(self.active)} uploads in progress (the limit of this replica): "
@@ -94,7 +94,7 @@ class UploadGate:
                 done, _ = await asyncio.wait({pending}, timeout=TICK_S)
                 now = time.monotonic()
                 if upload.evicted:
-                    raise RequestError(408, f"request body too slow ({upload.rate(now):.0f} bytes/s) while the "
+                    raise RequestError(408, f"request body too slow ({upload.rate(now):.0f} bytes/s) while all "
                                             f"upload slots were needed: dropped")
                 if done:
                     try:
