@@ -75,6 +75,7 @@ def test_upload_gate_reads_a_normal_body_and_refuses_oversize():
 
 
 def test_upload_gate_drops_a_trickling_body_and_a_stalled_one(monkeypatch):
+    monkeypatch.setattr(limits, "FAST_S", 0.1)
     monkeypatch.setattr(limits, "GRACE_S", 0.3)
     monkeypatch.setattr(limits, "TICK_S", 0.05)
     gate = UploadGate(max_uploads=4, body_timeout_s=0.4, min_rate=100)
@@ -89,32 +90,36 @@ def test_upload_gate_drops_a_trickling_body_and_a_stalled_one(monkeypatch):
     assert not gate.active and time.monotonic() - t0 < 6
 
 
-def test_upload_gate_full_of_slow_uploads_evicts_the_slowest_for_a_new_request(monkeypatch):
-    monkeypatch.setattr(limits, "GRACE_S", 0.2)
-    monkeypatch.setattr(limits, "TICK_S", 0.05)
+def test_upload_gate_full_of_slow_uploads_still_takes_a_good_request(monkeypatch):
+    """Bodies that arrive at once need no upload slot; slow ones share the slots, the slowest is evicted."""
+    monkeypatch.setattr(limits, "FAST_S", 0.05)
+    monkeypatch.setattr(limits, "GRACE_S", 0.5)
+    monkeypatch.setattr(limits, "TICK_S", 0.02)
 
     async def scenario():
         gate = UploadGate(max_uploads=3, body_timeout_s=30, min_rate=0)
         slow = [asyncio.ensure_future(gate.read(_trickle(20, 0.05 * (1 + i)), limit=10**6)) for i in range(3)]
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.15)
+        full = len(gate.active)
+        t0 = time.monotonic()
+        good = await gate.read(_at_once(b"good"), limit=100)  # all slots taken: needs none
+        took = time.monotonic() - t0
         busy = None
-        try:  # every slot is younger than the grace period: no victim -> 503 with Retry-After
-            await gate.read(_at_once(b"good"), limit=100)
+        try:  # another slow one: every slot is younger than the grace period, no victim -> 503 + Retry-After
+            await gate.read(_trickle(20, 0.05), limit=10**6)
         except RequestError as exc:
             busy = exc
-        await asyncio.sleep(0.3)  # now past their grace
-        t0 = time.monotonic()
-        good = await gate.read(_at_once(b"good"), limit=100)
-        took = time.monotonic() - t0
+        await asyncio.sleep(0.5)  # now the three are past their grace
+        fourth = await gate.read(_trickle(6, 0.03), limit=10**6)  # takes the slowest's slot
         results = await asyncio.gather(*slow, return_exceptions=True)
-        return busy, good, took, results, gate
+        return full, good, took, busy, fourth, results, gate
 
-    busy, good, took, results, gate = asyncio.run(scenario())
+    full, good, took, busy, fourth, results, gate = asyncio.run(scenario())
+    assert full == 3 and good == b"good" and took < 0.2
     assert busy is not None and busy.status == 503 and busy.headers.get("Retry-After")
-    assert good == b"good" and took < 0.5
-    dropped = [r for r in results if isinstance(r, RequestError)]
-    assert len(dropped) == 1 and dropped[0].status == 408 and "slots were needed" in str(dropped[0])
+    assert fourth == b"x" * 6
     assert results[0] == b"x" * 20 and results[1] == b"x" * 20  # the faster two finished their bodies
+    assert isinstance(results[2], RequestError) and results[2].status == 408 and "slots were needed" in str(results[2])
     assert gate.stats["evicted"] == 1 and not gate.active
 
 

@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import BundleError, InputError, MadclipError
 from ..scans.imageio import ScanImage, one_line
 from .decode import decode_scan_bytes
-from .limits import RequestError, UploadGate
+from .limits import RequestError, UploadGate, upload_slots
 from .replica import ServeConfig, open_verified, record_json, wire_options, with_threshold
 
 log = logging.getLogger("ray.serve")
@@ -202,8 +202,8 @@ def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gp
               app_name: str = "madclip") -> Any:
     """The bound Serve application for `serve.run` (replicas, or autoscaling between min and max).
 
-    Each replica accepts `max_ongoing_requests` requests being scored plus `cfg.max_uploads` bodies being
-    received (`limits.UploadGate`), so slow uploads never take the slots of the requests being scored.
+    Each replica accepts `max_ongoing_requests` requests being scored plus the slots of bodies still arriving
+    (`limits.upload_slots`, `limits.UploadGate`), so slow uploads never take the slots of requests being scored.
 
     `constructor_retries` is small on purpose: a replica that cannot verify its bundle will not do better on
     the 20th try (Serve's default), and the deployment should fail promptly with the reason.
@@ -212,7 +212,7 @@ def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gp
         "max_constructor_retry_count": constructor_retries,
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "user_config": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
-        "max_ongoing_requests": int(max_ongoing_requests) + int(cfg.max_uploads),
+        "max_ongoing_requests": int(max_ongoing_requests) + upload_slots(cfg.max_uploads),
         "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
     }
     if autoscaling:
@@ -240,4 +240,4 @@ def app_builder(args: dict[str, Any]) -> Any:
 
     cfg = serve_config_from({k.replace("-", "_"): v for k, v in args.items()})
     return MadclipServer.options(user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005},
-                                 max_ongoing_requests=64 + cfg.max_uploads).bind(cfg)
+                                 max_ongoing_requests=64 + upload_slots(cfg.max_uploads)).bind(cfg)

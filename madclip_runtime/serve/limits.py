@@ -5,7 +5,8 @@ proxy chunk by chunk. Without limits, a client that sends one byte every few sec
 replica's request slots for as long as it likes, and a few dozen such clients hold them all. `UploadGate`
 bounds that, per replica:
 
-* at most `max_uploads` bodies are being received at once. When all upload slots are taken, a new request
+* a body that is complete within half a second (every normal client) needs no upload slot;
+* at most `max_uploads` slower bodies are being received at once. When all upload slots are taken, a new one
   takes the slot of the slowest upload that has had its grace second (that one gets 408: under a flood the
   slowest sender is the cheapest to lose); when every upload is younger, the new request gets 503 with
   Retry-After;
@@ -13,8 +14,8 @@ bounds that, per replica:
 * after a grace second, a body arriving slower than `min_rate` bytes/s on average gets 408;
 * more than `limit` bytes get 413 (before reading them when Content-Length says so).
 
-The serving deployment (`app.py`) reserves `max_uploads` request slots for uploads on top of --max-ongoing,
-so uploads in progress never take the slots of requests being scored.
+The serving deployment (`app.py`) gives each replica request slots for uploads on top of --max-ongoing
+(`upload_slots`), so uploads in progress never take the slots of requests being scored.
 """
 from __future__ import annotations
 
@@ -26,8 +27,15 @@ from typing import AsyncIterator
 DEFAULT_MAX_UPLOADS = 16  # bodies received at once per replica
 DEFAULT_BODY_TIMEOUT_S = 10.0  # longest wait for the next body chunk
 DEFAULT_MIN_UPLOAD_RATE = 4096.0  # bytes/s, averaged from the start of the body, after GRACE_S
+FAST_S = 0.5  # a body complete within this never takes an upload slot
 GRACE_S = 1.0
-TICK_S = 0.25  # how often a waiting upload re-checks its rate and whether it was evicted
+TICK_S = 0.1  # how often a waiting upload re-checks its rate and whether it was evicted
+
+
+def upload_slots(max_uploads: int) -> int:
+    """Serve request slots reserved per replica for bodies still arriving: the upload slots, plus room for the
+    clients inside their first FAST_S (a waiting coroutine costs next to nothing)."""
+    return int(max_uploads) + 64
 
 
 class RequestError(Exception):
@@ -61,7 +69,7 @@ class UploadGate:
         self.active: list[_Upload] = []
         self.stats = {"uploads": 0, "evicted": 0, "refused_busy": 0, "timed_out": 0, "too_slow": 0}
 
-    def _admit(self) -> _Upload:
+    def _admit(self, upload: _Upload) -> None:
         now = time.monotonic()
         if len(self.active) >= self.max_uploads:
             slow = [u for u in self.active if not u.evicted and now - u.started >= GRACE_S]
@@ -73,21 +81,24 @@ class UploadGate:
             victim.evicted = True
             self.active.remove(victim)
             self.stats["evicted"] += 1
-        upload = _Upload(started=now)
         self.active.append(upload)
         self.stats["uploads"] += 1
-        return upload
 
     async def read(self, chunks: AsyncIterator[bytes], limit: int, declared: str | None = None) -> bytes:
-        """The whole body from `chunks` (e.g. starlette's `request.stream()`), within the limits; RequestError."""
+        """The whole body from `chunks` (e.g. starlette's `request.stream()`), within the limits; RequestError.
+
+        A body that arrives within FAST_S (any normal client on a working network) never needs an upload slot;
+        only a body still arriving after FAST_S takes one (or the slowest's, or gets 503).
+        """
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-        upload = self._admit()
+        upload = _Upload(started=time.monotonic())
         parts: list[bytes] = []
         iterator = chunks.__aiter__()
         pending: asyncio.Future | None = None
+        slotted = False
         try:
-            last = time.monotonic()
+            last = upload.started
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(iterator.__anext__())
@@ -111,6 +122,9 @@ class UploadGate:
                 elif now - last > self.body_timeout_s:
                     self.stats["timed_out"] += 1
                     raise RequestError(408, f"no request body data for {self.body_timeout_s:g} s")
+                if not slotted and now - upload.started >= FAST_S:
+                    self._admit(upload)  # still arriving: from now on it holds an upload slot
+                    slotted = True
                 if now - upload.started >= GRACE_S and upload.rate(now) < self.min_rate:
                     self.stats["too_slow"] += 1
                     raise RequestError(408, f"request body arriving at {upload.rate(now):.0f} bytes/s, under "
