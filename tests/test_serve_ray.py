@@ -367,6 +367,19 @@ def test_slow_clients_do_not_starve_a_good_request(served):
     assert uploads["too_slow"] + uploads["evicted"] + uploads["refused_busy"] + uploads["timed_out"] >= 1, uploads
 
 
+def _nifti_with_affine(path: Path, vol: np.ndarray, value: float) -> Path:
+    """An uncompressed NIfTI whose sform is all `value` (NaN or 0) and qform unset: nibabel refuses to write it."""
+    import struct
+
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[252:256] = struct.pack("<hh", 0, 1)  # qform_code 0, sform_code 1
+    raw[280:328] = struct.pack("<12f", *([value] * 12))  # srow_x, srow_y, srow_z
+    path.write_bytes(bytes(raw))
+    return path
+
+
 def test_batch_never_scores_its_own_outputs_and_reports_slice_numbers(served, tmp_path, capsys):
     """madclip-batch D -r --out D/res --maps png16, twice: the second run finds the same inputs (not its maps);
     summary.csv's slice column is a slice number (empty for 2-D); a bad NIfTI beside a good PNG is one error row;
@@ -383,10 +396,8 @@ def test_batch_never_scores_its_own_outputs_and_reports_slice_numbers(served, tm
         shutil.copy(f, d / f.name)
     vol = np.random.default_rng(1).random((32, 30, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(d / "vol.nii.gz"))
-    bad_affine = np.eye(4)
-    bad_affine[0, 0] = np.nan
-    nib.save(nib.Nifti1Image(vol, bad_affine), str(d / "nan_affine.nii.gz"))
-    nib.save(nib.Nifti1Image(vol, np.zeros((4, 4))), str(d / "zero_affine.nii.gz"))
+    _nifti_with_affine(d / "nan_affine.nii", vol, np.nan)
+    _nifti_with_affine(d / "zero_affine.nii", vol, 0.0)
     out = str(d / "res")
     found = []
     for run in range(2):
@@ -394,7 +405,7 @@ def test_batch_never_scores_its_own_outputs_and_reports_slice_numbers(served, tm
         found.append(sorted(os.path.basename(f) for f in files))
         res = run_batch(files, served["cfg"], out, actors=64, cpus_per_actor=1.0, read_cpus=0.25, maps="png16")
         assert res["files"] == len(files) and failed == 0
-    assert found[0] == found[1] == sorted(["vol.nii.gz", "nan_affine.nii.gz", "zero_affine.nii.gz",
+    assert found[0] == found[1] == sorted(["vol.nii.gz", "nan_affine.nii", "zero_affine.nii",
                                            *(f.name for f in _real_files()[:2])])
     assert "--actors 64" in capsys.readouterr().err
     assert len(list(Path(out, "maps").glob("*_map.png"))) >= 2 + 3
@@ -413,14 +424,10 @@ def test_batch_never_scores_its_own_outputs_and_reports_slice_numbers(served, tm
 
 def test_infer_server_one_bad_file_is_one_line(served, tmp_path, capsys):
     """A file the server cannot read (400) or fails on is that file's error line; the others are scored."""
-    nib = pytest.importorskip("nibabel")
     from madclip_runtime.cli.infer import main
 
-    bad_affine = np.eye(4)
-    bad_affine[1, 1] = np.nan
-    nan_nii = tmp_path / "nan.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(2).random((20, 20, 2)).astype(np.float32), bad_affine),
-             str(nan_nii))
+    nan_nii = _nifti_with_affine(tmp_path / "nan.nii", np.random.default_rng(2).random((20, 20, 2)).astype(np.float32),
+                                 np.nan)
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 300)
     good = str(_real_files()[0])
