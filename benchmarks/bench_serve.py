@@ -240,7 +240,8 @@ def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int
                 stop.set()
                 for t in threads:
                     t.join(timeout=10)
-                print(f"slow-client round {r + 1} {cond}: p99 {_pct(l, 99) * 1e3:.1f} ms, failed {len(f)}", flush=True)
+                print(f"slow-client round {r + 1} {cond}: p99 {_pct(l, 99) * 1e3:.1f} ms, failed {len(f)}",
+                      flush=True)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as resp:
             uploads = json.loads(resp.read())["upload_stats"]
     finally:
@@ -330,11 +331,12 @@ def main() -> None:
           [[r["backbone"], "on" if r["batching"] else "off", r["concurrency"], r["requests"], r["failed"],
             r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["mean_batch"]] for r in load_rows])
     if slow:
-        table(f"good requests beside {slow['slow_clients']} clients sending 1 byte / 2 s (madclip-tiny, 1 replica; "
-              f"rounds alternate)", ["condition", "requests", "failed", "p50 ms", "p99 ms"],
+        table(f"good requests beside {slow['slow_clients']} clients sending 1 byte / 2 s "
+              f"(madclip-tiny, 1 replica; rounds alternate)", ["condition", "requests", "failed", "p50 ms", "p99 ms"],
               [[c, slow[c]["requests"], slow[c]["failed"], slow[c]["p50_ms"], slow[c]["p99_ms"]]
                for c in ("unloaded", "slow_clients")])
-        print(f"p99 ratio slow_clients / unloaded: {slow.get('p99_ratio')}; slow connections {slow['connections']}, "
+        print(f"p99 ratio slow_clients / unloaded: {slow.get('p99_ratio')}; "
+              f"slow connections {slow['connections']}, "
               f"dropped by the server {slow['dropped_by_server']}; upload gate {slow['upload_stats']}")
     if archive:
         table(f"archive scoring, {archive['images']} demo images (madclip-tiny, ort-cpu)",

@@ -1,8 +1,8 @@
 """madclip's own output files: ONE registry of every kind it writes and the ONE rule that recognises them
 (the output helpers the CLIs share, built on this, are in `madclip_runtime.cli.results`).
 
-The rule (`is_madclip_output`), applied by input expansion (`madclip_runtime.scans.imageio.expand_inputs`, used
-by madclip-infer, madclip-infer --server and madclip-batch), so a second run over its own output directory
+The rule (`is_madclip_output`), applied by input expansion (`madclip_runtime.scans.imageio.expand_inputs`,
+used by madclip-infer, madclip-infer --server and madclip-batch), so a second run over its own output directory
 never scores what the first one wrote:
 
 * a directory madclip writes into carries the marker file `.madclip-output` (`mark_output_dir`, called by
@@ -15,7 +15,8 @@ A file named explicitly on the command line is always kept (the user asked for i
 
 Adding an output kind (for a new writer) is one call, in this module or in the writer's module at import:
 
-    PROB = register_output("volume_prob", "_prob.nii.gz", "madclip_runtime.scans.volume_output:save_volume_outputs")
+    WRITER = "madclip_runtime.scans.volume_output:save_volume_outputs"
+    PROB = register_output("volume_prob", "_prob.nii.gz", WRITER)
     path = output_path(out_dir, stem, PROB)          # marks out_dir, returns out_dir/<stem>_prob.nii.gz
 
 `tests/test_outputs.py` finds every function of the runtime that writes a file (AST) and requires it to be
@@ -34,7 +35,7 @@ OUTPUT_MARKER = ".madclip-output"
 
 @dataclass(frozen=True)
 class OutputKind:
-    """One kind of file madclip writes: `suffix` ends its name (lower case); `writers` are "module:function"."""
+    """One kind of file madclip writes: `suffix` ends its name (lower case); `writers`: "module:function"."""
 
     name: str
     suffix: str
@@ -107,7 +108,7 @@ def result_stem(name: str) -> str | None:
     """'a_overlay.png' -> 'a', 'v_map.nii.gz' -> 'v', 'summary.csv' -> ''; None without an output suffix."""
     low = name.lower()
     best = None
-    for kind in OUTPUT_KINDS.values():  # the longest matching suffix wins ("_map.nii.gz" over ".gz"-less ones)
+    for kind in OUTPUT_KINDS.values():  # the longest matching suffix wins ("_map.nii.gz" over ".json" etc.)
         if low.endswith(kind.suffix) and (best is None or len(kind.suffix) > len(best)):
             best = kind.suffix
     return None if best is None else name[: len(name) - len(best)]

@@ -176,14 +176,15 @@ class Predictor:
         return out
 
     def run_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """THE model call of the runtime: preprocessed images [N, 3, S, S] -> the outputs (`contract.OUTPUT_NAMES`).
+        """THE model call of the runtime: preprocessed images [N, 3, S, S] -> `contract.OUTPUT_NAMES` outputs.
 
         Runs in chunks of at most `max_batch`; the shapes are checked. Used by `predict_*`, madclip-batch's
         scorer, the serving replica and the golden self-test, so there is one way of running the model.
         A backend failure is a BundleError naming the bundle and backend (one line).
         """
         images = np.ascontiguousarray(images, dtype=np.float32)
-        parts = [self._run_backend(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        step = self.max_batch
+        parts = [self._run_backend(images[i : i + step]) for i in range(0, len(images), step)]
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}

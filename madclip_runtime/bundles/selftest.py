@@ -153,11 +153,13 @@ def golden_check(predictor: Any, golden: dict[str, np.ndarray] | None = None) ->
 def failure_line(bundle_path: str, res: dict[str, Any], backend: str, precision: str) -> str:
     """Why a golden check failed, in one line."""
     if not res["decisions_reproduced"]:
-        return (f"{bundle_path}: self-test failed: the bundle's calibration (threshold {res['threshold']}) no "
-                f"longer reproduces the decisions made at export (threshold {res['export_threshold']}): "
+        return (f"{bundle_path}: self-test failed: the bundle's calibration (threshold {res['threshold']}) "
+                f"no longer reproduces the decisions made at export (threshold {res['export_threshold']}): "
                 f"{res['n_changed']} of {res['n']} golden decisions changed")
-    return (f"{bundle_path}: self-test failed on {backend} {precision} (score err {res['score_max_abs_err']:.3g}, "
-            f"score_map_max err {res['score_map_max_max_abs_err']:.3g}, map p99 err {res['map_p99_abs_err']:.3g}; "
+    return (f"{bundle_path}: self-test failed on {backend} {precision} "
+            f"(score err {res['score_max_abs_err']:.3g}, "
+            f"score_map_max err {res['score_map_max_max_abs_err']:.3g}, "
+            f"map p99 err {res['map_p99_abs_err']:.3g}; "
             f"tolerances {res['tolerance']['score']:g} / {res['tolerance']['map_p99']:g})")
 
 

@@ -55,7 +55,7 @@ DRAIN_POLL_S = 0.2
 
 
 def drain_key(app_name: str) -> bytes:
-    """The key-value entry that tells the replicas of `app_name` to drain (set by madclip-serve on SIGTERM)."""
+    """The key-value entry telling the replicas of `app_name` to drain (set by madclip-serve on SIGTERM)."""
     return f"madclip:{app_name}:draining".encode()
 
 
@@ -87,7 +87,8 @@ class MadclipServer:
         self.uploads = UploadGate(cfg.max_uploads, cfg.body_timeout_s, cfg.min_upload_rate)
         self.inflight = 0
         self.draining = False
-        self._drain_key, self._inflight_key = drain_key(app_name), inflight_prefix(app_name) + _replica_id().encode()
+        self._drain_key = drain_key(app_name)
+        self._inflight_key = inflight_prefix(app_name) + _replica_id().encode()
         threading.Thread(target=self._watch_drain, name="madclip-drain", daemon=True).start()
         self.requests = metrics.Counter("madclip_requests", "madclip /predict requests by outcome",
                                         tag_keys=("outcome",))
@@ -139,7 +140,8 @@ class MadclipServer:
         except InputError as exc:
             raise RequestError(400, str(exc)) from None
         name, slice_index, fmt, threshold = opts.name, opts.slice_index, opts.map_format, opts.threshold
-        body = await self.uploads.read(request.stream(), self.cfg.max_body_bytes, request.headers.get("content-length"))
+        body = await self.uploads.read(request.stream(), self.cfg.max_body_bytes,
+                                       request.headers.get("content-length"))
         window = self.predictor.bundle.spec.window
         t0 = time.perf_counter()
         scans = await asyncio.to_thread(decode_scan_bytes, body, name, slice_index, window, self.cfg.max_body_bytes)
@@ -153,7 +155,8 @@ class MadclipServer:
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
         if self.draining:  # shutting down: never a 404 from a half-removed route, a clear 503 instead
-            return _error(503, "madclip-serve is shutting down; retry on another replica", {"Retry-After": "5"})
+            return _error(503, "madclip-serve is shutting down; retry on another replica",
+                          {"Retry-After": "5"})
         if path == "/predict":
             if method != "POST":
                 return _error(405, "use POST /predict with the scan bytes as the body")
@@ -203,7 +206,7 @@ def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gp
     """The bound Serve application for `serve.run` (replicas, or autoscaling between min and max).
 
     Each replica accepts `max_ongoing_requests` requests being scored plus the slots of bodies still arriving
-    (`limits.upload_slots`, `limits.UploadGate`), so slow uploads never take the slots of requests being scored.
+    (`limits.upload_slots`, `limits.UploadGate`): slow uploads never take the slots of requests being scored.
 
     `constructor_retries` is small on purpose: a replica that cannot verify its bundle will not do better on
     the 20th try (Serve's default), and the deployment should fail promptly with the reason.

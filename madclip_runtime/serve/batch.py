@@ -157,7 +157,8 @@ class Scorer:
                                           int(batch["width"][row]))
                         self.save_map(str(batch["key"][row]), int(batch["index"][row]), amap)
                     except Exception as exc:  # e.g. disk full: this row's error, not the job's
-                        error[row] = f"{batch['path'][row]}: writing its map failed: {type(exc).__name__}: {exc}"
+                        error[row] = (f"{batch['path'][row]}: writing its map failed: "
+                                      f"{type(exc).__name__}: {exc}")
         return {k: batch[k] for k in ("path", "key", "source", "index", "n_slices", "height", "width")} | {
             "error": error, "score": score, "score_map_max": smax, "label": label}
 
@@ -309,13 +310,13 @@ def fit_actors(actors: int, cpus_per_actor: float, gpus_per_actor: float, read_c
     fit = actors
     if cpus_per_actor > 0:
         if cpus_per_actor + read_cpus > cpus + 1e-9:
-            raise MadclipError(f"--cpus-per-actor {cpus_per_actor:g} plus {read_cpus:g} CPU for reading need more "
-                               f"than the {cpus:g} CPU(s) free on the Ray cluster")
+            raise MadclipError(f"--cpus-per-actor {cpus_per_actor:g} plus {read_cpus:g} CPU for reading need "
+                               f"more than the {cpus:g} CPU(s) free on the Ray cluster")
         fit = min(fit, int((cpus - read_cpus) // cpus_per_actor + 1e-9))
     if gpus_per_actor > 0:
         if gpus_per_actor > gpus + 1e-9:
-            raise MadclipError(f"--gpus-per-actor {gpus_per_actor:g} needs more than the {gpus:g} GPU(s) free on "
-                               "the Ray cluster")
+            raise MadclipError(f"--gpus-per-actor {gpus_per_actor:g} needs more than the {gpus:g} GPU(s) "
+                               "free on the Ray cluster")
         fit = min(fit, int(gpus // gpus_per_actor + 1e-9))
     fit = max(1, fit)
     if fit < actors:
@@ -337,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=finite_float(0), default=None,
                    help="decision threshold overriding the bundle's (within its score range)")
     p.add_argument("--trusted-key", default=None, metavar="PUB",
-                   help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked before Ray starts "
-                        "and by every scoring actor)")
+                   help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked before Ray "
+                        "starts and by every scoring actor)")
     p.add_argument("--actors", type=bounded_int(1), default=1,
                    help="scoring actors, each with its own bundle load (default 1; clamped to the free CPUs)")
     p.add_argument("--cpus-per-actor", type=finite_float(0), default=1.0)
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice", type=bounded_int(0), default=None, metavar="N", help="only slice N of volumes")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subdirectories")
     p.add_argument("--address", default=None, help="Ray cluster (auto, ray://head:10001); default: local Ray")
-    p.add_argument("--ray-num-cpus", type=bounded_int(1), default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--ray-num-cpus", type=bounded_int(1), default=None,
+                   help="CPUs of the local Ray (default: all)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"madclip {__version__}")
     return p

@@ -44,16 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=v["threshold"], default=None,
                    help="decision threshold overriding the bundle's (within its score range)")
     p.add_argument("--trusted-key", default=None, metavar="PUB",
-                   help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked here and by every "
-                        "replica; clients verify it with madclip-infer --server URL --trusted-key PUB)")
+                   help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked here and by "
+                        "every replica; clients verify it with madclip-infer --server URL --trusted-key PUB)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--port", type=v["port"], default=8000)
-    p.add_argument("--replicas", type=v["replicas"], default=1, help="number of replicas (ignored with --autoscale)")
+    p.add_argument("--replicas", type=v["replicas"], default=1,
+                   help="number of replicas (ignored with --autoscale)")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                    help="autoscale between MIN and MAX replicas on ongoing requests per replica")
     p.add_argument("--target-ongoing", type=v["target_ongoing"], default=8.0,
                    help="autoscaling target of ongoing requests per replica (default 8)")
-    p.add_argument("--num-cpus", type=v["num_cpus"], default=1.0, help="CPUs reserved per replica (default 1)")
+    p.add_argument("--num-cpus", type=v["num_cpus"], default=1.0,
+                   help="CPUs reserved per replica (default 1)")
     p.add_argument("--num-gpus", type=v["num_gpus"], default=0.0, help="GPUs per replica (fractions allowed)")
     p.add_argument("--max-batch", type=v["max_batch"], default=None,
                    help="largest request batch per model call (default and ceiling: the bundle's max batch)")
@@ -61,13 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a partial batch waits for more requests (default 5 ms)")
     p.add_argument("--no-batching", action="store_true", help="one model call per request")
     p.add_argument("--max-ongoing", type=v["max_ongoing"], default=64,
-                   help="requests being scored at once per replica (default 64; uploads have their own slots)")
+                   help="requests being scored at once per replica (default 64; uploads have own slots)")
     p.add_argument("--max-body-mb", type=v["max_body_mb"], default=DEFAULT_MAX_BODY_BYTES / 2**20,
                    help="largest accepted request body in MiB (default 64)")
     p.add_argument("--max-uploads", type=v["max_uploads"], default=DEFAULT_MAX_UPLOADS,
                    help=f"request bodies received at once per replica (default {DEFAULT_MAX_UPLOADS})")
     p.add_argument("--body-timeout", type=v["body_timeout"], default=DEFAULT_BODY_TIMEOUT_S,
-                   help=f"seconds to wait for the next chunk of a request body (default {DEFAULT_BODY_TIMEOUT_S:g})")
+                   help=f"seconds to wait for the next chunk of a request body "
+                        f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     p.add_argument("--min-upload-rate", type=v["min_upload_rate"], default=DEFAULT_MIN_UPLOAD_RATE,
                    help=f"bytes/s a request body must average after its first second (default "
                         f"{DEFAULT_MIN_UPLOAD_RATE:g})")
@@ -159,8 +162,9 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
 
 
 def drain(app_name: str, timeout_s: float) -> int:
-    """Tell the replicas to answer 503 to every new request, then wait (at most `timeout_s`) until each running
-    replica reports no request in flight. Returns the requests still in flight when it stopped waiting."""
+    """Tell the replicas to answer 503 to every new request, then wait (at most `timeout_s`) until each
+    running replica reports no request in flight. Returns the requests still in flight when it stopped waiting.
+    """
     from ray import serve
     from ray.experimental import internal_kv
 
@@ -213,7 +217,8 @@ def _main(argv: Sequence[str] | None) -> int:
                          trusted_key=trusted_key)
     check_threshold(args.threshold, bundle)
     if args.precision not in bundle.precisions:
-        raise MadclipError(f"{bundle.path}: has no {args.precision} model (it has {', '.join(bundle.precisions)})")
+        raise MadclipError(f"{bundle.path}: has no {args.precision} model "
+                           f"(it has {', '.join(bundle.precisions)})")
     check_port_free(args.host, args.port)
     cfg = ServeConfig(bundle=bundle.path, backend=args.backend, precision=args.precision, threshold=args.threshold,
                       max_body_bytes=int(args.max_body_mb * 2**20), cache_dir=args.cache_dir, trusted_key=trusted_key,

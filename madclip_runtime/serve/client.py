@@ -80,7 +80,7 @@ def server_metadata(base: str, timeout: float = 30.0) -> dict[str, Any]:
 
 
 def trusted_key_id(trusted_key: Any) -> str:
-    """The key id (as in a bundle's signature) of a public key given as a path, PEM/raw bytes or key object."""
+    """The key id (as in a bundle's signature) of a public key: a path, PEM/raw bytes or a key object."""
     from cryptography.hazmat.primitives import serialization
 
     from ..bundles.signing import key_id, load_public_key
@@ -116,7 +116,8 @@ def verify_server_bundle(meta: dict[str, Any], base: str, trusted_key: Any) -> s
     except (binascii.Error, ValueError) as exc:
         raise BundleError(f"{where}: published bundle metadata unreadable ({exc}); refused") from None
     if hashlib.sha256(raw).hexdigest() != meta.get("bundle_sha256"):
-        raise BundleError(f"{where}: published bundle metadata does not match the advertised bundle_sha256; refused")
+        raise BundleError(f"{where}: published bundle metadata does not match the advertised bundle_sha256; "
+                          "refused")
     if not isinstance(published, dict):
         raise BundleError(f"{where}: published bundle metadata is not a JSON object; refused")
     integrity.check(published, where)
@@ -176,7 +177,8 @@ def run_remote(args: argparse.Namespace) -> int:
 
         jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
         for message in plan_errors + [f"{job.source}: a volume is scored as one volume by local "
-                                      f"inference (madclip-infer --bundle B; madclip-batch gives per-slice rows); "
+                                      f"inference (madclip-infer --bundle B; madclip-batch gives per-slice "
+                                      f"rows); "
                                       f"--server scores 2-D scans, or one slice of it with --slice k"
                                       for job in jobs]:
             error_line(message)
@@ -186,7 +188,8 @@ def run_remote(args: argparse.Namespace) -> int:
     out_dir = check_out_dir(args.out) if args.out else None
     trust = f"signed by trusted key {signer}" if signer else "signature not checked (no --trusted-key)"
     err_console.print(
-        f"madclip-infer: server {args.server} ({meta['bundle']}, sha256 {meta['bundle_sha256'][:12]}, {trust}), "
+        f"madclip-infer: server {args.server} ({meta['bundle']}, sha256 {meta['bundle_sha256'][:12]}, "
+        f"{trust}), "
         f"backend {meta['backend']} (provider {meta['provider']}), precision {meta['precision']}, threshold "
         f"{args.threshold if args.threshold is not None else meta['threshold']} on {meta['score_name']}; "
         f"{len(files)} file(s); {INTENDED_USE}", markup=False, highlight=False, soft_wrap=True)

@@ -79,7 +79,7 @@ def open_verified(cfg: ServeConfig) -> tuple[Predictor, dict[str, Any]]:
 
 def metadata(predictor: Predictor, selftest: dict[str, Any] | None,
              trusted_key: bytes | None = None) -> dict[str, Any]:
-    """The /metadata document: what is served (identity and signature), with which threshold, how to read maps.
+    """The /metadata document: what is served (identity, signature), with which threshold, how to read maps.
 
     `bundle_metadata` is metadata.json exactly as on disk (base64; its sha256 is `bundle_sha256`), so a client
     holding the trusted key verifies the signature itself (`client.verify_server_bundle`); `signed_by` is
