@@ -82,6 +82,8 @@ def test_sigterm_drains_then_503_or_refused_never_404(exported_tiny_bundle, tmp_
     err = "".join(lines)
     assert inflight == [200] * 4, (inflight, err)
     assert later and 404 not in later, later
-    assert set(later) <= {503, "refused", 200}, later  # 200: accepted in the instant before the flag was seen
+    # 200: accepted in the instant before the flag was seen; a reset: a connection the proxy had accepted in the
+    # instant Ray stopped (no HTTP answer at all, like a refused one)
+    assert set(later) <= {503, "refused", 200, "ConnectionResetError", "RemoteDisconnected"}, later
     assert 503 in later or "refused" in later, later
     assert proc.returncode == 0 and "stopped" in err and "Traceback" not in err, err
