@@ -209,6 +209,9 @@ def write_file_result(out_dir: str, item: FileItem, slices: list[dict[str, Any]]
 def write_summary(out_dir: str, docs: Iterable[dict[str, Any]], formats: Sequence[str]) -> list[str]:
     """summary.csv and/or summary.parquet: one row per slice (bad files: one "error" row), atomically."""
     rows = [{c: s.get(c) for c in SUMMARY_COLUMNS} for d in docs for s in d["slices"]]
+    for r in rows:  # results of older runs held the slice's source text: a number (or nothing) now
+        if r["slice"] is not None and not isinstance(r["slice"], int):
+            r["slice"] = slice_number(str(r["slice"]))
     written = []
     if "csv" in formats:
         buf = io.StringIO()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -89,6 +90,8 @@ def metadata(predictor: Predictor, selftest: dict[str, Any] | None,
     meta = b.meta
     with open(b.metadata_path, "rb") as f:
         raw = f.read()
+    if json.loads(raw.decode("utf-8")) != meta:  # what is published must be what was verified and loaded
+        raise BundleError(f"{b.metadata_path}: changed on disk while the replica was loading it; refused")
     trusted_id = None
     if trusted_key is not None:
         from .client import trusted_key_id
