@@ -234,13 +234,13 @@ def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int
                     for t in threads:
                         t.start()
                     time.sleep(3.0)  # all connected and trickling before the good requests start
-                l, f = _good_round(port, bodies, per_round)
-                lat[cond] += l
+                took, f = _good_round(port, bodies, per_round)
+                lat[cond] += took
                 fail[cond] += f
                 stop.set()
                 for t in threads:
                     t.join(timeout=10)
-                print(f"slow-client round {r + 1} {cond}: p99 {_pct(l, 99) * 1e3:.1f} ms, failed {len(f)}",
+                print(f"slow-client round {r + 1} {cond}: p99 {_pct(took, 99) * 1e3:.1f} ms, failed {len(f)}",
                       flush=True)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as resp:
             uploads = json.loads(resp.read())["upload_stats"]

@@ -42,7 +42,7 @@ def runtime_writers() -> set[str]:
         if mod == "madclip_runtime.atomic":
             continue
 
-        def visit(node: ast.AST, prefix: str) -> None:
+        def visit(node: ast.AST, prefix: str, mod: str = mod) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     name = f"{prefix}{child.name}"
@@ -50,9 +50,9 @@ def runtime_writers() -> set[str]:
                              for n in ast.walk(child) if isinstance(n, ast.Call)}
                     if calls & WRITE_PRIMITIVES:
                         found.add(f"{mod}:{name}")
-                    visit(child, f"{name}.<locals>.")
+                    visit(child, f"{name}.<locals>.", mod)
                 elif isinstance(child, ast.ClassDef):
-                    visit(child, f"{prefix}{child.name}.")
+                    visit(child, f"{prefix}{child.name}.", mod)
 
         visit(ast.parse(path.read_text(encoding="utf-8")), "")
     return found

@@ -400,7 +400,7 @@ def test_batch_never_scores_its_own_outputs_and_reports_slice_numbers(served, tm
     _nifti_with_affine(d / "zero_affine.nii", vol, 0.0)
     out = str(d / "res")
     found = []
-    for run in range(2):
+    for _ in range(2):
         files, failed = expand_each([str(d)], True, [out])
         found.append(sorted(os.path.basename(f) for f in files))
         res = run_batch(files, served["cfg"], out, actors=64, cpus_per_actor=1.0, read_cpus=0.25, maps="png16")
