@@ -177,7 +177,7 @@ def _one_line(capsys, main, argv: list[str]) -> str:
     ("--max-body-mb", "nan"), ("--max-body-mb", "inf"), ("--max-body-mb", "0"), ("--graceful-timeout", "nan"),
     ("--max-ongoing", "0"), ("--batch-wait-ms", "-5"), ("--threshold", "nan"), ("--threshold", "9"),
     ("--port", "0"), ("--replicas", "0"), ("--num-cpus", "nan"), ("--max-uploads", "0"), ("--body-timeout", "0"),
-    ("--min-upload-rate", "-1"), ("--target-ongoing", "inf"), ("--max-batch", "0"),
+    ("--min-upload-rate", "-1"), ("--target-ongoing", "inf"), ("--max-batch", "0"), ("--keep-alive", "nan"),
 ])
 def test_serve_numeric_options_refused_before_ray(standin, no_ray, capsys, option, value):
     from madclip_runtime.serve.cli import main

@@ -26,7 +26,7 @@ from ..errors import MadclipError
 from . import require_ray
 from .decode import DEFAULT_MAX_BODY_BYTES
 from .limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_UPLOADS, DEFAULT_MIN_UPLOAD_RATE
-from .options import VALIDATORS, read_trusted_key
+from .options import DEFAULT_KEEP_ALIVE_S, VALIDATORS, read_trusted_key
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-upload-rate", type=v["min_upload_rate"], default=DEFAULT_MIN_UPLOAD_RATE,
                    help=f"bytes/s a request body must average after its first second (default "
                         f"{DEFAULT_MIN_UPLOAD_RATE:g})")
+    p.add_argument("--keep-alive", type=v["keep_alive"], default=DEFAULT_KEEP_ALIVE_S,
+                   help=f"seconds an idle keep-alive connection stays open (default {DEFAULT_KEEP_ALIVE_S:g})")
     p.add_argument("--graceful-timeout", type=v["graceful_timeout"], default=30.0,
                    help="seconds a stopping server waits for in-flight requests (default 30)")
     p.add_argument("--address", default=None,
@@ -232,7 +234,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         _reset_drain(APP_NAME)
         try:
-            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.start(http_options={"host": args.host, "port": args.port,
+                                      "keep_alive_timeout_s": args.keep_alive})
         except Exception as exc:
             raise MadclipError(f"cannot start the HTTP proxy on {args.host}:{args.port}: "
                                f"{deployment_error(exc)}") from None

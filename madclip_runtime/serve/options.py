@@ -31,7 +31,9 @@ VALIDATORS: dict[str, Callable[[str], Any]] = {
     "max_uploads": bounded_int(1),
     "body_timeout": finite_float(0, min_open=True),
     "min_upload_rate": finite_float(0),
+    "keep_alive": finite_float(0, min_open=True),
 }
+DEFAULT_KEEP_ALIVE_S = 5.0  # idle keep-alive connections are closed after this (Ray's own default is 90 s)
 
 
 def read_trusted_key(path: str | None) -> bytes | None:
