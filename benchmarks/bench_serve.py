@@ -219,6 +219,7 @@ def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int
     lat = {"unloaded": [], "slow_clients": []}
     fail = {"unloaded": [], "slow_clients": []}
     stats = {"connections": 0, "dropped_by_server": 0}
+    res_rounds: list[dict] = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServeConfig(bundle=str(bundle), backend="ort-cpu")
@@ -237,6 +238,8 @@ def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int
                 took, f = _good_round(port, bodies, per_round)
                 lat[cond] += took
                 fail[cond] += f
+                res_rounds.append({"round": r + 1, "condition": cond,
+                                   "p99_ms": round(_pct(took, 99) * 1e3, 1) if took else None})
                 stop.set()
                 for t in threads:
                     t.join(timeout=10)
@@ -248,7 +251,8 @@ def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {"slow_clients": n_slow, "rounds": rounds, "per_round": per_round, "upload_stats": uploads, **stats}
+    res = {"n_slow_clients": n_slow, "rounds": rounds, "per_round": per_round, "upload_stats": uploads, **stats,
+           "by_round": res_rounds}
     for cond in lat:
         res[cond] = {"requests": len(lat[cond]) + len(fail[cond]), "failed": len(fail[cond]),
                      "p50_ms": round(_pct(lat[cond], 50) * 1e3, 1) if lat[cond] else None,
@@ -313,7 +317,8 @@ def main() -> None:
                                               .glob("*/img/*.png"))[:16]]
     out_path = Path(__file__).resolve().parent / "results" / "serve.json"
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    load_rows = [r for r in previous.get("load", []) if r["backbone"] not in args.backbones.split(",")]
+    load_rows = [r for r in previous.get("load", [])
+                 if args.skip_load or r["backbone"] not in args.backbones.split(",")]  # kept unless re-measured
     archive = previous.get("archive")
     slow = previous.get("slow_clients")
     for backbone in args.backbones.split(","):
@@ -331,7 +336,7 @@ def main() -> None:
           [[r["backbone"], "on" if r["batching"] else "off", r["concurrency"], r["requests"], r["failed"],
             r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["mean_batch"]] for r in load_rows])
     if slow:
-        table(f"good requests beside {slow['slow_clients']} clients sending 1 byte / 2 s "
+        table(f"good requests beside {slow['n_slow_clients']} clients sending 1 byte / 2 s "
               f"(madclip-tiny, 1 replica; rounds alternate)", ["condition", "requests", "failed", "p50 ms", "p99 ms"],
               [[c, slow[c]["requests"], slow[c]["failed"], slow[c]["p50_ms"], slow[c]["p99_ms"]]
                for c in ("unloaded", "slow_clients")])
