@@ -94,6 +94,7 @@ def test_upload_gate_full_of_slow_uploads_still_takes_a_good_request(monkeypatch
     """Bodies that arrive at once need no upload slot; slow ones share the slots, the slowest is evicted."""
     monkeypatch.setattr(limits, "FAST_S", 0.05)
     monkeypatch.setattr(limits, "GRACE_S", 0.5)
+    monkeypatch.setattr(limits, "WAIT_S", 0.1)
     monkeypatch.setattr(limits, "TICK_S", 0.02)
 
     async def scenario():
@@ -105,7 +106,7 @@ def test_upload_gate_full_of_slow_uploads_still_takes_a_good_request(monkeypatch
         good = await gate.read(_at_once(b"good"), limit=100)  # all slots taken: needs none
         took = time.monotonic() - t0
         busy = None
-        try:  # another slow one: every slot is younger than the grace period, no victim -> 503 + Retry-After
+        try:  # another slow one: every slot is younger than the grace period: it waits WAIT_S, then 503
             await gate.read(_trickle(20, 0.05), limit=10**6)
         except RequestError as exc:
             busy = exc
@@ -120,7 +121,25 @@ def test_upload_gate_full_of_slow_uploads_still_takes_a_good_request(monkeypatch
     assert fourth == b"x" * 6
     assert results[0] == b"x" * 20 and results[1] == b"x" * 20  # the faster two finished their bodies
     assert isinstance(results[2], RequestError) and results[2].status == 408 and "slots were needed" in str(results[2])
-    assert gate.stats["evicted"] == 1 and not gate.active
+    assert gate.stats["evicted"] == 1 and gate.stats["waited"] >= 1 and not gate.active
+
+
+def test_upload_gate_slow_body_waits_unread_for_a_slot(monkeypatch):
+    """A slow body finding every slot taken waits (not read) and gets the first slot that frees up."""
+    monkeypatch.setattr(limits, "FAST_S", 0.05)
+    monkeypatch.setattr(limits, "GRACE_S", 5.0)
+    monkeypatch.setattr(limits, "WAIT_S", 3.0)
+    monkeypatch.setattr(limits, "TICK_S", 0.02)
+
+    async def scenario():
+        gate = UploadGate(max_uploads=1, body_timeout_s=30, min_rate=0)
+        first = asyncio.ensure_future(gate.read(_trickle(10, 0.05), limit=100))  # holds the slot ~0.5 s
+        await asyncio.sleep(0.1)
+        second = await gate.read(_trickle(3, 0.05), limit=100)  # waits, then reads
+        return await first, second, gate
+
+    first, second, gate = asyncio.run(scenario())
+    assert first == b"x" * 10 and second == b"x" * 3 and gate.stats["waited"] == 1 and not gate.active
 
 
 # ------------------------------------------------------------------------------------------ wire = CLI = API
