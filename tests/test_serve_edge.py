@@ -355,3 +355,18 @@ def test_decode_turns_a_reader_crash_into_this_request_error(monkeypatch):
     monkeypatch.setattr(decode, "read_scans", crash)
     with pytest.raises(InputError, match=r"case.nii.gz: cannot read this scan \(LinAlgError"):
         decode.decode_scan_bytes(b"\x1f\x8b....", "case.nii.gz")
+
+
+def test_config_file_args_validated_like_the_options(standin, keys):
+    """Serve config files (`app_builder` args) go through the same validators as madclip-serve's options."""
+    from madclip_runtime.serve.options import serve_config_from
+
+    for key, bad in (("max_body_mb", "nan"), ("threshold", "inf"), ("max_uploads", "0"), ("body_timeout", "-1")):
+        with pytest.raises(MadclipError, match=key):
+            serve_config_from({"bundle": str(standin), key: bad})
+    cfg = serve_config_from({"bundle": str(standin), "max_body_mb": "2", "trusted_key": str(keys / "lab.pub"),
+                             "max_uploads": 4})
+    assert cfg.max_body_bytes == 2 * 2**20 and cfg.max_uploads == 4
+    assert cfg.trusted_key == (keys / "lab.pub").read_bytes()
+    with pytest.raises(MadclipError):
+        serve_config_from({"bundle": str(standin), "trusted_key": str(standin / "metadata.json")})
