@@ -255,7 +255,7 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
         if d:
             os.makedirs(d, exist_ok=True)
             mark_output_dir(d)
-    actors = fit_actors(actors, cpus_per_actor, gpus_per_actor, read_cpus, ray.available_resources())
+    actors = fit_actors(actors, cpus_per_actor, gpus_per_actor, read_cpus, ray.cluster_resources())
     items = [file_item(f) for f in files]
     docs: dict[str, dict[str, Any]] = {}
     todo = []
@@ -302,28 +302,28 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
 
 
 def fit_actors(actors: int, cpus_per_actor: float, gpus_per_actor: float, read_cpus: float,
-               free: dict[str, float]) -> int:
-    """The number of scoring actors the cluster can hold now (`free`: Ray's available resources).
+               resources: dict[str, float]) -> int:
+    """The number of scoring actors the cluster can hold (`resources`: `ray.cluster_resources()`).
 
-    A fixed actor pool larger than the free CPUs (or GPUs) never starts and the job makes no progress, so a
+    A fixed actor pool larger than the cluster's CPUs (or GPUs) never starts and the job makes no progress, so a
     larger --actors is clamped, with a message; when not even one actor fits beside the reading tasks the
     job is refused with one line.
     """
-    cpus, gpus = float(free.get("CPU", 0.0)), float(free.get("GPU", 0.0))
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
     fit = actors
     if cpus_per_actor > 0:
         if cpus_per_actor + read_cpus > cpus + 1e-9:
             raise MadclipError(f"--cpus-per-actor {cpus_per_actor:g} plus {read_cpus:g} CPU for reading need "
-                               f"more than the {cpus:g} CPU(s) free on the Ray cluster")
+                               f"more than the {cpus:g} CPU(s) of the Ray cluster")
         fit = min(fit, int((cpus - read_cpus) // cpus_per_actor + 1e-9))
     if gpus_per_actor > 0:
         if gpus_per_actor > gpus + 1e-9:
             raise MadclipError(f"--gpus-per-actor {gpus_per_actor:g} needs more than the {gpus:g} GPU(s) "
-                               "free on the Ray cluster")
+                               "of the Ray cluster")
         fit = min(fit, int(gpus // gpus_per_actor + 1e-9))
     fit = max(1, fit)
     if fit < actors:
-        err_console.print(f"madclip-batch: --actors {actors} does not fit the {cpus:g} free CPU(s)"
+        err_console.print(f"madclip-batch: --actors {actors} does not fit the {cpus:g} CPU(s)"
                           f"{f' and {gpus:g} GPU(s)' if gpus_per_actor else ''} of the Ray cluster "
                           f"({cpus_per_actor:g} CPU per actor, {read_cpus:g} for reading): using {fit}",
                           style="yellow", markup=False, highlight=False, soft_wrap=True)
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked before Ray "
                         "starts and by every scoring actor)")
     p.add_argument("--actors", type=bounded_int(1), default=1,
-                   help="scoring actors, each with its own bundle load (default 1; clamped to the free CPUs)")
+                   help="scoring actors, each with its own bundle load (default 1; clamped to the cluster's CPUs)")
     p.add_argument("--cpus-per-actor", type=finite_float(0), default=1.0)
     p.add_argument("--gpus-per-actor", type=finite_float(0), default=0.0)
     p.add_argument("--maps", default=None, choices=("png16", "npy"), help="also write each slice's anomaly map")
