@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selftest", action="store_true",
                    help="verify the bundle and run its golden inputs on this backend/precision first")
     add_volume_args(p)
+    from ..dicomnet.web import add_dicomweb_args
+
+    add_dicomweb_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"madclip {__version__}")
     return p
@@ -131,11 +134,15 @@ def _main(argv: Sequence[str] | None) -> int:
     out_console = Console(soft_wrap=True)
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise MadclipError(f"--threshold must be a finite number, got {args.threshold}")
-    if not args.inputs and not args.selftest:
+    if not args.inputs and not args.selftest and not args.dicomweb:
         raise MadclipError("no INPUT given (scan files, directories or globs), and no --selftest")
     if args.slice is not None and args.slice < 0:
         raise MadclipError(f"--slice must be >= 0, got {args.slice}")
     check_volume_args(args)
+    from ..dicomnet.web import dicomweb_requested, run_dicomweb
+
+    if dicomweb_requested(args):
+        return run_dicomweb(args, sys.modules[__name__])  # WADO-RS in, STOW-RS out (docs/hospital.md)
     if args.server:
         from ..serve.client import run_remote
 
