@@ -9,7 +9,7 @@ never scores what the first one wrote:
   every writer through `output_path`); expansion never descends into a marked directory below an input, nor
   into the --out directory; and
 * a file whose name ends with a registered output suffix (`OUTPUT_KINDS`) is an output when it lies in a
-  marked directory, or beside the `<stem>.json` that madclip writes last for each result set.
+  marked directory (or below one), or beside the `<stem>.json` that madclip writes last for each result set.
 
 A file named explicitly on the command line is always kept (the user asked for it).
 
@@ -70,9 +70,11 @@ _BATCH_MAP = "madclip_runtime.serve.batch:Scorer.save_map"
 _BATCH_RESULT = "madclip_runtime.serve.batch:write_file_result"
 _BATCH_SUMMARY = "madclip_runtime.serve.batch:write_summary"
 _MARKER = "madclip_runtime.outputs:mark_output_dir"
+_SPOOL = "madclip_runtime.dicomnet.spool:Spool."  # the DICOM node's outbox (results waiting to be sent) and journal
 
 MARKER = register_output("marker", OUTPUT_MARKER, _MARKER)
-RECORD_JSON = register_output("record_json", ".json", _OVERLAY, _VOLUME, _BATCH_RESULT)
+RECORD_JSON = register_output("record_json", ".json", _OVERLAY, _VOLUME, _BATCH_RESULT, _SPOOL + "commit_result",
+                              _SPOOL + "set_item_state", _SPOOL + "mark_sent")
 OVERLAY_PNG = register_output("overlay_png", "_overlay.png", _OVERLAY)
 MAP_PNG16 = register_output("map_png16", "_map.png", _OVERLAY, _BATCH_MAP)
 MAP_NPY = register_output("map_npy", "_map.npy", _OVERLAY, _BATCH_MAP)
@@ -81,6 +83,8 @@ MONTAGE_PNG = register_output("montage_png", "_montage.png", _VOLUME)
 DICOM_SEG = register_output("dicom_seg", "_seg.dcm", _VOLUME)
 SUMMARY_CSV = register_output("summary_csv", "summary.csv", _BATCH_SUMMARY)
 SUMMARY_PARQUET = register_output("summary_parquet", "summary.parquet", _BATCH_SUMMARY)
+NODE_SEG = register_output("node_seg", "seg.dcm", _SPOOL + "commit_result")  # outbox/<item>/seg.dcm
+NODE_SR = register_output("node_sr", "sr.dcm", _SPOOL + "commit_result")  # outbox/<item>/sr.dcm
 
 
 def mark_output_dir(directory: str | os.PathLike) -> None:
@@ -114,14 +118,28 @@ def result_stem(name: str) -> str | None:
     return None if best is None else name[: len(name) - len(best)]
 
 
+def in_marked_tree(directory: str) -> bool:
+    """`directory` or one of its parents carries the marker (expansion never enters such a tree)."""
+    here = os.path.abspath(directory)
+    while True:
+        if is_marked_dir(here):
+            return True
+        parent = os.path.dirname(here)
+        if parent == here:
+            return False
+        here = parent
+
+
 def is_madclip_output(path: str, marked_dir: bool | None = None) -> bool:
-    """THE rule: a registered output suffix, in a marked directory or beside its `<stem>.json`."""
+    """THE rule: a registered output suffix, in a marked directory (or below one), or beside its `<stem>.json`.
+
+    `marked_dir`: the caller already knows whether the file's directory is in a marked tree."""
     name = os.path.basename(path)
     stem = result_stem(name)
     if stem is None:
         return False
     directory = os.path.dirname(path) or "."
-    if is_marked_dir(directory) if marked_dir is None else marked_dir:
+    if in_marked_tree(directory) if marked_dir is None else marked_dir:
         return True
     return bool(stem) and name.lower() != f"{stem}.json".lower() and \
         os.path.isfile(os.path.join(directory, stem + ".json"))

@@ -31,6 +31,8 @@ NOT_RESULTS = {
     "madclip_runtime.engines.trt_engine:build_engine": "TensorRT engine cache",
     "madclip_runtime.scans.prepare:prepare": "prepared training data: meant to be read as input",
     "madclip_runtime.cli.bench:_main": "madclip-bench --json report at a path the user names (JSON)",
+    "madclip_runtime.dicomnet.spool:Spool.store_instance": "the DICOM node's received instances: inputs",
+    "madclip_runtime.dicomnet.spool:Spool.move_failed": "the DICOM node's unscored inputs and reason.txt",
 }
 
 
@@ -154,12 +156,20 @@ def test_every_writer_runs_and_its_files_are_recognised(standin, tmp_path, capsy
     batch.write_summary(str(bout), [doc], ("csv", "parquet"))
     assert load_bundle(standin, verify="none")  # the bundle stays untouched by all this
 
-    kinds = {**{f"out/{k}": v for k, v in _kinds_of(out).items()},
-             **{f"batch/{k}": v for k, v in _kinds_of(bout).items()}}
+    # the DICOM node's spool: results in the outbox, then the journal of what was sent
+    from madclip_runtime.dicomnet.spool import Spool
+
+    spool = Spool(str(tmp_path / "spool"))
+    item = spool.commit_result("k" * 24, {"seg.dcm": b"seg", "sr.dcm": b"sr"}, {"file": "x"})
+    spool.set_item_state(item, {"attempts": 1, "next_try": 0.0})
+    spool.mark_sent(spool.commit_result("j" * 24, {"seg.dcm": b"seg"}, {"file": "y"}), {"item": "y"})
+
+    results = {"out": out, "batch": bout, "outbox": tmp_path / "spool" / "outbox", "sent": tmp_path / "spool" / "sent"}
+    kinds = {f"{tag}/{k}": v for tag, base in results.items() for k, v in _kinds_of(base).items()}
     unknown = [name for name, kind in kinds.items() if not kind]
     assert not unknown, f"files written with no registered output kind: {unknown}"
     assert set(kinds.values()) == set(outputs.OUTPUT_KINDS), "a registered kind was not produced by its writer"
-    for base in (out, bout):
+    for base in results.values():
         for p in base.rglob("*"):
             if p.is_file():
                 assert outputs.is_madclip_output(str(p)), f"{p} is madclip's output but not recognised"
@@ -193,6 +203,15 @@ def test_batch_output_tree_is_never_an_input(tmp_path):
     _png(res / "maps" / "scan-0123456789_s000_map.png", 7)
     assert [Path(p).name for p in expand_inputs([str(d)], recursive=True)] == ["scan.png"]
     assert [Path(p).name for p in expand_inputs([str(d / "**" / "*.png")], recursive=True)] == ["scan.png"]
+
+
+def test_dicom_node_spool_results_are_never_inputs(tmp_path):
+    from madclip_runtime.dicomnet.spool import Spool
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.commit_result("k" * 24, {"seg.dcm": b"seg"}, {"file": "x"})
+    _png(tmp_path / "spool" / "scan.png", 3)  # a scan a user put there
+    assert [Path(p).name for p in expand_inputs([str(tmp_path / "spool")], recursive=True)] == ["scan.png"]
 
 
 def test_rule_needs_a_marker_or_a_sibling_record(tmp_path):

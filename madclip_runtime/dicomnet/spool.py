@@ -21,6 +21,7 @@ import time
 from typing import Any, Iterable
 
 from ..atomic import AtomicDirectory, atomic_write_bytes, atomic_write_text
+from ..outputs import mark_output_dir
 
 INCOMING, OUTBOX, SENT, FAILED = "incoming", "outbox", "sent", "failed"
 
@@ -42,6 +43,8 @@ class Spool:
         self.root = os.path.abspath(root)
         for sub in (INCOMING, OUTBOX, SENT, FAILED):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        for sub in (OUTBOX, SENT):  # results: never read back as scans (madclip_runtime.outputs)
+            mark_output_dir(os.path.join(self.root, sub))
         self._cleanup_temporaries()
 
     def path(self, *parts: str) -> str:
