@@ -70,11 +70,11 @@ _BATCH_MAP = "madclip_runtime.serve.batch:Scorer.save_map"
 _BATCH_RESULT = "madclip_runtime.serve.batch:write_file_result"
 _BATCH_SUMMARY = "madclip_runtime.serve.batch:write_summary"
 _MARKER = "madclip_runtime.outputs:mark_output_dir"
-_SPOOL = "madclip_runtime.dicomnet.spool:Spool."  # the DICOM node's outbox (results waiting to be sent) and journal
+_SPOOL = "madclip_runtime.dicomnet.spool:Spool."  # the DICOM node's outbox items (results waiting to be sent)
 
 MARKER = register_output("marker", OUTPUT_MARKER, _MARKER)
 RECORD_JSON = register_output("record_json", ".json", _OVERLAY, _VOLUME, _BATCH_RESULT, _SPOOL + "commit_result",
-                              _SPOOL + "set_item_state", _SPOOL + "mark_sent")
+                              _SPOOL + "set_item_state")
 OVERLAY_PNG = register_output("overlay_png", "_overlay.png", _OVERLAY)
 MAP_PNG16 = register_output("map_png16", "_map.png", _OVERLAY, _BATCH_MAP)
 MAP_NPY = register_output("map_npy", "_map.npy", _OVERLAY, _BATCH_MAP)

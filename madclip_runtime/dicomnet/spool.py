@@ -43,8 +43,6 @@ class Spool:
         self.root = os.path.abspath(root)
         for sub in (INCOMING, OUTBOX, SENT, FAILED):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
-        for sub in (OUTBOX, SENT):  # results: never read back as scans (madclip_runtime.outputs)
-            mark_output_dir(os.path.join(self.root, sub))
         self._cleanup_temporaries()
 
     def path(self, *parts: str) -> str:
@@ -110,6 +108,7 @@ class Spool:
         """Put the result objects and their description in the outbox as one atomic item. -> item name."""
         item = f"{time.strftime('%Y%m%dT%H%M%S')}-{key[:12]}-{os.urandom(3).hex()}"
         with AtomicDirectory(self.path(OUTBOX, item)) as tmp:
+            mark_output_dir(tmp)  # results: never read back as scans (madclip_runtime.outputs)
             for name, data in objects.items():
                 with open(os.path.join(tmp, name), "wb") as f:
                     f.write(data)
