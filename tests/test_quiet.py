@@ -122,3 +122,21 @@ def test_real_export_prints_only_madclip_lines(trained_tiny_run, tmp_path):
     loud = _export(trained_tiny_run, tmp_path / "loud", "-v")
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert ONNXSCRIPT.search(loud.stdout + loud.stderr)
+
+
+def test_pyproject_builds_without_deprecation_warnings():
+    """setuptools reads pyproject.toml without a deprecation of our own making (the license as a table)."""
+    setuptools = pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    root = Path(__file__).resolve().parents[1]
+    cwd = os.getcwd()
+    try:
+        os.chdir(root)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            apply_configuration(Distribution(), str(root / "pyproject.toml"))
+    finally:
+        os.chdir(cwd)
+    assert not [str(w.message) for w in caught], setuptools.__version__
