@@ -22,9 +22,10 @@ OWN_PACKAGES = ("madclip_runtime", "madclip_train", "madclip_export")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the directory holding the packages
 _OWN_DIRS = tuple(os.path.join(_ROOT, p) + os.sep for p in OWN_PACKAGES)
 _OWN_WARNINGS = r"(madclip_runtime|madclip_train|madclip_export)(\.|$)"
-# Libraries whose loggers get their level raised (the filter alone cannot stop loggers with their own handlers)
+# Libraries whose loggers get their level raised (dropped at the source; "ray.serve" is left to the filter:
+# madclip's serving code logs on it)
 NOISY = ("onnxscript", "torch.onnx", "torch._dynamo", "torch.export", "onnx_ir", "onnxruntime", "highdicom",
-         "pydicom", "ray", "ray.serve", "ray.data", "ray.train", "open_clip", "PIL", "matplotlib", "urllib3",
+         "pydicom", "ray", "ray.data", "ray.train", "open_clip", "PIL", "matplotlib", "urllib3",
          "filelock", "httpx", "nncf", "openvino")
 _state = {"verbose": False}
 
