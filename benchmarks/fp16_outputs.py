@@ -46,7 +46,7 @@ def main() -> None:
         images = np.load(b / "golden.npz")["image"].astype(np.float32)
         ref = run(fp32, images)
         variants = {"bundle's model_fp16.onnx": onnx.load(str(b / "model_fp16.onnx")),
-                    "current exporter": to_mixed_fp16(fp32, tuple(meta.get("fp32_islands") or ("dt",)))}
+                    "current exporter": to_mixed_fp16(fp32, tuple(meta["fp32_islands"]))}
         for name, graph in variants.items():
             rec = {"bundle": str(b), "method": meta.get("method"), "graph": name, **measure(graph, images, ref),
                    "fp32_distinct_values_first_map": int(len(np.unique(ref["anomaly_map"][0])))}

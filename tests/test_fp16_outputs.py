@@ -68,7 +68,7 @@ def _head_model():
 
 def test_head_and_outputs_stay_float32_in_a_small_graph():
     model = _head_model()
-    mixed = fp16.to_mixed_fp16(model)
+    mixed = fp16.to_mixed_fp16(model, ("dt",))
     assert tail_fp16_tensors(mixed, ("dt",)) == []
     assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in mixed.graph.output)
     assert any(i.data_type == TensorProto.FLOAT16 for i in mixed.graph.initializer)  # the body is FP16
