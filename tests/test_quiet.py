@@ -140,3 +140,23 @@ def test_pyproject_builds_without_deprecation_warnings():
     finally:
         os.chdir(cwd)
     assert not [str(w.message) for w in caught], setuptools.__version__
+
+
+def _console_scripts() -> dict[str, str]:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    return tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()))
+def test_every_cli_has_verbose(name, capsys):
+    """Every console script offers -v/--verbose (the switch that shows other libraries' output)."""
+    import importlib
+
+    module, func = _console_scripts()[name].split(":")
+    main = getattr(importlib.import_module(module), func)
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--verbose" in capsys.readouterr().out
