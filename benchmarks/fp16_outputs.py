@@ -1,7 +1,7 @@
 """FP16 outputs (issue 20 item 8): is the FP16 bundle's map rounded to FP16 on the way out?
 
-For each bundle: the map of its `model_fp16.onnx` (as exported) and of the current exporter's conversion of its
-`model.onnx`, against the FP32 graph, on the bundle's golden inputs (onnxruntime CPU, the runtime's FP16
+For each bundle: the map of its `model_fp16.onnx` (as exported) and of the current exporter's conversion of
+its `model.onnx`, against the FP32 graph, on the bundle's golden inputs (onnxruntime CPU, the runtime's FP16
 session options): distinct values of the first golden map, the share of map values that are exactly FP16
 numbers (1.0: the output went through FP16), max abs error of map and score.
 
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from _common import print_machine, table, write_json
 from fp16_islands import run
 
@@ -48,7 +47,8 @@ def main() -> None:
         variants = {"bundle's model_fp16.onnx": onnx.load(str(b / "model_fp16.onnx")),
                     "current exporter": to_mixed_fp16(fp32, tuple(meta["fp32_islands"]))}
         for name, graph in variants.items():
-            rec = {"bundle": str(b), "method": meta.get("method"), "graph": name, **measure(graph, images, ref),
+            rec = {"bundle": str(b), "method": meta.get("method"), "graph": name,
+                   **measure(graph, images, ref),
                    "fp32_distinct_values_first_map": int(len(np.unique(ref["anomaly_map"][0])))}
             results.append(rec)
             rows.append([b.name, rec["method"], name, f"{rec['distinct_values_first_map']} / "

@@ -94,8 +94,8 @@ def remove_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
     rounding: FP16 consumers keep reading the FP16 tensor."""
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input,
-                                                                 *inferred.graph.output]}
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({i.name: i.data_type for i in graph.initializer})
     producer = {o: n for n in graph.node for o in n.output}
     removed = 0
@@ -103,9 +103,10 @@ def remove_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
         if not _is_cast(node, TensorProto.FLOAT):
             continue
         down = producer.get(node.input[0])
-        if down is None or not _is_cast(down, TensorProto.FLOAT16) or types.get(down.input[0]) != TensorProto.FLOAT:
+        if (down is None or not _is_cast(down, TensorProto.FLOAT16)
+                or types.get(down.input[0]) != TensorProto.FLOAT):
             continue
-        node.op_type, node.input[0] = "Identity", down.input[0]  # keeps its output name (maybe a graph output)
+        node.op_type, node.input[0] = "Identity", down.input[0]  # keeps its output name (maybe an output)
         del node.attribute[:]
         removed += 1
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}

@@ -26,8 +26,9 @@ if python -m madclip_train.weights ViT-L-14-336 openai; then
     DEMO=()
     WHAT="ViT-L-14-336, 16 + 16 shots, $EPOCHS epochs: downloads 1.7 GB once, then tens of minutes on a CPU"
 else
-    # A pipeline check: random weights give meaningless scores, so a small set and 2 epochs prove every step runs.
-    echo "CLIP ViT-L-14-336 weights unavailable here: running the madclip-tiny pipeline check instead (random weights, small demo set, 2 epochs)."
+    # A pipeline check: random weights give meaningless scores; a small set and 2 epochs prove every step runs.
+    echo "CLIP ViT-L-14-336 weights unavailable here: running the madclip-tiny pipeline check instead" \
+         "(random weights, small demo set, 2 epochs)."
     MODEL=(--backbone madclip-tiny --pretrained none)
     EPOCHS="${EPOCHS:-2}"
     SHOTS=4
@@ -41,14 +42,15 @@ madclip-demo-data --out "$WORK/data" --force ${DEMO[@]+"${DEMO[@]}"}
 took
 
 step "training MadCLIP ($WHAT)"
-madclip-train --data "$WORK/data/Brain_AD" --out "$WORK/runs/brain16" --shots "$SHOTS" --epochs "$EPOCHS" "${MODEL[@]}" --force
+madclip-train --data "$WORK/data/Brain_AD" --out "$WORK/runs/brain16" --shots "$SHOTS" --epochs "$EPOCHS" \
+    "${MODEL[@]}" --force
 took
 
 step "scoring the test split (image AUROC and pixel metrics)"
 madclip-eval "$WORK/runs/brain16" --data "$WORK/data/Brain_AD" --json "$WORK/runs/brain16/test_metrics.json"
 took
 
-step "exporting the bundle: ONNX FP32, FP16 and INT8, each checked against PyTorch (the ONNX export takes longest)"
+step "exporting the bundle: ONNX FP32, FP16 and INT8, each checked against PyTorch (the ONNX export is longest)"
 madclip-export "$WORK/runs/brain16" --out "$WORK/bundles/brain16" --fp16 --int8 --force
 took
 

@@ -22,7 +22,8 @@ from .conftest import realscans_or_skip  # noqa: E402
 def tail_fp16_tensors(model, constants) -> list[str]:
     """Float tensors downstream of the island constants (the FP32 tail, outputs included) typed FP16."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    values = [*inferred.graph.value_info, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({i.name: i.data_type for i in model.graph.initializer})
     tainted = {c for c in types if any(c == k or c.startswith(k + "_fp32island") for k in constants)}
     assert tainted, f"none of {constants} is an initializer of the graph"
@@ -41,13 +42,14 @@ def on_fp16_grid(x: np.ndarray) -> float:
 
 def _session(model):
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # the runtime's FP16 setting
+    # ORT_ENABLE_EXTENDED: the runtime's setting for FP16 graphs on the CPU
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def _head_model():
-    """image [N, 8] -> FP16-able body (MatMul, Tanh) -> L2 normalise -> dot with dt -> Sigmoid = score, also read
-    by a Mul (an output another node consumes: the case whose Identity used to be converted)."""
+    """image [N, 8] -> FP16-able body (MatMul, Tanh) -> L2 normalise -> dot with dt -> Sigmoid = anomaly_map,
+    also read by a Mul (an output another node consumes: the case whose Identity used to be converted)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.normal(0, 0.05, (8, 64)).astype(np.float32), "dt"),
@@ -60,7 +62,8 @@ def _head_model():
              helper.make_node("MatMul", ["unit", "dt"], ["logit"], name="head_dot"),
              helper.make_node("Sigmoid", ["logit"], ["anomaly_map"], name="head_sigmoid"),
              helper.make_node("Mul", ["anomaly_map", "two"], ["score"], name="head_double")]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 8])],
+    graph = helper.make_graph(nodes, "m",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 8])],
                               [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["n", 64]),
                                helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n", 64])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

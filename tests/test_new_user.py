@@ -38,8 +38,8 @@ def test_mediclip_uses_all_of_fewer_normals_like_synth(tmp_path, capsys):
     trained = sorted(Path(s["path"]).name for s in shots["shots"])
     assert trained == [f"scan_{i}.png" for i in range(4)]
 
-    assert synth_main(["--data", str(folder), "--out", str(tmp_path / "synth"), "-n", "4", "--image-size", "32",
-                       "--tile", "32"]) == 0
+    assert synth_main(["--data", str(folder), "--out", str(tmp_path / "synth"), "-n", "4",
+                       "--image-size", "32", "--tile", "32"]) == 0
     err = capsys.readouterr().err
     assert len([line for line in err.splitlines() if "fewer than --shots 16" in line]) == 1, err
     doc = json.loads((tmp_path / "synth" / "samples.json").read_text())

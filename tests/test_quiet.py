@@ -18,7 +18,8 @@ from madclip_runtime.cli.common import setup_logging
 # Lines other libraries print during an export when nobody quiets them (onnxscript's optimiser, onnxruntime's
 # quantiser, open_clip on random weights).
 FOREIGN = re.compile(r"Replaced initializer|constant folding|unused (nodes|functions)|is not 0\.|"
-                     r"pre-processing before quantization|No pretrained weights loaded|UserWarning|DeprecationWarning")
+                     r"pre-processing before quantization|No pretrained weights loaded|"
+                     r"UserWarning|DeprecationWarning")
 ONNXSCRIPT = re.compile(r"Replaced initializer|constant folding|unused (nodes|functions)")
 
 
