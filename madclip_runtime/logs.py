@@ -62,9 +62,8 @@ def _configure_warnings(verbose: bool) -> None:
         return
     warnings.simplefilter("ignore")
     warnings.filterwarnings("default", module=_OWN_WARNINGS)
-    # child processes (Ray workers, multiprocessing) start with the same rule for library warnings
-    # (not RAY_BACKEND_LOG_LEVEL: Ray's C++ core announces that variable with a line of its own)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    # Child processes are not touched: Ray's workers write to Ray's log files (madclip starts Ray with
+    # log_to_driver=False), and RAY_BACKEND_LOG_LEVEL would make Ray's C++ core print a line of its own.
 
 
 def quiet_loaded() -> None:

@@ -33,17 +33,12 @@ def restore_logging():
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     levels = {n: logging.getLogger(n).level for n in logs.NOISY}
-    env = os.environ.get("PYTHONWARNINGS")
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
     for n, lv in levels.items():
         logging.getLogger(n).setLevel(lv)
     logs.configure(False)
-    if env is None:
-        os.environ.pop("PYTHONWARNINGS", None)
-    else:
-        os.environ["PYTHONWARNINGS"] = env
 
 
 def _emit_all() -> None:
