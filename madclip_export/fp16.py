@@ -1,11 +1,12 @@
 """Mixed-precision (FP16 with FP32 islands) ONNX from the FP32 graph, IO kept float32.
 
-FP32 islands (docs/ARCHITECTURE.md, "FP16"): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the adapter standardisation (a
-LayerNormalization node), the L2 normalisation (ReduceL2 / Clip / Expand and the Div by the computed norm), the
-dot products with the baked dt and the whole head downstream of them (its sigmoid included), the upsampling
-(Resize) and every reduction. onnxconverter-common keeps these in FP32 via op/node block lists; its
-`keep_io_types=True` leaves a graph output FP16 when the output's producer is blocked, so `fix_output_casts`
-re-establishes float32 outputs explicitly.
+FP32 islands (docs/export.md, "FP16"): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the
+adapter standardisation (a LayerNormalization node), the L2 normalisation (ReduceL2 / Clip / Expand and the
+Div by the computed norm), every reduction, and the tail: the consumers of the method's baked constants and
+everything downstream of them up to the graph outputs. onnxconverter-common keeps these in FP32 via op/node
+block lists; `fix_output_casts` re-establishes float32 outputs where `keep_io_types=True` leaves one FP16, and
+`remove_round_trips` drops the float32 -> float16 -> float32 Cast pairs the converter leaves between FP32
+nodes, so no value of the tail (and no output) is rounded to FP16.
 """
 from __future__ import annotations
 
