@@ -146,3 +146,24 @@ def test_every_method_fp16_map_is_not_rounded_to_fp16(method_graphs):
     err = np.abs(got["anomaly_map"] - ref["anomaly_map"]).max()
     assert np.isfinite(err) and err < 0.05, method
     assert np.abs(got["score_map_max"] - ref["score_map_max"]).max() <= err + 1e-6, method
+
+
+def test_fp16_outputs_benchmark_runs(exported_tiny_bundle, tmp_path):
+    """benchmarks/fp16_outputs.py (the RESULTS.md figures) on a freshly exported bundle: the bundle's own FP16
+    graph and the current conversion agree that nothing is rounded to FP16 on the way out."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    env = {**os.environ, "MADCLIP_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(bench / "fp16_outputs.py"), str(exported_tiny_bundle)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "fp16_outputs.json").read_text())["results"]
+    assert {r["graph"] for r in rows} == {"bundle's model_fp16.onnx", "current exporter"}
+    for r in rows:
+        assert r["share_on_fp16_grid"] < 0.5 and r["map_max_abs_err"] < 0.05
+        assert r["distinct_values_first_map"] > 0.5 * r["fp32_distinct_values_first_map"]
