@@ -24,7 +24,7 @@ if python -m madclip_train.weights ViT-L-14-336 openai; then
     EPOCHS="${EPOCHS:-60}"
     SHOTS=16
     DEMO=()
-    WHAT="ViT-L-14-336, 16 + 16 shots, $EPOCHS epochs: downloads 1.7 GB once, then tens of minutes on a CPU"
+    WHAT="ViT-L-14-336, 16 + 16 shots, $EPOCHS epochs; the first run downloads about 1.7 GB; long on a CPU"
 else
     # A pipeline check: random weights give meaningless scores; a small set and 2 epochs prove every step runs.
     echo "CLIP ViT-L-14-336 weights unavailable here: running the madclip-tiny pipeline check instead" \
