@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass
 
 from .atomic import atomic_write_text
+from .contract import DICOM_SEG_SUFFIX, VOLUME_MAP_SUFFIX, VOLUME_MONTAGE_SUFFIX
 
 OUTPUT_MARKER = ".madclip-output"
 
@@ -78,9 +79,9 @@ RECORD_JSON = register_output("record_json", ".json", _OVERLAY, _VOLUME, _BATCH_
 OVERLAY_PNG = register_output("overlay_png", "_overlay.png", _OVERLAY)
 MAP_PNG16 = register_output("map_png16", "_map.png", _OVERLAY, _BATCH_MAP)
 MAP_NPY = register_output("map_npy", "_map.npy", _OVERLAY, _BATCH_MAP)
-VOLUME_MAP = register_output("volume_map", "_map.nii.gz", _VOLUME)
-MONTAGE_PNG = register_output("montage_png", "_montage.png", _VOLUME)
-DICOM_SEG = register_output("dicom_seg", "_seg.dcm", _VOLUME)
+VOLUME_MAP = register_output("volume_map", VOLUME_MAP_SUFFIX, _VOLUME)
+MONTAGE_PNG = register_output("montage_png", VOLUME_MONTAGE_SUFFIX, _VOLUME)
+DICOM_SEG = register_output("dicom_seg", DICOM_SEG_SUFFIX, _VOLUME, "madclip_runtime.cli.infer:_write_image_seg")
 SUMMARY_CSV = register_output("summary_csv", "summary.csv", _BATCH_SUMMARY)
 SUMMARY_PARQUET = register_output("summary_parquet", "summary.parquet", _BATCH_SUMMARY)
 NODE_SEG = register_output("node_seg", "seg.dcm", _SPOOL + "commit_result")  # outbox/<item>/seg.dcm

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -88,6 +89,12 @@ def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, prog
             failures.append(path)
             progress.advance(task)
             continue
+        except Exception as exc:  # one bad input never stops the others
+            log.debug("%s", path, exc_info=True)
+            error_line(f"{path}: cannot read this input ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
+            failures.append(path)
+            progress.advance(task)
+            continue
         ms = (time.perf_counter() - t0) * 1e3 / max(1, len(scans))
         pending.extend((s, ms) for s in scans)
         while len(pending) >= predictor.max_batch:
@@ -126,6 +133,28 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
     if not res["passed"]:
         error_line(failure_line(res["bundle"], res, res["backend"], res["precision"]))
     return bool(res["passed"])
+
+
+def _write_image_seg(args: argparse.Namespace, bundle: Any, out_dir: str, stem: str, scan: Any, pred: Any) -> bool:
+    """--dicom-seg on the 2-D path: a one-frame SEG for a 2-D DICOM image, written before its other outputs
+    (whose JSON comes last); False (one error line) when it cannot be built, and the scan gets no outputs."""
+    from ..contract import DICOM_SEG_SUFFIX
+    from ..scans.imageio import has_dicom_magic, is_dicom_path
+
+    path = pred.source
+    if "#slice=" in path or not (is_dicom_path(path) or has_dicom_magic(path)):
+        log.warning("%s: no DICOM SEG: --dicom-seg covers DICOM images and series, not this input", path)
+        return True
+    from ..atomic import atomic_write_bytes
+    from .volume import dicom_image_seg
+
+    try:
+        data = dicom_image_seg(args, bundle, path, scan, pred.anomaly_map)
+    except (InputError, MadclipError) as exc:
+        error_line(str(exc))
+        return False
+    atomic_write_bytes(os.path.join(out_dir, f"{stem}{DICOM_SEG_SUFFIX}"), data)
+    return True
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -195,6 +224,9 @@ def _main(argv: Sequence[str] | None) -> int:
                 if out_dir is not None:
                     t0 = time.perf_counter()
                     stem = output_stem(pred.source, used_stems)
+                    if args.dicom_seg and not _write_image_seg(args, bundle, out_dir, stem, scan, pred):
+                        failures.append(pred.source)
+                        continue
                     save_prediction(out_dir, stem, scan, pred, record, bundle.map_scale, map_threshold_choice(args, bundle)[0],
                                     args.map_format)
                     log.debug("%s: wrote %s/%s.* in %.1f ms", pred.source, out_dir, stem,
