@@ -15,7 +15,7 @@ A file named explicitly on the command line is always kept (the user asked for i
 
 Adding an output kind (for a new writer) is one call, in this module or in the writer's module at import:
 
-    WRITER = "madclip_runtime.scans.volume_output:save_volume_outputs"
+    WRITER = "madclip_runtime.scans.volume_output:write_result_set"
     PROB = register_output("volume_prob", "_prob.nii.gz", WRITER)
     path = output_path(out_dir, stem, PROB)          # marks out_dir, returns out_dir/<stem>_prob.nii.gz
 
@@ -66,7 +66,7 @@ def register_output(name: str, suffix: str, *writers: str) -> str:
 
 # ---- the kinds madclip writes today (one place; a new writer adds its own line) -------------------------
 _OVERLAY = "madclip_runtime.overlay:save_prediction"
-_VOLUME = "madclip_runtime.scans.volume_output:save_volume_outputs"
+_VOLUME = "madclip_runtime.scans.volume_output:write_result_set"  # via save_volume_outputs
 _BATCH_MAP = "madclip_runtime.serve.batch:Scorer.save_map"
 _BATCH_RESULT = "madclip_runtime.serve.batch:write_file_result"
 _BATCH_SUMMARY = "madclip_runtime.serve.batch:write_summary"
