@@ -2,8 +2,8 @@
 (the output helpers the CLIs share, built on this, are in `madclip_runtime.cli.results`).
 
 The rule (`is_madclip_output`), applied by input expansion (`madclip_runtime.scans.imageio.expand_inputs`,
-used by madclip-infer, madclip-infer --server and madclip-batch), so a second run over its own output directory
-never scores what the first one wrote:
+used by madclip-infer, madclip-infer --server and madclip-batch), so a second run over its own output
+directory never scores what the first one wrote:
 
 * a directory madclip writes into carries the marker file `.madclip-output` (`mark_output_dir`, called by
   every writer through `output_path`); expansion never descends into a marked directory below an input, nor
@@ -132,7 +132,7 @@ def in_marked_tree(directory: str) -> bool:
 
 
 def is_madclip_output(path: str, marked_dir: bool | None = None) -> bool:
-    """THE rule: a registered output suffix, in a marked directory (or below one), or beside its `<stem>.json`.
+    """THE rule: a registered output suffix, in (or below) a marked directory, or beside its `<stem>.json`.
 
     `marked_dir`: the caller already knows whether the file's directory is in a marked tree."""
     name = os.path.basename(path)

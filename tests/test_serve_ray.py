@@ -368,7 +368,7 @@ def test_slow_clients_do_not_starve_a_good_request(served):
 
 
 def _nifti_with_affine(path: Path, vol: np.ndarray, value: float) -> Path:
-    """An uncompressed NIfTI whose sform is all `value` (NaN or 0) and qform unset: nibabel refuses to write it."""
+    """An uncompressed NIfTI whose sform is all `value` (NaN or 0), qform unset: nibabel refuses to write it."""
     import struct
 
     nib = pytest.importorskip("nibabel")
@@ -381,8 +381,9 @@ def _nifti_with_affine(path: Path, vol: np.ndarray, value: float) -> Path:
 
 
 def test_batch_never_scores_its_own_outputs_and_reports_slice_numbers(served, tmp_path, capsys):
-    """madclip-batch D -r --out D/res --maps png16, twice: the second run finds the same inputs (not its maps);
-    summary.csv's slice column is a slice number (empty for 2-D); a bad NIfTI beside a good PNG is one error row;
+    """madclip-batch D -r --out D/res --maps png16, twice: the second run finds the same inputs (not its
+    maps); summary.csv's slice column is a slice number (empty for 2-D); a bad NIfTI beside a good PNG is one
+    error row;
     --actors 64 on this 2-CPU Ray is clamped with a message instead of waiting forever."""
     import csv
 

@@ -305,8 +305,8 @@ def fit_actors(actors: int, cpus_per_actor: float, gpus_per_actor: float, read_c
                resources: dict[str, float]) -> int:
     """The number of scoring actors the cluster can hold (`resources`: `ray.cluster_resources()`).
 
-    A fixed actor pool larger than the cluster's CPUs (or GPUs) never starts and the job makes no progress, so a
-    larger --actors is clamped, with a message; when not even one actor fits beside the reading tasks the
+    A fixed actor pool larger than the cluster's CPUs (or GPUs) never starts and the job makes no progress,
+    so a larger --actors is clamped, with a message; when not even one actor fits beside the reading tasks the
     job is refused with one line.
     """
     cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked before Ray "
                         "starts and by every scoring actor)")
     p.add_argument("--actors", type=bounded_int(1), default=1,
-                   help="scoring actors, each with its own bundle load (default 1; clamped to the cluster's CPUs)")
+                   help="scoring actors, each loading the bundle once (default 1; clamped to the cluster's CPUs)")
     p.add_argument("--cpus-per-actor", type=finite_float(0), default=1.0)
     p.add_argument("--gpus-per-actor", type=finite_float(0), default=0.0)
     p.add_argument("--maps", default=None, choices=("png16", "npy"), help="also write each slice's anomaly map")

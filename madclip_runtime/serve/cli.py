@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bytes/s a request body must average after its first second (default "
                         f"{DEFAULT_MIN_UPLOAD_RATE:g})")
     p.add_argument("--keep-alive", type=v["keep_alive"], default=DEFAULT_KEEP_ALIVE_S,
-                   help=f"seconds an idle keep-alive connection stays open (default {DEFAULT_KEEP_ALIVE_S:g})")
+                   help=f"seconds an idle keep-alive connection stays open "
+                        f"(default {DEFAULT_KEEP_ALIVE_S:g})")
     p.add_argument("--graceful-timeout", type=v["graceful_timeout"], default=30.0,
                    help="seconds a stopping server waits for in-flight requests (default 30)")
     p.add_argument("--address", default=None,
@@ -167,7 +168,8 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
 
 def drain(app_name: str, timeout_s: float) -> int:
     """Tell the replicas to answer 503 to every new request, then wait (at most `timeout_s`) until each
-    running replica reports no request in flight. Returns the requests still in flight when it stopped waiting.
+    running replica reports no request in flight. Returns the requests still in flight when it stopped
+    waiting.
     """
     from ray import serve
     from ray.experimental import internal_kv
