@@ -221,7 +221,7 @@ def golden_reference_step(st: ExportState) -> None:
 def export_fp32_step(st: ExportState) -> None:
     """The FP32 ONNX graph (consumes the model) and the opset it was written with."""
     st.progress(f"exporting the FP32 ONNX graph ({st.model.title}: text side baked as constants, FP32 tail "
-                f"from {', '.join(st.model.fp32_island_constants)}; backbone truncated)")
+                f"from {', '.join(st.model.fp32_island_constants)}; backbone truncated; about a minute on a CPU)")
     t0 = time.perf_counter()
     export_onnx(st.model, st.path(FP32), st.opts.max_batch, st.opts.opset)
     st.opset = written_opset(st.path(FP32), st.opts.opset)
@@ -419,7 +419,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
             raise
         msg = (f"TensorRT engine not built here ({str(exc).splitlines()[0]}): madclip-infer --backend trt builds it "
                f"on the target on first use")
-        log.info(msg)
+        log.debug(msg)  # the CLI prints the reason once, after the report table
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
     try:
