@@ -19,14 +19,7 @@ from madclip_runtime.errors import BundleError, InputError, MadclipError
 from madclip_runtime.serve import limits
 from madclip_runtime.serve.limits import RequestError, UploadGate
 
-from .conftest import build_tiny_bundle
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("standin") / "b", size=64)
 
 
 @pytest.fixture(scope="module")
