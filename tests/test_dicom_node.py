@@ -29,7 +29,12 @@ pytest.importorskip("pynetdicom", reason="pynetdicom (madclip[pacs]) not install
 hd = pytest.importorskip("highdicom", reason="highdicom (madclip[medical]) not installed")
 pydicom = pytest.importorskip("pydicom", reason="pydicom (madclip[medical]) not installed")
 
-from madclip_runtime.dicomnet.node import DicomNode, NodeOptions, parse_destination  # noqa: E402
+from madclip_runtime.dicomnet.node import (  # noqa: E402
+    DicomNode,
+    NodeOptions,
+    local_command,
+    parse_destination,
+)
 from madclip_runtime.dicomnet.results import sr_values  # noqa: E402
 
 from .conftest import lesion_volume, write_dicom_series  # noqa: E402
@@ -412,30 +417,7 @@ def _node_process(
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     f = open(log, "ab")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "madclip_runtime.dicomnet.node",
-            "--bundle",
-            str(standin),
-            "--send-to",
-            f"PACS@127.0.0.1:{send_port}",
-            "--allow",
-            "MODALITY",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--spool",
-            str(spool),
-            "--quiet",
-            str(quiet),
-            "--retry-min",
-            "0.2",
-            "--backend",
-            "ort-cpu",
-            "-v",
-        ],
+        local_command(standin, send_port, spool, quiet, "--retry-min", "0.2", "-v"),
         stdout=f,
         stderr=f,
         env=env,

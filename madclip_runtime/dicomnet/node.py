@@ -741,6 +741,38 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
     )
 
 
+def local_command(
+    bundle: str | os.PathLike, send_port: int, spool: str | os.PathLike, quiet: float, *extra: str
+) -> list[str]:
+    """The command line of a node on 127.0.0.1 (any free port) accepting the AE title MODALITY, scoring on
+    ORT CPU and sending to PACS@127.0.0.1:`send_port`: the one set-up of the tests and the benchmark that run
+    the node as its own process (`extra`: more options)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "madclip_runtime.dicomnet.node",
+        "--bundle",
+        str(bundle),
+        "--send-to",
+        f"PACS@127.0.0.1:{send_port}",
+        "--allow",
+        "MODALITY",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--spool",
+        str(spool),
+        "--quiet",
+        str(quiet),
+        "--backend",
+        "ort-cpu",
+        *extra,
+    ]
+
+
 def quiet_library_loggers() -> None:
     """pynetdicom and pydicom log dataset contents at DEBUG, and pydicom's validation warnings quote element
     values (a malformed PatientName would be printed): keep the loggers at WARNING and those warnings off, so
