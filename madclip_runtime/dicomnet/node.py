@@ -658,20 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="series with fewer frames are not scored (incomplete; default 3)",
     )
-    p.add_argument(
-        "--retry-min",
-        type=finite_float(0.0, min_open=True),
-        default=2.0,
-        metavar="S",
-        help="first retry delay of a failed send, doubled per attempt (default 2)",
-    )
-    p.add_argument(
-        "--retry-max",
-        type=finite_float(0.0, min_open=True),
-        default=300.0,
-        metavar="S",
-        help="longest retry delay (default 300)",
-    )
+    delay = finite_float(0.0, min_open=True)
+    for flag, default, what in (
+        ("--retry-min", 2.0, "first retry delay of a failed send, doubled per attempt"),
+        ("--retry-max", 300.0, "longest retry delay"),
+    ):
+        p.add_argument(flag, type=delay, default=default, metavar="S", help=f"{what} (default {default:g})")
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="offer DICOM TLS with this certificate")
     p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     p.add_argument(
