@@ -25,7 +25,7 @@ PENDING: dict[str, int] = {
     "madclip_runtime/cli/infer.py": 3,
     "madclip_runtime/cli/results.py": 5,
     "madclip_runtime/cli/volume.py": 1,
-    "madclip_runtime/dicomnet/node.py": 8,
+    "madclip_runtime/dicomnet/node.py": 9,
     "madclip_runtime/dicomnet/results.py": 7,
     "madclip_runtime/engines/backends.py": 26,
     "madclip_runtime/engines/trt_rules.py": 13,
