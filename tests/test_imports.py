@@ -188,16 +188,6 @@ def test_every_method_package_is_registered_once():
 
 
 # ---- no module imports another module's underscore-private names (issue 22.4) ------------------------------
-# In runtime files other branches were editing when this test was written (scans/: i19; dicomnet/: i24):
-# (file, name).
-PRIVATE_IMPORTS_PENDING = {("madclip_runtime/dicomnet/web.py", "_volume_table"),
-                           ("madclip_runtime/scans/dicom_seg.py", "_first_float"),
-                           ("madclip_runtime/scans/dicom_seg.py", "_frame_item"),
-                           ("madclip_runtime/scans/dicom_seg.py", "_geometry_of"),
-                           ("madclip_runtime/scans/volume.py", "_nifti_open"),
-                           ("madclip_runtime/scans/volume.py", "_frame_item")}
-
-
 def _is_private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
@@ -237,8 +227,7 @@ def _private_import_offences() -> list[str]:
     for name, path in sorted(modules.items()):
         rel = path.relative_to(ROOT).as_posix()
         for line, what in _private_imports(name, path, set(modules)):
-            if (rel, what.rsplit(".", 1)[-1]) not in PRIVATE_IMPORTS_PENDING:
-                bad.append(f"{rel}:{line}: imports the private name {what} (make it public where defined)")
+            bad.append(f"{rel}:{line}: imports the private name {what} (make it public where defined)")
     return bad
 
 

@@ -72,7 +72,8 @@ def map_threshold_choice(args: argparse.Namespace, bundle: Any) -> tuple[float |
     return float(t), f"bundle calibration: {method}"
 
 
-def _volume_table(rows: list[dict[str, Any]]) -> Table:
+def volume_table(rows: list[dict[str, Any]]) -> Table:
+    """The per-volume summary table, shared by madclip-infer and the DICOMweb node."""
     table = Table(title="volumes", caption=INTENDED_USE)
     table.add_column("volume", overflow="fold")
     for name, justify in (("slices", "right"), ("score", "right"), ("method", "left"), ("label", "left"),
@@ -140,7 +141,7 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
             print(json.dumps(_strict(record), allow_nan=False), flush=True)
         rows.append(record)
     if rows and not args.json:
-        out_console.print(_volume_table(rows))
+        out_console.print(volume_table(rows))
     return failed
 
 

@@ -127,7 +127,7 @@ def run_dicomweb(args: argparse.Namespace, infer: Any) -> int:
 
     from ..bundles.bundle import load_bundle
     from ..cli.common import EXIT_FAILED, EXIT_OK, err_console, error_line
-    from ..cli.volume import _volume_table
+    from ..cli.volume import volume_table
     from ..overlay import jsonable
     from ..predictor import load
     from ..scans.volume_output import save_volume_outputs
@@ -242,7 +242,7 @@ def run_dicomweb(args: argparse.Namespace, infer: Any) -> int:
             rows.append(record)
     if rows and not args.json:
         infer_console = infer.Console(soft_wrap=True)
-        infer_console.print(_volume_table(rows))
+        infer_console.print(volume_table(rows))
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -43,11 +43,11 @@ def seg_pixels(volume: Volume, planes: Sequence[np.ndarray], threshold: float) -
 
 
 def _thickness(ds: Any, frame: int | None) -> float | None:
-    from .medical import _first_float, _frame_item
+    from .medical import first_float, frame_item
 
-    item = _frame_item(ds, frame, "PixelMeasuresSequence") if frame is not None else None
-    value = _first_float(item.get("SliceThickness")) if item is not None else None
-    return value if value is not None else _first_float(ds.get("SliceThickness"))
+    item = frame_item(ds, frame, "PixelMeasuresSequence") if frame is not None else None
+    value = first_float(item.get("SliceThickness")) if item is not None else None
+    return value if value is not None else first_float(ds.get("SliceThickness"))
 
 
 def _plane_sequences(hd: Any, volume: Volume) -> dict[str, Any]:
@@ -156,9 +156,9 @@ def dicom_seg_bytes(volume: Volume, planes: Sequence[np.ndarray], threshold: flo
 
 def image_volume(path: str, header: Any, pixels: Any) -> Volume:
     """A one-frame DICOM image as a one-slice Volume (for its one-frame SEG)."""
-    from .volume import _geometry_of, order_and_affine
+    from .volume import geometry_of, order_and_affine
 
     rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
-    _, grid, geom, _ = order_and_affine(path, [_geometry_of(header)], [0], (rows, cols))
+    _, grid, geom, _ = order_and_affine(path, [geometry_of(header)], [0], (rows, cols))
     return Volume(path, "dicom-image", [pixels], grid.shape, grid.affine, path, None, datasets=[header],
                   frame_of_slice=[0], grid=grid, geometry=geom)

@@ -114,7 +114,7 @@ def _linear(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- DICOM
 
 
-def _first_float(value: object) -> float | None:
+def first_float(value: object) -> float | None:
     """A DS/IS element value (possibly multi-valued) -> its first value as float, or None."""
     if value is None:
         return None
@@ -129,7 +129,7 @@ def _first_float(value: object) -> float | None:
     return f if np.isfinite(f) else None
 
 
-def _frame_item(ds, frame: int, sequence: str):
+def frame_item(ds, frame: int, sequence: str):
     """The first item of `sequence` in the per-frame functional group of `frame`, else the shared group."""
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
@@ -165,7 +165,7 @@ def frame_view(ds, frame: int):
             setattr(view, kw, ds[kw].value)
     for sequence, keywords in (("PixelValueTransformationSequence", _MODALITY_KEYWORDS),
                                ("FrameVOILUTSequence", _VOI_KEYWORDS)):
-        item = _frame_item(ds, frame, sequence)
+        item = frame_item(ds, frame, sequence)
         if item is not None and any(kw in item for kw in keywords):
             for kw in keywords:  # a functional group replaces the top level's set of attributes as a whole
                 if kw in view:
@@ -177,7 +177,7 @@ def frame_view(ds, frame: int):
 
 
 def _has_rescale(view) -> bool:
-    slope, intercept = _first_float(view.get("RescaleSlope")), _first_float(view.get("RescaleIntercept"))
+    slope, intercept = first_float(view.get("RescaleSlope")), first_float(view.get("RescaleIntercept"))
     return "ModalityLUTSequence" in view or (slope not in (None, 1.0)) or (intercept not in (None, 0.0))
 
 
@@ -201,7 +201,7 @@ def voi_to_unit(values: np.ndarray, view) -> np.ndarray | None:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SIGMOID's exp overflows on the range probe
-                center, width = _first_float(view.get("WindowCenter")), _first_float(view.get("WindowWidth"))
+                center, width = first_float(view.get("WindowCenter")), first_float(view.get("WindowWidth"))
                 if center is None or width is None:
                     return None
                 probe = np.array([center - 1e6 * abs(width) - 1.0, center + 1e6 * abs(width) + 1.0])
@@ -351,8 +351,8 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
             continue
         if unit is None:
             if window == "full" and stored.dtype.kind in "iu" and "ModalityLUTSequence" not in view:
-                slope = _first_float(view.get("RescaleSlope"))
-                intercept = _first_float(view.get("RescaleIntercept"))
+                slope = first_float(view.get("RescaleSlope"))
+                intercept = first_float(view.get("RescaleIntercept"))
                 slope, intercept = (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
                 ends = sorted(v * slope + intercept for v in _stored_range(ds, bits))
                 unit = _linear(values, ends[0], ends[1]) if ends[1] > ends[0] else np.zeros(values.shape, np.float32)
@@ -442,7 +442,7 @@ def check_nifti_image(path: str, img: Any) -> None:
                          "no position")
 
 
-def _nifti_open(path: str, volume_index: int | None):
+def nifti_open(path: str, volume_index: int | None):
     """Open a NIfTI header (no voxel read) -> (image, spatial shape [X, Y, Z], index of the 4th axis or None)."""
     img, shape = nifti_header(path)
     if len(shape) == 4:
@@ -502,7 +502,7 @@ def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, w
     path = os.fspath(path)
     check_window(window)
     check_regular_file(path)
-    img, shape3, vol4 = _nifti_open(path, volume_index)
+    img, shape3, vol4 = nifti_open(path, volume_index)
     nib = importlib.import_module("nibabel")
     raw_dtype = np.dtype(img.get_data_dtype())
     ornt = nib.orientations.io_orientation(img.affine)  # storage axes -> closest RAS+ axes
@@ -536,8 +536,8 @@ def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, w
                      float(fill))
         del finite
     vol = nib.orientations.apply_orientation(data, ornt)  # [X(R), Y(A), Z(S)] (Z of length 1 for one slice)
-    slope = _first_float(getattr(img.dataobj, "slope", 1.0))
-    inter = _first_float(getattr(img.dataobj, "inter", 0.0))
+    slope = first_float(getattr(img.dataobj, "slope", 1.0))
+    inter = first_float(getattr(img.dataobj, "inter", 0.0))
     slope, inter = (1.0 if slope is None else slope), (0.0 if inter is None else inter)
     scaled = slope != 1.0 or inter != 0.0
     cal = (float(img.header.get("cal_min", 0.0)), float(img.header.get("cal_max", 0.0)))

@@ -116,7 +116,7 @@ def file_stem(path: str) -> str:
 
 def nifti_slice_count(path: str, volume_index: int | None = None) -> int:
     """Number of axial slices of a NIfTI, from its header only (no voxel read)."""
-    img, shape3, _ = medical._nifti_open(path, volume_index)
+    img, shape3, _ = medical.nifti_open(path, volume_index)
     nib = __import__("nibabel")
     ornt = nib.orientations.io_orientation(img.affine)
     return int(shape3[int(np.flatnonzero(ornt[:, 0] == 2)[0])])
@@ -144,14 +144,14 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return arr if arr.shape == (n,) and np.isfinite(arr).all() else None
 
 
-def _geometry_of(ds: Any, frame: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+def geometry_of(ds: Any, frame: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """(IOP [6], IPP [3], PixelSpacing [2]) of a single-frame file, or of `frame` of an enhanced multi-frame."""
     if frame is None:
         return (_floats(ds.get("ImageOrientationPatient"), 6), _floats(ds.get("ImagePositionPatient"), 3),
                 _floats(ds.get("PixelSpacing"), 2))
-    ori = medical._frame_item(ds, frame, "PlaneOrientationSequence")
-    pos = medical._frame_item(ds, frame, "PlanePositionSequence")
-    pix = medical._frame_item(ds, frame, "PixelMeasuresSequence")
+    ori = medical.frame_item(ds, frame, "PlaneOrientationSequence")
+    pos = medical.frame_item(ds, frame, "PlanePositionSequence")
+    pix = medical.frame_item(ds, frame, "PixelMeasuresSequence")
     return (_floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else _floats(ds.get("ImageOrientationPatient"), 6),
             _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None,
             _floats(pix.get("PixelSpacing"), 2) if pix is not None else _floats(ds.get("PixelSpacing"), 2))
@@ -291,7 +291,7 @@ def read_dicom_series(series: DicomSeries, window: str = "auto", max_voxels: int
     rows, cols = sizes.pop()
     n = len(series.files)
     medical.check_voxels(where, (rows, cols, n), rows * cols * n, max_voxels)  # before any pixel is decoded
-    order, grid, geom, warn = order_and_affine(where, [_geometry_of(h) for h in series.headers],
+    order, grid, geom, warn = order_and_affine(where, [geometry_of(h) for h in series.headers],
                                                [_instance(h, i) for i, h in enumerate(series.headers)],
                                                (rows, cols), series.uid)
     slices = []
@@ -312,7 +312,7 @@ def read_multiframe(path: str, header: Any, window: str = "auto", max_voxels: in
     rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
     medical.check_voxels(path, (n, rows, cols), rows * cols * n, max_voxels)
     uid = str(header.get("SeriesInstanceUID", "") or "") or None
-    order, grid, geom, warn = order_and_affine(path, [_geometry_of(header, f) for f in range(n)], list(range(n)),
+    order, grid, geom, warn = order_and_affine(path, [geometry_of(header, f) for f in range(n)], list(range(n)),
                                                (rows, cols), uid)
     frames = medical.read_dicom(path, window=window, max_voxels=max_voxels)
     slices = [ScanImage(frames[f].pixels, f"{path}#slice={k}", frames[f].bits) for k, f in enumerate(order)]
