@@ -34,26 +34,27 @@ import numpy as np
 
 from ..engines.backends import create_backend, resolve_auto
 from .bundle import Bundle, load_bundle
-from ..contract import (ANOMALY_MAP, GOLDEN_DECISION_KEYS, GOLDEN_DECISION_SCORE_NAME, GOLDEN_DECISION_THRESHOLD,
-                       GOLDEN_DECISIONS, GOLDEN_INPUT, NORMAL, ANOMALY, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide)
+from ..contract import (ANOMALY, ANOMALY_MAP, FP16, FP32, GOLDEN_DECISIONS, GOLDEN_DECISION_KEYS,
+                        GOLDEN_DECISION_SCORE_NAME, GOLDEN_DECISION_THRESHOLD, GOLDEN_INPUT, INT8, NORMAL,
+                        ORT_CPU, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide)
 from ..errors import BundleError
 from ..predictor import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
 GOLDEN_KEYS = (GOLDEN_INPUT, *OUTPUT_NAMES, *GOLDEN_DECISION_KEYS)
-CPU_BACKENDS = ("ort-cpu",)
+CPU_BACKENDS = (ORT_CPU,)
 TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"score": 1e-4, "map_p99": 1e-4},
-    "fp32-gpu": {"score": 2e-3, "map_p99": 2e-3},
-    "fp16": {"score": 5e-2, "map_p99": 5e-2},
-    "int8": {"score": 1e-1, "map_p99": 1e-1},
+    FP32: {SCORE: 1e-4, "map_p99": 1e-4},
+    "fp32-gpu": {SCORE: 2e-3, "map_p99": 2e-3},
+    FP16: {SCORE: 5e-2, "map_p99": 5e-2},
+    INT8: {SCORE: 1e-1, "map_p99": 1e-1},
 }
 
 
 def tolerance(precision: str, backend: str) -> dict[str, float]:
     """The pass/fail limits for a precision on a backend (see the module docstring)."""
-    if precision == "fp32" and backend not in CPU_BACKENDS:
+    if precision == FP32 and backend not in CPU_BACKENDS:
         return dict(TOLERANCES["fp32-gpu"])
     return dict(TOLERANCES[precision])
 
@@ -92,7 +93,7 @@ def golden_decisions(outputs: dict[str, np.ndarray], calibration: dict) -> dict[
     decisions int8 [N]: 1 anomaly, 0 normal, -1 no threshold; decision_threshold float64 [] (NaN: none);
     decision_score_name str []. The self-test fails when the bundle's calibration no longer reproduces them.
     """
-    name = calibration.get("score_name", "score")
+    name = calibration.get("score_name", SCORE)
     t = calibration.get("threshold")
     decisions = decision_codes(outputs[name], None if t is None else float(t))
     return {GOLDEN_DECISIONS: decisions, GOLDEN_DECISION_THRESHOLD: np.float64(np.nan if t is None else t),
@@ -139,7 +140,7 @@ def golden_check(predictor: Any, golden: dict[str, np.ndarray] | None = None) ->
         "map_max_abs_err": float(np.max(map_err)) if finite else float("inf"),
     }
     tol = tolerance(predictor.precision, predictor.backend_name)
-    passed = (errors["score_max_abs_err"] <= tol["score"] and errors["score_map_max_max_abs_err"] <= tol["score"]
+    passed = (errors["score_max_abs_err"] <= tol[SCORE] and errors["score_map_max_max_abs_err"] <= tol[SCORE]
               and errors["map_p99_abs_err"] <= tol["map_p99"] and decisions["decisions_reproduced"])
     agreement = None
     if b.threshold is not None:
@@ -160,13 +161,13 @@ def failure_line(bundle_path: str, res: dict[str, Any], backend: str, precision:
             f"(score err {res['score_max_abs_err']:.3g}, "
             f"score_map_max err {res['score_map_max_max_abs_err']:.3g}, "
             f"map p99 err {res['map_p99_abs_err']:.3g}; "
-            f"tolerances {res['tolerance']['score']:g} / {res['tolerance']['map_p99']:g})")
+            f"tolerances {res['tolerance'][SCORE]:g} / {res['tolerance']['map_p99']:g})")
 
 
 def run_selftest(
     bundle: str | os.PathLike | Bundle,
     backend: str = "auto",
-    precision: str = "fp32",
+    precision: str = FP32,
     cache_dir: str | os.PathLike | None = None,
     trusted_key: Any = None,
 ) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from .. import INTENDED_USE, __version__
 from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
                          finite_float, run_cli, setup_logging)
 from .volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
-from ..contract import BACKENDS, PRECISIONS
+from ..contract import BACKENDS, FP32, PRECISIONS, SCORE
 from ..errors import InputError, MadclipError
 from .results import check_out_dir, expand_each, output_stem, progress_bar, result_table
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score on a madclip-serve endpoint instead of a local bundle (same outputs)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="inference backend (auto: fastest available; the one actually used is printed)")
-    p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="model variant (default fp32)")
+    p.add_argument("--precision", default=FP32, choices=PRECISION_CHOICES, help="model variant (default fp32)")
     p.add_argument("--threshold", type=finite_float(0.0), default=None,
                    help="decision threshold overriding the bundle's calibrated one (within the score range [0, L])")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -118,8 +118,8 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
         table.add_column("error", justify="right")
         table.add_column("tolerance", justify="right")
         tol = res["tolerance"]
-        table.add_row("score max |err|", f"{res['score_max_abs_err']:.3g}", f"{tol['score']:g}")
-        table.add_row("score_map_max max |err|", f"{res['score_map_max_max_abs_err']:.3g}", f"{tol['score']:g}")
+        table.add_row("score max |err|", f"{res['score_max_abs_err']:.3g}", f"{tol[SCORE]:g}")
+        table.add_row("score_map_max max |err|", f"{res['score_map_max_max_abs_err']:.3g}", f"{tol[SCORE]:g}")
         table.add_row("anomaly_map p99 |err|", f"{res['map_p99_abs_err']:.3g}", f"{tol['map_p99']:g}")
         table.add_row("anomaly_map max |err|", f"{res['map_max_abs_err']:.3g}", "(reported)")
         if res["label_agreement"] is not None:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from ..errors import InputError, MadclipError
 from .common import err_console, error_line
+from ..contract import SCORE, SCORE_MAP_MAX
 
 
 def check_out_dir(out: str) -> str:
@@ -105,13 +106,13 @@ def result_table(rows: list[dict[str, Any]]) -> Any:
 
     table = Table(caption=INTENDED_USE)
     table.add_column("file", overflow="fold")
-    for name, justify in (("score", "right"), ("map max", "right"), ("label", "left"), ("latency ms", "right")):
+    for name, justify in ((SCORE, "right"), ("map max", "right"), ("label", "left"), ("latency ms", "right")):
         table.add_column(name, justify=justify)
     for r in rows:
         label = r["label"] or "-"
         style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
         table.add_row(Text(escape_control(short_path(r["file"]))),
-                      f"{r['score']:.4f}" if r["score"] is not None else "nan",
-                      f"{r['score_map_max']:.4f}" if r["score_map_max"] is not None else "nan",
+                      f"{r[SCORE]:.4f}" if r[SCORE] is not None else "nan",
+                      f"{r[SCORE_MAP_MAX]:.4f}" if r[SCORE_MAP_MAX] is not None else "nan",
                       f"[{style}]{label}[/]" if style else label, f"{r['latency_ms']:.1f}")
     return table

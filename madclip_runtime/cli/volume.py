@@ -22,6 +22,7 @@ from rich.table import Table
 from .. import INTENDED_USE
 from .common import bounded_int, error_line, finite_float
 from ..errors import InputError, MadclipError
+from ..contract import SCORE
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def volume_table(rows: list[dict[str, Any]]) -> Table:
     """The per-volume summary table, shared by madclip-infer and the DICOMweb node."""
     table = Table(title="volumes", caption=INTENDED_USE)
     table.add_column("volume", overflow="fold")
-    for name, justify in (("slices", "right"), ("score", "right"), ("method", "left"), ("label", "left"),
+    for name, justify in (("slices", "right"), (SCORE, "right"), ("method", "left"), ("label", "left"),
                           ("top slices", "left")):
         table.add_column(name, justify=justify)
     for r in rows:

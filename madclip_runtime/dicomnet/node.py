@@ -34,6 +34,7 @@ from typing import Any, Sequence
 from .. import INTENDED_USE, __version__
 from ..cli.common import ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
 from ..errors import InputError, MadclipError
+from ..contract import FP16, FP32, INT8, ORT_CPU, ORT_CUDA, ORT_TRT, TRT
 from .spool import Spool, series_key
 
 log = logging.getLogger("madclip.dicom-node")
@@ -675,8 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="send results over TLS, verifying the destination against this CA",
     )
-    p.add_argument("--backend", default="auto", choices=("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--backend", default="auto", choices=("auto", ORT_CPU, ORT_CUDA, ORT_TRT, TRT))
+    p.add_argument("--precision", default=FP32, choices=(FP32, FP16, INT8))
     p.add_argument("--threshold", type=finite_float(0.0), default=None, help="decision threshold override")
     p.add_argument(
         "--map-threshold",
@@ -760,7 +761,7 @@ def local_command(
         "--quiet",
         str(quiet),
         "--backend",
-        "ort-cpu",
+        ORT_CPU,
         *extra,
     ]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .. import INTENDED_USE, __version__
-from ..contract import ANOMALY, MODEL_FILES
+from ..contract import ANOMALY, FP32, MODEL_FILES, SCORE, SCORE_MAP_MAX
 from ..errors import InputError, MadclipError
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,10 @@ class SeriesResult:
     preds: list[Any] = field(default_factory=list)  # per-slice predictions (for --out's map and montage)
 
 
-def bundle_identity(bundle: Any, precision: str = "fp32") -> dict[str, str]:
+def bundle_identity(bundle: Any, precision: str = FP32) -> dict[str, str]:
     """Method, bundle name and the sha256 of the model file in use (from the verified metadata)."""
     files = bundle.meta.get("files") or {}
-    model = MODEL_FILES.get(precision, MODEL_FILES["fp32"])
+    model = MODEL_FILES.get(precision, MODEL_FILES[FP32])
     sha = str((files.get(model) or {}).get("sha256", "")) or "unrecorded"
     return {
         "method": bundle.method,
@@ -117,9 +117,9 @@ def sr_bytes(volume: Any, record: dict[str, Any], identity: dict[str, str]) -> b
         )
     ]
     for k, s in enumerate(record["slices"]):
-        if s["score"] is None:
+        if s[SCORE] is None:
             continue
-        value = s["score"] if record["score_name"] == "score" else s["score_map_max"]
+        value = s[SCORE] if record["score_name"] == SCORE else s[SCORE_MAP_MAX]
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"madclip slice {k}"),
@@ -197,7 +197,7 @@ def sr_values(ds: Any) -> dict[str, Any]:
                     [] if raw is None else [int(f) for f in (raw if isinstance(raw, MultiValue) else [raw])]
                 )
                 out["slices"].append(
-                    {"score": value, "sop": str(ref.ReferencedSOPInstanceUID), "frames": frames}
+                    {SCORE: value, "sop": str(ref.ReferencedSOPInstanceUID), "frames": frames}
                 )
         elif (
             item.ValueType == "CODE"
