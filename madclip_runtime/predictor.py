@@ -22,7 +22,7 @@ import numpy as np
 from . import INTENDED_USE
 from .engines.backends import create_backend, resolve_auto
 from .bundles.bundle import Bundle, load_bundle
-from .contract import ANOMALY_MAP, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
+from .contract import ANOMALY_MAP, FP16, FP32, ORT_CPU, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
 from .errors import BundleError, InputError, MadclipError
 from .scans.imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
 from .preprocess import preprocess, resize_map
@@ -59,7 +59,7 @@ class Prediction:
         """The per-scan record (printed with --json, stored in <stem>.json): JSON-ready, NaN/inf as None.
         `context` adds where it was computed (backend, provider, precision)."""
         return {
-            "file": self.source, "score": _finite(self.score), "score_map_max": _finite(self.score_map_max),
+            "file": self.source, SCORE: _finite(self.score), SCORE_MAP_MAX: _finite(self.score_map_max),
             "label": self.label, "threshold": self.threshold, "score_name": self.score_name, **context,
             "latency_ms": round(self.latency_ms, 3), "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
             "height": int(self.anomaly_map.shape[0]), "width": int(self.anomaly_map.shape[1]),
@@ -292,7 +292,7 @@ def model_sha256(bundle: Bundle, precision: str) -> str | None:
 def load(
     bundle: str | os.PathLike | Bundle,
     backend: str = "auto",
-    precision: str = "fp32",
+    precision: str = FP32,
     threshold: float | None = None,
     cache_dir: str | os.PathLike | None = None,
     verify: str | bool = "model",
@@ -318,7 +318,7 @@ def load(
     check_threshold(threshold, b)
     model_path = b.model_path(precision)
     name = resolve_auto(precision) if backend == "auto" else backend
-    if name == "ort-cpu" and precision == "fp16" and backend != "auto":
+    if name == ORT_CPU and precision == FP16 and backend != "auto":
         log.warning("running the fp16 model on the CPU: FP16 on a CPU is slower than FP32 (use fp32 or int8)")
     s = b.image_size
     be = create_backend(

@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 
 from . import cuda_probe, trt_engine, trt_rules
-from ..contract import BACKENDS, INPUT_NAME, PRECISIONS
+from ..contract import BACKENDS, FP16, INPUT_NAME, INT8, ORT_CPU, ORT_CUDA, ORT_TRT, PRECISIONS, TRT
 from ..errors import BackendUnavailable, BundleError, InputError
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {
-    "ort-cpu": "CPUExecutionProvider",
-    "ort-cuda": "CUDAExecutionProvider",
-    "ort-trt": "TensorrtExecutionProvider",
+    ORT_CPU: "CPUExecutionProvider",
+    ORT_CUDA: "CUDAExecutionProvider",
+    ORT_TRT: "TensorrtExecutionProvider",
 }
 
 
@@ -88,14 +88,14 @@ def available_backends() -> list[str]:
     """Backends that can actually run here, fastest first (GPU ones only when a GPU is visible)."""
     found: list[str] = []
     if _trt_usable():
-        found.append("trt")
+        found.append(TRT)
     try:
         providers = set(import_onnxruntime().get_available_providers())
     except BackendUnavailable:
         providers = set()
-    gpu = bool(providers & {PROVIDERS["ort-trt"], PROVIDERS["ort-cuda"]}) and _visible_gpu()
-    for name in ("ort-trt", "ort-cuda", "ort-cpu"):
-        if PROVIDERS[name] in providers and (name == "ort-cpu" or gpu):
+    gpu = bool(providers & {PROVIDERS[ORT_TRT], PROVIDERS[ORT_CUDA]}) and _visible_gpu()
+    for name in (ORT_TRT, ORT_CUDA, ORT_CPU):
+        if PROVIDERS[name] in providers and (name == ORT_CPU or gpu):
             found.append(name)
     return found
 
@@ -111,12 +111,12 @@ def resolve_auto(precision: str) -> str:
     found = available_backends()
     if not found:
         raise BackendUnavailable('no inference backend available: pip install "madclip[cpu]" (or "madclip[gpu]")')
-    if precision == "int8":
-        if "ort-cpu" not in found:
+    if precision == INT8:
+        if ORT_CPU not in found:
             raise BackendUnavailable("the int8 model needs onnxruntime's CPU provider, which is not available")
-        return "ort-cpu"
+        return ORT_CPU
     choice = next(name for name in BACKENDS if name in found)
-    if choice == "ort-cpu" and precision == "fp16":
+    if choice == ORT_CPU and precision == FP16:
         log.warning("no GPU backend available: running the fp16 model on the CPU (slower than fp32 there)")
     return choice
 
@@ -259,7 +259,7 @@ class TrtBackend(Backend):
     """Native TensorRT engine built (or reused) on this machine."""
 
     def __init__(self, runner: trt_engine.TrtRunner, precision: str, seconds: float):
-        self.name, self.precision, self.provider = "trt", precision, "TensorRT"
+        self.name, self.precision, self.provider = TRT, precision, "TensorRT"
         self.runner, self.load_seconds = runner, seconds
         self.max_batch = runner.max_batch
 
@@ -276,7 +276,7 @@ class TrtBackend(Backend):
 
 def _model_is_fp16(model_path: Path, precision: str) -> bool:
     # Defensive: the FP16 segfault is uncatchable, so a file named like the FP16 variant counts too.
-    return precision == "fp16" or "fp16" in model_path.name.lower()
+    return precision == FP16 or FP16 in model_path.name.lower()
 
 
 def create_backend(
@@ -307,7 +307,7 @@ def create_backend(
     if not path.is_file():
         raise BundleError(f"{path}: model file not found")
     start = time.perf_counter()
-    if name == "trt":
+    if name == TRT:
         return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ()))
     return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
 
@@ -345,7 +345,7 @@ def _create_ort(
     name: str, path: Path, precision: str, max_batch: int, cache_dir: str | None,
     onnx_sha256: str | None, input_chw: tuple[int, int, int] | None, start: float,
 ) -> Backend:
-    on_cpu = name == "ort-cpu"
+    on_cpu = name == ORT_CPU
     ort = import_onnxruntime(gpu=not on_cpu)
     wanted = PROVIDERS[name]
     available = ort.get_available_providers()
@@ -356,12 +356,12 @@ def _create_ort(
         )
     if not on_cpu and not _visible_gpu():
         raise BackendUnavailable(f"{name}: no CUDA GPU is visible on this machine")
-    if name == "ort-trt" and precision == "int8":
+    if name == ORT_TRT and precision == INT8:
         raise BackendUnavailable("ort-trt: the int8 model is the CPU path (dynamic quantisation); use ort-cpu")
     providers: list[Any]
-    if name == "ort-cpu":
+    if name == ORT_CPU:
         providers = ["CPUExecutionProvider"]
-    elif name == "ort-cuda":
+    elif name == ORT_CUDA:
         providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     else:
         root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -404,7 +404,7 @@ def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch:
     `model_dir`, in the same cache and under the same key; returns (engine path, TensorRT version)."""
     trt = require_trt()
     onnx_path = _trt_model(Path(model_dir), precision, trt.__version__)
-    engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "trt"
+    engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / TRT
     return (trt_engine.ensure_engine(onnx_path, engine_dir, precision, max_batch, fp32_islands=tuple(fp32_islands)),
             trt.__version__)
 
@@ -421,7 +421,7 @@ def _create_trt(
         log.info("trt: TensorRT %s builds %s from %s", trt.__version__, precision, variant.name)
         path, onnx_sha256 = variant, None
     # One cache dir for every model is safe: engine file names hash the model's content id (EngineKey).
-    engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "trt"
+    engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / TRT
     engine_path = trt_engine.ensure_engine(path, engine_dir, precision, max_batch, onnx_sha256,
                                            fp32_islands=fp32_islands)
     runner = trt_engine.TrtRunner(engine_path)

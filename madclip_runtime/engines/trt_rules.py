@@ -26,10 +26,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..contract import INPUT_NAME
+from ..contract import FP16, FP32, INPUT_NAME, INT8, MODEL_FILES, ORT_TRT, SCORE
 from ..errors import BackendUnavailable, BundleError, InputError
 
-TRT_PRECISIONS = ("fp32", "fp16")
+TRT_PRECISIONS = (FP32, FP16)
 STRONGLY_TYPED_FROM = (10, 12)  # first TensorRT whose strongly typed FP16 path we use
 ORT_TRT_STRONGLY_TYPED_FROM = (1, 18)  # onnxruntime PR 19695 (see the module docstring)
 # Bump when a rule that changes the built engine changes (FP32 islands, tail, TF32, typing): cached engines
@@ -89,13 +89,13 @@ def typing_mode(version: str | tuple[int, ...], path: str | None = None) -> str:
 
 def builder_flags(typing: str) -> tuple[str, ...]:
     """The builder flags a recipe sets (+) or clears (-), by trt.BuilderFlag name; part of the engine key."""
-    return {"fp32": ("-TF32",), "fp16_flag": ("+FP16", "+OBEY_PRECISION_CONSTRAINTS"),
+    return {FP32: ("-TF32",), "fp16_flag": ("+FP16", "+OBEY_PRECISION_CONSTRAINTS"),
             "strongly_typed": ()}[typing]
 
 
 def check_trt_precision(precision: str) -> None:
     if precision not in TRT_PRECISIONS:
-        hint = " (the int8 model is the CPU path: use the ort-cpu backend)" if precision == "int8" else ""
+        hint = " (the int8 model is the CPU path: use the ort-cpu backend)" if precision == INT8 else ""
         raise BackendUnavailable(f"TensorRT engines are built for fp32 or fp16, not {precision!r}{hint}")
 
 
@@ -106,15 +106,15 @@ def onnx_variant(precision: str, version: str | tuple[int, ...], path: str | Non
     the FP32 islands are pinned by the builder; strongly typed builds take the types written in the file.
     """
     check_trt_precision(precision)
-    if precision == "fp16" and typing_mode(version, path) == "strongly_typed":
-        return "model_fp16.onnx"
-    return "model.onnx"
+    if precision == FP16 and typing_mode(version, path) == "strongly_typed":
+        return MODEL_FILES[FP16]
+    return MODEL_FILES[FP32]
 
 
 def engine_typing(precision: str, version: str | tuple[int, ...], path: str | None = None) -> str:
     """What the engine's precision recipe is: "fp32" (TF32 off), "strongly_typed" or "fp16_flag"."""
     check_trt_precision(precision)
-    return "fp32" if precision == "fp32" else typing_mode(version, path)
+    return FP32 if precision == FP32 else typing_mode(version, path)
 
 
 def tf32_allowed(precision: str) -> bool:
@@ -122,7 +122,7 @@ def tf32_allowed(precision: str) -> bool:
     then computes in FP32 and matches the CPU within FP32 rounding. FP16 engines keep it (their FP32
     islands exist for range, which TF32 has)."""
     check_trt_precision(precision)
-    return precision != "fp32"
+    return precision != FP32
 
 
 def profile_shapes(
@@ -151,7 +151,7 @@ def ort_trt_precision_options(precision: str, ort_version: tuple[int, int]) -> d
     """trt_fp16_enable / trt_layer_norm_fp32_fallback for the provider: FP16 from the mixed-precision ONNX
     through the strongly typed network where the provider has it; the blanket FP16 flag (with LayerNorm
     kept FP32) only where it does not."""
-    if precision != "fp16" or ort_trt_strongly_typed(ort_version):
+    if precision != FP16 or ort_trt_strongly_typed(ort_version):
         return {}
     return {"trt_fp16_enable": True, "trt_layer_norm_fp32_fallback": True}
 
@@ -205,7 +205,7 @@ def engine_cache_dir() -> Path:
 def ort_trt_cache_dir(root: str | os.PathLike, model_id: str) -> Path:
     """onnxruntime's TensorRT engine/timing cache folder for ONE model: its cache id hashes names and
     versions, not weights, so two bundles of the same backbone must not share a folder."""
-    return Path(root) / "ort-trt" / model_id[:16]
+    return Path(root) / ORT_TRT / model_id[:16]
 
 
 def _sm(compute_capability: tuple[int, int]) -> str:
@@ -326,7 +326,7 @@ def read_engine_key(engine_path: str | os.PathLike) -> EngineKey | None:
 _ALWAYS_FP32_TYPES = frozenset({"NORMALIZATION", "REDUCE", "RESIZE"})
 _ARITH_TYPES = frozenset({"UNARY", "ELEMENTWISE"})
 _ARITH_KEYS = ("pow", "sqrt", "reciprocal", "norm", "normaliz")
-_MATMUL_TOKENS = frozenset({"dt", "score", "logit", "logits"})
+_MATMUL_TOKENS = frozenset({"dt", SCORE, "logit", "logits"})
 _NORM_SCOPE_TOKENS = frozenset({"ln", "norm", "layernorm"})
 
 

@@ -31,7 +31,8 @@ from PIL import Image
 
 from .. import INTENDED_USE
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..contract import DICOM_SEG_SUFFIX, VOLUME_MAP_SUFFIX, VOLUME_MONTAGE_SUFFIX, decide
+from ..contract import (DICOM_SEG_SUFFIX, SCORE, SCORE_MAP_MAX, VOLUME_MAP_SUFFIX, VOLUME_MONTAGE_SUFFIX,
+                        decide)
 from ..errors import MadclipError
 from ..outputs import mark_output_dir
 from ..overlay import jsonable, render_montage_tiles, verdict_colour
@@ -96,7 +97,7 @@ def summarize(volume: Volume, preds: Sequence[Any], method: VolumeScoreMethod, t
         "label": decide(vscore, threshold),
         "threshold": threshold,
         "top_slices": top,
-        "slices": [{"slice": k, "score": _finite(p.score), "score_map_max": _finite(p.score_map_max),
+        "slices": [{"slice": k, SCORE: _finite(p.score), SCORE_MAP_MAX: _finite(p.score_map_max),
                     "label": p.label, "source": p.source,
                     "position_mm": volume.positions_mm[k] if volume.positions_mm else None}
                    for k, p in enumerate(preds)],
