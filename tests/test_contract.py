@@ -4,8 +4,7 @@ names live in `madclip_runtime/contract.py`; product code imports them instead o
 An AST walk over every string constant of madclip_runtime, madclip_train and madclip_export finds a literal
 equal to one of those names. Docstrings are not code and are skipped; text that merely mentions a name (help,
 messages) is never equal to it, so it is not matched. Argparse `choices` must come from the contract too
-(they are string constants like any other). `PENDING` lists, with their current counts, the files that other
-branches are editing and that are swept after they merge: a count may only go down.
+(they are string constants like any other). No file is exempt.
 """
 
 from __future__ import annotations
@@ -18,26 +17,6 @@ from madclip_runtime import contract
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("madclip_runtime", "madclip_train", "madclip_export")
 CONTRACT_FILE = "madclip_runtime/contract.py"
-
-# Files pending the sweep (being edited on other branches when it ran): file -> literals left.
-PENDING: dict[str, int] = {
-    "madclip_runtime/bundles/selftest.py": 0,
-    "madclip_runtime/cli/infer.py": 0,
-    "madclip_runtime/cli/results.py": 0,
-    "madclip_runtime/cli/volume.py": 0,
-    "madclip_runtime/dicomnet/node.py": 0,
-    "madclip_runtime/dicomnet/results.py": 0,
-    "madclip_runtime/engines/backends.py": 0,
-    "madclip_runtime/engines/trt_rules.py": 0,
-    "madclip_runtime/predictor.py": 0,
-    "madclip_runtime/scans/volume_output.py": 0,
-    "madclip_runtime/serve/batch.py": 14,
-    "madclip_runtime/serve/cli.py": 1,
-    "madclip_runtime/serve/client.py": 5,
-    "madclip_runtime/serve/options.py": 1,
-    "madclip_runtime/serve/replica.py": 3,
-}
-
 
 def contract_words() -> set[str]:
     """Every name the contract owns: outputs, precisions, backends, bundle file names."""
@@ -89,20 +68,12 @@ def offenders() -> dict[str, list[tuple[int, str]]]:
 def test_no_contract_literals_outside_the_contract():
     bad = []
     for rel, hits in offenders().items():
-        allowed = PENDING.get(rel, 0)
-        if len(hits) > allowed:
-            where = ", ".join(f"{line}: {value!r}" for line, value in hits)
-            bad.append(
-                f"{rel}: {len(hits)} literal(s) of contract names (allowed {allowed}) at {where}; "
-                f"import the name from madclip_runtime.contract"
-            )
+        where = ", ".join(f"{line}: {value!r}" for line, value in hits)
+        bad.append(
+            f"{rel}: {len(hits)} literal(s) of contract names at {where}; "
+            f"import the name from madclip_runtime.contract"
+        )
     assert not bad, "\n".join(bad)
-
-
-def test_pending_list_names_existing_files():
-    """An entry for a file that moved or no longer exists hides nothing and misleads: keep the list true."""
-    missing = [rel for rel in PENDING if not (ROOT / rel).is_file()]
-    assert not missing, f"PENDING names files that do not exist: {missing}"
 
 
 def test_the_walk_catches_what_it_claims():

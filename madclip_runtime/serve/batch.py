@@ -34,6 +34,7 @@ from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from ..cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
                           finite_float, run_cli, setup_logging)
 from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
+from ..contract import ANOMALY_MAP, FP32, SCORE, SCORE_MAP_MAX
 from ..errors import MadclipError
 from ..cli.results import check_out_dir, expand_each, file_stem, progress_bar
 from ..outputs import (MAP_NPY, MAP_PNG16, RECORD_JSON, SUMMARY_CSV, SUMMARY_PARQUET, mark_output_dir, output_path,
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
 MAPS_DIR = "maps"
-SUMMARY_COLUMNS = ("file", "slice", "status", "error", "score", "score_map_max", "label", "threshold",
+SUMMARY_COLUMNS = ("file", "slice", "status", "error", SCORE, SCORE_MAP_MAX, "label", "threshold",
                    "score_name", "height", "width", "backend", "precision")
 
 
@@ -149,18 +150,18 @@ class Scorer:
                 error[idx] = f"{batch['path'][idx[0]]}: {type(exc).__name__}: {exc}"
                 continue
             for j, row in enumerate(idx):
-                score[row], smax[row] = float(out["score"][j]), float(out["score_map_max"][j])
+                score[row], smax[row] = float(out[SCORE][j]), float(out[SCORE_MAP_MAX][j])
                 label[row] = p.decision(score[row], smax[row]) or ""
                 if self.maps_dir:
                     try:
-                        amap = resize_map(out["anomaly_map"][j, 0], int(batch["height"][row]),
+                        amap = resize_map(out[ANOMALY_MAP][j, 0], int(batch["height"][row]),
                                           int(batch["width"][row]))
                         self.save_map(str(batch["key"][row]), int(batch["index"][row]), amap)
                     except Exception as exc:  # e.g. disk full: this row's error, not the job's
                         error[row] = (f"{batch['path'][row]}: writing its map failed: "
                                       f"{type(exc).__name__}: {exc}")
         return {k: batch[k] for k in ("path", "key", "source", "index", "n_slices", "height", "width")} | {
-            "error": error, "score": score, "score_map_max": smax, "label": label}
+            "error": error, SCORE: score, SCORE_MAP_MAX: smax, "label": label}
 
     def save_map(self, key: str, index: int, amap: np.ndarray) -> str:
         """maps/<key>_sNNN_map.npy (float32) or _map.png (16-bit on the bundle's fixed scale), atomically."""
@@ -186,7 +187,7 @@ def _slice_record(row: dict[str, Any], threshold: float | None, score_name: str,
     return {
         "file": str(row["path"]), "slice": slice_number(str(row["source"])), "status": "error" if err else "ok",
         "error": err,
-        "score": fin(row["score"]), "score_map_max": fin(row["score_map_max"]),
+        SCORE: fin(row[SCORE]), SCORE_MAP_MAX: fin(row[SCORE_MAP_MAX]),
         "label": str(row["label"]) or None, "threshold": threshold, "score_name": score_name,
         "height": int(row["height"]), "width": int(row["width"]), "backend": backend, "precision": precision,
     }
@@ -227,7 +228,7 @@ def write_summary(out_dir: str, docs: Iterable[dict[str, Any]], formats: Sequenc
 
         table = pa.Table.from_pylist(rows, schema=pa.schema([
             ("file", pa.string()), ("slice", pa.int64()), ("status", pa.string()), ("error", pa.string()),
-            ("score", pa.float64()), ("score_map_max", pa.float64()), ("label", pa.string()),
+            (SCORE, pa.float64()), (SCORE_MAP_MAX, pa.float64()), ("label", pa.string()),
             ("threshold", pa.float64()), ("score_name", pa.string()), ("height", pa.int64()),
             ("width", pa.int64()), ("backend", pa.string()), ("precision", pa.string())]))
         sink = pa.BufferOutputStream()
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle directory (readable on every Ray node)")
     p.add_argument("--out", required=True, metavar="DIR", help="results/, summary.csv/.parquet (and maps/) go here")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
-    p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES)
+    p.add_argument("--precision", default=FP32, choices=PRECISION_CHOICES)
     p.add_argument("--threshold", type=finite_float(0), default=None,
                    help="decision threshold overriding the bundle's (within its score range)")
     p.add_argument("--trusted-key", default=None, metavar="PUB",

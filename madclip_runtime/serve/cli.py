@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from .. import INTENDED_USE, __version__, logs
 from ..cli.common import EXIT_OK, ArgumentParser, Terminated, err_console, run_cli, setup_logging
 from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
+from ..contract import FP32
 from ..errors import MadclipError
 from . import require_ray
 from .decode import DEFAULT_MAX_BODY_BYTES
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Serve a madclip bundle over HTTP with Ray Serve ({INTENDED_USE}).")
     p.add_argument("--bundle", required=True, help="bundle directory (must be readable on every Ray node)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="inference backend per replica")
-    p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES)
+    p.add_argument("--precision", default=FP32, choices=PRECISION_CHOICES)
     p.add_argument("--threshold", type=v["threshold"], default=None,
                    help="decision threshold overriding the bundle's (within its score range)")
     p.add_argument("--trusted-key", default=None, metavar="PUB",

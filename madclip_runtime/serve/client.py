@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 
 from ..cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
+from ..contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
 from ..errors import BundleError, InputError, MadclipError
 from ..cli.results import check_out_dir, expand_each, output_stem, result_table
 from ..predictor import Prediction
@@ -140,8 +141,8 @@ def remote_prediction(record: dict[str, Any], anomaly_map: np.ndarray) -> Predic
     """A server's record and map as the Prediction local inference would hold (for writing the same files)."""
     nan = float("nan")
     return Prediction(
-        source=record["file"], score=nan if record["score"] is None else float(record["score"]),
-        score_map_max=nan if record["score_map_max"] is None else float(record["score_map_max"]),
+        source=record["file"], score=nan if record[SCORE] is None else float(record[SCORE]),
+        score_map_max=nan if record[SCORE_MAP_MAX] is None else float(record[SCORE_MAP_MAX]),
         label=record["label"], threshold=record["threshold"], score_name=record["score_name"],
         anomaly_map=anomaly_map, model_map=np.zeros((0, 0), np.float32), timings=dict(record["timings_ms"]))
 
@@ -223,7 +224,7 @@ def run_remote(args: argparse.Namespace) -> int:
             n_failed += 1
             continue
         for i, record in enumerate(result):
-            amap_doc = record.pop("anomaly_map", None)
+            amap_doc = record.pop(ANOMALY_MAP, None)
             if out_dir is not None:
                 t0 = time.perf_counter()
                 stem = output_stem(record["file"], used_stems)

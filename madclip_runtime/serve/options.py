@@ -10,6 +10,7 @@ import argparse
 from typing import Any, Callable
 
 from ..cli.common import bounded_int, finite_float
+from ..contract import FP32
 from ..errors import MadclipError
 from .decode import DEFAULT_MAX_BODY_BYTES
 from .limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_UPLOADS, DEFAULT_MIN_UPLOAD_RATE
@@ -64,7 +65,7 @@ def serve_config_from(values: dict[str, Any]) -> Any:
             raise MadclipError(f"{key} {exc}") from None
 
     return ServeConfig(bundle=str(values["bundle"]), backend=str(values.get("backend") or "auto"),
-                       precision=str(values.get("precision") or "fp32"), threshold=get("threshold", None),
+                       precision=str(values.get("precision") or FP32), threshold=get("threshold", None),
                        max_body_bytes=int(get("max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20),
                        cache_dir=values.get("cache_dir"), trusted_key=read_trusted_key(values.get("trusted_key")),
                        max_uploads=get("max_uploads", DEFAULT_MAX_UPLOADS),

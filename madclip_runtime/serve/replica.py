@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import INTENDED_USE, __version__
-from ..contract import decide
+from ..contract import ANOMALY_MAP, FP32, ORT_CPU, decide
 from ..errors import BundleError, InputError
 from ..predictor import Prediction, Predictor, load
 from .limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_UPLOADS, DEFAULT_MIN_UPLOAD_RATE
@@ -40,8 +40,8 @@ class ServeConfig:
     """
 
     bundle: str
-    backend: str = "ort-cpu"
-    precision: str = "fp32"
+    backend: str = ORT_CPU
+    precision: str = FP32
     threshold: float | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     cache_dir: str | None = None
@@ -133,7 +133,7 @@ def record_json(pred: Prediction, predictor: Predictor, map_format: str | None) 
     """The `madclip-infer --json` record for one scan, plus "anomaly_map" when `map_format` is given."""
     record = predictor.record(pred)
     if map_format:
-        record["anomaly_map"] = encode_map(pred.anomaly_map, map_format, predictor.bundle.map_scale)
+        record[ANOMALY_MAP] = encode_map(pred.anomaly_map, map_format, predictor.bundle.map_scale)
     return record
 
 
