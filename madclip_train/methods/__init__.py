@@ -9,7 +9,7 @@ import importlib
 from .base import Batch, MethodModel
 from .registry import DEFAULT_METHOD, METHODS, get_method, method_names, register
 
-_MODULES = ("madclip", "mvfa", "mediclip")
+_MODULES = ("madclip", "mvfa", "mediclip", "aprilgan")
 
 
 def load_all() -> None:
