@@ -195,9 +195,14 @@ class AprilGANModel(MethodModel):
         return predict_split_transductive(self, split, batch_size, device, progress)
 
     def output_ranges(self) -> dict:
+        """Exact bounds: Z in [0, L], F in [0, 2L]; the score 0.5 (p + (max A - lo) scale) with p in [0, 1] and
+        max A in [0, 3L] (the normalisers span the training shots, so an unseen image may leave [0, 1])."""
         n = len(self.tower.taps)
-        # Z in [0, L], F in [0, 2L]; the score's normalisers span the training shots: unseen images may leave [0, 1]
-        return {"score": (0.0, 1.0), "anomaly_map": (0.0, 3.0 * n if self.few_shot else float(n))}
+        if not self.few_shot:
+            return {"score": (0.0, 1.0), "anomaly_map": (0.0, float(n))}
+        lo, scale = float(self.norm_lo[0]), float(self.norm_scale[0])
+        return {"score": (0.5 * (0.0 - lo) * scale, 0.5 * (1.0 + (3.0 * n - lo) * scale)),
+                "anomaly_map": (0.0, 3.0 * n)}
 
     def output_meanings(self) -> dict[str, str]:
         if not self.few_shot:
