@@ -24,6 +24,7 @@ Geometry: a tiny random CLIP with the structure of ViT-L-14-336 (12 blocks, taps
 depth, CLS, ln_post, projection; width 64, embed 32) at 84 px (6 x 6 patches). Their tower needs >= 12 blocks
 (it reads the attention of block 12), hence not madclip-tiny's 4.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,11 @@ from pathlib import Path
 import numpy as np
 
 TINY_NAME = "ViT-tiny-aprilgan-parity"  # their code branches on "ViT" in the name
-TINY_CFG = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 84, "layers": 12, "width": 64, "head_width": 32, "patch_size": 14},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 84, "layers": 12, "width": 64, "head_width": 32, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 SIZE = 84
 OBJECT = "Brain"
 LAYERS_1BASED = [3, 6, 9, 12]
@@ -62,7 +65,7 @@ def write_dataset(root: Path, n_train: int = 6, n_good: int = 3, n_bad: int = 3,
         mask = np.zeros((SIZE, SIZE), bool)
         if bad:
             r, c, h = rng.integers(10, 50), rng.integers(10, 50), rng.integers(12, 28)
-            mask[r:r + h, c:c + h] = True
+            mask[r : r + h, c : c + h] = True
             img[mask] = rng.uniform(0, 1, 3)
         return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask
 
@@ -76,8 +79,15 @@ def write_dataset(root: Path, n_train: int = 6, n_good: int = 3, n_bad: int = 3,
             mrel = f"{OBJECT}/ground_truth/{specie}/{i:03d}_mask.png"
             (root / mrel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask.astype(np.uint8) * 255).save(root / mrel)
-        meta[phase][OBJECT].append({"img_path": rel, "mask_path": mrel, "cls_name": OBJECT, "specie_name": specie,
-                                    "anomaly": int(bad)})
+        meta[phase][OBJECT].append(
+            {
+                "img_path": rel,
+                "mask_path": mrel,
+                "cls_name": OBJECT,
+                "specie_name": specie,
+                "anomaly": int(bad),
+            }
+        )
 
     for i in range(n_train):
         put("train", "good", i, False)
@@ -165,18 +175,31 @@ def reference_worker(ref: str, work: str) -> None:
     ref_test.LinearLayer.forward = lin_rec
     torch.softmax, F.interpolate, ref_test.roc_auc_score = softmax_rec, interp_rec, roc_rec
     out: dict = {}
-    common = dict(data_path=str(w / "data"), config_path=str(w / "configs" / f"{TINY_NAME}.json"),
-                  checkpoint_path=str(w / "linear.pth"), dataset="mvtec", model=TINY_NAME,
-                  pretrained=str(w / "clip.pt"), features_list=LAYERS_1BASED, few_shot_features=LAYERS_1BASED,
-                  image_size=SIZE, k_shot=K_SHOT, seed=SEED)
+    common = dict(
+        data_path=str(w / "data"),
+        config_path=str(w / "configs" / f"{TINY_NAME}.json"),
+        checkpoint_path=str(w / "linear.pth"),
+        dataset="mvtec",
+        model=TINY_NAME,
+        pretrained=str(w / "clip.pt"),
+        features_list=LAYERS_1BASED,
+        few_shot_features=LAYERS_1BASED,
+        image_size=SIZE,
+        k_shot=K_SHOT,
+        seed=SEED,
+    )
     for mode in ("zero_shot", "few_shot"):
         for k in rec:
             rec[k].clear()
         ref_test.setup_seed(SEED)
         ref_test.test(argparse.Namespace(mode=mode, save_path=str(w / f"ref_{mode}"), **common))
         n = len(rec["linear"])
-        out[f"{mode}_linear"] = torch.stack([torch.stack([t[0] for t in layers]) for layers in rec["linear"]]).numpy()
-        out[f"{mode}_layer_maps"] = torch.stack(rec["softmax"]).reshape(n, len(LAYERS_1BASED), SIZE, SIZE).numpy()
+        out[f"{mode}_linear"] = torch.stack(
+            [torch.stack([t[0] for t in layers]) for layers in rec["linear"]]
+        ).numpy()
+        out[f"{mode}_layer_maps"] = (
+            torch.stack(rec["softmax"]).reshape(n, len(LAYERS_1BASED), SIZE, SIZE).numpy()
+        )
         if rec["fs_interp"]:
             out[f"{mode}_fs_layer_maps"] = torch.stack(rec["fs_interp"]).reshape(n, -1, SIZE, SIZE).numpy()
         pixel = [r for r in rec["roc"] if r.size == n * SIZE * SIZE]
@@ -203,11 +226,24 @@ def reference_worker(ref: str, work: str) -> None:
     torch.Tensor.__itruediv__ = lambda self, other: self / other  # same values, autograd-safe in fp32
     n_test = sum(1 for _ in json.loads((w / "data" / "meta.json").read_text())["test"][OBJECT])
     ref_train.setup_seed(111)
-    ref_train.train(argparse.Namespace(train_data_path=str(w / "data"), save_path=str(w / "ref_train"),
-                                       config_path=common["config_path"], dataset="mvtec", model=TINY_NAME,
-                                       pretrained=common["pretrained"], features_list=LAYERS_1BASED, epoch=1,
-                                       learning_rate=1e-3, batch_size=n_test, image_size=SIZE, aug_rate=-1.0,
-                                       print_freq=1, save_freq=1))
+    ref_train.train(
+        argparse.Namespace(
+            train_data_path=str(w / "data"),
+            save_path=str(w / "ref_train"),
+            config_path=common["config_path"],
+            dataset="mvtec",
+            model=TINY_NAME,
+            pretrained=common["pretrained"],
+            features_list=LAYERS_1BASED,
+            epoch=1,
+            learning_rate=1e-3,
+            batch_size=n_test,
+            image_size=SIZE,
+            aug_rate=-1.0,
+            print_freq=1,
+            save_freq=1,
+        )
+    )
     out["train_loss"] = np.array(rec["loss"])
     stepped = torch.load(w / "ref_train" / "epoch_1.pth")["trainable_linearlayer"]
     for k, v in stepped.items():
@@ -226,8 +262,14 @@ def run(ref: str) -> dict:
     from madclip_train.data import Sample, load_arrays
     from madclip_train.methods.aprilgan.bank import bank_from_taps
     from madclip_train.methods.aprilgan.losses import aprilgan_loss
-    from madclip_train.methods.aprilgan.scores import (few_shot_map, layer_logits, layer_probs, patch_distances,
-                                                       text_probability, transductive_score)
+    from madclip_train.methods.aprilgan.scores import (
+        few_shot_map,
+        layer_logits,
+        layer_probs,
+        patch_distances,
+        text_probability,
+        transductive_score,
+    )
     from madclip_train.model import build_model
 
     torch.set_num_threads(1)
@@ -238,17 +280,29 @@ def run(ref: str) -> dict:
         open_clip.add_model_config(w / "configs")
         meta = write_dataset(w / "data")
         spec = PreprocessSpec(image_size=SIZE, normalize="clip", interpolation="bicubic")
-        cfg = ModelConfig(method="aprilgan", backbone=TINY_NAME, pretrained="none", init_seed=3, objective=OBJECT,
-                          preprocess=spec)
+        cfg = ModelConfig(
+            method="aprilgan",
+            backbone=TINY_NAME,
+            pretrained="none",
+            init_seed=3,
+            objective=OBJECT,
+            preprocess=spec,
+        )
         model = build_model(cfg, seed=5)
         from madclip_train.backbone import create_clip
 
-        clip_sd = {k: v for k, v in create_clip(cfg).state_dict().items()}  # the same seeded weights, whole CLIP
+        clip_sd = {
+            k: v for k, v in create_clip(cfg).state_dict().items()
+        }  # the same seeded weights, whole CLIP
         torch.save(clip_sd, w / "clip.pt")
         lin = {f"fc.{k}": v.clone() for k, v in model.linear.state_dict().items()}
         torch.save({"trainable_linearlayer": lin}, w / "linear.pth")
-        proc = subprocess.run([sys.executable, __file__, "--_worker", ref, str(w)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_worker", ref, str(w)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"},
+        )
         if proc.returncode != 0:
             raise SystemExit(f"reference run failed:\n{proc.stderr[-3000:]}")
         R = dict(np.load(w / "reference.npz"))
@@ -258,19 +312,25 @@ def run(ref: str) -> dict:
             if paths is not None:
                 by = {str(w / "data" / it["img_path"]): it for it in items}
                 items = [by[p] for p in paths]
-            return [Sample(str(w / "data" / it["img_path"]), it["anomaly"],
-                           str(w / "data" / it["mask_path"]) if it["mask_path"] else None) for it in items]
+            return [
+                Sample(
+                    str(w / "data" / it["img_path"]),
+                    it["anomaly"],
+                    str(w / "data" / it["mask_path"]) if it["mask_path"] else None,
+                )
+                for it in items
+            ]
 
         x, masks, labels = load_arrays(samples("test"), spec)
         shots, _, _ = load_arrays(samples("train", [str(w / "data" / p) for p in R["k_shot_paths"]]), spec)
         model.eval()
         with torch.no_grad():
             taps = model.cacheable(torch.from_numpy(x))
-            linear = torch.stack([model.linear[l](taps[:, l, 1:]) for l in range(4)], dim=1).numpy()
+            linear = torch.stack([model.linear[j](taps[:, j, 1:]) for j in range(4)], dim=1).numpy()
             probs = layer_probs(layer_logits(taps, model.linear, model.text), SIZE)[:, :, 1]  # [L, N, S, S]
             bank = bank_from_taps(model.cacheable(torch.from_numpy(shots)))
             dist = patch_distances(taps, bank)
-            fs_layers = torch.stack([few_shot_map(dist[l:l + 1], SIZE) for l in range(4)], dim=1).numpy()
+            fs_layers = torch.stack([few_shot_map(dist[j : j + 1], SIZE) for j in range(4)], dim=1).numpy()
             zmap = probs.sum(0).numpy()
             fmap = few_shot_map(dist, SIZE).numpy()
             p = text_probability(taps, model.tower.visual, model.text).numpy()
@@ -296,14 +356,26 @@ def run(ref: str) -> dict:
         "few-shot map (Z + F)": (diff(full, R["few_shot_map"]), float(full.max())),
         "text probability (zero-shot score)": (diff(p, R["zero_shot_image_score"]), 1.0),
         "image score (few-shot, transductive)": (diff(score, R["few_shot_image_score"]), 1.0),
-        "training loss, one step": (abs(float(parts["total"]) - float(R["train_loss"][0])), float(parts["total"])),
-        "linear layers after one Adam step": (max(diff(v, R[f"stepped.{k}"]) for k, v in stepped.items()),
-                                              max(float(np.abs(v).max()) for v in stepped.values())),
+        "training loss, one step": (
+            abs(float(parts["total"]) - float(R["train_loss"][0])),
+            float(parts["total"]),
+        ),
+        "linear layers after one Adam step": (
+            max(diff(v, R[f"stepped.{k}"]) for k, v in stepped.items()),
+            max(float(np.abs(v).max()) for v in stepped.values()),
+        ),
     }
-    return {"rows": {k: {"max_abs_diff": d, "magnitude": m} for k, (d, m) in rows.items()},
-            "geometry": {"config": TINY_CFG, "image_size": SIZE, "taps_1based": LAYERS_1BASED, "k_shot": K_SHOT,
-                         "n_test": int(len(labels)), "losses": {"ours": float(parts["total"]),
-                                                                "reference": float(R["train_loss"][0])}}}
+    return {
+        "rows": {k: {"max_abs_diff": d, "magnitude": m} for k, (d, m) in rows.items()},
+        "geometry": {
+            "config": TINY_CFG,
+            "image_size": SIZE,
+            "taps_1based": LAYERS_1BASED,
+            "k_shot": K_SHOT,
+            "n_test": int(len(labels)),
+            "losses": {"ours": float(parts["total"]), "reference": float(R["train_loss"][0])},
+        },
+    }
 
 
 def main() -> int:

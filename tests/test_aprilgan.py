@@ -1,6 +1,7 @@
 """APRIL-GAN (--method aprilgan) on the tiny config and generated data, then end to end on the real scans:
 build -> loss and backward -> outputs -> checkpoint round trip -> export FP32 parity -> runtime predict parity ->
 the authors' checkpoint format -> convert -> export."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ from madclip_train.config import ModelConfig
 from madclip_train.methods.aprilgan.bank import bank_from_taps
 from madclip_train.methods.aprilgan.losses import aprilgan_loss
 from madclip_train.methods.aprilgan.model import AprilGANModel
-from madclip_train.methods.aprilgan.scores import (few_shot_map, layer_logits, patch_distances, text_probability,
-                                                   transductive_score)
+from madclip_train.methods.aprilgan.scores import (
+    few_shot_map,
+    layer_logits,
+    patch_distances,
+    text_probability,
+    transductive_score,
+)
 from madclip_train.methods.aprilgan.text import TEMPLATES, ensemble_sentences
 from tests.conftest import realscans_or_skip
 
@@ -38,8 +44,14 @@ class _Source:
 
 
 def _cfg(**options) -> ModelConfig:
-    return ModelConfig(method="aprilgan", backbone="madclip-tiny", pretrained="none", objective="Brain",
-                       preprocess=PreprocessSpec(image_size=S, normalize="clip"), options=options)
+    return ModelConfig(
+        method="aprilgan",
+        backbone="madclip-tiny",
+        pretrained="none",
+        objective="Brain",
+        preprocess=PreprocessSpec(image_size=S, normalize="clip"),
+        options=options,
+    )
 
 
 @pytest.fixture()
@@ -58,14 +70,17 @@ def _images(n, seed=0):
 
 def _masks(n):
     m = torch.zeros(n, S, S, dtype=torch.bool)
-    m[n // 2:, 20:50, 30:60] = True
+    m[n // 2 :, 20:50, 30:60] = True
     return m
 
 
 def test_prompt_ensemble():
     s = ensemble_sentences("Brain")
     assert len(TEMPLATES) == 35 and len(s["normal"]) == 245 and len(s["abnormal"]) == 175
-    assert s["normal"][0] == "a bad photo of a Brain." and s["abnormal"][-1] == "this is one Brain with damage in the scene."
+    assert (
+        s["normal"][0] == "a bad photo of a Brain."
+        and s["abnormal"][-1] == "this is one Brain with damage in the scene."
+    )
 
 
 def test_taps_and_image_embedding_match_open_clip(model):
@@ -75,12 +90,17 @@ def test_taps_and_image_embedding_match_open_clip(model):
     x = _images(2)
     taps = model.cacheable(x)
     assert taps.shape == (2, 4, 1 + 36, 64)
-    inter = model.tower.visual.forward_intermediates(x, indices=list(model.tower.taps), intermediates_only=False,
-                                                     normalize_intermediates=False, output_fmt="NLC",
-                                                     output_extra_tokens=True)
-    for l in range(4):
-        assert torch.allclose(taps[:, l, 1:], inter["image_intermediates"][l], atol=1e-6)
-        assert torch.allclose(taps[:, l, :1], inter["image_intermediates_prefix"][l], atol=1e-6)
+    inter = model.tower.visual.forward_intermediates(
+        x,
+        indices=list(model.tower.taps),
+        intermediates_only=False,
+        normalize_intermediates=False,
+        output_fmt="NLC",
+        output_extra_tokens=True,
+    )
+    for j in range(4):
+        assert torch.allclose(taps[:, j, 1:], inter["image_intermediates"][j], atol=1e-6)
+        assert torch.allclose(taps[:, j, :1], inter["image_intermediates_prefix"][j], atol=1e-6)
     emb = F.normalize(model.tower.visual(x), dim=-1)
     p = torch.softmax(100 * emb @ model.text, dim=-1)[:, 1]
     assert torch.allclose(text_probability(taps, model.tower.visual, model.text), p, atol=1e-6)
@@ -107,14 +127,18 @@ def test_loss_hand_computed():
     parts = aprilgan_loss(logits, masks, 6)
     lg = logits.numpy().astype(np.float64)
     focal = dice = 0.0
-    for l in range(2):
-        up = torch.nn.functional.interpolate(torch.from_numpy(lg[l]).permute(0, 2, 1).reshape(3, 2, 2, 2), size=6,
-                                             mode="bilinear", align_corners=True).numpy()
+    for j in range(2):
+        up = torch.nn.functional.interpolate(
+            torch.from_numpy(lg[j]).permute(0, 2, 1).reshape(3, 2, 2, 2),
+            size=6,
+            mode="bilinear",
+            align_corners=True,
+        ).numpy()
         pr = np.exp(up) / np.exp(up).sum(1, keepdims=True)
         m = masks.numpy().astype(np.float64)
         onehot = np.clip(np.stack([1 - m, m], 1), 1e-5, 1 - 1e-5)
         pt = (onehot * pr).sum(1) + 1e-5
-        focal += np.mean(-(1 - pt) ** 2 * np.log(pt))
+        focal += np.mean(-((1 - pt) ** 2) * np.log(pt))
         inter = (pr[:, 1] * m).reshape(3, -1).sum(1)
         dice += 1 - np.mean((2 * inter + 1) / (pr[:, 1].reshape(3, -1).sum(1) + m.reshape(3, -1).sum(1) + 1))
     assert abs(float(parts["focal"]) - focal) < 1e-5 and abs(float(parts["dice"]) - dice) < 1e-5
@@ -125,11 +149,13 @@ def test_memory_bank_distance_matches_brute_force(model):
     bank = bank_from_taps(taps_bank)
     assert bank.shape == (4, 2 * 36, 64)
     d = patch_distances(taps_q, bank).numpy()
-    for l in range(4):
-        q = taps_q[:, l, 1:].numpy().astype(np.float64)
-        b = taps_bank[:, l, 1:].reshape(-1, 64).numpy().astype(np.float64)
-        cos = (q / np.linalg.norm(q, axis=-1, keepdims=True)) @ (b / np.linalg.norm(b, axis=-1, keepdims=True)).T
-        assert np.abs(d[l] - (1 - cos).min(-1)).max() < 1e-5
+    for j in range(4):
+        q = taps_q[:, j, 1:].numpy().astype(np.float64)
+        b = taps_bank[:, j, 1:].reshape(-1, 64).numpy().astype(np.float64)
+        cos = (q / np.linalg.norm(q, axis=-1, keepdims=True)) @ (
+            b / np.linalg.norm(b, axis=-1, keepdims=True)
+        ).T
+        assert np.abs(d[j] - (1 - cos).min(-1)).max() < 1e-5
     # an image in the bank has distance 0 to itself
     assert patch_distances(taps_bank, bank).abs().max() < 1e-5
 
@@ -158,9 +184,17 @@ def test_outputs_scores_and_ranges(model):
     q = model.cacheable(_images(3, 6))
     with torch.no_grad():
         out, r = model.outputs(q), model.raw_scores(q)
-    assert out["score"].shape == (3,) and out["anomaly_map"].shape == (3, 1, S, S) and out["score_map_max"].shape == (3,)
+    assert (
+        out["score"].shape == (3,)
+        and out["anomaly_map"].shape == (3, 1, S, S)
+        and out["score_map_max"].shape == (3,)
+    )
     lo, hi = model.output_ranges()["anomaly_map"]
-    assert (lo, hi) == (0.0, 12.0) and float(out["anomaly_map"].min()) >= lo and float(out["anomaly_map"].max()) <= hi
+    assert (
+        (lo, hi) == (0.0, 12.0)
+        and float(out["anomaly_map"].min()) >= lo
+        and float(out["anomaly_map"].max()) <= hi
+    )
     expect = 0.5 * (r["p"] + (r["max"] - model.norm_lo) * model.norm_scale)
     assert torch.allclose(out["score"], expect) and torch.allclose(out["score_map_max"], r["max"])
     zmap = layer_logits(q, model.linear, model.text)  # [L, B, P, 2]: Z is the sum of 4 probabilities
@@ -194,7 +228,9 @@ def test_checkpoint_round_trip_and_export_fp32_parity(model):
     for k in ref:
         assert torch.equal(ref[k], got[k])
     score, amap, amax = other.export_module()(q)
-    assert torch.allclose(score, ref["score"], atol=1e-6) and torch.allclose(amap, ref["anomaly_map"], atol=1e-5)
+    assert torch.allclose(score, ref["score"], atol=1e-6) and torch.allclose(
+        amap, ref["anomaly_map"], atol=1e-5
+    )
     bad = dict(model.trainable_state())
     bad["linear.0.weight"] = bad["linear.0.weight"][:3]
     with pytest.raises(MadclipError, match="linear.0.weight has shape"):
@@ -216,7 +252,9 @@ def test_convert_reference_format_and_errors(tmp_path):
     state = AprilGANModel.convert_reference(torch.load(tmp_path / "mvtec.pth", weights_only=True))
     assert torch.equal(state["linear.2.bias"], sd["fc.2.bias"]) and len(state) == 8
     with pytest.raises(MadclipError, match="lacks trainable_linearlayer.fc.3.weight"):
-        AprilGANModel.convert_reference({"trainable_linearlayer": {k: v for k, v in sd.items() if "3" not in k}})
+        AprilGANModel.convert_reference(
+            {"trainable_linearlayer": {k: v for k, v in sd.items() if "3" not in k}}
+        )
 
 
 @pytest.mark.realdata
@@ -228,18 +266,26 @@ def test_convert_reference_run_few_and_zero_shot(tmp_path):
 
     data = realscans_or_skip("Brain_AD")
     sd = _authors_checkpoint(tmp_path / "mvtec.pth")
-    few = convert_aprilgan_reference(str(tmp_path / "mvtec.pth"), str(tmp_path / "few"), _cfg(), str(data), shots=2)
+    few = convert_aprilgan_reference(
+        str(tmp_path / "mvtec.pth"), str(tmp_path / "few"), _cfg(), str(data), shots=2
+    )
     state = load_file(str(tmp_path / "few" / "checkpoint.safetensors"))
     assert torch.equal(state["linear.1.weight"], sd["fc.1.weight"])
     assert state["aprilgan.bank"].shape == (4, 2 * 36, 64)  # 2 normal shots x 6 x 6 patches
     model, _ = load_run(few)
-    assert model.few_shot and json.loads((tmp_path / "few" / "config.json").read_text())["dataset"]["has_masks"]
+    assert (
+        model.few_shot and json.loads((tmp_path / "few" / "config.json").read_text())["dataset"]["has_masks"]
+    )
     # zero-shot (no --data), from a flat safetensors copy of the release
-    save_file({f"trainable_linearlayer.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
+    save_file(
+        {f"trainable_linearlayer.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors")
+    )
     zero = convert_aprilgan_reference(str(tmp_path / "m.safetensors"), str(tmp_path / "zero"), _cfg())
     model, _ = load_run(zero)
     assert not model.few_shot
-    assert torch.equal(load_file(str(tmp_path / "zero" / "checkpoint.safetensors"))["linear.3.bias"], sd["fc.3.bias"])
+    assert torch.equal(
+        load_file(str(tmp_path / "zero" / "checkpoint.safetensors"))["linear.3.bias"], sd["fc.3.bias"]
+    )
 
 
 # ---- end to end through the CLIs on the real scans ------------------------------------------------------------------
@@ -249,8 +295,26 @@ def aprilgan_run(tmp_path_factory):
 
     data = realscans_or_skip("Brain_AD")
     out = tmp_path_factory.mktemp("aprilgan") / "run"
-    assert train_main(["--method", "aprilgan", "--data", str(data), "--shots", "2", "--epochs", "2",
-                       "--image-size", str(S), "--out", str(out), *TINY]) == 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "aprilgan",
+                "--data",
+                str(data),
+                "--shots",
+                "2",
+                "--epochs",
+                "2",
+                "--image-size",
+                str(S),
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return data, out
 
 
@@ -280,7 +344,10 @@ def test_eval_fixed_and_transductive(aprilgan_run, tmp_path):
     data, run = aprilgan_run
     fixed, trans = tmp_path / "fixed.json", tmp_path / "trans.json"
     assert eval_main([str(run), "--data", str(data), "--json", str(fixed), "--device", "cpu"]) == 0
-    assert eval_main([str(run), "--data", str(data), "--json", str(trans), "--device", "cpu", "--transductive"]) == 0
+    assert (
+        eval_main([str(run), "--data", str(data), "--json", str(trans), "--device", "cpu", "--transductive"])
+        == 0
+    )
     f, t = json.loads(fixed.read_text()), json.loads(trans.read_text())
     assert f["n_images"] == t["n_images"] == 19 and t["normalisation"].startswith("transductive")
     # the transductive score is the reference's formula over the test set's raw values
@@ -308,7 +375,9 @@ def test_export_fp16_int8_and_infer_parity(aprilgan_run, tmp_path, capsys):
     assert export_main([str(run), "--out", str(bundle), "--fp16", "--int8"]) == 0
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["method"] == "aprilgan" and meta["provenance"]["aprilgan_mode"] == "few-shot"
-    names = {i.name for i in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.initializer}
+    names = {
+        i.name for i in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.initializer
+    }
     assert {"bank_0", "bank_3", "text", "norm_lo", "norm_scale"} <= names
     fp16 = onnx.load(str(bundle / "model_fp16.onnx"), load_external_data=False)
     kinds = {i.name: i.data_type for i in fp16.graph.initializer}

@@ -9,6 +9,7 @@ hi from the training shots only, cross-fitted: a normal shot is scored against t
 tokens* (leave one shot out), an abnormal shot against the full bank (it is never in it). So no image is
 scored against itself and no test image is ever seen.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,10 +38,16 @@ def bank_from_taps(taps: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_bank_and_normalisers(run_taps: Callable[[torch.Tensor], torch.Tensor],
-                               zero_map: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                               labels: torch.Tensor, groups: torch.Tensor, originals: torch.Tensor,
-                               image_size: int, batch_size: int = 8) -> BankBuild:
+def build_bank_and_normalisers(
+    run_taps: Callable[[torch.Tensor], torch.Tensor],
+    zero_map: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    originals: torch.Tensor,
+    image_size: int,
+    batch_size: int = 8,
+) -> BankBuild:
     """run_taps(images [b, 3, S, S]) -> taps [b, L, 1+P, W]; zero_map(taps) -> Z [b, S, S] (the trained part).
 
     images: the preprocessed training images (views); labels [N] (1 = abnormal); groups [N] the source shot of each
@@ -49,13 +56,15 @@ def build_bank_and_normalisers(run_taps: Callable[[torch.Tensor], torch.Tensor],
     labels, groups, originals = labels.cpu(), groups.cpu(), originals.cpu().bool()
     normal = torch.nonzero((labels == 0) & originals).flatten()
     if len(torch.unique(groups[normal])) < 2:
-        raise MadclipError("APRIL-GAN needs at least 2 normal shots: the image score's normalisers are "
-                           "cross-fitted (leave one shot out), so a shot is never scored against itself")
+        raise MadclipError(
+            "APRIL-GAN needs at least 2 normal shots: the image score's normalisers are "
+            "cross-fitted (leave one shot out), so a shot is never scored against itself"
+        )
 
     def taps_of(index: torch.Tensor) -> torch.Tensor:
         return run_taps(images[index]).float()
 
-    parts = [taps_of(normal[s:s + batch_size]).cpu() for s in range(0, len(normal), batch_size)]
+    parts = [taps_of(normal[s : s + batch_size]).cpu() for s in range(0, len(normal), batch_size)]
     n_patches = parts[0].shape[2] - 1
     bank = bank_from_taps(torch.cat(parts))
     del parts
@@ -70,9 +79,15 @@ def build_bank_and_normalisers(run_taps: Callable[[torch.Tensor], torch.Tensor],
         maxima.append(amap.flatten(1).amax(dim=1).cpu())
     maxima = torch.cat(maxima)
     lo, scale = minmax_constants(maxima)
-    info = {"bank_rows": int(bank.shape[1]), "bank_layers": int(bank.shape[0]), "bank_dim": int(bank.shape[2]),
-            "bank_shots": int(len(normal)), "bank_mb_fp32": bank.numel() * 4 / 1e6,
-            "normaliser_images": int(images.shape[0]),
-            "normalisers": "cross-fitted min/max of max(map) on the training images (leave one normal shot out)",
-            "max_map_lo": float(lo), "max_map_hi": float(lo + 1.0 / scale)}
+    info = {
+        "bank_rows": int(bank.shape[1]),
+        "bank_layers": int(bank.shape[0]),
+        "bank_dim": int(bank.shape[2]),
+        "bank_shots": int(len(normal)),
+        "bank_mb_fp32": bank.numel() * 4 / 1e6,
+        "normaliser_images": int(images.shape[0]),
+        "normalisers": "cross-fitted min/max of max(map) on the training images (leave one normal shot out)",
+        "max_map_lo": float(lo),
+        "max_map_hi": float(lo + 1.0 / scale),
+    }
     return BankBuild(bank, lo, scale, info)

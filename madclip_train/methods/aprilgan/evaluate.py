@@ -3,6 +3,7 @@ numbers. The reference min-max normalises max A over every test image before ave
 probability; that needs the whole test set at once, so it is an evaluation mode only. A deployed model (and the
 plain `madclip-eval`) uses the fixed normalisers stored in the run. Without a bank the score is p either way.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,14 +14,16 @@ from .scores import transductive_score
 
 
 @torch.no_grad()
-def predict_split_transductive(model, split: Split, batch_size: int = 16, device="cpu", progress=None) -> dict:
+def predict_split_transductive(
+    model, split: Split, batch_size: int = 16, device="cpu", progress=None
+) -> dict:
     """Like madclip_train.evaluate.predict_split (same keys), with the test-set min-max of max A."""
     model.eval().to(device)
     samples = list(split.samples)
     parts: dict[str, list] = {"p": [], "max": [], "labels": [], "maps": [], "masks": []}
     task = progress.add_task(f"scoring {split.name} (transductive)", total=len(samples)) if progress else None
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+        chunk = samples[start : start + batch_size]
         images, masks, labels = load_arrays(chunk, model.cfg.preprocess)
         raw = model.raw_scores(model.cacheable(torch.from_numpy(images).to(device)))
         parts["p"].append(raw["p"].float().cpu().numpy())

@@ -7,6 +7,7 @@ over the layers (weights 1).
 - Dice on P_ab: 1 - (2 sum P m + 1) / (sum P + sum m + 1) per image, mean over the batch (normal images with
   empty masks included).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,6 +36,6 @@ def aprilgan_loss(logits: torch.Tensor, masks: torch.Tensor, image_size: int) ->
     """logits [L, B, P, 2] (scores.layer_logits), masks [B, S, S] (binarised at 0.5) -> {focal, dice, total}."""
     probs = layer_probs(logits, image_size)  # [L, B, 2, S, S]
     m = masks > 0.5 if masks.dtype != torch.bool else masks
-    focal = sum(focal_loss(probs[l], m) for l in range(probs.shape[0]))
-    dice = sum(dice_loss(probs[l, :, 1], m) for l in range(probs.shape[0]))
+    focal = sum(focal_loss(probs[j], m) for j in range(probs.shape[0]))
+    dice = sum(dice_loss(probs[j, :, 1], m) for j in range(probs.shape[0]))
     return {"focal": focal, "dice": dice, "total": focal + dice}

@@ -13,6 +13,7 @@ the training shots (bank.py); `madclip-eval --transductive` reproduces the refer
 Options (ModelConfig.options): few_shot (true: the memory bank, the reference's few-shot mode; false: its
 zero-shot mode, map Z and score p).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,16 +28,17 @@ from ..base import MethodModel
 from ..registry import register
 from .bank import build_bank_and_normalisers
 from .losses import aprilgan_loss
-from .scores import (few_shot_map, fixed_score, layer_logits, patch_distances, text_probability,
-                     zero_shot_map)
+from .scores import few_shot_map, fixed_score, layer_logits, patch_distances, text_probability, zero_shot_map
 from .text import encode_ensemble
 from .tower import TappedTower, aprilgan_taps
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = {"few_shot": True}
-REFERENCE_FORMAT = ("VAND-APRIL-GAN exps/.../epoch_N.pth: {'trainable_linearlayer': {fc.{i}.weight [E, W], "
-                    "fc.{i}.bias [E]}}, i = 0..3")
+REFERENCE_FORMAT = (
+    "VAND-APRIL-GAN exps/.../epoch_N.pth: {'trainable_linearlayer': {fc.{i}.weight [E, W], "
+    "fc.{i}.bias [E]}}, i = 0..3"
+)
 
 
 def check_options(options: dict | None) -> dict:
@@ -56,14 +58,25 @@ class AprilGANModel(MethodModel):
     name = "aprilgan"
     needs_abnormal = True
     augmentation = "none"  # the reference trains on the images as they are
-    model_defaults = {"backbone": "ViT-L-14-336", "image_size": 518, "quick_gelu": False, "normalize": "clip",
-                      "interpolation": "bicubic"}
+    model_defaults = {
+        "backbone": "ViT-L-14-336",
+        "image_size": 518,
+        "quick_gelu": False,
+        "normalize": "clip",
+        "interpolation": "bicubic",
+    }
     train_defaults = {"epochs": 50, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999)}
     fp32_island_constants = ("text", "one", "norm_lo", "norm_scale")  # see export.py
     reference_format = REFERENCE_FORMAT
 
-    def __init__(self, cfg: ModelConfig, visual: nn.Module, taps: tuple[int, ...], text: torch.Tensor,
-                 options: dict | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        visual: nn.Module,
+        taps: tuple[int, ...],
+        text: torch.Tensor,
+        options: dict | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.options = check_options(options if options is not None else cfg.options)
@@ -113,16 +126,24 @@ class AprilGANModel(MethodModel):
 
     # --- cache boundary and training -----------------------------------------------------------------------------
     def cache_identity(self) -> dict:
-        return {"method": self.name, "backbone": self.cfg.backbone, "fingerprint": self.tower.fingerprint(),
-                "image_size": self.image_size, "quick_gelu": self.cfg.quick_gelu, "taps": list(self.tower.taps),
-                "boundary": "raw residual stream after each tapped block, CLS kept"}
+        return {
+            "method": self.name,
+            "backbone": self.cfg.backbone,
+            "fingerprint": self.tower.fingerprint(),
+            "image_size": self.image_size,
+            "quick_gelu": self.cfg.quick_gelu,
+            "taps": list(self.tower.taps),
+            "boundary": "raw residual stream after each tapped block, CLS kept",
+        }
 
     @torch.no_grad()
     def cacheable(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] -> taps [B, L, 1+P, W] (pure function of the image)."""
         return self.tower(images)
 
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """Focal + Dice per layer, summed. masks None (a dataset without masks): an abnormal shot counts as
         abnormal at every pixel, a normal one as normal everywhere."""
         if masks is None:
@@ -136,8 +157,9 @@ class AprilGANModel(MethodModel):
         from ...augment import augment_shots
 
         if len(labels):
-            images01, masks, index = augment_shots(self.augmentation, images01, masks, augment_seed,
-                                                   variant=self.augment_variant, groups=labels)
+            images01, masks, index = augment_shots(
+                self.augmentation, images01, masks, augment_seed, variant=self.augment_variant, groups=labels
+            )
             labels = labels[index]
         else:
             index = torch.arange(0)
@@ -165,11 +187,20 @@ class AprilGANModel(MethodModel):
         build = build_bank_and_normalisers(
             lambda x: self.cacheable(x.to(device)),
             lambda taps: zero_shot_map(taps, self.linear, self.text.to(taps.device), self.image_size),
-            source.images, source.labels.cpu(), groups, originals, self.image_size)
+            source.images,
+            source.labels.cpu(),
+            groups,
+            originals,
+            self.image_size,
+        )
         dev = self.text.device
         self.bank, self.norm_lo, self.norm_scale = build.bank.to(dev), build.lo.to(dev), build.scale.to(dev)
-        log.info("APRIL-GAN bank: %d rows x %d layers (%.1f MB fp32)", build.info["bank_rows"],
-                 build.info["bank_layers"], build.info["bank_mb_fp32"])
+        log.info(
+            "APRIL-GAN bank: %d rows x %d layers (%.1f MB fp32)",
+            build.info["bank_rows"],
+            build.info["bank_layers"],
+            build.info["bank_mb_fp32"],
+        )
         return build.info
 
     # --- scoring -------------------------------------------------------------------------------------------------
@@ -201,17 +232,23 @@ class AprilGANModel(MethodModel):
         if not self.few_shot:
             return {"score": (0.0, 1.0), "anomaly_map": (0.0, float(n))}
         lo, scale = float(self.norm_lo[0]), float(self.norm_scale[0])
-        return {"score": (0.5 * (0.0 - lo) * scale, 0.5 * (1.0 + (3.0 * n - lo) * scale)),
-                "anomaly_map": (0.0, 3.0 * n)}
+        return {
+            "score": (0.5 * (0.0 - lo) * scale, 0.5 * (1.0 + (3.0 * n - lo) * scale)),
+            "anomaly_map": (0.0, 3.0 * n),
+        }
 
     def output_meanings(self) -> dict[str, str]:
         if not self.few_shot:
-            return {"score": "P(abnormal) of the image embedding against the prompt ensemble",
-                    "anomaly_map": "sum over the tapped layers of P(abnormal) per pixel"}
-        return {"score": "0.5 (P(abnormal) of the image embedding + max of the map, normalised with constants "
-                         "fixed on the training shots)",
-                "anomaly_map": "sum over layers of P(abnormal) per pixel + sum over layers of (1 - max cosine) "
-                               "to the normal shots' patch tokens"}
+            return {
+                "score": "P(abnormal) of the image embedding against the prompt ensemble",
+                "anomaly_map": "sum over the tapped layers of P(abnormal) per pixel",
+            }
+        return {
+            "score": "0.5 (P(abnormal) of the image embedding + max of the map, normalised with constants "
+            "fixed on the training shots)",
+            "anomaly_map": "sum over layers of P(abnormal) per pixel + sum over layers of (1 - max cosine) "
+            "to the normal shots' patch tokens",
+        }
 
     # --- reference checkpoints -----------------------------------------------------------------------------------
     @classmethod
@@ -247,7 +284,9 @@ class AprilGANModel(MethodModel):
             got = state[k]
             variable = k == "aprilgan.bank"  # the bank's row count depends on the shots (0: zero-shot)
             if (got.shape[0::2] if variable else got.shape) != (v.shape[0::2] if variable else v.shape):
-                raise MadclipError(f"{source}: {k} has shape {tuple(got.shape)}, model expects {tuple(v.shape)}")
+                raise MadclipError(
+                    f"{source}: {k} has shape {tuple(got.shape)}, model expects {tuple(v.shape)}"
+                )
         self.load_linear(state, source)
         dev = self.text.device
         for k in ("text", "bank", "norm_lo", "norm_scale"):
@@ -260,7 +299,10 @@ class AprilGANModel(MethodModel):
         return AprilGANExport(self).eval()
 
     def provenance(self) -> dict:
-        return {"reference": "ByChelsea/VAND-APRIL-GAN", "aprilgan_options": dict(self.options),
-                "aprilgan_mode": "few-shot" if self.few_shot else "zero-shot",
-                "aprilgan_bank_rows": int(self.bank.shape[1]),
-                "aprilgan_normalisers": "fixed, cross-fitted on the training shots" if self.few_shot else "none"}
+        return {
+            "reference": "ByChelsea/VAND-APRIL-GAN",
+            "aprilgan_options": dict(self.options),
+            "aprilgan_mode": "few-shot" if self.few_shot else "zero-shot",
+            "aprilgan_bank_rows": int(self.bank.shape[1]),
+            "aprilgan_normalisers": "fixed, cross-fitted on the training shots" if self.few_shot else "none",
+        }

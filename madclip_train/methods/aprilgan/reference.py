@@ -7,6 +7,7 @@ runs. The few-shot memory bank is not stored: the authors rebuild it from k norm
 and the fixed normalisers are built by `finalize()` from the shots of `--data` (never from the test split).
 Without `--data` the run is the reference's zero-shot mode (map Z, score = text probability).
 """
+
 from __future__ import annotations
 
 import time
@@ -56,12 +57,16 @@ def convert_linear_layers(ref: dict, n_layers: int = 4) -> dict[str, torch.Tenso
         for part in ("weight", "bias"):
             key = f"fc.{i}.{part}"
             if not isinstance(sd.get(key), torch.Tensor):
-                raise MadclipError(f"reference checkpoint lacks {KEY}.{key} (not a VAND-APRIL-GAN checkpoint "
-                                   f"with {n_layers} ViT linear layers)")
+                raise MadclipError(
+                    f"reference checkpoint lacks {KEY}.{key} (not a VAND-APRIL-GAN checkpoint "
+                    f"with {n_layers} ViT linear layers)"
+                )
             out[f"linear.{i}.{part}"] = sd[key].float()
     extra = sorted(k for k in sd if k.startswith("fc.") and int(k.split(".")[1]) >= n_layers)
     if extra:
-        raise MadclipError(f"reference checkpoint has more linear layers than {n_layers} taps (e.g. {extra[0]})")
+        raise MadclipError(
+            f"reference checkpoint has more linear layers than {n_layers} taps (e.g. {extra[0]})"
+        )
     return out
 
 
@@ -78,9 +83,16 @@ class ShotImages:
         return int(self.labels.shape[0])
 
 
-def convert_aprilgan_reference(checkpoint: str, out: str, mcfg: ModelConfig, data: str | None = None,
-                               shot_list: str | None = None, shots: int = 4, seed: int = 111,
-                               force: bool = False) -> str:
+def convert_aprilgan_reference(
+    checkpoint: str,
+    out: str,
+    mcfg: ModelConfig,
+    data: str | None = None,
+    shot_list: str | None = None,
+    shots: int = 4,
+    seed: int = 111,
+    force: bool = False,
+) -> str:
     """Linear layers from the release (+ bank and normalisers from the shots of `data`) -> run directory `out`."""
     state = convert_linear_layers(load_release(checkpoint))
     split = samples = None
@@ -99,18 +111,32 @@ def convert_aprilgan_reference(checkpoint: str, out: str, mcfg: ModelConfig, dat
         if samples is not None:
             images, _, labels = load_arrays(samples, mcfg.preprocess)
             n = len(labels)
-            source = ShotImages(torch.from_numpy(images), torch.from_numpy(labels), torch.arange(n),
-                                torch.ones(n, dtype=torch.bool))
+            source = ShotImages(
+                torch.from_numpy(images),
+                torch.from_numpy(labels),
+                torch.arange(n),
+                torch.ones(n, dtype=torch.bool),
+            )
             info = model.finalize(source, torch.device("cpu"))
             record = shots_record(samples)
             record["seed"], record["shot_list"] = seed, shot_list
             n_normal = sum(1 for s in samples if s.label == 0)
-            dataset = {"root": str(Path(data).resolve()), "name": Path(data).resolve().name,
-                       "has_masks": split.has_masks, "n_shots": len(samples)}
-        config = {"model": mcfg.to_dict(), "train": TrainConfig(shots=n_normal or shots, seed=seed).to_dict(),
-                  "backbone_fingerprint": model.backbone.fingerprint(),
-                  "converted_from": str(Path(checkpoint).resolve()), "versions": versions(), "dataset": dataset,
-                  "selection": "reference (authors' released checkpoint)", "finalize": info,
-                  "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            dataset = {
+                "root": str(Path(data).resolve()),
+                "name": Path(data).resolve().name,
+                "has_masks": split.has_masks,
+                "n_shots": len(samples),
+            }
+        config = {
+            "model": mcfg.to_dict(),
+            "train": TrainConfig(shots=n_normal or shots, seed=seed).to_dict(),
+            "backbone_fingerprint": model.backbone.fingerprint(),
+            "converted_from": str(Path(checkpoint).resolve()),
+            "versions": versions(),
+            "dataset": dataset,
+            "selection": "reference (authors' released checkpoint)",
+            "finalize": info,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         write_run(tmp, model, config, record)
     return out

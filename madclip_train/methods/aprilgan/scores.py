@@ -15,6 +15,7 @@ Shapes: taps [B, L, 1+P, W] (the raw residual stream after each tapped block, CL
   the whole test set (transductive, `transductive_score`); the deployable default uses constants fixed on the
   training shots (bank.py). Without a bank the score is p.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,13 +29,13 @@ LOGIT_SCALE = 100.0
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """[N, C, P] patch values -> [N, C, S, S], bilinear with align_corners=True (the reference's)."""
     n, c, p = x.shape
-    g = int(round(p ** 0.5))
+    g = int(round(p**0.5))
     return F.interpolate(x.reshape(n, c, g, g), size=(size, size), mode="bilinear", align_corners=True)
 
 
 def layer_logits(taps: torch.Tensor, linear: nn.ModuleList, text: torch.Tensor) -> torch.Tensor:
     """-> 100 <normalise(linear_l(patch tokens)), T>: [L, B, P, 2]."""
-    out = [LOGIT_SCALE * (F.normalize(fc(taps[:, l, 1:]), dim=-1) @ text) for l, fc in enumerate(linear)]
+    out = [LOGIT_SCALE * (F.normalize(fc(taps[:, j, 1:]), dim=-1) @ text) for j, fc in enumerate(linear)]
     return torch.stack(out)
 
 
@@ -45,17 +46,21 @@ def layer_probs(logits: torch.Tensor, image_size: int) -> torch.Tensor:
     return torch.softmax(up, dim=1).reshape(n_layers, b, 2, image_size, image_size)
 
 
-def zero_shot_map(taps: torch.Tensor, linear: nn.ModuleList, text: torch.Tensor, image_size: int) -> torch.Tensor:
+def zero_shot_map(
+    taps: torch.Tensor, linear: nn.ModuleList, text: torch.Tensor, image_size: int
+) -> torch.Tensor:
     """Z [B, S, S] = sum over layers of P(abnormal)."""
     return layer_probs(layer_logits(taps, linear, text), image_size)[:, :, 1].sum(dim=0)
 
 
-def patch_distances(taps: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def patch_distances(
+    taps: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """1 - max cosine of each raw patch token against the bank: taps [B, L, 1+P, W], bank [L, N, W] unit rows
     -> [L, B, P]. exclude: bool [B, N], True where a bank row may not match that image (cross-fitting)."""
     out = []
-    for l in range(bank.shape[0]):
-        sim = F.normalize(taps[:, l, 1:], dim=-1) @ bank[l].transpose(0, 1)  # [B, P, N]
+    for j in range(bank.shape[0]):
+        sim = F.normalize(taps[:, j, 1:], dim=-1) @ bank[j].transpose(0, 1)  # [B, P, N]
         if exclude is not None:
             sim = sim.masked_fill(exclude[:, None, :], float("-inf"))
         out.append(1.0 - sim.amax(dim=-1))
@@ -65,7 +70,11 @@ def patch_distances(taps: torch.Tensor, bank: torch.Tensor, exclude: torch.Tenso
 def few_shot_map(dist: torch.Tensor, image_size: int) -> torch.Tensor:
     """[L, B, P] distances -> F [B, S, S] (per layer upsampled, summed)."""
     n_layers, b, p = dist.shape
-    return upsample(dist.reshape(n_layers * b, 1, p), image_size).reshape(n_layers, b, image_size, image_size).sum(0)
+    return (
+        upsample(dist.reshape(n_layers * b, 1, p), image_size)
+        .reshape(n_layers, b, image_size, image_size)
+        .sum(0)
+    )
 
 
 def image_embedding(taps: torch.Tensor, visual: nn.Module) -> torch.Tensor:

@@ -5,6 +5,7 @@ feature cache. The CLS token is kept (the last tap's CLS, through ln_post and th
 embedding, which gives the text probability), so the last tap must be the last block. An explicit block loop
 (as the reference's tower) instead of open_clip's forward_intermediates, which splits off the CLS token.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,10 @@ def aprilgan_taps(depth: int, taps: tuple[int, ...] = ()) -> tuple[int, ...]:
     """0-based tap indices (default: blocks 6/12/18/24 of 24, i.e. 1/4 .. 4/4 of the depth), checked."""
     taps = tuple(int(t) for t in taps) or default_taps(depth)
     if len(taps) != 4 or list(taps) != sorted(set(taps)) or taps[-1] != depth - 1:
-        raise MadclipError(f"taps {taps} do not fit a {depth}-block backbone (APRIL-GAN needs 4 increasing block "
-                           f"indices, the last one {depth - 1}: its CLS token is the image embedding)")
+        raise MadclipError(
+            f"taps {taps} do not fit a {depth}-block backbone (APRIL-GAN needs 4 increasing block "
+            f"indices, the last one {depth - 1}: its CLS token is the image embedding)"
+        )
     return taps
 
 
