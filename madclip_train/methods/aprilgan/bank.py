@@ -69,13 +69,15 @@ def build_bank_and_normalisers(
     bank = bank_from_taps(torch.cat(parts))
     del parts
     row_groups = groups[normal].repeat_interleave(n_patches)
-    maxima = []
+    maxima, on_device = [], None
     for start in range(0, images.shape[0], batch_size):
         idx = torch.arange(start, min(start + batch_size, images.shape[0]))
         taps = taps_of(idx)
+        if on_device is None:  # the bank on the model's device, once
+            on_device = bank.to(taps.device)
         exclude = (groups[idx, None] == row_groups[None, :]) & (labels[idx, None] == 0)  # [b, N]
-        dev = taps.device
-        amap = zero_map(taps) + few_shot_map(patch_distances(taps, bank.to(dev), exclude.to(dev)), image_size)
+        dist = patch_distances(taps, on_device, exclude.to(taps.device))
+        amap = zero_map(taps) + few_shot_map(dist, image_size)
         maxima.append(amap.flatten(1).amax(dim=1).cpu())
     maxima = torch.cat(maxima)
     lo, scale = minmax_constants(maxima)
