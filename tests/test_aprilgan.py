@@ -392,3 +392,20 @@ def test_export_fp16_int8_and_infer_parity(aprilgan_run, tmp_path, capsys):
     ref = predict_split(model, sub, device="cpu")
     assert len(rec) == 1 and abs(rec[0]["score"] - float(ref["score"][0])) < 1e-4
     assert abs(rec[0]["score_map_max"] - float(ref["score_map_max"][0])) < 1e-3
+
+
+@pytest.mark.realdata
+def test_zero_shot_option_through_the_cli(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from madclip_train.cli import train_main
+
+    data = realscans_or_skip("Brain_AD")
+    out = tmp_path / "run"
+    common = ["--method", "aprilgan", "--data", str(data), "--shots", "2", "--epochs", "1", "--image-size", str(S)]
+    assert train_main([*common, "--option", "few_shot=false", "--out", str(out), *TINY]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["options"] == {"few_shot": False} and "zero-shot" in config["finalize"]["mode"]
+    assert load_file(str(out / "checkpoint.safetensors"))["aprilgan.bank"].shape == (4, 0, 64)
+    assert train_main([*common, "--option", "few_shot=maybe", "--out", str(tmp_path / "bad"), *TINY]) == 2
+    assert "few_shot" in capsys.readouterr().err and not (tmp_path / "bad").exists()
