@@ -268,8 +268,10 @@ def check(out_dir: Path, quick: bool = False) -> dict:
         if e.status == "pass":
             bundles[name] = bundle
 
-    engine_code = ("import sys, time, json; from madclip_runtime.engines import backends; t=time.perf_counter(); "
-                   "p, v = backends.prebuild_trt_engine(sys.argv[1], sys.argv[2], 8, sys.argv[3]); "
+    engine_code = ("import sys, time, json; from madclip_runtime.engines import backends; "
+                   "from madclip_runtime.bundles.bundle import load_bundle; t=time.perf_counter(); "
+                   "p, v = backends.prebuild_trt_engine(sys.argv[1], sys.argv[2], 8, sys.argv[3], "
+                   "fp32_islands=load_bundle(sys.argv[1]).fp32_islands); "
                    "print(json.dumps({'engine': str(p), 'tensorrt': v, 'seconds': time.perf_counter()-t}))")
     cache = work / "engine-cache"
     for name, bundle in bundles.items():

@@ -163,7 +163,8 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         golden_images, _, golden_labels = load_arrays(golden, spec)
         torch_ref = _torch_outputs(model, golden_images)
 
-        step("exporting the FP32 ONNX graph (text tower baked as dt, backbone truncated)")
+        step(f"exporting the FP32 ONNX graph ({model.title}: text side baked as constants, FP32 tail from "
+             f"{', '.join(model.fp32_island_constants)}; backbone truncated)")
         t0 = time.perf_counter()
         export_onnx(model, tmp / MODEL_FILES["fp32"], opts.max_batch, opts.opset)
         opset = written_opset(tmp / MODEL_FILES["fp32"], opts.opset)
@@ -287,7 +288,7 @@ def _require_tensorrt() -> None:
     backends.require_trt()  # raises BackendUnavailable with a one-line message
 
 
-def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tuple[str, ...] = ("dt",)) -> dict:
+def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tuple[str, ...]) -> dict:
     """Warm THIS machine's TensorRT engine cache; the engine is never put in the bundle.
 
     An engine only runs on the TensorRT version and GPU that built it, and the runtime looks engines up in

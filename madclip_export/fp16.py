@@ -122,7 +122,7 @@ def unshare_initializers(model: onnx.ModelProto, blocked_nodes: set[str], blocke
     return model
 
 
-def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...] = ("dt",)) -> onnx.ModelProto:
+def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...]) -> onnx.ModelProto:
     """FP32 ModelProto (weights loaded) -> mixed-precision ModelProto with float32 inputs and outputs; the
     consumers of `island_constants` (the method's `fp32_island_constants`) and all downstream stay FP32."""
     from onnxconverter_common import float16

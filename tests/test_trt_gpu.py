@@ -85,7 +85,7 @@ def test_ensure_engine_reuses_then_rebuilds_on_mismatch(bundle, tmp_path, caplog
 def test_fp16_engine_close_to_reference(bundle, tmp_path):
     trt = te.import_tensorrt()
     onnx_path = bundle / tr.onnx_variant("fp16", trt.__version__)
-    engine = te.ensure_engine(onnx_path, tmp_path, "fp16", 4)
+    engine = te.ensure_engine(onnx_path, tmp_path, "fp16", 4, fp32_islands=("dt",))
     runner = te.TrtRunner(engine)
     try:
         x = images(3, seed=7)
@@ -96,7 +96,8 @@ def test_fp16_engine_close_to_reference(bundle, tmp_path):
 
 def test_trt_backend_end_to_end(bundle, tmp_path):
     assert "trt" in backends.available_backends()
-    be = backends.create_backend("trt", str(bundle / "model_fp16.onnx"), "fp16", 2, str(tmp_path))
+    be = backends.create_backend("trt", str(bundle / "model_fp16.onnx"), "fp16", 2, str(tmp_path),
+                                 fp32_islands=("dt",))
     try:
         assert be.provider == "TensorRT" and be.load_seconds > 0
         x = images(5, seed=8)  # > max_batch: runs in chunks
@@ -109,7 +110,7 @@ def test_timing_cache_from_this_gpu_is_reused(bundle, tmp_path, caplog):
     """The timing cache written by one build attaches to the next (set_timing_cache returns True)."""
     te.ensure_engine(bundle / "model.onnx", tmp_path, "fp32", 2)
     with caplog.at_level(logging.WARNING, logger="madclip_runtime.engines.trt_engine"):
-        te.ensure_engine(bundle / "model.onnx", tmp_path, "fp16", 2)
+        te.ensure_engine(bundle / "model.onnx", tmp_path, "fp16", 2, fp32_islands=("dt",))
     assert "timing cache not usable" not in caplog.text
 
 

@@ -332,7 +332,7 @@ def test_constrain_fp32_islands_on_fake_network():
         Layer(LayerType.REDUCE, "node_shape_prod", [shape_t], [Tensor("n", dtype="int64", shape=())]),
         Layer(LayerType.ACTIVATION, "node_gelu", [t["x"]], [Tensor("g")]),
     ]
-    pinned = te.constrain_fp32_islands(FakeTrt, Network(layers))
+    pinned = te.constrain_fp32_islands(FakeTrt, Network(layers), ("dt",))
     fp32 = {layer.name for layer in layers if layer.precision == "float32"}
     assert fp32 == {"node_layer_norm", "node_matmul", "node_sigmoid", "node_view", "node_add_layers"}
     assert pinned == len(fp32)
@@ -377,7 +377,7 @@ def test_quick_gelu_sigmoids_do_not_pin_the_backbone():
         Layer(LayerType.ACTIVATION, "node_sigmoid_head", [t["logit"]], [t["prob"]]),
         Layer(LayerType.ELEMENTWISE, "node_add_layers", [t["prob"], t["prob"]], [t["amap"]]),
     ]
-    te.constrain_fp32_islands(FakeTrt, Network(layers))
+    te.constrain_fp32_islands(FakeTrt, Network(layers), ("dt",))
     fp32 = {layer.name for layer in layers if layer.precision == "float32"}
     assert fp32 == {"node_layer_norm", "node_MatMul_9", "node_sigmoid_head", "node_add_layers"}
 
@@ -479,7 +479,8 @@ def test_fp32_engine_is_built_without_tf32(fake_trt, tmp_path):
     trt, onnx_path = fake_trt
     te.build_engine(onnx_path, tmp_path / "e32.engine", te.engine_key(onnx_path, "fp32", 2))
     assert _Flag.TF32 not in trt.configs[-1].flags
-    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2))
+    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2),
+                    fp32_islands=("dt",))
     assert {_Flag.TF32, _Flag.FP16, _Flag.OBEY_PRECISION_CONSTRAINTS} <= trt.configs[-1].flags
 
 
@@ -784,10 +785,12 @@ def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
                                 __version__="10.3.0")
     key = types.SimpleNamespace(precision="fp16", typing="fp16_flag")
     orig = trt_engine.constrain_fp32_islands
-    trt_engine.constrain_fp32_islands = lambda t, n, tail=("dt",): calls.append(tuple(tail)) or 0
+    trt_engine.constrain_fp32_islands = lambda t, n, tail: calls.append(tuple(tail)) or 0
     try:
         trt_engine.configure_precision(trt, _Config(), object(), key, ("text", "norm_lo"))
-        trt_engine.configure_precision(trt, _Config(), object(), key)
+        trt_engine.configure_precision(trt, _Config(), object(), key, ("dt",))
+        with pytest.raises(ValueError, match="fp32_islands"):  # no MadCLIP default: the bundle must name them
+            trt_engine.configure_precision(trt, _Config(), object(), key)
     finally:
         trt_engine.constrain_fp32_islands = orig
     assert calls == [("text", "norm_lo"), ("dt",)]

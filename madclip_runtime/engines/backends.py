@@ -293,8 +293,8 @@ def create_backend(
 
     `cache_dir` holds TensorRT engines and timing caches (default: `default_cache_dir()`); `onnx_sha256`
     (from the bundle metadata) saves hashing the model again; `input_chw` (from the bundle metadata) gives
-    the onnxruntime TensorRT provider its static [3, H, W] profile dims; `fp32_islands` (the bundle metadata's,
-    default MadCLIP's `dt`) are the constants whose consumers start the FP32 tail of a TensorRT FP16-flag build.
+    the onnxruntime TensorRT provider its static [3, H, W] profile dims; `fp32_islands` (the bundle metadata's)
+    are the constants whose consumers start the FP32 tail of a TensorRT FP16-flag build (required there).
     """
     _check_precision(precision)
     if name == "auto":
@@ -308,7 +308,7 @@ def create_backend(
         raise BundleError(f"{path}: model file not found")
     start = time.perf_counter()
     if name == "trt":
-        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ("dt",)))
+        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ()))
     return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
 
 
@@ -399,7 +399,7 @@ def _trt_model(model_dir: Path, precision: str, trt_version: str) -> Path:
 
 
 def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch: int,
-                        cache_dir: str | None = None, fp32_islands: tuple[str, ...] = ("dt",)) -> tuple[Path, str]:
+                        cache_dir: str | None = None, fp32_islands: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Build (or find) the engine `create_backend("trt", ...)` will look up for the model files in
     `model_dir`, in the same cache and under the same key; returns (engine path, TensorRT version)."""
     trt = require_trt()
@@ -411,7 +411,7 @@ def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch:
 
 def _create_trt(
     path: Path, precision: str, max_batch: int, cache_dir: str | None, onnx_sha256: str | None, start: float,
-    fp32_islands: tuple[str, ...] = ("dt",),
+    fp32_islands: tuple[str, ...] = (),
 ) -> Backend:
     trt_rules.check_trt_precision(precision)
     trt = require_trt()

@@ -80,11 +80,11 @@ def _is_vector_matmul(trt: Any, layer: Any) -> bool:
     return len(shape) == 1 or (len(shape) >= 2 and shape[-1] == 1)
 
 
-def constrain_fp32_islands(trt: Any, network: Any, tail_constants: tuple[str, ...] = ("dt",)) -> int:
+def constrain_fp32_islands(trt: Any, network: Any, tail_constants: tuple[str, ...]) -> int:
     """Pin FP32 islands (`trt_rules.fp32_island`) and the score head to FP32; returns the count pinned.
 
-    The head (the "tail") starts at the layers reading the baked text difference `dt` (or a vector matmul,
-    the dot product with it) and takes everything downstream. Only layers whose outputs are all floating
+    The head (the "tail") starts at the layers reading one of the method's `tail_constants` (the bundle
+    metadata's `fp32_islands`, e.g. MadCLIP's baked text difference `dt`) or a vector matmul and takes everything downstream. Only layers whose outputs are all floating
     point are constrained (shape arithmetic stays untouched). Layers are visited in network order, which is
     topological for parsed ONNX graphs.
     """
@@ -198,7 +198,7 @@ def build_engine(
     workspace_bytes: int = 2 << 30,
     timing_cache_file: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
-    fp32_islands: tuple[str, ...] = ("dt",),
+    fp32_islands: tuple[str, ...] = (),
 ) -> EngineKey:
     """Parse `onnx_path`, build a serialized engine for `key` (profile batch 1..max_batch), write it and
     its key atomically. The timing cache at `timing_cache_file` is loaded if present and saved back."""
@@ -255,13 +255,16 @@ def build_engine(
 
 
 def configure_precision(trt: Any, config: Any, network: Any, key: EngineKey,
-                        fp32_islands: tuple[str, ...] = ("dt",)) -> None:
+                        fp32_islands: tuple[str, ...] = ()) -> None:
     """Builder flags for the key's recipe: TF32 off for fp32; FP16 flag + obeyed FP32 islands for
     "fp16_flag" (the tail starts at the consumers of the method's `fp32_islands` constants, recorded in the
-    bundle's metadata); nothing for "strongly_typed" (the types come from the file; precision flags are refused)."""
+    bundle's metadata; required there); nothing for "strongly_typed" (the types come from the file; precision
+    flags are refused)."""
     if not tf32_allowed(key.precision):
         config.clear_flag(trt.BuilderFlag.TF32)
     if key.typing == "fp16_flag":
+        if not fp32_islands:
+            raise ValueError("an FP16-flag TensorRT build needs the method's fp32_islands (the bundle's metadata)")
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = constrain_fp32_islands(trt, network, tuple(fp32_islands))
@@ -275,7 +278,7 @@ def ensure_engine(
     max_batch: int,
     model_sha256: str | None = None,
     progress: Callable[[str], None] | None = None,
-    fp32_islands: tuple[str, ...] = ("dt",),
+    fp32_islands: tuple[str, ...] = (),
 ) -> Path:
     """Path of an engine for this TensorRT, GPU, precision recipe and model: the cached one if its key
     matches, else built. The file name hashes the key, so a cache dir shared by several models or processes

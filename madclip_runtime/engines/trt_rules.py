@@ -35,7 +35,6 @@ ORT_TRT_STRONGLY_TYPED_FROM = (1, 18)  # onnxruntime PR 19695 (see the module do
 # Bump when a rule that changes the built engine changes (FP32 islands, tail, TF32, typing): cached engines
 # built under older rules are then rebuilt instead of silently reused.
 RULES_VERSION = 2
-BAKED_TEXT_NAME = "dt"  # the initializer holding t_ab - t_n; the score head starts at its consumers
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +311,7 @@ def fp32_island(layer_type_name: str, layer_name: str, constant_divisor: bool = 
     return False
 
 
-def is_baked_text(tensor_name: str, constants: tuple[str, ...] = (BAKED_TEXT_NAME,)) -> bool:
+def is_baked_text(tensor_name: str, constants: tuple[str, ...]) -> bool:
     """The tensor TensorRT's ONNX parser creates for one of the method's FP32-tail initializers (named after
     it; MadCLIP: `dt`, the bundle metadata's `fp32_islands`)."""
     return tensor_name in constants or tensor_name.split("/")[-1] in constants

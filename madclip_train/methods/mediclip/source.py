@@ -19,7 +19,7 @@ import torch
 
 from madclip_runtime.preprocess import PreprocessSpec, normalize_array
 
-from ..synthesis import Synthesizer
+from ...synthesis import Synthesizer
 
 HOLDOUT_EPOCH = 1_000_000  # seed stream of the fixed held-out synthetic set (training epochs are < this)
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..augment import AUGMENTATIONS, _warp
+from ...augment import AUGMENTATIONS, _warp
 
 N_VARIANTS = 11
 _ROTATIONS = (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)

@@ -5,15 +5,15 @@
   never goes below 0.313 (y = 1) / 0.693 (y = 0). Reproduced by default (`det_loss="bce_on_prob"`); the
   clean variant `det_loss="bce"` is the plain binary cross-entropy on a.
 - seg (datasets with masks): P = softmax of the upsampled 2-class logits; focal (gamma 2, clamped one-hot)
-  + Dice on P_ab, the same formulas as MadCLIP's (madclip_train.losses).
+  + Dice on P_ab, the same formulas as MadCLIP's (madclip_train.maps).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..losses import dice_loss, focal_loss
-from .mvfa_scores import _upsample, patch_logits
+from ...maps import dice_loss, focal_loss
+from .scores import _upsample, patch_logits
 
 DET_LOSSES = ("bce_on_prob", "bce")
 

@@ -26,20 +26,19 @@ from torch import nn
 from madclip_runtime.errors import MadclipError
 from madclip_runtime.preprocess import PreprocessSpec
 
-from ..backbone import create_clip
-from ..config import ModelConfig
-from ..mediclip.convert import FORMAT, convert_reference
-from ..mediclip.losses import FOCAL_TARGETS, mediclip_loss
-from ..mediclip.net import MediCLIPExport, MediCLIPNet, mediclip_taps
-from ..mediclip.source import SynthBatches, build_batch, holdout_set
-from ..synthesis import DEFAULT_MIX, Synthesizer, format_mix, parse_mix
-from .base import Batch, MethodModel, copy_state_strict
-from .registry import register
+from ...backbone import create_clip
+from ...config import ModelConfig
+from ...synthesis import DEFAULT_MIX, Synthesizer, format_mix, parse_mix
+from ..base import Batch, MethodModel, copy_state_strict
+from .export import FP32_ISLANDS, MediCLIPExport
+from .losses import mediclip_loss
+from .net import MediCLIPNet, mediclip_taps
+from .options import OPTIONS
+from .reference import FORMAT, convert_reference
+from .source import SynthBatches, build_batch, holdout_set
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPTIONS = {"tasks": format_mix(DEFAULT_MIX), "focal_target": "truncate", "holdout_per_shot": 8,
-                   "prefetch": True}
 CALIBRATION_SEED_OFFSET = 7919  # synthetic calibration anomalies use their own seed stream
 
 
@@ -53,15 +52,16 @@ def grey_uint8(images: torch.Tensor, spec: PreprocessSpec) -> np.ndarray:
     return np.round(np.clip(x[:, 0] if same else luma, 0, 1) * 255).astype(np.uint8)
 
 
-@register
 class MediCLIP(MethodModel):
     name = "mediclip"
+    title = "MediCLIP"
     needs_abnormal = False
     augmentation = "none"
     model_defaults = {"backbone": "ViT-L-14", "image_size": 224, "quick_gelu": True, "normalize": "clip",
                       "interpolation": "bilinear"}
     train_defaults = {"epochs": 200, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999)}
-    fp32_island_constants = ("dt",)
+    fp32_island_constants = FP32_ISLANDS
+    option_schema = OPTIONS
     reference_format = FORMAT
     uses_objective = False  # the prompts hold no organ word (madclip-convert-reference needs no --objective)
 
@@ -77,20 +77,10 @@ class MediCLIP(MethodModel):
         self.focal_target = opts["focal_target"]
         self.mix = parse_mix(opts["tasks"])
 
-    @staticmethod
-    def options(cfg: ModelConfig) -> dict:
-        opts = {**DEFAULT_OPTIONS, **(cfg.options or {})}
-        unknown = sorted(set(opts) - set(DEFAULT_OPTIONS))
-        if unknown:
-            raise MadclipError(f"unknown MediCLIP option(s) {', '.join(unknown)} (known: {', '.join(DEFAULT_OPTIONS)})")
-        if opts["focal_target"] not in FOCAL_TARGETS:
-            raise MadclipError(f"focal target must be one of {', '.join(FOCAL_TARGETS)}, got {opts['focal_target']!r}")
-        parse_mix(opts["tasks"])
-        return opts
-
     @classmethod
-    def default_options(cls) -> dict:
-        return dict(DEFAULT_OPTIONS)
+    def options(cls, cfg: ModelConfig) -> dict:
+        """The run's options over the defaults, each checked (`option_schema`)."""
+        return cls.option_schema.validate(cfg.options)
 
     @classmethod
     def build(cls, cfg: ModelConfig, seed: int = 0) -> "MediCLIP":
@@ -243,28 +233,3 @@ class _FixedSource:
 class _EmptySource(_FixedSource):
     def __init__(self):
         super().__init__(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0), 1)
-
-
-# ---- command-line switches of madclip-train (kept here so the CLI needs two lines for them) ---------------------
-def add_cli_options(parser) -> None:
-    from ..synthesis import TASKS
-
-    g = parser.add_argument_group("MediCLIP (--method mediclip)")
-    g.add_argument("--synth-tasks", nargs="+", metavar="NAME[=P]",
-                   help=f"anomaly-synthesis mixture, e.g. 'cutpaste=0.5 gauss' (known: {', '.join(TASKS)}; default: "
-                        "cutpaste, gauss, source, identity at 0.25 each, as the reference); preview with madclip-synth")
-    g.add_argument("--focal-target", choices=FOCAL_TARGETS,
-                   help="focal-loss class of a soft label: truncate (the reference: below 1.0 is normal, default) "
-                        "or threshold (>= 0.5)")
-
-
-def cli_options(args) -> dict:
-    """The MediCLIP entries of ModelConfig.options from parsed arguments (error if used with another method)."""
-    opts = {}
-    if getattr(args, "synth_tasks", None):
-        opts["tasks"] = format_mix(parse_mix(args.synth_tasks))
-    if getattr(args, "focal_target", None):
-        opts["focal_target"] = args.focal_target
-    if opts and args.method != MediCLIP.name:
-        raise MadclipError("--synth-tasks and --focal-target apply to --method mediclip only")
-    return opts

@@ -8,7 +8,7 @@ Faithful by default (the authors' code where it differs from the paper); non-ref
   are still written back) | "trained" | "off" (not written back: x <- 0.9 x + 0.1 out_det)
 - bank_cls: True (reference: the bank holds all 1+P tokens, CLS included) | False
 Deployable deviation (the reference cannot run on one image): the zero-/few-shot normalisers are fixed
-constants estimated from the training views (cross-fitted), see mvfa_bank.py; `madclip-eval --transductive`
+constants estimated from the training views (cross-fitted), see bank.py; `madclip-eval --transductive`
 reproduces the reference's test-set min-max instead.
 """
 from __future__ import annotations
@@ -20,51 +20,40 @@ from torch import nn
 
 from madclip_runtime.errors import MadclipError
 
-from .base import MethodModel
-from .mvfa_augment import augment_x11
-from .mvfa_bank import build_bank_and_normalisers
-from .mvfa_losses import DET_LOSSES, det_loss, seg_losses
-from .mvfa_scores import few_shot, mix, zero_shot
-from .mvfa_text import encode_ensemble
-from .mvfa_tower import AdaptedTower
-from .registry import register
+from ...backbone import create_clip, default_taps
+from ..base import MethodModel, ReferenceShots, ShotSource
+from .augment import augment_x11
+from .bank import build_bank_and_normalisers
+from .export import FP32_ISLANDS, MVFAExport
+from .losses import det_loss, seg_losses
+from .options import OPTIONS
+from .reference import REFERENCE_FORMAT, convert_reference, rebuild_from_shots
+from .scores import few_shot, mix, zero_shot
+from .text import encode_ensemble
+from .tower import AdaptedTower
 
 log = logging.getLogger(__name__)
 
-IMAGE_ONLY_SEG = ("frozen", "trained", "off")
-DEFAULT_OPTIONS = {"det_loss": "bce_on_prob", "image_only_seg": "frozen", "bank_cls": True}
-
-
-def check_options(options: dict) -> dict:
-    unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise MadclipError(f"mvfa has no option {unknown[0]!r} (known: {', '.join(DEFAULT_OPTIONS)})")
-    opts = {**DEFAULT_OPTIONS, **(options or {})}
-    if opts["det_loss"] not in DET_LOSSES:
-        raise MadclipError(f"mvfa option det_loss must be one of {DET_LOSSES}, got {opts['det_loss']!r}")
-    if opts["image_only_seg"] not in IMAGE_ONLY_SEG:
-        raise MadclipError(f"mvfa option image_only_seg must be one of {IMAGE_ONLY_SEG}, got {opts['image_only_seg']!r}")
-    opts["bank_cls"] = bool(opts["bank_cls"])
-    return opts
-
-
-@register
 class MVFAModel(MethodModel):
     """Frozen vision tower + 8 residual adapters + constants: text T [E, 2], bank [L, N, E], normalisers."""
 
     name = "mvfa"
+    title = "MVFA"
     needs_abnormal = True
     augmentation = "x11"
     train_defaults = {"epochs": 50, "batch_size": 1, "lr": 1e-3, "betas": (0.5, 0.999)}
     model_defaults = {"backbone": "ViT-L-14-336", "image_size": 240, "quick_gelu": False, "normalize": "none"}
-    fp32_island_constants = ("text", "one", "norm_lo", "norm_scale")  # see mvfa_export.py
-    reference_format = ("MVFA-AD ckpt/few-shot/<Obj>.pth: {'seg_adapters', 'det_adapters'} with "
-                        "{j}.fc1.0.weight [E, W] and {j}.fc2.0.weight [W, E], j = 0..3")
+    fp32_island_constants = FP32_ISLANDS  # see export.py
+    option_schema = OPTIONS
+    supports_transductive = True
+    reference_format = REFERENCE_FORMAT
+    reference_needs_shots = ("the authors' release holds no memory bank, it is rebuilt from the dataset's valid/ "
+                             "shots (--shot-list for the authors' exact shots)")
 
     def __init__(self, cfg, visual: nn.Module, taps: tuple[int, ...], text: torch.Tensor, options: dict | None = None):
         super().__init__()
         self.cfg = cfg
-        self.options = check_options(options if options is not None else cfg.options)
+        self.options = self.option_schema.validate(options if options is not None else cfg.options)
         embed_dim = int(text.shape[0])
         self.tower = AdaptedTower(visual, taps, embed_dim,
                                   seg_write_back=True)  # set per dataset by set_has_masks()
@@ -76,15 +65,9 @@ class MVFAModel(MethodModel):
 
     # --- construction --------------------------------------------------------------------------------------
     @classmethod
-    def default_options(cls) -> dict:
-        return dict(DEFAULT_OPTIONS)
-
-    @classmethod
     def build(cls, cfg, seed: int = 0) -> "MVFAModel":
         """Frozen CLIP per cfg (weights never substituted), T from the ensemble, fresh adapters from `seed`."""
         import open_clip
-
-        from ..backbone import create_clip, default_taps
 
         clip = create_clip(cfg)
         depth = len(clip.visual.transformer.resblocks)
@@ -161,14 +144,14 @@ class MVFAModel(MethodModel):
         return source
 
     @torch.no_grad()
-    def finalize(self, source, device, progress=None) -> dict:
+    def finalize(self, source: ShotSource, device, progress=None) -> dict:
         """Build the bank from the normal training views and the cross-fitted normalisers (training views only).
 
         The views are re-run in fp32 from their images (not from the fp16 cache), as the reference builds its
         bank with a fresh forward pass. Views of one shot share a group (`source.groups`; without augmentation
         every image is its own group)."""
         n = len(source)
-        groups = getattr(source, "groups", None)
+        groups = source.groups
         if groups is None or len(groups) != n:
             groups = torch.arange(n)
         self.set_training(False)
@@ -209,8 +192,8 @@ class MVFAModel(MethodModel):
         return {"score": score, "anomaly_map": amap, "score_map_max": amax}
 
     def predict_transductive(self, split, batch_size: int = 16, device="cpu", progress=None) -> dict:
-        """The reference's evaluation (test-set min-max), predict_split's keys: see mvfa_eval.py."""
-        from .mvfa_eval import predict_split_transductive
+        """The reference's evaluation (test-set min-max), predict_split's keys: see eval.py."""
+        from .eval import predict_split_transductive
 
         return predict_split_transductive(self, split, batch_size, device, progress)
 
@@ -226,23 +209,11 @@ class MVFAModel(MethodModel):
 
     @classmethod
     def convert_reference(cls, ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
-        """The authors' checkpoint {'seg_adapters': sd, 'det_adapters': sd} -> our adapter tensor names.
+        return convert_reference(ref, n_layers)
 
-        `{j}.fc1.0.weight` [E, W] (down) -> `adapters.{seg,det}.{j}.fc1.weight`, `{j}.fc2.0.weight` [W, E] (up)
-        -> `...fc2.weight`. The release holds no memory bank: it is rebuilt from the shots (finalize).
-        """
-        out: dict[str, torch.Tensor] = {}
-        for head in ("seg", "det"):
-            sd = ref.get(f"{head}_adapters")
-            if not isinstance(sd, dict):
-                raise MadclipError(f"reference checkpoint lacks '{head}_adapters' (not an MVFA-AD few-shot checkpoint)")
-            for j in range(n_layers):
-                for fc in ("fc1", "fc2"):
-                    key = f"{j}.{fc}.0.weight"
-                    if key not in sd or not isinstance(sd[key], torch.Tensor):
-                        raise MadclipError(f"reference checkpoint lacks {head}_adapters.{key}")
-                    out[f"adapters.{head}.{j}.{fc}.weight"] = sd[key].float()
-        return out
+    def load_reference(self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None) -> dict:
+        """The release's adapters, then the bank and normalisers rebuilt from the shots (finalize)."""
+        return rebuild_from_shots(self, state, source, shots)
 
     @torch.no_grad()
     def load_adapters(self, state: dict[str, torch.Tensor], source: str) -> None:
@@ -259,8 +230,6 @@ class MVFAModel(MethodModel):
 
     def export_module(self) -> nn.Module:
         """image [B, 3, S, S] -> (score [B], anomaly_map [B, 1, S, S], score_map_max [B]); bank as constants."""
-        from .mvfa_export import MVFAExport
-
         if self.bank.shape[1] == 0:
             raise MadclipError("this MVFA model has no memory bank (finalize() was not run)")
         return MVFAExport(self).eval()

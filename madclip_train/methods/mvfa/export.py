@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mvfa_scores import _upsample, mix, zero_shot
+from .scores import _upsample, mix, zero_shot
 
-FP32_ISLANDS = ("text", "one", "norm_lo", "norm_scale")
+FP32_ISLANDS = ("text", "one", "norm_lo", "norm_scale")  # the FP32 tail starts at their consumers
 BANK_PREFIX = "bank_"
 
 

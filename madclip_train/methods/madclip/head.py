@@ -6,21 +6,13 @@ p_ab = softmax([S_n, S_ab])[1] = sigmoid(S_ab - S_n) = sigmoid((O_ab + O_n).dt).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ...maps import upsample_logits
 
 
 def branch_logits(o_n: torch.Tensor, o_ab: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit vectors [..., P, E] of both branches and dt [E] -> (S_n, S_ab), each [..., P]. No temperature."""
     return -(o_n @ dt), o_ab @ dt
-
-
-def upsample_logits(logit: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Per-layer patch logits [L, B, P] -> [L, B, S, S], bilinear with align_corners=True (the reference's)."""
-    n_layers, batch, n_patch = logit.shape
-    grid = int(round(n_patch ** 0.5))
-    x = logit.reshape(n_layers * batch, 1, grid, grid)
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=True)
-    return x.reshape(n_layers, batch, image_size, image_size)
 
 
 def score_outputs(det_logit: torch.Tensor, seg_logit: torch.Tensor, image_size: int) -> dict[str, torch.Tensor]:

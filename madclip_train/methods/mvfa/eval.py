@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import Split, load_arrays
-from .mvfa_scores import transductive_mix
+from ...data import Split, load_arrays
+from .scores import transductive_mix
 
 
 @torch.no_grad()

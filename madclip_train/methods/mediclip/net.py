@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone
-from ..head import upsample_logits
+from ...backbone import Backbone
+from ...maps import upsample_logits
 from .prompts import MediPrompts
 
 
@@ -75,21 +75,3 @@ class MediCLIPNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.outputs_from_logit(self.map_logit(self.taps(images), self.text_dt()))
-
-
-class MediCLIPExport(nn.Module):
-    """image [B, 3, S, S] -> (score [B], anomaly_map [B, 1, S, S], score_map_max [B]); dt a constant buffer."""
-
-    def __init__(self, net: MediCLIPNet, dt: torch.Tensor):
-        super().__init__()
-        self.backbone = net.backbone
-        self.adapters = net.adapters
-        self.image_size = net.image_size
-        self.register_buffer("dt", dt.detach().clone().float())
-
-    def forward(self, image: torch.Tensor):  # the ONNX input is named "image"
-        feats = self.backbone(image)  # L x [B, P, W]
-        mean = torch.stack([F.normalize(a(f), dim=-1) @ self.dt for a, f in zip(self.adapters, feats)]).mean(dim=0)
-        amap = torch.sigmoid(upsample_logits(mean.unsqueeze(0), self.image_size)[0]).unsqueeze(1)  # [B, 1, S, S]
-        peak = amap.flatten(1).amax(dim=1)
-        return peak, amap, peak

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from madclip_runtime.errors import MadclipError
 
-from .mvfa_scores import few_shot, minmax_constants, zero_shot
+from .scores import few_shot, minmax_constants, zero_shot
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..prompts import TextEncoder, _layout
+from ...text_tower import TextEncoder, prompt_layout
 
 NORMAL_WORDS = ("normal", "healthy", "negative", "unremarkable", "clear", "asymptomatic", "normal findings",
                 "no findings", "in good health", "no evidence of disease")
@@ -37,7 +37,7 @@ class MediPrompts(nn.Module):
             self.ctx[f"{cls}_end"] = nn.Parameter(torch.randn(len(words), n_ctx, width) * CTX_INIT_STD)
             ids, slots, eots = [], [], []
             for word in words:
-                seq, slot = _layout("end", sot, eot, tokenizer.encode(word), period, n_ctx)
+                seq, slot = prompt_layout("end", sot, eot, tokenizer.encode(word), period, n_ctx)
                 if len(seq) > length:
                     raise ValueError(f"prompt too long for the text context: {word!r}")
                 eots.append(len(seq) - 1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import FrozenVisual
+from ...backbone import FrozenVisual
 
 LEAKY = 0.01  # nn.LeakyReLU() default slope
 WRITE_BACK = (0.8, 0.1, 0.1)  # (stream, seg out, det out): the reference's fixed coefficients

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import dice_loss
+from ...maps import dice_loss
 
 SMOOTH = 1e-5
 FOCAL_TARGETS = ("truncate", "threshold")

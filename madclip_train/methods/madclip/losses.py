@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .head import upsample_logits
+from ...maps import dice_loss, focal_loss, upsample_logits
 
 
 def siglip_detection_loss(s_n: torch.Tensor, s_ab: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -19,21 +19,6 @@ def siglip_detection_loss(s_n: torch.Tensor, s_ab: torch.Tensor, labels: torch.T
     z = (2.0 * labels.to(s_n.dtype) - 1.0).unsqueeze(1)  # [B, 1]
     per_image = F.logsigmoid(-z * s_n).mean(dim=1) + F.logsigmoid(z * s_ab).mean(dim=1)  # [B]
     return -per_image.mean()
-
-
-def focal_loss(p_ab: torch.Tensor, masks: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """p_ab [B, S, S] (P_n = 1 - p_ab), masks bool [B, S, S] -> scalar (the reference's clamped one-hot form)."""
-    target = masks.to(p_ab.dtype).clamp(1e-5, 1.0 - 1e-5)  # one-hot over (normal, abnormal), clamped
-    p_t = (1.0 - target) * (1.0 - p_ab) + target * p_ab + 1e-5
-    return (-(1.0 - p_t) ** gamma * torch.log(p_t)).mean()
-
-
-def dice_loss(p_ab: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - Dice per image (smooth 1), then the mean over the batch. p_ab, masks [B, S, S]."""
-    m = masks.to(p_ab.dtype).flatten(1)
-    p = p_ab.flatten(1)
-    dice = (2.0 * (p * m).sum(1) + smooth) / (p.sum(1) + m.sum(1) + smooth)
-    return (1.0 - dice).mean()
 
 
 def madclip_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor, masks: torch.Tensor | None,

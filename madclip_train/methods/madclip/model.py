@@ -15,36 +15,48 @@ from torch import nn
 
 from madclip_runtime.errors import MadclipError
 
-from ..adapters import DualAdapters
-from ..backbone import Backbone, build_backbone, create_clip, embed_dim
-from ..config import ModelConfig
-from ..head import branch_logits, score_outputs
-from ..losses import madclip_loss
-from ..prompts import PromptLearner
-from .base import MethodModel, copy_state_strict
-from .registry import register
+from ...backbone import Backbone, create_clip, default_taps, embed_dim
+from ...config import ModelConfig
+from ..base import MethodModel, copy_state_strict
+from .adapters import DualAdapters
+from .export import MadCLIPExport
+from .head import branch_logits, score_outputs
+from .losses import madclip_loss
+from .options import OPTIONS
+from .prompts import PromptLearner
+from .reference import REFERENCE_FORMAT, convert_reference
 
 log = logging.getLogger(__name__)
 
 
-@register
+def build_backbone(clip: nn.Module, cfg: ModelConfig) -> Backbone:
+    """The frozen vision tower tapped at cfg.taps (default: 1/4, 2/4, 3/4, 4/4 of the depth): 4 taps."""
+    depth = len(clip.visual.transformer.resblocks)
+    taps = cfg.taps or default_taps(depth)
+    if len(taps) != 4 or max(taps) >= depth:
+        raise MadclipError(f"taps {taps} do not fit a {depth}-block backbone (need 4 indices < {depth})")
+    return Backbone(clip.visual, taps)
+
+
 class MadCLIP(MethodModel):
     """The trainable parts (adapters, prompt context) on top of a frozen open_clip model."""
 
     name = "madclip"
+    title = "MadCLIP"
     needs_abnormal = True
     augmentation = "x16"
     # the ModelConfig / PreprocessSpec / TrainConfig defaults are MadCLIP's reference (ViT-L-14-336 at 240, exact
     # GELU, [0, 1] inputs; Adam 1e-3, betas (0.5, 0.999), 60 epochs, batch 16): nothing to override
     model_defaults: dict = {}
     train_defaults: dict = {}
-    fp32_island_constants = ("dt",)
-    reference_format = ("the authors' per-dataset .pth: {normal,abnormal}_det_adapters (fc1, fc2 = det, fc3 = seg) "
-                        "and prompt_maker_{normal,abnormal} context vectors")
+    fp32_island_constants = MadCLIPExport.FP32_ISLANDS
+    option_schema = OPTIONS
+    reference_format = REFERENCE_FORMAT
 
     def __init__(self, cfg: ModelConfig, clip: nn.Module, tokenizer):
         super().__init__()
         self.cfg = cfg
+        self.option_schema.validate(cfg.options)  # MadCLIP has no switches: any option is refused
         self.backbone: Backbone = build_backbone(clip, cfg)
         self.adapters = DualAdapters(self.backbone.width, embed_dim(clip), n_layers=len(self.backbone.taps))
         self.prompts = PromptLearner(clip, tokenizer, cfg.objective, n_ctx=cfg.n_ctx, causal=cfg.causal_prompt_mask)
@@ -138,7 +150,7 @@ class MadCLIP(MethodModel):
         copy_state_strict(targets, state, source)
 
     def export_module(self) -> nn.Module:
-        return _ExportModule(self)
+        return MadCLIPExport(self)
 
     def provenance(self) -> dict:
         return {"objective": self.cfg.objective, "causal_prompt_mask": self.cfg.causal_prompt_mask}
@@ -146,55 +158,9 @@ class MadCLIP(MethodModel):
     # ---- the authors' released checkpoints ----------------------------------------------------------------
     @classmethod
     def convert_reference(cls, ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
-        """`{normal,abnormal}_det_adapters.{j}.fc{1,2,3}.0.weight` -> `adapters.{branch}.{j}.{fc1,det,seg}.weight`
-        (fc2 is the det head, fc3 the seg head); `prompt_maker_{normal,abnormal}` `prompt_learner.ctx.{cls}_{pos}`
-        -> `prompts.ctx.{cls}_{pos}`: the normal-class context from prompt_maker_normal and the abnormal-class
-        context from prompt_maker_abnormal when both makers hold both; the frozen text tower copy is ignored."""
-        out: dict[str, torch.Tensor] = {}
-        for branch in ("normal", "abnormal"):
-            sd = ref.get(f"{branch}_det_adapters")
-            if not isinstance(sd, dict):
-                raise MadclipError(f"reference checkpoint lacks '{branch}_det_adapters'")
-            for j in range(n_layers):
-                for ref_name, ours in _REF_HEADS.items():
-                    key = f"{j}.{ref_name}.0.weight"
-                    if key not in sd:
-                        raise MadclipError(f"reference checkpoint lacks {branch}_det_adapters.{key}")
-                    out[f"adapters.{branch}.{j}.{ours}.weight"] = sd[key].float()
-        makers = {c: ref.get(f"prompt_maker_{c}") for c in ("normal", "abnormal")}
-        for cls_name in ("normal", "abnormal"):
-            for pos in ("end", "front", "middle"):
-                key = f"prompt_learner.ctx.{cls_name}_{pos}"
-                order = [makers[cls_name], makers["abnormal" if cls_name == "normal" else "normal"]]
-                src = next((m[key] for m in order if isinstance(m, dict) and key in m), None)
-                if src is None:
-                    raise MadclipError(f"reference checkpoint lacks {key} in prompt_maker_{cls_name}")
-                out[f"prompts.ctx.{cls_name}_{pos}"] = src.float()
-        return out
-
-
-_REF_HEADS = {"fc1": "fc1", "fc2": "det", "fc3": "seg"}
+        return convert_reference(ref, n_layers)
 
 
 def _taps(feats: torch.Tensor) -> list[torch.Tensor]:
     """Cached/stacked features [B, L, P, W] -> L x [B, P, W] (contiguous, float32)."""
     return [f.contiguous() for f in feats.float().unbind(1)]
-
-
-class _ExportModule(nn.Module):
-    """image -> (score, anomaly_map, score_map_max) with the text tower replaced by the constant dt.
-
-    dt = t_ab - t_n is registered as a buffer, so the ONNX graph holds it as the initializer `dt` (the FP16
-    conversion starts its FP32 tail at dt's consumers); the backbone is truncated after the last tap.
-    """
-
-    def __init__(self, model: MadCLIP):
-        super().__init__()
-        self.register_buffer("dt", model.inference_context().detach().float().clone())  # [E]
-        model.backbone.truncate()
-        model.prompts = None  # the text tower is not part of the graph
-        self.model = model
-
-    def forward(self, image: torch.Tensor):  # image [B, 3, S, S] float32
-        out = self.model.outputs_from_taps(self.model.backbone(image), self.dt)
-        return out["score"], out["anomaly_map"], out["score_map_max"]  # [B], [B, 1, S, S], [B]
