@@ -213,7 +213,7 @@ def test_zero_shot_option_and_unknown_option():
     out = m.outputs(taps)
     assert torch.allclose(out["score"], text_probability(taps, m.tower.visual, m.text))
     assert m.output_ranges()["anomaly_map"] == (0.0, 4.0)
-    with pytest.raises(MadclipError, match="no option 'bogus'"):
+    with pytest.raises(MadclipError, match="has no such option"):
         AprilGANModel.build(_cfg(bogus=1), seed=0)
 
 
@@ -258,34 +258,54 @@ def test_convert_reference_format_and_errors(tmp_path):
 
 
 @pytest.mark.realdata
-def test_convert_reference_run_few_and_zero_shot(tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_convert_reference_few_and_zero_shot_then_export(tmp_path, capsys):
+    from safetensors.torch import load_file
 
-    from madclip_train.methods.aprilgan.reference import convert_aprilgan_reference
+    from madclip_export.cli import main as export_main
+    from madclip_train.cli import convert_main
     from madclip_train.rundir import load_run
 
     data = realscans_or_skip("Brain_AD")
     sd = _authors_checkpoint(tmp_path / "mvtec.pth")
-    few = convert_aprilgan_reference(
-        str(tmp_path / "mvtec.pth"), str(tmp_path / "few"), _cfg(), str(data), shots=2
-    )
-    state = load_file(str(tmp_path / "few" / "checkpoint.safetensors"))
-    assert torch.equal(state["linear.1.weight"], sd["fc.1.weight"])
-    assert state["aprilgan.bank"].shape == (4, 2 * 36, 64)  # 2 normal shots x 6 x 6 patches
-    model, _ = load_run(few)
+    common = [
+        "--method",
+        "aprilgan",
+        "--objective",
+        "Brain",
+        "--backbone",
+        "madclip-tiny",
+        "--pretrained",
+        "none",
+        "--image-size",
+        str(S),
+    ]
+    few = tmp_path / "few"
     assert (
-        model.few_shot and json.loads((tmp_path / "few" / "config.json").read_text())["dataset"]["has_masks"]
+        convert_main(
+            [str(tmp_path / "mvtec.pth"), *common, "--data", str(data), "--shots", "2", "--out", str(few)]
+        )
+        == 0
     )
-    # zero-shot (no --data), from a flat safetensors copy of the release
-    save_file(
-        {f"trainable_linearlayer.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors")
+    state = load_file(str(few / "checkpoint.safetensors"))
+    assert torch.equal(state["linear.1.weight"], sd["fc.1.weight"]) and torch.equal(
+        state["linear.2.bias"], sd["fc.2.bias"]
     )
-    zero = convert_aprilgan_reference(str(tmp_path / "m.safetensors"), str(tmp_path / "zero"), _cfg())
+    assert state["aprilgan.bank"].shape == (4, 2 * 36, 64)  # 2 normal shots x 6 x 6 patches
+    config = json.loads((few / "config.json").read_text())
+    assert config["dataset"]["has_masks"] and config["finalize"]["bank_shots"] == 2
+    model, _ = load_run(few)
+    assert model.few_shot
+    # without --data: the reference's zero-shot mode
+    zero = tmp_path / "zero"
+    assert convert_main([str(tmp_path / "mvtec.pth"), *common, "--out", str(zero)]) == 0
     model, _ = load_run(zero)
-    assert not model.few_shot
-    assert torch.equal(
-        load_file(str(tmp_path / "zero" / "checkpoint.safetensors"))["linear.3.bias"], sd["fc.3.bias"]
-    )
+    assert not model.few_shot and torch.equal(model.linear[3].bias.detach(), sd["fc.3.bias"])
+    assert export_main([str(few), "--out", str(tmp_path / "bundle")]) == 0
+    # a file that is not APRIL-GAN's: one line, nothing written
+    torch.save({"seg_adapters": {}}, tmp_path / "other.pth")
+    capsys.readouterr()
+    assert convert_main([str(tmp_path / "other.pth"), *common, "--out", str(tmp_path / "bad")]) == 2
+    assert "trainable_linearlayer" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 # ---- end to end through the CLIs on the real scans ------------------------------------------------------------------
@@ -402,7 +422,18 @@ def test_zero_shot_option_through_the_cli(tmp_path, capsys):
 
     data = realscans_or_skip("Brain_AD")
     out = tmp_path / "run"
-    common = ["--method", "aprilgan", "--data", str(data), "--shots", "2", "--epochs", "1", "--image-size", str(S)]
+    common = [
+        "--method",
+        "aprilgan",
+        "--data",
+        str(data),
+        "--shots",
+        "2",
+        "--epochs",
+        "1",
+        "--image-size",
+        str(S),
+    ]
     assert train_main([*common, "--option", "few_shot=false", "--out", str(out), *TINY]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["options"] == {"few_shot": False} and "zero-shot" in config["finalize"]["mode"]

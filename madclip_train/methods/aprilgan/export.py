@@ -16,6 +16,7 @@ from torch import nn
 
 from .scores import few_shot_map, fixed_score, text_probability, zero_shot_map
 
+FP32_ISLANDS = ("text", "one", "norm_lo", "norm_scale")  # the graph constants that start the FP32 tail
 BANK_PREFIX = "bank_"
 
 

@@ -24,38 +24,24 @@ from torch import nn
 from madclip_runtime.errors import MadclipError
 
 from ...config import ModelConfig
-from ..base import MethodModel
-from ..registry import register
+from ..base import MethodModel, ReferenceShots, ShotSource, copy_state_strict
 from .bank import build_bank_and_normalisers
+from .export import FP32_ISLANDS, AprilGANExport
 from .losses import aprilgan_loss
+from .options import OPTIONS
+from .reference import REFERENCE_FORMAT, convert_linear_layers, rebuild_from_shots
 from .scores import few_shot_map, fixed_score, layer_logits, patch_distances, text_probability, zero_shot_map
 from .text import encode_ensemble
 from .tower import TappedTower, aprilgan_taps
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPTIONS = {"few_shot": True}
-REFERENCE_FORMAT = (
-    "VAND-APRIL-GAN exps/.../epoch_N.pth: {'trainable_linearlayer': {fc.{i}.weight [E, W], "
-    "fc.{i}.bias [E]}}, i = 0..3"
-)
 
-
-def check_options(options: dict | None) -> dict:
-    unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise MadclipError(f"aprilgan has no option {unknown[0]!r} (known: {', '.join(DEFAULT_OPTIONS)})")
-    opts = {**DEFAULT_OPTIONS, **(options or {})}
-    if not isinstance(opts["few_shot"], bool):
-        raise MadclipError(f"aprilgan option few_shot must be true or false, got {opts['few_shot']!r}")
-    return opts
-
-
-@register
 class AprilGANModel(MethodModel):
     """Frozen tapped tower + 4 linear layers + constants: text T [E, 2], bank [L, N, W], normalisers."""
 
     name = "aprilgan"
+    title = "APRIL-GAN"
     needs_abnormal = True
     augmentation = "none"  # the reference trains on the images as they are
     model_defaults = {
@@ -66,8 +52,15 @@ class AprilGANModel(MethodModel):
         "interpolation": "bicubic",
     }
     train_defaults = {"epochs": 50, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999)}
-    fp32_island_constants = ("text", "one", "norm_lo", "norm_scale")  # see export.py
+    fp32_island_constants = FP32_ISLANDS
+    option_schema = OPTIONS
+    supports_transductive = True
     reference_format = REFERENCE_FORMAT
+    reference_needs_shots = (
+        "the authors' release holds no memory bank, it is built from the dataset's valid/ "
+        "shots (--shot-list for exact shots); without --data the run is the zero-shot mode"
+    )
+    reference_shots_optional = True
 
     def __init__(
         self,
@@ -79,7 +72,7 @@ class AprilGANModel(MethodModel):
     ):
         super().__init__()
         self.cfg = cfg
-        self.options = check_options(options if options is not None else cfg.options)
+        self.options = self.option_schema.validate(options if options is not None else cfg.options)
         self.tower = TappedTower(visual, taps)
         width, embed = self.tower.width, int(text.shape[0])
         self.linear = nn.ModuleList(nn.Linear(width, embed) for _ in taps)
@@ -90,17 +83,13 @@ class AprilGANModel(MethodModel):
 
     # --- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def default_options(cls) -> dict:
-        return dict(DEFAULT_OPTIONS)
-
-    @classmethod
     def build(cls, cfg: ModelConfig, seed: int = 0) -> "AprilGANModel":
         """Frozen CLIP per cfg (weights never substituted), T from the ensemble, fresh linear layers from `seed`."""
         import open_clip
 
         from ...backbone import create_clip
 
-        check_options(cfg.options)
+        cls.option_schema.validate(cfg.options)  # before the (slow) CLIP build
         clip = create_clip(cfg)
         taps = aprilgan_taps(len(clip.visual.transformer.resblocks), tuple(cfg.taps))
         text = encode_ensemble(clip, open_clip.get_tokenizer(cfg.backbone), cfg.objective)
@@ -171,7 +160,7 @@ class AprilGANModel(MethodModel):
         return source
 
     @torch.no_grad()
-    def finalize(self, source, device, progress=None) -> dict:
+    def finalize(self, source: ShotSource, device, progress=None) -> dict:
         """Few-shot: the bank from the normal shots and the cross-fitted normalisers (training images only).
 
         The images are re-run in fp32 from the source's images (not from the fp16 feature cache)."""
@@ -253,18 +242,18 @@ class AprilGANModel(MethodModel):
     # --- reference checkpoints -----------------------------------------------------------------------------------
     @classmethod
     def convert_reference(cls, ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
-        """The authors' {'trainable_linearlayer': {fc.{i}.weight, fc.{i}.bias}} -> `linear.{i}.weight/bias`.
-
-        The release holds no memory bank: it is built from the shots (finalize)."""
-        from .reference import convert_linear_layers
-
+        """The authors' {'trainable_linearlayer': {fc.{i}.weight, fc.{i}.bias}} -> `linear.{i}.weight/bias`."""
         return convert_linear_layers(ref, n_layers)
+
+    def load_reference(
+        self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None
+    ) -> dict:
+        """The release's linear layers, then the bank and normalisers from the shots (none: zero-shot mode)."""
+        return rebuild_from_shots(self, state, source, shots)
 
     @torch.no_grad()
     def load_linear(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Copy converted linear-layer tensors (no text, bank or normalisers) into the model, shapes checked."""
-        from ..base import copy_state_strict
-
         copy_state_strict({f"linear.{k}": v for k, v in self.linear.state_dict().items()}, state, source)
 
     # --- state and export ----------------------------------------------------------------------------------------
@@ -294,8 +283,6 @@ class AprilGANModel(MethodModel):
 
     def export_module(self) -> nn.Module:
         """image [B, 3, S, S] -> (score [B], anomaly_map [B, 1, S, S], score_map_max [B]); bank as constants."""
-        from .export import AprilGANExport
-
         return AprilGANExport(self).eval()
 
     def provenance(self) -> dict:
