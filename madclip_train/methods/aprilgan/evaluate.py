@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from madclip_runtime.contract import SCORE, SCORE_MAP_MAX
+
 from ...data import Split, load_arrays
 from .scores import transductive_score
 
@@ -36,7 +38,7 @@ def predict_split_transductive(
             progress.advance(task, len(chunk))
     cat = {k: np.concatenate(v) for k, v in parts.items() if v}
     score = transductive_score(cat["p"], cat["max"]) if model.few_shot else cat["p"].astype(np.float64)
-    out = {"score": score, "score_map_max": cat["max"], "labels": cat["labels"]}
+    out = {SCORE: score, SCORE_MAP_MAX: cat["max"], "labels": cat["labels"]}
     if split.has_masks:
         out["maps"], out["masks"] = cat["maps"], cat["masks"]
     return out

@@ -21,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
 from madclip_runtime.errors import MadclipError
 
 from ...config import ModelConfig
@@ -206,7 +207,7 @@ class AprilGANModel(MethodModel):
         """-> score [B] (0.5 (p + normalised max A); p without a bank), anomaly_map [B, 1, S, S] = A, max A."""
         r = self.raw_scores(feats)
         score = fixed_score(r["p"], r["max"], self.norm_lo, self.norm_scale) if self.few_shot else r["p"]
-        return {"score": score, "anomaly_map": r["map"].unsqueeze(1), "score_map_max": r["max"]}
+        return {SCORE: score, ANOMALY_MAP: r["map"].unsqueeze(1), SCORE_MAP_MAX: r["max"]}
 
     def predict_transductive(self, split, batch_size: int = 16, device="cpu", progress=None) -> dict:
         """The reference's evaluation (test-set min-max of max A), predict_split's keys: see evaluate.py."""
@@ -219,23 +220,23 @@ class AprilGANModel(MethodModel):
         max A in [0, 3L] (the normalisers span the training shots, so an unseen image may leave [0, 1])."""
         n = len(self.tower.taps)
         if not self.few_shot:
-            return {"score": (0.0, 1.0), "anomaly_map": (0.0, float(n))}
+            return {SCORE: (0.0, 1.0), ANOMALY_MAP: (0.0, float(n))}
         lo, scale = float(self.norm_lo[0]), float(self.norm_scale[0])
         return {
-            "score": (0.5 * (0.0 - lo) * scale, 0.5 * (1.0 + (3.0 * n - lo) * scale)),
-            "anomaly_map": (0.0, 3.0 * n),
+            SCORE: (0.5 * (0.0 - lo) * scale, 0.5 * (1.0 + (3.0 * n - lo) * scale)),
+            ANOMALY_MAP: (0.0, 3.0 * n),
         }
 
     def output_meanings(self) -> dict[str, str]:
         if not self.few_shot:
             return {
-                "score": "P(abnormal) of the image embedding against the prompt ensemble",
-                "anomaly_map": "sum over the tapped layers of P(abnormal) per pixel",
+                SCORE: "P(abnormal) of the image embedding against the prompt ensemble",
+                ANOMALY_MAP: "sum over the tapped layers of P(abnormal) per pixel",
             }
         return {
-            "score": "0.5 (P(abnormal) of the image embedding + max of the map, normalised with constants "
+            SCORE: "0.5 (P(abnormal) of the image embedding + max of the map, normalised with constants "
             "fixed on the training shots)",
-            "anomaly_map": "sum over layers of P(abnormal) per pixel + sum over layers of (1 - max cosine) "
+            ANOMALY_MAP: "sum over layers of P(abnormal) per pixel + sum over layers of (1 - max cosine) "
             "to the normal shots' patch tokens",
         }
 
