@@ -308,7 +308,16 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
         log.info(msg)
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
-    path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
+    try:
+        path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
+    except Exception as exc:  # noqa: BLE001 (TensorRT raises RuntimeError too; the engine is optional)
+        if opts.engine:
+            raise
+        first = (str(exc).splitlines() or [exc.__class__.__name__])[0]
+        msg = (f"TensorRT engine build failed here ({exc.__class__.__name__}: {first}); the bundle is written "
+               f"without it, madclip-infer --backend trt retries on first use")
+        log.warning(msg)
+        return {"built": False, "reason": msg}
     return {"built": True, "in_bundle": False, "cached_engine": str(path), "tensorrt": version}
 
 

@@ -389,7 +389,7 @@ def require_trt() -> Any:
         raise BackendUnavailable("trt: no CUDA GPU is visible on this machine")
     if not found.cudart_ok:
         raise BackendUnavailable(f"trt: cuda-python cannot use the GPU ({found.error}); "
-                                 "JetPack 6 needs cuda-python<13 (see the README, GPU section)")
+                                 "older drivers need cuda-python<13, JetPack 6.1/6.2 cuda-python 12.6.x (docs/gpu.md)")
     return trt
 
 
