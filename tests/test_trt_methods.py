@@ -114,10 +114,12 @@ def test_tail_pinned_by_structure_for_every_method(method, method_bundles):
     assert backbone_mm and not set(backbone_mm) & set(pinned)
 
 
-def test_mvfa_bank_matmuls_stay_fp16_and_its_tail_is_found(method_bundles):
-    """MVFA: the tail starts at `text` (zero-shot) and `one` (1 - max similarity); the memory-bank matmuls
-    (the largest constants) stay FP16; the old tensor-name rule found none of it."""
-    bundle = method_bundles["mvfa"]
+@pytest.mark.parametrize("method", ("mvfa", "aprilgan"))
+def test_bank_matmuls_stay_fp16_and_the_tail_is_found(method, method_bundles):
+    """The memory-bank methods: the tail starts at `text` (zero-shot map; APRIL-GAN's text probability too) and
+    `one` (1 - max similarity); the memory-bank matmuls (the largest constants) stay FP16; the old tensor-name
+    rule found none of it."""
+    bundle = method_bundles[method]
     islands = tuple(json.loads((bundle / "metadata.json").read_text())["fp32_islands"])
     network = trt_fakes.parse(bundle / "model.onnx")
     old_starts = [
