@@ -164,7 +164,7 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         torch_ref = _torch_outputs(model, golden_images)
 
         step(f"exporting the FP32 ONNX graph ({model.title}: text side baked as constants, FP32 tail from "
-             f"{', '.join(model.fp32_island_constants)}; backbone truncated)")
+             f"{', '.join(model.fp32_island_constants)}; backbone truncated; about a minute on a CPU)")
         t0 = time.perf_counter()
         export_onnx(model, tmp / MODEL_FILES["fp32"], opts.max_batch, opts.opset)
         opset = written_opset(tmp / MODEL_FILES["fp32"], opts.opset)
@@ -305,7 +305,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
             raise
         msg = (f"TensorRT engine not built here ({str(exc).splitlines()[0]}): madclip-infer --backend trt builds it "
                f"on the target on first use")
-        log.info(msg)
+        log.debug(msg)  # the CLI prints the reason once, after the report table
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
     try:

@@ -34,7 +34,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                    help=f"the method to train (default {DEFAULT_METHOD})")
     p.add_argument("--shots", type=bounded_int(1, 10_000),
-                   help=f"k normal + k abnormal shots (default 16; {normal_only}: k normal only)")
+                   help=f"k normal + k abnormal shots (default 16; {normal_only}: k normal only, all of them "
+                        f"when the folder has fewer, like madclip-synth)")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), help="shot sampling, initialisation, batch order, jitter (default 111)")
     p.add_argument("--shot-list", help="shot-list file (lines 'a-0: name ...' and 'n-0: name ...'); overrides --shots")
     p.add_argument("--objective", help="[Objective] word (default: from the dataset folder name, else 'medical image')")
