@@ -60,7 +60,7 @@ from typing import Any, Iterable
 from .. import INTENDED_USE, __version__
 from ..atomic import atomic_write_text, sha256_file
 from . import integrity
-from ..contract import ANOMALY_MAP, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, PRECISIONS, SCORE
+from ..contract import ANOMALY_MAP, FP32, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, PRECISIONS, SCORE
 from ..errors import BundleError
 from .metadata_schema import SCHEMA_VERSION, validate_metadata
 from ..preprocess import PreprocessSpec
@@ -234,7 +234,7 @@ class Bundle:
         """Model variants present, in PRECISIONS order."""
         return tuple(p for p in PRECISIONS if p in self.meta["models"])
 
-    def model_path(self, precision: str = "fp32") -> str:
+    def model_path(self, precision: str = FP32) -> str:
         """Absolute path of a model variant; BundleError if the bundle does not have it."""
         models = self.meta["models"]
         if precision not in models:
