@@ -30,7 +30,7 @@ from .bank import build_bank_and_normalisers
 from .export import FP32_ISLANDS, AprilGANExport
 from .losses import aprilgan_loss
 from .options import OPTIONS
-from .reference import REFERENCE_FORMAT, convert_linear_layers, rebuild_from_shots
+from .reference import REFERENCE_FORMAT, convert_linear_layers, rebuild_from_shots, to_reference
 from .scores import few_shot_map, fixed_score, layer_logits, patch_distances, text_probability, zero_shot_map
 from .text import encode_ensemble
 from .tower import TappedTower, aprilgan_taps
@@ -245,6 +245,9 @@ class AprilGANModel(MethodModel):
     def convert_reference(cls, ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
         """The authors' {'trainable_linearlayer': {fc.{i}.weight, fc.{i}.bias}} -> `linear.{i}.weight/bias`."""
         return convert_linear_layers(ref, n_layers)
+
+    def reference_checkpoint(self) -> dict:
+        return to_reference(self.trainable_state(), len(self.linear))
 
     def load_reference(
         self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None

@@ -51,6 +51,18 @@ def convert_linear_layers(ref: dict, n_layers: int = 4) -> dict[str, torch.Tenso
     return out
 
 
+def to_reference(state: dict[str, torch.Tensor], n_layers: int = 4) -> dict:
+    """Our `linear.{i}.weight/bias` -> the authors' {'trainable_linearlayer': {fc.{i}.weight, fc.{i}.bias}}
+    (the inverse of `convert_linear_layers`; their test.py loads it with load_state_dict)."""
+    return {
+        KEY: {
+            f"fc.{i}.{p}": state[f"linear.{i}.{p}"].clone()
+            for i in range(n_layers)
+            for p in ("weight", "bias")
+        }
+    }
+
+
 @dataclass
 class ShotImages:
     """The shots as finalize() reads a training source (each shot its own group, all un-augmented)."""
