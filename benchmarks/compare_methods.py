@@ -17,7 +17,7 @@ Shot lists in the authors' format (lines `n-0: ...` / `a-0: ...`) are taken from
 (<folder>/<Obj>/<k>-shot.txt, e.g. MVFA-AD's dataset/fewshot_seed) when given, so both methods see the
 exact published shots; otherwise each run samples k + k shots with --seed.
 
-A third method is one more `Method(...)` entry in METHODS.
+A further method is one more `Method(...)` entry in METHODS.
 
     python benchmarks/compare_methods.py --root data/ --shots 2 4 8 16 --shot-lists MVFA-AD/dataset/fewshot_seed
     python benchmarks/compare_methods.py --root ../shared/data/realscans --shots 2 --backbone madclip-tiny \
@@ -51,6 +51,9 @@ METHODS = [
     Method("mvfa", eval_modes={"inductive": (), "transductive": ("--transductive",)}, paper_mode="transductive"),
     # MediCLIP trains on the k normal shots only (anomalies synthesised); evaluated on the same test split
     Method("mediclip", shot_lists=False),
+    # APRIL-GAN: linear layers trained on the k + k shots (masks where the dataset has them), bank of the k normal
+    # shots; the paper's image score min-maxes over the test set (--transductive)
+    Method("aprilgan", eval_modes={"inductive": (), "transductive": ("--transductive",)}, paper_mode="transductive"),
 ]
 
 # Published AUC % (AC image, AS pixel; None = not reported), keyed by our short dataset names.

@@ -38,13 +38,13 @@ def convert_reference_run(checkpoint: str, out: str, mcfg: ModelConfig, force: b
 
     A method whose release lacks state (`reference_needs_shots`, e.g. MVFA's memory bank) rebuilds it from the
     shots of `data` (`shot_list` for the authors' exact shots, else `shots` per class sampled with `seed`),
-    never from the test split."""
+    never from the test split; with `reference_shots_optional` it also converts without `data` (shots=None)."""
     cls = get_method(mcfg.method)
-    if cls.reference_needs_shots and not data:
+    if cls.reference_needs_shots and not data and not cls.reference_shots_optional:
         raise MadclipError(f"--method {cls.name} needs --data: {cls.reference_needs_shots}")
     state = cls.convert_reference(load_reference_checkpoint(checkpoint))
     samples, ref_shots = None, None
-    if cls.reference_needs_shots:
+    if cls.reference_needs_shots and data:
         split = load_split(data, "valid")
         samples = shots_from_list(split, shot_list) if shot_list else sample_shots(split, shots, seed)
     with AtomicDirectory(out, force=force) as tmp:

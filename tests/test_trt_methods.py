@@ -1,8 +1,8 @@
 """The FP16-flag FP32 tail of every method, on the network TensorRT's ONNX parser builds from the method's real
 exported graph (tiny config; tests/trt_fakes.py reproduces the parser's naming and reshapes).
 
-For each method (MadCLIP, MVFA, MediCLIP) the layers the builder pins must be exactly the score head the FP16
-ONNX conversion keeps in FP32 (madclip_export/fp16.py `head_nodes`, from the bundle's `fp32_islands`) plus
+For each method (MadCLIP, MVFA, MediCLIP, APRIL-GAN) the layers the builder pins must be exactly the score
+head the FP16 ONNX conversion keeps in FP32 (madclip_export/fp16.py `head_nodes`, from the bundle's `fp32_islands`) plus
 the type/name islands (`trt_rules.fp32_island`); no other matmul (backbone, MVFA's memory bank) is pinned.
 """
 
@@ -21,13 +21,13 @@ from .trt_fakes import FakeTrt, LayerType
 pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
-METHODS = ("madclip", "mvfa", "mediclip")
+METHODS = ("madclip", "mvfa", "mediclip", "aprilgan")
 
 
 @pytest.fixture(scope="module")
 def method_bundles(exported_tiny_bundle, tmp_path_factory):
-    """One tiny bundle per method: MadCLIP's is the suite's shared one; MVFA and MediCLIP are trained 1 epoch
-    on the generated demo data and exported FP32 (`--method mvfa` / `--method mediclip`)."""
+    """One tiny bundle per method: MadCLIP's is the suite's shared one; the others are trained 1 epoch on the
+    generated demo data and exported FP32 (`--method mvfa` / `mediclip` / `aprilgan`)."""
     from madclip_export.export import ExportOptions, export_bundle
     from madclip_train.demo import generate_demo
     from madclip_train.run import TrainRequest, train_run
@@ -114,10 +114,12 @@ def test_tail_pinned_by_structure_for_every_method(method, method_bundles):
     assert backbone_mm and not set(backbone_mm) & set(pinned)
 
 
-def test_mvfa_bank_matmuls_stay_fp16_and_its_tail_is_found(method_bundles):
-    """MVFA: the tail starts at `text` (zero-shot) and `one` (1 - max similarity); the memory-bank matmuls
-    (the largest constants) stay FP16; the old tensor-name rule found none of it."""
-    bundle = method_bundles["mvfa"]
+@pytest.mark.parametrize("method", ("mvfa", "aprilgan"))
+def test_bank_matmuls_stay_fp16_and_the_tail_is_found(method, method_bundles):
+    """The memory-bank methods: the tail starts at `text` (zero-shot map; APRIL-GAN's text probability too) and
+    `one` (1 - max similarity); the memory-bank matmuls (the largest constants) stay FP16; the old tensor-name
+    rule found none of it."""
+    bundle = method_bundles[method]
     islands = tuple(json.loads((bundle / "metadata.json").read_text())["fp32_islands"])
     network = trt_fakes.parse(bundle / "model.onnx")
     old_starts = [

@@ -211,6 +211,8 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
     reference_format: ClassVar[str] = ""  # what `convert_reference` reads (for the CLI's help)
     # why conversion needs the dataset's shots (--data, --shot-list) to rebuild state; "" = it does not
     reference_needs_shots: ClassVar[str] = ""
+    # True: the shots are optional (conversion without --data gives `load_reference` shots=None)
+    reference_shots_optional: ClassVar[bool] = False
 
     cfg: ModelConfig
     backbone: BackboneContract  # the frozen backbone (a submodule or a property): `taps` and `fingerprint()`

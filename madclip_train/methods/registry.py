@@ -16,6 +16,7 @@ _PACKAGES: dict[str, str] = {
     "madclip": f"{__package__}.madclip",
     "mvfa": f"{__package__}.mvfa",
     "mediclip": f"{__package__}.mediclip",
+    "aprilgan": f"{__package__}.aprilgan",
 }
 _loaded: dict[str, type[MethodModel]] = {}
 
