@@ -8,9 +8,9 @@ import os
 import secrets
 from typing import Any, Sequence
 
+from ..contract import SCORE, SCORE_MAP_MAX
 from ..errors import InputError, MadclipError
 from .common import err_console, error_line
-from ..contract import SCORE, SCORE_MAP_MAX
 
 
 def check_out_dir(out: str) -> str:

@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 from .. import INTENDED_USE, __version__
 from ..cli.common import ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
-from ..errors import InputError, MadclipError
 from ..contract import FP16, FP32, INT8, ORT_CPU, ORT_CUDA, ORT_TRT, TRT
+from ..errors import InputError, MadclipError
 from .spool import Spool, series_key
 
 log = logging.getLogger("madclip.dicom-node")

@@ -31,8 +31,14 @@ from PIL import Image
 
 from .. import INTENDED_USE
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..contract import (DICOM_SEG_SUFFIX, SCORE, SCORE_MAP_MAX, VOLUME_MAP_SUFFIX, VOLUME_MONTAGE_SUFFIX,
-                        decide)
+from ..contract import (
+    DICOM_SEG_SUFFIX,
+    SCORE,
+    SCORE_MAP_MAX,
+    VOLUME_MAP_SUFFIX,
+    VOLUME_MONTAGE_SUFFIX,
+    decide,
+)
 from ..errors import MadclipError
 from ..outputs import mark_output_dir
 from ..overlay import jsonable, render_montage_tiles, verdict_colour
