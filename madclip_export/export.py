@@ -107,6 +107,9 @@ def export_onnx(model, path: Path, max_batch: int, opset: int) -> None:
     torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                       dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True,
                       external_data=n_bytes > 1_000_000_000, verbose=False)
+    from .openvino import rewrite_vector_matmuls
+
+    rewrite_vector_matmuls(path)  # 1-D constant MatMuls as matrix-vector products: OpenVINO compiles them
 
 
 def _model_files(directory: Path, name: str) -> list[str]:
@@ -207,6 +210,12 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
             _check_finite(report["variants"]["int8"], "INT8")
             models["int8"] = MODEL_FILES["int8"]
 
+        step("OpenVINO: FP32/BF16 parity" + (", NNCF INT8 IR" if opts.int8 else ""))
+        from .openvino import openvino_variants
+
+        report["openvino"], ov_meta = openvino_variants(tmp, torch_ref, fp32, golden_images, golden_labels, calibration,
+                                                        shot_images, method_meta["fp32_islands"], opts.max_batch, opts.int8)
+
         if opts.triton:
             step("writing the Triton model repository")
             from .triton import write_triton_repository
@@ -223,8 +232,8 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         report["calibration"] = calibration
         report["seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        write_metadata(tmp, _metadata(config, spec, method_meta, opts, calibration, models, run_dir, opset),
-                       signing_key=signing_key)
+        write_metadata(tmp, {**_metadata(config, spec, method_meta, opts, calibration, models, run_dir, opset),
+                             **ov_meta}, signing_key=signing_key)
     return report
 
 

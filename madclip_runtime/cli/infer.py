@@ -29,13 +29,14 @@ from .. import INTENDED_USE, __version__
 from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
                          finite_float, run_cli, setup_logging)
 from .volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
+from ..contract import BACKENDS, PRECISIONS
 from ..errors import InputError, MadclipError
 from ..safe_text import escape_control
 
 log = logging.getLogger(__name__)
 
-BACKEND_CHOICES = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
-PRECISION_CHOICES = ("fp32", "fp16", "int8")
+BACKEND_CHOICES = ("auto", *BACKENDS)  # the names live in contract.py (madclip-serve/-batch import these)
+PRECISION_CHOICES = PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +183,8 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
         table.add_row("anomaly_map p99 |err|", f"{res['map_p99_abs_err']:.3g}", f"{tol['map_p99']:g}")
         table.add_row("anomaly_map max |err|", f"{res['map_max_abs_err']:.3g}", "(reported)")
         if res["label_agreement"] is not None:
-            table.add_row("decision agreement", f"{res['label_agreement']:.0%}", "(reported)")
+            table.add_row("decision agreement", f"{res['label_agreement']:.0%} ({res['decision_flips']} flipped)",
+                          "(reported)")
         table.add_row("export decisions reproduced", "yes" if res["decisions_reproduced"] else
                       f"NO ({res['n_changed']} changed)", "all")
         out.print(table)
