@@ -74,7 +74,7 @@ def rewrite_vector_matmuls(path: str | os.PathLike) -> int:
             node.input[1] = columns[node.input[1]]
             node.output[0] = f"{out}__column"
             rebuilt += [node, helper.make_node("Squeeze", [node.output[0], squeeze_axis], [out],
-                                               name=f"{node.name}__squeeze")]
+                                               name=f"{node.name or out}__squeeze")]
         else:
             rebuilt.append(node)
     del graph.node[:]
