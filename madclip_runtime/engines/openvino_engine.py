@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..contract import INPUT_NAME, OPENVINO, OPENVINO_PRECISIONS
+from ..contract import INPUT_NAME, OPENVINO, OPENVINO_PRECISIONS, OUTPUT_NAMES
 from ..errors import BackendUnavailable, BundleError
 
 log = logging.getLogger(__name__)
@@ -138,13 +138,19 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+def _contract_name(names: Iterable[str], wanted: Iterable[str]) -> str:
+    names = set(names)
+    return next((n for n in wanted if n in names), min(names) if names else "")
+
+
 class OpenVinoRunner:
     """A compiled model and one infer request (single-threaded use, like an onnxruntime session)."""
 
     def __init__(self, compiled: Any, path: Path):
         self.compiled, self.path = compiled, path
         self.request = compiled.create_infer_request()
-        self.output_names = [next(iter(o.get_names())) for o in compiled.outputs]
+        # A tensor may carry several names (fused Identity nodes): take the contract's name when it has it.
+        self.output_names = [_contract_name(o.get_names(), OUTPUT_NAMES) for o in compiled.outputs]
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """float32 images [B, 3, H, W] -> float32 outputs by name."""
@@ -176,7 +182,7 @@ def compile_model(path: Path, precision: str, cache_dir: Path | None, threads: i
         compiled = core.compile_model(str(path), "CPU", config)
     except RuntimeError as exc:
         raise BundleError(f"{path}: OpenVINO cannot compile the model: {_first_line(exc)}") from None
-    inputs = [next(iter(i.get_names()), "") for i in compiled.inputs]
+    inputs = [_contract_name(i.get_names(), (INPUT_NAME,)) for i in compiled.inputs]
     if inputs != [INPUT_NAME]:
         raise BundleError(f"{path}: model inputs {inputs}, expected ['{INPUT_NAME}']")
     info = {"openvino": ov.__version__, "inference_precision": PRECISION_HINT[precision],
