@@ -25,7 +25,13 @@ from typing import Iterable
 
 import numpy as np
 
+from madclip_runtime.errors import MadclipError
+
 log = logging.getLogger(__name__)
+
+
+class OpenVinoParityError(MadclipError):
+    """An OpenVINO variant does not compute what the FP32 graph computes."""
 
 
 def rewrite_vector_matmuls(path: str | os.PathLike) -> int:
@@ -207,7 +213,6 @@ def openvino_variants(tmp: Path, torch_ref: dict, fp32_ref: dict, golden: np.nda
                                              "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32",
                                              **timing}
             if any(not np.isfinite(v["max_abs"]) for v in report["variants"][precision]["errors"].values()):
-                from .export import ParityError
-
-                raise ParityError(f"OpenVINO {precision} produced non-finite outputs on the golden set; no bundle written")
+                raise OpenVinoParityError(f"OpenVINO {precision} produced non-finite outputs on the golden set; "
+                                          f"no bundle written")
     return report, meta

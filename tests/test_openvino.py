@@ -250,7 +250,7 @@ def test_int8_without_the_ir_and_wrong_precisions_are_one_line(tmp_path):
 
 
 def test_auto_rule(monkeypatch):
-    """bf16 -> openvino; int8 -> openvino only with the IR; fp32 -> openvino on AVX-512 CPUs, else ort-cpu."""
+    """bf16 -> openvino; int8 -> openvino only with the IR; fp32 -> ort-cpu (openvino only without onnxruntime)."""
     from madclip_runtime.engines import backends, openvino_engine
 
     monkeypatch.setattr(backends, "_trt_usable", lambda: False)
@@ -258,9 +258,12 @@ def test_auto_rule(monkeypatch):
     assert backends.resolve_auto("bf16") == OPENVINO
     assert backends.resolve_auto("int8", has_openvino_int8=True) == OPENVINO
     assert backends.resolve_auto("int8", has_openvino_int8=False) == "ort-cpu"
-    for avx512, expected in ((True, OPENVINO), (False, "ort-cpu")):
-        monkeypatch.setattr(openvino_engine, "cpu_features", lambda v=avx512: {"avx512f": v})
-        assert backends.resolve_auto("fp32") == expected
+    assert backends.resolve_auto("fp32") == "ort-cpu"
+    monkeypatch.setattr(backends, "import_onnxruntime", lambda gpu=False: (_ for _ in ()).throw(BackendUnavailable("x")))
+    assert backends.resolve_auto("fp32") == OPENVINO  # the only CPU backend installed
+    monkeypatch.undo()
+    monkeypatch.setattr(backends, "_trt_usable", lambda: False)
+    monkeypatch.setattr(backends, "_visible_gpu", lambda: False)
     monkeypatch.setattr(openvino_engine, "installed", lambda: False)
     assert OPENVINO not in backends.available_backends()
     assert backends.resolve_auto("fp32") == "ort-cpu"

@@ -244,9 +244,12 @@ class Bundle:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        """Model variants present, in PRECISIONS order (bf16 with fp32: it runs the fp32 graph)."""
-        return tuple(p for p in PRECISIONS if RUNTIME_PRECISION_OF.get(p, p) in self.meta["models"]
-                     or p in self.openvino_models)
+        """Model variants present (ONNX or OpenVINO IR files), in PRECISIONS order."""
+        return tuple(p for p in PRECISIONS if p in self.meta["models"] or p in self.openvino_models)
+
+    def has_precision(self, precision: str) -> bool:
+        """A variant file for `precision`, or the graph it runs with a runtime hint (bf16: the fp32 graph)."""
+        return precision in self.precisions or RUNTIME_PRECISION_OF.get(precision) in self.meta["models"]
 
     @property
     def openvino_models(self) -> dict[str, str]:
@@ -301,9 +304,10 @@ def _verify_files(path: str, meta: dict[str, Any], which: str | bool, precision:
     if mode == "model":
         if precision is None:
             raise ValueError("verify='model' needs a precision")
+        ov = meta.get("openvino_models") or {}
         if not model_files(meta, precision):
             raise BundleError(f"{path}: no {precision} model in this bundle "
-                              f"(has {', '.join(p for p in PRECISIONS if model_files(meta, p))})")
+                              f"(has {', '.join(p for p in PRECISIONS if p in meta['models'] or p in ov)})")
         hashed: Iterable[str] = set(model_files(meta, precision)) | ({GOLDEN_FILE} & set(files))
     elif mode == "all":
         hashed = set(files)

@@ -39,7 +39,7 @@ from rich.table import Table
 from .. import INTENDED_USE
 from ..atomic import atomic_write_text
 from .common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
-from ..contract import ANOMALY_MAP, BACKENDS, GOLDEN_INPUT, PRECISIONS, SCORE, decide
+from ..contract import ANOMALY_MAP, BACKENDS, GOLDEN_INPUT, OPENVINO, PRECISIONS, SCORE, decide
 from ..machine import machine_description, peak_rss_mb
 from ..errors import MadclipError
 from ..safe_text import escape_control
@@ -201,7 +201,9 @@ def _main(argv: Sequence[str] | None) -> int:
     bundle = load_bundle(args.bundle, verify=True)
     golden = read_golden(bundle)
     backends = _split(args.backends, BACKENDS, "backends")
-    precisions = _split(args.precisions, PRECISIONS, "precisions") if args.precisions else list(bundle.precisions)
+    precisions = _split(args.precisions, PRECISIONS, "precisions") if args.precisions else [
+        p for p in PRECISIONS if p in bundle.precisions or (p == "bf16" and OPENVINO in backends
+                                                           and bundle.has_precision(p))]
     batch = args.batch or bundle.max_batch or 8
     if batch < 1 or (bundle.max_batch and batch > bundle.max_batch):
         raise MadclipError(f"--batch must be in 1..{bundle.max_batch or 'inf'} for this bundle, got {batch}")
@@ -223,7 +225,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for be in backends:
             for prec in precisions:
                 row: dict[str, Any] = {"backend": be, "precision": prec}
-                if prec not in bundle.precisions:
+                if not bundle.has_precision(prec):
                     rows.append({**row, "status": "skipped", "reason": f"no {prec} model in the bundle"})
                     continue
                 if be not in available:

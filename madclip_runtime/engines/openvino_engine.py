@@ -16,8 +16,8 @@ second start of a bundle skips compilation. `openvino` is imported lazily; witho
 one-line BackendUnavailable naming the extra.
 
 "auto" picks openvino over ort-cpu (docs/runtime.md, "How auto chooses"): for bf16 (only OpenVINO has BF16
-kernels), for int8 when the bundle has the OpenVINO INT8 IR (static INT8 beats onnxruntime's dynamic INT8),
-and for fp32 when the CPU has AVX-512 (where OpenVINO FP32 was measured faster than onnxruntime FP32).
+kernels) and for int8 when the bundle has the OpenVINO INT8 IR (static INT8 beats onnxruntime's dynamic INT8);
+fp32 stays on onnxruntime (the two FP32 paths are within noise of each other, benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -90,9 +90,9 @@ def bf16_supported() -> bool:
 def prefer_for(precision: str, has_int8_ir: bool) -> bool:
     """The documented "auto" rule: does openvino beat ort-cpu for `precision` on this CPU?
 
-    bf16: always (onnxruntime has no BF16 kernels); int8: when the bundle has the NNCF INT8 IR; fp32: when
-    the CPU has AVX-512 (OpenVINO's FP32 kernels were measured faster than onnxruntime's there,
-    benchmarks/RESULTS.md; on AVX2-only CPUs the two are close and onnxruntime stays the default).
+    bf16: always (onnxruntime has no BF16 kernels); int8: when the bundle has the NNCF INT8 IR (static INT8,
+    measured faster than onnxruntime's dynamic INT8: benchmarks/RESULTS.md); fp32: no, onnxruntime FP32 stays
+    the default (OpenVINO FP32 was not measured clearly faster; `--backend openvino` still runs it).
     """
     if not installed():
         return False
@@ -100,8 +100,6 @@ def prefer_for(precision: str, has_int8_ir: bool) -> bool:
         return True
     if precision == "int8":
         return has_int8_ir
-    if precision == "fp32":
-        return cpu_features()["avx512f"]
     return False
 
 
@@ -157,7 +155,7 @@ class OpenVinoRunner:
         try:
             result = self.request.infer({INPUT_NAME: images})
         except RuntimeError as exc:
-            raise BundleError(f"{self.path}: OpenVINO inference failed: {_first_line(exc)}") from None
+            raise BundleError(f"{self.path}: inference failed on {OPENVINO}: {_first_line(exc)}") from None
         return {name: np.array(result[out], dtype=np.float32, copy=True)
                 for name, out in zip(self.output_names, self.compiled.outputs)}
 
