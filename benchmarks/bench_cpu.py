@@ -23,6 +23,7 @@ How it measures:
 
 Writes benchmarks/results/cpu_engines.json and prints tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,14 @@ if not REALSCANS.exists():
 
 METHODS = {"madclip": ("ViT-L-14-336", 240), "mvfa": ("ViT-L-14-336", 240), "mediclip": ("ViT-L-14", 224)}
 ENGINES = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8")
-WORKERS = {"torch": ("torch-fp32", "torch-bf16"), "ort-fp32": ("ort-fp32",), "ort-int8": ("ort-int8",),
-           "ov-fp32": ("ov-fp32",), "ov-bf16": ("ov-bf16",), "ov-int8": ("ov-int8",)}
+WORKERS = {
+    "torch": ("torch-fp32", "torch-bf16"),
+    "ort-fp32": ("ort-fp32",),
+    "ort-int8": ("ort-int8",),
+    "ov-fp32": ("ov-fp32",),
+    "ov-bf16": ("ov-bf16",),
+    "ov-int8": ("ov-int8",),
+}
 
 
 def log(msg: str) -> None:
@@ -56,6 +63,7 @@ def log(msg: str) -> None:
 
 
 # ---- models ------------------------------------------------------------------------------------------------
+
 
 def build_model(method: str, backbone: str, size: int):
     """The method's model with random backbone weights (deterministic: init_seed 0, seed 0)."""
@@ -114,14 +122,21 @@ def prepare(method: str, backbone: str, size: int, out: Path) -> dict:
     spec = model.cfg.preprocess
     t0 = time.perf_counter()
     export_onnx(model, out / "model.onnx", 8, 18)
-    info = {"export_s": time.perf_counter() - t0, "islands": list(model.fp32_island_constants),
-            "spec": spec.to_dict()}
+    info = {
+        "export_s": time.perf_counter() - t0,
+        "islands": list(model.fp32_island_constants),
+        "spec": spec.to_dict(),
+    }
     t0 = time.perf_counter()
     quantize_int8(out / "model.onnx", out / "model_int8.onnx")
     info["ort_int8_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    info["nncf"] = quantize_openvino_int8(out / "model.onnx", out / "model_int8_ov.xml",
-                                          images(8, size, spec, offset=20), model.fp32_island_constants)
+    info["nncf"] = quantize_openvino_int8(
+        out / "model.onnx",
+        out / "model_int8_ov.xml",
+        images(8, size, spec, offset=20),
+        model.fp32_island_constants,
+    )
     info["nncf_s"] = time.perf_counter() - t0
     info_path.write_text(json.dumps(info))
     return info
@@ -129,11 +144,20 @@ def prepare(method: str, backbone: str, size: int, out: Path) -> dict:
 
 # ---- workers -----------------------------------------------------------------------------------------------
 
+
 class Engine:
     """One engine of a worker: `run(x)` -> outputs dict."""
 
-    def __init__(self, kind: str, directory: Path, method: str, backbone: str, size: int, threads: int,
-                 cache: Path | None):
+    def __init__(
+        self,
+        kind: str,
+        directory: Path,
+        method: str,
+        backbone: str,
+        size: int,
+        threads: int,
+        cache: Path | None,
+    ):
         self.kind = kind
         if kind.startswith("torch"):
             import torch
@@ -223,10 +247,32 @@ def _spec(directory: Path):
 
 
 class Worker:
-    def __init__(self, name: str, method: str, backbone: str, size: int, directory: Path, threads: int,
-                 cache: Path | None):
-        cmd = [sys.executable, __file__, "--worker", name, "--method", method, "--backbone", backbone,
-               "--size", str(size), "--dir", str(directory), "--threads", str(threads)]
+    def __init__(
+        self,
+        name: str,
+        method: str,
+        backbone: str,
+        size: int,
+        directory: Path,
+        threads: int,
+        cache: Path | None,
+    ):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--method",
+            method,
+            "--backbone",
+            backbone,
+            "--size",
+            str(size),
+            "--dir",
+            str(directory),
+            "--threads",
+            str(threads),
+        ]
         if cache is not None:
             cmd += ["--cache", str(cache)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -258,6 +304,7 @@ class Worker:
 
 # ---- the side-by-side run ----------------------------------------------------------------------------------
 
+
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
 
@@ -270,17 +317,40 @@ def bench_method(method: str, rounds: int, threads: int, backbone: str | None = 
     directory = WORK / f"{method}-{backbone}"
     log(f"{method}: preparing {backbone}@{size} (export, ORT INT8, NNCF INT8)")
     if not (directory / "prepare.json").is_file():  # in its own process: the parent stays small
-        subprocess.run([sys.executable, __file__, "--prepare", "--method", method, "--backbone", backbone,
-                        "--size", str(size), "--dir", str(directory)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--prepare",
+                "--method",
+                method,
+                "--backbone",
+                backbone,
+                "--size",
+                str(size),
+                "--dir",
+                str(directory),
+            ],
+            check=True,
+        )
     prep = json.loads((directory / "prepare.json").read_text())
     cache = directory / "ov_cache"
     shutil.rmtree(cache, ignore_errors=True)
-    result: dict = {"method": method, "backbone": backbone, "image_size": size, "prepare": prep, "rounds": rounds,
-                    "threads": threads, "engines": {}}
+    result: dict = {
+        "method": method,
+        "backbone": backbone,
+        "image_size": size,
+        "prepare": prep,
+        "rounds": rounds,
+        "threads": threads,
+        "engines": {},
+    }
     workers, cold = {}, {}
     for name in WORKERS:  # started one after another, so cold starts do not overlap
         log(f"{method}: starting {name}")
-        w = Worker(name, method, backbone, size, directory, threads, cache / name if name.startswith("ov") else None)
+        w = Worker(
+            name, method, backbone, size, directory, threads, cache / name if name.startswith("ov") else None
+        )
         cold[name] = w.ready()
         workers[name] = w
     times: dict[str, dict[int, list[float]]] = {row: {1: [], 8: []} for row in ENGINES}
@@ -289,7 +359,10 @@ def bench_method(method: str, rounds: int, threads: int, backbone: str | None = 
             name = next(n for n, rows in WORKERS.items() if row in rows)
             for batch in (1, 8):
                 times[row][batch].append(workers[name].ask(op="time", row=row, batch=batch)["seconds"])
-        log(f"{method}: round {r + 1}/{rounds}: " + ", ".join(f"{row} {times[row][1][-1]:.2f}s" for row in ENGINES))
+        log(
+            f"{method}: round {r + 1}/{rounds}: "
+            + ", ".join(f"{row} {times[row][1][-1]:.2f}s" for row in ENGINES)
+        )
     outputs = {}
     for row in ENGINES:
         name = next(n for n, rows in WORKERS.items() if row in rows)
@@ -313,11 +386,17 @@ def bench_method(method: str, rounds: int, threads: int, backbone: str | None = 
         ratio1 = statistics.median(t / s for t, s in zip(times["torch-fp32"][1], times[row][1]))
         ratio8 = statistics.median(t / s for t, s in zip(times["torch-fp32"][8], times[row][8]))
         result["engines"][row] = {
-            "batch1_ms": b1 * 1e3, "batch8_images_per_s": 8 / b8, "speedup_batch1_vs_torch_fp32": ratio1,
-            "speedup_batch8_vs_torch_fp32": ratio8, "rounds_batch1_s": times[row][1], "rounds_batch8_s": times[row][8],
-            "cold_start_s": cold[name]["wall_to_ready_s"], "load_s": cold[name]["load_s"],
+            "batch1_ms": b1 * 1e3,
+            "batch8_images_per_s": 8 / b8,
+            "speedup_batch1_vs_torch_fp32": ratio1,
+            "speedup_batch8_vs_torch_fp32": ratio8,
+            "rounds_batch1_s": times[row][1],
+            "rounds_batch8_s": times[row][8],
+            "cold_start_s": cold[name]["wall_to_ready_s"],
+            "load_s": cold[name]["load_s"],
             "cached_start_s": cached[name]["wall_to_ready_s"] if name in cached else None,
-            "peak_rss_mb": peaks[name], "peak_rss_shared_with": [r for r in WORKERS[name] if r != row],
+            "peak_rss_mb": peaks[name],
+            "peak_rss_shared_with": [r for r in WORKERS[name] if r != row],
             "map_rel_l2_vs_ort_fp32": rel_l2(outputs[row]["anomaly_map"], ref["anomaly_map"]),
             "score_max_abs_vs_ort_fp32": float(np.abs(outputs[row]["score"] - ref["score"]).max()),
         }
@@ -327,8 +406,9 @@ def bench_method(method: str, rounds: int, threads: int, backbone: str | None = 
 
 # ---- decision flips on >= 100 images (tiny config) ---------------------------------------------------------
 
+
 def flips(method: str, n_min: int = 100) -> dict:
-    """Decision flips and map error of every engine vs onnxruntime FP32, madclip-tiny, real scans + mirrors."""
+    """Decision flips and map error of every engine vs onnxruntime FP32 (madclip-tiny; real scans, mirrors)."""
     import tempfile
 
     from madclip_export.export import export_onnx
@@ -347,29 +427,47 @@ def flips(method: str, n_min: int = 100) -> dict:
         quantize_int8(d / "model.onnx", d / "model_int8.onnx")
         calib = images(8, size, spec, offset=20)
         quantize_openvino_int8(d / "model.onnx", d / "model_int8_ov.xml", calib, model.fp32_island_constants)
-        quantize_openvino_int8(d / "model.onnx", d / "model_int8_ov_notail.xml", calib, model.fp32_island_constants,
-                               keep_tail_fp32=False)
+        quantize_openvino_int8(
+            d / "model.onnx",
+            d / "model_int8_ov_notail.xml",
+            calib,
+            model.fp32_island_constants,
+            keep_tail_fp32=False,
+        )
         out = {}
         import torch
 
         for kind in ("torch-fp32", "torch-bf16"):
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind.endswith("bf16")):
-                parts = [_named(module(torch.from_numpy(x[i:i + 8]))) for i in range(0, n, 8)]
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind.endswith("bf16")),
+            ):
+                parts = [_named(module(torch.from_numpy(x[i : i + 8]))) for i in range(0, n, 8)]
             out[kind] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         for kind in ("ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "ov-int8-no-fp32-tail"):
             e = _tiny_engine(kind, d)
-            parts = [e.run(x[i:i + 8]) for i in range(0, n, 8)]
+            parts = [e.run(x[i : i + 8]) for i in range(0, n, 8)]
             out[kind] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     ref = out["ort-fp32"]
-    result = {"method": method, "config": "madclip-tiny (random weights)", "image_size": size, "n_images": n,
-              "images": f"{len(scan_paths())} real slices of {REALSCANS.name} and their mirror images", "engines": {}}
+    result = {
+        "method": method,
+        "config": "madclip-tiny (random weights)",
+        "image_size": size,
+        "n_images": n,
+        "images": f"{len(scan_paths())} real slices of {REALSCANS.name} and their mirror images",
+        "engines": {},
+    }
     for score_name in ("score", "score_map_max"):
         t = float(np.median(ref[score_name]))
         result[f"threshold_{score_name}"] = t
+        ref_s = ref[score_name].astype(np.float64)
+        result[f"reference_{score_name}_std"] = float(ref_s.std())
+        result[f"reference_{score_name}_within_1e-3_of_threshold"] = int((np.abs(ref_s - t) <= 1e-3).sum())
         for kind, o in out.items():
             flipped = int(((o[score_name] >= t) != (ref[score_name] >= t)).sum())
             e = result["engines"].setdefault(kind, {})
             e[f"flips_{score_name}"] = flipped
+            e[f"{score_name}_median_shift"] = float(np.median(o[score_name].astype(np.float64) - ref_s))
             e["map_max_abs"] = float(np.abs(o["anomaly_map"] - ref["anomaly_map"]).max())
             e["map_p99_abs"] = float(np.percentile(np.abs(o["anomaly_map"] - ref["anomaly_map"]), 99))
             e["map_rel_l2"] = rel_l2(o["anomaly_map"], ref["anomaly_map"])
@@ -383,20 +481,26 @@ def _tiny_engine(kind: str, d: Path):
     if kind.startswith("ort"):
         import onnxruntime as ort
 
-        s = ort.InferenceSession(str(d / ("model_int8.onnx" if kind == "ort-int8" else "model.onnx")),
-                                 providers=["CPUExecutionProvider"])
+        s = ort.InferenceSession(
+            str(d / ("model_int8.onnx" if kind == "ort-int8" else "model.onnx")),
+            providers=["CPUExecutionProvider"],
+        )
         names = [o.name for o in s.get_outputs()]
 
         class _S:
             def run(self, x):
                 return dict(zip(names, s.run(names, {"image": x})))
+
         return _S()
     precision = kind.split("-")[1]
-    name = {"ov-int8": "model_int8_ov.xml", "ov-int8-no-fp32-tail": "model_int8_ov_notail.xml"}.get(kind, "model.onnx")
+    name = {"ov-int8": "model_int8_ov.xml", "ov-int8-no-fp32-tail": "model_int8_ov_notail.xml"}.get(
+        kind, "model.onnx"
+    )
     return openvino_engine.compile_model(d / name, precision, None)[0]
 
 
 # ---- report ------------------------------------------------------------------------------------------------
+
 
 def print_tables(res: dict) -> None:
     from rich.console import Console
@@ -404,26 +508,59 @@ def print_tables(res: dict) -> None:
 
     console = Console(width=200)
     for m in res.get("methods", []):
-        t = Table(title=f"{m['method']}: {m['backbone']}@{m['image_size']}, random weights, "
-                        f"{m['threads']} threads, {m['rounds']} interleaved rounds (medians)")
-        for col in ("engine", "batch 1 ms", "x torch fp32", "batch 8 img/s", "x torch fp32 (b8)", "cold start s",
-                    "cached start s", "peak RSS MB", "map rel L2", "score max |err|"):
+        t = Table(
+            title=f"{m['method']}: {m['backbone']}@{m['image_size']}, random weights, "
+            f"{m['threads']} threads, {m['rounds']} interleaved rounds (medians)"
+        )
+        for col in (
+            "engine",
+            "batch 1 ms",
+            "x torch fp32",
+            "batch 8 img/s",
+            "x torch fp32 (b8)",
+            "cold start s",
+            "cached start s",
+            "peak RSS MB",
+            "map rel L2",
+            "score max |err|",
+        ):
             t.add_column(col, justify="right")
         for row, e in m["engines"].items():
-            t.add_row(row, f"{e['batch1_ms']:.0f}", f"{e['speedup_batch1_vs_torch_fp32']:.2f}",
-                      f"{e['batch8_images_per_s']:.2f}", f"{e['speedup_batch8_vs_torch_fp32']:.2f}",
-                      f"{e['cold_start_s']:.1f}", "-" if e["cached_start_s"] is None else f"{e['cached_start_s']:.1f}",
-                      f"{e['peak_rss_mb']:.0f}", f"{e['map_rel_l2_vs_ort_fp32']:.2e}",
-                      f"{e['score_max_abs_vs_ort_fp32']:.2e}")
+            t.add_row(
+                row,
+                f"{e['batch1_ms']:.0f}",
+                f"{e['speedup_batch1_vs_torch_fp32']:.2f}",
+                f"{e['batch8_images_per_s']:.2f}",
+                f"{e['speedup_batch8_vs_torch_fp32']:.2f}",
+                f"{e['cold_start_s']:.1f}",
+                "-" if e["cached_start_s"] is None else f"{e['cached_start_s']:.1f}",
+                f"{e['peak_rss_mb']:.0f}",
+                f"{e['map_rel_l2_vs_ort_fp32']:.2e}",
+                f"{e['score_max_abs_vs_ort_fp32']:.2e}",
+            )
         console.print(t)
     for f in res.get("flips", []):
-        t = Table(title=f"{f['method']}: decision flips vs ORT FP32 on {f['n_images']} images ({f['config']})")
-        for col in ("engine", "flips (score)", "flips (score_map_max)", "map max |err|", "map p99 |err|",
-                    "map rel L2"):
+        t = Table(
+            title=f"{f['method']}: decision flips vs ORT FP32 on {f['n_images']} images ({f['config']})"
+        )
+        for col in (
+            "engine",
+            "flips (score)",
+            "flips (score_map_max)",
+            "map max |err|",
+            "map p99 |err|",
+            "map rel L2",
+        ):
             t.add_column(col, justify="right")
         for row, e in f["engines"].items():
-            t.add_row(row, str(e["flips_score"]), str(e["flips_score_map_max"]), f"{e['map_max_abs']:.2e}",
-                      f"{e['map_p99_abs']:.2e}", f"{e['map_rel_l2']:.2e}")
+            t.add_row(
+                row,
+                str(e["flips_score"]),
+                str(e["flips_score_map_max"]),
+                f"{e['map_max_abs']:.2e}",
+                f"{e['map_p99_abs']:.2e}",
+                f"{e['map_rel_l2']:.2e}",
+            )
         console.print(t)
 
 
@@ -433,7 +570,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--flips-only", action="store_true")
-    p.add_argument("--timing-backbone", default=None, help="override the reference backbone (smoke test: madclip-tiny)")
+    p.add_argument(
+        "--timing-backbone", default=None, help="override the reference backbone (smoke test: madclip-tiny)"
+    )
     p.add_argument("--no-flips", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "cpu_engines.json"))
     p.add_argument("--worker")
@@ -455,9 +594,15 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     out = Path(args.out)
     res: dict = json.loads(out.read_text()) if out.is_file() else {}
-    res.update({"machine": machine_description(), "cpu_features": cpu_features(),
-                "openvino_cpu_capabilities": sorted(cpu_capabilities()), "threads": args.threads,
-                "rounds": args.rounds})
+    res.update(
+        {
+            "machine": machine_description(),
+            "cpu_features": cpu_features(),
+            "openvino_cpu_capabilities": sorted(cpu_capabilities()),
+            "threads": args.threads,
+            "rounds": args.rounds,
+        }
+    )
     res.setdefault("methods", [])
     res.setdefault("flips", [])
     for method in methods:
@@ -467,8 +612,9 @@ def main() -> None:
             _write(out, res)
         if not args.flips_only:
             r = bench_method(method, args.rounds, args.threads, args.timing_backbone)
-            res["methods"] = [m for m in res["methods"]
-                              if (m["method"], m["backbone"]) != (method, r["backbone"])] + [r]
+            res["methods"] = [
+                m for m in res["methods"] if (m["method"], m["backbone"]) != (method, r["backbone"])
+            ] + [r]
             _write(out, res)
     print_tables(res)
 

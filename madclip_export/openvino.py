@@ -16,6 +16,7 @@ consumers of `fp32_islands` on, `openvino_engine.head_node_names`) in NNCF's ign
 (`model_int8_ov.xml` + `.bin`, `contract.OPENVINO_MODEL_FILES`), listed in the bundle's files (sha256),
 sealed and signed with the rest of metadata.json.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,15 +54,22 @@ def rewrite_vector_matmuls(path: str | os.PathLike) -> int:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    targets = [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2
-               and n.input[1] in inits and len(inits[n.input[1]].dims) == 1]
+    targets = [
+        n
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and len(n.input) == 2
+        and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 1
+    ]
     if not targets:
         return 0
     new_nodes: list = []
     columns: dict[str, str] = {}
     for name in sorted({n.input[1] for n in targets}):
-        only_matmuls = all(c.op_type == "MatMul" and list(c.input).index(name) == 1 and c in targets
-                           for c in consumers[name])
+        only_matmuls = all(
+            c.op_type == "MatMul" and list(c.input).index(name) == 1 and c in targets for c in consumers[name]
+        )
         only_matmuls = only_matmuls and not any(o.name == name for o in graph.output)
         if only_matmuls:
             inits[name].dims.append(1)
@@ -70,7 +78,9 @@ def rewrite_vector_matmuls(path: str | os.PathLike) -> int:
             axis = f"{name}__column_axis"
             graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axis))
             columns[name] = f"{name}__column"
-            new_nodes.append(helper.make_node("Unsqueeze", [name, axis], [columns[name]], name=f"{name}__as_column"))
+            new_nodes.append(
+                helper.make_node("Unsqueeze", [name, axis], [columns[name]], name=f"{name}__as_column")
+            )
     squeeze_axis = "madclip__squeeze_last_axis"
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), squeeze_axis))
     rebuilt = []
@@ -79,8 +89,12 @@ def rewrite_vector_matmuls(path: str | os.PathLike) -> int:
             out = node.output[0]
             node.input[1] = columns[node.input[1]]
             node.output[0] = f"{out}__column"
-            rebuilt += [node, helper.make_node("Squeeze", [node.output[0], squeeze_axis], [out],
-                                               name=f"{node.name or out}__squeeze")]
+            rebuilt += [
+                node,
+                helper.make_node(
+                    "Squeeze", [node.output[0], squeeze_axis], [out], name=f"{node.name or out}__squeeze"
+                ),
+            ]
         else:
             rebuilt.append(node)
     del graph.node[:]
@@ -96,12 +110,20 @@ def rewrite_vector_matmuls(path: str | os.PathLike) -> int:
     tmp = path.with_name(f".{path.name}.rewrite.tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
-    log.info("%s: %d MatMul(s) with a 1-D constant written as matrix-vector products", path.name, len(targets))
+    log.info(
+        "%s: %d MatMul(s) with a 1-D constant written as matrix-vector products", path.name, len(targets)
+    )
     return len(targets)
 
 
-def quantize_openvino_int8(fp32_path: str | os.PathLike, out_xml: str | os.PathLike, calibration: np.ndarray,
-                           fp32_islands: Iterable[str], batch: int = 1, keep_tail_fp32: bool = True) -> dict:
+def quantize_openvino_int8(
+    fp32_path: str | os.PathLike,
+    out_xml: str | os.PathLike,
+    calibration: np.ndarray,
+    fp32_islands: Iterable[str],
+    batch: int = 1,
+    keep_tail_fp32: bool = True,
+) -> dict:
     """NNCF post-training INT8 of the FP32 ONNX graph, saved as OpenVINO IR (`out_xml` and its `.bin`).
 
     `calibration`: preprocessed float32 images [N, 3, S, S] (the export's calibration set). The method's
@@ -121,8 +143,10 @@ def quantize_openvino_int8(fp32_path: str | os.PathLike, out_xml: str | os.PathL
     model = ov.Core().read_model(str(fp32_path))
     islands = tuple(fp32_islands)
     ignored = head_node_names(model, islands) if keep_tail_fp32 else []
-    items = [np.ascontiguousarray(calibration[i:i + batch], dtype=np.float32)
-             for i in range(0, len(calibration), batch)]
+    items = [
+        np.ascontiguousarray(calibration[i : i + batch], dtype=np.float32)
+        for i in range(0, len(calibration), batch)
+    ]
     quiet = [logging.getLogger(n) for n in ("nncf", "openvino")]
     levels = [q.level for q in quiet]
     for q in quiet:
@@ -131,8 +155,13 @@ def quantize_openvino_int8(fp32_path: str | os.PathLike, out_xml: str | os.PathL
         nncf.set_log_level(logging.ERROR)
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             quantized = nncf.quantize(
-                model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType.TRANSFORMER,
-                ignored_scope=nncf.IgnoredScope(names=ignored, validate=False), preset=nncf.QuantizationPreset.MIXED)
+                model,
+                nncf.Dataset(items),
+                subset_size=len(items),
+                model_type=nncf.ModelType.TRANSFORMER,
+                ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+                preset=nncf.QuantizationPreset.MIXED,
+            )
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
@@ -140,9 +169,14 @@ def quantize_openvino_int8(fp32_path: str | os.PathLike, out_xml: str | os.PathL
             log.debug("nncf: %s", chatter.getvalue())
     out_xml = Path(out_xml)
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
-    return {"tool": f"nncf {nncf.__version__}, openvino {ov.__version__}", "calibration_images": int(len(calibration)),
-            "ignored_scope_nodes": len(ignored), "fp32_islands": list(islands), "preset": "mixed",
-            "model_type": "transformer"}
+    return {
+        "tool": f"nncf {nncf.__version__}, openvino {ov.__version__}",
+        "calibration_images": int(len(calibration)),
+        "ignored_scope_nodes": len(ignored),
+        "fp32_islands": list(islands),
+        "preset": "mixed",
+        "model_type": "transformer",
+    }
 
 
 def _missing() -> str | None:
@@ -172,12 +206,25 @@ def _run(path: Path, precision: str, images: np.ndarray, max_batch: int, cache: 
     again = create_backend("openvino", str(path), precision, max_batch, cache)  # from OpenVINO's CACHE_DIR
     warm = again.load_seconds
     again.close()
-    return out, {"seconds_per_image_cpu": per_image, "first_start_seconds": cold, "cached_start_seconds": warm}
+    return out, {
+        "seconds_per_image_cpu": per_image,
+        "first_start_seconds": cold,
+        "cached_start_seconds": warm,
+    }
 
 
-def openvino_variants(tmp: Path, torch_ref: dict, fp32_ref: dict, golden: np.ndarray, labels: np.ndarray,
-                      calibration: dict, calib_images: np.ndarray, islands: Iterable[str], max_batch: int,
-                      int8: bool) -> tuple[dict, dict]:
+def openvino_variants(
+    tmp: Path,
+    torch_ref: dict,
+    fp32_ref: dict,
+    golden: np.ndarray,
+    labels: np.ndarray,
+    calibration: dict,
+    calib_images: np.ndarray,
+    islands: Iterable[str],
+    max_batch: int,
+    int8: bool,
+) -> tuple[dict, dict]:
     """Check the bundle's FP32 graph on OpenVINO (fp32, bf16 where the CPU has it) and, with `int8`, write the
     NNCF INT8 IR; parity of each against the ONNX FP32 reference on the golden set.
 
@@ -209,10 +256,14 @@ def openvino_variants(tmp: Path, torch_ref: dict, fp32_ref: dict, golden: np.nda
             paths["int8"] = xml
         for precision, path in paths.items():
             got, timing = _run(path, precision, golden, max_batch, cache)
-            report["variants"][precision] = {**variant_report(fp32_ref, got, labels, calibration),
-                                             "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32",
-                                             **timing}
+            report["variants"][precision] = {
+                **variant_report(fp32_ref, got, labels, calibration),
+                "vs_pytorch": diff_stats(torch_ref, got),
+                "reference": "onnx fp32",
+                **timing,
+            }
             if any(not np.isfinite(v["max_abs"]) for v in report["variants"][precision]["errors"].values()):
-                raise OpenVinoParityError(f"OpenVINO {precision} produced non-finite outputs on the golden set; "
-                                          f"no bundle written")
+                raise OpenVinoParityError(
+                    f"OpenVINO {precision} produced non-finite outputs on the golden set; no bundle written"
+                )
     return report, meta

@@ -1,6 +1,8 @@
-"""OpenVINO backend: the export-time MatMul rewrite (every method's tiny graph compiles, FP32 ORT parity kept),
-the runtime backend (fp32, bf16, NNCF int8 IR), auto's rule, the content-keyed compile cache, bundle coverage of
-the IR files (checksums, integrity, signature), --selftest, madclip-bench rows, madclip-serve/-batch."""
+"""OpenVINO backend: the export-time MatMul rewrite (every method's tiny graph compiles, FP32 ORT parity
+kept), the runtime backend (fp32, bf16, NNCF int8 IR), auto's rule, the content-keyed compile cache, bundle
+coverage of the IR files (checksums, integrity, signature), --selftest, madclip-bench rows, madclip-serve and
+madclip-batch."""
+
 from __future__ import annotations
 
 import json
@@ -28,13 +30,16 @@ def _ort(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
 
 # ---- item 1: the graph rewrite ---------------------------------------------------------------------------
 
+
 def _tiny_method_model(method: str):
     import torch
 
     from madclip_train.config import ModelConfig
     from madclip_train.methods.registry import get_method
 
-    model = get_method(method).build(ModelConfig(backbone="madclip-tiny", pretrained="none", objective="Brain"), seed=0)
+    model = get_method(method).build(
+        ModelConfig(backbone="madclip-tiny", pretrained="none", objective="Brain"), seed=0
+    )
     if method == "mvfa":  # the exported graph needs its memory bank of normal shots
 
         class Shots:
@@ -69,8 +74,11 @@ def test_every_methods_exported_graph_compiles_in_openvino(method, tmp_path, mon
     assert n == {"madclip": 4, "mvfa": 0, "mediclip": 3}[method]  # MadCLIP's and MediCLIP's [.., E] x dt[E]
     graph = onnx.load(str(fixed))
     inits = {t.name: t for t in graph.graph.initializer}
-    assert not [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-                and len(inits[n.input[1]].dims) == 1]
+    assert not [
+        n
+        for n in graph.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 1
+    ]
     if n:  # the rewritten constant keeps its name (FP16 and INT8 find the FP32 tail by it)
         assert inits["dt"].dims[-1] == 1
     x = np.random.default_rng(1).random((2, 3, 240, 240), dtype=np.float32)
@@ -85,7 +93,7 @@ def test_every_methods_exported_graph_compiles_in_openvino(method, tmp_path, mon
 
 def test_rewrite_keeps_a_shared_vector_and_is_exact(tmp_path):
     """A 1-D constant used by a MatMul and by another op gets an Unsqueeze column; one used only by MatMuls is
-    reshaped in place under its own name. Both compute what the original did (GEMV vs GEMM: <= 1e-6 relative)."""
+    reshaped in place under its own name. Both compute what the original did (GEMV vs GEMM: <= 1e-6 rel)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -93,17 +101,31 @@ def test_rewrite_keeps_a_shared_vector_and_is_exact(tmp_path):
 
     rng = np.random.default_rng(0)
     v, w = rng.random(8, dtype=np.float32), rng.random(8, dtype=np.float32)
-    nodes = [helper.make_node("Reshape", ["image", "shape"], ["x"]),  # [B, 3, 4, 4] -> [B, 6, 8]
-             helper.make_node("MatMul", ["x", "v"], ["a"]), helper.make_node("Neg", ["a"], ["score_map"]),
-             helper.make_node("MatMul", ["x", "w"], ["b"]), helper.make_node("Add", ["x", "w"], ["c"]),
-             helper.make_node("ReduceSum", ["b", "ax"], ["score"], keepdims=0),
-             helper.make_node("ReduceSum", ["c", "ax2"], ["anomaly_map"], keepdims=0)]
+    nodes = [
+        helper.make_node("Reshape", ["image", "shape"], ["x"]),  # [B, 3, 4, 4] -> [B, 6, 8]
+        helper.make_node("MatMul", ["x", "v"], ["a"]),
+        helper.make_node("Neg", ["a"], ["score_map"]),
+        helper.make_node("MatMul", ["x", "w"], ["b"]),
+        helper.make_node("Add", ["x", "w"], ["c"]),
+        helper.make_node("ReduceSum", ["b", "ax"], ["score"], keepdims=0),
+        helper.make_node("ReduceSum", ["c", "ax2"], ["anomaly_map"], keepdims=0),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("score", "anomaly_map", "score_map")],
-        [numpy_helper.from_array(v, "v"), numpy_helper.from_array(w, "w"),
-         numpy_helper.from_array(np.array([0, 6, 8], np.int64), "shape"),
-         numpy_helper.from_array(np.array([1], np.int64), "ax"), numpy_helper.from_array(np.array([2], np.int64), "ax2")])
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+            for n in ("score", "anomaly_map", "score_map")
+        ],
+        [
+            numpy_helper.from_array(v, "v"),
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([0, 6, 8], np.int64), "shape"),
+            numpy_helper.from_array(np.array([1], np.int64), "ax"),
+            numpy_helper.from_array(np.array([2], np.int64), "ax2"),
+        ],
+    )
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     x = rng.random((3, 3, 4, 4), dtype=np.float32)
@@ -124,7 +146,8 @@ def test_rewrite_keeps_a_shared_vector_and_is_exact(tmp_path):
         np.testing.assert_allclose(got[out], before[name], rtol=1e-5, atol=1e-5)
 
 
-# ---- items 2 and 3: the backend on an exported bundle -------------------------------------------------------
+# ---- items 2 and 3: the backend on an exported bundle ----------------------------------------------------
+
 
 @pytest.fixture()
 def bundle(exported_tiny_bundle) -> Path:
@@ -136,13 +159,17 @@ def test_export_writes_the_nncf_ir_covered_by_checksums_and_report(bundle):
 
     graph = onnx.load(str(bundle / "model.onnx"))
     inits = {t.name: list(t.dims) for t in graph.graph.initializer}
-    assert inits["dt"][-1] == 1 and sum(n.op_type == "Squeeze" and n.name.endswith("__squeeze")
-                                        for n in graph.graph.node) == 4  # export_onnx rewrote the head's MatMuls
+    assert (
+        inits["dt"][-1] == 1
+        and sum(n.op_type == "Squeeze" and n.name.endswith("__squeeze") for n in graph.graph.node) == 4
+    )  # export_onnx rewrote the head's MatMuls
     meta = json.loads((bundle / "metadata.json").read_text())
     xml = OPENVINO_MODEL_FILES["int8"]
     assert meta["openvino_models"] == {"int8": xml}
     assert {xml, xml[:-4] + ".bin"} <= set(meta["files"])
-    assert meta["openvino_int8"]["ignored_scope_nodes"] > 0 and meta["openvino_int8"]["fp32_islands"] == ["dt"]
+    assert meta["openvino_int8"]["ignored_scope_nodes"] > 0 and meta["openvino_int8"]["fp32_islands"] == [
+        "dt"
+    ]
     assert "files.model_int8_ov.bin" in meta["integrity"]["fields"]
     report = json.loads((bundle / "export_report.json").read_text())["openvino"]
     assert report["checked"] and "int8" in report["variants"] and "fp32" in report["variants"]
@@ -191,7 +218,9 @@ def test_schema_refuses_an_ir_without_its_weights(bundle, tmp_path):
     meta = json.loads((b / "metadata.json").read_text())
     del meta["files"]["model_int8_ov.bin"]
     (b / "metadata.json").write_text(json.dumps(integrity.seal(meta)))
-    with pytest.raises(BundleError, match="openvino_models.int8: model_int8_ov.bin is not in the bundle's file list"):
+    with pytest.raises(
+        BundleError, match="openvino_models.int8: model_int8_ov.bin is not in the bundle's file list"
+    ):
         load_bundle(b, verify=False)
 
 
@@ -250,7 +279,7 @@ def test_int8_without_the_ir_and_wrong_precisions_are_one_line(tmp_path):
 
 
 def test_auto_rule(monkeypatch):
-    """bf16 -> openvino; int8 -> openvino only with the IR; fp32 -> ort-cpu (openvino only without onnxruntime)."""
+    """bf16 -> openvino; int8 -> openvino with the IR; fp32 -> ort-cpu (openvino only without onnxruntime)."""
     from madclip_runtime.engines import backends, openvino_engine
 
     monkeypatch.setattr(backends, "_trt_usable", lambda: False)
@@ -259,7 +288,9 @@ def test_auto_rule(monkeypatch):
     assert backends.resolve_auto("int8", has_openvino_int8=True) == OPENVINO
     assert backends.resolve_auto("int8", has_openvino_int8=False) == "ort-cpu"
     assert backends.resolve_auto("fp32") == "ort-cpu"
-    monkeypatch.setattr(backends, "import_onnxruntime", lambda gpu=False: (_ for _ in ()).throw(BackendUnavailable("x")))
+    monkeypatch.setattr(
+        backends, "import_onnxruntime", lambda gpu=False: (_ for _ in ()).throw(BackendUnavailable("x"))
+    )
     assert backends.resolve_auto("fp32") == OPENVINO  # the only CPU backend installed
     monkeypatch.undo()
     monkeypatch.setattr(backends, "_trt_usable", lambda: False)
@@ -292,8 +323,20 @@ def test_missing_openvino_is_one_line(monkeypatch):
 def test_selftest_cli_on_openvino(bundle, precision, tmp_path, capsys):
     from madclip_runtime.cli.infer import main
 
-    rc = main(["--selftest", "--bundle", str(bundle), "--backend", OPENVINO, "--precision", precision, "--json",
-               "--cache-dir", str(tmp_path)])
+    rc = main(
+        [
+            "--selftest",
+            "--bundle",
+            str(bundle),
+            "--backend",
+            OPENVINO,
+            "--precision",
+            precision,
+            "--json",
+            "--cache-dir",
+            str(tmp_path),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     res = json.loads(cap.out.strip().splitlines()[-1])["selftest"]
@@ -306,9 +349,26 @@ def test_bench_has_openvino_rows(bundle, tmp_path, capsys):
     from madclip_runtime.cli.bench import main
 
     out = tmp_path / "bench.json"
-    rc = main(["--bundle", str(bundle), "--backends", f"ort-cpu,{OPENVINO}", "--precisions", "fp32,bf16,int8",
-               "--iters", "2", "--warmup", "1", "--throughput-iters", "1", "--cache-dir", str(tmp_path / "c"),
-               "--json", str(out)])
+    rc = main(
+        [
+            "--bundle",
+            str(bundle),
+            "--backends",
+            f"ort-cpu,{OPENVINO}",
+            "--precisions",
+            "fp32,bf16,int8",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--throughput-iters",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--json",
+            str(out),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     rows = {(r["backend"], r["precision"]): r for r in json.loads(out.read_text())["rows"]}
@@ -316,19 +376,35 @@ def test_bench_has_openvino_rows(bundle, tmp_path, capsys):
         r = rows[(OPENVINO, prec)]
         assert r["status"] == "ok" and r["second_start_s"] > 0 and r["golden_decision_flips"] is not None
         assert r["golden_map_p99_abs_err"] <= 1e-1
-    assert rows[("ort-cpu", "bf16")]["status"] == "skipped" and OPENVINO in rows[("ort-cpu", "bf16")]["reason"]
+    assert (
+        rows[("ort-cpu", "bf16")]["status"] == "skipped" and OPENVINO in rows[("ort-cpu", "bf16")]["reason"]
+    )
 
 
 # ---- item 5: madclip-serve and madclip-batch take the backend through to the Predictor ---------------------
+
 
 def test_serve_and_batch_accept_openvino(bundle, tmp_path):
     from madclip_runtime.serve import batch, cli
     from madclip_runtime.serve.replica import ServeConfig, open_verified
 
-    args = cli.build_parser().parse_args(["--bundle", str(bundle), "--backend", OPENVINO, "--precision", "int8"])
+    args = cli.build_parser().parse_args(
+        ["--bundle", str(bundle), "--backend", OPENVINO, "--precision", "int8"]
+    )
     assert (args.backend, args.precision) == (OPENVINO, "int8")
-    args = batch.build_parser().parse_args(["x.png", "--bundle", str(bundle), "--out", str(tmp_path),
-                                            "--backend", OPENVINO, "--precision", "bf16"])
+    args = batch.build_parser().parse_args(
+        [
+            "x.png",
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(tmp_path),
+            "--backend",
+            OPENVINO,
+            "--precision",
+            "bf16",
+        ]
+    )
     assert (args.backend, args.precision) == (OPENVINO, "bf16")
     cfg = ServeConfig(bundle=str(bundle), backend=OPENVINO, precision="int8", cache_dir=str(tmp_path))
     predictor, meta = open_verified(cfg)  # what each Serve replica and each madclip-batch actor runs
@@ -342,10 +418,19 @@ def test_serve_and_batch_accept_openvino(bundle, tmp_path):
 
         golden = read_golden(scorer.predictor.bundle)
         n = len(golden["image"])
-        rows = scorer({"path": np.array([f"g{i}" for i in range(n)]), "image": golden["image"],
-                       "error": np.array([""] * n), "height": np.full(n, 240), "width": np.full(n, 240),
-                       "index": np.arange(n), "key": np.array([f"k{i}" for i in range(n)]),
-                       "source": np.array([f"g{i}" for i in range(n)]), "n_slices": np.ones(n, int)})
+        rows = scorer(
+            {
+                "path": np.array([f"g{i}" for i in range(n)]),
+                "image": golden["image"],
+                "error": np.array([""] * n),
+                "height": np.full(n, 240),
+                "width": np.full(n, 240),
+                "index": np.arange(n),
+                "key": np.array([f"k{i}" for i in range(n)]),
+                "source": np.array([f"g{i}" for i in range(n)]),
+                "n_slices": np.ones(n, int),
+            }
+        )
         assert np.abs(np.asarray(rows["score"], np.float64) - golden["score"]).max() <= 1e-1
     finally:
         scorer.predictor.close()

@@ -19,6 +19,7 @@ one-line BackendUnavailable naming the extra.
 kernels) and for int8 when the bundle has the OpenVINO INT8 IR (static INT8 beats onnxruntime's dynamic INT8);
 fp32 stays on onnxruntime (the two FP32 paths are within noise of each other, benchmarks/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,9 @@ def import_openvino() -> Any:
     try:
         import openvino as ov  # noqa: PLC0415 (optional, heavy)
     except ImportError:
-        raise BackendUnavailable(f'{OPENVINO}: openvino is not installed: pip install "madclip[openvino]"') from None
+        raise BackendUnavailable(
+            f'{OPENVINO}: openvino is not installed: pip install "madclip[openvino]"'
+        ) from None
     return ov
 
 
@@ -77,9 +80,14 @@ def _cpu_flags() -> set[str]:
 def cpu_features() -> dict[str, bool]:
     """The CPU features that decide the OpenVINO paths (from /proc/cpuinfo on Linux)."""
     flags = _cpu_flags()
-    return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "amx_int8": "amx_int8" in flags,
-            "avx512_vnni": "avx512_vnni" in flags or "avx_vnni" in flags}
+    return {
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "amx_int8": "amx_int8" in flags,
+        "avx512_vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+    }
 
 
 def bf16_supported() -> bool:
@@ -110,8 +118,12 @@ def head_node_names(model: Any, islands: Iterable[str]) -> list[str]:
     Unsqueeze between them, which counts as part of the tail too. Constants themselves are not listed.
     """
     wanted = set(islands)
-    start = [op for op in model.get_ops() if op.get_type_name() == "Constant"
-             and (op.get_friendly_name() in wanted or wanted & set(op.output(0).get_names()))]
+    start = [
+        op
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant"
+        and (op.get_friendly_name() in wanted or wanted & set(op.output(0).get_names()))
+    ]
     seen: dict[str, Any] = {}
     stack = [t.get_node() for op in start for t in op.output(0).get_target_inputs()]
     while stack:
@@ -156,21 +168,32 @@ class OpenVinoRunner:
             result = self.request.infer({INPUT_NAME: images})
         except RuntimeError as exc:
             raise BundleError(f"{self.path}: inference failed on {OPENVINO}: {_first_line(exc)}") from None
-        return {name: np.array(result[out], dtype=np.float32, copy=True)
-                for name, out in zip(self.output_names, self.compiled.outputs)}
+        return {
+            name: np.array(result[out], dtype=np.float32, copy=True)
+            for name, out in zip(self.output_names, self.compiled.outputs)
+        }
 
 
-def compile_model(path: Path, precision: str, cache_dir: Path | None, threads: int = 0) -> tuple[Any, dict[str, Any]]:
+def compile_model(
+    path: Path, precision: str, cache_dir: Path | None, threads: int = 0
+) -> tuple[Any, dict[str, Any]]:
     """Read and compile `path` for the CPU at `precision`; returns (runner, info for the log and reports)."""
     ov = import_openvino()
     if precision not in OPENVINO_PRECISIONS:
-        raise BackendUnavailable(f"{OPENVINO}: no {precision} path (OpenVINO runs {', '.join(OPENVINO_PRECISIONS)})")
+        raise BackendUnavailable(
+            f"{OPENVINO}: no {precision} path (OpenVINO runs {', '.join(OPENVINO_PRECISIONS)})"
+        )
     core = ov.Core()
-    if precision == "bf16" and "BF16" not in {str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}:
-        raise BackendUnavailable(f"{OPENVINO}: this CPU has no BF16 support (neither AVX512-BF16 nor AMX); "
-                                 f"use fp32 or int8")
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINT[precision],
-                              "PERFORMANCE_HINT": "LATENCY"}
+    if precision == "bf16" and "BF16" not in {
+        str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    }:
+        raise BackendUnavailable(
+            f"{OPENVINO}: this CPU has no BF16 support (neither AVX512-BF16 nor AMX); use fp32 or int8"
+        )
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision],
+        "PERFORMANCE_HINT": "LATENCY",
+    }
     if threads > 0:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     if cache_dir is not None:
@@ -183,8 +206,11 @@ def compile_model(path: Path, precision: str, cache_dir: Path | None, threads: i
     inputs = [_contract_name(i.get_names(), (INPUT_NAME,)) for i in compiled.inputs]
     if inputs != [INPUT_NAME]:
         raise BundleError(f"{path}: model inputs {inputs}, expected ['{INPUT_NAME}']")
-    info = {"openvino": ov.__version__, "inference_precision": PRECISION_HINT[precision],
-            "cache_dir": str(cache_dir) if cache_dir else None}
+    info = {
+        "openvino": ov.__version__,
+        "inference_precision": PRECISION_HINT[precision],
+        "cache_dir": str(cache_dir) if cache_dir else None,
+    }
     return OpenVinoRunner(compiled, path), info
 
 
