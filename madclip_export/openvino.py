@@ -138,8 +138,14 @@ def quantize_openvino_int8(
     from madclip_runtime.engines.openvino_engine import head_node_names
 
     chatter = io.StringIO()  # NNCF draws progress bars and imports torch (which logs): behind -v only
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        import nncf
+    cpp_ext = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
+    cpp_level = cpp_ext.level
+    cpp_ext.setLevel(logging.ERROR if not log.isEnabledFor(logging.DEBUG) else cpp_level)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            import nncf
+    finally:
+        cpp_ext.setLevel(cpp_level)
     model = ov.Core().read_model(str(fp32_path))
     islands = tuple(fp32_islands)
     ignored = head_node_names(model, islands) if keep_tail_fp32 else []
