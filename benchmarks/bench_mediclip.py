@@ -38,7 +38,7 @@ def text_tower(backbone: str, repeats: int) -> dict:
 
     from madclip_train.backbone import create_clip
     from madclip_train.config import ModelConfig
-    from madclip_train.mediclip.prompts import MediPrompts
+    from madclip_train.methods.mediclip.prompts import MediPrompts
 
     clip = create_clip(ModelConfig(backbone=backbone, pretrained="none", quick_gelu=True))
     tok = open_clip.get_tokenizer(backbone)
@@ -59,9 +59,9 @@ def measure(backbone: str, batch_size: int, n_shots: int, epochs: int, repeats: 
     from madclip_runtime.preprocess import PreprocessSpec
     from madclip_train.backbone import create_clip
     from madclip_train.config import ModelConfig
-    from madclip_train.mediclip.losses import mediclip_loss
-    from madclip_train.mediclip.net import MediCLIPNet, mediclip_taps
-    from madclip_train.mediclip.source import SynthBatches, build_batch
+    from madclip_train.methods.mediclip.losses import mediclip_loss
+    from madclip_train.methods.mediclip.net import MediCLIPNet, mediclip_taps
+    from madclip_train.methods.mediclip.source import SynthBatches, build_batch
     from madclip_train.synthesis import Synthesizer
 
     size = 224

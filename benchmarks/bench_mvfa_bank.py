@@ -35,7 +35,7 @@ def measured_tiny(k: int) -> int:
 
     from madclip_train.config import ModelConfig
     from madclip_train.methods.mvfa import MVFAModel
-    from madclip_train.methods.mvfa_augment import augment_x11
+    from madclip_train.methods.mvfa.augment import augment_x11
 
     m = MVFAModel.build(ModelConfig(backbone="madclip-tiny", pretrained="none", objective="Brain"), seed=0)
     imgs, masks, src = augment_x11(torch.rand(k + 1, 3, 240, 240), torch.zeros(k + 1, 240, 240, dtype=torch.bool))

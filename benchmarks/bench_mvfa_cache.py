@@ -45,7 +45,7 @@ def measure(backbone: str, steps: int, shots: int, image_size: int = 240) -> dic
         t1 = time.perf_counter()
         seg, det = model.tower.suffix(cached.float())
         t2 = time.perf_counter()
-        from madclip_train.methods.mvfa_losses import det_loss, seg_losses
+        from madclip_train.methods.mvfa.losses import det_loss, seg_losses
 
         focal, dice = seg_losses(seg, model.text, mask, image_size)
         loss = det_loss(det, model.text, label) + focal + dice

@@ -45,7 +45,7 @@ def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int
 
     amp = Precision.create(precision, torch.device(device))
     from madclip_train.config import ModelConfig
-    from madclip_train.losses import madclip_loss
+    from madclip_train.methods.madclip.losses import madclip_loss
     from madclip_train.model import build_model
 
     model = build_model(ModelConfig(backbone=backbone, pretrained="none",

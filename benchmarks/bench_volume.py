@@ -5,7 +5,13 @@
    wall time and the process's own peak RSS. Before the budget, the whole volume was decoded (3.2 GB).
 2. A synthetic 256 x 256 x N CT volume as NIfTI and as a DICOM series: `madclip-infer --out` (map NIfTI,
    montage, JSON; for DICOM also `--dicom-seg`): wall time, time per slice, peak RSS.
-3. `madclip-prepare` on V labelled volumes of 256 x 256 x N.
+3. The same CT as a DICOM series acquired with a 15 degree gantry tilt (a sheared stack): the map is resampled
+   onto a regular grid (issue 19), with `--dicom-seg`.
+4. `madclip-prepare` on V labelled volumes of 256 x 256 x N.
+
+Memory (issue 19): each process's peak RSS minus that of a process that only imports the runtime (its
+libraries, onnxruntime, nibabel, pydicom, highdicom), divided by one volume's float32 size: the working memory
+as a multiple of the volume (the tracemalloc measure is in tests/test_volume_memory.py).
 
     python benchmarks/bench_volume.py                       # builds/reuses the madclip-tiny bundle
     python benchmarks/bench_volume.py --bundle B --slices 64
@@ -56,6 +62,21 @@ def ct_volume(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return vol, lab
 
 
+def tilt_series(folder: Path, frames: np.ndarray, degrees: float) -> None:
+    """`frames` [N, R, C] as a CT series whose slice origins drift along the columns by tan(tilt) per mm."""
+    import pydicom
+
+    from tests.conftest import write_dicom_series
+
+    paths, _ = write_dicom_series(folder, frames)
+    for p in paths:
+        ds = pydicom.dcmread(str(p))
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + np.tan(np.radians(degrees)) * (z + 30.0), z]
+        ds.GantryDetectorTilt = degrees
+        ds.save_as(str(p))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", default=None, help="bundle to score with (default: the madclip-tiny bench bundle)")
@@ -83,7 +104,8 @@ def main() -> int:
         results[name] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1),
                          "file_mb": round(huge.stat().st_size / 1e6, 1),
                          "refused": "over the budget" in m.stderr}
-        rows.append([name, f"{m.seconds:.2f}", "", f"{m.peak_rss_mb:.0f}", "refused" if results[name]["refused"] else "ok"])
+        rows.append([name, f"{m.seconds:.2f}", "", f"{m.peak_rss_mb:.0f}", "",
+                     "refused" if results[name]["refused"] else "ok"])
 
     vol, lab = ct_volume(a.slices, 0)
     nii = work / f"ct{a.slices}.nii.gz"
@@ -94,13 +116,24 @@ def main() -> int:
         from tests.conftest import write_dicom_series
 
         write_dicom_series(series, np.transpose(vol, (2, 1, 0)).copy())
+    tilted = work / f"ct{a.slices}_dicom_tilt15"
+    if not tilted.is_dir():
+        tilt_series(tilted, np.transpose(vol, (2, 1, 0)).copy(), 15.0)
+    base = run([sys.executable, "-c", "import madclip_runtime.cli.infer, madclip_runtime.predictor, nibabel, "
+                "onnxruntime, highdicom, madclip_runtime.scans.volume_output"]).peak_rss_mb
+    f32_mb = vol.size * 4 / 2**20
+    results["imports_only_peak_rss_mb"] = round(base, 1)
+    results["volume_float32_mb"] = round(f32_mb, 1)
     for name, src, extra in ((f"NIfTI 256x256x{a.slices} --out", nii, []),
-                             (f"DICOM series 256x256x{a.slices} --out --dicom-seg", series, ["--dicom-seg"])):
+                             (f"DICOM series 256x256x{a.slices} --out --dicom-seg", series, ["--dicom-seg"]),
+                             ("DICOM series, 15 deg gantry tilt, --out --dicom-seg", tilted, ["--dicom-seg"])):
         out = work / "out"
         m = run([tool("madclip-infer"), str(src), "--bundle", str(bundle), "--out", str(out), "--json", *extra])
+        ratio = (m.peak_rss_mb - base) / f32_mb
         results[name] = {"seconds": round(m.seconds, 2), "ms_per_slice": round(m.seconds * 1e3 / a.slices, 1),
-                         "peak_rss_mb": round(m.peak_rss_mb, 1)}
-        rows.append([name, f"{m.seconds:.2f}", f"{m.seconds * 1e3 / a.slices:.0f}", f"{m.peak_rss_mb:.0f}", "ok"])
+                         "peak_rss_mb": round(m.peak_rss_mb, 1), "working_memory_x_float32_volume": round(ratio, 2)}
+        rows.append([name, f"{m.seconds:.2f}", f"{m.seconds * 1e3 / a.slices:.0f}", f"{m.peak_rss_mb:.0f}",
+                     f"{ratio:.1f}", "ok"])
 
     images, labels = work / "imagesTr", work / "labelsTr"
     images.mkdir(exist_ok=True)
@@ -112,10 +145,12 @@ def main() -> int:
     name = f"madclip-prepare {a.volumes} x 256x256x{a.slices}"
     m = run([tool("madclip-prepare"), "--images", str(images), "--labels", str(labels), "--out",
              str(work / "prepared"), "--force", "--min-lesion-voxels", "20"])
-    results[name] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1)}
-    rows.append([name, f"{m.seconds:.2f}", "", f"{m.peak_rss_mb:.0f}", "ok"])
+    ratio = (m.peak_rss_mb - base) / f32_mb
+    results[name] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1),
+                     "working_memory_x_float32_volume": round(ratio, 2)}
+    rows.append([name, f"{m.seconds:.2f}", "", f"{m.peak_rss_mb:.0f}", f"{ratio:.1f}", "ok"])
 
-    table("volumes", ["step", "wall s", "ms/slice", "peak RSS MB", "result"], rows)
+    table("volumes", ["step", "wall s", "ms/slice", "peak RSS MB", "(RSS - imports) / float32 vol", "result"], rows)
     write_json("volume.json", {"bundle": str(bundle), "slices": a.slices, "results": results})
     return 0
 

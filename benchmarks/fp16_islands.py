@@ -10,27 +10,29 @@ have no fast FP16), so the cost is reported as Casts (each is a memory pass on t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-
 from _common import print_machine, table, write_json
+
+from madclip_runtime.bundles.bundle import Bundle
 
 OLD_FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceMax", "ReduceSum", "ReduceSumSquare", "Sqrt",
                 "Pow", "Sigmoid", "Resize", "Clip", "Div", "Expand", "Erf"]
 
 
-def convert(model: onnx.ModelProto, rule: str) -> onnx.ModelProto:
+def convert(model: onnx.ModelProto, rule: str, islands: tuple[str, ...]) -> onnx.ModelProto:
     from madclip_export import fp16
 
     if rule == "current":
-        return fp16.to_mixed_fp16(model)
+        return fp16.to_mixed_fp16(model, islands)
     saved = (fp16.FP32_OPS, fp16.computed_divisions)
     fp16.FP32_OPS, fp16.computed_divisions = OLD_FP32_OPS, (lambda m: [])
     try:
-        return fp16.to_mixed_fp16(model)
+        return fp16.to_mixed_fp16(model, islands)
     finally:
         fp16.FP32_OPS, fp16.computed_divisions = saved
 
@@ -54,11 +56,13 @@ def main() -> None:
     rows, results = [], []
     for b in map(Path, args.bundles):
         fp32 = onnx.load(str(b / "model.onnx"))
+        meta = json.loads((b / "metadata.json").read_text())
+        islands = Bundle(path=str(b), meta=meta, spec=None).fp32_islands  # the method's FP32-tail constants
         golden = np.load(b / "golden.npz")
         images = golden["image"].astype(np.float32)
         ref = run(fp32, images)
         for rule in ("previous", "current"):
-            g = convert(fp32, rule)
+            g = convert(fp32, rule, islands)
             casts = sum(n.op_type == "Cast" for n in g.graph.node)
             out = run(g, images)
             score_err = float(np.abs(out["score"] - ref["score"]).max())

@@ -166,7 +166,8 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         golden_images, _, golden_labels = load_arrays(golden, spec)
         torch_ref = _torch_outputs(model, golden_images)
 
-        step("exporting the FP32 ONNX graph (text tower baked as dt, backbone truncated)")
+        step(f"exporting the FP32 ONNX graph ({model.title}: text side baked as constants, FP32 tail from "
+             f"{', '.join(model.fp32_island_constants)}; backbone truncated; about a minute on a CPU)")
         t0 = time.perf_counter()
         export_onnx(model, tmp / MODEL_FILES["fp32"], opts.max_batch, opts.opset)
         opset = written_opset(tmp / MODEL_FILES["fp32"], opts.opset)
@@ -296,7 +297,7 @@ def _require_tensorrt() -> None:
     backends.require_trt()  # raises BackendUnavailable with a one-line message
 
 
-def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tuple[str, ...] = ("dt",)) -> dict:
+def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tuple[str, ...]) -> dict:
     """Warm THIS machine's TensorRT engine cache; the engine is never put in the bundle.
 
     An engine only runs on the TensorRT version and GPU that built it, and the runtime looks engines up in
@@ -313,10 +314,19 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
             raise
         msg = (f"TensorRT engine not built here ({str(exc).splitlines()[0]}): madclip-infer --backend trt builds it "
                f"on the target on first use")
-        log.info(msg)
+        log.debug(msg)  # the CLI prints the reason once, after the report table
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
-    path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
+    try:
+        path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
+    except Exception as exc:  # noqa: BLE001 (TensorRT raises RuntimeError too; the engine is optional)
+        if opts.engine:
+            raise
+        first = (str(exc).splitlines() or [exc.__class__.__name__])[0]
+        msg = (f"TensorRT engine build failed here ({exc.__class__.__name__}: {first}); the bundle is written "
+               f"without it, madclip-infer --backend trt retries on first use")
+        log.warning(msg)
+        return {"built": False, "reason": msg}
     return {"built": True, "in_bundle": False, "cached_engine": str(path), "tensorrt": version}
 
 

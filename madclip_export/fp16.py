@@ -1,15 +1,17 @@
 """Mixed-precision (FP16 with FP32 islands) ONNX from the FP32 graph, IO kept float32.
 
-FP32 islands (docs/ARCHITECTURE.md, "FP16"): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the adapter standardisation (a
-LayerNormalization node), the L2 normalisation (ReduceL2 / Clip / Expand and the Div by the computed norm), the
-dot products with the baked dt and the whole head downstream of them (its sigmoid included), the upsampling
-(Resize) and every reduction. onnxconverter-common keeps these in FP32 via op/node block lists; its
-`keep_io_types=True` leaves a graph output FP16 when the output's producer is blocked, so `fix_output_casts`
-re-establishes float32 outputs explicitly.
+FP32 islands (docs/export.md, "FP16"): LayerNorm (FP16 LayerNorm after attention overflows in TensorRT), the
+adapter standardisation (a LayerNormalization node), the L2 normalisation (ReduceL2 / Clip / Expand and the
+Div by the computed norm), every reduction, and the tail: the consumers of the method's baked constants and
+everything downstream of them up to the graph outputs. onnxconverter-common keeps these in FP32 via op/node
+block lists; `fix_output_casts` re-establishes float32 outputs where `keep_io_types=True` leaves one FP16, and
+`remove_round_trips` drops the float32 -> float16 -> float32 Cast pairs the converter leaves between FP32
+nodes, so no value of the tail (and no output) is rounded to FP16.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 
 import onnx
 from onnx import TensorProto, helper
@@ -44,6 +46,13 @@ def computed_divisions(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Div" and n.input[1] not in constants]
 
 
+def output_producers(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes writing graph outputs: the last step of every output is computed in FP32, so no
+    output is rounded to FP16 whatever the method's islands are."""
+    outputs = {o.name for o in model.graph.output}
+    return [n.name for n in model.graph.node if outputs & set(n.output)]
+
+
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give unnamed nodes a unique name (the converter's node block list matches by name)."""
     for i, node in enumerate(model.graph.node):
@@ -70,6 +79,46 @@ def fix_output_casts(model: onnx.ModelProto) -> onnx.ModelProto:
                                            name=f"cast_output_{out.name}"))
         out.type.tensor_type.elem_type = TensorProto.FLOAT
         log.debug("inserted float32 cast for output %s", out.name)
+    return model
+
+
+def _is_cast(node: onnx.NodeProto, to: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
+
+
+def remove_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop every float32 -> float16 -> float32 Cast pair: the FP32 consumer reads the float32 tensor itself.
+
+    onnxconverter-common wraps each blocked (FP32) node in Casts and keeps some edges between two FP32 nodes
+    in FP16 (an edge with several consumers, a graph output it re-types), so values inside the FP32 tail were
+    rounded to FP16 on the way (a MediCLIP map had 7 distinct values). Removing the pair only removes a
+    rounding: FP16 consumers keep reading the FP16 tensor."""
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+    removed = 0
+    for node in graph.node:
+        if not _is_cast(node, TensorProto.FLOAT):
+            continue
+        down = producer.get(node.input[0])
+        if (down is None or not _is_cast(down, TensorProto.FLOAT16)
+                or types.get(down.input[0]) != TensorProto.FLOAT):
+            continue
+        node.op_type, node.input[0] = "Identity", down.input[0]  # keeps its output name (maybe an output)
+        del node.attribute[:]
+        removed += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    while True:  # drop Casts nobody reads any more
+        dead = [n for n in graph.node if n.op_type == "Cast" and not set(n.output) & used]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    log.debug("FP16: removed %d float32 -> float16 -> float32 round trips", removed)
     return model
 
 
@@ -122,25 +171,34 @@ def unshare_initializers(model: onnx.ModelProto, blocked_nodes: set[str], blocke
     return model
 
 
-def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...] = ("dt",)) -> onnx.ModelProto:
+def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...]) -> onnx.ModelProto:
     """FP32 ModelProto (weights loaded) -> mixed-precision ModelProto with float32 inputs and outputs; the
     consumers of `island_constants` (the method's `fp32_island_constants`) and all downstream stay FP32."""
     from onnxconverter_common import float16
 
     model = name_nodes(onnx.ModelProto.FromString(model.SerializeToString()))
-    node_block = head_nodes(model, tuple(island_constants)) + computed_divisions(model)
     del model.graph.value_info[:]  # stale exporter value_info makes the converter emit mistyped edges
     model = isolate_outputs(model)
+    # The block list is computed on the final node set: the output Identity nodes added above are part of the
+    # FP32 tail (computed before them, they were converted and every output went through a Cast to FP16).
+    node_block = list(dict.fromkeys(head_nodes(model, tuple(island_constants)) + computed_divisions(model)
+                                    + output_producers(model)))
     model = unshare_initializers(model, set(node_block), set(FP32_OPS))
-    converted = float16.convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=node_block, disable_shape_infer=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=node_block,
+            disable_shape_infer=False)
+    if caught:  # one line per tiny weight otherwise; FP16 has no such magnitudes (smallest normal 6e-5)
+        log.debug("FP16 conversion: %d FP16-body constants below FP16's range were clamped by "
+                  "onnxconverter-common (e.g. %s)", len(caught), caught[0].message)
     # Declared output types can lie after conversion: mark any output whose producer is FP16 and fix it.
     for name, elem in _output_elem_types(converted).items():
         if elem == TensorProto.FLOAT16:
             for o in converted.graph.output:
                 if o.name == name:
                     o.type.tensor_type.elem_type = TensorProto.FLOAT16
-    converted = fix_output_casts(converted)
+    converted = remove_round_trips(fix_output_casts(converted))
     for o in converted.graph.output:
         if o.type.tensor_type.elem_type != TensorProto.FLOAT:
             raise RuntimeError(f"FP16 conversion left output {o.name} as {o.type.tensor_type.elem_type}")

@@ -70,3 +70,10 @@ def io_metadata(image_size: int, ranges: dict[str, tuple[float, float]],
                                        "with masks)"},
         },
     }
+
+# Per-volume output files of madclip-infer --out (madclip_runtime.scans.volume_output.output_names), and the
+# DICOM SEG suffix that a 2-D DICOM also gets with --dicom-seg. `<stem>.json` is written last in every set.
+VOLUME_MAP_SUFFIX = "_map.nii.gz"
+VOLUME_MONTAGE_SUFFIX = "_montage.png"
+DICOM_SEG_SUFFIX = "_seg.dcm"
+VOLUME_OUTPUT_SUFFIXES = (VOLUME_MAP_SUFFIX, VOLUME_MONTAGE_SUFFIX, DICOM_SEG_SUFFIX)

@@ -226,6 +226,115 @@ def render_overlay(
     return canvas
 
 
+def blend_map(pixels: ScanImage | np.ndarray, amap: np.ndarray, scale: tuple[float, float],
+              map_threshold: float | None, alpha: float = 0.45, thickness: int = 1) -> np.ndarray:
+    """The scan [H, W] blended with the colourised map on the fixed scale, contour at `map_threshold`."""
+    base = _to_rgb_uint8(pixels)
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.shape != base.shape[:2]:
+        raise ValueError(f"anomaly map shape {amap.shape} does not match the scan's {base.shape[:2]}")
+    heat = colorize(amap, _check_scale(scale)).astype(np.float32)
+    out = np.round((1.0 - alpha) * base.astype(np.float32) + alpha * heat).astype(np.uint8)
+    if map_threshold is not None:
+        out[contour_mask(amap, float(map_threshold), thickness)] = CONTOUR_RGB
+    return out
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    """Split `text` at double spaces into lines no wider than `width` (a part wider than that stays whole)."""
+    lines: list[str] = []
+    for part in text.split("  "):
+        if lines and _text_w(draw, lines[-1] + "  " + part, font) <= width:
+            lines[-1] += "  " + part
+        else:
+            lines.append(part)
+    return lines
+
+
+def render_montage_tiles(tiles: list[tuple[np.ndarray, np.ndarray, str, str | None]], scale: tuple[float, float],
+                         map_threshold: float | None, legend: list[tuple[str, tuple[int, int, int]]],
+                         min_side: int = 240, max_side: int = 512, columns: int = 3) -> Image.Image:
+    """Several slices with their maps in one picture, one shared legend below.
+
+    `tiles`: (scan pixels [H, W(, 3)], map [H, W], caption, decision) per slice. Each slice is shown at its
+    native resolution, enlarged by a whole factor (nearest neighbour, pixels stay square and sharp) until
+    its longer side reaches `min_side` (the model's input size), or reduced when longer than `max_side`;
+    the map is blended on the fixed `scale` with its contour at `map_threshold`. The caption (slice, its
+    position, its score) is drawn above each slice; the legend (volume score, threshold, colour bar with
+    the contour level, research-use line) once under the grid.
+    """
+    lo, hi = _check_scale(scale)
+    fs = 15
+    font, pad = _font(fs), 5
+    row = fs + pad
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    panels = []
+    for pixels, amap, caption, decision in tiles:
+        h, w = np.asarray(amap).shape[:2]
+        longer = max(h, w)
+        if longer < min_side:
+            f = -(-min_side // longer)  # ceil: a whole factor
+            size, resample = (w * f, h * f), Image.Resampling.NEAREST
+        elif longer > max_side:
+            f = max_side / longer
+            size, resample = (max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS
+        else:
+            size, resample = (w, h), None
+        if resample is Image.Resampling.NEAREST:  # contour drawn at display size: one screen pixel wide
+            base = np.asarray(Image.fromarray(_to_rgb_uint8(pixels)).resize(size, resample))
+            big = np.asarray(Image.fromarray(np.asarray(amap, np.float32), mode="F").resize(size, resample))
+            img = Image.fromarray(blend_map(base, big, (lo, hi), map_threshold, thickness=2))
+        else:
+            img = Image.fromarray(blend_map(pixels, amap, (lo, hi), map_threshold,
+                                            thickness=max(1, round(longer / max(size) * 1.5))))
+            if resample is not None:
+                img = img.resize(size, resample)
+        lines = _wrap(probe, caption, font, img.width - 2 * pad)
+        panel = Image.new("RGB", (img.width, img.height + len(lines) * row), _LEGEND_BG)
+        panel.paste(img, (0, len(lines) * row))
+        d = ImageDraw.Draw(panel)
+        colour = _ANOMALY_FG if decision == ANOMALY else (_NORMAL_FG if decision == NORMAL else _LEGEND_FG)
+        for i, line in enumerate(lines):
+            d.text((pad, pad // 2 + i * row), line, fill=colour, font=font)
+        panels.append(panel)
+    cols = max(1, min(columns, len(panels)))
+    n_rows = -(-len(panels) // cols)
+    cw, ch = max(p.width for p in panels), max(p.height for p in panels)
+    gap = 6
+    grid_w = cols * cw + (cols - 1) * gap
+    bar_w = 200
+    lines_w = [_text_w(probe, text, font) for text, _ in legend] + [_text_w(probe, INTENDED_USE, font)]
+    width = max(grid_w, max(lines_w) + 2 * pad, bar_w + 300)
+    legend_h = (len(legend) + 2) * row + pad
+    canvas = Image.new("RGB", (width, n_rows * ch + (n_rows - 1) * gap + legend_h), _LEGEND_BG)
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, ((i % cols) * (cw + gap), (i // cols) * (ch + gap)))
+    draw = ImageDraw.Draw(canvas)
+    y = n_rows * ch + (n_rows - 1) * gap + pad
+    for text, colour in legend:
+        draw.text((pad, y), text, fill=colour, font=font)
+        y += row
+    x = pad
+    lo_text = f"map {lo:g}"
+    draw.text((x, y), lo_text, fill=_LEGEND_FG, font=font)
+    x += _text_w(probe, lo_text, font) + pad
+    ramp = _LUT[np.round(np.linspace(0, 255, bar_w)).astype(np.intp)]
+    canvas.paste(Image.fromarray(np.ascontiguousarray(np.repeat(ramp[None], fs, axis=0))), (x, y))
+    if map_threshold is not None and lo <= map_threshold <= hi:
+        tx = x + int(round((map_threshold - lo) / (hi - lo) * (bar_w - 1)))
+        draw.line([(tx, y), (tx, y + fs - 1)], fill=CONTOUR_RGB, width=2)
+    x += bar_w + pad
+    tail = f"{hi:g}" + (f"   cyan contour: map >= {map_threshold:.3f}" if map_threshold is not None else "")
+    draw.text((x, y), tail, fill=_LEGEND_FG, font=font)
+    y += row
+    draw.text((pad, y), INTENDED_USE, fill=_LEGEND_FG, font=font)
+    return canvas
+
+
+def verdict_colour(decision: str | None) -> tuple[int, int, int]:
+    return _ANOMALY_FG if decision == ANOMALY else (_NORMAL_FG if decision == NORMAL else _LEGEND_FG)
+
+
 def jsonable(obj: Any) -> Any:
     """numpy scalars/arrays -> Python; NaN/inf -> None (strict JSON has no NaN)."""
     if isinstance(obj, dict):

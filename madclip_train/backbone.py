@@ -132,11 +132,3 @@ def embed_dim(clip: nn.Module) -> int:
     """Width of the joint image-text embedding (the text projection's output)."""
     proj = clip.text_projection
     return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
-
-
-def build_backbone(clip: nn.Module, cfg: ModelConfig) -> Backbone:
-    depth = len(clip.visual.transformer.resblocks)
-    taps = cfg.taps or default_taps(depth)
-    if len(taps) != 4 or max(taps) >= depth:
-        raise MadclipError(f"taps {taps} do not fit a {depth}-block backbone (need 4 indices < {depth})")
-    return Backbone(clip.visual, taps)

@@ -21,10 +21,12 @@ def _progress():
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from .methods import DEFAULT_METHOD, method_names
+    from .methods import DEFAULT_METHOD, all_methods, get_method, method_names
 
-    p = ArgumentParser(prog="madclip-train", description="Learn a few-shot anomaly-detection method (MadCLIP by "
-                                "default) from the shots of a dataset's valid/ split and write a run directory. "
+    default = get_method(DEFAULT_METHOD)
+    normal_only = ", ".join(f"--method {m.name}" for m in all_methods() if not m.needs_abnormal)
+    p = ArgumentParser(prog="madclip-train", description=f"Learn a few-shot anomaly-detection method ({default.title} "
+                                "by default) from the shots of a dataset's valid/ split and write a run directory. "
                                 "Options left unset take the method's reference value.")
     p.add_argument("--data", required=True, help="dataset root (MVFA layout ROOT/valid/good/img ..., or plain "
                    "ROOT/normal, ROOT/abnormal, ROOT/masks)")
@@ -32,16 +34,16 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                    help=f"the method to train (default {DEFAULT_METHOD})")
     p.add_argument("--shots", type=bounded_int(1, 10_000),
-                   help="k normal + k abnormal shots (default 16; --method mediclip: k normal only)")
+                   help=f"k normal + k abnormal shots (default 16; {normal_only}: k normal only, all of them "
+                        f"when the folder has fewer, like madclip-synth)")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), help="shot sampling, initialisation, batch order, jitter (default 111)")
     p.add_argument("--shot-list", help="shot-list file (lines 'a-0: name ...' and 'n-0: name ...'); overrides --shots")
     p.add_argument("--objective", help="[Objective] word (default: from the dataset folder name, else 'medical image')")
-    p.add_argument("--backbone", help="open_clip model name, or madclip-tiny (default: the method's, ViT-L-14-336 "
-                                      "for MadCLIP)")
+    p.add_argument("--backbone", help="open_clip model name, or madclip-tiny (default: the method's)")
     p.add_argument("--pretrained", help="openai | PATH to weights | none (random, pipeline checks); default openai")
-    p.add_argument("--image-size", type=bounded_int(28, 4096), help="input size (default: the method's, 240 for MadCLIP)")
-    p.add_argument("--epochs", type=bounded_int(1, 100_000), help="default: the method's (60 for MadCLIP)")
-    p.add_argument("--batch-size", type=bounded_int(1, 65_536), help="default: the method's (16 for MadCLIP)")
+    p.add_argument("--image-size", type=bounded_int(28, 4096), help="input size (default: the method's)")
+    p.add_argument("--epochs", type=bounded_int(1, 100_000), help="default: the method's")
+    p.add_argument("--batch-size", type=bounded_int(1, 65_536), help="default: the method's")
     p.add_argument("--lr", type=finite_float(0.0, 10.0, min_open=True), help="Adam learning rate (default: the method's, 1e-3)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
@@ -60,55 +62,40 @@ def train_parser() -> argparse.ArgumentParser:
                    help="reference (default): the authors' zoom crop int(S/scale) and colour jitter (per-column mean, "
                         "one factor pair per class of shots); exact: exact affine zooms, per-image jitter")
     p.add_argument("--quick-gelu", action="store_const", const=True,
-                   help="QuickGELU (what OpenAI trained with); MadCLIP's reference uses GELU")
+                   help="QuickGELU (what OpenAI trained with; default: the method's reference)")
     p.add_argument("--causal-prompt-mask", action="store_const", const=True,
                    help="encode the learnable prompts with CLIP's causal mask (the reference omits it)")
     p.add_argument("--normalize", choices=["none", "clip"],
-                   help="input normalisation: none (MadCLIP's reference) or CLIP mean/std")
+                   help="input normalisation: none or CLIP mean/std (default: the method's reference)")
     p.add_argument("--init-seed", type=bounded_int(0, 2**63 - 1), help="seed of the random backbone when --pretrained none (0)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method switch (repeatable), e.g. --option det_loss=bce for --method mvfa; see README")
+                   help="a method switch (repeatable; booleans true/false, yes/no, 1/0, on/off): "
+                        + "; ".join(f"--method {m.name}: {', '.join(m.option_schema.options)}"
+                                    for m in all_methods() if m.option_schema.options))
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("-v", "--verbose", action="store_true")
-    from .methods.mediclip import add_cli_options
-
-    add_cli_options(p)
+    for method in all_methods():  # each method's own flags, from its option schema
+        method.option_schema.add_flags(p, method.title)
     return p
 
 
-def parse_options(items: list[str], method: str) -> dict:
-    """`--option KEY=VALUE` items -> {key: value} (true/false/numbers parsed), keys checked against the method's."""
+def method_options(args: argparse.Namespace) -> dict:
+    """`--option KEY=VALUE` items and the method's own flags -> {key: typed value}, checked by the method's
+    option schema; another method's flags are refused."""
     from madclip_runtime.errors import MadclipError
 
-    from .methods import get_method
+    from .methods import all_methods, get_method
 
-    known = getattr(get_method(method), "default_options", lambda: {})()
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise MadclipError(f"--option {item!r}: expected KEY=VALUE")
-        if key not in known:
-            raise MadclipError(f"--option {key}: method {method!r} has no such option (known: "
-                               f"{', '.join(sorted(known)) or 'none'})")
-        low = value.lower()
-        out[key] = True if low == "true" else False if low == "false" else _number_or_text(value)
-    return out
-
-
-def _number_or_text(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+    for other in all_methods():
+        if other.name != args.method and other.option_schema.from_flags(args):
+            raise MadclipError(f"{' and '.join(other.option_schema.flags())} apply to --method {other.name} only")
+    schema = get_method(args.method).option_schema
+    return {**schema.parse_items(args.option), **schema.from_flags(args)}
 
 
 def _train(argv) -> int:
     args = train_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from .methods.mediclip import cli_options
     from .run import TrainRequest, train_run
 
     req = TrainRequest(data=args.data, out=args.out, method=args.method, shots=args.shots, seed=args.seed,
@@ -121,7 +108,7 @@ def _train(argv) -> int:
                        quick_gelu=args.quick_gelu, causal_prompt_mask=args.causal_prompt_mask,
                        normalize=args.normalize, init_seed=args.init_seed, force=args.force,
                        precision=args.precision,
-                       options={**parse_options(args.option, args.method), **cli_options(args)})
+                       options=method_options(args))
     with _progress() as progress:
         summary = train_run(req, progress=progress)
     err_console.print(f"run written: {escape_control(summary['run_dir'])}  ({summary['n_train_images']} training images, "
@@ -135,6 +122,9 @@ def train_main(argv=None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
+    from .methods import all_methods
+
+    transductive = ", ".join(m.title for m in all_methods() if m.supports_transductive)
     p = ArgumentParser(prog="madclip-eval", description="Score a dataset split with a trained run.")
     p.add_argument("run", help="run directory written by madclip-train")
     p.add_argument("--data", required=True, help="dataset root")
@@ -143,8 +133,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=bounded_int(1, 65_536), default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--transductive", action="store_true",
-                   help="MVFA: normalise with the test set's min/max, as the reference does (for comparing with the "
-                        "paper; a deployed model uses the fixed normalisers of the run)")
+                   help=f"{transductive}: normalise with the test set's min/max, as the reference does (for comparing "
+                        "with the paper; a deployed model uses the fixed normalisers of the run)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -165,10 +155,13 @@ def _eval(argv) -> int:
     split = load_split(args.data, args.split)
     model, _ = load_run(args.run, device)
     t0 = time.perf_counter()
-    if args.transductive and not hasattr(model, "predict_transductive"):
+    if args.transductive and not model.supports_transductive:
         from madclip_runtime.errors import MadclipError
 
-        raise MadclipError(f"{args.run}: --transductive applies to MVFA runs only (this run is {model.name!r})")
+        from .methods import all_methods
+
+        titles = ", ".join(m.title for m in all_methods() if m.supports_transductive)
+        raise MadclipError(f"{args.run}: --transductive applies to {titles} runs only (this run is {model.name!r})")
     with _progress() as progress:
         if args.transductive:
             pred = model.predict_transductive(split, args.batch_size, device, progress)
@@ -199,8 +192,10 @@ def eval_main(argv=None) -> int:
 
 
 def convert_parser() -> argparse.ArgumentParser:
-    from .methods import DEFAULT_METHOD, method_names
+    from .methods import DEFAULT_METHOD, all_methods, method_names
 
+    no_objective = ", ".join(m.title for m in all_methods() if not m.uses_objective)
+    with_shots = ", ".join(m.title for m in all_methods() if m.reference_needs_shots)
     p = ArgumentParser(prog="madclip-convert-reference",
                                 description="Convert an authors' released checkpoint (loaded with weights_only=True: "
                                             "no code is executed) into a madclip run directory.")
@@ -208,15 +203,16 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                    help=f"which method's checkpoint it is (default {DEFAULT_METHOD})")
-    p.add_argument("--objective", help="[Objective] word the checkpoint was trained with, e.g. Brain (MadCLIP; "
-                                       "MediCLIP's prompts have none)")
-    p.add_argument("--backbone", help="default: the method's (ViT-L-14-336 for MadCLIP)")
+    p.add_argument("--objective", help=f"[Objective] word the checkpoint was trained with, e.g. Brain (not used by: "
+                                       f"{no_objective or 'none'})")
+    p.add_argument("--backbone", help="default: the method's")
     p.add_argument("--pretrained", help="openai (default) | PATH to weights")
-    p.add_argument("--image-size", type=bounded_int(28, 4096), help="default: the method's (240 for MadCLIP)")
-    p.add_argument("--data", help="MVFA: dataset root whose valid/ shots rebuild the memory bank (the release has none)")
-    p.add_argument("--shot-list", help="MVFA: the authors' shot list (e.g. fewshot_seed/Brain/4-shot.txt)")
+    p.add_argument("--image-size", type=bounded_int(28, 4096), help="default: the method's")
+    p.add_argument("--data", help=f"{with_shots}: dataset root whose valid/ shots rebuild what the release lacks "
+                                  "(e.g. a memory bank)")
+    p.add_argument("--shot-list", help=f"{with_shots}: the authors' shot list (e.g. fewshot_seed/Brain/4-shot.txt)")
     p.add_argument("--shots", type=bounded_int(1, 10_000), default=4,
-                   help="MVFA without --shot-list: k shots sampled with --seed (4)")
+                   help=f"{with_shots} without --shot-list: k shots sampled with --seed (4)")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=111)
     p.add_argument("--force", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -235,16 +231,11 @@ def _convert(argv) -> int:
 
     req = TrainRequest(data="", out=args.out, method=args.method, backbone=args.backbone, pretrained=args.pretrained,
                        image_size=args.image_size)
-    if args.objective is None and getattr(get_method(args.method), "uses_objective", True):
+    if args.objective is None and get_method(args.method).uses_objective:
         raise MadclipError(f"--objective is required for --method {args.method} (the word its prompts were trained with)")
     mcfg, _ = resolve_configs(req, args.objective or DEFAULT_OBJECTIVE)
-    if args.method == "mvfa":
-        from .methods.mvfa_reference import convert_mvfa_reference
-
-        out = convert_mvfa_reference(args.checkpoint, args.out, mcfg, args.data, args.shot_list, args.shots,
-                                     args.seed, force=args.force)
-    else:
-        out = convert_reference_run(args.checkpoint, args.out, mcfg, force=args.force)
+    out = convert_reference_run(args.checkpoint, args.out, mcfg, force=args.force, data=args.data,
+                                shot_list=args.shot_list, shots=args.shots, seed=args.seed)
     err_console.print(f"run written: {escape_control(out)}", style="green", markup=False, highlight=False,
                       soft_wrap=True)
     return 0

@@ -326,3 +326,15 @@ def load_arrays(
                 log.warning("%s: mask of abnormal image %s %s: its lesion will be trained as background; check the "
                             "mask", smp.mask_path, os.path.basename(smp.path), why)
     return images, masks, labels
+
+
+def normalize_images(images01, spec: PreprocessSpec):
+    """[0, 1] images (torch [N, 3, S, S]) -> model input range (the shared preprocessing's normalisation step);
+    augmentation works on [0, 1] images, so the trainer and the reference converter normalise after it."""
+    if spec.normalize == "none":
+        return images01
+    import torch
+
+    from madclip_runtime.preprocess import normalize_array
+
+    return torch.from_numpy(normalize_array(images01.numpy(), spec))

@@ -115,6 +115,7 @@ def train_run(req: TrainRequest, progress=None) -> dict:
         from .synthesis.io import normal_samples
 
         samples, has_masks = normal_samples(req.data, tcfg.shots, tcfg.seed, req.shot_list), True
+        tcfg = replace(tcfg, shots=len(samples))  # all of them when the folder had fewer (recorded as used)
     if req.shot_list:
         tcfg = replace(tcfg, shots=sum(1 for s in samples if s.label == 0))
     device = resolve_device(req.device)

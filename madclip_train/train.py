@@ -20,12 +20,11 @@ from typing import Iterator
 
 import torch
 
-from madclip_runtime.preprocess import PreprocessSpec, normalize_array
 
 from .cache import DTYPES, load_or_extract
 from .config import TrainConfig
-from .methods import Batch, MethodModel
-from .methods.base import iterate_batches
+from .data import normalize_images
+from .methods.base import Batch, MethodModel, iterate_batches
 from .metrics import image_auroc
 from .device import gather_to_device, place_on_device
 from .precision import Precision
@@ -76,13 +75,6 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
     return torch.tensor(sorted(train)), torch.tensor(sorted(held))
 
 
-def _normalize(images01: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """[0, 1] images -> model input range (the shared preprocessing's normalisation step)."""
-    if spec.normalize == "none":
-        return images01
-    return torch.from_numpy(normalize_array(images01.numpy(), spec))
-
-
 class CachedSource:
     """Training batches from a fixed set of (augmented) images: their `model.cacheable()` features come from the
     feature cache, or (cache "off") from running the cacheable part every time, rounded through the same dtype."""
@@ -91,8 +83,9 @@ class CachedSource:
                  tcfg: TrainConfig, device: torch.device, cache_dir: Path | None = None, progress=None,
                  label: str = "features"):
         self.model, self.device, self.dtype, self.batch_size = model, device, tcfg.cache_dtype, tcfg.batch_size
-        self.images = _normalize(images01, model.cfg.preprocess)  # [N, 3, S, S]
+        self.images = normalize_images(images01, model.cfg.preprocess)  # [N, 3, S, S]
         self.masks, self.labels = masks, labels
+        self.groups: torch.Tensor | None = None  # a method's training_source may say which shot each view is
         self.feats = None
         self.info: dict = {"mode": tcfg.feature_cache}
         if tcfg.feature_cache != "off" and len(labels):
@@ -259,4 +252,4 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
     finalized = model.finalize(train_src, device)
     return {"history": history, "selected_epoch": selected, "n_train_images": n, "n_holdout_images": len(held_src),
             "holdout_index": [int(i) for i in held_idx], "finalize": finalized, "precision": precision.record(),
-            "cache": {"train": getattr(train_src, "info", {}), "holdout": getattr(held_src, "info", {})}}
+            "cache": {"train": train_src.info, "holdout": held_src.info}}

@@ -299,10 +299,11 @@ def test_export_without_tensorrt_says_so(monkeypatch, model_dir):
         raise BackendUnavailable("TensorRT is not installed")
 
     monkeypatch.setattr(backends, "require_trt", missing)
-    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=False, max_batch=4), lambda s: None)
+    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=False, max_batch=4), lambda s: None,
+                                      ("dt",))
     assert report["built"] is False and "TensorRT is not installed" in report["reason"]
     with pytest.raises(BackendUnavailable):
-        export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None)
+        export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None, ("dt",))
 
 
 def test_model_content_id_from_bundle_metadata(tmp_path):

@@ -51,7 +51,7 @@ def _fp32_nodes(converted) -> set[str]:
 def test_only_real_islands_stay_fp32():
     model = _model()
     assert fp16.computed_divisions(model) == ["l2_div"]
-    fp32 = _fp32_nodes(fp16.to_mixed_fp16(model))
+    fp32 = _fp32_nodes(fp16.to_mixed_fp16(model, ("dt",)))
     assert {"l2", "l2_div", "head_dot", "head_sigmoid"} <= fp32
     assert not {"qg_sigmoid", "gelu_erf", "gelu_div", "mm"} & fp32
 

@@ -495,8 +495,10 @@ def test_nifti_2d_image(tmp_path):
 def test_nifti_bad_inputs(tmp_path):
     pytest.importorskip("nibabel", reason="nibabel (madclip[medical]) not installed")
     f = np.ones((10, 10, 3), np.float32)
-    f[1, 1, 1] = np.nan
-    _raises_one_line(read_scans, _write_nifti(tmp_path / "nan.nii.gz", f), match="NaN")
+    f[1, 1, 1] = np.nan  # resampled data: NaN is background (the lowest finite value), not a refusal (issue 19)
+    assert all(np.isfinite(s.pixels).all() for s in read_scans(_write_nifti(tmp_path / "nan.nii.gz", f)))
+    _raises_one_line(read_scans, _write_nifti(tmp_path / "allnan.nii.gz", np.full((10, 10, 3), np.nan, np.float32)),
+                     match="NaN")
     (tmp_path / "junk.nii").write_text("not a volume\n" * 40)
     _raises_one_line(read_scans, tmp_path / "junk.nii", match="NIfTI")
     _raises_one_line(read_scans, _write_nifti(tmp_path / "v4.nii", np.zeros((10, 10, 3, 2), np.int16)), match="--volume-index")

@@ -113,3 +113,75 @@ def test_importing_every_runtime_module_loads_no_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "ok"
+
+
+# ---- madclip_train's methods: one package per method, imports pointing down ----------------------------------
+METHODS_PKG = "madclip_train.methods"
+METHODS_CORE = {METHODS_PKG, f"{METHODS_PKG}.base", f"{METHODS_PKG}.registry"}
+
+
+def _method_package(module: str) -> str | None:
+    """`madclip_train.methods.mvfa.bank` -> `madclip_train.methods.mvfa`; None outside a method package."""
+    parts = module.split(".")
+    if module.startswith(METHODS_PKG + ".") and ".".join(parts[:3]) not in METHODS_CORE:
+        return ".".join(parts[:3])
+    return None
+
+
+def _closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def _method_violations(graph: dict[str, set[str]]) -> list[str]:
+    """The direction inside madclip_train: a method package imports its own modules, `methods.base` and shared
+    modules (those that import no `madclip_train.methods` module at all, not even lazily); a shared module never
+    imports a method package; only `methods.registry` names the method packages (as strings, imported lazily)."""
+    bad = []
+    for name, edges in graph.items():
+        if not name.startswith("madclip_train"):
+            continue
+        own = _method_package(name)
+        for imp in edges:
+            if not imp.startswith("madclip_train"):
+                continue
+            target = _method_package(imp)
+            if own is not None:
+                if target == own or imp == f"{METHODS_PKG}.base":
+                    continue
+                if target is not None:
+                    bad.append(f"{name} imports {imp} (another method)")
+                elif imp.startswith(METHODS_PKG) or any(m.startswith(METHODS_PKG) for m in _closure(graph, imp)):
+                    bad.append(f"{name} imports {imp}, which imports madclip_train.methods (runs back up)")
+            elif target is not None:
+                bad.append(f"{name} imports {imp} (only methods/registry.py may name a method)")
+    return sorted(bad)
+
+
+def test_method_packages_import_down_only():
+    assert not (bad := _method_violations(_graph())), "\n".join(bad)
+
+
+def test_method_rule_catches_what_it_claims():
+    graph = {"madclip_train.methods.mvfa.reference": {"madclip_train.rundir", "madclip_train.methods.base"},
+             "madclip_train.rundir": {"madclip_train.methods"},
+             "madclip_train.methods": {"madclip_train.methods.base"},
+             "madclip_train.methods.mediclip.losses": {"madclip_train.methods.madclip.losses"},
+             "madclip_train.methods.madclip.losses": set(),
+             "madclip_train.cli": {"madclip_train.methods.mvfa.reference"}}
+    bad = "\n".join(_method_violations(graph))
+    assert "mvfa.reference imports madclip_train.rundir" in bad
+    assert "another method" in bad and "only methods/registry.py" in bad
+
+
+def test_every_method_package_is_registered_once():
+    from madclip_train.methods import registry
+
+    on_disk = {p.name for p in (ROOT / "madclip_train" / "methods").iterdir() if (p / "__init__.py").is_file()}
+    assert set(registry._PACKAGES) == on_disk
+    assert all(path == f"{METHODS_PKG}.{name}" for name, path in registry._PACKAGES.items())

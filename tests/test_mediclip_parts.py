@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from madclip_runtime.errors import MadclipError
-from madclip_train.mediclip.convert import convert_reference
-from madclip_train.mediclip.losses import focal_target, mediclip_loss
+from madclip_train.methods.mediclip.reference import convert_reference
+from madclip_train.methods.mediclip.losses import focal_target, mediclip_loss
 
 
 def _focal_by_hand(p_ab: float, cls: int) -> float:
@@ -47,7 +47,7 @@ def test_focal_target_truncates_soft_labels():
 
 def test_sigmoid_of_difference_equals_reference_softmax_map():
     """mean over layers -> upsample (align_corners) -> softmax, as MapMaker, equals our sigmoid form."""
-    from madclip_train.head import upsample_logits
+    from madclip_train.maps import upsample_logits
 
     g = torch.Generator().manual_seed(0)
     feats = [F.normalize(torch.randn(2, 16, 8, generator=g), dim=-1) for _ in range(3)]  # L x [B, P, E]

@@ -6,8 +6,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from madclip_train.head import branch_logits, score_outputs, upsample_logits
-from madclip_train.losses import dice_loss, focal_loss, madclip_loss, siglip_detection_loss
+from madclip_train.maps import dice_loss, focal_loss, upsample_logits
+from madclip_train.methods.madclip.head import branch_logits, score_outputs
+from madclip_train.methods.madclip.losses import madclip_loss, siglip_detection_loss
 
 
 def test_tapped_features_and_outputs_shapes(tiny_model):
@@ -33,7 +34,7 @@ def test_default_taps_are_quarters_of_depth(tiny_model):
 
 
 def test_adapter_parameter_count_for_vit_l_widths():
-    from madclip_train.adapters import DualAdapters
+    from madclip_train.methods.madclip.adapters import DualAdapters
 
     n = sum(p.numel() for p in DualAdapters(1024, 768).parameters())
     assert n == 8 * (1024 * 1024 + 2 * 768 * 1024)  # about 21.0 M, as docs/METHODS.md §3 says

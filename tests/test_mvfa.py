@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from madclip_train.methods.mvfa import MVFAModel
-from madclip_train.methods.mvfa_augment import augment_x11
-from madclip_train.methods.mvfa_losses import det_loss, seg_losses
-from madclip_train.methods.mvfa_scores import few_shot, nearest_distance, transductive_mix
-from madclip_train.methods.mvfa_text import TEMPLATES, ensemble_sentences
+from madclip_train.methods.mvfa.augment import augment_x11
+from madclip_train.methods.mvfa.losses import det_loss, seg_losses
+from madclip_train.methods.mvfa.scores import few_shot, nearest_distance, transductive_mix
+from madclip_train.methods.mvfa.text import TEMPLATES, ensemble_sentences
 
 
 class _Source:

@@ -17,6 +17,9 @@ from madclip_runtime.engines import trt_engine as te
 from madclip_runtime.engines import trt_rules as tr
 from madclip_runtime.errors import BackendUnavailable, BundleError, InputError
 
+from . import trt_fakes
+from .trt_fakes import FakeTrt
+
 
 @pytest.mark.parametrize(
     "text, expected",
@@ -249,229 +252,209 @@ def test_gpu_count_is_zero_without_gpu_or_bindings(monkeypatch):
     assert cuda_probe.probe_gpu().count == 0
 
 
-# ---- builder logic on a fake network (the objects TensorRT's parser would produce) -----------------------
+# ---- builder logic on the network TensorRT's ONNX parser builds (tests/trt_fakes.py) ---------------------
 
 
-class LayerType(enum.Enum):
-    CONVOLUTION = 1
-    NORMALIZATION = 2
-    MATRIX_MULTIPLY = 3
-    ACTIVATION = 4
-    ELEMENTWISE = 5
-    REDUCE = 6
-    RESIZE = 7
-    SHUFFLE = 8
-    CONSTANT = 9
+_head_model = trt_fakes.head_model
 
 
-class MatrixOperation(enum.Enum):
-    NONE = 0
-    TRANSPOSE = 1
-    VECTOR = 2
+def _parsed(tmp_path, model):
+    import onnx
+
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    return trt_fakes.parse(path)
 
 
-class FakeTrt:
-    LayerType = LayerType
-    MatrixOperation = MatrixOperation
-    float32, float16, int64 = "float32", "float16", "int64"
-
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 1
-
-
-class Tensor:
-    def __init__(self, name, dtype="float16", shape=(-1, 290, 1024)):
-        self.name, self.dtype, self.shape = name, dtype, shape
+def _fp32_layers(network) -> set[str]:
+    """Layers the builder pinned: precision FP32 (computing layers) and every output typed FP32."""
+    out = set()
+    for impl in network.layers():
+        typed = impl.output_types and all(v == FakeTrt.float32 for v in impl.output_types.values())
+        if typed and (impl.precision_is_set or impl.type == trt_fakes.LayerType.CONSTANT):
+            assert impl.type == trt_fakes.LayerType.CONSTANT or impl.precision == FakeTrt.float32
+            out.add(impl.name)
+    return out
 
 
-class Layer:
-    def __init__(self, kind, name, inputs, outputs, op0=MatrixOperation.NONE, op1=MatrixOperation.NONE):
-        self.type, self.name = kind, name
-        self._in, self._out = inputs, outputs
-        self.op0, self.op1 = op0, op1
-        self.precision = None
-        self.output_types = {}
-
-    num_inputs = property(lambda self: len(self._in))
-    num_outputs = property(lambda self: len(self._out))
-
-    def get_input(self, i):
-        return self._in[i]
-
-    def get_output(self, i):
-        return self._out[i]
-
-    def set_output_type(self, i, dtype):
-        self.output_types[i] = dtype
-
-
-class Network:
-    def __init__(self, layers):
-        self.layers = layers
-
-    num_layers = property(lambda self: len(self.layers))
-
-    def get_layer(self, i):
-        return self.layers[i]
+def test_fake_parser_names_constants_and_reshapes_vectors_like_onnx_tensorrt(tmp_path):
+    """The fake is faithful where the tail rule depends on it: the initializer's LAYER carries its name, its
+    tensor a default one; the 1-D operand reaches the MatMul as [1, E, 1] through the parser's shuffles."""
+    pytest.importorskip("onnx")
+    net = _parsed(tmp_path, _head_model())
+    layers = {impl.name: impl for impl in net.layers()}
+    dt = layers["dt"]
+    assert dt.type == trt_fakes.LayerType.CONSTANT and dt.outputs[0].name != "dt"
+    assert dt.outputs[0].name.startswith("(Unnamed Layer* ") and dt.outputs[0].shape == (8,)
+    mm = layers["node_matmul"]
+    assert [t.shape for t in mm.inputs] == [(-1, 16, 8), (1, 8, 1)]
+    assert mm.ops == [trt_fakes.MatrixOperation.NONE, trt_fakes.MatrixOperation.NONE]  # no kVECTOR here
+    assert {"ONNXTRT_unsqueezeTensor", "ONNXTRT_Broadcast", "ONNXTRT_squeezeTensor"} <= set(layers)
+    assert all(t.name != "dt" for impl in net.layers() for t in impl.inputs)  # no tensor is called dt
+    layer = net.get_layer(mm.index)
+    assert type(layer) is trt_fakes.ILayer and not hasattr(layer, "op0")  # until downcast
+    layer.__class__ = FakeTrt.IMatrixMultiplyLayer
+    assert layer.op1 == trt_fakes.MatrixOperation.NONE
+    assert not hasattr(net.get_layer(mm.index), "op0")  # every get_layer is a fresh ILayer
 
 
-def test_constrain_fp32_islands_on_fake_network():
-    t = {n: Tensor(n) for n in ["img", "x", "ln", "fc", "dt", "logit", "prob", "up", "score", "amap", "attn"]}
-    t["dt"].shape = (768,)
-    shape_t = Tensor("shape", dtype="int64", shape=(4,))
-    layers = [
-        Layer(LayerType.CONVOLUTION, "/visual/conv1/Conv", [t["img"]], [t["x"]]),
-        Layer(LayerType.MATRIX_MULTIPLY, "/visual/transformer/resblocks.0/attn/MatMul", [t["x"], t["x"]], [t["attn"]]),
-        Layer(LayerType.NORMALIZATION, "node_layer_norm", [t["attn"]], [t["ln"]]),
-        Layer(LayerType.MATRIX_MULTIPLY, "node_MatMul_1", [t["ln"], Tensor("w", shape=(1024, 768))], [t["fc"]]),
-        Layer(LayerType.CONSTANT, "node_dt", [], [t["dt"]]),
-        Layer(LayerType.MATRIX_MULTIPLY, "node_matmul", [t["fc"], t["dt"]], [t["logit"]], op1=MatrixOperation.VECTOR),
-        Layer(LayerType.ACTIVATION, "node_sigmoid", [t["logit"]], [t["prob"]]),
-        Layer(LayerType.SHUFFLE, "node_view", [t["prob"]], [t["up"]]),  # after the sigmoid: tail
-        Layer(LayerType.ELEMENTWISE, "node_add_layers", [t["up"], t["up"]], [t["amap"]]),  # tail
-        Layer(LayerType.REDUCE, "node_shape_prod", [shape_t], [Tensor("n", dtype="int64", shape=())]),
-        Layer(LayerType.ACTIVATION, "node_gelu", [t["x"]], [Tensor("g")]),
-    ]
-    pinned = te.constrain_fp32_islands(FakeTrt, Network(layers))
-    fp32 = {layer.name for layer in layers if layer.precision == "float32"}
-    assert fp32 == {"node_layer_norm", "node_matmul", "node_sigmoid", "node_view", "node_add_layers"}
+def _old_is_vector_matmul(trt, layer):
+    """The code before issue 21, verbatim: reads op0/op1 on what get_layer returned."""
+    if layer.type != trt.LayerType.MATRIX_MULTIPLY:
+        return False
+    if trt.MatrixOperation.VECTOR in (layer.op0, layer.op1):
+        return True
+    other = layer.get_input(1)
+    shape = tuple(other.shape) if other is not None else ()
+    return len(shape) == 1 or (len(shape) >= 2 and shape[-1] == 1)
+
+
+def _old_tail_starts(trt, network, constants):
+    """The old tail start (before issue 21): a layer INPUT TENSOR named after an island constant."""
+    names = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        inputs = [layer.get_input(j).name for j in range(layer.num_inputs)]
+        if any(n in constants or n.split("/")[-1] in constants for n in inputs):
+            names.append(layer.name)
+    return names
+
+
+def test_old_code_fails_against_tensorrt_like_fakes(tmp_path):
+    """Issue 21 defects 1 and 2, shown on the fakes: the old vector-matmul check raises AttributeError on
+    the un-downcast ILayer (the FP16-flag build crashed), and the old tensor-name tail start finds nothing."""
+    pytest.importorskip("onnx")
+    net = _parsed(tmp_path, _head_model())
+    mm_index = next(impl.index for impl in net.layers() if impl.name == "node_matmul")
+    with pytest.raises(AttributeError, match="op0"):
+        _old_is_vector_matmul(FakeTrt, net.get_layer(mm_index))
+    assert _old_tail_starts(FakeTrt, net, ("dt",)) == []
+    assert te._is_vector_matmul(FakeTrt, net.get_layer(mm_index), {
+        t.name: net.get_layer(impl.index) for impl in net.layers() for t in impl.outputs})
+
+
+def test_tail_pinned_by_structure_on_the_parsed_network(tmp_path):
+    """The head from the `dt` constant layer on (through the parser's reshapes) plus the type/name islands
+    are FP32; the backbone, the division by a constant and integer shape maths are not."""
+    pytest.importorskip("onnx")
+    net = _parsed(tmp_path, _head_model())
+    pinned = te.constrain_fp32_islands(FakeTrt, net, ("dt",))
+    fp32 = _fp32_layers(net)
     assert pinned == len(fp32)
-    for layer in layers:
-        if layer.name in fp32:
-            assert layer.output_types == {0: "float32"}
-        else:
-            assert layer.output_types == {}  # backbone, constants and integer shape maths untouched
+    head = {"dt", "node_matmul", "node_sigmoid", "node_view_1", "node_upsample_bilinear2d", "node_mean", "node_amax"}
+    islands = {"node_layer_norm", "node_linalg_vector_norm", "node_div"}
+    assert {n for n in fp32 if not n.startswith("ONNXTRT_")} == head | islands
+    helpers = sorted(n.split("_")[1].rstrip("0123456789") for n in fp32 if n.startswith("ONNXTRT_"))
+    assert helpers == ["Broadcast", "squeezeTensor", "unsqueezeTensor"]  # only the reshapes on dt's path
+    for impl in net.layers():
+        if impl.name not in fp32:
+            assert impl.output_types == {} and not impl.precision_is_set
 
 
-def test_vector_matmul_detection_by_shape():
-    mm = Layer(LayerType.MATRIX_MULTIPLY, "node_matmul_7", [Tensor("a"), Tensor("dt", shape=(8, 768, 1))], [Tensor("o")])
-    assert te._is_vector_matmul(FakeTrt, mm)
-    mm2 = Layer(LayerType.MATRIX_MULTIPLY, "node_MatMul_3", [Tensor("a"), Tensor("w", shape=(1024, 768))], [Tensor("o")])
-    assert not te._is_vector_matmul(FakeTrt, mm2)
+def test_tail_found_by_constant_vector_shape_when_the_name_is_lost(tmp_path):
+    """A bundle whose island list does not name the constant (an older metadata, a renamed initializer):
+    the matmul with a constant [1, E, 1] operand still starts the tail; an activation operand never does."""
+    pytest.importorskip("onnx")
+    net = _parsed(tmp_path, _head_model(dt_name="onnx::MatMul_123"))
+    te.constrain_fp32_islands(FakeTrt, net, ("dt",))
+    fp32 = _fp32_layers(net)
+    assert {"node_matmul", "node_sigmoid", "node_upsample_bilinear2d"} <= fp32
+    assert "/visual/transformer/resblocks.0/mlp/c_proj/MatMul" not in fp32
+
+
+def test_missing_tail_is_reported(tmp_path, caplog):
+    pytest.importorskip("onnx")
+    net = _parsed(tmp_path, _head_model())
+    with caplog.at_level(logging.WARNING, logger="madclip_runtime.engines.trt_engine"):
+        te.constrain_fp32_islands(FakeTrt, trt_fakes.FakeNetwork(), ("dt",))
+    assert "not pinned" in caplog.text
+    assert net.num_layers > 0
 
 
 def test_network_flags():
-    assert te._network_flags(FakeTrt, "fp16", (10, 12, 0)) == 1 << 1
-    assert te._network_flags(FakeTrt, "fp16", (10, 3, 0)) == 0  # FP16 builder flag path
-    assert te._network_flags(FakeTrt, "fp16", (11, 0, 0)) == 0  # always strongly typed; flag deprecated
+    assert te._network_flags(FakeTrt, "strongly_typed", (10, 12, 0)) == 1 << 1
+    assert te._network_flags(FakeTrt, "fp16_flag", (10, 3, 0)) == 0  # FP16 builder flag path
+    assert te._network_flags(FakeTrt, "fp16_flag", (10, 13, 0)) == 0  # forced flag path on 10.12+
+    assert te._network_flags(FakeTrt, "strongly_typed", (11, 0, 0)) == 0  # always strongly typed; flag deprecated
     assert te._network_flags(FakeTrt, "fp32", (10, 12, 0)) == 0
 
 
-def test_quick_gelu_sigmoids_do_not_pin_the_backbone():
-    """Defect 6: with --quick-gelu every block has a sigmoid; the FP32 tail starts at the consumers of the
-    baked dt, so the backbone (its sigmoids, its matmuls, divisions by constants) stays FP16."""
-    t = {n: Tensor(n) for n in ["img", "x", "s", "g", "h", "half", "ln", "logit", "prob", "amap"]}
-    dt = Tensor("dt", shape=(768, 1))
-    sqrt2 = Tensor("sqrt2", shape=())
-    layers = [
-        Layer(LayerType.CONVOLUTION, "/visual/conv1/Conv", [t["img"]], [t["x"]]),
-        Layer(LayerType.ACTIVATION, "/visual/transformer/resblocks.0/mlp/gelu/Sigmoid", [t["x"]], [t["s"]]),
-        Layer(LayerType.ELEMENTWISE, "/visual/transformer/resblocks.0/mlp/gelu/Mul", [t["x"], t["s"]], [t["g"]]),
-        Layer(LayerType.MATRIX_MULTIPLY, "/visual/transformer/resblocks.0/mlp/c_proj/MatMul",
-              [t["g"], Tensor("w", shape=(1024, 1024))], [t["h"]]),
-        Layer(LayerType.CONSTANT, "node_const_sqrt2", [], [sqrt2]),
-        Layer(LayerType.ELEMENTWISE, "node_div_gelu", [t["h"], sqrt2], [t["half"]]),
-        Layer(LayerType.NORMALIZATION, "node_layer_norm", [t["half"]], [t["ln"]]),
-        Layer(LayerType.CONSTANT, "dt", [], [dt]),
-        Layer(LayerType.MATRIX_MULTIPLY, "node_MatMul_9", [t["ln"], dt], [t["logit"]]),
-        Layer(LayerType.ACTIVATION, "node_sigmoid_head", [t["logit"]], [t["prob"]]),
-        Layer(LayerType.ELEMENTWISE, "node_add_layers", [t["prob"], t["prob"]], [t["amap"]]),
-    ]
-    te.constrain_fp32_islands(FakeTrt, Network(layers))
-    fp32 = {layer.name for layer in layers if layer.precision == "float32"}
-    assert fp32 == {"node_layer_norm", "node_MatMul_9", "node_sigmoid_head", "node_add_layers"}
+def test_quick_gelu_sigmoids_do_not_pin_the_backbone(tmp_path):
+    """Defect 6: with --quick-gelu every block has a sigmoid; the FP32 tail starts at the baked dt, so the
+    backbone (its sigmoids, its matmuls, divisions by constants) stays FP16."""
+    pytest.importorskip("onnx")
+    net = _parsed(tmp_path, _head_model(quick_gelu=True))
+    te.constrain_fp32_islands(FakeTrt, net, ("dt",))
+    fp32 = _fp32_layers(net)
+    backbone = {"/visual/transformer/resblocks.0/mlp/gelu/Sigmoid", "/visual/transformer/resblocks.0/mlp/gelu/Mul",
+                "/visual/transformer/resblocks.0/mlp/c_proj/MatMul", "node_div_gelu", "/visual/conv1/Conv"}
+    assert not backbone & fp32
+    assert {"node_layer_norm", "node_matmul", "node_sigmoid", "node_mean"} <= fp32
 
 
 # ---- the builder on a fake tensorrt (the API calls NVIDIA documents; no GPU) --------------------------------
 
 
-class _Flag(enum.Enum):
-    FP16 = 1
-    TF32 = 2
-    OBEY_PRECISION_CONSTRAINTS = 3
-
-
-class _Cache:
-    def __init__(self, blob):
-        self.blob = blob
-
-    def serialize(self):
-        return memoryview(b"timing:" + self.blob)
-
-
-class _Config:
-    def __init__(self, accept_blob):
-        self.flags = {_Flag.TF32}  # TF32 is on by default (TensorRT developer guide)
-        self.accept_blob, self.attached, self.progress_monitor = accept_blob, None, None
-
-    def set_memory_pool_limit(self, pool, size):
-        pass
-
-    def add_optimization_profile(self, profile):
-        pass
-
-    def set_flag(self, flag):
-        self.flags.add(flag)
-
-    def clear_flag(self, flag):
-        self.flags.discard(flag)
-
-    def create_timing_cache(self, blob):
-        return _Cache(bytes(blob))
-
-    def set_timing_cache(self, cache, ignore_mismatch):
-        ok = self.accept_blob or not cache.blob  # a foreign cache does not attach
-        if ok:
-            self.attached = cache
-        return ok
-
-    def get_timing_cache(self):
-        return self.attached
-
-
-class _FakeBuilderTrt(FakeTrt):
-    __version__ = "10.3.0"
-    BuilderFlag = _Flag
-    MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
-
-    def __init__(self, accept_blob=True):
-        self.accept_blob, self.configs = accept_blob, []
-
-    def Builder(self, logger):  # noqa: N802 (TensorRT's name)
-        trt = self
-
-        class B:
-            def create_network(self, flags):
-                return Network([])
-
-            def create_builder_config(self):
-                trt.configs.append(_Config(trt.accept_blob))
-                return trt.configs[-1]
-
-            def create_optimization_profile(self):
-                return types.SimpleNamespace(set_shape=lambda *a: None)
-
-            def build_serialized_network(self, network, config):
-                return memoryview(b"PLAN")
-
-        return B()
-
-    def OnnxParser(self, network, logger):  # noqa: N802
-        network.num_inputs = 1
-        network.get_input = lambda i: Tensor("image", dtype="float32", shape=(-1, 3, 16, 16))
-        return types.SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+_Flag, _Config, _FakeBuilderTrt = trt_fakes.BuilderFlag, trt_fakes.FakeConfig, trt_fakes.FakeBuilderTrt
 
 
 @pytest.fixture()
 def fake_trt(monkeypatch, tmp_path):
+    import onnx
+
     trt = _FakeBuilderTrt()
     monkeypatch.setattr(te, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(te._TrtLogger, "get", classmethod(lambda cls, trt: None))
     monkeypatch.setattr(te, "compute_capability", lambda device=0: (8, 7))
     monkeypatch.setattr(te, "device_name", lambda device=0: "Orin")
+    monkeypatch.delenv(tr.FP16_PATH_ENV, raising=False)
     onnx_path = tmp_path / "model.onnx"
-    onnx_path.write_bytes(b"graph")
+    onnx.save(_head_model(), str(onnx_path))
     return trt, onnx_path
+
+
+def test_fp16_flag_build_pins_the_tail_through_build_engine(fake_trt, tmp_path):
+    """The whole FP16-flag build on TensorRT 10.3 (fakes): parse, downcast, pin, build; the key records it."""
+    trt, onnx_path = fake_trt
+    key = te.engine_key(onnx_path, "fp16", 2, fp32_islands=("dt",))
+    assert key.typing == "fp16_flag" and key.fp32_islands == ("dt",)
+    assert key.builder_flags == ("+FP16", "+OBEY_PRECISION_CONSTRAINTS")
+    te.build_engine(onnx_path, tmp_path / "e.engine", key)
+    fp32 = _fp32_layers(trt.networks[-1])
+    assert {"dt", "node_matmul", "node_sigmoid", "node_layer_norm"} <= fp32
+    assert "/visual/transformer/resblocks.0/mlp/c_proj/MatMul" not in fp32
+    te.build_engine(onnx_path, tmp_path / "e32.engine", te.engine_key(onnx_path, "fp32", 2))
+    assert _fp32_layers(trt.networks[-1]) == set()  # fp32 engines: no constraints (TF32 cleared instead)
+
+
+def test_forced_fp16_flag_path_on_trt_10_12(fake_trt, tmp_path, monkeypatch):
+    """gpu_check's option: $MADCLIP_TRT_FP16_PATH=flag builds the JetPack path on a TensorRT that has both."""
+    trt, onnx_path = fake_trt
+    monkeypatch.setattr(_FakeBuilderTrt, "__version__", "10.13.2")
+    assert te.engine_key(onnx_path, "fp16", 2).typing == "strongly_typed"
+    monkeypatch.setenv(tr.FP16_PATH_ENV, "flag")
+    key = te.engine_key(onnx_path, "fp16", 2, fp32_islands=("dt",))
+    assert key.typing == "fp16_flag" and tr.onnx_variant("fp16", "10.13.2") == "model.onnx"
+    te.build_engine(onnx_path, tmp_path / "e.engine", key)
+    assert "node_matmul" in _fp32_layers(trt.networks[-1])
+    with pytest.raises(BackendUnavailable, match="no FP16 builder flag"):
+        tr.typing_mode("11.0.0")
+    monkeypatch.setenv(tr.FP16_PATH_ENV, "sometimes")
+    with pytest.raises(BackendUnavailable, match="expected one of"):
+        tr.typing_mode("10.3.0")
+
+
+def test_engine_key_changes_with_islands_flags_and_rules(fake_trt, tmp_path):
+    """Defect 4: an engine built for other FP32 islands, builder flags or rules is never reused."""
+    trt, onnx_path = fake_trt
+    cache = tmp_path / "cache"
+    first = te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("dt",))
+    n = len(trt.configs)
+    assert te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("dt",)) == first and len(trt.configs) == n
+    other = te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("text", "one"))
+    assert other != first and len(trt.configs) == n + 1
+    assert tr.read_engine_key(other).fp32_islands == ("text", "one")
+    assert tr.RULES_VERSION >= 3
 
 
 def test_fp32_engine_is_built_without_tf32(fake_trt, tmp_path):
@@ -479,7 +462,7 @@ def test_fp32_engine_is_built_without_tf32(fake_trt, tmp_path):
     trt, onnx_path = fake_trt
     te.build_engine(onnx_path, tmp_path / "e32.engine", te.engine_key(onnx_path, "fp32", 2))
     assert _Flag.TF32 not in trt.configs[-1].flags
-    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2))
+    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2, fp32_islands=("dt",)))
     assert {_Flag.TF32, _Flag.FP16, _Flag.OBEY_PRECISION_CONSTRAINTS} <= trt.configs[-1].flags
 
 
@@ -764,11 +747,11 @@ def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
     """A method whose head starts at other constants than MadCLIP's `dt` (MVFA: its text and normalisers) gets its
     FP32 tail pinned on the TensorRT FP16-flag path: the bundle metadata's `fp32_islands` reach the builder."""
     from madclip_runtime.bundles import bundle as bundle_mod
-
-    from .conftest import build_tiny_bundle
     from madclip_runtime.bundles import metadata_schema
     from madclip_runtime.engines import trt_engine
     from madclip_runtime.errors import BundleError
+
+    from .conftest import build_tiny_bundle
 
     calls = []
 
@@ -781,13 +764,15 @@ def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
 
     trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32="tf32", FP16="fp16",
                                                                   OBEY_PRECISION_CONSTRAINTS="obey"),
-                                __version__="10.3.0")
+                                __version__="10.3.0")  # configure_precision only; the network is not read
     key = types.SimpleNamespace(precision="fp16", typing="fp16_flag")
     orig = trt_engine.constrain_fp32_islands
-    trt_engine.constrain_fp32_islands = lambda t, n, tail=("dt",): calls.append(tuple(tail)) or 0
+    trt_engine.constrain_fp32_islands = lambda t, n, tail: calls.append(tuple(tail)) or 0
     try:
         trt_engine.configure_precision(trt, _Config(), object(), key, ("text", "norm_lo"))
-        trt_engine.configure_precision(trt, _Config(), object(), key)
+        trt_engine.configure_precision(trt, _Config(), object(), key, ("dt",))
+        with pytest.raises(ValueError, match="fp32_islands"):  # no MadCLIP default: the bundle must name them
+            trt_engine.configure_precision(trt, _Config(), object(), key)
     finally:
         trt_engine.constrain_fp32_islands = orig
     assert calls == [("text", "norm_lo"), ("dt",)]
@@ -798,3 +783,62 @@ def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
     metadata_schema.validate_metadata({**meta, "fp32_islands": ["text", "one"]}, "metadata.json")
     with pytest.raises(BundleError, match="fp32_islands"):
         metadata_schema.validate_metadata({**meta, "fp32_islands": [3]}, "metadata.json")
+
+
+def test_export_survives_an_engine_build_error_unless_engine_was_asked(monkeypatch, tmp_path):
+    """Defect 5: a TensorRT build error other than "backend unavailable" does not abort an export that did
+    not ask for --engine (the bundle is written, the reason reported); with --engine it does."""
+    pytest.importorskip("onnx")
+    from madclip_export import export as ex
+    from madclip_runtime.engines import backends
+
+    def boom(*a, **k):
+        raise RuntimeError("[TRT] [E] 2: [optimizer.cpp::computeCosts] Error Code 2: Internal Error\nmore")
+
+    monkeypatch.setattr(backends, "require_trt", lambda: None)
+    monkeypatch.setattr(backends, "prebuild_trt_engine", boom)
+    opts = ex.ExportOptions(run=str(tmp_path), out=str(tmp_path / "b"), fp16=True, max_batch=2)
+    got = ex._maybe_build_engine(tmp_path, opts, lambda msg: None, ("dt",))
+    assert got["built"] is False and "RuntimeError" in got["reason"] and "\n" not in got["reason"]
+    import dataclasses
+
+    opts = dataclasses.replace(opts, engine=True)
+    with pytest.raises(RuntimeError, match="Internal Error"):
+        ex._maybe_build_engine(tmp_path, opts, lambda msg: None, ("dt",))
+
+
+def test_export_engine_is_found_again_by_the_runtime_key(fake_trt, tmp_path, monkeypatch):
+    """Defect 5: the engine madclip-export builds (into $MADCLIP_CACHE) is the one the GPU check and the
+    runtime look up afterwards (same key, islands included): built once, never twice."""
+    from madclip_export import export as ex
+    from madclip_runtime.engines import backends
+
+    trt, onnx_path = fake_trt
+    monkeypatch.setenv("MADCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "require_trt", lambda: trt)
+    opts = ex.ExportOptions(run=str(tmp_path), out=str(tmp_path / "b"), fp16=True, max_batch=2)
+    got = ex._maybe_build_engine(onnx_path.parent, opts, lambda msg: None, ("text", "one"))
+    assert got["built"] is True
+    builds = len(trt.configs)
+    again, _ = backends.prebuild_trt_engine(onnx_path.parent, "fp16", 2, fp32_islands=("text", "one"))
+    assert str(again) == got["cached_engine"] and len(trt.configs) == builds
+    assert again.parent == tmp_path / "cache" / "engines" / "trt"
+
+
+def test_engine_built_under_older_rules_is_rebuilt_with_a_reason(fake_trt, tmp_path, caplog):
+    """Defect 4: a sidecar written before the islands/flags fields existed (rules version 2) is read, and the
+    engine is rebuilt, saying why."""
+    trt, onnx_path = fake_trt
+    cache = tmp_path / "cache"
+    want = te.engine_key(onnx_path, "fp16", 2, fp32_islands=("dt",))
+    old = {k: v for k, v in json.loads(want.to_json()).items()
+           if k not in ("fp32_islands", "builder_flags", "workspace_bytes")}
+    old["rules_version"] = 2
+    cache.mkdir()
+    (cache / want.file_name).write_bytes(b"OLD PLAN")
+    tr.sidecar_path(cache / want.file_name).write_text(json.dumps(old))
+    assert tr.read_engine_key(cache / want.file_name).rules_version == 2
+    with caplog.at_level(logging.INFO, logger="madclip_runtime.engines.trt_engine"):
+        path = te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("dt",))
+    assert "precision rules version 2 -> 3" in caplog.text and "FP32 islands () -> ('dt',)" in caplog.text
+    assert path.read_bytes() == b"PLAN"

@@ -256,7 +256,7 @@ def test_cli_nifti_volume_outputs(standin, tmp_path, capsys):
     rc, stdout, err = _run(capsys, p, "--bundle", standin, "--out", out, "--json")
     assert rc == 0, err
     (rec,) = [json.loads(x) for x in stdout.splitlines()]
-    assert sorted(x.name for x in out.iterdir()) == ["case01.json", "case01_map.nii.gz", "case01_montage.png"]
+    assert sorted(x.name for x in out.iterdir() if not x.name.startswith(".")) == ["case01.json", "case01_map.nii.gz", "case01_montage.png"]
     m = nib.load(out / "case01_map.nii.gz")
     assert m.shape == vol.shape and np.allclose(m.affine, affine) and m.get_data_dtype() == np.float32
     assert rec["n_slices"] == 7 and len(rec["slices"]) == 7 and rec["volume_score_method"] == "max"

@@ -165,6 +165,11 @@ def model_files(meta: dict[str, Any], precision: str) -> list[str]:
     return out
 
 
+# Bundles written before the metadata recorded "fp32_islands" all hold MadCLIP's graph, whose FP32 tail starts
+# at the baked text difference `dt`; newer bundles name their method's constants.
+PRE_METHOD_FP32_ISLANDS = ("dt",)
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A loaded, verified bundle. Build with `load_bundle`."""
@@ -193,9 +198,9 @@ class Bundle:
 
     @property
     def fp32_islands(self) -> tuple[str, ...]:
-        """Graph constants whose consumers start the method's FP32 tail (MadCLIP: the text difference `dt`);
-        a TensorRT FP16-flag build pins them and everything downstream to FP32."""
-        return tuple(self.meta.get("fp32_islands") or ("dt",))
+        """Graph constants whose consumers start the method's FP32 tail (the metadata's; older bundles:
+        `PRE_METHOD_FP32_ISLANDS`); a TensorRT FP16-flag build pins them and everything downstream to FP32."""
+        return tuple(self.meta.get("fp32_islands") or PRE_METHOD_FP32_ISLANDS)
 
     @property
     def threshold(self) -> float | None:

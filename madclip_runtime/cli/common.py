@@ -21,6 +21,7 @@ from typing import Callable, NoReturn
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .. import logs
 from ..errors import MadclipError
 from ..safe_text import escape_control
 
@@ -61,12 +62,14 @@ def _from_open_clip(record: logging.LogRecord) -> bool:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """INFO (DEBUG with -v) to stderr through rich; open_clip's INFO lines only with -v."""
+    """INFO (DEBUG with -v) to stderr through rich; other libraries' log lines and warnings only with -v
+    (`madclip_runtime.logs`, the one place that decides it)."""
     _state["verbose"] = bool(verbose)
     handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
     handler.addFilter(_EscapeFilter(bool(verbose)))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[handler], force=True)
+    logs.configure(verbose)
 
 
 def error_line(message: str) -> None:

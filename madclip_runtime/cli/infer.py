@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selftest", action="store_true",
                    help="verify the bundle and run its golden inputs on this backend/precision first")
     add_volume_args(p)
+    from ..dicomnet.web import add_dicomweb_args
+
+    add_dicomweb_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"madclip {__version__}")
     return p
@@ -155,6 +158,12 @@ def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, prog
             failures.append(path)
             progress.advance(task)
             continue
+        except Exception as exc:  # one bad input never stops the others
+            log.debug("%s", path, exc_info=True)
+            error_line(f"{path}: cannot read this input ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
+            failures.append(path)
+            progress.advance(task)
+            continue
         ms = (time.perf_counter() - t0) * 1e3 / max(1, len(scans))
         pending.extend((s, ms) for s in scans)
         while len(pending) >= predictor.max_batch:
@@ -225,17 +234,43 @@ def _result_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _write_image_seg(args: argparse.Namespace, bundle: Any, out_dir: str, stem: str, scan: Any, pred: Any) -> bool:
+    """--dicom-seg on the 2-D path: a one-frame SEG for a 2-D DICOM image, written before its other outputs
+    (whose JSON comes last); False (one error line) when it cannot be built, and the scan gets no outputs."""
+    from ..contract import DICOM_SEG_SUFFIX
+    from ..scans.volume import _is_dicom
+
+    path = pred.source
+    if "#slice=" in path or not _is_dicom(path):
+        log.warning("%s: no DICOM SEG: --dicom-seg covers DICOM images and series, not this input", path)
+        return True
+    from ..atomic import atomic_write_bytes
+    from .volume import dicom_image_seg
+
+    try:
+        data = dicom_image_seg(args, bundle, path, scan, pred.anomaly_map)
+    except (InputError, MadclipError) as exc:
+        error_line(str(exc))
+        return False
+    atomic_write_bytes(os.path.join(out_dir, f"{stem}{DICOM_SEG_SUFFIX}"), data)
+    return True
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     out_console = Console(soft_wrap=True)
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise MadclipError(f"--threshold must be a finite number, got {args.threshold}")
-    if not args.inputs and not args.selftest:
+    if not args.inputs and not args.selftest and not args.dicomweb:
         raise MadclipError("no INPUT given (scan files, directories or globs), and no --selftest")
     if args.slice is not None and args.slice < 0:
         raise MadclipError(f"--slice must be >= 0, got {args.slice}")
     check_volume_args(args)
+    from ..dicomnet.web import dicomweb_requested, run_dicomweb
+
+    if dicomweb_requested(args):
+        return run_dicomweb(args, sys.modules[__name__])  # WADO-RS in, STOW-RS out (docs/hospital.md)
     if args.server:
         from ..serve.client import run_remote
 
@@ -288,6 +323,9 @@ def _main(argv: Sequence[str] | None) -> int:
                 if out_dir is not None:
                     t0 = time.perf_counter()
                     stem = output_stem(pred.source, used_stems)
+                    if args.dicom_seg and not _write_image_seg(args, bundle, out_dir, stem, scan, pred):
+                        failures.append(pred.source)
+                        continue
                     save_prediction(out_dir, stem, scan, pred, record, bundle.map_scale, map_threshold_choice(args, bundle)[0],
                                     args.map_format)
                     log.debug("%s: wrote %s/%s.* in %.1f ms", pred.source, out_dir, stem,

@@ -1,7 +1,9 @@
 """madclip-infer's volume path: options, and scoring each NIfTI / DICOM series to one answer per scan.
 
 `madclip-infer case01.nii.gz --bundle B --out results/` writes case01_map.nii.gz, case01_montage.png and
-case01.json (and case01_seg.dcm with --dicom-seg on DICOM input); see `madclip_runtime.scans.volume_output`.
+case01.json (and case01_seg.dcm with --dicom-seg on DICOM input), together or not at all; see
+`madclip_runtime.scans.volume_output` and, for tilted or unevenly spaced series, `madclip_runtime.scans.geometry`.
+Any failure of one volume is one error line (an error row); the other inputs are still scored.
 A volume is a NIfTI with more than one axial slice, a multi-frame DICOM, or two or more DICOM files of one
 SeriesInstanceUID; with `--slice N` volumes are read slice by slice as before (one slice decoded).
 """
@@ -33,7 +35,8 @@ def add_volume_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--volume-index", type=bounded_int(0), default=None, metavar="T",
                    help="volume T of a 4-D NIfTI (4-D files are refused without it)")
     g.add_argument("--dicom-seg", action="store_true",
-                   help="with --out and DICOM input: also write <stem>_seg.dcm, the thresholded map as DICOM SEG")
+                   help="with --out and DICOM input (a series, a multi-frame file or one 2-D image): also write "
+                        "<stem>_seg.dcm, the thresholded map as DICOM SEG on the source frames")
     g.add_argument("--map-threshold", type=finite_float(0.0), default=None, metavar="T",
                    help="anomaly-map pixel threshold for the SEG and contours (default: the bundle's calibrated one)")
     g.add_argument("--max-voxels", type=bounded_int(1), default=None, metavar="N",
@@ -94,13 +97,16 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
     rows: list[dict[str, Any]] = []
     failed = 0
     for job in jobs:
+        task = None
         try:
             volume = job.read(bundle.spec.window, args.volume_index)
             task = progress.add_task(f"{volume.name} ({volume.n_slices} slices)", total=volume.n_slices)
-            preds = score_volume(predictor, volume, lambda n: progress.advance(task, n))
+            preds = score_volume(predictor, volume, lambda n, t=task: progress.advance(t, n))
             progress.remove_task(task)
+            task = None
             record = volume_record(volume, summarize(volume, preds, method, predictor.threshold,
                                                      predictor.score_name), predictor)
+            volume.release_pixels(record["top_slices"])  # the montage's slices are all that is shown
             if out_dir is not None:
                 stem = volume.name
                 base, k = stem, 2
@@ -113,10 +119,23 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
                 paths = save_volume_outputs(out_dir, stem, volume, preds, record, bundle.map_scale, map_t,
                                             map_t_method, seg)
                 record["outputs"] = {k: os.path.basename(v) for k, v in paths.items()}
-        except InputError as exc:
+        except (InputError, MadclipError) as exc:
             error_line(str(exc))
             failed += 1
             continue
+        except MemoryError:
+            error_line(f"{job.source}: out of memory reading or scoring this volume (try --max-voxels or --slice)")
+            failed += 1
+            continue
+        except Exception as exc:  # one bad input never stops the others: an error row, the rest is scored
+            log.debug("%s", job.source, exc_info=True)
+            error_line(f"{job.source}: cannot process this volume ({type(exc).__name__}: {_one_line(exc)})")
+            failed += 1
+            continue
+        finally:
+            volume = preds = None  # release this volume's slices and maps before the next one
+            if task is not None:
+                progress.remove_task(task)
         if args.json:
             print(json.dumps(_strict(record), allow_nan=False), flush=True)
         rows.append(record)
@@ -135,7 +154,22 @@ def _seg_builder(volume: Any, map_t: float | None, method: str | None, bundle: A
 
     prov = bundle.meta.get("provenance") if isinstance(bundle.meta.get("provenance"), dict) else {}
     model_name = f"madclip {prov.get('backbone', '')} {prov.get('objective', '')}".strip()
-    return lambda arr: dicom_seg_bytes(volume, arr, map_t, method or "", model_name)
+    return lambda planes: dicom_seg_bytes(volume, planes, map_t, method or "", model_name)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def dicom_image_seg(args: argparse.Namespace, bundle: Any, path: str, scan: Any, amap: Any) -> bytes:
+    """The one-frame DICOM SEG of a 2-D DICOM image scored on the 2-D path (--dicom-seg)."""
+    from ..scans.dicom_seg import image_volume
+    from ..scans.medical import read_dicom_header
+
+    map_t, method = map_threshold_choice(args, bundle)
+    volume = image_volume(path, read_dicom_header(path), scan)
+    build = _seg_builder(volume, map_t, method, bundle)
+    return build([amap])
 
 
 def _strict(obj: Any) -> Any:

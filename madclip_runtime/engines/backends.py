@@ -109,7 +109,8 @@ def resolve_auto(precision: str, has_openvino_int8: bool = False) -> str:
     int8 is the CPU path (dynamic quantisation), so it resolves to ort-cpu. fp16 keeps its precision even
     when only the CPU is left, although FP16 on a CPU is slower than FP32 (docs/ARCHITECTURE.md §3): the bundle
     decides the precision, the backend does not silently change it. On the CPU, openvino replaces ort-cpu by
-    `openvino_engine.prefer_for` (bf16 always, int8 with the bundle's OpenVINO INT8 IR, fp32 on AVX-512).
+    `openvino_engine.prefer_for` (bf16 always, int8 with the bundle's OpenVINO INT8 IR; fp32 only without
+    onnxruntime).
     """
     _check_precision(precision)
     found = available_backends()
@@ -121,7 +122,8 @@ def resolve_auto(precision: str, has_openvino_int8: bool = False) -> str:
         return OPENVINO
     on_gpu = any(name not in (OPENVINO, "ort-cpu") for name in found)
     if OPENVINO in found and (precision == "int8" or not on_gpu):
-        if openvino_engine.prefer_for(precision, has_openvino_int8) or (precision == "fp32" and "ort-cpu" not in found):
+        only_openvino = precision == "fp32" and "ort-cpu" not in found
+        if openvino_engine.prefer_for(precision, has_openvino_int8) or only_openvino:
             return OPENVINO
     if precision == "int8":
         if "ort-cpu" not in found:
@@ -307,8 +309,8 @@ def create_backend(
 
     `cache_dir` holds TensorRT engines and timing caches (default: `default_cache_dir()`); `onnx_sha256`
     (from the bundle metadata) saves hashing the model again; `input_chw` (from the bundle metadata) gives
-    the onnxruntime TensorRT provider its static [3, H, W] profile dims; `fp32_islands` (the bundle metadata's,
-    default MadCLIP's `dt`) are the constants whose consumers start the FP32 tail of a TensorRT FP16-flag build.
+    the onnxruntime TensorRT provider its static [3, H, W] profile dims; `fp32_islands` (the bundle metadata's)
+    are the constants whose consumers start the FP32 tail of a TensorRT FP16-flag build (required there).
     """
     _check_precision(precision)
     if name == "auto":
@@ -326,7 +328,7 @@ def create_backend(
     if precision not in ("fp32", "fp16", "int8"):
         raise BackendUnavailable(f"{name}: {precision} runs on the {OPENVINO} backend (--backend {OPENVINO})")
     if name == "trt":
-        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ("dt",)))
+        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ()))
     return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
 
 
@@ -407,7 +409,7 @@ def require_trt() -> Any:
         raise BackendUnavailable("trt: no CUDA GPU is visible on this machine")
     if not found.cudart_ok:
         raise BackendUnavailable(f"trt: cuda-python cannot use the GPU ({found.error}); "
-                                 "JetPack 6 needs cuda-python<13 (see the README, GPU section)")
+                                 "older drivers need cuda-python<13, JetPack 6.1/6.2 cuda-python 12.6.x (docs/gpu.md)")
     return trt
 
 
@@ -417,7 +419,7 @@ def _trt_model(model_dir: Path, precision: str, trt_version: str) -> Path:
 
 
 def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch: int,
-                        cache_dir: str | None = None, fp32_islands: tuple[str, ...] = ("dt",)) -> tuple[Path, str]:
+                        cache_dir: str | None = None, fp32_islands: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Build (or find) the engine `create_backend("trt", ...)` will look up for the model files in
     `model_dir`, in the same cache and under the same key; returns (engine path, TensorRT version)."""
     trt = require_trt()
@@ -429,7 +431,7 @@ def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch:
 
 def _create_trt(
     path: Path, precision: str, max_batch: int, cache_dir: str | None, onnx_sha256: str | None, start: float,
-    fp32_islands: tuple[str, ...] = ("dt",),
+    fp32_islands: tuple[str, ...] = (),
 ) -> Backend:
     trt_rules.check_trt_precision(precision)
     trt = require_trt()

@@ -109,7 +109,7 @@ def cached_probe() -> GpuProbe:
     result = probe_gpu()
     if result.error and result.count:
         log.warning("GPU found through the CUDA driver, but cuda-python failed (%s); the native TensorRT "
-                    "backend needs a cuda-python matching the driver (JetPack 6: cuda-python<13)", result.error)
+                    "backend needs a cuda-python matching the driver (JetPack 6.1/6.2: cuda-python 12.6.x)", result.error)
     return result
 
 

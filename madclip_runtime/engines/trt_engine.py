@@ -30,14 +30,15 @@ from .trt_rules import (
     EngineKey,
     check_trt_precision,
     engine_typing,
+    builder_flags,
     file_sha256,
     fp32_island,
-    is_baked_text,
+    is_island_constant,
+    is_vector_shape,
     parse_trt_version,
     profile_shapes,
     read_engine_key,
     sidecar_path,
-    tf32_allowed,
     timing_cache_path,
     typing_mode,
 )
@@ -52,15 +53,15 @@ def import_tensorrt() -> Any:
     except ImportError as exc:
         raise BackendUnavailable(
             f"TensorRT is not installed ({exc.__class__.__name__}: {exc}); on Jetson it ships with JetPack "
-            '(see the README, GPU section), elsewhere: pip install "madclip[trt]"'
+            '(see docs/gpu.md), elsewhere: pip install "madclip[trt]"'
         ) from None
-    typing_mode(trt.__version__)  # raises for TensorRT < 10
+    typing_mode(trt.__version__, "auto")  # raises for TensorRT < 10
     return trt
 
 
-def _network_flags(trt: Any, precision: str, version: tuple[int, int, int]) -> int:
-    """create_network flags: strongly typed for the FP16 strongly typed path (implicit and ignored in 11+)."""
-    if precision == "fp16" and typing_mode(version) == "strongly_typed" and version[0] < 11:
+def _network_flags(trt: Any, typing: str, version: tuple[int, int, int]) -> int:
+    """create_network flags: STRONGLY_TYPED for the strongly typed FP16 recipe (implicit, ignored in 11+)."""
+    if typing == "strongly_typed" and version[0] < 11:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0  # explicit batch is the only mode since TensorRT 10 (EXPLICIT_BATCH is deprecated, ignored)
 
@@ -69,48 +70,103 @@ def _is_float(trt: Any, dtype: Any) -> bool:
     return dtype in (trt.float32, trt.float16)
 
 
-def _is_vector_matmul(trt: Any, layer: Any) -> bool:
-    """A matmul with a vector operand ([E] or [..., E, 1]): the dot product with the baked dt."""
+def _downcast(trt: Any, layer: Any) -> Any:
+    """`network.get_layer(i)` returns a plain `trt.ILayer`: the layer-specific attributes (here
+    IMatrixMultiplyLayer.op0 / op1) exist only after re-classing the object, as Polygraphy does before reading
+    them (tools/Polygraphy/polygraphy/backend/trt/util.py: `layer.__class__ =
+    LAYER_TYPE_CLASS_MAPPING[layer.type]`; the properties are bound on IMatrixMultiplyLayer only, in
+    python/src/infer/pyGraph.cpp). Only a MATRIX_MULTIPLY layer is re-classed, and only to its own class."""
+    if layer.type == trt.LayerType.MATRIX_MULTIPLY:
+        layer.__class__ = trt.IMatrixMultiplyLayer
+    return layer
+
+
+def _constant_source(trt: Any, tensor: Any, producers: dict[str, Any]) -> Any:
+    """The CONSTANT layer `tensor` comes from, following the SHUFFLE layers the ONNX parser inserts between an
+    initializer and its consumer (unsqueeze of a 1-D MatMul operand, rank broadcast: onnx-tensorrt
+    importerUtils.cpp `unsqueezeTensor` / `broadcastTensor`, layers "ONNXTRT_unsqueezeTensor" and
+    "ONNXTRT_Broadcast"); None when it is computed."""
+    for _ in range(8):
+        layer = producers.get(tensor.name) if tensor is not None else None
+        if layer is None:
+            return None
+        if layer.type == trt.LayerType.CONSTANT:
+            return layer
+        if layer.type != trt.LayerType.SHUFFLE or layer.num_inputs < 1:
+            return None
+        tensor = layer.get_input(0)
+    return None
+
+
+def _is_vector_matmul(trt: Any, layer: Any, producers: dict[str, Any]) -> bool:
+    """A matmul with a constant vector operand: the dot product with a baked text direction (MadCLIP's `dt`).
+
+    The parser passes kVECTOR only when an operand is still 1-D after broadcasting; a 1-D initializer read
+    by a higher-rank MatMul arrives as [1, ..., E, 1] instead (onnxOpImporters.cpp, MatMul). Both count,
+    provided the operand is a constant (through the parser's reshapes), never an activation."""
     if layer.type != trt.LayerType.MATRIX_MULTIPLY:
         return False
-    if trt.MatrixOperation.VECTOR in (layer.op0, layer.op1):
-        return True
-    other = layer.get_input(1)
-    shape = tuple(other.shape) if other is not None else ()
-    return len(shape) == 1 or (len(shape) >= 2 and shape[-1] == 1)
+    layer = _downcast(trt, layer)
+    ops = (layer.op0, layer.op1)
+    for j in range(min(layer.num_inputs, 2)):
+        operand = layer.get_input(j)
+        if operand is None or _constant_source(trt, operand, producers) is None:
+            continue
+        if ops[j] == trt.MatrixOperation.VECTOR or is_vector_shape(tuple(operand.shape)):
+            return True
+    return False
 
 
-def constrain_fp32_islands(trt: Any, network: Any, tail_constants: tuple[str, ...] = ("dt",)) -> int:
+def constrain_fp32_islands(trt: Any, network: Any, tail_constants: tuple[str, ...]) -> int:
     """Pin FP32 islands (`trt_rules.fp32_island`) and the score head to FP32; returns the count pinned.
 
-    The head (the "tail") starts at the layers reading the baked text difference `dt` (or a vector matmul,
-    the dot product with it) and takes everything downstream. Only layers whose outputs are all floating
-    point are constrained (shape arithmetic stays untouched). Layers are visited in network order, which is
+    The head (the "tail") is found by structure, as TensorRT's ONNX parser leaves the graph: it starts at the
+    CONSTANT layers named after the method's `tail_constants` (`is_island_constant`; their output tensors
+    carry TensorRT's default names, not the initializers') and at matmuls with a constant vector operand
+    (`_is_vector_matmul`), and takes everything downstream. Only layers whose outputs are all floating point
+    are constrained (shape arithmetic stays untouched). Layers are visited in network order, which is
     topological for parsed ONNX graphs.
     """
+    constants = tuple(tail_constants)
+    producers: dict[str, Any] = {}
     tail_tensors: set[str] = set()
-    constants: set[str] = set()
+    found: list[str] = []
+    vector_matmuls = 0
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        names = [t.name for t in inputs if t is not None]
+        for t in outputs:
+            producers[t.name] = layer
         if layer.type == trt.LayerType.CONSTANT:
-            constants.update(t.name for t in outputs)
-            continue
-        starts_tail = any(is_baked_text(n, tail_constants) for n in names) or _is_vector_matmul(trt, layer)
-        in_tail = starts_tail or any(n in tail_tensors for n in names)
-        if in_tail:
+            if not is_island_constant(layer.name, constants):
+                continue
+            found.append(layer.name)
             tail_tensors.update(t.name for t in outputs)
-        constant_divisor = len(inputs) > 1 and inputs[1] is not None and inputs[1].name in constants
+            in_tail = True
+        else:
+            in_tail = any(t is not None and t.name in tail_tensors for t in inputs)
+            if not in_tail and _is_vector_matmul(trt, layer, producers):
+                in_tail = True
+                vector_matmuls += 1
+            if in_tail:
+                tail_tensors.update(t.name for t in outputs)
+        divisor = inputs[1] if len(inputs) > 1 else None
+        constant_divisor = divisor is not None and _constant_source(trt, divisor, producers) is not None
         island = in_tail or fp32_island(layer.type.name, layer.name, constant_divisor)
         if not island or not outputs or not all(_is_float(trt, t.dtype) for t in outputs):
             continue
-        layer.precision = trt.float32
+        if layer.type != trt.LayerType.CONSTANT:  # a constant computes nothing: only its output type is set
+            layer.precision = trt.float32
         for j in range(len(outputs)):
             layer.set_output_type(j, trt.float32)
         pinned += 1
+    if not found and not vector_matmuls:
+        log.warning("FP16 builder flag: none of the FP32-tail constants %s is in the network; the score head "
+                    "is not pinned to FP32 (check the bundle's fp32_islands)", list(constants))
+    else:
+        log.info("FP32 tail from constants %s and %d constant-vector matmul(s)", found, vector_matmuls)
     return pinned
 
 
@@ -178,16 +234,23 @@ def attach_timing_cache(trt: Any, config: Any, blob: bytes) -> Any:
     return None
 
 
+WORKSPACE_BYTES = 2 << 30
+
+
 def engine_key(
-    onnx_path: str | os.PathLike, precision: str, max_batch: int, model_sha256: str | None = None
+    onnx_path: str | os.PathLike, precision: str, max_batch: int, model_sha256: str | None = None,
+    fp32_islands: tuple[str, ...] = (), workspace_bytes: int = WORKSPACE_BYTES,
 ) -> EngineKey:
-    """The key of the engine this machine would build for `onnx_path` (asks TensorRT and the GPU)."""
+    """The key of the engine this machine would build for `onnx_path` (asks TensorRT and the GPU): everything
+    that changes the engine, so a cached one is reused only when it would be built the same way."""
     check_trt_precision(precision)
     trt = import_tensorrt()
+    typing = engine_typing(precision, trt.__version__)
     return EngineKey(
         trt_version=trt.__version__, compute_capability=compute_capability(), precision=precision,
         model_sha256=model_sha256 or file_sha256(onnx_path), max_batch=int(max_batch), gpu_name=device_name(),
-        typing=engine_typing(precision, trt.__version__),
+        typing=typing, fp32_islands=tuple(fp32_islands), builder_flags=builder_flags(typing),
+        workspace_bytes=int(workspace_bytes),
     )
 
 
@@ -195,10 +258,10 @@ def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
     key: EngineKey,
-    workspace_bytes: int = 2 << 30,
+    workspace_bytes: int | None = None,
     timing_cache_file: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
-    fp32_islands: tuple[str, ...] = ("dt",),
+    fp32_islands: tuple[str, ...] = (),
 ) -> EngineKey:
     """Parse `onnx_path`, build a serialized engine for `key` (profile batch 1..max_batch), write it and
     its key atomically. The timing cache at `timing_cache_file` is loaded if present and saved back."""
@@ -212,7 +275,7 @@ def build_engine(
 
     logger = _TrtLogger.get(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt, precision, version))
+    network = builder.create_network(_network_flags(trt, key.typing, version))
     parser = trt.OnnxParser(network, logger)
     say(f"parsing {onnx_path.name}")
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
@@ -224,11 +287,12 @@ def build_engine(
     if image is None:
         raise BundleError(f"{onnx_path}: the model has no input named '{INPUT_NAME}'")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes or key.workspace_bytes
+                                                                   or WORKSPACE_BYTES))
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *profile_shapes(tuple(image.shape)[1:], key.max_batch))
     config.add_optimization_profile(profile)
-    configure_precision(trt, config, network, key, fp32_islands)
+    configure_precision(trt, config, network, key, tuple(key.fp32_islands or fp32_islands))
     if progress is not None and hasattr(trt, "IProgressMonitor"):
         monitor = _progress_monitor(trt, progress)
         config.progress_monitor = monitor  # must outlive the build
@@ -255,15 +319,20 @@ def build_engine(
 
 
 def configure_precision(trt: Any, config: Any, network: Any, key: EngineKey,
-                        fp32_islands: tuple[str, ...] = ("dt",)) -> None:
-    """Builder flags for the key's recipe: TF32 off for fp32; FP16 flag + obeyed FP32 islands for
-    "fp16_flag" (the tail starts at the consumers of the method's `fp32_islands` constants, recorded in the
-    bundle's metadata); nothing for "strongly_typed" (the types come from the file; precision flags are refused)."""
-    if not tf32_allowed(key.precision):
-        config.clear_flag(trt.BuilderFlag.TF32)
+                        fp32_islands: tuple[str, ...] = ()) -> None:
+    """Builder flags for the key's recipe (`trt_rules.builder_flags`, part of the key): TF32 cleared for fp32;
+    FP16 flag + obeyed FP32 islands for "fp16_flag" (the tail starts at the method's `fp32_islands`
+    constants, recorded in the bundle's metadata); nothing for "strongly_typed" (the types come from the
+    file; precision flags are refused)."""
+    for flag in builder_flags(key.typing):
+        member = getattr(trt.BuilderFlag, flag[1:])
+        if flag.startswith("-"):
+            config.clear_flag(member)
+        else:
+            config.set_flag(member)
     if key.typing == "fp16_flag":
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        if not fp32_islands:  # no MadCLIP default: the bundle's metadata names the method's own constants
+            raise ValueError("an FP16-flag TensorRT build needs the method's fp32_islands (the bundle's metadata)")
         pinned = constrain_fp32_islands(trt, network, tuple(fp32_islands))
         log.info("FP16 builder flag (TensorRT %s): %d layers pinned to FP32", trt.__version__, pinned)
 
@@ -275,13 +344,13 @@ def ensure_engine(
     max_batch: int,
     model_sha256: str | None = None,
     progress: Callable[[str], None] | None = None,
-    fp32_islands: tuple[str, ...] = ("dt",),
+    fp32_islands: tuple[str, ...] = (),
 ) -> Path:
     """Path of an engine for this TensorRT, GPU, precision recipe and model: the cached one if its key
     matches, else built. The file name hashes the key, so a cache dir shared by several models or processes
     never hands out another model's engine; writes are atomic, so a concurrent build replaces the file with
     an engine of the same key. The caller has checked that a GPU is present."""
-    want = engine_key(onnx_path, precision, max_batch, model_sha256)
+    want = engine_key(onnx_path, precision, max_batch, model_sha256, fp32_islands=tuple(fp32_islands))
     engine_path = Path(cache_dir) / want.file_name
     have = read_engine_key(engine_path)
     if have == want:

@@ -6,7 +6,7 @@ Version boundaries (each checked against the library's own code or documentation
 * TensorRT >= 10.12 (and 11, which has no FP16 builder flag): FP16 engines are built strongly typed from
   the mixed-precision `model_fp16.onnx`, so its FP32 islands are honoured as written. TensorRT 10.0-10.11
   (JetPack 6.1/6.2 ship 10.3) parse the FP32 `model.onnx`, set the FP16 builder flag and pin the FP32
-  islands (`fp32_island`, `tail_start`) with obeyed precision constraints. TensorRT < 10 (JetPack 6.0 ships
+  islands (`fp32_island`, `is_island_constant`) under obeyed precision constraints. TensorRT < 10 (JetPack 6.0 ships
   8.6) is refused.
 * onnxruntime's TensorRT provider creates the network with NetworkDefinitionCreationFlag::kSTRONGLY_TYPED
   whenever trt_fp16_enable and trt_int8_enable are off (tensorrt_execution_provider.cc:
@@ -33,9 +33,13 @@ TRT_PRECISIONS = ("fp32", "fp16")
 STRONGLY_TYPED_FROM = (10, 12)  # first TensorRT whose strongly typed FP16 path we use
 ORT_TRT_STRONGLY_TYPED_FROM = (1, 18)  # onnxruntime PR 19695 (see the module docstring)
 # Bump when a rule that changes the built engine changes (FP32 islands, tail, TF32, typing): cached engines
-# built under older rules are then rebuilt instead of silently reused.
-RULES_VERSION = 2
-BAKED_TEXT_NAME = "dt"  # the initializer holding t_ab - t_n; the score head starts at its consumers
+# built under older rules are then rebuilt instead of silently reused. 3: the FP16-flag tail is found from the
+# island constants' layers as TensorRT's ONNX parser names them (and the IMatrixMultiplyLayer downcast).
+RULES_VERSION = 3
+# Forces the FP16 recipe: "flag" builds with the FP16 builder flag + pinned FP32 islands even on TensorRT
+# 10.12-10.x (which offers both paths), so one GPU run proves the path JetPack's TensorRT 10.3 takes.
+FP16_PATH_ENV = "MADCLIP_TRT_FP16_PATH"
+FP16_PATHS = ("auto", "flag")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,12 +63,34 @@ def as_version(version: str | tuple[int, ...]) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def typing_mode(version: str | tuple[int, ...]) -> str:
-    """How an FP16 engine is built with this TensorRT: "strongly_typed" (>= 10.12, 11+) or "fp16_flag" (10.0-10.11)."""
+def fp16_path() -> str:
+    """The requested FP16 recipe, $MADCLIP_TRT_FP16_PATH: "auto" (default) or "flag" (see FP16_PATH_ENV)."""
+    value = os.environ.get(FP16_PATH_ENV, "auto").strip().lower() or "auto"
+    if value not in FP16_PATHS:
+        raise BackendUnavailable(f"{FP16_PATH_ENV}={value!r}: expected one of {', '.join(FP16_PATHS)}")
+    return value
+
+
+def typing_mode(version: str | tuple[int, ...], path: str | None = None) -> str:
+    """How an FP16 engine is built with this TensorRT: "strongly_typed" (>= 10.12, 11+) or "fp16_flag"
+    (10.0-10.11, or 10.12-10.x when `path` (default: `fp16_path()`) is "flag"; 11 has no FP16 flag)."""
     v = as_version(version)
     if v[0] < 10:
         raise BackendUnavailable(f"TensorRT >= 10 required (found {v[0]}.{v[1]}.{v[2]})")
-    return "strongly_typed" if v[:2] >= STRONGLY_TYPED_FROM else "fp16_flag"
+    wanted = path or fp16_path()
+    if v[:2] < STRONGLY_TYPED_FROM:
+        return "fp16_flag"
+    if wanted == "flag":
+        if v[0] >= 11:
+            raise BackendUnavailable(f"{FP16_PATH_ENV}=flag: TensorRT {v[0]}.{v[1]} has no FP16 builder flag")
+        return "fp16_flag"
+    return "strongly_typed"
+
+
+def builder_flags(typing: str) -> tuple[str, ...]:
+    """The builder flags a recipe sets (+) or clears (-), by trt.BuilderFlag name; part of the engine key."""
+    return {"fp32": ("-TF32",), "fp16_flag": ("+FP16", "+OBEY_PRECISION_CONSTRAINTS"),
+            "strongly_typed": ()}[typing]
 
 
 def check_trt_precision(precision: str) -> None:
@@ -73,22 +99,22 @@ def check_trt_precision(precision: str) -> None:
         raise BackendUnavailable(f"TensorRT engines are built for fp32 or fp16, not {precision!r}{hint}")
 
 
-def onnx_variant(precision: str, version: str | tuple[int, ...]) -> str:
+def onnx_variant(precision: str, version: str | tuple[int, ...], path: str | None = None) -> str:
     """Which bundle ONNX file TensorRT should parse: the mixed-precision file only for strongly typed FP16.
 
     Under the FP16 flag TensorRT re-decides every layer's precision anyway, so it parses the FP32 graph and
     the FP32 islands are pinned by the builder; strongly typed builds take the types written in the file.
     """
     check_trt_precision(precision)
-    if precision == "fp16" and typing_mode(version) == "strongly_typed":
+    if precision == "fp16" and typing_mode(version, path) == "strongly_typed":
         return "model_fp16.onnx"
     return "model.onnx"
 
 
-def engine_typing(precision: str, version: str | tuple[int, ...]) -> str:
+def engine_typing(precision: str, version: str | tuple[int, ...], path: str | None = None) -> str:
     """What the engine's precision recipe is: "fp32" (TF32 off), "strongly_typed" or "fp16_flag"."""
     check_trt_precision(precision)
-    return "fp32" if precision == "fp32" else typing_mode(version)
+    return "fp32" if precision == "fp32" else typing_mode(version, path)
 
 
 def tf32_allowed(precision: str) -> bool:
@@ -210,9 +236,17 @@ class EngineKey:
     gpu_name: str = ""
     typing: str = ""  # `engine_typing`
     rules_version: int = RULES_VERSION
+    # What else decides the built engine: the method's FP32-tail constants (bundle metadata `fp32_islands`;
+    # they only change "fp16_flag" engines, recorded for every recipe so the key says what was asked for) and
+    # the builder flags of the recipe (`builder_flags`), plus the workspace limit (it bounds tactic choice).
+    fp32_islands: tuple[str, ...] = ()
+    builder_flags: tuple[str, ...] = ()
+    workspace_bytes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compute_capability", tuple(int(v) for v in self.compute_capability))
+        object.__setattr__(self, "fp32_islands", tuple(str(v) for v in self.fp32_islands))
+        object.__setattr__(self, "builder_flags", tuple(str(v) for v in self.builder_flags))
 
     @property
     def digest(self) -> str:
@@ -229,17 +263,21 @@ class EngineKey:
     @classmethod
     def from_json(cls, text: str) -> "EngineKey":
         data = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or not names.issubset(data):
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        if not isinstance(data, dict) or not required.issubset(data):
             raise ValueError("engine key JSON lacks fields")
-        return cls(**{k: data[k] for k in names})
+        # A key written by an older madclip lacks the newer fields: their defaults make it a mismatch to
+        # report ("precision rules version 2 -> 3"), not an unreadable sidecar.
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
     def mismatches(self, other: "EngineKey") -> list[str]:
         """Human-readable differences `self -> other` (empty when the engine can be reused)."""
         labels = {
             "trt_version": "TensorRT", "compute_capability": "GPU compute capability", "precision": "precision",
             "model_sha256": "model sha256", "max_batch": "max batch", "gpu_name": "GPU",
-            "typing": "typing", "rules_version": "precision rules version",
+            "typing": "typing", "rules_version": "precision rules version", "fp32_islands": "FP32 islands",
+            "builder_flags": "builder flags", "workspace_bytes": "workspace bytes",
         }
         out = []
         for f in dataclasses.fields(self):
@@ -277,11 +315,14 @@ def read_engine_key(engine_path: str | os.PathLike) -> EngineKey | None:
 #     "norm"/"ln"/"normalize"), i.e. the arithmetic of a decomposed LayerNorm or L2 normalisation; a "div"
 #     only when its divisor is computed (an L2 norm), not a constant (GELU's / sqrt(2), attention scaling).
 #   * MATRIX_MULTIPLY: only the scoring dot products (names with the tokens dt, score, logit); the builder
-#     also keeps any matmul whose operand is a vector (the baked dt) in FP32.
+#     also keeps any matmul whose operand is a constant vector (`is_vector_shape`: the baked dt) in FP32.
 #   * ACTIVATION: none by itself: a QuickGELU sigmoid in every block is fine in FP16. The head's sigmoid is
 #     FP32 because it is in the tail.
-#   * The tail: every layer downstream of a consumer of the baked text difference `dt` (the dot products),
-#     i.e. the score head, as the FP16 ONNX conversion does (madclip_export/fp16.py: head_nodes).
+#   * The tail: every layer downstream of the method's island constants (`is_island_constant`: the CONSTANT
+#     layers the parser names after the initializers `dt`, MVFA's `text`/`one`, ...), followed through the
+#     reshapes the parser inserts, i.e. the score head, as the FP16 ONNX conversion does
+#     (madclip_export/fp16.py: head_nodes). Found by structure (layer names and data flow), never by tensor
+#     names, which the parser does not give constants.
 _ALWAYS_FP32_TYPES = frozenset({"NORMALIZATION", "REDUCE", "RESIZE"})
 _ARITH_TYPES = frozenset({"UNARY", "ELEMENTWISE"})
 _ARITH_KEYS = ("pow", "sqrt", "reciprocal", "norm", "normaliz")
@@ -312,7 +353,26 @@ def fp32_island(layer_type_name: str, layer_name: str, constant_divisor: bool = 
     return False
 
 
-def is_baked_text(tensor_name: str, constants: tuple[str, ...] = (BAKED_TEXT_NAME,)) -> bool:
-    """The tensor TensorRT's ONNX parser creates for one of the method's FP32-tail initializers (named after
-    it; MadCLIP: `dt`, the bundle metadata's `fp32_islands`)."""
-    return tensor_name in constants or tensor_name.split("/")[-1] in constants
+def is_island_constant(layer_name: str, constants: tuple[str, ...]) -> bool:
+    """Is this CONSTANT layer one of the method's FP32-tail initializers (bundle metadata `fp32_islands`)?
+
+    TensorRT's ONNX parser creates a constant layer for an initializer when a node first reads it as a tensor
+    and names the LAYER after the initializer; its output tensor keeps TensorRT's default name
+    ("(Unnamed Layer* N) [Constant]_output"). onnx-tensorrt importerUtils.cpp `convertToTensor`:
+    `ctx->registerLayer(constantLayer, weights.getName(), nullptr)`; ImporterContext.cpp `registerLayer` sets
+    the (uniquified) layer name only. The `_fp32island` copy is the one madclip_export/fp16.py makes when an
+    island initializer is shared with FP16 nodes.
+    """
+    return layer_name in constants or any(layer_name == f"{c}_fp32island" for c in constants)
+
+
+def is_vector_shape(shape: tuple[int, ...]) -> bool:
+    """A matmul operand as the ONNX parser leaves a 1-D ONNX operand: [E] itself (kVECTOR), or [..., E, 1] /
+    [..., 1, E] after it appended/prepended the unit axis and broadcast the rank with leading 1s
+    (onnx-tensorrt onnxOpImporters.cpp MatMul: unsqueezeTensor(axes {1}) + broadcastTensors)."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) == 1:
+        return dims[0] != 1
+    if len(dims) < 2 or any(d != 1 for d in dims[:-2]):
+        return False
+    return (dims[-1] == 1) != (dims[-2] == 1)

@@ -76,6 +76,23 @@ def read_image(path: str | os.PathLike, window: str = "auto") -> ScanImage:
         return _pil_to_pixels(img, path, window)
 
 
+_NON_IMAGE_SUFFIXES = {
+    ".gii": "a GIFTI surface/data file", ".surf.gii": "a GIFTI surface file",
+    ".pial": "a FreeSurfer surface", ".white": "a FreeSurfer surface", ".inflated": "a FreeSurfer surface",
+    ".sphere": "a FreeSurfer surface", ".vtk": "a VTK mesh", ".vtp": "a VTK mesh", ".stl": "an STL mesh",
+    ".obj": "an OBJ mesh", ".ply": "a PLY mesh", ".trk": "a TrackVis tractogram", ".tck": "an MRtrix tractogram",
+}
+
+
+def non_image_format(path: str) -> str | None:
+    """The name of a known non-image format (surfaces, meshes, tractograms) from the file name, else None."""
+    low = os.path.basename(path).lower()
+    for suffix in sorted(_NON_IMAGE_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suffix):
+            return _NON_IMAGE_SUFFIXES[suffix]
+    return None
+
+
 @contextlib.contextmanager
 def _decoded(path: str) -> Iterator[Image.Image]:
     """A PIL image opened lazily, its size checked from the header before decoding (bombs refused), then
@@ -93,6 +110,9 @@ def _decoded(path: str) -> Iterator[Image.Image]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"{path}: image too large, refusing to decode ({one_line(exc)})") from None
     except Image.UnidentifiedImageError:
+        fmt = non_image_format(path)
+        if fmt:
+            raise InputError(f"{path}: {fmt}, not an image to score; not supported") from None
         raise InputError(f"{path}: not an image (unrecognised or unsupported format)") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, zlib.error, ValueError ... for corrupt files
         raise InputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {one_line(exc)})") from None

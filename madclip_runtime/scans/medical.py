@@ -27,6 +27,7 @@ plane; pydicom decodes one frame), so a huge volume can still be looked at slice
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -234,6 +235,34 @@ def _dcmread(pydicom: ModuleType, path: str, header_only: bool = False):
         raise InputError(f"{path}: not a DICOM file") from None
 
 
+_NON_IMAGE_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT Dose, Structure Set, Plan, Ion Plan, treatment records (not RT Image)
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registrations, fiducials, Segmentation, surface segmentation
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA / STL ...
+    "1.2.840.10008.5.1.4.1.1.68.",  # surface storage
+    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
+)
+_IMAGE_EXCEPTIONS = ("1.2.840.10008.5.1.4.1.1.481.1",)  # RT Image Storage: a projection image
+
+
+def check_image_sop_class(path: str, ds: Any) -> None:
+    """Refuse, in one line naming the SOP class, DICOM objects that are not images to score.
+
+    RT Dose/Plan/Structure Set, Segmentation, SR, presentation states, registrations, waveforms, encapsulated
+    documents and surfaces: some carry pixel data (a dose grid, a segment mask), none is a scan."""
+    uid = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+              or "")
+    if uid and uid not in _IMAGE_EXCEPTIONS and uid.startswith(_NON_IMAGE_PREFIXES):
+        from pydicom.uid import UID
+
+        name = UID(uid).name
+        name = name if name and name != uid else "non-image"
+        raise InputError(f"{path}: a DICOM {name} object (SOP class {uid}), not an image to score; not supported")
+
+
 def read_dicom_header(path: str | os.PathLike):
     """The dataset of a DICOM file without its pixel data (for grouping series and checking sizes)."""
     path = os.fspath(path)
@@ -242,6 +271,7 @@ def read_dicom_header(path: str | os.PathLike):
     ds, forced = _dcmread(pydicom, path, header_only=True)
     if forced and "Rows" not in ds:
         raise InputError(f"{path}: not a DICOM file")
+    check_image_sop_class(path, ds)
     return ds
 
 
@@ -277,6 +307,7 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
     check_regular_file(path)
     pydicom = _require("pydicom", path, "DICOM")
     ds, forced = _dcmread(pydicom, path)
+    check_image_sop_class(path, ds)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise InputError(f"{path}: {'not a DICOM file' if forced else 'DICOM file has no pixel data'}")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -345,26 +376,70 @@ class NiftiVolume:
     affine: np.ndarray  # the file's 4x4 voxel -> RAS+ mm affine
     ornt: np.ndarray  # nibabel orientation: storage axis -> closest RAS+ axis and flip
     header: Any  # the nibabel header (a copy goes into the output map)
+    nonfinite: int = 0  # NaN/inf voxels in the volume read (scored as background, masked in the map)
+    nonfinite_mask: np.ndarray | None = None  # bool, stored shape [X, Y, Z]: where those voxels are
+    positions_mm: list[float] | None = None  # slice k's centre along the slice axis (mm, scanner space)
 
-    def to_storage(self, planes: np.ndarray) -> np.ndarray:
-        """Per-slice maps [Z(S), Y, X] as the slices are shown -> an array of the stored shape [X, Y, Z]."""
+    def to_storage(self, planes: Any) -> np.ndarray:
+        """Per-slice maps (Z(S) planes [Y, X] as the slices are shown) -> float32 array of the stored shape
+        [X, Y, Z], filled plane by plane through a reoriented view (no whole-volume temporaries)."""
         nib = importlib.import_module("nibabel")
-        ras = np.ascontiguousarray(np.transpose(planes, (2, 1, 0))[::-1, ::-1, :])  # [X(R), Y(A), Z(S)]
-        back = nib.orientations.ornt_transform(np.array([[0, 1], [1, 1], [2, 1]], dtype=float), self.ornt)
-        return nib.orientations.apply_orientation(ras, back)
+        out = np.zeros(self.shape, dtype=np.float32)
+        ras = nib.orientations.apply_orientation(out, self.ornt)  # a view of `out`: [X(R), Y(A), Z(S)]
+        for k, plane in enumerate(planes):
+            ras[::-1, ::-1, k] = np.asarray(plane, dtype=np.float32).T
+        return out
 
 
 def nifti_header(path: str, what: str = "file"):
     """Open a NIfTI lazily (header only, no voxel read) -> (image, shape without trailing singleton axes)."""
     nib = _require("nibabel", path, "NIfTI")
     try:
-        img = nib.load(path)
+        quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)  # nibabel's header fixes print unless -v
+        with (nib.imageglobals.LoggingOutputSuppressor() if quiet else contextlib.nullcontext()):
+            img = nib.load(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable NIfTI {what} ({type(exc).__name__}: {one_line(exc)})") from None
+    check_nifti_image(path, img)
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     return img, shape
+
+
+_NIFTI_INTENTS_REFUSED = {1007: "a vector field (NIFTI_INTENT_VECTOR)", 1008: "a point set (NIFTI_INTENT_POINTSET)",
+                          1009: "a triangle mesh (NIFTI_INTENT_TRIANGLE)", 1005: "a symmetric-matrix field",
+                          1006: "a displacement field (NIFTI_INTENT_DISPVECT)", 2006: "a displacement field",
+                          2003: "an RGB vector image (NIFTI_INTENT_RGB_VECTOR)"}
+
+
+def check_nifti_image(path: str, img: Any) -> None:
+    """Refuse, in one line naming the format, what is not a scalar NIfTI image with a usable affine.
+
+    CIFTI-2 (brainordinates, no voxel grid; NIfTI intent codes 3000-3099), GIFTI/surface files and other
+    formats nibabel opens, NIfTI intents that are not images (vectors, meshes, point sets), and a
+    qform/sform that is not finite or is singular (no position for the voxels)."""
+    nib = importlib.import_module("nibabel")
+    kind = type(img).__name__
+    if "Cifti2" in kind:
+        raise InputError(f"{path}: a CIFTI-2 file (grayordinates, not a voxel image); not supported")
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image, nib.Nifti1Pair, nib.Nifti2Pair)):
+        name = {"GiftiImage": "a GIFTI surface/data file"}.get(kind, f"a {kind.replace('Image', '')} file")
+        raise InputError(f"{path}: {name}, not a NIfTI image; not supported")
+    header = img.header
+    intent = int(header.get("intent_code", 0))
+    if 3000 <= intent <= 3099:
+        raise InputError(f"{path}: a CIFTI-2 file (NIfTI intent {intent}, grayordinates, not a voxel image); "
+                         "not supported")
+    if intent in _NIFTI_INTENTS_REFUSED:
+        raise InputError(f"{path}: {_NIFTI_INTENTS_REFUSED[intent]}, not a scalar image; not supported")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise InputError(f"{path}: NIfTI orientation (qform/sform) holds NaN or infinite values; the voxels have "
+                         "no position")
+    if abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise InputError(f"{path}: NIfTI orientation (qform/sform) is singular (e.g. all zero); the voxels have "
+                         "no position")
 
 
 def _nifti_open(path: str, volume_index: int | None):
@@ -402,7 +477,16 @@ def _nifti_voxels(img, path: str, spatial: tuple[int, int, int], vol4: int | Non
         slicer[storage_axis] = slice(index, index + 1)  # the proxy reads only this plane's bytes
         keep[storage_axis] = 1
     try:
-        data = np.asanyarray(img.dataobj[tuple(slicer)])  # scl_slope / scl_inter applied by nibabel
+        proxy = img.dataobj
+        whole = storage_axis is None and ndim == 3 and hasattr(proxy, "get_unscaled")
+        slope, inter = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) if whole else (1, 0)
+        if whole and (slope != 1.0 or inter != 0.0) and np.isfinite([slope, inter]).all():
+            # nibabel would scale in float64 (2 x a float32 volume, plus a temporary): scale in float32, in place
+            data = np.asarray(proxy.get_unscaled()).astype(np.float32)
+            data *= np.float32(slope)
+            data += np.float32(inter)
+        else:
+            data = np.asanyarray(proxy[tuple(slicer)])  # scl_slope / scl_inter applied by nibabel
     except Exception as exc:
         raise InputError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {one_line(exc)})") from None
     return data.reshape(keep)  # [X, Y, Z] (the read axis of length 1 for a single plane)
@@ -438,8 +522,20 @@ def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, w
         stored = slice_index if ornt[axis, 1] > 0 else n - 1 - slice_index
         data = _nifti_voxels(img, path, shape3, vol4, axis, stored)
         ras_index = {slice_index: 0}
+    nonfinite, mask = 0, None
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():  # resampled data: NaN outside the field of view -> background, masked in the map
+            if not finite.any():
+                raise InputError(f"{path}: every voxel read is NaN or infinite; nothing to score")
+            mask = ~finite
+            nonfinite = int(mask.sum())
+            fill = data[finite].min()
+            data = np.where(finite, data, fill)
+            log.info("%s: %d non-finite voxels read as background (%g) and masked in the map", path, nonfinite,
+                     float(fill))
+        del finite
     vol = nib.orientations.apply_orientation(data, ornt)  # [X(R), Y(A), Z(S)] (Z of length 1 for one slice)
-    check_finite(path, vol, "voxel")
     slope = _first_float(getattr(img.dataobj, "slope", 1.0))
     inter = _first_float(getattr(img.dataobj, "inter", 0.0))
     slope, inter = (1.0 if slope is None else slope), (0.0 if inter is None else inter)
@@ -462,7 +558,23 @@ def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, w
         else:
             px = window_to_unit(plane, "full" if window == "full" else "minmax")
         out.append(ScanImage(np.ascontiguousarray(px), _source(path, n, k), bits))
-    return NiftiVolume(out, shape3, np.asarray(img.affine, dtype=np.float64), ornt, img.header)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return NiftiVolume(out, shape3, affine, ornt, img.header, nonfinite, mask if slice_index is None else None,
+                       _slice_positions(affine, shape3, ornt))
+
+
+def _slice_positions(affine: np.ndarray, shape3: tuple[int, int, int], ornt: np.ndarray) -> list[float]:
+    """Axial slice k's centre, projected on the slice axis' direction (inferior -> superior), in mm."""
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    n = shape3[axis]
+    unit = affine[:3, axis] / np.linalg.norm(affine[:3, axis]) * ornt[axis, 1]
+    centre = (np.asarray(shape3, dtype=np.float64) - 1) / 2
+    out = []
+    for k in range(n):
+        idx = centre.copy()
+        idx[axis] = k if ornt[axis, 1] > 0 else n - 1 - k
+        out.append(round(float(np.dot(affine[:3, :3] @ idx + affine[:3, 3], unit)), 4))
+    return out
 
 
 def read_nifti(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto",

@@ -170,23 +170,50 @@ def split_patients(patients: Sequence[str], valid_fraction: float, seed: int,
 
 
 def _load_ras(path: str, volume_index: int | None, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI -> (float32 volume [X(R), Y(A), Z(S)] reoriented like madclip's reader, original affine)."""
+    """A NIfTI -> (volume [X(R), Y(A), Z(S)] reoriented like madclip's reader, original affine).
+
+    Images come back as float32 (scaled in float32, not nibabel's float64), NaN/inf voxels (resampled data)
+    set to the lowest finite value, i.e. background, with a warning; labels as a bool lesion mask (> 0).
+    Working memory: the stored array plus one float32 copy (a view is reoriented, never copied)."""
     img, shape = nifti_header(path, what)
     nib = importlib.import_module("nibabel")  # present: nifti_header required it
     if len(shape) == 4 and volume_index is not None and 0 <= volume_index < shape[3]:
         check_voxels(path, shape, int(np.prod(shape[:3])))
-        data = np.asanyarray(img.dataobj[..., volume_index])
+        proxy = img.dataobj[..., volume_index]
     elif len(shape) == 3:
         check_voxels(path, shape, int(np.prod(shape)))
-        data = np.asanyarray(img.dataobj).reshape(shape)
+        proxy = img.dataobj
     else:
         raise InputError(f"{path}: {what} of shape {shape} is not a 3-D volume"
                          + (" (pick one volume with --volume-index)" if len(shape) == 4 else ""))
     ornt = nib.orientations.io_orientation(img.affine)
-    vol = nib.orientations.apply_orientation(np.asarray(data, dtype=np.float32), ornt)
-    if not np.isfinite(vol).all():
-        raise InputError(f"{path}: {what} contains NaN or infinite voxels")
-    return vol, np.asarray(img.affine)
+    try:
+        if what == "label":
+            raw = np.asanyarray(img.dataobj.get_unscaled() if proxy is img.dataobj else proxy)
+            data = (raw > 0).reshape(shape[:3])  # any label value counts as lesion (scaling keeps the sign)
+            del raw
+        else:
+            slope, inter = float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))
+            if proxy is img.dataobj and hasattr(proxy, "get_unscaled"):
+                data = np.asarray(proxy.get_unscaled()).astype(np.float32).reshape(shape[:3])
+                if slope != 1.0 or inter != 0.0:
+                    data *= np.float32(slope)
+                    data += np.float32(inter)
+            else:
+                data = np.asarray(proxy, dtype=np.float32)
+            bad = ~np.isfinite(data)
+            if bad.any():
+                if bad.all():
+                    raise InputError(f"{path}: {what} has no finite voxel")
+                n_bad = int(bad.sum())
+                data[bad] = np.min(data[~bad])
+                log.warning("%s: %d NaN/infinite voxels read as background (the lowest finite value)", path, n_bad)
+            del bad
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {exc})") from None
+    return nib.orientations.apply_orientation(data, ornt), np.asarray(img.affine)
 
 
 def plane(vol: np.ndarray, k: int) -> np.ndarray:
@@ -195,17 +222,24 @@ def plane(vol: np.ndarray, k: int) -> np.ndarray:
 
 
 def window_unit(vol: np.ndarray, window: tuple[str, tuple[float, float] | None]) -> tuple[np.ndarray, list[float]]:
-    """Volume -> [0, 1] float32 with the window (mr: the volume's non-zero percentiles); -> (unit, [lo, hi])."""
+    """Volume -> [0, 1] float32 with the window (mr: the volume's non-zero percentiles); -> (unit, [lo, hi]).
+
+    A float32 `vol` is windowed IN PLACE (and returned): the caller's array becomes the unit volume."""
     name, cw = window
     if cw is None:
         nz = vol[vol != 0]
         lo, hi = (np.percentile(nz, MR_PERCENTILES) if nz.size else (0.0, 1.0))
+        del nz
         lo, hi = float(lo), float(hi)
         if not hi > lo:
             hi = lo + 1.0
     else:
         lo, hi = cw[0] - cw[1] / 2.0, cw[0] + cw[1] / 2.0
-    return np.clip((vol - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), [lo, hi]
+    unit = vol if vol.dtype == np.float32 else vol.astype(np.float32)
+    unit -= np.float32(lo)
+    unit /= np.float32(hi - lo)
+    np.clip(unit, 0.0, 1.0, out=unit)
+    return unit, [lo, hi]
 
 
 def _png(unit: np.ndarray, bits: int) -> Image.Image:
@@ -246,8 +280,9 @@ def prepare(opts: PrepareOptions, advance: Callable[[str], None] | None = None) 
     with_lesion = set()
     for case, _, label_path in pairs:  # a first pass over the labels only, to stratify the split
         lab, _ = _load_ras(label_path, None, "label")
-        if ((lab > 0).sum(axis=(0, 1)) >= opts.min_lesion_voxels).any():
+        if (lab.sum(axis=(0, 1)) >= opts.min_lesion_voxels).any():
             with_lesion.add(patients[case])
+        del lab
     split_of = split_patients(list(patients.values()), opts.valid_fraction, opts.seed, with_lesion)
     rng = np.random.default_rng(opts.seed)
     entries: list[dict[str, Any]] = []
@@ -261,8 +296,8 @@ def prepare(opts: PrepareOptions, advance: Callable[[str], None] | None = None) 
             if lab.shape != vol.shape or not np.allclose(affine, lab_affine, atol=1e-3):
                 raise InputError(f"{label_path}: label grid {lab.shape} does not match its image {image_path} "
                                  f"{vol.shape} (shape and affine must be equal)")
-            unit, (lo, hi) = window_unit(vol, window)
-            lesion = lab > 0  # [X, Y, Z]; any label value counts as lesion
+            unit, (lo, hi) = window_unit(vol, window)  # in place: vol is now the unit volume
+            lesion = lab  # [X, Y, Z] bool; any label value counts as lesion
             per_slice = lesion.sum(axis=(0, 1))
             content = (unit > CONTENT_LEVEL).mean(axis=(0, 1))
             abnormal, normal = choose_slices(per_slice, content, opts, rng)
@@ -279,10 +314,11 @@ def prepare(opts: PrepareOptions, advance: Callable[[str], None] | None = None) 
                              "window": [lo, hi]}
                     if label:
                         mrel = f"{split}/Ungood/anomaly_mask/{name}"
-                        mask = plane(lesion.astype(np.uint8), k) * 255
+                        mask = plane(lesion, k).astype(np.uint8) * 255
                         atomic_save_png(os.path.join(tmp, mrel), Image.fromarray(mask.astype(np.uint8)))
                         entry["mask"] = mrel
                     entries.append(entry)
+            del vol, lab, unit, lesion
             if advance is not None:
                 advance(case)
         manifest = {

@@ -18,6 +18,7 @@ about. The voxel budget is checked from the headers before any pixel is decoded.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,12 +28,13 @@ import numpy as np
 
 from . import medical
 from ..errors import InputError
+from .geometry import GAP_FACTOR, LPS_TO_RAS, MapGrid, StackGeometry, map_grid, resample_planes
 from .imageio import has_dicom_magic, is_dicom_path, is_nifti_path
 from .scan import ScanImage
 
 log = logging.getLogger(__name__)
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+__all__ = ["LPS_TO_RAS", "Volume", "VolumeJob", "plan_volumes", "read_dicom_series", "read_multiframe"]
 SPACING_RTOL = 0.05  # steps differing from the median by more than 5 % are "uneven"
 
 
@@ -51,6 +53,9 @@ class Volume:
     frame_of_slice: list[int] = field(default_factory=list)  # DICOM: slice k -> (dataset index or frame number)
     warnings: list[str] = field(default_factory=list)
     nifti: medical.NiftiVolume | None = None
+    grid: MapGrid | None = None  # DICOM: the map's grid (the source grid, or a resampled regular one)
+    geometry: StackGeometry | None = None  # DICOM: orientation, spacing, every slice's position
+    positions_mm: list[float] | None = None  # slice k's position along the slice normal (mm)
 
     @property
     def n_slices(self) -> int:
@@ -60,17 +65,41 @@ class Volume:
     def is_dicom(self) -> bool:
         return self.kind.startswith("dicom")
 
+    def release_pixels(self, keep: Sequence[int]) -> None:
+        """Drop the decoded pixels of every slice but `keep` (the montage's) once scored: bounded memory."""
+        kept = set(int(k) for k in keep)
+        self.slices = [s if k in kept else ScanImage(np.zeros((1, 1), np.uint8), s.source, s.bits)
+                       for k, s in enumerate(self.slices)]
+        if self.nifti is not None:  # it holds the same slice list
+            self.nifti = dataclasses.replace(self.nifti, slices=[])
+
     def map_array(self, planes: Sequence[np.ndarray]) -> np.ndarray:
         """Per-slice maps (each [H, W] at the slice's native size, slice order) -> float32 array of `shape`."""
-        stack = np.stack([np.asarray(p, dtype=np.float32) for p in planes])  # [N, H, W]
+        return self.map_output(planes)[0]
+
+    def map_output(self, planes: Sequence[np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Per-slice maps -> (float32 map array of `shape` on the map's grid, geometry facts for the JSON).
+
+        NIfTI: the input's own grid; non-finite input voxels are masked (0) in the map. DICOM: the source
+        grid when the stack is regular, else the resampled regular grid (`geometry.resample_planes`)."""
+        info: dict[str, Any]
         if self.nifti is not None:
-            out = self.nifti.to_storage(stack)
+            out = self.nifti.to_storage(planes)
+            info = {"grid": "source", "shape": list(out.shape)}
+            if self.nifti.nonfinite_mask is not None:
+                out[self.nifti.nonfinite_mask] = 0.0
+                info["masked_voxels"] = int(self.nifti.nonfinite)
+        elif self.grid is not None and self.grid.resampled:
+            out, no_data = resample_planes(self.grid, planes)
+            info = {**self.grid.info(), "voxels_without_data": no_data}
         else:
-            out = np.transpose(stack, (1, 2, 0))  # [R, C, N]: index [r, c, k] as nibabel's DICOM affine
-        out = np.ascontiguousarray(out, dtype=np.float32)
+            out = np.empty((self.shape[0], self.shape[1], len(planes)), dtype=np.float32)
+            for k, p in enumerate(planes):  # [R, C, N]: index [r, c, k] as nibabel's DICOM affine
+                out[:, :, k] = p
+            info = self.grid.info() if self.grid is not None else {"grid": "source", "shape": list(out.shape)}
         if out.shape != tuple(self.shape):
             raise ValueError(f"map array shape {out.shape} does not match the volume's {self.shape}")
-        return out
+        return out, info
 
 
 def file_stem(path: str) -> str:
@@ -96,7 +125,12 @@ def nifti_slice_count(path: str, volume_index: int | None = None) -> int:
 def read_nifti_as_volume(path: str, window: str = "auto", volume_index: int | None = None,
                          max_voxels: int | None = None) -> Volume:
     nv = medical.read_nifti_volume(path, None, window, volume_index, max_voxels)
-    return Volume(path, "nifti", nv.slices, nv.shape, nv.affine, file_stem(path), nifti=nv)
+    warn = []
+    if nv.nonfinite:
+        warn.append(f"{nv.nonfinite} non-finite (NaN/inf) voxels read as background (the lowest finite value) "
+                    "and masked (0) in the map")
+    return Volume(path, "nifti", nv.slices, nv.shape, nv.affine, file_stem(path), nifti=nv, warnings=warn,
+                  positions_mm=nv.positions_mm)
 
 
 # ----------------------------------------------------------------------------------------------- DICOM geometry
@@ -124,11 +158,13 @@ def _geometry_of(ds: Any, frame: int | None = None) -> tuple[np.ndarray | None, 
 
 
 def order_and_affine(where: str, geoms: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]],
-                     fallback_order: Sequence[float]) -> tuple[list[int], np.ndarray, list[str]]:
-    """Slice geometry -> (order along the slice normal, 4x4 RAS affine of the [R, C, N] array, warnings).
+                     fallback_order: Sequence[float], dims: tuple[int, int] = (0, 0), series_uid: str | None = None
+                     ) -> tuple[list[int], MapGrid, StackGeometry | None, list[str]]:
+    """Slice geometry -> (order along the slice normal, the map's grid, the stack geometry, warnings).
 
-    Without orientation/position the slices keep `fallback_order` (InstanceNumber) and the affine only
+    Without orientation/position the slices keep `fallback_order` (InstanceNumber) and the map's affine only
     carries the pixel spacing (a warning says so). Duplicated positions and mixed orientations are errors.
+    A sheared (gantry tilt) or unevenly spaced stack gets a resampled grid (see `geometry`).
     """
     n = len(geoms)
     warn: list[str] = []
@@ -143,11 +179,17 @@ def order_and_affine(where: str, geoms: list[tuple[np.ndarray | None, np.ndarray
         warn.append("no ImageOrientationPatient/ImagePositionPatient on every slice: ordered by InstanceNumber, "
                     "the map's affine carries the pixel spacing only")
         aff = np.diag([float(spacing[0]), float(spacing[1]), 1.0, 1.0])
-        return order, aff, warn
+        return order, MapGrid((dims[0], dims[1], n), aff, False, planes=[[(k, 1.0)] for k in range(n)]), None, warn
     iop = iops[0]
-    if any(not np.allclose(v, iop, atol=1e-3) for v in iops):
-        raise InputError(f"{where}: slices have different ImageOrientationPatient (not one stack); "
-                         "pick one series with --series")
+    distinct = []
+    for v in iops:
+        if not any(np.allclose(v, d, atol=1e-3) for d in distinct):
+            distinct.append(v)
+    if len(distinct) > 1:
+        what = f"series {series_uid}" if series_uid else "this input"
+        shown = "; ".join("[" + ", ".join(f"{x:.3g}" for x in d) + "]" for d in distinct[:3])
+        raise InputError(f"{where}: {what} holds slices in {len(distinct)} orientations ({shown}: e.g. localizers "
+                         "or several stacks in one series); not one volume: give the files of one stack")
     row_cos, col_cos = iop[:3], iop[3:]
     normal = np.cross(row_cos, col_cos)  # the slice normal, as nibabel's Wrapper.slice_normal
     pos = np.array([float(np.dot(p, normal)) for p in ipps])
@@ -161,22 +203,28 @@ def order_and_affine(where: str, geoms: list[tuple[np.ndarray | None, np.ndarray
             raise InputError(f"{where}: {dup.size + 1} or more slices share the position {sorted_pos[dup[0]]:.3f} mm "
                              "along the slice normal (several acquisitions in one series?); not one volume")
         med = float(np.median(steps))
-        gaps = [i for i, s in enumerate(steps) if s > 1.5 * med]
+        gaps = [i for i, s in enumerate(steps) if s > GAP_FACTOR * med]
         if gaps:
             warn.append(f"missing slices: {len(gaps)} gap(s) larger than 1.5 x the median spacing {med:.3f} mm "
-                        f"(first after slice {gaps[0]}); the map assumes even spacing")
+                        f"(first after slice {gaps[0]}); the map is resampled onto a regular grid, no data in the gaps")
         elif np.any(np.abs(steps - med) > SPACING_RTOL * med):
             warn.append(f"uneven slice spacing ({steps.min():.3f}..{steps.max():.3f} mm, median {med:.3f}); "
-                        "the map assumes even spacing")
-        step = (ipps[order[-1]] - ipps[order[0]]) / (n - 1)  # mean step vector (exact for gantry tilt too)
-    else:
-        step = normal * 1.0
-    lps = np.eye(4)
-    lps[:3, 0] = col_cos * float(spacing[0])  # moving down one row: column cosine x row spacing
-    lps[:3, 1] = row_cos * float(spacing[1])  # moving right one column: row cosine x column spacing
-    lps[:3, 2] = step
-    lps[:3, 3] = ipps[order[0]]
-    return order, LPS_TO_RAS @ lps, warn
+                        "the map is resampled onto a regular grid")
+    geom = StackGeometry(np.asarray(row_cos, float), np.asarray(col_cos, float),
+                         (float(spacing[0]), float(spacing[1])), np.array([ipps[i] for i in order], dtype=np.float64),
+                         dims[0], dims[1])
+    grid = map_grid(geom)
+    if grid.resampled and not any(w.startswith(("missing slices", "uneven slice")) for w in warn):
+        warn.append(f"{grid.reason}: the map is resampled onto a regular grid (a NIfTI qform cannot hold this geometry)")
+    return order, grid, geom, warn
+
+
+def _positions(geom: StackGeometry | None, n: int) -> list[float] | None:
+    """Each slice's position along the slice normal (IPP . normal, mm), in slice order."""
+    if geom is None:
+        return None
+    normal = np.cross(geom.row_cos, geom.col_cos)
+    return [round(float(np.dot(p, normal)), 4) for p in geom.positions[:n]]
 
 
 def _instance(ds: Any, default: int) -> float:
@@ -243,16 +291,18 @@ def read_dicom_series(series: DicomSeries, window: str = "auto", max_voxels: int
     rows, cols = sizes.pop()
     n = len(series.files)
     medical.check_voxels(where, (rows, cols, n), rows * cols * n, max_voxels)  # before any pixel is decoded
-    order, affine, warn = order_and_affine(where, [_geometry_of(h) for h in series.headers],
-                                           [_instance(h, i) for i, h in enumerate(series.headers)])
+    order, grid, geom, warn = order_and_affine(where, [_geometry_of(h) for h in series.headers],
+                                               [_instance(h, i) for i, h in enumerate(series.headers)],
+                                               (rows, cols), series.uid)
     slices = []
     for k, i in enumerate(order):
         (s,) = medical.read_dicom(series.files[i], window=window, max_voxels=max_voxels)
         slices.append(ScanImage(s.pixels, f"{series.files[i]}#slice={k}", s.bits))
     for w in warn:
         log.warning("%s: %s", where, w)
-    return Volume(where, "dicom-series", slices, (rows, cols, n), affine, name or file_stem(where), series.uid,
-                  datasets=list(series.headers), frame_of_slice=list(order), warnings=warn)
+    return Volume(where, "dicom-series", slices, grid.shape, grid.affine, name or file_stem(where), series.uid,
+                  datasets=list(series.headers), frame_of_slice=list(order), warnings=warn, grid=grid,
+                  geometry=geom, positions_mm=_positions(geom, n))
 
 
 def read_multiframe(path: str, header: Any, window: str = "auto", max_voxels: int | None = None,
@@ -261,14 +311,16 @@ def read_multiframe(path: str, header: Any, window: str = "auto", max_voxels: in
     n = int(header.get("NumberOfFrames", 1) or 1)
     rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
     medical.check_voxels(path, (n, rows, cols), rows * cols * n, max_voxels)
-    order, affine, warn = order_and_affine(path, [_geometry_of(header, f) for f in range(n)], list(range(n)))
+    uid = str(header.get("SeriesInstanceUID", "") or "") or None
+    order, grid, geom, warn = order_and_affine(path, [_geometry_of(header, f) for f in range(n)], list(range(n)),
+                                               (rows, cols), uid)
     frames = medical.read_dicom(path, window=window, max_voxels=max_voxels)
     slices = [ScanImage(frames[f].pixels, f"{path}#slice={k}", frames[f].bits) for k, f in enumerate(order)]
     for w in warn:
         log.warning("%s: %s", path, w)
-    return Volume(path, "dicom-multiframe", slices, (rows, cols, n), affine, name or file_stem(path),
-                  str(header.get("SeriesInstanceUID", "") or "") or None, datasets=[header],
-                  frame_of_slice=list(order), warnings=warn)
+    return Volume(path, "dicom-multiframe", slices, grid.shape, grid.affine, name or file_stem(path), uid,
+                  datasets=[header], frame_of_slice=list(order), warnings=warn, grid=grid, geometry=geom,
+                  positions_mm=_positions(geom, n))
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
@@ -321,6 +373,9 @@ def plan_volumes(files: Sequence[str], series_uid: str | None = None,
                 many = nifti_slice_count(f, volume_index) > 1
             except InputError as exc:
                 errors.append(str(exc))
+                continue
+            except Exception as exc:  # one bad input never stops the others
+                errors.append(f"{f}: cannot read this NIfTI header ({type(exc).__name__}: {' '.join(str(exc).split())})")
                 continue
             (jobs.append(VolumeJob(f, "nifti")) if many else flat.append(f))
         elif _is_dicom(f):

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from .. import INTENDED_USE, __version__
+from .. import INTENDED_USE, __version__, logs
 from ..cli.common import EXIT_OK, Terminated, err_console, run_cli, setup_logging
 from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
 from ..errors import MadclipError
@@ -108,6 +108,7 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
     require_ray("serve")
     import ray
 
+    logs.quiet_loaded()  # Ray set up its own loggers on import: quiet them before ray.init speaks
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **quiet)
@@ -117,6 +118,7 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
         for name in ("ray", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices are not the user's business
+    logs.quiet_loaded()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)  # ray.init installs sys.exit on SIGTERM; we drain first
     return ray

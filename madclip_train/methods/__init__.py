@@ -1,21 +1,17 @@
-"""Few-shot anomaly-detection methods behind one interface (`base.MethodModel`), registered by name.
+"""Few-shot anomaly-detection methods behind one interface (`base.MethodModel`), one package per method.
 
-Adding a method: a module here with a registered `MethodModel` subclass, and its name in `_MODULES`.
+    methods/base.py        the interface (and the option schema, backbone and training-source protocols)
+    methods/registry.py    the one list of methods: name -> package
+    methods/<name>/        one method: model.py (the MethodModel), its text/prompts, losses, export.py,
+                           reference.py (the authors' checkpoints), options.py
+
+Adding a method: a package `methods/<name>/` whose `METHOD` is its MethodModel subclass, and one line in
+`registry._PACKAGES`. Method packages import shared modules of madclip_train and `methods.base` only.
 """
 from __future__ import annotations
 
-import importlib
+from .base import Batch, MethodModel, Option, OptionSchema
+from .registry import DEFAULT_METHOD, all_methods, get_method, method_names
 
-from .base import Batch, MethodModel
-from .registry import DEFAULT_METHOD, METHODS, get_method, method_names, register
-
-_MODULES = ("madclip", "mvfa", "mediclip")
-
-
-def load_all() -> None:
-    """Import every method module (each registers itself). Idempotent."""
-    for name in _MODULES:
-        importlib.import_module(f"{__name__}.{name}")
-
-
-__all__ = ["Batch", "DEFAULT_METHOD", "METHODS", "MethodModel", "get_method", "method_names", "register", "load_all"]
+__all__ = ["Batch", "DEFAULT_METHOD", "MethodModel", "Option", "OptionSchema", "all_methods", "get_method",
+           "method_names"]

@@ -52,9 +52,7 @@ def _main(argv) -> int:
         raise MadclipError("--image-size must be >= 16, --tile >= 32, --columns >= 1")
     mix = parse_mix(args.tasks)
     paths = io.list_normals(args.data)
-    k = min(args.shots, len(paths))
-    if k < args.shots:
-        log.info("%s: %d normal images, using all of them as shots", io.normal_folder(args.data), k)
+    k = io.usable_shots(paths, args.shots)
     shots_p = io.pick_shots(paths, k, args.seed)
     shots = list(io.load_normals(shots_p, args.image_size))
     synth = Synthesizer(shots, mix)

@@ -6,6 +6,7 @@ by madclip_runtime.scans.imageio, resized in float and rounded to uint8 (the tas
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from madclip_runtime.errors import MadclipError
 from madclip_runtime.scans.imageio import read_image
 
 from ..data import MVFA_IMG, MVFA_NORMAL, PLAIN_NORMAL, _list_images
+
+log = logging.getLogger(__name__)
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -70,12 +73,27 @@ def pick_shots(paths: list[Path], k: int, seed: int) -> list[Path]:
     return random.Random(seed).sample(list(paths), k)
 
 
+def usable_shots(paths: list[Path], k: int) -> int:
+    """How many normal shots a normal-only method takes from `paths` for --shots k: k, or all of them (with a
+    one-line note) when the folder has fewer. madclip-synth and `madclip-train --method mediclip` share it, so
+    the same folder gives the same shots in both."""
+    if k < 1:
+        raise MadclipError(f"--shots must be at least 1, got {k}")
+    if len(paths) < k:
+        log.info("%s has %d normal images, fewer than --shots %d: using all %d as shots", paths[0].parent,
+                 len(paths), k, len(paths))
+        return len(paths)
+    return k
+
+
 def normal_samples(root: str | os.PathLike, k: int, seed: int, shot_list: str | None = None):
     """The k normal training shots of a normal-only method, as data.Sample (label 0): drawn like pick_shots
-    (the same images data.sample_shots would pick as the normal half for this seed)."""
+    (the same images data.sample_shots would pick as the normal half for this seed); all of them when the
+    folder has fewer than k (`usable_shots`)."""
     from ..data import Sample
 
     if shot_list:
         raise MadclipError(f"{shot_list}: --shot-list is not supported by normal-only methods; use --shots and --seed "
                            f"(the chosen files are recorded in the run's shots.json)")
-    return tuple(Sample(str(p), 0, None) for p in pick_shots(list_normals(root), k, seed))
+    paths = list_normals(root)
+    return tuple(Sample(str(p), 0, None) for p in pick_shots(paths, usable_shots(paths, k), seed))
