@@ -17,7 +17,7 @@ one-line BackendUnavailable naming the extra.
 
 "auto" picks openvino over ort-cpu (docs/runtime.md, "How auto chooses"): for bf16 (only OpenVINO has BF16
 kernels) and for int8 when the bundle has the OpenVINO INT8 IR (static INT8 beats onnxruntime's dynamic INT8);
-fp32 stays on onnxruntime (the two FP32 paths are within noise of each other, benchmarks/RESULTS.md).
+fp32 stays on onnxruntime (OpenVINO FP32 was faster in one noisy run here: not enough to move the default).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def prefer_for(precision: str, has_int8_ir: bool) -> bool:
 
     bf16: always (onnxruntime has no BF16 kernels); int8: when the bundle has the NNCF INT8 IR (static INT8,
     measured faster than onnxruntime's dynamic INT8: benchmarks/RESULTS.md); fp32: no, onnxruntime FP32 stays
-    the default (OpenVINO FP32 was not measured clearly faster; `--backend openvino` still runs it).
+    the default (OpenVINO FP32 was faster in one noisy shared-machine run only; `--backend openvino` runs it).
     """
     if not installed():
         return False
