@@ -5,13 +5,18 @@
    the deployment's user_config, so the same warm replica serves both) and each concurrency level (1, 4, 16,
    64 clients, aiohttp on 127.0.0.1), send a bounded number of requests (and stop starting new ones after a
    time limit): throughput, p50 / p99 latency, failed requests, and the replica's own count of model calls.
-2. Archive scoring (madclip-tiny only): `madclip-batch` over a folder of N demo images (one process, its
+2. Slow clients (madclip-tiny only): good requests (one at a time, real HTTP) timed in rounds that alternate
+   between no other traffic and N clients (default 70) trickling request bodies at one byte every 2 s on raw
+   sockets (reconnecting whenever the server drops them): p50/p99 of the good requests in each condition,
+   their failures, the p99 ratio loaded/unloaded, and what the replica's upload gate did.
+3. Archive scoring (madclip-tiny only): `madclip-batch` over a folder of N demo images (one process, its
    own Ray, wall time including Ray's start) against a plain shell-style loop of `madclip-infer FILE`
    (one process per file: timed on a subset and extrapolated, which the table says) and against one
    `madclip-infer FOLDER` process.
 
     python benchmarks/bench_serve.py                              # madclip-tiny
     python benchmarks/bench_serve.py --backbones madclip-tiny,ViT-B-16 --skip-batch
+    python benchmarks/bench_serve.py --skip-load --skip-batch       # the slow-client test only
 
 Writes benchmarks/results/serve.json and prints tables. Client and server share this machine's cores.
 """
@@ -24,6 +29,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +154,114 @@ def load_test(backbone: str, bundle: Path, bodies: list[bytes], levels: list[int
     return rows
 
 
+def _trickle(port: int, stop: threading.Event, stats: dict) -> None:
+    """One slow client: a 100 kB body announced, one byte every 2 s; reconnect when dropped; until `stop`."""
+    import socket
+
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
+                stats["connections"] += 1
+                s.settimeout(2.0)
+                while not stop.is_set():
+                    s.sendall(b"\x89")
+                    try:
+                        if s.recv(4096) == b"":
+                            break
+                        stats["dropped_by_server"] += 1
+                        break
+                    except socket.timeout:
+                        continue
+        except OSError:
+            stop.wait(0.2)
+
+
+def _good_round(port: int, bodies: list[bytes], n: int) -> tuple[list[float], list[str]]:
+    import http.client
+
+    lat, failures = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/predict", body=bodies[i % len(bodies)])
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            if resp.status != 200:
+                failures.append(str(resp.status))
+                continue
+        except (OSError, http.client.HTTPException) as exc:
+            failures.append(type(exc).__name__)
+            continue
+        lat.append(time.perf_counter() - t0)
+    return lat, failures
+
+
+def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int, per_round: int) -> dict:
+    """Good requests' latency without and with `n_slow` trickling clients, in alternating rounds."""
+    import socket
+    import urllib.request
+
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from madclip_runtime.serve.app import build_app
+    from madclip_runtime.serve.replica import ServeConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, logging_level=logging.WARNING)
+    lat = {"unloaded": [], "slow_clients": []}
+    fail = {"unloaded": [], "slow_clients": []}
+    stats = {"connections": 0, "dropped_by_server": 0}
+    res_rounds: list[dict] = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = ServeConfig(bundle=str(bundle), backend="ort-cpu")
+        serve.run(build_app(cfg, num_cpus=1), name="madclip", route_prefix="/")
+        _good_round(port, bodies, 5)  # warm
+        for r in range(rounds):
+            for cond in ("unloaded", "slow_clients") if r % 2 == 0 else ("slow_clients", "unloaded"):
+                stop = threading.Event()
+                threads = []
+                if cond == "slow_clients":
+                    threads = [threading.Thread(target=_trickle, args=(port, stop, stats), daemon=True)
+                               for _ in range(n_slow)]
+                    for t in threads:
+                        t.start()
+                    time.sleep(3.0)  # all connected and trickling before the good requests start
+                took, f = _good_round(port, bodies, per_round)
+                lat[cond] += took
+                fail[cond] += f
+                res_rounds.append({"round": r + 1, "condition": cond,
+                                   "p99_ms": round(_pct(took, 99) * 1e3, 1) if took else None})
+                stop.set()
+                for t in threads:
+                    t.join(timeout=10)
+                print(f"slow-client round {r + 1} {cond}: p99 {_pct(took, 99) * 1e3:.1f} ms, failed {len(f)}",
+                      flush=True)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as resp:
+            uploads = json.loads(resp.read())["upload_stats"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {"n_slow_clients": n_slow, "rounds": rounds, "per_round": per_round, "upload_stats": uploads, **stats,
+           "by_round": res_rounds}
+    for cond in lat:
+        res[cond] = {"requests": len(lat[cond]) + len(fail[cond]), "failed": len(fail[cond]),
+                     "p50_ms": round(_pct(lat[cond], 50) * 1e3, 1) if lat[cond] else None,
+                     "p99_ms": round(_pct(lat[cond], 99) * 1e3, 1) if lat[cond] else None}
+    if lat["unloaded"] and lat["slow_clients"]:
+        res["p99_ratio"] = round(_pct(lat["slow_clients"], 99) / _pct(lat["unloaded"], 99), 2)
+    return res
+
+
 def archive_test(bundle: Path, n_images: int, loop_subset: int) -> dict:
     """madclip-batch on N demo images vs a per-file madclip-infer loop (subset, extrapolated) vs one process."""
     root = demo_images(1, max(1, n_images // 2))
@@ -192,6 +306,10 @@ def main() -> None:
     p.add_argument("--loop-subset", type=int, default=20)
     p.add_argument("--skip-batch", action="store_true", help="no madclip-batch comparison")
     p.add_argument("--skip-load", action="store_true", help="no load test")
+    p.add_argument("--skip-slow", action="store_true", help="no slow-client test")
+    p.add_argument("--slow-clients", type=int, default=70)
+    p.add_argument("--slow-rounds", type=int, default=4, help="rounds per condition, alternating")
+    p.add_argument("--slow-per-round", type=int, default=25, help="good requests per round")
     args = p.parse_args()
     print_machine()
     levels = [int(x) for x in args.levels.split(",")]
@@ -199,20 +317,32 @@ def main() -> None:
                                               .glob("*/img/*.png"))[:16]]
     out_path = Path(__file__).resolve().parent / "results" / "serve.json"
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    load_rows = [r for r in previous.get("load", []) if r["backbone"] not in args.backbones.split(",")]
+    load_rows = [r for r in previous.get("load", [])
+                 if args.skip_load or r["backbone"] not in args.backbones.split(",")]  # kept unless re-measured
     archive = previous.get("archive")
+    slow = previous.get("slow_clients")
     for backbone in args.backbones.split(","):
         bundle = bundle_for(backbone, args.image_size)
         if not args.skip_load:
             tiny = backbone == "madclip-tiny"
             reqs = {c: args.requests or (max(100, 4 * c) if tiny else max(24, 2 * c)) for c in levels}
             load_rows += load_test(backbone, bundle, bodies, levels, reqs, args.max_seconds, args.batch_wait_ms)
+        if backbone == "madclip-tiny" and not args.skip_slow:
+            slow = slow_client_test(bundle, bodies, args.slow_clients, args.slow_rounds, args.slow_per_round)
         if backbone == "madclip-tiny" and not args.skip_batch:
             archive = archive_test(bundle, args.batch_images, args.loop_subset)
     table("madclip-serve load test (loopback, 1 replica, ort-cpu FP32)",
           ["backbone", "batching", "clients", "requests", "failed", "req/s", "p50 ms", "p99 ms", "mean batch"],
           [[r["backbone"], "on" if r["batching"] else "off", r["concurrency"], r["requests"], r["failed"],
             r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["mean_batch"]] for r in load_rows])
+    if slow:
+        table(f"good requests beside {slow['n_slow_clients']} clients sending 1 byte / 2 s "
+              f"(madclip-tiny, 1 replica; rounds alternate)", ["condition", "requests", "failed", "p50 ms", "p99 ms"],
+              [[c, slow[c]["requests"], slow[c]["failed"], slow[c]["p50_ms"], slow[c]["p99_ms"]]
+               for c in ("unloaded", "slow_clients")])
+        print(f"p99 ratio slow_clients / unloaded: {slow.get('p99_ratio')}; "
+              f"slow connections {slow['connections']}, "
+              f"dropped by the server {slow['dropped_by_server']}; upload gate {slow['upload_stats']}")
     if archive:
         table(f"archive scoring, {archive['images']} demo images (madclip-tiny, ort-cpu)",
               ["method", "wall s", "images/s"],
@@ -222,7 +352,7 @@ def main() -> None:
                 archive["loop_extrapolated_wall_s"], archive["loop_images_per_s"]],
                ["madclip-infer FOLDER (one process)", archive["infer_folder_wall_s"],
                 archive["infer_folder_images_per_s"]]])
-    write_json("serve.json", {"load": load_rows, "archive": archive,
+    write_json("serve.json", {"load": load_rows, "archive": archive, "slow_clients": slow,
                               "settings": {"levels": levels, "max_seconds": args.max_seconds,
                                            "batch_wait_ms": args.batch_wait_ms}})
 

@@ -175,15 +175,21 @@ class Predictor:
             out.extend(self._run_chunk(chunk, decode[start : start + self.max_batch]))
         return out
 
-    def _run_chunk(self, scans: Sequence[ScanImage], decode_ms: Sequence[float]) -> list[Prediction]:
-        spec = self.bundle.spec
-        pre_ms, images = [], []
-        for scan in scans:
-            t0 = time.perf_counter()
-            images.append(preprocess(scan, spec))  # [3, S, S]
-            pre_ms.append((time.perf_counter() - t0) * 1e3)
-        batch = np.stack(images)  # [B, 3, S, S]
-        t0 = time.perf_counter()
+    def run_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """THE model call of the runtime: preprocessed images [N, 3, S, S] -> `contract.OUTPUT_NAMES` outputs.
+
+        Runs in chunks of at most `max_batch`; the shapes are checked. Used by `predict_*`, madclip-batch's
+        scorer, the serving replica and the golden self-test, so there is one way of running the model.
+        A backend failure is a BundleError naming the bundle and backend (one line).
+        """
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        step = self.max_batch
+        parts = [self._run_backend(images[i : i + step]) for i in range(0, len(images), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+
+    def _run_backend(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         try:
             outputs = self.backend.run(batch)
         except MadclipError:
@@ -192,16 +198,30 @@ class Predictor:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BundleError(f"{self.bundle.path}: inference failed on {self.backend_name} "
                               f"({type(exc).__name__}: {first})") from None
+        self._check_outputs(outputs, len(batch))
+        return outputs
+
+    def decision(self, score: float, score_map_max: float) -> str | None:
+        """The label of one scan at this predictor's threshold, on its calibration score name."""
+        return decide(score if self.score_name == SCORE else score_map_max, self.threshold)
+
+    def _run_chunk(self, scans: Sequence[ScanImage], decode_ms: Sequence[float]) -> list[Prediction]:
+        spec = self.bundle.spec
+        pre_ms, images = [], []
+        for scan in scans:
+            t0 = time.perf_counter()
+            images.append(preprocess(scan, spec))  # [3, S, S]
+            pre_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        outputs = self.run_images(np.stack(images))  # [B, 3, S, S] -> outputs
         infer_ms = (time.perf_counter() - t0) * 1e3 / len(scans)
-        self._check_outputs(outputs, len(scans))
         preds = []
         for i, scan in enumerate(scans):
             t0 = time.perf_counter()
             model_map = np.asarray(outputs[ANOMALY_MAP][i, 0], dtype=np.float32)  # [S, S]
             native = resize_map(model_map, scan.height, scan.width)  # [H, W]
             score, smax = float(outputs[SCORE][i]), float(outputs[SCORE_MAP_MAX][i])
-            value = score if self.score_name == SCORE else smax
-            label = decide(value, self.threshold)
+            label = self.decision(score, smax)
             post_ms = (time.perf_counter() - t0) * 1e3
             timings = {"decode": float(decode_ms[i]), "preprocess": pre_ms[i], "inference": infer_ms,
                        "postprocess": post_ms}
@@ -235,6 +255,25 @@ class Predictor:
     def __repr__(self) -> str:
         return (f"Predictor({self.bundle.path}, backend={self.backend_name}, provider={self.provider}, "
                 f"precision={self.precision}, threshold={self.threshold})")
+
+
+def check_threshold(threshold: Any, bundle: Bundle | None = None) -> float | None:
+    """THE threshold rule of the CLI, the API and the HTTP wire: None, or a finite number within the bundle's
+    range of its calibration score (outside it every scan gets the same label). InputError with one line."""
+    if threshold is None:
+        return None
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold must be a number, got {threshold!r}") from None
+    if not np.isfinite(value):
+        raise InputError(f"threshold must be a finite number, got {threshold}")
+    if bundle is not None:
+        lo, hi = bundle.output_range(bundle.score_name)
+        if not lo <= value <= hi:
+            raise InputError(f"threshold {value:g} is outside the {bundle.score_name} range [{lo:g}, {hi:g}] "
+                             f"of {bundle.path}: every scan would get the same label")
+    return value
 
 
 def model_sha256(bundle: Bundle, precision: str, backend: str | None = None) -> str | None:
@@ -273,8 +312,7 @@ def load(
     unsigned or signed by another key. Every metadata field is checked against the bundle's integrity record
     and validated before any model file is opened (`madclip_runtime.bundles.bundle.load_bundle`).
     """
-    if threshold is not None and not np.isfinite(float(threshold)):
-        raise InputError(f"threshold must be a finite number, got {threshold}")
+    check_threshold(threshold)
     if isinstance(bundle, Bundle):
         b = bundle
         if trusted_key is not None:  # re-check the signature of an already loaded bundle against this key
@@ -283,10 +321,7 @@ def load(
             verify_signature(b.meta, b.metadata_path, trusted_key)
     else:
         b = load_bundle(bundle, verify=verify, precision=precision, trusted_key=trusted_key)
-    lo, hi = b.output_range(b.score_name)
-    if threshold is not None and not lo <= float(threshold) <= hi:
-        raise InputError(f"threshold {threshold} is outside the {b.score_name} range [{lo:g}, {hi:g}] of {b.path}: "
-                         f"every scan would get the same label")
+    check_threshold(threshold, b)
     name = resolve_auto(precision, "int8" in b.openvino_models) if backend == "auto" else backend
     model_path = b.model_path(precision, name)
     if name == "ort-cpu" and precision == "fp16" and backend != "auto":

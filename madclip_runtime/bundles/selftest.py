@@ -38,7 +38,8 @@ import numpy as np
 from ..engines.backends import create_backend, resolve_auto
 from .bundle import Bundle, load_bundle
 from ..contract import (ANOMALY_MAP, GOLDEN_DECISION_KEYS, GOLDEN_DECISION_SCORE_NAME, GOLDEN_DECISION_THRESHOLD,
-                       GOLDEN_DECISIONS, GOLDEN_INPUT, NORMAL, ANOMALY, OPENVINO, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide)
+                       GOLDEN_DECISIONS, GOLDEN_INPUT, NORMAL, ANOMALY, OPENVINO, OUTPUT_NAMES, SCORE,
+                       SCORE_MAP_MAX, decide)
 from ..errors import BundleError
 from ..predictor import DEFAULT_MAX_BATCH, model_sha256
 
@@ -123,6 +124,50 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(d)) if np.isfinite(d).all() else float("inf")
 
 
+def golden_check(predictor: Any, golden: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """THE golden check (self-test and serving readiness): golden.npz through `predictor.run_images`.
+
+    Compares every output (score, score_map_max, anomaly_map) with the FP32 reference at the tolerances of
+    the predictor's precision and backend, and checks that the bundle's calibration still makes the export's
+    decisions. Returns the errors, tolerance, label_agreement, the decision check and passed.
+    """
+    b = predictor.bundle
+    golden = read_golden(b) if golden is None else golden
+    decisions = check_decisions(b, golden)
+    out = predictor.run_images(golden[GOLDEN_INPUT])  # [N, ...]
+    map_err = np.abs(out[ANOMALY_MAP].astype(np.float64) - golden[ANOMALY_MAP].astype(np.float64))
+    finite = bool(np.isfinite(map_err).all())
+    errors = {
+        "score_max_abs_err": _max_abs(out[SCORE], golden[SCORE]),
+        "score_map_max_max_abs_err": _max_abs(out[SCORE_MAP_MAX], golden[SCORE_MAP_MAX]),
+        "map_p99_abs_err": float(np.percentile(map_err, 99)) if finite else float("inf"),
+        "map_max_abs_err": float(np.max(map_err)) if finite else float("inf"),
+    }
+    tol = tolerance(predictor.precision, predictor.backend_name)
+    passed = (errors["score_max_abs_err"] <= tol["score"] and errors["score_map_max_max_abs_err"] <= tol["score"]
+              and errors["map_p99_abs_err"] <= tol["map_p99"] and decisions["decisions_reproduced"])
+    agreement, flips = None, None
+    if b.threshold is not None:
+        key = b.score_name
+        same = [decide(float(o), b.threshold) == decide(float(g), b.threshold) for o, g in zip(out[key], golden[key])]
+        agreement, flips = float(np.mean(same)), int(len(same) - sum(same))
+    return {"n": int(len(golden[GOLDEN_INPUT])), **errors, "tolerance": tol, "label_agreement": agreement,
+            "decision_flips": flips, **decisions, "passed": bool(passed)}
+
+
+def failure_line(bundle_path: str, res: dict[str, Any], backend: str, precision: str) -> str:
+    """Why a golden check failed, in one line."""
+    if not res["decisions_reproduced"]:
+        return (f"{bundle_path}: self-test failed: the bundle's calibration (threshold {res['threshold']}) "
+                f"no longer reproduces the decisions made at export (threshold {res['export_threshold']}): "
+                f"{res['n_changed']} of {res['n']} golden decisions changed")
+    return (f"{bundle_path}: self-test failed on {backend} {precision} "
+            f"(score err {res['score_max_abs_err']:.3g}, "
+            f"score_map_max err {res['score_map_max_max_abs_err']:.3g}, "
+            f"map p99 err {res['map_p99_abs_err']:.3g}; "
+            f"tolerances {res['tolerance']['score']:g} / {res['tolerance']['map_p99']:g})")
+
+
 def run_selftest(
     bundle: str | os.PathLike | Bundle,
     backend: str = "auto",
@@ -140,38 +185,18 @@ def run_selftest(
     A tampered bundle, an edited metadata field or an unknown schema raises BundleError (load_bundle with
     verify=True); `trusted_key` requires a signature by that key.
     """
+    from ..predictor import Predictor
+
     b = load_bundle(bundle.path if isinstance(bundle, Bundle) else bundle, verify=True, trusted_key=trusted_key)
     golden = read_golden(b)
-    decisions = check_decisions(b, golden)
     name = resolve_auto(precision, "int8" in b.openvino_models) if backend == "auto" else backend
     be = create_backend(name, b.model_path(precision, name), precision, b.max_batch or DEFAULT_MAX_BATCH,
                         None if cache_dir is None else os.fspath(cache_dir), input_chw=(3, b.image_size, b.image_size),
                         fp32_islands=b.fp32_islands, onnx_sha256=model_sha256(b, precision, name))
-    try:
-        out = be.run(golden[GOLDEN_INPUT].astype(np.float32))  # [N, ...]
+    with Predictor(b, be) as predictor:
+        res = golden_check(predictor, golden)
         provider, load_seconds = be.provider, be.load_seconds
-    finally:
-        be.close()
-    map_err = np.abs(out["anomaly_map"].astype(np.float64) - golden["anomaly_map"].astype(np.float64))
-    finite = bool(np.isfinite(map_err).all())
-    errors = {
-        "score_max_abs_err": _max_abs(out["score"], golden["score"]),
-        "score_map_max_max_abs_err": _max_abs(out["score_map_max"], golden["score_map_max"]),
-        "map_p99_abs_err": float(np.percentile(map_err, 99)) if finite else float("inf"),
-        "map_max_abs_err": float(np.max(map_err)) if finite else float("inf"),
-    }
-    tol = tolerance(precision, name)
-    passed = (errors["score_max_abs_err"] <= tol["score"] and errors["score_map_max_max_abs_err"] <= tol["score"]
-              and errors["map_p99_abs_err"] <= tol["map_p99"] and decisions["decisions_reproduced"])
-    agreement, flips = None, None
-    if b.threshold is not None:
-        key = b.score_name
-        same = [decide(float(o), b.threshold) == decide(float(g), b.threshold) for o, g in zip(out[key], golden[key])]
-        agreement, flips = float(np.mean(same)), int(len(same) - sum(same))
-    result = {
-        "bundle": b.path, "backend": name, "provider": provider, "precision": precision,
-        "n": int(len(golden[GOLDEN_INPUT])), **errors, "tolerance": tol,
-        "label_agreement": agreement, "decision_flips": flips, **decisions, "load_seconds": float(load_seconds), "passed": bool(passed),
-    }
+    result = {"bundle": b.path, "backend": name, "provider": provider, "precision": precision, **res,
+              "load_seconds": float(load_seconds)}
     log.debug("selftest %s", result)
     return result

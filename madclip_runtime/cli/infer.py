@@ -15,15 +15,13 @@ import json
 import logging
 import math
 import os
-import secrets
 import sys
 import time
 from typing import Any, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
-from rich.text import Text
 
 from .. import INTENDED_USE, __version__
 from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
@@ -31,11 +29,11 @@ from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_i
 from .volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
 from ..contract import BACKENDS, PRECISIONS
 from ..errors import InputError, MadclipError
-from ..safe_text import escape_control
+from .results import check_out_dir, expand_each, output_stem, progress_bar, result_table
 
 log = logging.getLogger(__name__)
 
-BACKEND_CHOICES = ("auto", *BACKENDS)  # the names live in contract.py (madclip-serve/-batch import these)
+BACKEND_CHOICES = ("auto", *BACKENDS)
 PRECISION_CHOICES = PRECISIONS
 
 
@@ -77,73 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_out_dir(out: str) -> str:
-    """Create --out and prove it is writable (write and remove a probe file) before any inference."""
-    out = os.path.abspath(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".madclip-probe-{secrets.token_hex(4)}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise MadclipError(f"{out}: output directory is not writable ({exc.strerror or exc})") from None
-    return out  # the results marker is written with the first result (overlay.save_prediction)
-
-
-def expand_each(inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = ()) -> tuple[list[str], int]:
-    """Expand every argument on its own so one bad argument is reported and the others still run.
-
-    `exclude`: directories never entered (the --out tree); madclip's own result files are skipped too."""
-    from ..scans.imageio import expand_inputs
-
-    files: list[str] = []
-    seen: set[str] = set()
-    failed = 0
-    for raw in inputs:
-        try:
-            found = expand_inputs([raw], recursive=recursive, exclude=exclude)
-        except InputError as exc:
-            error_line(str(exc))
-            failed += 1
-            continue
-        for f in found:
-            key = os.path.normpath(f)
-            if key not in seen:
-                seen.add(key)
-                files.append(f)
-    return files, failed
-
-
-def _file_stem(path: str) -> str:
-    name = os.path.basename(path)
-    for ext in (".nii.gz",):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    stem = os.path.splitext(name)[0]
-    return stem or name
-
-
-def output_stem(source: str, used: set[str]) -> str:
-    """'dir/a.png' -> 'a'; volume slice 'dir/v.nii.gz#slice=7' -> 'v_s007'; repeated names get '_2', '_3'."""
-    path, _, slice_part = source.partition("#slice=")
-    stem = _file_stem(path)
-    if slice_part:
-        stem = f"{stem}_s{int(slice_part):03d}"
-    base, k = stem, 2
-    while stem in used:
-        stem, k = f"{base}_{k}", k + 1
-    used.add(stem)
-    return stem
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled,
-    )
-
-
 def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, progress: Progress,
              failures: list[str]) -> Iterator[list[tuple[Any, float]]]:
     """Decode files one by one (a bad one -> one error line, skipped) and yield batches of (scan, decode ms)."""
@@ -175,7 +106,7 @@ def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, prog
 
 
 def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
-    from ..bundles.selftest import run_selftest
+    from ..bundles.selftest import failure_line, run_selftest
 
     res = run_selftest(args.bundle, args.backend, args.precision, cache_dir=args.cache_dir, trusted_key=args.trusted_key)
     clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in res.items()}
@@ -200,48 +131,19 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
     verdict = "PASSED" if res["passed"] else "FAILED"
     err_console.print(f"self-test {verdict}: {res['backend']} {res['precision']} on {res['provider']}",
                       style="green" if res["passed"] else "bold red", markup=False, highlight=False)
-    if not res["decisions_reproduced"]:
-        error_line(f"{res['bundle']}: self-test failed: the bundle's calibration (threshold {res['threshold']}) no "
-                   f"longer reproduces the decisions made at export (threshold {res['export_threshold']}): "
-                   f"{res['n_changed']} of {res['n']} golden decisions changed")
-    elif not res["passed"]:
-        error_line(f"{res['bundle']}: self-test failed on {res['backend']} {res['precision']} "
-                   f"(score err {res['score_max_abs_err']:.3g}, map p99 err {res['map_p99_abs_err']:.3g}; "
-                   f"tolerances {res['tolerance']['score']:g} / {res['tolerance']['map_p99']:g})")
+    if not res["passed"]:
+        error_line(failure_line(res["bundle"], res, res["backend"], res["precision"]))
     return bool(res["passed"])
-
-
-def _short(path: str) -> str:
-    """A path relative to the working directory when that is shorter (table display only)."""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        return path
-    return rel if len(rel) < len(path) else path
-
-
-def _result_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(caption=INTENDED_USE)
-    table.add_column("file", overflow="fold")
-    for name, justify in (("score", "right"), ("map max", "right"), ("label", "left"), ("latency ms", "right")):
-        table.add_column(name, justify=justify)
-    for r in rows:
-        label = r["label"] or "-"
-        style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
-        table.add_row(Text(escape_control(_short(r["file"]))), f"{r['score']:.4f}" if r["score"] is not None else "nan",
-                      f"{r['score_map_max']:.4f}" if r["score_map_max"] is not None else "nan",
-                      f"[{style}]{label}[/]" if style else label, f"{r['latency_ms']:.1f}")
-    return table
 
 
 def _write_image_seg(args: argparse.Namespace, bundle: Any, out_dir: str, stem: str, scan: Any, pred: Any) -> bool:
     """--dicom-seg on the 2-D path: a one-frame SEG for a 2-D DICOM image, written before its other outputs
     (whose JSON comes last); False (one error line) when it cannot be built, and the scan gets no outputs."""
     from ..contract import DICOM_SEG_SUFFIX
-    from ..scans.volume import _is_dicom
+    from ..scans.imageio import has_dicom_magic, is_dicom_path
 
     path = pred.source
-    if "#slice=" in path or not _is_dicom(path):
+    if "#slice=" in path or not (is_dicom_path(path) or has_dicom_magic(path)):
         log.warning("%s: no DICOM SEG: --dicom-seg covers DICOM images and series, not this input", path)
         return True
     from ..atomic import atomic_write_bytes
@@ -274,7 +176,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.server:
         from ..serve.client import run_remote
 
-        return run_remote(args, sys.modules[__name__])  # the client reuses this module's output helpers
+        return run_remote(args)
     if not args.bundle:
         raise MadclipError("--bundle is required (or --server URL of a madclip-serve endpoint)")
 
@@ -314,7 +216,7 @@ def _main(argv: Sequence[str] | None) -> int:
     rows: list[dict[str, Any]] = []
     used_stems: set[str] = set()
     show_progress = not args.json and err_console.is_terminal and (len(files) > 1 or bool(jobs))
-    with predictor, _progress(show_progress) as progress:
+    with predictor, progress_bar(show_progress) as progress:
         for batch in _batches(predictor, files, args.slice, progress, failures):
             scans = [s for s, _ in batch]
             preds = predictor.predict_scans(scans, [ms for _, ms in batch])
@@ -335,7 +237,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 rows.append(record)
         failed += run_volumes(args, predictor, bundle, jobs, out_dir, used_stems, progress, out_console)
     if not args.json and rows:
-        out_console.print(_result_table(rows))
+        out_console.print(result_table(rows))
     n_failed = failed + len(failures)
     if n_failed:
         err_console.print(f"{len(rows)} scan(s) and {len(jobs)} volume(s) processed, {n_failed} input(s) failed",

@@ -21,6 +21,7 @@ import time
 from typing import Any, Iterable
 
 from ..atomic import AtomicDirectory, atomic_write_bytes, atomic_write_text
+from ..outputs import mark_output_dir
 
 INCOMING, OUTBOX, SENT, FAILED = "incoming", "outbox", "sent", "failed"
 
@@ -107,6 +108,7 @@ class Spool:
         """Put the result objects and their description in the outbox as one atomic item. -> item name."""
         item = f"{time.strftime('%Y%m%dT%H%M%S')}-{key[:12]}-{os.urandom(3).hex()}"
         with AtomicDirectory(self.path(OUTBOX, item)) as tmp:
+            mark_output_dir(tmp)  # results: never read back as scans (madclip_runtime.outputs)
             for name, data in objects.items():
                 with open(os.path.join(tmp, name), "wb") as f:
                     f.write(data)

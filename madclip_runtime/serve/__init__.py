@@ -1,7 +1,8 @@
 """Serving and scale-out on Ray: `madclip-serve` (Ray Serve HTTP endpoint) and `madclip-batch` (Ray Data).
 
 Ray is the optional `serve` extra (`pip install 'madclip[serve]'`). Only `app`, `cli` and `batch` import it,
-and only when used; `decode` (request bytes -> scans) and `client` (`madclip-infer --server URL`) need no
+and only when used; `decode` (request bytes -> scans), `limits` (upload limits), `options` (validated
+options), `replica` (verified load, wire parameters) and `client` (`madclip-infer --server URL`) need no
 Ray at all, so a client machine installs the runtime alone. Research use, not for clinical decisions.
 """
 from __future__ import annotations

@@ -13,6 +13,12 @@ a replica still starting and never starts one whose bundle is bad. Bad input (em
 a decompression bomb, a client that hangs up mid-body) fails that request only, with a 4xx and one line.
 An inference failure of the backend itself marks the replica unhealthy, so Serve replaces it.
 
+Slow clients (`limits.UploadGate`): bounded concurrent uploads, a body read timeout and a minimum upload
+rate, with upload slots reserved on top of --max-ongoing. Wire parameters are validated by the same code as
+the CLI and the API (`replica.wire_options`). Shutdown (`drain`): once madclip-serve sets the drain flag in
+Ray's key-value store, every new request gets 503 while the requests in flight finish; the driver waits for
+them (each replica reports its in-flight count) before stopping Ray, so no request ever sees a 404.
+
 Batching: single-slice requests queue in `@serve.batch`; up to `max_batch_size` of them (the bundle's max
 batch) run as one backend call, waiting at most `batch_wait_timeout_s` for the batch to fill. Both come
 from the deployment's user_config and can change without a restart (`reconfigure`).
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import threading
 import time
 from typing import Any
 
@@ -33,55 +39,39 @@ from starlette.responses import JSONResponse, Response
 from ..errors import BundleError, InputError, MadclipError
 from ..scans.imageio import ScanImage, one_line
 from .decode import decode_scan_bytes
-from .replica import MAP_FORMATS, ServeConfig, open_verified, record_json, with_threshold
+from .limits import RequestError, UploadGate, upload_slots
+from .replica import ServeConfig, open_verified, record_json, wire_options, with_threshold
 
 log = logging.getLogger("ray.serve")
 
 STATUS_CLIENT_CLOSED = 499  # nginx's code for "client closed request": logged, never delivered
 
 
-class RequestError(Exception):
-    """A per-request failure with its HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+DRAIN_POLL_S = 0.2
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes before reading them when Content-Length says so."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # ClientDisconnect when the client hangs up mid-body
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def drain_key(app_name: str) -> bytes:
+    """The key-value entry telling the replicas of `app_name` to drain (set by madclip-serve on SIGTERM)."""
+    return f"madclip:{app_name}:draining".encode()
 
 
-def _query(request: Request) -> tuple[str, int | None, str | None, float | None]:
-    q = request.query_params
-    name = q.get("name") or "<request>"
+def inflight_prefix(app_name: str) -> bytes:
+    """Each draining replica reports its requests in flight under `<prefix><replica id>`."""
+    return f"madclip:{app_name}:inflight:".encode()
+
+
+def _replica_id() -> str:
     try:
-        slice_index = None if q.get("slice") in (None, "") else int(q["slice"])
-        threshold = None if q.get("threshold") in (None, "") else float(q["threshold"])
-    except ValueError:
-        raise RequestError(400, "slice must be an integer and threshold a number") from None
-    if slice_index is not None and slice_index < 0:
-        raise RequestError(400, f"slice must be >= 0, got {slice_index}")
-    if threshold is not None and not math.isfinite(threshold):
-        raise RequestError(400, f"threshold must be finite, got {threshold}")
-    fmt = q.get("map") or None
-    if fmt is not None and fmt not in MAP_FORMATS:
-        raise RequestError(400, f"map must be one of {', '.join(MAP_FORMATS)}, got {fmt!r}")
-    return name, slice_index, fmt, threshold
+        rid = serve.get_replica_context().replica_id
+        return str(getattr(rid, "unique_id", rid))
+    except Exception:  # outside a replica (unit use): any unique name will do
+        import uuid
+
+        return uuid.uuid4().hex
 
 
 @serve.deployment(name="madclip", health_check_period_s=10, health_check_timeout_s=30,
@@ -89,11 +79,17 @@ def _query(request: Request) -> tuple[str, int | None, str | None, float | None]
 class MadclipServer:
     """One replica: a verified, warmed-up Predictor behind the routes in the module docstring."""
 
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, app_name: str = "madclip"):
         self.cfg = cfg
         self.predictor, self.meta = open_verified(cfg)  # raises: a bad bundle never serves
         self.failure: str | None = None
         self.stats = {"requests": 0, "model_calls": 0, "scans": 0, "largest_batch": 0}  # this replica's
+        self.uploads = UploadGate(cfg.max_uploads, cfg.body_timeout_s, cfg.min_upload_rate)
+        self.inflight = 0
+        self.draining = False
+        self._drain_key = drain_key(app_name)
+        self._inflight_key = inflight_prefix(app_name) + _replica_id().encode()
+        threading.Thread(target=self._watch_drain, name="madclip-drain", daemon=True).start()
         self.requests = metrics.Counter("madclip_requests", "madclip /predict requests by outcome",
                                         tag_keys=("outcome",))
         log.info("madclip replica ready: %s on %s %s", cfg.bundle, self.predictor.backend_name, cfg.precision)
@@ -103,6 +99,22 @@ class MadclipServer:
         size = int(user_config.get("max_batch_size") or self.predictor.max_batch)
         self.infer.set_max_batch_size(max(1, min(size, self.predictor.max_batch)))
         self.infer.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))
+
+    def _watch_drain(self) -> None:
+        """Poll the drain flag; once draining, report the requests in flight until the process ends."""
+        from ray.experimental import internal_kv
+
+        while True:
+            try:
+                if internal_kv._internal_kv_initialized():
+                    if not self.draining and internal_kv._internal_kv_get(self._drain_key):
+                        self.draining = True
+                        log.info("madclip replica draining: new requests get 503")
+                    if self.draining:
+                        internal_kv._internal_kv_put(self._inflight_key, str(self.inflight).encode())
+            except Exception as exc:  # the store is gone: Ray is stopping
+                log.debug("drain watch: %s", exc)
+            time.sleep(DRAIN_POLL_S)
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and gets it replaced."""
@@ -123,8 +135,13 @@ class MadclipServer:
             raise
 
     async def _predict(self, request: Request) -> JSONResponse:
-        name, slice_index, fmt, threshold = _query(request)
-        body = await read_body(request, self.cfg.max_body_bytes)
+        try:
+            opts = wire_options(request.query_params, self.predictor.bundle)
+        except InputError as exc:
+            raise RequestError(400, str(exc)) from None
+        name, slice_index, fmt, threshold = opts.name, opts.slice_index, opts.map_format, opts.threshold
+        body = await self.uploads.read(request.stream(), self.cfg.max_body_bytes,
+                                       request.headers.get("content-length"))
         window = self.predictor.bundle.spec.window
         t0 = time.perf_counter()
         scans = await asyncio.to_thread(decode_scan_bytes, body, name, slice_index, window, self.cfg.max_body_bytes)
@@ -137,6 +154,9 @@ class MadclipServer:
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
+        if self.draining:  # shutting down: never a 404 from a half-removed route, a clear 503 instead
+            return _error(503, "madclip-serve is shutting down; retry on another replica",
+                          {"Retry-After": "5"})
         if path == "/predict":
             if method != "POST":
                 return _error(405, "use POST /predict with the scan bytes as the body")
@@ -149,17 +169,19 @@ class MadclipServer:
             if self.failure is not None:
                 return _error(503, self.failure)
             return JSONResponse({"status": "ok", "ready": True, "bundle_sha256": self.meta["bundle_sha256"],
-                                 "replica_stats": dict(self.stats)})
+                                 "signed_by": self.meta["signed_by"], "trusted_key_id": self.meta["trusted_key_id"],
+                                 "replica_stats": dict(self.stats), "upload_stats": dict(self.uploads.stats)})
         return _error(404, f"no route {path}; use POST /predict, GET /metadata, /healthz, /ready")
 
     async def _predict_guarded(self, request: Request) -> Response:
         """/predict with every per-request failure turned into that request's error response."""
         self.stats["requests"] += 1
+        self.inflight += 1
         try:
             response = await self._predict(request)
             outcome = "ok"
         except RequestError as exc:
-            response, outcome = _error(exc.status, str(exc)), f"http_{exc.status}"
+            response, outcome = _error(exc.status, str(exc), exc.headers), f"http_{exc.status}"
         except InputError as exc:
             response, outcome = _error(400, str(exc)), "bad_input"
         except ClientDisconnect:
@@ -170,6 +192,8 @@ class MadclipServer:
         except Exception as exc:  # never let one request take the replica down
             log.exception("predict failed")
             response, outcome = _error(500, f"{type(exc).__name__}: {one_line(exc)}"), "error"
+        finally:
+            self.inflight -= 1
         self.requests.inc(tags={"outcome": outcome})
         return response
 
@@ -177,8 +201,12 @@ class MadclipServer:
 def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               max_batch_size: int | None = None, batch_wait_s: float = 0.005,
               autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 64,
-              graceful_shutdown_timeout_s: float = 30.0, constructor_retries: int = 2) -> Any:
+              graceful_shutdown_timeout_s: float = 30.0, constructor_retries: int = 2,
+              app_name: str = "madclip") -> Any:
     """The bound Serve application for `serve.run` (replicas, or autoscaling between min and max).
+
+    Each replica accepts `max_ongoing_requests` requests being scored plus the slots of bodies still arriving
+    (`limits.upload_slots`, `limits.UploadGate`): slow uploads never take the slots of requests being scored.
 
     `constructor_retries` is small on purpose: a replica that cannot verify its bundle will not do better on
     the 20th try (Serve's default), and the deployment should fail promptly with the reason.
@@ -187,31 +215,32 @@ def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gp
         "max_constructor_retry_count": constructor_retries,
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "user_config": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s},
-        "max_ongoing_requests": max_ongoing_requests,
+        "max_ongoing_requests": int(max_ongoing_requests) + upload_slots(cfg.max_uploads),
         "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
     }
     if autoscaling:
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = replicas
-    return MadclipServer.options(**options).bind(cfg)
+    return MadclipServer.options(**options).bind(cfg, app_name)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Serve application builder for config files (`serve run`, `serve deploy`, KubeRay's serveConfigV2):
 
         import_path: madclip_runtime.serve.app:app_builder
-        args: {bundle: /bundles/brain16, backend: ort-cpu, precision: fp32, max_body_mb: 64}
+        args: {bundle: /bundles/brain16, backend: ort-cpu, precision: fp32, max_body_mb: 64,
+               trusted_key: /keys/lab.pub, max_uploads: 16, body_timeout: 10, min_upload_rate: 4096}
+
+    Every value is validated as madclip-serve validates its options (`options.serve_config_from`).
 
     Replicas, resources, autoscaling and the batch size/wait (user_config) are set in the config's
     `deployments:` entry for the deployment named "madclip", as for any Serve deployment.
     """
     if not args.get("bundle"):
         raise MadclipError("app_builder needs args.bundle (the bundle directory on the Ray nodes)")
-    threshold = args.get("threshold")
-    cfg = ServeConfig(bundle=str(args["bundle"]), backend=str(args.get("backend", "auto")),
-                      precision=str(args.get("precision", "fp32")),
-                      threshold=None if threshold in (None, "") else float(threshold),
-                      max_body_bytes=int(float(args.get("max_body_mb", 64)) * 2**20),
-                      cache_dir=args.get("cache_dir"))
-    return MadclipServer.options(user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005}).bind(cfg)
+    from .options import serve_config_from
+
+    cfg = serve_config_from({k.replace("-", "_"): v for k, v in args.items()})
+    return MadclipServer.options(user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005},
+                                 max_ongoing_requests=64 + upload_slots(cfg.max_uploads)).bind(cfg)

@@ -31,9 +31,13 @@ import numpy as np
 
 from .. import INTENDED_USE, __version__
 from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
-from ..cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line, run_cli, setup_logging
-from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES, _file_stem, _progress, check_out_dir, expand_each
+from ..cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
+                          finite_float, run_cli, setup_logging)
+from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
 from ..errors import MadclipError
+from ..cli.results import check_out_dir, expand_each, file_stem, progress_bar
+from ..outputs import (MAP_NPY, MAP_PNG16, RECORD_JSON, SUMMARY_CSV, SUMMARY_PARQUET, mark_output_dir, output_path,
+                       slice_number)
 from . import require_ray
 from .replica import ServeConfig
 
@@ -63,11 +67,11 @@ def file_item(path: str) -> FileItem:
         size, mtime = st.st_size, st.st_mtime_ns
     except OSError:
         size, mtime = -1, -1
-    return FileItem(path, f"{_file_stem(path)}-{digest}", size, mtime)
+    return FileItem(path, f"{file_stem(path)}-{digest}", size, mtime)
 
 
 def result_path(out_dir: str, key: str) -> str:
-    return os.path.join(out_dir, RESULTS_DIR, f"{key}.json")
+    return os.path.join(out_dir, RESULTS_DIR, f"{key}{RECORD_JSON}")
 
 
 def load_result(out_dir: str, item: FileItem) -> dict[str, Any] | None:
@@ -118,7 +122,8 @@ def read_preprocess(batch: dict[str, np.ndarray], spec: dict[str, Any], slice_in
 
 
 class Scorer:
-    """Ray Data UDF (actor pool): preprocessed rows -> scores. One verified bundle load per actor."""
+    """Ray Data UDF (actor pool): preprocessed rows -> scores. One verified bundle load per actor; the model
+    runs through `Predictor.run_images`, the runtime's one model call."""
 
     def __init__(self, cfg: ServeConfig, maps_dir: str | None, map_format: str):
         from .replica import open_verified
@@ -127,7 +132,6 @@ class Scorer:
         self.maps_dir, self.map_format = maps_dir, map_format
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..contract import decide
         from ..preprocess import resize_map
 
         p = self.predictor
@@ -140,31 +144,39 @@ class Scorer:
         for start in range(0, len(ok), p.max_batch):
             idx = ok[start : start + p.max_batch]
             try:
-                out = p.backend.run(np.ascontiguousarray(batch["image"][idx], dtype=np.float32))
+                out = p.run_images(batch["image"][idx])
             except Exception as exc:  # a failed model call fails these rows, not the job
-                error[idx] = f"inference failed on {p.backend_name}: {type(exc).__name__}: {exc}"
+                error[idx] = f"{batch['path'][idx[0]]}: {type(exc).__name__}: {exc}"
                 continue
             for j, row in enumerate(idx):
                 score[row], smax[row] = float(out["score"][j]), float(out["score_map_max"][j])
-                value = score[row] if p.score_name == "score" else smax[row]
-                label[row] = decide(value, p.threshold) or ""
+                label[row] = p.decision(score[row], smax[row]) or ""
                 if self.maps_dir:
-                    amap = resize_map(out["anomaly_map"][j, 0], int(batch["height"][row]), int(batch["width"][row]))
-                    self._save_map(str(batch["key"][row]), int(batch["index"][row]), amap)
+                    try:
+                        amap = resize_map(out["anomaly_map"][j, 0], int(batch["height"][row]),
+                                          int(batch["width"][row]))
+                        self.save_map(str(batch["key"][row]), int(batch["index"][row]), amap)
+                    except Exception as exc:  # e.g. disk full: this row's error, not the job's
+                        error[row] = (f"{batch['path'][row]}: writing its map failed: "
+                                      f"{type(exc).__name__}: {exc}")
         return {k: batch[k] for k in ("path", "key", "source", "index", "n_slices", "height", "width")} | {
             "error": error, "score": score, "score_map_max": smax, "label": label}
 
-    def _save_map(self, key: str, index: int, amap: np.ndarray) -> None:
-        stem = os.path.join(self.maps_dir, f"{key}_s{index:03d}")
+    def save_map(self, key: str, index: int, amap: np.ndarray) -> str:
+        """maps/<key>_sNNN_map.npy (float32) or _map.png (16-bit on the bundle's fixed scale), atomically."""
+        stem = f"{key}_s{index:03d}"
         if self.map_format == "npy":
-            atomic_save_npy(stem + "_map.npy", amap)
+            path = output_path(self.maps_dir, stem, MAP_NPY)
+            atomic_save_npy(path, amap)
         else:
             from PIL import Image
 
             from ..atomic import atomic_save_png
             from ..overlay import map_to_uint16
 
-            atomic_save_png(stem + "_map.png", Image.fromarray(map_to_uint16(amap, self.predictor.bundle.map_scale)))
+            path = output_path(self.maps_dir, stem, MAP_PNG16)
+            atomic_save_png(path, Image.fromarray(map_to_uint16(amap, self.predictor.bundle.map_scale)))
+        return path
 
 
 def _slice_record(row: dict[str, Any], threshold: float | None, score_name: str, backend: str,
@@ -172,7 +184,8 @@ def _slice_record(row: dict[str, Any], threshold: float | None, score_name: str,
     err = str(row["error"])
     fin = lambda x: None if x is None or not np.isfinite(x) else float(x)  # noqa: E731
     return {
-        "file": str(row["path"]), "slice": str(row["source"]), "status": "error" if err else "ok", "error": err,
+        "file": str(row["path"]), "slice": slice_number(str(row["source"])), "status": "error" if err else "ok",
+        "error": err,
         "score": fin(row["score"]), "score_map_max": fin(row["score_map_max"]),
         "label": str(row["label"]) or None, "threshold": threshold, "score_name": score_name,
         "height": int(row["height"]), "width": int(row["width"]), "backend": backend, "precision": precision,
@@ -188,20 +201,24 @@ def write_file_result(out_dir: str, item: FileItem, slices: list[dict[str, Any]]
     doc = {"file": item.path, "key": item.key, "size": item.size, "mtime_ns": item.mtime_ns,
            "status": "error" if errors else "ok", "error": errors[0] if errors else "", "slices": slices,
            "intended_use": INTENDED_USE}
-    atomic_write_text(result_path(out_dir, item.key), json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    path = output_path(os.path.join(out_dir, RESULTS_DIR), item.key, RECORD_JSON)
+    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
 
 
 def write_summary(out_dir: str, docs: Iterable[dict[str, Any]], formats: Sequence[str]) -> list[str]:
     """summary.csv and/or summary.parquet: one row per slice (bad files: one "error" row), atomically."""
     rows = [{c: s.get(c) for c in SUMMARY_COLUMNS} for d in docs for s in d["slices"]]
+    for r in rows:  # results of older runs held the slice's source text: a number (or nothing) now
+        if r["slice"] is not None and not isinstance(r["slice"], int):
+            r["slice"] = slice_number(str(r["slice"]))
     written = []
     if "csv" in formats:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-        path = os.path.join(out_dir, "summary.csv")
+        path = output_path(out_dir, "", SUMMARY_CSV)
         atomic_write_text(path, buf.getvalue())
         written.append(path)
     if "parquet" in formats:
@@ -209,13 +226,13 @@ def write_summary(out_dir: str, docs: Iterable[dict[str, Any]], formats: Sequenc
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist(rows, schema=pa.schema([
-            ("file", pa.string()), ("slice", pa.string()), ("status", pa.string()), ("error", pa.string()),
+            ("file", pa.string()), ("slice", pa.int64()), ("status", pa.string()), ("error", pa.string()),
             ("score", pa.float64()), ("score_map_max", pa.float64()), ("label", pa.string()),
             ("threshold", pa.float64()), ("score_name", pa.string()), ("height", pa.int64()),
             ("width", pa.int64()), ("backend", pa.string()), ("precision", pa.string())]))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        path = os.path.join(out_dir, "summary.parquet")
+        path = output_path(out_dir, "", SUMMARY_PARQUET)
         atomic_write_bytes(path, sink.getvalue().to_pybytes())
         written.append(path)
     return written
@@ -233,10 +250,12 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
 
     bundle = load_bundle(cfg.bundle, verify="none")
     threshold = cfg.threshold if cfg.threshold is not None else bundle.threshold
-    os.makedirs(os.path.join(out_dir, RESULTS_DIR), exist_ok=True)
     maps_dir = os.path.join(out_dir, MAPS_DIR) if maps else None
-    if maps_dir:
-        os.makedirs(maps_dir, exist_ok=True)
+    for d in (out_dir, os.path.join(out_dir, RESULTS_DIR), maps_dir):  # marked: never read back as inputs
+        if d:
+            os.makedirs(d, exist_ok=True)
+            mark_output_dir(d)
+    actors = fit_actors(actors, cpus_per_actor, gpus_per_actor, read_cpus, ray.cluster_resources())
     items = [file_item(f) for f in files]
     docs: dict[str, dict[str, Any]] = {}
     todo = []
@@ -282,24 +301,59 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
             "slices": sum(len(d["slices"]) for d in ordered), "summary": written, "docs": ordered}
 
 
+def fit_actors(actors: int, cpus_per_actor: float, gpus_per_actor: float, read_cpus: float,
+               resources: dict[str, float]) -> int:
+    """The number of scoring actors the cluster can hold (`resources`: `ray.cluster_resources()`).
+
+    A fixed actor pool larger than the cluster's CPUs (or GPUs) never starts and the job makes no progress,
+    so a larger --actors is clamped, with a message; when not even one actor fits beside the reading tasks the
+    job is refused with one line.
+    """
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    fit = actors
+    if cpus_per_actor > 0:
+        if cpus_per_actor + read_cpus > cpus + 1e-9:
+            raise MadclipError(f"--cpus-per-actor {cpus_per_actor:g} plus {read_cpus:g} CPU for reading need "
+                               f"more than the {cpus:g} CPU(s) of the Ray cluster")
+        fit = min(fit, int((cpus - read_cpus) // cpus_per_actor + 1e-9))
+    if gpus_per_actor > 0:
+        if gpus_per_actor > gpus + 1e-9:
+            raise MadclipError(f"--gpus-per-actor {gpus_per_actor:g} needs more than the {gpus:g} GPU(s) "
+                               "of the Ray cluster")
+        fit = min(fit, int(gpus // gpus_per_actor + 1e-9))
+    fit = max(1, fit)
+    if fit < actors:
+        err_console.print(f"madclip-batch: --actors {actors} does not fit the {cpus:g} CPU(s)"
+                          f"{f' and {gpus:g} GPU(s)' if gpus_per_actor else ''} of the Ray cluster "
+                          f"({cpus_per_actor:g} CPU per actor, {read_cpus:g} for reading): using {fit}",
+                          style="yellow", markup=False, highlight=False, soft_wrap=True)
+    return fit
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="madclip-batch",
-                                description=f"Score an archive of scans with Ray Data ({INTENDED_USE}).")
+    p = ArgumentParser(prog="madclip-batch",
+                       description=f"Score an archive of scans with Ray Data ({INTENDED_USE}).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="scan files, directories or glob patterns")
     p.add_argument("--bundle", required=True, help="bundle directory (readable on every Ray node)")
     p.add_argument("--out", required=True, metavar="DIR", help="results/, summary.csv/.parquet (and maps/) go here")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES)
-    p.add_argument("--threshold", type=float, default=None, help="decision threshold overriding the bundle's")
-    p.add_argument("--actors", type=int, default=1, help="scoring actors, each with its own bundle load (default 1)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--threshold", type=finite_float(0), default=None,
+                   help="decision threshold overriding the bundle's (within its score range)")
+    p.add_argument("--trusted-key", default=None, metavar="PUB",
+                   help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked before Ray "
+                        "starts and by every scoring actor)")
+    p.add_argument("--actors", type=bounded_int(1), default=1,
+                   help="scoring actors, each loading the bundle once (default 1; clamped to the cluster's CPUs)")
+    p.add_argument("--cpus-per-actor", type=finite_float(0), default=1.0)
+    p.add_argument("--gpus-per-actor", type=finite_float(0), default=0.0)
     p.add_argument("--maps", default=None, choices=("png16", "npy"), help="also write each slice's anomaly map")
     p.add_argument("--summary", default="both", choices=("csv", "parquet", "both"))
-    p.add_argument("--slice", type=int, default=None, metavar="N", help="only slice N of volumes")
+    p.add_argument("--slice", type=bounded_int(0), default=None, metavar="N", help="only slice N of volumes")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subdirectories")
     p.add_argument("--address", default=None, help="Ray cluster (auto, ray://head:10001); default: local Ray")
-    p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--ray-num-cpus", type=bounded_int(1), default=None,
+                   help="CPUs of the local Ray (default: all)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"madclip {__version__}")
     return p
@@ -310,16 +364,19 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging(args.verbose)
     from ..bundles.bundle import load_bundle
 
-    if args.actors < 1 or args.cpus_per_actor < 0 or args.gpus_per_actor < 0:
-        raise MadclipError("--actors must be >= 1 and --cpus-per-actor/--gpus-per-actor >= 0")
-    if args.slice is not None and args.slice < 0:
-        raise MadclipError(f"--slice must be >= 0, got {args.slice}")
-    bundle = load_bundle(args.bundle, verify="model", precision=args.precision)  # bad bundle: exit 2 before Ray
-    files, failed = expand_each(args.inputs, args.recursive)
+    from ..predictor import check_threshold
+    from .options import read_trusted_key
+
+    trusted_key = read_trusted_key(args.trusted_key)
+    bundle = load_bundle(args.bundle, verify="model", precision=args.precision,
+                         trusted_key=trusted_key)  # bad or untrusted bundle: one line, exit 2, before Ray
+    check_threshold(args.threshold, bundle)
+    files, failed = expand_each(args.inputs, args.recursive, [args.out])  # never its own outputs
     if not files:
         return EXIT_USAGE
     out_dir = check_out_dir(args.out)
-    cfg = ServeConfig(bundle=bundle.path, backend=args.backend, precision=args.precision, threshold=args.threshold)
+    cfg = ServeConfig(bundle=bundle.path, backend=args.backend, precision=args.precision, threshold=args.threshold,
+                      trusted_key=trusted_key)
     require_ray("data")
     from .cli import start_ray
 
@@ -327,7 +384,7 @@ def _main(argv: Sequence[str] | None) -> int:
     summary = ("csv", "parquet") if args.summary == "both" else (args.summary,)
     try:
         show = err_console.is_terminal and len(files) > 1
-        with _progress(show) as progress:
+        with progress_bar(show) as progress:
             res = run_batch(files, cfg, out_dir, args.actors, args.cpus_per_actor, args.gpus_per_actor, args.slice,
                             args.maps, summary, progress)
     except Exception as exc:

@@ -5,6 +5,11 @@ requests in flight at once so the server can batch them. The records printed (ta
 files written with --out (<stem>.json, <stem>_overlay.png, <stem>_map.png/.npy) are those of local
 inference: the server returns the float32 anomaly map, the overlay is drawn here from the scan read with the
 bundle's windowing (from GET /metadata). Standard library HTTP only: a client needs no Ray.
+
+With --trusted-key the client verifies what answers before sending any scan (`verify_server_bundle`): the
+server publishes its bundle's metadata.json exactly as on disk; its sha256 must be the advertised bundle id,
+its integrity record must hold, and its signature must be by the trusted key (the same rules and messages as
+local loading: an unsigned bundle or another signer is refused in one line, exit 2).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import numpy as np
 from rich.console import Console
 
 from ..cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
-from ..errors import InputError, MadclipError
+from ..errors import BundleError, InputError, MadclipError
+from ..cli.results import check_out_dir, expand_each, output_stem, result_table
 from ..predictor import Prediction
 from .maps import decode_map
 
@@ -33,7 +39,7 @@ TIMEOUT_S = 300.0
 
 
 class RemoteError(InputError):
-    """The server refused one request (bad input): reported for that file, the others go on."""
+    """The server refused or failed one request: reported for that file, the others go on."""
 
 
 def _url(base: str, path: str, params: dict[str, Any] | None = None) -> str:
@@ -54,7 +60,9 @@ def _open(req: urllib.request.Request | str, timeout: float) -> dict[str, Any]:
             message = exc.reason
         if 400 <= exc.code < 500:
             raise RemoteError(str(message)) from None
-        raise MadclipError(f"{url}: server error {exc.code} ({message})") from None
+        if exc.code == 503:  # busy or shutting down: not this file's fault, but nothing to retry here
+            raise RemoteError(f"server unavailable (503: {message})") from None
+        raise RemoteError(f"server error {exc.code} ({message})") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise MadclipError(f"{url}: cannot reach the madclip server ({reason})") from None
@@ -62,10 +70,59 @@ def _open(req: urllib.request.Request | str, timeout: float) -> dict[str, Any]:
 
 def server_metadata(base: str, timeout: float = 30.0) -> dict[str, Any]:
     """GET /metadata of a madclip-serve endpoint."""
-    meta = _open(_url(base, "/metadata"), timeout)
+    try:
+        meta = _open(_url(base, "/metadata"), timeout)
+    except RemoteError as exc:
+        raise MadclipError(f"{base}: GET /metadata refused ({exc})") from None
     if "map_scale" not in meta or "bundle_sha256" not in meta:
         raise MadclipError(f"{base}: does not look like a madclip-serve endpoint (no bundle metadata)")
     return meta
+
+
+def trusted_key_id(trusted_key: Any) -> str:
+    """The key id (as in a bundle's signature) of a public key: a path, PEM/raw bytes or a key object."""
+    from cryptography.hazmat.primitives import serialization
+
+    from ..bundles.signing import key_id, load_public_key
+
+    key = trusted_key if hasattr(trusted_key, "public_bytes") else load_public_key(trusted_key)
+    return key_id(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def verify_server_bundle(meta: dict[str, Any], base: str, trusted_key: Any) -> str:
+    """Check with `trusted_key` that the server serves a bundle signed by it. Returns the signer's key id.
+
+    The published metadata.json must hash to the advertised `bundle_sha256`, pass the integrity record of
+    every field, and carry a signature by the trusted key (`bundles.signing.verify_signature`: the rules and
+    messages of local loading). BundleError (one line) otherwise. The server vouches that its replicas
+    verified the model files against this metadata before serving.
+    """
+    import base64
+    import binascii
+    import hashlib
+
+    from ..bundles import integrity
+    from ..bundles.signing import load_public_key, verify_signature
+
+    key = load_public_key(trusted_key)  # a bad key file is the user's first problem
+    where = f"{base} (bundle {meta.get('bundle')})"
+    doc = meta.get("bundle_metadata")
+    if not isinstance(doc, str):
+        raise BundleError(f"{where}: the server does not publish its bundle's metadata and signature "
+                          "(an older madclip-serve?): cannot verify it with --trusted-key; refused")
+    try:
+        raw = base64.b64decode(doc, validate=True)
+        published = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, ValueError) as exc:
+        raise BundleError(f"{where}: published bundle metadata unreadable ({exc}); refused") from None
+    if hashlib.sha256(raw).hexdigest() != meta.get("bundle_sha256"):
+        raise BundleError(f"{where}: published bundle metadata does not match the advertised bundle_sha256; "
+                          "refused")
+    if not isinstance(published, dict):
+        raise BundleError(f"{where}: published bundle metadata is not a JSON object; refused")
+    integrity.check(published, where)
+    signer = verify_signature(published, where, key)
+    return str(signer)
 
 
 def predict_remote(base: str, data: bytes, name: str, slice_index: int | None = None,
@@ -95,40 +152,49 @@ def _score_file(args: argparse.Namespace, path: str, want_map: bool) -> list[dic
             data = f.read()
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror or exc}") from None
-    return predict_remote(args.server, data, path, args.slice, "npy" if want_map else None, args.threshold)
+    try:
+        return predict_remote(args.server, data, path, args.slice, "npy" if want_map else None, args.threshold)
+    except RemoteError as exc:
+        text = str(exc)
+        raise RemoteError(text if path in text else f"{path}: {text}") from None
 
 
-def run_remote(args: argparse.Namespace, cli: Any) -> int:
-    """The body of `madclip-infer --server URL`: `args` from its parser, `cli` the madclip_runtime.cli.infer
-    module, whose input expansion and output helpers are reused (passed in, so the modules import one way)."""
+def run_remote(args: argparse.Namespace) -> int:
+    """The body of `madclip-infer --server URL` (`args` from madclip-infer's parser): the same input
+    expansion, records, table and files as local inference (`madclip_runtime.outputs`)."""
     from .. import INTENDED_USE
-
-    check_out_dir, expand_each, output_stem = cli.check_out_dir, cli.expand_each, cli.output_stem
 
     if args.selftest:
         raise MadclipError("--selftest runs on the serving machine (madclip-infer --bundle B --selftest there); "
                            "the server already ran the bundle's golden inputs before it became ready")
     meta = server_metadata(args.server)
+    signer = None
+    if getattr(args, "trusted_key", None):
+        signer = verify_server_bundle(meta, args.server, args.trusted_key)
     files, failed = expand_each(args.inputs, args.recursive, [args.out] if args.out else [])
     if args.slice is None and files:  # locally a volume gets one answer per volume: never a silent per-slice answer
         from ..scans.volume import plan_volumes
 
         jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
         for message in plan_errors + [f"{job.source}: a volume is scored as one volume by local "
-                                      f"inference (madclip-infer --bundle B; madclip-batch gives per-slice rows); --server scores 2-D "
-                                      f"scans, or one slice of it with --slice k" for job in jobs]:
+                                      f"inference (madclip-infer --bundle B; madclip-batch gives per-slice "
+                                      f"rows); "
+                                      f"--server scores 2-D scans, or one slice of it with --slice k"
+                                      for job in jobs]:
             error_line(message)
         failed += len(plan_errors) + len(jobs)
     if not files:
         return EXIT_USAGE
     out_dir = check_out_dir(args.out) if args.out else None
+    trust = f"signed by trusted key {signer}" if signer else "signature not checked (no --trusted-key)"
     err_console.print(
-        f"madclip-infer: server {args.server} ({meta['bundle']}, sha256 {meta['bundle_sha256'][:12]}), backend "
-        f"{meta['backend']} (provider {meta['provider']}), precision {meta['precision']}, threshold "
+        f"madclip-infer: server {args.server} ({meta['bundle']}, sha256 {meta['bundle_sha256'][:12]}, "
+        f"{trust}), "
+        f"backend {meta['backend']} (provider {meta['provider']}), precision {meta['precision']}, threshold "
         f"{args.threshold if args.threshold is not None else meta['threshold']} on {meta['score_name']}; "
         f"{len(files)} file(s); {INTENDED_USE}", markup=False, highlight=False, soft_wrap=True)
-    from ..scans.imageio import read_scans
     from ..overlay import save_prediction
+    from ..scans.imageio import read_scans
 
     def work(path: str) -> tuple[str, list[dict[str, Any]] | InputError]:
         try:
@@ -138,6 +204,7 @@ def run_remote(args: argparse.Namespace, cli: Any) -> int:
 
     rows: list[dict[str, Any]] = []
     n_failed, used_stems = failed, set()
+
     def results():  # in file order, as local inference prints them; a bounded window of files in memory
         with ThreadPoolExecutor(max_workers=CLIENT_CONCURRENCY) as pool:
             window = 4 * CLIENT_CONCURRENCY
@@ -149,7 +216,12 @@ def run_remote(args: argparse.Namespace, cli: Any) -> int:
             error_line(str(result))
             n_failed += 1
             continue
-        scans = read_scans(path, args.slice, window=meta["window"]) if out_dir is not None else None
+        try:
+            scans = read_scans(path, args.slice, window=meta["window"]) if out_dir is not None else None
+        except InputError as exc:
+            error_line(str(exc))
+            n_failed += 1
+            continue
         for i, record in enumerate(result):
             amap_doc = record.pop("anomaly_map", None)
             if out_dir is not None:
@@ -163,7 +235,7 @@ def run_remote(args: argparse.Namespace, cli: Any) -> int:
                 print(json.dumps(record, allow_nan=False), flush=True)
             rows.append(record)
     if not args.json and rows:
-        Console(soft_wrap=True).print(cli._result_table(rows))
+        Console(soft_wrap=True).print(result_table(rows))
     if n_failed:
         err_console.print(f"{len(rows)} scan(s) scored, {n_failed} input(s) failed",
                           style="yellow", markup=False, highlight=False)

@@ -70,6 +70,11 @@ def decode_scan_bytes(data: bytes, name: str = "<request>", slice_index: int | N
             scans = read_scans(tmp, slice_index=slice_index, window=window)
         except InputError as exc:
             raise InputError(str(exc).replace(tmp, name)) from None
+        except (ArithmeticError, LookupError, ValueError, TypeError, AttributeError, OSError) as exc:
+            # a reader that tripped over this file's content (e.g. LinAlgError on a NaN affine): the
+            # request's 400, not the server's 500
+            text = (str(exc).strip().splitlines() or [""])[0].replace(tmp, name)
+            raise InputError(f"{name}: cannot read this scan ({type(exc).__name__}: {text})") from None
     finally:
         os.remove(tmp)
     return [dataclasses.replace(s, source=s.source.replace(tmp, name, 1)) for s in scans]
