@@ -456,7 +456,8 @@ class OpenVinoBackend(Backend):
     def __init__(self, runner: openvino_engine.OpenVinoRunner, precision: str, max_batch: int, seconds: float,
                  info: dict[str, Any]):
         self.name, self.precision, self.max_batch = OPENVINO, precision, int(max_batch)
-        self.provider = f"OpenVINO CPU ({info['inference_precision']})"
+        # int8: the IR's quantized ops run INT8, the FP32 tail f32 (the inference precision hint)
+        self.provider = f"OpenVINO CPU ({'int8 IR' if precision == 'int8' else info['inference_precision']})"
         self.runner, self.load_seconds, self.info = runner, seconds, info
 
     def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
