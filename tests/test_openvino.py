@@ -434,3 +434,25 @@ def test_serve_and_batch_accept_openvino(bundle, tmp_path):
         assert np.abs(np.asarray(rows["score"], np.float64) - golden["score"]).max() <= 1e-1
     finally:
         scorer.predictor.close()
+
+
+def test_bench_cpu_script_runs_every_engine_side_by_side(tmp_path):
+    """benchmarks/bench_cpu.py on the tiny backbone, one round: seven engines, their workers, the JSON."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+    out = tmp_path / "cpu.json"
+    env = {**os.environ, "MADCLIP_BENCH_WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--methods", "madclip", "--rounds", "1", "--threads", "1",
+                           "--timing-backbone", "madclip-tiny", "--no-flips", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = json.loads(out.read_text())["methods"]
+    assert set(res["engines"]) == {"torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16",
+                                   "ov-int8"}
+    for name, e in res["engines"].items():
+        assert e["batch1_ms"] > 0 and e["batch8_images_per_s"] > 0 and e["peak_rss_mb"] > 50, name
+        assert e["map_rel_l2_vs_ort_fp32"] < 0.05, name
+    assert res["engines"]["ov-int8"]["cached_start_s"] > 0 and res["engines"]["ort-fp32"]["cached_start_s"] is None
