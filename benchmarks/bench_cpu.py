@@ -408,7 +408,7 @@ def bench_method(method: str, rounds: int, threads: int, backbone: str | None = 
 
 
 def flips(method: str, n_min: int = 100) -> dict:
-    """Decision flips and map error of every engine vs onnxruntime FP32 (madclip-tiny; real scans, mirrors)."""
+    """Decision flips and map error of every engine vs onnxruntime FP32 (tiny config; scans and mirrors)."""
     import tempfile
 
     from madclip_export.export import export_onnx

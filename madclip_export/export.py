@@ -214,8 +214,9 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         step("OpenVINO: FP32/BF16 parity" + (", NNCF INT8 IR" if opts.int8 else ""))
         from .openvino import openvino_variants
 
-        report["openvino"], ov_meta = openvino_variants(tmp, torch_ref, fp32, golden_images, golden_labels, calibration,
-                                                        shot_images, method_meta["fp32_islands"], opts.max_batch, opts.int8)
+        report["openvino"], ov_meta = openvino_variants(
+            tmp, torch_ref, fp32, golden_images, golden_labels, calibration, shot_images,
+            method_meta["fp32_islands"], opts.max_batch, opts.int8)
 
         if opts.triton:
             step("writing the Triton model repository")
@@ -233,8 +234,8 @@ def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: N
         report["calibration"] = calibration
         report["seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        write_metadata(tmp, {**_metadata(config, spec, method_meta, opts, calibration, models, run_dir, opset),
-                             **ov_meta}, signing_key=signing_key)
+        meta = _metadata(config, spec, method_meta, opts, calibration, models, run_dir, opset)
+        write_metadata(tmp, {**meta, **ov_meta}, signing_key=signing_key)
     return report
 
 

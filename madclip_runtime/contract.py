@@ -20,7 +20,8 @@ SCORE, ANOMALY_MAP, SCORE_MAP_MAX = "score", "anomaly_map", "score_map_max"
 OUTPUT_NAMES = (SCORE, ANOMALY_MAP, SCORE_MAP_MAX)
 SCORE_NAMES = (SCORE, SCORE_MAP_MAX)  # what a calibrated threshold may apply to
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # bf16: the FP32 graph run with OpenVINO's BF16 inference precision
+# bf16: the FP32 graph run with OpenVINO's BF16 inference precision (no file of its own)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 OPENVINO = "openvino"  # OpenVINO on x86 CPUs: fp32, bf16 (AVX512-BF16 / AMX) and NNCF static int8
 BACKENDS = ("trt", "ort-trt", "ort-cuda", OPENVINO, "ort-cpu")  # fastest first: the "auto" preference order
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")

@@ -99,7 +99,7 @@ def test_available_backends_and_auto():
     assert found == [b for b in backends.BACKENDS if b in found]  # fastest first
     if not backends._visible_gpu():
         assert found == [b for b in ("openvino", "ort-cpu") if b in found]
-        assert backends.resolve_auto("fp32") == "ort-cpu"  # openvino only for bf16 / its int8 IR (docs/runtime.md)
+        assert backends.resolve_auto("fp32") == "ort-cpu"  # openvino: bf16 / its int8 IR (docs/runtime.md)
         assert backends.resolve_auto("fp16") == "ort-cpu"
     assert backends.resolve_auto("int8") == "ort-cpu"
 

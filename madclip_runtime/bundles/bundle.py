@@ -267,7 +267,8 @@ class Bundle:
         if backend == OPENVINO and precision in OPENVINO_MODEL_FILES:
             rel = self.openvino_models.get(precision)
             if rel is None:
-                raise BundleError(f"{self.path}: no OpenVINO {precision} model ({OPENVINO_MODEL_FILES[precision]}) in "
+                wanted = OPENVINO_MODEL_FILES[precision]
+                raise BundleError(f"{self.path}: no OpenVINO {precision} model ({wanted}) in "
                                   f"this bundle: re-export with --int8 where openvino and nncf are installed")
             path = os.path.join(self.path, rel)
             if not os.path.isfile(path):

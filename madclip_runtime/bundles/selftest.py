@@ -149,7 +149,8 @@ def golden_check(predictor: Any, golden: dict[str, np.ndarray] | None = None) ->
     agreement, flips = None, None
     if b.threshold is not None:
         key = b.score_name
-        same = [decide(float(o), b.threshold) == decide(float(g), b.threshold) for o, g in zip(out[key], golden[key])]
+        t = b.threshold
+        same = [decide(float(o), t) == decide(float(g), t) for o, g in zip(out[key], golden[key])]
         agreement, flips = float(np.mean(same)), int(len(same) - sum(same))
     return {"n": int(len(golden[GOLDEN_INPUT])), **errors, "tolerance": tol, "label_agreement": agreement,
             "decision_flips": flips, **decisions, "passed": bool(passed)}

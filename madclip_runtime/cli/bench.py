@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; unavailable ones are skipped)")
     p.add_argument("--precisions", default=None,
-                   help=f"comma-separated subset of {','.join(PRECISIONS)} (default: the bundle's; bf16 runs the "
-                        f"fp32 graph on openvino)")
+                   help=f"comma-separated subset of {','.join(PRECISIONS)} (default: the bundle's; bf16 "
+                        f"runs the fp32 graph on openvino)")
     p.add_argument("--batch", type=bounded_int(1, 4096), default=None, help="batch size for throughput (default: bundle max batch)")
     p.add_argument("--iters", type=bounded_int(1, 1_000_000), default=50, help="timed batch-1 runs per row (default 50)")
     p.add_argument("--warmup", type=bounded_int(0, 1_000_000), default=5, help="untimed batch-1 runs first (default 5)")
@@ -144,7 +144,8 @@ def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, go
                                                for a, b in zip(out[key], golden[key])))
         row.update(provider=pred.provider,
                    golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))),
-                   golden_map_p99_abs_err=float(np.percentile(np.abs(out[ANOMALY_MAP] - golden[ANOMALY_MAP]), 99)),
+                   golden_map_p99_abs_err=float(np.percentile(np.abs(out[ANOMALY_MAP] - golden[ANOMALY_MAP]),
+                                                              99)),
                    golden_decision_flips=flips)
     with load(bundle, backend=backend, precision=precision, cache_dir=cache_dir) as again:
         row["second_start_s"] = round(again.load_seconds, 4)

@@ -131,7 +131,8 @@ def resolve_auto(precision: str, has_openvino_int8: bool = False) -> str:
         return "ort-cpu"
     choice = next((name for name in BACKENDS if name in found and name != OPENVINO), None)
     if choice is None:
-        raise BackendUnavailable(f'{precision} needs onnxruntime here: pip install "madclip[cpu]" (or "madclip[gpu]")')
+        raise BackendUnavailable(f'{precision} needs onnxruntime here: pip install "madclip[cpu]" '
+                                 f'(or "madclip[gpu]")')
     if choice == "ort-cpu" and precision == "fp16":
         log.warning("no GPU backend available: running the fp16 model on the CPU (slower than fp32 there)")
     return choice
@@ -472,14 +473,16 @@ class OpenVinoBackend(Backend):
 def _create_openvino(path: Path, precision: str, max_batch: int, cache_dir: str | None,
                      model_id: str | None, start: float) -> Backend:
     if precision not in OPENVINO_PRECISIONS:
-        raise BackendUnavailable(f"{OPENVINO}: no {precision} path (it runs {', '.join(OPENVINO_PRECISIONS)}); "
+        runs = ", ".join(OPENVINO_PRECISIONS)
+        raise BackendUnavailable(f"{OPENVINO}: no {precision} path (it runs {runs}); "
                                  f"fp16 is the GPU variant")
     if precision == "int8" and path.suffix != ".xml":
         raise BundleError(f"{path}: the {OPENVINO} int8 model is the NNCF IR (model_int8_ov.xml); re-export "
                           f"with --int8 where openvino and nncf are installed")
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if model_id is None:
-        parts = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]  # file_sha256 adds .data
+        # an IR is .xml + .bin; for an ONNX graph file_sha256 adds its .data itself
+        parts = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
         model_id = trt_rules.content_id([trt_rules.file_sha256(p) for p in parts if p.is_file()])
     ov_dir = openvino_engine.cache_dir_for(root, model_id)
     runner, info = openvino_engine.compile_model(path, precision, ov_dir)
