@@ -141,7 +141,9 @@ def test_reference_zoom_crops_int_size_and_resizes_back():
     # augment_x16's zoom variants are these crops, by default
     m = torch.zeros((1, 240, 240), dtype=torch.bool)
     out, _, _ = augment_x16(img, m, seed=0)
-    assert torch.equal(out[VARIANTS.index("zoom1.15")], zoom_crop(img, 1.15)[0])
+    # (batched interpolation may differ from the single-image one in the last bits with one thread: 1.8e-7;
+    # the neighbouring crop, 1.1 or 1.2, differs by ~0.1)
+    torch.testing.assert_close(out[VARIANTS.index("zoom1.15")], zoom_crop(img, 1.15)[0], atol=1e-6, rtol=0)
 
 
 def test_reference_jitter_arithmetic_per_column_mean():
