@@ -128,7 +128,7 @@ def prepare(method: str, backbone: str, size: int, out: Path) -> dict:
         "spec": spec.to_dict(),
     }
     t0 = time.perf_counter()
-    quantize_int8(out / "model.onnx", out / "model_int8.onnx")
+    quantize_int8(out / "model.onnx", out / "model_int8.onnx", tuple(model.fp32_island_constants))
     info["ort_int8_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     info["nncf"] = quantize_openvino_int8(
@@ -424,7 +424,7 @@ def flips(method: str, n_min: int = 100) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         export_onnx(model, d / "model.onnx", 8, 18)
-        quantize_int8(d / "model.onnx", d / "model_int8.onnx")
+        quantize_int8(d / "model.onnx", d / "model_int8.onnx", tuple(model.fp32_island_constants))
         calib = images(8, size, spec, offset=20)
         quantize_openvino_int8(d / "model.onnx", d / "model_int8_ov.xml", calib, model.fp32_island_constants)
         quantize_openvino_int8(

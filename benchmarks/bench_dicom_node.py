@@ -125,6 +125,8 @@ def push_series(port: int, datasets: list) -> tuple[float, list[float]]:
 
 
 def one_run(bundle: Path, n: int, senders: int, slices: int, size: int, quiet: float) -> dict:
+    from madclip_runtime.dicomnet.node import local_command
+
     work = WORK / f"dicom_node_{n}"
     if work.exists():
         import shutil
@@ -136,27 +138,7 @@ def one_run(bundle: Path, n: int, senders: int, slices: int, size: int, quiet: f
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "madclip_runtime.dicomnet.node",
-                "--bundle",
-                str(bundle),
-                "--send-to",
-                f"PACS@127.0.0.1:{collector.port}",
-                "--allow",
-                "MODALITY",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--spool",
-                str(work / "spool"),
-                "--quiet",
-                str(quiet),
-                "--backend",
-                "ort-cpu",
-            ],
+            local_command(bundle, collector.port, work / "spool", quiet),
             stdout=f,
             stderr=f,
             env=env,

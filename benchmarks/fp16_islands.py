@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +49,27 @@ def run(model: onnx.ModelProto, images: np.ndarray) -> dict[str, np.ndarray]:
     return {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(names)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bundles_with_reference(
+    description: str,
+) -> Iterator[tuple[Path, dict, onnx.ModelProto, np.ndarray, dict]]:
+    """For each bundle named on the command line (after the machine line): its directory, metadata, FP32
+    graph, golden images and the FP32 graph's outputs on them, the reference both FP16 benchmarks measure
+    against."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("bundles", nargs="+")
     args = p.parse_args()
     print_machine()
-    rows, results = [], []
     for b in map(Path, args.bundles):
         fp32 = onnx.load(str(b / "model.onnx"))
         meta = json.loads((b / "metadata.json").read_text())
+        images = np.load(b / "golden.npz")["image"].astype(np.float32)
+        yield b, meta, fp32, images, run(fp32, images)
+
+
+def main() -> None:
+    rows, results = [], []
+    for b, meta, fp32, images, ref in bundles_with_reference(__doc__.splitlines()[0]):
         islands = Bundle(path=str(b), meta=meta, spec=None).fp32_islands  # the method's FP32-tail constants
-        golden = np.load(b / "golden.npz")
-        images = golden["image"].astype(np.float32)
-        ref = run(fp32, images)
         for rule in ("previous", "current"):
             g = convert(fp32, rule, islands)
             casts = sum(n.op_type == "Cast" for n in g.graph.node)

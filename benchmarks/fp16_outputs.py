@@ -11,15 +11,12 @@ Writes benchmarks/results/fp16_outputs.json and prints a table.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
-from _common import print_machine, table, write_json
-from fp16_islands import run
+from _common import table, write_json
+from fp16_islands import bundles_with_reference, run
 
 
 def measure(model: onnx.ModelProto, images: np.ndarray, ref: dict) -> dict:
@@ -34,16 +31,8 @@ def measure(model: onnx.ModelProto, images: np.ndarray, ref: dict) -> dict:
 def main() -> None:
     from madclip_export.fp16 import to_mixed_fp16
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundles", nargs="+")
-    args = p.parse_args()
-    print_machine()
     rows, results = [], []
-    for b in map(Path, args.bundles):
-        meta = json.loads((b / "metadata.json").read_text())
-        fp32 = onnx.load(str(b / "model.onnx"))
-        images = np.load(b / "golden.npz")["image"].astype(np.float32)
-        ref = run(fp32, images)
+    for b, meta, fp32, images, ref in bundles_with_reference(__doc__.splitlines()[0]):
         variants = {"bundle's model_fp16.onnx": onnx.load(str(b / "model_fp16.onnx")),
                     "current exporter": to_mixed_fp16(fp32, tuple(meta["fp32_islands"]))}
         for name, graph in variants.items():

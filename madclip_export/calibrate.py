@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from madclip_runtime.contract import SCORE
+
 METHOD_TEXT = ("Youden's J maximised over midpoints of the image scores of the run's shots (k normal + k abnormal, "
                "un-augmented); shots were seen in training, so the threshold is optimistic: check it on held-out data")
 
@@ -58,7 +60,7 @@ def calibrate(scores: np.ndarray, map_max: np.ndarray, maps: np.ndarray, masks: 
     known = labels >= 0
     return {
         "threshold": youden_threshold(scores[known], labels[known]) if both else None,
-        "score_name": "score",
+        "score_name": SCORE,
         "threshold_score_map_max": youden_threshold(map_max[known], labels[known]) if both else None,
         "method": METHOD_TEXT if both else (
             "none: the calibration images do not hold both normal and abnormal labelled images, so no decision "

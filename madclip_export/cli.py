@@ -10,6 +10,7 @@ from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
 OPSET_DEFAULT = 18
 
 from madclip_runtime.cli.common import ArgumentParser, bounded_int, err_console, run_cli, setup_logging
+from madclip_runtime.contract import ANOMALY_MAP, FP32, SCORE
 from madclip_runtime.safe_text import escape_control
 
 
@@ -48,10 +49,10 @@ def _report_table(report: dict):
     ov_variants = {f"openvino {k}": v for k, v in (report.get("openvino") or {}).get("variants", {}).items()}
     for name, v in {**report["variants"], **ov_variants}.items():
         ref = v.get("reference", "pytorch fp32")
-        errs = v["vs_pytorch"] if name == "fp32" else v["errors"]
+        errs = v["vs_pytorch"] if name == FP32 else v["errors"]
         auc = v.get("auroc_change")
-        t.add_row(name, ref, f"{errs['score']['max_abs']:.2e}", f"{errs['anomaly_map']['p99_abs']:.2e}",
-                  f"{errs['anomaly_map']['max_abs']:.2e}", str(v.get("decision_flips")),
+        t.add_row(name, ref, f"{errs[SCORE]['max_abs']:.2e}", f"{errs[ANOMALY_MAP]['p99_abs']:.2e}",
+                  f"{errs[ANOMALY_MAP]['max_abs']:.2e}", str(v.get("decision_flips")),
                   "n/a" if auc is None else f"{auc:+.4f}")
     return t
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,8 +19,9 @@ import torch
 from madclip_runtime.atomic import AtomicDirectory, atomic_writer
 from madclip_runtime.engines.backends import create_backend
 from madclip_runtime.bundles.bundle import write_metadata
-from madclip_runtime.contract import (GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS, GOLDEN_SOURCES, INPUT_NAME, MODEL_FILES,
-                                      OUTPUT_NAMES, REPORT_FILE, io_metadata)
+from madclip_runtime.contract import (ANOMALY_MAP, FP16, FP32, GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS,
+                                      GOLDEN_SOURCES, INPUT_NAME, INT8, MODEL_FILES, ORT_CPU, OUTPUT_NAMES,
+                                      REPORT_FILE, SCORE, SCORE_MAP_MAX, io_metadata)
 from madclip_runtime.errors import BackendUnavailable, MadclipError
 from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
 from madclip_runtime.bundles.selftest import golden_decisions
@@ -72,7 +73,7 @@ def _golden_samples(shots: list, root: str | None, n_shots: int, n_test: int) ->
 
 
 @torch.no_grad()
-def _torch_outputs(model, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
+def torch_outputs(model, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
     outs: dict[str, list] = {k: [] for k in OUTPUT_NAMES}
     for i in range(0, len(images), batch):
         res = model(torch.from_numpy(images[i:i + batch]))
@@ -81,9 +82,9 @@ def _torch_outputs(model, images: np.ndarray, batch: int = 8) -> dict[str, np.nd
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def _ort_outputs(path: Path, precision: str, images: np.ndarray, max_batch: int) -> tuple[dict, dict]:
+def ort_outputs(path: Path, precision: str, images: np.ndarray, max_batch: int) -> tuple[dict, dict]:
     """Run a bundle graph with the runtime's own ORT CPU backend (FP16-safe options live there). Also B = 1."""
-    backend = create_backend("ort-cpu", str(path), precision, max_batch, None)
+    backend = create_backend(ORT_CPU, str(path), precision, max_batch, None)
     try:
         t0 = time.perf_counter()
         full = backend.run(images)
@@ -105,7 +106,7 @@ def export_onnx(model, path: Path, max_batch: int, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     example = torch.rand(2, 3, size, size)
     torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                      dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True,
+                      dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=opset, dynamo=True,
                       external_data=n_bytes > 1_000_000_000, verbose=False)
     from .openvino import rewrite_vector_matmuls
 
@@ -116,127 +117,244 @@ def _model_files(directory: Path, name: str) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name == name or p.name.startswith(name + "."))
 
 
-def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: None) -> dict:
-    """Export, verify and write the bundle. Returns the export report (also written to export_report.json)."""
-    import onnx
+@dataclass
+class ExportState:
+    """What the export steps hand on: each step reads what earlier steps set and sets its own fields."""
 
-    from madclip_train.data import load_arrays
-    from madclip_train.rundir import load_run
+    opts: ExportOptions
+    progress: Callable[[str], None] = lambda s: None
+    signing_key: Any = None
+    t_start: float = 0.0
+    tmp: Path | None = None  # the bundle being written (a temporary sibling of opts.out)
+    report: dict = field(default_factory=dict)
+    # load_run
+    model: Any = None  # the PyTorch model (a MethodModel); dropped once exported
+    config: dict = field(default_factory=dict)
+    run_dir: Path | None = None
+    spec: Any = None  # the run's PreprocessSpec
+    method_meta: dict = field(default_factory=dict)
+    shots: list = field(default_factory=list)
+    golden: list = field(default_factory=list)
+    has_masks_data: Any = None
+    # pytorch_reference, calibrate, golden_reference
+    shot_images: np.ndarray | None = None
+    shot_masks: np.ndarray | None = None
+    shot_labels: np.ndarray | None = None
+    calibration_note: str | None = None
+    shot_out: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    golden_images: np.ndarray | None = None
+    golden_labels: np.ndarray | None = None
+    torch_ref: dict = field(default_factory=dict)
+    # export_fp32, fp32_parity, variants
+    opset: int = 0
+    fp32: dict = field(default_factory=dict)  # FP32 ONNX outputs on the golden images (variants' reference)
+    models: dict = field(default_factory=dict)  # precision -> file name, for metadata.json
+    extra_metadata: dict = field(default_factory=dict)  # entries a step adds to metadata.json
 
-    from .calibrate import calibrate
-    from .fp16 import to_mixed_fp16
-    from .int8 import quantize_int8
-    from .parity import diff_stats, variant_report
+    def path(self, precision: str) -> Path:
+        return self.tmp / MODEL_FILES[precision]
 
+
+def prepare(opts: ExportOptions, progress: Callable[[str], None] = lambda s: None) -> ExportState:
+    """Refuse bad options, a bad signing key and a missing TensorRT before any work."""
     check_options(opts)
-    signing_key = None
+    state = ExportState(opts=opts, progress=progress, t_start=time.perf_counter(),
+                        report={"run": str(opts.run), "variants": {}})
     if opts.sign is not None:
         from madclip_runtime.bundles.signing import load_private_key
 
-        signing_key = load_private_key(opts.sign)  # a bad key fails before minutes of export
+        state.signing_key = load_private_key(opts.sign)  # a bad key fails before minutes of export
     if opts.engine:
         _require_tensorrt()
-    t_start = time.perf_counter()
-    report: dict = {"run": str(opts.run), "variants": {}}
+    return state
+
+
+def load_run_step(st: ExportState) -> None:
+    """The run's model (eval mode), config, calibration/golden samples and the method's metadata."""
+    from madclip_train.rundir import load_run
+
+    st.progress("loading the run")
+    st.model, st.config = load_run(st.opts.run)
+    st.model.eval()
+    st.run_dir = Path(st.opts.run)
+    st.shots, st.golden, st.has_masks_data = _calibration_samples(st.opts, st.config, st.run_dir)
+    st.spec = st.model.cfg.preprocess
+    m = st.model
+    st.method_meta = {"method": m.name, "ranges": m.output_ranges(), "meanings": m.output_meanings(),
+                      "provenance": m.provenance(), "fp32_islands": m.fp32_island_constants}
+
+
+def pytorch_reference_step(st: ExportState) -> None:
+    """The calibration images (the method may add to them) and the PyTorch FP32 outputs on them."""
+    from madclip_train.data import load_arrays
+
+    st.progress(f"PyTorch FP32 reference on {len(st.shots)} shots")
+    images, masks, labels = load_arrays(st.shots, st.spec)
+    seed = int(st.config.get("train", {}).get("seed") or 0)
+    st.shot_images, st.shot_masks, st.shot_labels, st.calibration_note = st.model.calibration_set(
+        images, masks, labels, seed)
+    st.shot_out = torch_outputs(st.model, st.shot_images)
+
+
+def calibrate_step(st: ExportState) -> None:
+    """Decision and map thresholds from the calibration outputs (`calibrate.py`)."""
+    from .calibrate import calibrate
+
+    out, opts = st.shot_out, st.opts
+    has_masks = bool(st.has_masks_data) and bool(st.shot_masks.any())
+    st.calibration = calibrate(out[SCORE], out[SCORE_MAP_MAX], out[ANOMALY_MAP][:, 0], st.shot_masks,
+                               st.shot_labels, st.method_meta["ranges"][ANOMALY_MAP], has_masks)
+    if opts.calib is not None and st.calibration["threshold"] is not None:
+        st.calibration["method"] = (
+            f"Youden's J maximised over midpoints of the image scores of {len(st.shots)} labelled "
+            f"--calib images ({opts.calib}, split {opts.calib_split}); check it on held-out data")
+    if st.calibration_note:
+        st.calibration["method"] += f"; {st.calibration_note}"
+
+
+def golden_reference_step(st: ExportState) -> None:
+    """The golden images and their PyTorch FP32 outputs (the parity reference and golden.npz)."""
+    from madclip_train.data import load_arrays
+
+    st.golden_images, _, st.golden_labels = load_arrays(st.golden, st.spec)
+    st.torch_ref = torch_outputs(st.model, st.golden_images)
+
+
+def export_fp32_step(st: ExportState) -> None:
+    """The FP32 ONNX graph (consumes the model) and the opset it was written with."""
+    st.progress(f"exporting the FP32 ONNX graph ({st.model.title}: text side baked as constants, FP32 tail "
+                f"from {', '.join(st.model.fp32_island_constants)}; backbone truncated; about a minute on a CPU)")
+    t0 = time.perf_counter()
+    export_onnx(st.model, st.path(FP32), st.opts.max_batch, st.opts.opset)
+    st.opset = written_opset(st.path(FP32), st.opts.opset)
+    st.report["export_seconds"] = round(time.perf_counter() - t0, 2)
+    st.model = None
+
+
+def fp32_parity_step(st: ExportState) -> None:
+    """The FP32 graph against PyTorch on the golden set (batch and batch 1): no bundle beyond tolerance."""
+    from .parity import diff_stats, variant_report
+
+    st.progress("ORT CPU FP32 parity")
+    st.fp32, info = ort_outputs(st.path(FP32), FP32, st.golden_images, st.opts.max_batch)
+    parity = diff_stats(st.torch_ref, st.fp32)
+    parity_b1 = diff_stats({k: v[:1] for k, v in st.torch_ref.items()}, info["single"])
+    st.report["variants"][FP32] = {"vs_pytorch": parity, "vs_pytorch_batch1": parity_b1,
+                                   "seconds_per_image_cpu": info["seconds_per_image"],
+                                   **variant_report(st.torch_ref, st.fp32, st.golden_labels, st.calibration)}
+    worst_score = max(parity[SCORE]["max_abs"], parity_b1[SCORE]["max_abs"])
+    worst_map = max(parity[ANOMALY_MAP]["p99_abs"], parity_b1[ANOMALY_MAP]["p99_abs"])
+    tol = st.opts.fp32_tolerance
+    if not (worst_score <= tol and worst_map <= tol):
+        raise ParityError(f"FP32 ONNX parity failed: score max abs {worst_score:.2e}, anomaly_map p99 "
+                          f"{worst_map:.2e} (tolerance {tol:.0e}); no bundle written")
+    st.models = {FP32: MODEL_FILES[FP32]}
+
+
+def fp16_step(st: ExportState) -> None:
+    """--fp16: the mixed-precision graph (the method's FP32 islands) and its parity with the FP32 graph."""
+    import onnx
+
+    from .fp16 import to_mixed_fp16
+
+    if not st.opts.fp16:
+        return
+    st.progress("converting to mixed-precision FP16 (FP32 islands)")
+    graph = to_mixed_fp16(onnx.load(str(st.path(FP32))), st.method_meta["fp32_islands"])
+    onnx.save(graph, str(st.path(FP16)))
+    del graph
+    st.progress("ORT CPU FP16 parity (ORT_ENABLE_EXTENDED: the FP16 CPU segfault is avoided)")
+    got, _ = ort_outputs(st.path(FP16), FP16, st.golden_images, st.opts.max_batch)
+    _variant(st, FP16, got)
+    st.models[FP16] = MODEL_FILES[FP16]
+
+
+def engine_step(st: ExportState) -> None:
+    """--fp16: warm this machine's TensorRT engine cache (`_maybe_build_engine`)."""
+    if st.opts.fp16:
+        st.report["tensorrt"] = _maybe_build_engine(st.tmp, st.opts, st.progress,
+                                                    tuple(st.method_meta["fp32_islands"]))
+
+
+def int8_step(st: ExportState) -> None:
+    """--int8: dynamic INT8 (s8 weights; the method's FP32 tail not quantised) and its parity with FP32."""
+    from .int8 import quantize_int8
+
+    if not st.opts.int8:
+        return
+    st.progress("quantising to dynamic INT8 (s8 weights)")
+    quantize_int8(st.path(FP32), st.path(INT8), tuple(st.method_meta["fp32_islands"]))
+    got, info8 = ort_outputs(st.path(INT8), INT8, st.golden_images, st.opts.max_batch)
+    _variant(st, INT8, got, seconds_per_image_cpu=info8["seconds_per_image"])
+    st.models[INT8] = MODEL_FILES[INT8]
+
+
+def openvino_step(st: ExportState) -> None:
+    """OpenVINO (when installed): FP32/BF16 parity and, with --int8, the NNCF INT8 IR (`.openvino`)."""
+    from .openvino import openvino_variants
+
+    st.progress("OpenVINO: FP32/BF16 parity" + (", NNCF INT8 IR" if st.opts.int8 else ""))
+    st.report["openvino"], ov_meta = openvino_variants(
+        st.tmp, st.torch_ref, st.fp32, st.golden_images, st.golden_labels, st.calibration, st.shot_images,
+        st.method_meta["fp32_islands"], st.opts.max_batch, st.opts.int8)
+    st.extra_metadata.update(ov_meta)
+
+
+def _variant(st: ExportState, precision: str, got: dict, **extra) -> None:
+    """A variant's report entry (against the FP32 graph and PyTorch); non-finite outputs refuse the bundle."""
+    from .parity import diff_stats, variant_report
+
+    st.report["variants"][precision] = {**variant_report(st.fp32, got, st.golden_labels, st.calibration),
+                                        "vs_pytorch": diff_stats(st.torch_ref, got), "reference": "onnx fp32",
+                                        **extra}
+    _check_finite(st.report["variants"][precision], precision.upper())
+
+
+def triton_step(st: ExportState) -> None:
+    """--triton: a Triton Inference Server model repository beside the graphs."""
+    if not st.opts.triton:
+        return
+    st.progress("writing the Triton model repository")
+    from .triton import write_triton_repository
+
+    repo = write_triton_repository(st.tmp, _model_files(st.tmp, MODEL_FILES[FP32]), st.spec.image_size,
+                                   st.opts.max_batch)
+    st.report["triton"] = str(repo.relative_to(st.tmp))
+
+
+def write_bundle_step(st: ExportState) -> None:
+    """golden.npz (inputs, labels, sources, FP32 reference, decisions), the report, metadata.json (signed)."""
+    st.progress("writing golden set, report and metadata")
+    tmp = st.tmp
+    with atomic_writer(tmp / GOLDEN_FILE) as f:
+        np.savez_compressed(f, **{GOLDEN_INPUT: st.golden_images,
+                                  GOLDEN_LABELS: st.golden_labels.astype(np.int64),
+                                  GOLDEN_SOURCES: np.array([str(Path(s.path).name) for s in st.golden])},
+                            **st.torch_ref, **golden_decisions(st.torch_ref, st.calibration))
+    st.report["sizes_bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+    st.report["calibration"] = st.calibration
+    st.report["seconds"] = round(time.perf_counter() - st.t_start, 2)
+    (tmp / REPORT_FILE).write_text(json.dumps(st.report, indent=2) + "\n")
+    meta = _metadata(st.config, st.spec, st.method_meta, st.opts, st.calibration, st.models, st.run_dir,
+                     st.opset)
+    write_metadata(tmp, {**meta, **st.extra_metadata}, signing_key=st.signing_key)
+
+
+# The export, in order. A step that does not apply to the options (fp16_step without --fp16) returns at once.
+STEPS: tuple[Callable[[ExportState], None], ...] = (
+    load_run_step, pytorch_reference_step, calibrate_step, golden_reference_step, export_fp32_step,
+    fp32_parity_step, fp16_step, engine_step, int8_step, openvino_step, triton_step, write_bundle_step)
+
+
+def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: None) -> dict:
+    """Export, verify and write the bundle. Returns the export report (also written to export_report.json)."""
+    state = prepare(opts, step)
     with AtomicDirectory(opts.out, force=opts.force) as tmp:
-        tmp = Path(tmp)
-        step("loading the run")
-        model, config = load_run(opts.run)
-        model.eval()
-        run_dir = Path(opts.run)
-        shots, golden, has_masks_data = _calibration_samples(opts, config, run_dir)
-        spec = model.cfg.preprocess
-        ranges = model.output_ranges()
-        method_meta = {"method": model.name, "ranges": ranges, "meanings": model.output_meanings(),
-                       "provenance": model.provenance(), "fp32_islands": model.fp32_island_constants}
-
-        step(f"PyTorch FP32 reference on {len(shots)} shots")
-        shot_images, shot_masks, shot_labels = load_arrays(shots, spec)
-        shot_images, shot_masks, shot_labels, calibration_note = model.calibration_set(
-            shot_images, shot_masks, shot_labels, int(config.get("train", {}).get("seed") or 0))
-        shot_out = _torch_outputs(model, shot_images)
-        has_masks = bool(has_masks_data) and bool(shot_masks.any())
-        calibration = calibrate(shot_out["score"], shot_out["score_map_max"], shot_out["anomaly_map"][:, 0],
-                                shot_masks, shot_labels, ranges["anomaly_map"], has_masks)
-        if opts.calib is not None and calibration["threshold"] is not None:
-            calibration["method"] = (f"Youden's J maximised over midpoints of the image scores of {len(shots)} labelled "
-                                     f"--calib images ({opts.calib}, split {opts.calib_split}); check it on held-out data")
-        if calibration_note:
-            calibration["method"] += f"; {calibration_note}"
-        golden_images, _, golden_labels = load_arrays(golden, spec)
-        torch_ref = _torch_outputs(model, golden_images)
-
-        step(f"exporting the FP32 ONNX graph ({model.title}: text side baked as constants, FP32 tail from "
-             f"{', '.join(model.fp32_island_constants)}; backbone truncated; about a minute on a CPU)")
-        t0 = time.perf_counter()
-        export_onnx(model, tmp / MODEL_FILES["fp32"], opts.max_batch, opts.opset)
-        opset = written_opset(tmp / MODEL_FILES["fp32"], opts.opset)
-        report["export_seconds"] = round(time.perf_counter() - t0, 2)
-        del model
-
-        step("ORT CPU FP32 parity")
-        fp32, info = _ort_outputs(tmp / MODEL_FILES["fp32"], "fp32", golden_images, opts.max_batch)
-        parity = diff_stats(torch_ref, fp32)
-        parity_b1 = diff_stats({k: v[:1] for k, v in torch_ref.items()}, info["single"])
-        report["variants"]["fp32"] = {"vs_pytorch": parity, "vs_pytorch_batch1": parity_b1,
-                                      "seconds_per_image_cpu": info["seconds_per_image"],
-                                      **variant_report(torch_ref, fp32, golden_labels, calibration)}
-        worst_score = max(parity["score"]["max_abs"], parity_b1["score"]["max_abs"])
-        worst_map = max(parity["anomaly_map"]["p99_abs"], parity_b1["anomaly_map"]["p99_abs"])
-        if not (worst_score <= opts.fp32_tolerance and worst_map <= opts.fp32_tolerance):
-            raise ParityError(f"FP32 ONNX parity failed: score max abs {worst_score:.2e}, anomaly_map p99 "
-                              f"{worst_map:.2e} (tolerance {opts.fp32_tolerance:.0e}); no bundle written")
-        models = {"fp32": MODEL_FILES["fp32"]}
-
-        if opts.fp16:
-            step("converting to mixed-precision FP16 (FP32 islands)")
-            graph = to_mixed_fp16(onnx.load(str(tmp / MODEL_FILES["fp32"])), method_meta["fp32_islands"])
-            onnx.save(graph, str(tmp / MODEL_FILES["fp16"]))
-            del graph
-            step("ORT CPU FP16 parity (ORT_ENABLE_EXTENDED: the FP16 CPU segfault is avoided)")
-            got, _ = _ort_outputs(tmp / MODEL_FILES["fp16"], "fp16", golden_images, opts.max_batch)
-            report["variants"]["fp16"] = {**variant_report(fp32, got, golden_labels, calibration),
-                                          "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32"}
-            _check_finite(report["variants"]["fp16"], "FP16")
-            models["fp16"] = MODEL_FILES["fp16"]
-            report["tensorrt"] = _maybe_build_engine(tmp, opts, step, tuple(method_meta["fp32_islands"]))
-
-        if opts.int8:
-            step("quantising to dynamic INT8 (s8 weights)")
-            quantize_int8(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"])
-            got, info8 = _ort_outputs(tmp / MODEL_FILES["int8"], "int8", golden_images, opts.max_batch)
-            report["variants"]["int8"] = {**variant_report(fp32, got, golden_labels, calibration),
-                                          "vs_pytorch": diff_stats(torch_ref, got), "reference": "onnx fp32",
-                                          "seconds_per_image_cpu": info8["seconds_per_image"]}
-            _check_finite(report["variants"]["int8"], "INT8")
-            models["int8"] = MODEL_FILES["int8"]
-
-        step("OpenVINO: FP32/BF16 parity" + (", NNCF INT8 IR" if opts.int8 else ""))
-        from .openvino import openvino_variants
-
-        report["openvino"], ov_meta = openvino_variants(
-            tmp, torch_ref, fp32, golden_images, golden_labels, calibration, shot_images,
-            method_meta["fp32_islands"], opts.max_batch, opts.int8)
-
-        if opts.triton:
-            step("writing the Triton model repository")
-            from .triton import write_triton_repository
-
-            repo = write_triton_repository(tmp, _model_files(tmp, MODEL_FILES["fp32"]), spec.image_size, opts.max_batch)
-            report["triton"] = str(repo.relative_to(tmp))
-
-        step("writing golden set, report and metadata")
-        with atomic_writer(tmp / GOLDEN_FILE) as f:
-            np.savez_compressed(f, **{GOLDEN_INPUT: golden_images, GOLDEN_LABELS: golden_labels.astype(np.int64),
-                                      GOLDEN_SOURCES: np.array([str(Path(s.path).name) for s in golden])},
-                                **torch_ref, **golden_decisions(torch_ref, calibration))
-        report["sizes_bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        report["calibration"] = calibration
-        report["seconds"] = round(time.perf_counter() - t_start, 2)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        meta = _metadata(config, spec, method_meta, opts, calibration, models, run_dir, opset)
-        write_metadata(tmp, {**meta, **ov_meta}, signing_key=signing_key)
-    return report
+        state.tmp = Path(tmp)
+        for run_step in STEPS:
+            run_step(state)
+    return state.report
 
 
 def check_options(opts: ExportOptions) -> None:
@@ -319,7 +437,7 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
     try:
-        path, version = backends.prebuild_trt_engine(tmp, "fp16", opts.max_batch, fp32_islands=fp32_islands)
+        path, version = backends.prebuild_trt_engine(tmp, FP16, opts.max_batch, fp32_islands=fp32_islands)
     except Exception as exc:  # noqa: BLE001 (TensorRT raises RuntimeError too; the engine is optional)
         if opts.engine:
             raise

@@ -27,9 +27,9 @@ FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceMax", "Reduce
             "Pow", "Resize", "Clip", "Expand"]
 
 
-def head_nodes(model: onnx.ModelProto, constants: tuple[str, ...] = ("dt",)) -> list[str]:
-    """Names of the score-head nodes: those reading one of the method's baked constants (MadCLIP: the text
-    difference dt, read by the dot products) and everything downstream of them (negation, difference,
+def head_nodes(model: onnx.ModelProto, constants: tuple[str, ...]) -> list[str]:
+    """Names of the score-head nodes: those reading one of the method's `fp32_island_constants` (MadCLIP: the
+    text difference dt, read by the dot products) and everything downstream of them (negation, difference,
     upsampling, sigmoid, sums, max): the whole head stays FP32."""
     tainted, names = set(constants), []
     for node in model.graph.node:  # ONNX nodes are topologically sorted

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from madclip_runtime.contract import OUTPUT_NAMES, decide
+from madclip_runtime.contract import OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
 
 
 def diff_stats(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -41,10 +41,10 @@ def variant_report(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], label
     stats = diff_stats(ref, got)
     return {
         "errors": stats,
-        "decision_flips": decision_flips(ref["score"], got["score"], calibration.get("threshold")),
-        "decision_flips_score_map_max": decision_flips(ref["score_map_max"], got["score_map_max"],
+        "decision_flips": decision_flips(ref[SCORE], got[SCORE], calibration.get("threshold")),
+        "decision_flips_score_map_max": decision_flips(ref[SCORE_MAP_MAX], got[SCORE_MAP_MAX],
                                                        calibration.get("threshold_score_map_max")),
-        "auroc_change": auroc_change(ref["score"], got["score"], labels),
-        "auroc_change_score_map_max": auroc_change(ref["score_map_max"], got["score_map_max"], labels),
+        "auroc_change": auroc_change(ref[SCORE], got[SCORE], labels),
+        "auroc_change_score_map_max": auroc_change(ref[SCORE_MAP_MAX], got[SCORE_MAP_MAX], labels),
         "n_images": int(len(labels)),
     }

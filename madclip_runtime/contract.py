@@ -42,6 +42,11 @@ GOLDEN_DECISIONS, GOLDEN_DECISION_THRESHOLD, GOLDEN_DECISION_SCORE_NAME = (
     "decisions", "decision_threshold", "decision_score_name")
 GOLDEN_DECISION_KEYS = (GOLDEN_DECISIONS, GOLDEN_DECISION_THRESHOLD, GOLDEN_DECISION_SCORE_NAME)
 
+# One name each for code that means one precision or backend (the tuples above list them all).
+FP32, FP16, INT8 = "fp32", "fp16", "int8"
+BF16 = "bf16"  # training autocast (madclip-train --precision); not a bundle variant
+TRT, ORT_TRT, ORT_CUDA, ORT_CPU = "trt", "ort-trt", "ort-cuda", "ort-cpu"
+
 ANOMALY, NORMAL = "anomaly", "normal"
 
 

@@ -137,6 +137,11 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+def label_font(size: int) -> Any:
+    """The font of the overlay's labels at `size` pixels (madclip-synth's preview labels its tiles alike)."""
+    return _font(size)
+
+
 def _text_w(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
     left, _, right, _ = draw.textbbox((0, 0), text, font=font)
     return int(right - left)

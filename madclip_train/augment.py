@@ -75,7 +75,7 @@ def zoom_crop(x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def _warp(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+def warp_batch(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     """Apply every theta to every image: x [B, C, H, W], thetas [T, 2, 3] -> [B, T, C, H, W]."""
     b, c, h, w = x.shape
     t = thetas.shape[0]
@@ -165,7 +165,7 @@ def augment_x16(
         out_img[sl, 0] = x
         out_mask[sl, 0] = m
         xm = torch.cat([x, mf], dim=1)  # [B, C+1, H, W]: the mask rides as an extra channel
-        warped = _warp(xm, thetas)  # [B, 8 or 12, C+1, H, W]
+        warped = warp_batch(xm, thetas)  # [B, 8 or 12, C+1, H, W]
         if reference:
             zooms = torch.stack([zoom_crop(xm, z) for z in _ZOOMS], dim=1)  # [B, 4, C+1, H, W]
             warped = torch.cat([warped, zooms], dim=1)  # [B, 12, C+1, H, W]

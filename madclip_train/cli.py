@@ -8,6 +8,7 @@ import sys
 import time
 
 from madclip_runtime.cli.common import ArgumentParser, bounded_int, err_console, finite_float, run_cli, setup_logging
+from madclip_runtime.contract import BF16, FP16, FP32
 from madclip_runtime.safe_text import escape_control
 
 log = logging.getLogger("madclip_train")
@@ -46,7 +47,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=bounded_int(1, 65_536), help="default: the method's")
     p.add_argument("--lr", type=finite_float(0.0, 10.0, min_open=True), help="Adam learning rate (default: the method's, 1e-3)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+    p.add_argument("--precision", choices=["auto", FP32, FP16, BF16],
                    help="autocast precision of training (default auto: fp16 on CUDA, the reference's choice, with a "
                         "gradient scaler; fp32 on the CPU); bf16 is fast on CPUs with AMX/AVX512-BF16. "
                         "The checkpoint is always FP32.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from madclip_runtime.contract import FP32
 from madclip_runtime.preprocess import PreprocessSpec
 
 # [Objective] words per benchmark dataset folder (docs/METHODS.md §4).
@@ -88,7 +89,7 @@ class TrainConfig:
     holdout_fraction: float = 0.25
     feature_cache: str = "memory"  # "memory" | "disk" | "off" (re-run the backbone every step)
     cache_dtype: str = "float16"
-    precision: str = "fp32"  # autocast precision of the training step (madclip_train/precision.py), resolved
+    precision: str = FP32  # autocast precision of the training step (madclip_train/precision.py), resolved
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -80,7 +80,7 @@ def _stem(name: str) -> str:
     return name[: len(name) - len(ext)] if ext else name
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name (hidden files skipped)."""
     return sorted(
         (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _image_suffix(p.name)),
@@ -102,7 +102,7 @@ def _require_dir(path: Path, what: str) -> None:
 
 def _class_images(folder: Path, split: str) -> list[Path]:
     _require_dir(folder, "class folder")
-    images = _list_images(folder)
+    images = list_images(folder)
     if not images:
         exts = " ".join(imageio.IMAGE_EXTENSIONS)
         raise MadclipError(f"{folder}: empty split (no image files with extensions {exts}) in split '{split}'")
@@ -113,7 +113,7 @@ def _match_masks(images: list[Path], mask_dir: Path) -> list[str]:
     """Mask path per abnormal image: same file name, else same stem with any image extension."""
     by_name: dict[str, Path] = {}
     by_stem: dict[str, Path] = {}
-    for p in _list_images(mask_dir):
+    for p in list_images(mask_dir):
         by_name[p.name] = p
         by_stem.setdefault(_stem(p.name), p)
     out = []

@@ -6,6 +6,8 @@ import logging
 import numpy as np
 import torch
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
+
 from .data import Split, load_arrays
 from .metrics import all_metrics
 from .methods import MethodModel
@@ -24,17 +26,17 @@ def predict_split(model: MethodModel, split: Split, batch_size: int = 16, device
     spec = model.cfg.preprocess
     samples = list(split.samples)
     ctx = model.inference_context()  # constants (e.g. text embeddings) computed once
-    out: dict[str, list] = {"score": [], "score_map_max": [], "labels": [], "maps": [], "masks": []}
+    out: dict[str, list] = {SCORE: [], SCORE_MAP_MAX: [], "labels": [], "maps": [], "masks": []}
     task = progress.add_task(f"scoring {split.name}", total=len(samples)) if progress else None
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         images, masks, labels = load_arrays(chunk, spec)
         res = model.outputs(model.cacheable(torch.from_numpy(images).to(device)), ctx)
-        out["score"].append(res["score"].cpu().numpy())
-        out["score_map_max"].append(res["score_map_max"].cpu().numpy())
+        out[SCORE].append(res[SCORE].cpu().numpy())
+        out[SCORE_MAP_MAX].append(res[SCORE_MAP_MAX].cpu().numpy())
         out["labels"].append(labels)
         if split.has_masks:
-            out["maps"].append(res["anomaly_map"][:, 0].cpu().numpy().astype(np.float16))
+            out["maps"].append(res[ANOMALY_MAP][:, 0].cpu().numpy().astype(np.float16))
             out["masks"].append(masks)
         if progress:
             progress.advance(task, len(chunk))
@@ -43,4 +45,4 @@ def predict_split(model: MethodModel, split: Split, batch_size: int = 16, device
 
 
 def metrics_from_predictions(pred: dict[str, np.ndarray]) -> dict:
-    return all_metrics(pred["score"], pred["score_map_max"], pred["labels"], pred.get("maps"), pred.get("masks"))
+    return all_metrics(pred[SCORE], pred[SCORE_MAP_MAX], pred["labels"], pred.get("maps"), pred.get("masks"))

@@ -23,18 +23,19 @@ from typing import Any, Iterator
 
 import torch
 
+from madclip_runtime.contract import BF16, FP16, FP32
 from madclip_runtime.errors import MadclipError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-REFERENCE_CUDA_PRECISION = "fp16"  # mahshid1998/MadCLIP train.py: `with torch.cuda.amp.autocast():`
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = (FP32, FP16, BF16)
+REFERENCE_CUDA_PRECISION = FP16  # mahshid1998/MadCLIP train.py: `with torch.cuda.amp.autocast():`
+_DTYPES = {FP16: torch.float16, BF16: torch.bfloat16}
 
 
 def default_precision(device: torch.device) -> str:
     """The reference's choice on CUDA (FP16 autocast), FP32 elsewhere."""
-    return REFERENCE_CUDA_PRECISION if device.type == "cuda" else "fp32"
+    return REFERENCE_CUDA_PRECISION if device.type == "cuda" else FP32
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -65,18 +66,18 @@ def resolve_precision(name: str, device: torch.device) -> str:
         name = default_precision(device)
     if name not in PRECISIONS:
         raise MadclipError(f"--precision must be one of auto, {', '.join(PRECISIONS)} (got {name!r})")
-    if name == "fp32":
+    if name == FP32:
         return name
-    if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and name == BF16 and not torch.cuda.is_bf16_supported():
         raise MadclipError("--precision bf16: this GPU has no BF16 support (needs compute capability 8.0+); "
                            "use fp16 or fp32")
     if device.type not in ("cuda", "cpu") or not autocast_works(device.type, name):
         raise MadclipError(f"--precision {name} is not supported on {device.type} by this torch "
                            f"{torch.__version__}; use fp32")
-    if device.type == "cpu" and name == "fp16":
+    if device.type == "cpu" and name == FP16:
         log.warning("--precision fp16 on the CPU runs, but CPUs have no fast FP16 matmuls: expect it slower "
                     "than fp32 (bf16 is the fast CPU choice with AMX / AVX512-BF16)")
-    if device.type == "cpu" and name == "bf16" and not cpu_has_fast_bf16():
+    if device.type == "cpu" and name == BF16 and not cpu_has_fast_bf16():
         log.warning("--precision bf16: this CPU has neither AMX-BF16 nor AVX512-BF16, expect no speed-up")
     return name
 
@@ -94,7 +95,7 @@ class Precision:
         """`name` already resolved (`resolve_precision`); FP16 gets a gradient scaler."""
         if name not in PRECISIONS:
             raise MadclipError(f"unknown precision {name!r}")
-        scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        scaler = torch.amp.GradScaler(device.type) if name == FP16 else None
         return cls(name, device, scaler)
 
     @property
@@ -104,7 +105,7 @@ class Precision:
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         """The training loss is computed inside this (a no-op for fp32)."""
-        if self.name == "fp32":
+        if self.name == FP32:
             yield
             return
         with torch.autocast(self.device.type, dtype=self.dtype):
@@ -123,5 +124,5 @@ class Precision:
 
     def record(self) -> dict:
         """What config.json / the training summary record about it."""
-        return {"precision": self.name, "autocast_dtype": None if self.name == "fp32" else str(self.dtype),
+        return {"precision": self.name, "autocast_dtype": None if self.name == FP32 else str(self.dtype),
                 "grad_scaler": self.scaler is not None, "device": str(self.device)}

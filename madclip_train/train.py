@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 
 
+from madclip_runtime.contract import SCORE
+
 from .cache import DTYPES, load_or_extract
 from .config import TrainConfig
 from .data import normalize_images
@@ -132,7 +134,7 @@ def _evaluate_holdout(model: MethodModel, source, has_masks: bool) -> dict:
         parts = model.loss(batch.feats, batch.labels, batch.masks if has_masks else None)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(batch.labels)
-        scores.append(model.outputs(batch.feats, ctx)["score"].cpu())
+        scores.append(model.outputs(batch.feats, ctx)[SCORE].cpu())
         labels.append(batch.labels.cpu())
     out = {f"val_{k}": v / n for k, v in totals.items()}
     out["val_image_auroc"] = image_auroc(torch.cat(scores).numpy(), torch.cat(labels).numpy())

@@ -69,6 +69,12 @@ def exported_tiny_bundle(trained_tiny_run, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """The stand-in bundle below (map = 4 sigmoid(brightness - 0.5), threshold 2.0, map threshold 2.2), 64 px."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("standin") / "b", size=64)
+
+
 def fake_reference_checkpoint(width=64, embed=32, ctx_dim=64) -> dict:
     """A synthetic checkpoint in the authors' key format for the madclip-tiny geometry (random tensors)."""
     import torch

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,10 +29,15 @@ pytest.importorskip("pynetdicom", reason="pynetdicom (madclip[pacs]) not install
 hd = pytest.importorskip("highdicom", reason="highdicom (madclip[medical]) not installed")
 pydicom = pytest.importorskip("pydicom", reason="pydicom (madclip[medical]) not installed")
 
-from madclip_runtime.dicomnet.node import DicomNode, NodeOptions, parse_destination  # noqa: E402
+from madclip_runtime.dicomnet.node import (  # noqa: E402
+    DicomNode,
+    NodeOptions,
+    local_command,
+    parse_destination,
+)
 from madclip_runtime.dicomnet.results import sr_values  # noqa: E402
 
-from .conftest import build_tiny_bundle, lesion_volume, write_dicom_series  # noqa: E402
+from .conftest import lesion_volume, write_dicom_series  # noqa: E402
 from .orthanc import (  # noqa: E402
     SECRET_ID,
     SECRET_NAME,
@@ -43,12 +49,6 @@ from .orthanc import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    """The conftest stand-in bundle (map = 4 sigmoid(brightness - 0.5), threshold 2.0, map threshold 2.2)."""
-    return build_tiny_bundle(tmp_path_factory.mktemp("standin") / "b", size=64)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,19 @@ def local_infer(bundle: Path, source: Path, out: Path) -> dict:
     return rec
 
 
+def results_for(sources: list[Path], segs: list, srs: list) -> tuple[list, str, Any, Any]:
+    """The source headers and series UID of one series, and the one SEG and one SR that reference it."""
+    srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
+    uid = str(srcs[0].SeriesInstanceUID)
+    (seg,) = [s for s in segs if s.ReferencedSeriesSequence[0].SeriesInstanceUID == uid]
+    (sr,) = [
+        s
+        for s in srs
+        if s.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    ]
+    return srcs, uid, seg, sr
+
+
 def check_results(seg, sr, rec: dict, local_seg: Path, sources: list) -> None:
     """SEG + SR of one series: references, SEG frames as the local run's, SR score equal to the local one."""
     sops = {str(d.SOPInstanceUID) for d in sources}
@@ -244,17 +257,7 @@ def test_orthanc_forwards_studies_node_sends_seg_and_sr_back(standin, loaded, tm
         segs, srs = results()
         assert len(segs) == 2 and len(srs) == 2
         for sources, rec, local in ((brain, rec_brain, "brain_seg.dcm"), ([mf], rec_mf, "lung_mf_seg.dcm")):
-            srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
-            uid = str(srcs[0].SeriesInstanceUID)
-            (seg,) = [s for s in segs if s.ReferencedSeriesSequence[0].SeriesInstanceUID == uid]
-            (sr,) = [
-                s
-                for s in srs
-                if s.CurrentRequestedProcedureEvidenceSequence[0]
-                .ReferencedSeriesSequence[0]
-                .SeriesInstanceUID
-                == uid
-            ]
+            srcs, uid, seg, sr = results_for(sources, segs, srs)
             assert str(seg.StudyInstanceUID) == str(sr.StudyInstanceUID) == str(srcs[0].StudyInstanceUID)
             check_results(seg, sr, rec, tmp_path / "local" / local, srcs)
         assert "is not an image: acknowledged, not scored" in caplog.text
@@ -414,30 +417,7 @@ def _node_process(
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     f = open(log, "ab")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "madclip_runtime.dicomnet.node",
-            "--bundle",
-            str(standin),
-            "--send-to",
-            f"PACS@127.0.0.1:{send_port}",
-            "--allow",
-            "MODALITY",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--spool",
-            str(spool),
-            "--quiet",
-            str(quiet),
-            "--retry-min",
-            "0.2",
-            "--backend",
-            "ort-cpu",
-            "-v",
-        ],
+        local_command(standin, send_port, spool, quiet, "--retry-min", "0.2", "-v"),
         stdout=f,
         stderr=f,
         env=env,

@@ -23,16 +23,10 @@ pytest.importorskip("dicomweb_client", reason="dicomweb-client (madclip[pacs]) n
 pydicom = pytest.importorskip("pydicom", reason="pydicom (madclip[medical]) not installed")
 pytest.importorskip("highdicom", reason="highdicom (madclip[medical]) not installed")
 
-from .conftest import build_tiny_bundle  # noqa: E402
 from .orthanc import OrthancServer, enhanced_multiframe, realscan_series, set_patient  # noqa: E402
-from .test_dicom_node import check_results, local_infer  # noqa: E402
+from .test_dicom_node import check_results, local_infer, results_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("standin") / "b", size=64)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +44,11 @@ def study(tmp_path_factory, standin):
         "mf": local_infer(standin, mf, d / "local"),
     }
     return d, brain, mf, study_uid, recs, d / "local"
+
+
+def study_args(orthanc: OrthancServer, study_uid: str, bundle: Path) -> list:
+    """The options every run here starts with: Orthanc's DICOMweb root, the study, the bundle on ORT CPU."""
+    return ["--dicomweb", orthanc.dicomweb, "--study", study_uid, "--bundle", bundle, "--backend", "ort-cpu"]
 
 
 def infer(*args, env_extra=None, timeout=300):
@@ -73,14 +72,7 @@ def test_wado_score_and_stow_seg_sr_into_orthanc(standin, study, tmp_path):
     try:
         orthanc.upload(brain + [mf, local / "brain_seg.dcm"])  # the SEG: a non-image series in the study
         rc, out, err = infer(
-            "--dicomweb",
-            orthanc.dicomweb,
-            "--study",
-            study_uid,
-            "--bundle",
-            standin,
-            "--backend",
-            "ort-cpu",
+            *study_args(orthanc, study_uid, standin),
             "--stow",
             "--json",
             "--out",
@@ -98,17 +90,7 @@ def test_wado_score_and_stow_seg_sr_into_orthanc(standin, study, tmp_path):
             (brain, recs["brain"], "brain_seg.dcm"),
             ([mf], recs["mf"], "lung_mf_seg.dcm"),
         ):
-            srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
-            uid = str(srcs[0].SeriesInstanceUID)
-            (seg,) = [s for s in segs if s.ReferencedSeriesSequence[0].SeriesInstanceUID == uid]
-            (sr,) = [
-                s
-                for s in srs
-                if s.CurrentRequestedProcedureEvidenceSequence[0]
-                .ReferencedSeriesSequence[0]
-                .SeriesInstanceUID
-                == uid
-            ]
+            srcs, uid, seg, sr = results_for(sources, segs, srs)
             assert str(sr.StudyInstanceUID) == study_uid
             check_results(seg, sr, rec, local / seg_file, srcs)
             (row,) = [r for r in rows if r["series_uid"] == uid]
@@ -126,16 +108,9 @@ def test_wado_score_and_stow_seg_sr_into_orthanc(standin, study, tmp_path):
 
         # --series: only that one; without --stow nothing new is stored
         rc, out, err = infer(
-            "--dicomweb",
-            orthanc.dicomweb,
-            "--study",
-            study_uid,
+            *study_args(orthanc, study_uid, standin),
             "--series",
             pydicom.dcmread(mf).SeriesInstanceUID,
-            "--bundle",
-            standin,
-            "--backend",
-            "ort-cpu",
             "--json",
         )
         assert rc == 0, err
@@ -152,17 +127,7 @@ def test_auth_from_file_or_environment_never_printed(standin, study, tmp_path):
     orthanc = OrthancServer(tmp_path / "orthanc", users={"madclip": password})
     try:
         orthanc.upload(brain[:3])
-        base = [
-            "--dicomweb",
-            orthanc.dicomweb,
-            "--study",
-            study_uid,
-            "--bundle",
-            standin,
-            "--backend",
-            "ort-cpu",
-            "-v",
-        ]
+        base = [*study_args(orthanc, study_uid, standin), "-v"]
         rc, out, err = infer(*base)
         assert rc == 2 and "HTTP 401" in err and "--dicomweb-auth-file" in err and "Traceback" not in err
         header = "Basic " + base64.b64encode(f"madclip:{password}".encode()).decode()
@@ -213,18 +178,7 @@ def test_a_broken_series_is_one_line_and_the_others_are_scored(standin, tmp_path
     orthanc = OrthancServer(tmp_path / "orthanc")
     try:
         orthanc.upload(good + bad)
-        rc, out, err = infer(
-            "--dicomweb",
-            orthanc.dicomweb,
-            "--study",
-            study_uid,
-            "--bundle",
-            standin,
-            "--backend",
-            "ort-cpu",
-            "--json",
-            "--stow",
-        )
+        rc, out, err = infer(*study_args(orthanc, study_uid, standin), "--json", "--stow")
         assert rc == 1 and "Traceback" not in err
         (row,) = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
         assert row["series_uid"] == good_uid and row["stored"] == ["SEG", "SR"]

@@ -452,10 +452,9 @@ def test_cifti_and_bad_affines_refused_in_one_line(tmp_path):
             nifti_header(str(p))
 
 
-def test_nifti2_map_header_stays_valid_and_nan_background(tmp_path):
-    """nibabel's NIfTI-2 example keeps a readable qform; nibabel's resampled_anat_moved.nii (NaN outside the
-    field of view) is scored with NaN as background, masked (0) in the map, and counted in the JSON."""
-    from madclip_runtime.scans.volume import read_nifti_as_volume
+def save_map_of_ones(vol, out: Path) -> dict[str, str]:
+    """Save `vol`'s outputs under `out` as if every slice scored 1 with a map of ones (a numpy stand-in
+    predictor): the map's geometry and the JSON are then the volume writer's alone."""
     from madclip_runtime.scans.volume_output import (
         VolumeScoreMethod,
         save_volume_outputs,
@@ -464,21 +463,29 @@ def test_nifti2_map_header_stays_valid_and_nan_background(tmp_path):
     )
 
     predictor = SimpleNamespace(score_name="score", backend_name="test", provider="numpy", precision="fp32")
+    preds = [
+        SimpleNamespace(
+            anomaly_map=np.ones((s.height, s.width), np.float32),
+            decision_score=1.0,
+            score=1.0,
+            score_map_max=1.0,
+            label=None,
+            source=s.source,
+        )
+        for s in vol.slices
+    ]
+    rec = volume_record(vol, summarize(vol, preds, VolumeScoreMethod("max", 1), None, "score"), predictor)
+    return save_volume_outputs(str(out), vol.name, vol, preds, rec, (0.0, 4.0), None, None)
+
+
+def test_nifti2_map_header_stays_valid_and_nan_background(tmp_path):
+    """nibabel's NIfTI-2 example keeps a readable qform; nibabel's resampled_anat_moved.nii (NaN outside the
+    field of view) is scored with NaN as background, masked (0) in the map, and counted in the JSON."""
+    from madclip_runtime.scans.volume import read_nifti_as_volume
+
     for name, idx in (("example_nifti2.nii.gz", 0), ("resampled_anat_moved.nii", None)):
         vol = read_nifti_as_volume(str(NIBABEL_DATA / name), volume_index=idx)
-        preds = [
-            SimpleNamespace(
-                anomaly_map=np.ones((s.height, s.width), np.float32),
-                decision_score=1.0,
-                score=1.0,
-                score_map_max=1.0,
-                label=None,
-                source=s.source,
-            )
-            for s in vol.slices
-        ]
-        rec = volume_record(vol, summarize(vol, preds, VolumeScoreMethod("max", 1), None, "score"), predictor)
-        paths = save_volume_outputs(str(tmp_path / name), vol.name, vol, preds, rec, (0.0, 4.0), None, None)
+        paths = save_map_of_ones(vol, tmp_path / name)
         out = nib.load(paths["map"])
         src = nib.load(str(NIBABEL_DATA / name))
         np.testing.assert_allclose(
@@ -679,12 +686,6 @@ def test_nifti_input_with_sheared_sform_map_copies_both_transforms(tmp_path):
     the map's voxels exactly where it places the scan's (SimpleITK by the qform, nibabel by the sform), and
     the JSON says the input's two transforms disagree."""
     from madclip_runtime.scans.volume import read_nifti_as_volume
-    from madclip_runtime.scans.volume_output import (
-        VolumeScoreMethod,
-        save_volume_outputs,
-        summarize,
-        volume_record,
-    )
 
     shear = np.array([[0.9, 0.0, 0.0, -20], [0.0, 0.9, 0.6, 15], [0.0, 0.0, 2.5, -40], [0, 0, 0, 1]])
     img = nib.Nifti1Image(np.random.default_rng(0).random((20, 18, 6)).astype(np.float32), None)
@@ -693,20 +694,7 @@ def test_nifti_input_with_sheared_sform_map_copies_both_transforms(tmp_path):
     src = tmp_path / "sheared.nii.gz"
     nib.save(img, str(src))
     vol = read_nifti_as_volume(str(src))
-    preds = [
-        SimpleNamespace(
-            anomaly_map=np.ones((s.height, s.width), np.float32),
-            decision_score=1.0,
-            score=1.0,
-            score_map_max=1.0,
-            label=None,
-            source=s.source,
-        )
-        for s in vol.slices
-    ]
-    predictor = SimpleNamespace(score_name="score", backend_name="test", provider="numpy", precision="fp32")
-    rec = volume_record(vol, summarize(vol, preds, VolumeScoreMethod("max", 1), None, "score"), predictor)
-    paths = save_volume_outputs(str(tmp_path / "o"), vol.name, vol, preds, rec, (0.0, 4.0), None, None)
+    paths = save_map_of_ones(vol, tmp_path / "o")
     doc = json.loads(Path(paths["json"]).read_text())
     assert doc["map_geometry"]["qform_equals_sform"] is False
     assert doc["map_geometry"]["qform_sform_max_difference_mm"] > 1.0

@@ -185,3 +185,76 @@ def test_every_method_package_is_registered_once():
     on_disk = {p.name for p in (ROOT / "madclip_train" / "methods").iterdir() if (p / "__init__.py").is_file()}
     assert set(registry._PACKAGES) == on_disk
     assert all(path == f"{METHODS_PKG}.{name}" for name, path in registry._PACKAGES.items())
+
+
+# ---- no module imports another module's underscore-private names (issue 22.4) ------------------------------
+# In runtime files other branches were editing when this test was written (scans/: i19; dicomnet/: i24):
+# (file, name).
+PRIVATE_IMPORTS_PENDING = {("madclip_runtime/dicomnet/web.py", "_volume_table"),
+                           ("madclip_runtime/scans/dicom_seg.py", "_first_float"),
+                           ("madclip_runtime/scans/dicom_seg.py", "_frame_item"),
+                           ("madclip_runtime/scans/dicom_seg.py", "_geometry_of"),
+                           ("madclip_runtime/scans/volume.py", "_nifti_open"),
+                           ("madclip_runtime/scans/volume.py", "_frame_item")}
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_imports(name: str, path: Path, modules: set[str]) -> list[tuple[int, str]]:
+    """(line, what) for each private name this module takes from another: `from m import _x`, `import m._x`,
+    and `m._x` where `m` was imported as a project module (`import pkg.m as m`, `from pkg import m`)."""
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    tree = ast.parse(path.read_text(), str(path))
+    found, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if any(_is_private(p) for p in a.name.split(".")):
+                    found.append((node.lineno, a.name))
+                if a.name in modules:
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            mod = ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else [])) \
+                if node.level else (node.module or "")
+            for a in node.names:
+                if _is_private(a.name):
+                    found.append((node.lineno, a.name))
+                elif f"{mod}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{mod}.{a.name}"
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases):
+            found.append((node.lineno, f"{aliases[node.value.id]}.{node.attr}"))
+    return sorted(set(found))
+
+
+def _private_import_offences() -> list[str]:
+    modules = _modules()
+    bad = []
+    for name, path in sorted(modules.items()):
+        rel = path.relative_to(ROOT).as_posix()
+        for line, what in _private_imports(name, path, set(modules)):
+            if (rel, what.rsplit(".", 1)[-1]) not in PRIVATE_IMPORTS_PENDING:
+                bad.append(f"{rel}:{line}: imports the private name {what} (make it public where defined)")
+    return bad
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert not (bad := _private_import_offences()), "\n".join(bad)
+
+
+def test_private_import_rule_catches_what_it_claims(tmp_path):
+    pkg = tmp_path / "madclip_train"
+    pkg.mkdir()
+    src = pkg / "m.py"
+    src.write_text("import madclip_train.data as data\nfrom .augment import _warp, public\n"
+                   "from .. import _x\n"
+                   "from madclip_train import rundir\nimport os._hidden\n"
+                   "def f():\n    return data._list_images, rundir._type_ok, os.path, data.__name__\n")
+    found = [what for _, what in _private_imports("madclip_train.m", src, {"madclip_train.data",
+                                                                          "madclip_train.rundir"})]
+    assert found == ["_warp", "_x", "os._hidden", "madclip_train.data._list_images",
+                     "madclip_train.rundir._type_ok"]

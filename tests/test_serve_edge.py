@@ -19,14 +19,7 @@ from madclip_runtime.errors import BundleError, InputError, MadclipError
 from madclip_runtime.serve import limits
 from madclip_runtime.serve.limits import RequestError, UploadGate
 
-from .conftest import build_tiny_bundle
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("standin") / "b", size=64)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +56,12 @@ async def _at_once(data: bytes):
     yield data
 
 
+def _gate_timings(monkeypatch, **seconds: float) -> None:
+    """Shorten the upload gate's timings (FAST_S, GRACE_S, WAIT_S, TICK_S of serve.limits) for one test."""
+    for name, value in seconds.items():
+        monkeypatch.setattr(limits, name, value)
+
+
 def test_upload_gate_reads_a_normal_body_and_refuses_oversize():
     gate = UploadGate(max_uploads=2)
     assert asyncio.run(gate.read(_at_once(b"abc"), limit=10)) == b"abc"
@@ -75,9 +74,7 @@ def test_upload_gate_reads_a_normal_body_and_refuses_oversize():
 
 
 def test_upload_gate_drops_a_trickling_body_and_a_stalled_one(monkeypatch):
-    monkeypatch.setattr(limits, "FAST_S", 0.1)
-    monkeypatch.setattr(limits, "GRACE_S", 0.3)
-    monkeypatch.setattr(limits, "TICK_S", 0.05)
+    _gate_timings(monkeypatch, FAST_S=0.1, GRACE_S=0.3, TICK_S=0.05)
     gate = UploadGate(max_uploads=4, body_timeout_s=0.4, min_rate=100)
     t0 = time.monotonic()
     with pytest.raises(RequestError) as e:  # one byte every 0.1 s: 10 B/s, under 100 B/s
@@ -92,10 +89,7 @@ def test_upload_gate_drops_a_trickling_body_and_a_stalled_one(monkeypatch):
 
 def test_upload_gate_full_of_slow_uploads_still_takes_a_good_request(monkeypatch):
     """Bodies that arrive at once need no upload slot; slow ones share the slots, the slowest is evicted."""
-    monkeypatch.setattr(limits, "FAST_S", 0.05)
-    monkeypatch.setattr(limits, "GRACE_S", 0.5)
-    monkeypatch.setattr(limits, "WAIT_S", 0.1)
-    monkeypatch.setattr(limits, "TICK_S", 0.02)
+    _gate_timings(monkeypatch, FAST_S=0.05, GRACE_S=0.5, WAIT_S=0.1, TICK_S=0.02)
 
     async def scenario():
         gate = UploadGate(max_uploads=3, body_timeout_s=30, min_rate=0)
@@ -126,10 +120,7 @@ def test_upload_gate_full_of_slow_uploads_still_takes_a_good_request(monkeypatch
 
 def test_upload_gate_slow_body_waits_unread_for_a_slot(monkeypatch):
     """A slow body finding every slot taken waits (not read) and gets the first slot that frees up."""
-    monkeypatch.setattr(limits, "FAST_S", 0.05)
-    monkeypatch.setattr(limits, "GRACE_S", 5.0)
-    monkeypatch.setattr(limits, "WAIT_S", 3.0)
-    monkeypatch.setattr(limits, "TICK_S", 0.02)
+    _gate_timings(monkeypatch, FAST_S=0.05, GRACE_S=5.0, WAIT_S=3.0, TICK_S=0.02)
 
     async def scenario():
         gate = UploadGate(max_uploads=1, body_timeout_s=30, min_rate=0)

@@ -66,8 +66,8 @@ from typing import Any, Iterable
 from .. import INTENDED_USE, __version__
 from ..atomic import atomic_write_text, sha256_file
 from . import integrity
-from ..contract import (ANOMALY_MAP, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, OPENVINO, OPENVINO_MODEL_FILES,
-                        OPENVINO_WEIGHTS_SUFFIX, PRECISIONS, RUNTIME_PRECISION_OF, SCORE)
+from ..contract import (ANOMALY_MAP, FP32, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, OPENVINO,
+                        OPENVINO_MODEL_FILES, OPENVINO_WEIGHTS_SUFFIX, PRECISIONS, RUNTIME_PRECISION_OF, SCORE)
 from ..errors import BundleError
 from .metadata_schema import SCHEMA_VERSION, validate_metadata
 from ..preprocess import PreprocessSpec
@@ -261,7 +261,7 @@ class Bundle:
         """{precision: IR .xml} of the OpenVINO variants (NNCF INT8)."""
         return dict(self.meta.get("openvino_models") or {})
 
-    def model_path(self, precision: str = "fp32", backend: str | None = None) -> str:
+    def model_path(self, precision: str = FP32, backend: str | None = None) -> str:
         """Absolute path of the graph `backend` runs at `precision` (openvino int8: the NNCF IR; bf16: the
         fp32 graph); BundleError if the bundle does not have it."""
         if backend == OPENVINO and precision in OPENVINO_MODEL_FILES:

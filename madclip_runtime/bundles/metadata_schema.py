@@ -13,7 +13,8 @@ import os
 import re
 from typing import Any
 
-from ..contract import OPENVINO_MODEL_FILES, OPENVINO_WEIGHTS_SUFFIX, OUTPUT_NAMES, PRECISIONS, SCORE_NAMES
+from ..contract import (ANOMALY_MAP, OPENVINO_MODEL_FILES, OPENVINO_WEIGHTS_SUFFIX, OUTPUT_NAMES, PRECISIONS,
+                        SCORE, SCORE_MAP_MAX, SCORE_NAMES)
 from ..errors import BundleError
 
 SCHEMA_VERSION = 2
@@ -152,9 +153,9 @@ def _calibration(where: str, c: Any, ranges: dict[str, tuple[float, float]]) -> 
     if c is None:
         return
     c = _obj(where, "calibration", c)
-    name = _choice(where, "calibration.score_name", c.get("score_name", "score"), SCORE_NAMES)
-    for key, output in (("threshold", name), ("threshold_score_map_max", "score_map_max"),
-                        ("map_threshold", "anomaly_map")):
+    name = _choice(where, "calibration.score_name", c.get("score_name", SCORE), SCORE_NAMES)
+    for key, output in (("threshold", name), ("threshold_score_map_max", SCORE_MAP_MAX),
+                        ("map_threshold", ANOMALY_MAP)):
         if c.get(key) is not None:
             _finite(where, f"calibration.{key}", c[key], *ranges[output])
     if "map_scale" in c:

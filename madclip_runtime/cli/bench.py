@@ -39,7 +39,7 @@ from rich.table import Table
 from .. import INTENDED_USE
 from ..atomic import atomic_write_text
 from .common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
-from ..contract import ANOMALY_MAP, BACKENDS, GOLDEN_INPUT, OPENVINO, PRECISIONS, SCORE, decide
+from ..contract import ANOMALY_MAP, BACKENDS, FP16, GOLDEN_INPUT, OPENVINO, ORT_CPU, PRECISIONS, SCORE, decide
 from ..machine import machine_description, peak_rss_mb
 from ..errors import MadclipError
 from ..safe_text import escape_control
@@ -239,7 +239,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 except MadclipError as exc:
                     rows.append({**row, "status": "skipped", "reason": str(exc)})
                     continue
-                if be == "ort-cpu" and prec == "fp16":
+                if be == ORT_CPU and prec == FP16:
                     row["note"] = "FP16 on a CPU is slower than FP32 (no native half arithmetic)"
                 rows.append({**row, "status": "ok", "peak_rss_mb": round(peak_rss_mb(), 1)})
 

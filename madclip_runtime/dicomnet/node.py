@@ -658,20 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="series with fewer frames are not scored (incomplete; default 3)",
     )
-    p.add_argument(
-        "--retry-min",
-        type=finite_float(0.0, min_open=True),
-        default=2.0,
-        metavar="S",
-        help="first retry delay of a failed send, doubled per attempt (default 2)",
-    )
-    p.add_argument(
-        "--retry-max",
-        type=finite_float(0.0, min_open=True),
-        default=300.0,
-        metavar="S",
-        help="longest retry delay (default 300)",
-    )
+    delay = finite_float(0.0, min_open=True)
+    for flag, default, what in (
+        ("--retry-min", 2.0, "first retry delay of a failed send, doubled per attempt"),
+        ("--retry-max", 300.0, "longest retry delay"),
+    ):
+        p.add_argument(flag, type=delay, default=default, metavar="S", help=f"{what} (default {default:g})")
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="offer DICOM TLS with this certificate")
     p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     p.add_argument(
@@ -739,6 +731,38 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
         server_ssl=server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None,
         send_ssl=client_ssl_context(args.send_tls_ca) if args.send_tls_ca else None,
     )
+
+
+def local_command(
+    bundle: str | os.PathLike, send_port: int, spool: str | os.PathLike, quiet: float, *extra: str
+) -> list[str]:
+    """The command line of a node on 127.0.0.1 (any free port) accepting the AE title MODALITY, scoring on
+    ORT CPU and sending to PACS@127.0.0.1:`send_port`: the one set-up of the tests and the benchmark that run
+    the node as its own process (`extra`: more options)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "madclip_runtime.dicomnet.node",
+        "--bundle",
+        str(bundle),
+        "--send-to",
+        f"PACS@127.0.0.1:{send_port}",
+        "--allow",
+        "MODALITY",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--spool",
+        str(spool),
+        "--quiet",
+        str(quiet),
+        "--backend",
+        "ort-cpu",
+        *extra,
+    ]
 
 
 def quiet_library_loggers() -> None:

@@ -33,18 +33,15 @@ ENV_AUTH, ENV_TOKEN = "MADCLIP_DICOMWEB_AUTH", "MADCLIP_DICOMWEB_TOKEN"
 
 def add_dicomweb_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DICOMweb (a PACS instead of files; docs/hospital.md)")
-    g.add_argument(
-        "--dicomweb",
-        default=None,
-        metavar="URL",
-        help="DICOMweb root of the PACS (e.g. http://pacs:8042/dicom-web): retrieve with WADO-RS",
-    )
-    g.add_argument(
-        "--study",
-        default=None,
-        metavar="UID",
-        help="StudyInstanceUID to score (with --dicomweb; --series UID keeps one series)",
-    )
+    for flag, metavar, text in (
+        (
+            "--dicomweb",
+            "URL",
+            "DICOMweb root of the PACS (e.g. http://pacs:8042/dicom-web): retrieve with WADO-RS",
+        ),
+        ("--study", "UID", "StudyInstanceUID to score (with --dicomweb; --series UID keeps one series)"),
+    ):
+        g.add_argument(flag, default=None, metavar=metavar, help=text)
     g.add_argument(
         "--stow", action="store_true", help="store the SEG and SR of each series back with STOW-RS"
     )

@@ -9,7 +9,8 @@ once in `registry.py`. The rest of madclip only calls what is declared here:
 - the frozen backbone: `backbone` (a `BackboneContract`: `taps`, `fingerprint()`), read by the trainer, the
   run directory and the reference converter.
 - the authors' checkpoints: `reference_format`, `convert_reference()`, `reference_needs_shots` and
-  `load_reference()` (a method whose release lacks state rebuilds it from the dataset's shots).
+  `load_reference()` (a method whose release lacks state rebuilds it from the dataset's shots), and the
+  inverse `reference_checkpoint()` (tests/test_conformance.py round-trips every method through it).
 
 - what can be cached: `cacheable(images)` is the part of the forward pass that is a pure function of the image
   (MadCLIP: the tapped streams, its adapters are side branches; MVFA: the stream before its first tap, its
@@ -234,6 +235,11 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
     def convert_reference(cls, ref: dict) -> dict[str, torch.Tensor]:
         """The authors' released checkpoint (a dict of tensors / state dicts) -> `trainable_state()` names
         (those the release holds; `load_reference` loads them)."""
+
+    def reference_checkpoint(self) -> dict:
+        """This model's trained tensors in the authors' format (`reference_format`), the inverse of
+        `convert_reference`: a run can go to the reference code, and the conformance test round-trips it."""
+        raise MadclipError(f"{self.title} does not write its reference format (reference_checkpoint)")
 
     def load_reference(self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None) -> dict:
         """Load converted reference tensors into this model; `shots` (when `reference_needs_shots`) are the

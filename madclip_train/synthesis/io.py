@@ -16,7 +16,7 @@ from PIL import Image
 from madclip_runtime.errors import MadclipError
 from madclip_runtime.scans.imageio import read_image
 
-from ..data import MVFA_IMG, MVFA_NORMAL, PLAIN_NORMAL, _list_images
+from ..data import MVFA_IMG, MVFA_NORMAL, PLAIN_NORMAL, list_images
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def normal_folder(root: str | os.PathLike) -> Path:
 def list_normals(root: str | os.PathLike) -> list[Path]:
     """The normal images of `root` (see `normal_folder`), sorted by name; error when there are none."""
     folder = normal_folder(root)
-    images = _list_images(folder)
+    images = list_images(folder)
     if not images:
         raise MadclipError(f"{folder}: no normal images (expected image files here, or ROOT/valid/good/img, "
                            f"or ROOT/normal)")

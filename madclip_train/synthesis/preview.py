@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from madclip_runtime.overlay import CONTOUR_RGB, _font, colorize, contour_mask
+from madclip_runtime.overlay import CONTOUR_RGB, colorize, contour_mask, label_font
 
 from .synthesizer import SynthSample
 
@@ -46,7 +46,7 @@ def preview_grid(samples: Sequence[SynthSample], originals: Sequence[np.ndarray]
     columns = max(1, min(columns, n))
     rows = -(-n // columns)
     fs = max(10, tile // 16)
-    font, small = _font(fs), _font(max(9, fs - 3))
+    font, small = label_font(fs), label_font(max(9, fs - 3))
     gap, cap = max(4, tile // 40), 2 * fs + 10
     pair_w = 2 * tile + gap // 2
     width = columns * pair_w + (columns + 1) * gap

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
+
 
 class MadCLIPExport(nn.Module):
     """image -> (score, anomaly_map, score_map_max) with the text tower replaced by the constant dt.
@@ -23,4 +25,4 @@ class MadCLIPExport(nn.Module):
 
     def forward(self, image: torch.Tensor):  # image [B, 3, S, S] float32
         out = self.model.outputs_from_taps(self.model.backbone(image), self.dt)
-        return out["score"], out["anomaly_map"], out["score_map_max"]  # [B], [B, 1, S, S], [B]
+        return out[SCORE], out[ANOMALY_MAP], out[SCORE_MAP_MAX]  # [B], [B, 1, S, S], [B]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
+
 from ...maps import upsample_logits
 
 
@@ -21,4 +23,4 @@ def score_outputs(det_logit: torch.Tensor, seg_logit: torch.Tensor, image_size: 
     score = torch.sigmoid(det_logit).mean(dim=2).sum(dim=0)  # [B]
     amap = torch.sigmoid(upsample_logits(seg_logit, image_size)).sum(dim=0)  # [B, S, S]
     amap = amap.unsqueeze(1)  # [B, 1, S, S]
-    return {"score": score, "anomaly_map": amap, "score_map_max": amap.flatten(1).amax(dim=1)}
+    return {SCORE: score, ANOMALY_MAP: amap, SCORE_MAP_MAX: amap.flatten(1).amax(dim=1)}

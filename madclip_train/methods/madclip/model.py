@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE
 from madclip_runtime.errors import MadclipError
 
 from ...backbone import Backbone, create_clip, default_taps, embed_dim
@@ -24,7 +25,7 @@ from .head import branch_logits, score_outputs
 from .losses import madclip_loss
 from .options import OPTIONS
 from .prompts import PromptLearner
-from .reference import REFERENCE_FORMAT, convert_reference
+from .reference import REFERENCE_FORMAT, convert_reference, to_reference
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,12 @@ class MadCLIP(MethodModel):
 
     def output_ranges(self) -> dict[str, tuple[float, float]]:
         top = float(self.n_layers)
-        return {"score": (0.0, top), "anomaly_map": (0.0, top)}
+        return {SCORE: (0.0, top), ANOMALY_MAP: (0.0, top)}
 
     def output_meanings(self) -> dict[str, str]:
         n = self.n_layers
-        return {"score": f"image anomaly score AC: sum over {n} layers of the mean patch P(abnormal)",
-                "anomaly_map": f"pixel anomaly map AS: sum over {n} layers of P(abnormal)"}
+        return {SCORE: f"image anomaly score AC: sum over {n} layers of the mean patch P(abnormal)",
+                ANOMALY_MAP: f"pixel anomaly map AS: sum over {n} layers of P(abnormal)"}
 
     # ---- state and export ---------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -159,6 +160,9 @@ class MadCLIP(MethodModel):
     @classmethod
     def convert_reference(cls, ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
         return convert_reference(ref, n_layers)
+
+    def reference_checkpoint(self) -> dict:
+        return to_reference(self.trainable_state(), self.n_layers)
 
 
 def _taps(feats: torch.Tensor) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ from madclip_runtime.errors import MadclipError
 
 REFERENCE_FORMAT = ("the authors' per-dataset .pth: {normal,abnormal}_det_adapters (fc1, fc2 = det, fc3 = seg) "
                     "and prompt_maker_{normal,abnormal} context vectors")
-_REF_HEADS = {"fc1": "fc1", "fc2": "det", "fc3": "seg"}
+REF_HEADS = {"fc1": "fc1", "fc2": "det", "fc3": "seg"}
 
 
 def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
         if not isinstance(sd, dict):
             raise MadclipError(f"reference checkpoint lacks '{branch}_det_adapters'")
         for j in range(n_layers):
-            for ref_name, ours in _REF_HEADS.items():
+            for ref_name, ours in REF_HEADS.items():
                 key = f"{j}.{ref_name}.0.weight"
                 if key not in sd:
                     raise MadclipError(f"reference checkpoint lacks {branch}_det_adapters.{key}")
@@ -36,3 +36,15 @@ def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
                 raise MadclipError(f"reference checkpoint lacks {key} in prompt_maker_{cls_name}")
             out[f"prompts.ctx.{cls_name}_{pos}"] = src.float()
     return out
+
+
+def to_reference(state: dict[str, torch.Tensor], n_layers: int = 4) -> dict:
+    """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`): each prompt
+    maker holds its own class's context vectors."""
+    ref: dict = {}
+    for b in ("normal", "abnormal"):
+        ref[f"{b}_det_adapters"] = {f"{j}.{theirs}.0.weight": state[f"adapters.{b}.{j}.{ours}.weight"]
+                                    for j in range(n_layers) for theirs, ours in REF_HEADS.items()}
+        ref[f"prompt_maker_{b}"] = {f"prompt_learner.ctx.{b}_{pos}": state[f"prompts.ctx.{b}_{pos}"]
+                                    for pos in ("end", "front", "middle")}
+    return ref

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE
 from madclip_runtime.errors import MadclipError
 from madclip_runtime.preprocess import PreprocessSpec
 
@@ -34,7 +35,7 @@ from .export import FP32_ISLANDS, MediCLIPExport
 from .losses import mediclip_loss
 from .net import MediCLIPNet, mediclip_taps
 from .options import OPTIONS
-from .reference import FORMAT, convert_reference
+from .reference import FORMAT, convert_reference, to_reference
 from .source import SynthBatches, build_batch, holdout_set
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class MediCLIP(MethodModel):
     @classmethod
     def convert_reference(cls, ref: dict) -> dict[str, torch.Tensor]:
         return convert_reference(ref)
+
+    def reference_checkpoint(self) -> dict:
+        return to_reference(self.trainable_state(), len(self.net.adapters))
 
     @property
     def backbone(self):
@@ -158,11 +162,11 @@ class MediCLIP(MethodModel):
         return self.net.outputs_from_logit(self.net.map_logit(self.net.taps(feats.float()), dt))
 
     def output_ranges(self) -> dict[str, tuple[float, float]]:
-        return {"score": (0.0, 1.0), "anomaly_map": (0.0, 1.0)}
+        return {SCORE: (0.0, 1.0), ANOMALY_MAP: (0.0, 1.0)}
 
     def output_meanings(self) -> dict[str, str]:
-        return {"score": "image anomaly score: maximum of the anomaly map",
-                "anomaly_map": "P(abnormal) per pixel: softmax of the layer-mean similarity to (t_n, t_ab)"}
+        return {SCORE: "image anomaly score: maximum of the anomaly map",
+                ANOMALY_MAP: "P(abnormal) per pixel: softmax of the layer-mean similarity to (t_n, t_ab)"}
 
     # ---- state and export ---------------------------------------------------------------------------------
     def _targets(self) -> dict[str, torch.Tensor]:

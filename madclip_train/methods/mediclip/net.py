@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
+
 from ...backbone import Backbone
 from ...maps import upsample_logits
 from .prompts import MediPrompts
@@ -71,7 +73,7 @@ class MediCLIPNet(nn.Module):
         """[B, S, S] logit -> score [B] (max of the map), anomaly_map [B, 1, S, S] = p_ab, score_map_max [B]."""
         amap = torch.sigmoid(logit).unsqueeze(1)  # [B, 1, S, S]
         peak = amap.flatten(1).amax(dim=1)  # [B]
-        return {"score": peak, "anomaly_map": amap, "score_map_max": peak}
+        return {SCORE: peak, ANOMALY_MAP: amap, SCORE_MAP_MAX: peak}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.outputs_from_logit(self.map_logit(self.taps(images), self.text_dt()))

@@ -34,3 +34,13 @@ def convert_reference(ref: dict, n_layers: int = 3, source: str = "checkpoint") 
     except KeyError as exc:
         raise MadclipError(f"{source}: missing tensor {exc.args[0]} ({FORMAT})") from None
     return out
+
+
+def to_reference(state: dict[str, torch.Tensor], n_layers: int = 3) -> dict:
+    """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`)."""
+    ad = {}
+    for i in range(n_layers):
+        ad[f"{i}_adapter.0.weight"] = state[f"adapters.{i}.weight"][:, :, None, None].contiguous()
+        ad[f"{i}_adapter.0.bias"] = state[f"adapters.{i}.bias"]
+    prompts = {f"ctx.{c}_end": state[f"prompts.ctx.{c}_end"] for c in ("normal", "abnormal")}
+    return {"adapter_state_dict": ad, "prompt_state_dict": prompts}

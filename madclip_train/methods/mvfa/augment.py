@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ...augment import AUGMENTATIONS, _warp
+from ...augment import AUGMENTATIONS, warp_batch
 
 N_VARIANTS = 11
 _ROTATIONS = (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)
@@ -46,7 +46,7 @@ def augment_x11(images: torch.Tensor, masks: torch.Tensor, chunk: int = 8
         m = masks[start:start + chunk].bool()
         sl = slice(start, start + x.shape[0])
         out_img[sl, 0], out_mask[sl, 0] = x, m
-        warped = _warp(torch.cat([x, m.to(x.dtype).unsqueeze(1)], dim=1), thetas)  # [B, 8, C+1, H, W]
+        warped = warp_batch(torch.cat([x, m.to(x.dtype).unsqueeze(1)], dim=1), thetas)  # [B, 8, C+1, H, W]
         out_img[sl, 1:9] = warped[:, :, :c]
         out_mask[sl, 1:9] = warped[:, :, c] > 0.5
         out_img[sl, 9], out_mask[sl, 9] = torch.flip(x, dims=(3,)), torch.flip(m, dims=(2,))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from madclip_runtime.contract import SCORE, SCORE_MAP_MAX
+
 from ...data import Split, load_arrays
 from .scores import transductive_mix
 
@@ -36,7 +38,7 @@ def predict_split_transductive(model, split: Split, batch_size: int = 16, device
     amap = transductive_mix(cat["Z"], cat["F"]).astype(np.float32)  # [N, S, S]
     amax = amap.reshape(amap.shape[0], -1).max(axis=1)
     score = amax if model.masks_mode else transductive_mix(cat["z"], cat["f"])
-    out = {"score": score, "score_map_max": amax, "labels": cat["labels"]}
+    out = {SCORE: score, SCORE_MAP_MAX: amax, "labels": cat["labels"]}
     if split.has_masks:
         out["maps"] = amap.astype(np.float16)
         out["masks"] = cat["masks"]

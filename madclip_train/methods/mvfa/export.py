@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .scores import _upsample, mix, zero_shot
+from .scores import upsample, mix, zero_shot
 
 FP32_ISLANDS = ("text", "one", "norm_lo", "norm_scale")  # the FP32 tail starts at their consumers
 BANK_PREFIX = "bank_"
@@ -50,7 +50,7 @@ class MVFAExport(nn.Module):
             dists.append(self.one - sim.amax(dim=-1))  # [B, P]
         d = torch.stack(dists)  # [L, B, P]
         n_layers, b, p = d.shape
-        fmap = _upsample(d.reshape(n_layers * b, 1, p), self.image_size)
+        fmap = upsample(d.reshape(n_layers * b, 1, p), self.image_size)
         fmap = fmap.reshape(n_layers, b, self.image_size, self.image_size).sum(dim=0)
         amap = mix(zmap, fmap, self.norm_lo[:2], self.norm_scale[:2]).unsqueeze(1)  # [B, 1, S, S]
         amax = amap.flatten(1).amax(dim=1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...maps import dice_loss, focal_loss
-from .scores import _upsample, patch_logits
+from .scores import upsample, patch_logits
 
 DET_LOSSES = ("bce_on_prob", "bce")
 
@@ -35,7 +35,7 @@ def seg_losses(mids: torch.Tensor, text: torch.Tensor, masks: torch.Tensor, imag
     """mids [L, B, 1+P, E], masks [B, S, S] -> (focal, dice), each summed over layers."""
     logits = patch_logits(mids, text)  # [L, B, P, 2]
     n_layers, b, p, _ = logits.shape
-    up = _upsample(logits.reshape(n_layers * b, p, 2).transpose(1, 2), image_size)  # [L*B, 2, S, S]
+    up = upsample(logits.reshape(n_layers * b, p, 2).transpose(1, 2), image_size)  # [L*B, 2, S, S]
     p_ab = torch.softmax(up, dim=1)[:, 1].reshape(n_layers, b, image_size, image_size)
     m = masks > 0.5
     focal = sum(focal_loss(p_ab[l], m) for l in range(n_layers))

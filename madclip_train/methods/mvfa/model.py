@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
 from madclip_runtime.errors import MadclipError
 
 from ...backbone import create_clip, default_taps
@@ -27,7 +28,7 @@ from .bank import build_bank_and_normalisers
 from .export import FP32_ISLANDS, MVFAExport
 from .losses import det_loss, seg_losses
 from .options import OPTIONS
-from .reference import REFERENCE_FORMAT, convert_reference, rebuild_from_shots
+from .reference import REFERENCE_FORMAT, convert_reference, rebuild_from_shots, to_reference
 from .scores import few_shot, mix, zero_shot
 from .text import encode_ensemble
 from .tower import AdaptedTower
@@ -184,12 +185,12 @@ class MVFAModel(MethodModel):
             zmap, z = zero_shot(self.head_mids(feats), self.text, self.image_size)
             amap = zmap.unsqueeze(1)
             amax = amap.flatten(1).amax(dim=1)
-            return {"score": amax if self.masks_mode else z, "anomaly_map": amap, "score_map_max": amax}
+            return {SCORE: amax if self.masks_mode else z, ANOMALY_MAP: amap, SCORE_MAP_MAX: amax}
         r = self.raw_scores(feats)
         amap = mix(r["Z"], r["F"], self.norm_lo[:2], self.norm_scale[:2]).unsqueeze(1)  # [B, 1, S, S]
         amax = amap.flatten(1).amax(dim=1)
         score = amax if self.masks_mode else mix(r["z"], r["f"], self.norm_lo[2:], self.norm_scale[2:])
-        return {"score": score, "anomaly_map": amap, "score_map_max": amax}
+        return {SCORE: score, ANOMALY_MAP: amap, SCORE_MAP_MAX: amax}
 
     def predict_transductive(self, split, batch_size: int = 16, device="cpu", progress=None) -> dict:
         """The reference's evaluation (test-set min-max), predict_split's keys: see eval.py."""
@@ -205,11 +206,14 @@ class MVFAModel(MethodModel):
 
     def output_ranges(self) -> dict:
         # with fixed normalisers the training views span [0, 1]; unseen images may fall outside
-        return {"score": (0.0, 1.0), "anomaly_map": (0.0, 1.0)}
+        return {SCORE: (0.0, 1.0), ANOMALY_MAP: (0.0, 1.0)}
 
     @classmethod
     def convert_reference(cls, ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
         return convert_reference(ref, n_layers)
+
+    def reference_checkpoint(self) -> dict:
+        return to_reference(self.trainable_state(), len(self.tower.taps))
 
     def load_reference(self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None) -> dict:
         """The release's adapters, then the bank and normalisers rebuilt from the shots (finalize)."""

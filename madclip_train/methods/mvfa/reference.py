@@ -41,6 +41,14 @@ def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
     return out
 
 
+def to_reference(state: dict[str, torch.Tensor], n_layers: int = 4) -> dict:
+    """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`; no bank, as the
+    release)."""
+    return {f"{head}_adapters": {f"{j}.{fc}.0.weight": state[f"adapters.{head}.{j}.{fc}.weight"]
+                                 for j in range(n_layers) for fc in ("fc1", "fc2")}
+            for head in ("seg", "det")}
+
+
 @dataclass
 class ShotViews:
     """The x11 views of the shots, as finalize() reads a training source."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 LOGIT_SCALE = 100.0
 
 
-def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """[N, C, P] patch values -> [N, C, S, S] bilinear, align_corners=True (the reference's)."""
     n, c, p = x.shape
     g = int(round(p ** 0.5))
@@ -38,7 +38,7 @@ def zero_shot(mids: torch.Tensor, text: torch.Tensor, image_size: int) -> tuple[
     logits = patch_logits(mids, text)  # [L, B, P, 2]
     n_layers, b, p, _ = logits.shape
     z = torch.softmax(logits, dim=-1)[..., 1].mean(dim=2).sum(dim=0)  # [B]
-    up = _upsample(logits.reshape(n_layers * b, p, 2).transpose(1, 2), image_size)  # [L*B, 2, S, S]
+    up = upsample(logits.reshape(n_layers * b, p, 2).transpose(1, 2), image_size)  # [L*B, 2, S, S]
     zmap = torch.softmax(up, dim=1)[:, 1].reshape(n_layers, b, image_size, image_size).sum(dim=0)
     return zmap, z
 
@@ -59,7 +59,7 @@ def few_shot(mids: torch.Tensor, banks: torch.Tensor, image_size: int,
     """mids [L, B, 1+P, E], banks [L, N, E] unit rows -> (F [B, S, S], f [B])."""
     n_layers, b = mids.shape[:2]
     d = torch.stack([nearest_distance(mids[l, :, 1:], banks[l], exclude) for l in range(n_layers)])  # [L, B, P]
-    fmap = _upsample(d.reshape(n_layers * b, 1, -1), image_size).reshape(n_layers, b, image_size, image_size)
+    fmap = upsample(d.reshape(n_layers * b, 1, -1), image_size).reshape(n_layers, b, image_size, image_size)
     fmap = fmap.sum(dim=0)  # [B, S, S]
     return fmap, fmap.mean(dim=(1, 2))
 
