@@ -44,7 +44,7 @@ GOLDEN_DECISION_KEYS = (GOLDEN_DECISIONS, GOLDEN_DECISION_THRESHOLD, GOLDEN_DECI
 
 # One name each for code that means one precision or backend (the tuples above list them all).
 FP32, FP16, INT8 = "fp32", "fp16", "int8"
-BF16 = "bf16"  # training autocast (madclip-train --precision); not a bundle variant
+BF16 = "bf16"  # training autocast (madclip-train --precision), and OpenVINO BF16 (no file of its own)
 TRT, ORT_TRT, ORT_CUDA, ORT_CPU = "trt", "ort-trt", "ort-cuda", "ort-cpu"
 
 ANOMALY, NORMAL = "anomaly", "normal"
