@@ -282,7 +282,7 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
         if backend_name == "auto":
             from ..engines.backends import resolve_auto
 
-            backend_name = resolve_auto(precision)
+            backend_name = resolve_auto(precision, "int8" in bundle.openvino_models)
         for row in ds.iter_rows():
             key = str(row["key"])
             rec = _slice_record(row, threshold, bundle.score_name, backend_name, precision)
