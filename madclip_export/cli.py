@@ -10,7 +10,7 @@ from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
 OPSET_DEFAULT = 18
 
 from madclip_runtime.cli.common import ArgumentParser, bounded_int, err_console, run_cli, setup_logging
-from madclip_runtime.contract import ANOMALY_MAP, FP32, SCORE
+from madclip_runtime.contract import ANOMALY_MAP, FP32, OPENVINO, SCORE
 from madclip_runtime.safe_text import escape_control
 
 
@@ -46,7 +46,8 @@ def _report_table(report: dict):
     t = Table(title="madclip-export parity (golden set)")
     for col in ("variant", "reference", "score max", "map p99", "map max", "flips", "AUROC change"):
         t.add_column(col, justify="right" if col != "variant" else "left")
-    for name, v in report["variants"].items():
+    ov_variants = {f"openvino {k}": v for k, v in (report.get(OPENVINO) or {}).get("variants", {}).items()}
+    for name, v in {**report["variants"], **ov_variants}.items():
         ref = v.get("reference", "pytorch fp32")
         errs = v["vs_pytorch"] if name == FP32 else v["errors"]
         auc = v.get("auroc_change")

@@ -20,8 +20,8 @@ from madclip_runtime.atomic import AtomicDirectory, atomic_writer
 from madclip_runtime.engines.backends import create_backend
 from madclip_runtime.bundles.bundle import write_metadata
 from madclip_runtime.contract import (ANOMALY_MAP, FP16, FP32, GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS,
-                                      GOLDEN_SOURCES, INPUT_NAME, INT8, MODEL_FILES, ORT_CPU, OUTPUT_NAMES,
-                                      REPORT_FILE, SCORE, SCORE_MAP_MAX, io_metadata)
+                                      GOLDEN_SOURCES, INPUT_NAME, INT8, MODEL_FILES, OPENVINO, ORT_CPU,
+                                      OUTPUT_NAMES, REPORT_FILE, SCORE, SCORE_MAP_MAX, io_metadata)
 from madclip_runtime.errors import BackendUnavailable, MadclipError
 from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
 from madclip_runtime.bundles.selftest import golden_decisions
@@ -108,6 +108,9 @@ def export_onnx(model, path: Path, max_batch: int, opset: int) -> None:
     torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                       dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=opset, dynamo=True,
                       external_data=n_bytes > 1_000_000_000, verbose=False)
+    from .openvino import rewrite_vector_matmuls
+
+    rewrite_vector_matmuls(path)  # 1-D constant MatMuls as matrix-vector products: OpenVINO compiles them
 
 
 def _model_files(directory: Path, name: str) -> list[str]:
@@ -287,6 +290,17 @@ def int8_step(st: ExportState) -> None:
     st.models[INT8] = MODEL_FILES[INT8]
 
 
+def openvino_step(st: ExportState) -> None:
+    """OpenVINO (when installed): FP32/BF16 parity and, with --int8, the NNCF INT8 IR (`.openvino`)."""
+    from .openvino import openvino_variants
+
+    st.progress("OpenVINO: FP32/BF16 parity" + (", NNCF INT8 IR" if st.opts.int8 else ""))
+    st.report[OPENVINO], ov_meta = openvino_variants(
+        st.tmp, st.torch_ref, st.fp32, st.golden_images, st.golden_labels, st.calibration, st.shot_images,
+        st.method_meta["fp32_islands"], st.opts.max_batch, st.opts.int8)
+    st.extra_metadata.update(ov_meta)
+
+
 def _variant(st: ExportState, precision: str, got: dict, **extra) -> None:
     """A variant's report entry (against the FP32 graph and PyTorch); non-finite outputs refuse the bundle."""
     from .parity import diff_stats, variant_report
@@ -330,7 +344,7 @@ def write_bundle_step(st: ExportState) -> None:
 # The export, in order. A step that does not apply to the options (fp16_step without --fp16) returns at once.
 STEPS: tuple[Callable[[ExportState], None], ...] = (
     load_run_step, pytorch_reference_step, calibrate_step, golden_reference_step, export_fp32_step,
-    fp32_parity_step, fp16_step, engine_step, int8_step, triton_step, write_bundle_step)
+    fp32_parity_step, fp16_step, engine_step, int8_step, openvino_step, triton_step, write_bundle_step)
 
 
 def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: None) -> dict:

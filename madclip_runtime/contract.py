@@ -20,13 +20,21 @@ SCORE, ANOMALY_MAP, SCORE_MAP_MAX = "score", "anomaly_map", "score_map_max"
 OUTPUT_NAMES = (SCORE, ANOMALY_MAP, SCORE_MAP_MAX)
 SCORE_NAMES = (SCORE, SCORE_MAP_MAX)  # what a calibrated threshold may apply to
 
-PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("trt", "ort-trt", "ort-cuda", "ort-cpu")  # fastest first: the "auto" preference order
+# bf16: the FP32 graph run with OpenVINO's BF16 inference precision (no file of its own)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+OPENVINO = "openvino"  # OpenVINO on x86 CPUs: fp32, bf16 (AVX512-BF16 / AMX) and NNCF static int8
+BACKENDS = ("trt", "ort-trt", "ort-cuda", OPENVINO, "ort-cpu")  # fastest first: the "auto" preference order
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 
 METADATA_FILE = "metadata.json"
 GOLDEN_FILE = "golden.npz"
 REPORT_FILE = "export_report.json"
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+# Precisions without a file of their own run another variant's graph with a runtime precision hint.
+RUNTIME_PRECISION_OF = {"bf16": "fp32"}
+# OpenVINO IR variants (metadata.json `openvino_models`): the graph .xml and its weights .bin beside it.
+OPENVINO_MODEL_FILES = {"int8": "model_int8_ov.xml"}
+OPENVINO_WEIGHTS_SUFFIX = ".bin"
 # golden.npz: preprocessed inputs, their labels and source names, and the FP32 reference of every output
 GOLDEN_INPUT, GOLDEN_LABELS, GOLDEN_SOURCES = INPUT_NAME, "labels", "sources"
 # ... and the decisions the exported calibration made on that reference (checked by --selftest)
@@ -36,7 +44,7 @@ GOLDEN_DECISION_KEYS = (GOLDEN_DECISIONS, GOLDEN_DECISION_THRESHOLD, GOLDEN_DECI
 
 # One name each for code that means one precision or backend (the tuples above list them all).
 FP32, FP16, INT8 = "fp32", "fp16", "int8"
-BF16 = "bf16"  # training autocast (madclip-train --precision); not a bundle variant
+BF16 = "bf16"  # training autocast (madclip-train --precision), and OpenVINO BF16 (no file of its own)
 TRT, ORT_TRT, ORT_CUDA, ORT_CPU = "trt", "ort-trt", "ort-cuda", "ort-cpu"
 
 ANOMALY, NORMAL = "anomaly", "normal"

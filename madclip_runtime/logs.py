@@ -18,6 +18,8 @@ import os
 import sys
 import warnings
 
+from .contract import OPENVINO
+
 OWN_PACKAGES = ("madclip_runtime", "madclip_train", "madclip_export")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the directory holding the packages
 _OWN_DIRS = tuple(os.path.join(_ROOT, p) + os.sep for p in OWN_PACKAGES)
@@ -26,7 +28,7 @@ _OWN_WARNINGS = r"(madclip_runtime|madclip_train|madclip_export)(\.|$)"
 # madclip's serving code logs on it)
 NOISY = ("onnxscript", "torch.onnx", "torch._dynamo", "torch.export", "onnx_ir", "onnxruntime", "highdicom",
          "pydicom", "ray", "ray.data", "ray.train", "open_clip", "PIL", "matplotlib", "urllib3",
-         "filelock", "httpx", "nncf", "openvino")
+         "filelock", "httpx", "nncf", OPENVINO)
 _state = {"verbose": False}
 
 

@@ -21,8 +21,9 @@ import numpy as np
 
 from . import INTENDED_USE
 from .engines.backends import create_backend, resolve_auto
-from .bundles.bundle import Bundle, load_bundle
-from .contract import ANOMALY_MAP, FP16, FP32, ORT_CPU, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide
+from .bundles.bundle import Bundle, load_bundle, openvino_weights
+from .contract import (ANOMALY_MAP, FP16, FP32, INT8, OPENVINO, ORT_CPU, OUTPUT_NAMES, RUNTIME_PRECISION_OF,
+                       SCORE, SCORE_MAP_MAX, decide)
 from .errors import BundleError, InputError, MadclipError
 from .scans.imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
 from .preprocess import preprocess, resize_map
@@ -276,11 +277,16 @@ def check_threshold(threshold: Any, bundle: Bundle | None = None) -> float | Non
     return value
 
 
-def model_sha256(bundle: Bundle, precision: str) -> str | None:
-    """The content id of a model variant (graph + external data) from the metadata's sha256s, so engine
-    caches are keyed by the weights without hashing the files again (`trt_rules.content_id`)."""
-    rel = bundle.meta["models"].get(precision)
+def model_sha256(bundle: Bundle, precision: str, backend: str | None = None) -> str | None:
+    """The content id of a model variant (graph + external data, or OpenVINO IR .xml + .bin) from the
+    metadata's sha256s, so engine caches are keyed by the weights without hashing the files again
+    (`trt_rules.content_id`)."""
     files = bundle.meta["files"]
+    if backend == OPENVINO and precision in bundle.openvino_models:
+        rel = bundle.openvino_models[precision]
+        parts = [(files.get(r) or {}).get("sha256") for r in (rel, openvino_weights(rel))]
+        return content_id(parts) if all(isinstance(p, str) for p in parts) else None
+    rel = bundle.meta["models"].get(RUNTIME_PRECISION_OF.get(precision, precision))
     info = files.get(rel) if rel else None
     if not info:
         return None
@@ -300,7 +306,8 @@ def load(
 ) -> Predictor:
     """Open a bundle (verified per `verify`, see `madclip_runtime.bundles.bundle`) on `backend` at `precision`.
 
-    backend "auto" picks the fastest available (trt > ort-trt > ort-cuda > ort-cpu; int8 -> ort-cpu).
+    backend "auto" picks the fastest available (trt > ort-trt > ort-cuda > openvino > ort-cpu; see
+    `backends.resolve_auto` for the CPU rule between openvino and ort-cpu).
     `threshold` overrides the bundle's calibrated threshold. `cache_dir` holds TensorRT engines.
     `trusted_key` (path to an Ed25519 public key PEM, raw key bytes or a key object): refuse a bundle that is
     unsigned or signed by another key. Every metadata field is checked against the bundle's integrity record
@@ -316,14 +323,14 @@ def load(
     else:
         b = load_bundle(bundle, verify=verify, precision=precision, trusted_key=trusted_key)
     check_threshold(threshold, b)
-    model_path = b.model_path(precision)
-    name = resolve_auto(precision) if backend == "auto" else backend
+    name = resolve_auto(precision, INT8 in b.openvino_models) if backend == "auto" else backend
+    model_path = b.model_path(precision, name)
     if name == ORT_CPU and precision == FP16 and backend != "auto":
         log.warning("running the fp16 model on the CPU: FP16 on a CPU is slower than FP32 (use fp32 or int8)")
     s = b.image_size
     be = create_backend(
         name, model_path, precision, b.max_batch or DEFAULT_MAX_BATCH,
         None if cache_dir is None else os.fspath(cache_dir),
-        onnx_sha256=model_sha256(b, precision), input_chw=(3, s, s), fp32_islands=b.fp32_islands,
+        onnx_sha256=model_sha256(b, precision, name), input_chw=(3, s, s), fp32_islands=b.fp32_islands,
     )
     return Predictor(b, be, threshold=threshold)

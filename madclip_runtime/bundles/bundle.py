@@ -6,6 +6,7 @@ A bundle is a directory (written atomically, see `madclip_runtime.atomic.AtomicD
     model.onnx           FP32 graph (+ `model.onnx.data` when weights are external)
     model_fp16.onnx      FP16 graph with FP32 islands (optional)
     model_int8.onnx      dynamic INT8 graph for CPUs (optional)
+    model_int8_ov.xml    NNCF static INT8 OpenVINO IR (+ model_int8_ov.bin; optional, `openvino_models`)
     golden.npz           a few preprocessed inputs and the FP32 reference outputs (for --selftest)
     export_report.json   parity figures per variant
 
@@ -33,7 +34,12 @@ metadata.json keys (schema_version 2):
                       "onnx", ...}}
     models           {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}: the
                      variants present. A model's external-data files are named `<model file>.<suffix>`
-                     (e.g. `model.onnx.data`) and belong to it for verification.
+                     (e.g. `model.onnx.data`) and belong to it for verification. bf16 has no file: it is
+                     the fp32 graph run with OpenVINO's BF16 inference precision.
+    openvino_models  {"int8": "model_int8_ov.xml"} (optional): OpenVINO IR variants; the weights file is the
+                     .xml's sibling `.bin`, listed in `files` and hashed with it.
+    openvino_int8    {"tool", "calibration_images", "ignored_scope_nodes", "fp32_islands", ...} (optional):
+                     how the IR was quantized.
     files            {relpath: {"sha256": hex, "bytes": int}} for every file in the bundle except
                      metadata.json itself (relpaths use "/").
     integrity        per-field sha256 digests of everything above (`madclip_runtime.bundles.integrity`): an edited
@@ -60,7 +66,8 @@ from typing import Any, Iterable
 from .. import INTENDED_USE, __version__
 from ..atomic import atomic_write_text, sha256_file
 from . import integrity
-from ..contract import ANOMALY_MAP, FP32, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, PRECISIONS, SCORE
+from ..contract import (ANOMALY_MAP, FP32, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, OPENVINO,
+                        OPENVINO_MODEL_FILES, OPENVINO_WEIGHTS_SUFFIX, PRECISIONS, RUNTIME_PRECISION_OF, SCORE)
 from ..errors import BundleError
 from .metadata_schema import SCHEMA_VERSION, validate_metadata
 from ..preprocess import PreprocessSpec
@@ -141,10 +148,21 @@ def _check_schema_version(meta: Any, where: str) -> None:
                           f"{', '.join(str(v) for v in sorted(SUPPORTED_SCHEMAS))})")
 
 
+def openvino_weights(xml_rel: str) -> str:
+    """The .bin beside an OpenVINO IR .xml (relative path)."""
+    return xml_rel[: -len(".xml")] + OPENVINO_WEIGHTS_SUFFIX if xml_rel.endswith(".xml") else xml_rel
+
+
 def model_files(meta: dict[str, Any], precision: str) -> list[str]:
-    """The listed files of one model variant: the graph and its external data (`<model file>.*`)."""
-    rel = meta["models"][precision]
-    return [f for f in meta["files"] if f == rel or f.startswith(rel + ".")]
+    """The listed files of one model variant: the graph and its external data (`<model file>.*`); for a
+    precision that runs another variant's graph (bf16: fp32) that variant's files; plus the precision's
+    OpenVINO IR (.xml and .bin) when the bundle has one."""
+    rel = meta["models"].get(RUNTIME_PRECISION_OF.get(precision, precision))
+    out = [f for f in meta["files"] if rel is not None and (f == rel or f.startswith(rel + "."))]
+    ov_rel = (meta.get("openvino_models") or {}).get(precision)
+    if ov_rel:
+        out += [f for f in (ov_rel, openvino_weights(ov_rel)) if f in meta["files"]]
+    return out
 
 
 # Bundles written before the metadata recorded "fp32_islands" all hold MadCLIP's graph, whose FP32 tail starts
@@ -231,12 +249,33 @@ class Bundle:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        """Model variants present, in PRECISIONS order."""
-        return tuple(p for p in PRECISIONS if p in self.meta["models"])
+        """Model variants present (ONNX or OpenVINO IR files), in PRECISIONS order."""
+        return tuple(p for p in PRECISIONS if p in self.meta["models"] or p in self.openvino_models)
 
-    def model_path(self, precision: str = FP32) -> str:
-        """Absolute path of a model variant; BundleError if the bundle does not have it."""
+    def has_precision(self, precision: str) -> bool:
+        """A variant file for `precision`, or the graph it runs with a runtime hint (bf16: the fp32 graph)."""
+        return precision in self.precisions or RUNTIME_PRECISION_OF.get(precision) in self.meta["models"]
+
+    @property
+    def openvino_models(self) -> dict[str, str]:
+        """{precision: IR .xml} of the OpenVINO variants (NNCF INT8)."""
+        return dict(self.meta.get("openvino_models") or {})
+
+    def model_path(self, precision: str = FP32, backend: str | None = None) -> str:
+        """Absolute path of the graph `backend` runs at `precision` (openvino int8: the NNCF IR; bf16: the
+        fp32 graph); BundleError if the bundle does not have it."""
+        if backend == OPENVINO and precision in OPENVINO_MODEL_FILES:
+            rel = self.openvino_models.get(precision)
+            if rel is None:
+                wanted = OPENVINO_MODEL_FILES[precision]
+                raise BundleError(f"{self.path}: no OpenVINO {precision} model ({wanted}) in "
+                                  f"this bundle: re-export with --int8 where openvino and nncf are installed")
+            path = os.path.join(self.path, rel)
+            if not os.path.isfile(path):
+                raise BundleError(f"{path}: missing (listed in {METADATA_FILE})")
+            return path
         models = self.meta["models"]
+        precision = RUNTIME_PRECISION_OF.get(precision, precision)
         if precision not in models:
             wanted = MODEL_FILES.get(precision, precision)
             raise BundleError(f"{self.path}: no {precision} model ({wanted}) in this bundle "
@@ -271,9 +310,10 @@ def _verify_files(path: str, meta: dict[str, Any], which: str | bool, precision:
     if mode == "model":
         if precision is None:
             raise ValueError("verify='model' needs a precision")
-        if precision not in meta["models"]:
+        ov = meta.get("openvino_models") or {}
+        if not model_files(meta, precision):
             raise BundleError(f"{path}: no {precision} model in this bundle "
-                              f"(has {', '.join(p for p in PRECISIONS if p in meta['models'])})")
+                              f"(has {', '.join(p for p in PRECISIONS if p in meta['models'] or p in ov)})")
         hashed: Iterable[str] = set(model_files(meta, precision)) | ({GOLDEN_FILE} & set(files))
     elif mode == "all":
         hashed = set(files)

@@ -13,7 +13,8 @@ import os
 import re
 from typing import Any
 
-from ..contract import ANOMALY_MAP, OUTPUT_NAMES, PRECISIONS, SCORE, SCORE_MAP_MAX, SCORE_NAMES
+from ..contract import (ANOMALY_MAP, OPENVINO_MODEL_FILES, OPENVINO_WEIGHTS_SUFFIX, OUTPUT_NAMES, PRECISIONS,
+                        SCORE, SCORE_MAP_MAX, SCORE_NAMES)
 from ..errors import BundleError
 
 SCHEMA_VERSION = 2
@@ -184,6 +185,17 @@ def _models_and_files(where: str, meta: dict) -> None:
     for prec, rel in models.items():
         if rel not in files:
             raise _fail(where, f"models.{prec}", f"{rel} is not in the bundle's file list")
+    ov_models = _obj(where, "openvino_models", meta.get("openvino_models", {}))
+    for prec, rel in ov_models.items():
+        if prec not in OPENVINO_MODEL_FILES:
+            raise _fail(where, f"openvino_models.{prec}", f"unknown OpenVINO variant (expected "
+                                                          f"{', '.join(OPENVINO_MODEL_FILES)})")
+        _relpath(where, f"openvino_models.{prec}", rel)
+        if not rel.endswith(".xml"):
+            raise _fail(where, f"openvino_models.{prec}", f"must be an OpenVINO IR .xml, got {_show(rel)}")
+        for part in (rel, rel[: -len(".xml")] + OPENVINO_WEIGHTS_SUFFIX):
+            if part not in files:
+                raise _fail(where, f"openvino_models.{prec}", f"{part} is not in the bundle's file list")
 
 
 def validate_metadata(meta: Any, where: str) -> None:

@@ -4,7 +4,8 @@
                   [--iters 50] [--warmup 5] [--image scan.png] [--json bench.json]
 
 One row per backend x precision (of those requested, default all; precisions default to the bundle's):
-    cold start     the backend's load time (session creation, or TensorRT engine build/load)
+    cold start     the backend's load time (session creation, TensorRT engine build/load, OpenVINO compile)
+    2nd start      the load time of a second load right after (TensorRT and OpenVINO: from their caches)
     latency        p50 / p95 / mean of model inference at batch 1 over --iters runs after --warmup runs
     end to end     p50 of decode + preprocess + inference + postprocess of one real image file
     stages         median ms of decode, preprocess, inference, postprocess (from the same runs)
@@ -12,6 +13,8 @@ One row per backend x precision (of those requested, default all; precisions def
     peak RSS       resource.getrusage(RUSAGE_SELF).ru_maxrss after the row: the PROCESS peak so far, so it
                    only grows from row to row (run one backend per process to compare them)
     golden err     max |score - reference| on golden.npz (a sanity check that the row computed the right thing)
+    map p99 err    99th percentile |anomaly_map - reference| on golden.npz
+    flips          golden inputs whose decision (bundle threshold) differs from the FP32 reference's
 
 Combinations that cannot run here (backend not available, precision not in the bundle, int8 on a GPU
 backend) are listed as skipped with the reason. The runtime never imports torch: the PyTorch-eager row of the
@@ -36,7 +39,8 @@ from rich.table import Table
 from .. import INTENDED_USE
 from ..atomic import atomic_write_text
 from .common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
-from ..contract import BACKENDS, FP16, GOLDEN_INPUT, ORT_CPU, PRECISIONS, SCORE
+from ..contract import (ANOMALY_MAP, BACKENDS, BF16, FP16, GOLDEN_INPUT, OPENVINO, ORT_CPU, PRECISIONS, SCORE,
+                        decide)
 from ..machine import machine_description, peak_rss_mb
 from ..errors import MadclipError
 from ..safe_text import escape_control
@@ -52,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; unavailable ones are skipped)")
     p.add_argument("--precisions", default=None,
-                   help="comma-separated subset of fp32,fp16,int8 (default: the variants in the bundle)")
+                   help=f"comma-separated subset of {','.join(PRECISIONS)} (default: the bundle's; bf16 "
+                        f"runs the fp32 graph on openvino)")
     p.add_argument("--batch", type=bounded_int(1, 4096), default=None, help="batch size for throughput (default: bundle max batch)")
     p.add_argument("--iters", type=bounded_int(1, 1_000_000), default=50, help="timed batch-1 runs per row (default 50)")
     p.add_argument("--warmup", type=bounded_int(0, 1_000_000), default=5, help="untimed batch-1 runs first (default 5)")
@@ -135,8 +140,16 @@ def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, go
         thr = throughput(pred.backend.run, batch_of(golden[GOLDEN_INPUT], batch), thr_iters)
         out = pred.backend.run(golden[GOLDEN_INPUT].astype(np.float32))
         row = row_from_runs(runs, pred.load_seconds, thr, batch)
+        key, t = pred.score_name, pred.threshold
+        flips = None if t is None else int(sum(decide(float(a), t) != decide(float(b), t)
+                                               for a, b in zip(out[key], golden[key])))
         row.update(provider=pred.provider,
-                   golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))))
+                   golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))),
+                   golden_map_p99_abs_err=float(np.percentile(np.abs(out[ANOMALY_MAP] - golden[ANOMALY_MAP]),
+                                                              99)),
+                   golden_decision_flips=flips)
+    with load(bundle, backend=backend, precision=precision, cache_dir=cache_dir) as again:
+        row["second_start_s"] = round(again.load_seconds, 4)
     return row
 
 
@@ -146,8 +159,8 @@ def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, go
 def _table(rows: list[dict[str, Any]]) -> Table:
     """Measured rows; skipped combinations go in the caption-like list printed after it."""
     t = Table(title="madclip-bench (latency: model only, batch 1; stages: median ms)")
-    cols = ("backend", "precision", "provider", "cold s", "p50 ms", "p95 ms", "e2e ms",
-            "decode/prep/infer/post ms", "img/s", "peak RSS MB", "golden err")
+    cols = ("backend", "precision", "provider", "cold s", "2nd s", "p50 ms", "p95 ms", "e2e ms",
+            "decode/prep/infer/post ms", "img/s", "peak RSS MB", "golden err", "map p99 err", "flips")
     for c in cols:
         t.add_column(c, justify="left" if c in ("backend", "precision", "provider") else "right")
     for r in rows:
@@ -156,9 +169,11 @@ def _table(rows: list[dict[str, Any]]) -> Table:
         st = r["stages_ms"]
         stages = "/".join(f"{st[k]:.2f}" for k in ("decode", "preprocess", "inference", "postprocess"))
         t.add_row(r["backend"], r["precision"], str(r["provider"]).replace("ExecutionProvider", ""),
-                  f"{r['cold_start_s']:.2f}", f"{r['latency_p50_ms']:.2f}", f"{r['latency_p95_ms']:.2f}",
-                  f"{r['end_to_end_p50_ms']:.2f}", stages, f"{r['throughput_ips']:.1f} @{r['throughput_batch']}",
-                  f"{r['peak_rss_mb']:.0f}", f"{r['golden_score_max_abs_err']:.1e}")
+                  f"{r['cold_start_s']:.2f}", f"{r['second_start_s']:.2f}", f"{r['latency_p50_ms']:.2f}",
+                  f"{r['latency_p95_ms']:.2f}", f"{r['end_to_end_p50_ms']:.2f}", stages,
+                  f"{r['throughput_ips']:.1f} @{r['throughput_batch']}", f"{r['peak_rss_mb']:.0f}",
+                  f"{r['golden_score_max_abs_err']:.1e}", f"{r['golden_map_p99_abs_err']:.1e}",
+                  "-" if r["golden_decision_flips"] is None else str(r["golden_decision_flips"]))
     return t
 
 
@@ -188,7 +203,9 @@ def _main(argv: Sequence[str] | None) -> int:
     bundle = load_bundle(args.bundle, verify=True)
     golden = read_golden(bundle)
     backends = _split(args.backends, BACKENDS, "backends")
-    precisions = _split(args.precisions, PRECISIONS, "precisions") if args.precisions else list(bundle.precisions)
+    precisions = _split(args.precisions, PRECISIONS, "precisions") if args.precisions else [
+        p for p in PRECISIONS if p in bundle.precisions or (p == BF16 and OPENVINO in backends
+                                                           and bundle.has_precision(p))]
     batch = args.batch or bundle.max_batch or 8
     if batch < 1 or (bundle.max_batch and batch > bundle.max_batch):
         raise MadclipError(f"--batch must be in 1..{bundle.max_batch or 'inf'} for this bundle, got {batch}")
@@ -210,7 +227,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for be in backends:
             for prec in precisions:
                 row: dict[str, Any] = {"backend": be, "precision": prec}
-                if prec not in bundle.precisions:
+                if not bundle.has_precision(prec):
                     rows.append({**row, "status": "skipped", "reason": f"no {prec} model in the bundle"})
                     continue
                 if be not in available:

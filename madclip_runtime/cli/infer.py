@@ -123,7 +123,8 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
         table.add_row("anomaly_map p99 |err|", f"{res['map_p99_abs_err']:.3g}", f"{tol['map_p99']:g}")
         table.add_row("anomaly_map max |err|", f"{res['map_max_abs_err']:.3g}", "(reported)")
         if res["label_agreement"] is not None:
-            table.add_row("decision agreement", f"{res['label_agreement']:.0%}", "(reported)")
+            agree = f"{res['label_agreement']:.0%} ({res['decision_flips']} flipped)"
+            table.add_row("decision agreement", agree, "(reported)")
         table.add_row("export decisions reproduced", "yes" if res["decisions_reproduced"] else
                       f"NO ({res['n_changed']} changed)", "all")
         out.print(table)

@@ -4,8 +4,9 @@ Every backend takes float32 images [B, 3, H, W] and returns float32 `score` [B],
 and `score_map_max` [B]. It reports the provider that ACTUALLY runs: onnxruntime-gpu silently falls back to
 the CPU when CUDA or TensorRT cannot start (docs/ARCHITECTURE.md §4), which we turn into BackendUnavailable.
 
-Names, fastest first: "trt" (native TensorRT engine), "ort-trt", "ort-cuda", "ort-cpu".
-onnxruntime and tensorrt are imported lazily; a missing one is a one-line BackendUnavailable.
+Names, fastest first: "trt" (native TensorRT engine), "ort-trt", "ort-cuda", "openvino" (x86 CPUs: fp32,
+bf16, NNCF int8; `openvino_engine`), "ort-cpu".
+onnxruntime, tensorrt and openvino are imported lazily; a missing one is a one-line BackendUnavailable.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from . import cuda_probe, trt_engine, trt_rules
-from ..contract import BACKENDS, FP16, INPUT_NAME, INT8, ORT_CPU, ORT_CUDA, ORT_TRT, PRECISIONS, TRT
+from . import cuda_probe, openvino_engine, trt_engine, trt_rules
+from ..contract import (BACKENDS, BF16, FP16, FP32, INPUT_NAME, INT8, OPENVINO, OPENVINO_PRECISIONS, ORT_CPU,
+                        ORT_CUDA, ORT_TRT, PRECISIONS, TRT)
 from ..errors import BackendUnavailable, BundleError, InputError
 
 log = logging.getLogger(__name__)
@@ -97,25 +99,41 @@ def available_backends() -> list[str]:
     for name in (ORT_TRT, ORT_CUDA, ORT_CPU):
         if PROVIDERS[name] in providers and (name == ORT_CPU or gpu):
             found.append(name)
+    if openvino_engine.installed():
+        found.insert(found.index(ORT_CPU) if ORT_CPU in found else len(found), OPENVINO)
     return found
 
 
-def resolve_auto(precision: str) -> str:
+def resolve_auto(precision: str, has_openvino_int8: bool = False) -> str:
     """The fastest available backend for `precision` (trt > ort-trt > ort-cuda > ort-cpu).
 
     int8 is the CPU path (dynamic quantisation), so it resolves to ort-cpu. fp16 keeps its precision even
     when only the CPU is left, although FP16 on a CPU is slower than FP32 (docs/ARCHITECTURE.md §3): the bundle
-    decides the precision, the backend does not silently change it.
+    decides the precision, the backend does not silently change it. On the CPU, openvino replaces ort-cpu by
+    `openvino_engine.prefer_for` (bf16 always, int8 with the bundle's OpenVINO INT8 IR; fp32 only without
+    onnxruntime).
     """
     _check_precision(precision)
     found = available_backends()
     if not found:
         raise BackendUnavailable('no inference backend available: pip install "madclip[cpu]" (or "madclip[gpu]")')
+    if precision == BF16:
+        if OPENVINO not in found:
+            raise BackendUnavailable(f'bf16 runs on the {OPENVINO} backend: pip install "madclip[openvino]"')
+        return OPENVINO
+    on_gpu = any(name not in (OPENVINO, ORT_CPU) for name in found)
+    if OPENVINO in found and (precision == INT8 or not on_gpu):
+        only_openvino = precision == FP32 and ORT_CPU not in found
+        if openvino_engine.prefer_for(precision, has_openvino_int8) or only_openvino:
+            return OPENVINO
     if precision == INT8:
         if ORT_CPU not in found:
             raise BackendUnavailable("the int8 model needs onnxruntime's CPU provider, which is not available")
         return ORT_CPU
-    choice = next(name for name in BACKENDS if name in found)
+    choice = next((name for name in BACKENDS if name in found and name != OPENVINO), None)
+    if choice is None:
+        raise BackendUnavailable(f'{precision} needs onnxruntime here: pip install "madclip[cpu]" '
+                                 f'(or "madclip[gpu]")')
     if choice == ORT_CPU and precision == FP16:
         log.warning("no GPU backend available: running the fp16 model on the CPU (slower than fp32 there)")
     return choice
@@ -307,6 +325,10 @@ def create_backend(
     if not path.is_file():
         raise BundleError(f"{path}: model file not found")
     start = time.perf_counter()
+    if name == OPENVINO:
+        return _create_openvino(path, precision, max_batch, cache_dir, onnx_sha256, start)
+    if precision not in (FP32, FP16, INT8):
+        raise BackendUnavailable(f"{name}: {precision} runs on the {OPENVINO} backend (--backend {OPENVINO})")
     if name == TRT:
         return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ()))
     return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
@@ -427,4 +449,45 @@ def _create_trt(
     runner = trt_engine.TrtRunner(engine_path)
     backend = TrtBackend(runner, precision, time.perf_counter() - start)
     log.info("trt: %s loaded in %.2f s", engine_path.name, backend.load_seconds)
+    return backend
+
+
+class OpenVinoBackend(Backend):
+    """An OpenVINO compiled model on the CPU (`openvino_engine`)."""
+
+    def __init__(self, runner: openvino_engine.OpenVinoRunner, precision: str, max_batch: int, seconds: float,
+                 info: dict[str, Any]):
+        self.name, self.precision, self.max_batch = OPENVINO, precision, int(max_batch)
+        # int8: the IR's quantized ops run INT8, the FP32 tail f32 (the inference precision hint)
+        self.provider = f"OpenVINO CPU ({'int8 IR' if precision == INT8 else info['inference_precision']})"
+        self.runner, self.load_seconds, self.info = runner, seconds, info
+
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if self.runner is None:
+            raise BackendUnavailable(f"{OPENVINO} backend is closed")
+        return self.runner.run(images)
+
+    def close(self) -> None:
+        self.runner = None
+
+
+def _create_openvino(path: Path, precision: str, max_batch: int, cache_dir: str | None,
+                     model_id: str | None, start: float) -> Backend:
+    if precision not in OPENVINO_PRECISIONS:
+        runs = ", ".join(OPENVINO_PRECISIONS)
+        raise BackendUnavailable(f"{OPENVINO}: no {precision} path (it runs {runs}); "
+                                 f"fp16 is the GPU variant")
+    if precision == INT8 and path.suffix != ".xml":
+        raise BundleError(f"{path}: the {OPENVINO} int8 model is the NNCF IR (model_int8_ov.xml); re-export "
+                          f"with --int8 where openvino and nncf are installed")
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if model_id is None:
+        # an IR is .xml + .bin; for an ONNX graph file_sha256 adds its .data itself
+        parts = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+        model_id = trt_rules.content_id([trt_rules.file_sha256(p) for p in parts if p.is_file()])
+    ov_dir = openvino_engine.cache_dir_for(root, model_id)
+    runner, info = openvino_engine.compile_model(path, precision, ov_dir)
+    backend = OpenVinoBackend(runner, precision, max_batch, time.perf_counter() - start, info)
+    log.info("%s: %s compiled (%s) in %.2f s, cache %s", OPENVINO, path.name, info["inference_precision"],
+             backend.load_seconds, ov_dir)
     return backend

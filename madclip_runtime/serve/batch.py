@@ -34,7 +34,7 @@ from ..atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from ..cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
                           finite_float, run_cli, setup_logging)
 from ..cli.infer import BACKEND_CHOICES, PRECISION_CHOICES
-from ..contract import ANOMALY_MAP, FP32, SCORE, SCORE_MAP_MAX
+from ..contract import ANOMALY_MAP, FP32, INT8, SCORE, SCORE_MAP_MAX
 from ..errors import MadclipError
 from ..cli.results import check_out_dir, expand_each, file_stem, progress_bar
 from ..outputs import (MAP_NPY, MAP_PNG16, RECORD_JSON, SUMMARY_CSV, SUMMARY_PARQUET, mark_output_dir, output_path,
@@ -283,7 +283,7 @@ def run_batch(files: Sequence[str], cfg: ServeConfig, out_dir: str, actors: int 
         if backend_name == "auto":
             from ..engines.backends import resolve_auto
 
-            backend_name = resolve_auto(precision)
+            backend_name = resolve_auto(precision, INT8 in bundle.openvino_models)
         for row in ds.iter_rows():
             key = str(row["key"])
             rec = _slice_record(row, threshold, bundle.score_name, backend_name, precision)
