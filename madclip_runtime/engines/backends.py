@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from . import cuda_probe, openvino_engine, trt_engine, trt_rules
-from ..contract import (BACKENDS, BF16, FP16, FP32, INPUT_NAME, INT8, OPENVINO, OPENVINO_PRECISIONS, ORT_CPU,
-                        ORT_CUDA, ORT_TRT, PRECISIONS, TRT)
+from ..contract import (BACKENDS, BF16, FP16, FP32, INPUT_NAME, INT8, OPENVINO, OPENVINO_PRECISIONS,
+                        OPENVINO_WEIGHTS_SUFFIX, ORT_CPU, ORT_CUDA, ORT_TRT, PRECISIONS, TRT)
 from ..errors import BackendUnavailable, BundleError, InputError
 
 log = logging.getLogger(__name__)
@@ -483,7 +483,7 @@ def _create_openvino(path: Path, precision: str, max_batch: int, cache_dir: str 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if model_id is None:
         # an IR is .xml + .bin; for an ONNX graph file_sha256 adds its .data itself
-        parts = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+        parts = [path, path.with_suffix(OPENVINO_WEIGHTS_SUFFIX)] if path.suffix == ".xml" else [path]
         model_id = trt_rules.content_id([trt_rules.file_sha256(p) for p in parts if p.is_file()])
     ov_dir = openvino_engine.cache_dir_for(root, model_id)
     runner, info = openvino_engine.compile_model(path, precision, ov_dir)
