@@ -47,7 +47,7 @@ def text_tower(backbone: str, repeats: int) -> dict:
         prompts = MediPrompts(clip, tok, causal=causal)
         prompts.token_embedding.requires_grad_(False)
         prompts.encoder.requires_grad_(False)
-        out[name] = _median_ms(lambda: prompts().square().sum().backward(), repeats)
+        out[name] = _median_ms(lambda p=prompts: p().square().sum().backward(), repeats)
     return {"backbone": backbone, "text_fwd_bwd_ms": out}
 
 

@@ -6,12 +6,11 @@ import argparse
 import sys
 
 from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
-
-OPSET_DEFAULT = 18
-
 from madclip_runtime.cli.common import ArgumentParser, bounded_int, err_console, run_cli, setup_logging
 from madclip_runtime.contract import ANOMALY_MAP, FP32, OPENVINO, SCORE
 from madclip_runtime.safe_text import escape_control
+
+OPSET_DEFAULT = 18
 
 
 def parser() -> argparse.ArgumentParser:

@@ -297,12 +297,13 @@ def shots_record(samples: Sequence[Sample], root: str | os.PathLike | None = Non
 
 
 def load_arrays(
-    samples: Sequence[Sample], spec: PreprocessSpec = PreprocessSpec()
+    samples: Sequence[Sample], spec: PreprocessSpec | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read and preprocess samples: images float32 [N, 3, S, S], masks bool [N, S, S], labels int64 [N].
 
     Normal images, and abnormal images of mask-less datasets, get all-zero masks.
     """
+    spec = PreprocessSpec() if spec is None else spec
     s = spec.image_size
     n = len(samples)
     images = np.empty((n, 3, s, s), dtype=np.float32)  # [N, 3, S, S]

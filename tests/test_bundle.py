@@ -310,7 +310,7 @@ def test_no_golden_and_no_calibration(tmp_path):
     assert b.precisions == ("int8",)
     assert not b.has_golden
     with pytest.raises(BundleError, match="no golden.npz"):
-        b.golden_path
+        _ = b.golden_path
 
 
 def test_write_metadata_rejects_missing_model(tmp_path):

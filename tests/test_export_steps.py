@@ -50,6 +50,7 @@ def test_the_pipeline_is_the_named_steps_in_order():
         "fp16_step",
         "engine_step",
         "int8_step",
+        "openvino_step",
         "triton_step",
         "write_bundle_step",
     ]

@@ -90,7 +90,8 @@ def test_siglip_loss_hand_computed():
     s_n = torch.tensor([[0.5, -0.5], [1.0, 0.0]])
     s_ab = torch.tensor([[0.2, 0.4], [-1.0, 0.3]])
     y = torch.tensor([1, 0])
-    ls = lambda v: math.log(1 / (1 + math.exp(-v)))
+    def ls(v):
+        return math.log(1 / (1 + math.exp(-v)))
     # image 0 (z=+1): mean log s(-S_n) + mean log s(S_ab); image 1 (z=-1): mean log s(S_n) + mean log s(-S_ab)
     img0 = (ls(-0.5) + ls(0.5)) / 2 + (ls(0.2) + ls(0.4)) / 2
     img1 = (ls(1.0) + ls(0.0)) / 2 + (ls(1.0) + ls(-0.3)) / 2

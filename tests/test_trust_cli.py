@@ -2,6 +2,7 @@
 open_clip's INFO chatter quieted. Regression tests for issue 10's observed cases."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -81,12 +82,12 @@ def test_type_helpers():
     f = finite_float(0.0, 1.0, min_open=True)
     assert f("0.5") == 0.5 and f("1") == 1.0
     for bad in ("nan", "NaN", "inf", "-Infinity", "0", "1.01", "x"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             f(bad)
     i = bounded_int(1, 10)
     assert i("10") == 10 and i(" 3 ") == 3
     for bad in ("0", "11", "1.0", "nan", ""):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             i(bad)
 
 

@@ -33,8 +33,9 @@ class MVFAExport(nn.Module):
         self.masks_mode = model.masks_mode
         self.n_layers = len(tower.taps)
         self.register_buffer("text", model.text.detach().float().clone())
-        for l in range(self.n_layers):
-            self.register_buffer(f"{BANK_PREFIX}{l}", model.bank[l].detach().float().t().contiguous())  # [E, N]
+        for layer in range(self.n_layers):
+            bank = model.bank[layer].detach().float().t().contiguous()  # [E, N]
+            self.register_buffer(f"{BANK_PREFIX}{layer}", bank)
         self.register_buffer("one", torch.ones(1))  # starts the FP32 few-shot tail (see the module docstring)
         self.register_buffer("norm_lo", model.norm_lo.detach().float().clone())
         self.register_buffer("norm_scale", model.norm_scale.detach().float().clone())
@@ -44,9 +45,9 @@ class MVFAExport(nn.Module):
         mids = seg if self.masks_mode else det  # [L, B, 1+P, E]
         zmap, z = zero_shot(mids, self.text, self.image_size)
         dists = []
-        for l in range(self.n_layers):
-            q = torch.nn.functional.normalize(mids[l, :, 1:], dim=-1)  # [B, P, E]
-            sim = q @ getattr(self, f"{BANK_PREFIX}{l}")  # [B, P, N]
+        for layer in range(self.n_layers):
+            q = torch.nn.functional.normalize(mids[layer, :, 1:], dim=-1)  # [B, P, E]
+            sim = q @ getattr(self, f"{BANK_PREFIX}{layer}")  # [B, P, N]
             dists.append(self.one - sim.amax(dim=-1))  # [B, P]
         d = torch.stack(dists)  # [L, B, P]
         n_layers, b, p = d.shape

@@ -38,6 +38,6 @@ def seg_losses(mids: torch.Tensor, text: torch.Tensor, masks: torch.Tensor, imag
     up = upsample(logits.reshape(n_layers * b, p, 2).transpose(1, 2), image_size)  # [L*B, 2, S, S]
     p_ab = torch.softmax(up, dim=1)[:, 1].reshape(n_layers, b, image_size, image_size)
     m = masks > 0.5
-    focal = sum(focal_loss(p_ab[l], m) for l in range(n_layers))
-    dice = sum(dice_loss(p_ab[l], m) for l in range(n_layers))
+    focal = sum(focal_loss(p_ab[i], m) for i in range(n_layers))
+    dice = sum(dice_loss(p_ab[i], m) for i in range(n_layers))
     return focal, dice

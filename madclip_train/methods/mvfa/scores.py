@@ -58,7 +58,7 @@ def few_shot(mids: torch.Tensor, banks: torch.Tensor, image_size: int,
              exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """mids [L, B, 1+P, E], banks [L, N, E] unit rows -> (F [B, S, S], f [B])."""
     n_layers, b = mids.shape[:2]
-    d = torch.stack([nearest_distance(mids[l, :, 1:], banks[l], exclude) for l in range(n_layers)])  # [L, B, P]
+    d = torch.stack([nearest_distance(mids[i, :, 1:], banks[i], exclude) for i in range(n_layers)])  # [L, B, P]
     fmap = upsample(d.reshape(n_layers * b, 1, -1), image_size).reshape(n_layers, b, image_size, image_size)
     fmap = fmap.sum(dim=0)  # [B, S, S]
     return fmap, fmap.mean(dim=(1, 2))

@@ -39,7 +39,7 @@ def ensemble_sentences(objective: str) -> dict[str, list[str]]:
 def encode_ensemble(clip: nn.Module, tokenizer, objective: str, chunk: int = 64) -> torch.Tensor:
     """Text embeddings T [E, 2] (columns normal, abnormal), each column unit length. fp32."""
     cols = []
-    for cls, sentences in ensemble_sentences(objective).items():
+    for sentences in ensemble_sentences(objective).values():
         feats = []
         for start in range(0, len(sentences), chunk):
             tokens = tokenizer(sentences[start:start + chunk])
