@@ -3,6 +3,7 @@
 Every measured step runs as its own process (the console scripts users run), so its wall time and peak RSS
 are its own: peak RSS comes from os.wait4 on that child, not from a running maximum of this process.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,16 +64,29 @@ def demo_data(n_valid: int = 16, n_test: int = 20) -> Path:
     """The project's procedural demo dataset (generated once into the work folder)."""
     root = WORK / "data" / "Brain_AD"
     if not (root / "test").is_dir():
-        run([tool("madclip-demo-data"), "--out", str(WORK / "data"), "--n-valid", str(n_valid),
-             "--n-test", str(n_test), "--force"])
+        run(
+            [
+                tool("madclip-demo-data"),
+                "--out",
+                str(WORK / "data"),
+                "--n-valid",
+                str(n_valid),
+                "--n-test",
+                str(n_test),
+                "--force",
+            ]
+        )
     return root
 
 
 def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_description(), "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               **payload}
+    payload = {
+        "machine": machine_description(),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **payload,
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
@@ -82,8 +96,10 @@ def write_json(name: str, payload: dict) -> Path:
 
 def print_machine() -> None:
     m = machine_description()
-    console.print(f"machine: {m['cpu_model']}, {m['cpu_count']} cores, {m['ram_gb']} GB RAM, {m['platform']}, "
-                  f"python {m['python']}, onnxruntime {m.get('onnxruntime')}")
+    console.print(
+        f"machine: {m['cpu_model']}, {m['cpu_count']} cores, {m['ram_gb']} GB RAM, {m['platform']}, "
+        f"python {m['python']}, onnxruntime {m.get('onnxruntime')}"
+    )
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:

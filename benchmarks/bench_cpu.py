@@ -69,8 +69,8 @@ def build_model(method: str, backbone: str, size: int):
     """The method's model with random backbone weights (deterministic: init_seed 0, seed 0)."""
     import torch
 
-    from madclip_train.run import TrainRequest, resolve_configs
     from madclip_train.methods.registry import get_method
+    from madclip_train.run import TrainRequest, resolve_configs
 
     req = TrainRequest(data="", out="", method=method, backbone=backbone, pretrained="none", image_size=size)
     cfg, _ = resolve_configs(req, "Brain")

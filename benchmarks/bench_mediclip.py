@@ -12,6 +12,7 @@ and the adapters + map + focal/Dice forward + backward. Then whole epochs of the
 
 Writes benchmarks/results/mediclip_train.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,11 +69,15 @@ def measure(backbone: str, batch_size: int, n_shots: int, epochs: int, repeats: 
     spec = PreprocessSpec(image_size=size, interpolation="bilinear", normalize="clip")
     clip = create_clip(ModelConfig(backbone=backbone, pretrained="none", quick_gelu=True, preprocess=spec))
     torch.manual_seed(0)
-    net = MediCLIPNet(clip, open_clip.get_tokenizer(backbone), mediclip_taps(len(clip.visual.transformer.resblocks)), size)
+    net = MediCLIPNet(
+        clip, open_clip.get_tokenizer(backbone), mediclip_taps(len(clip.visual.transformer.resblocks)), size
+    )
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:size, :size]
-    disc = ((yy - 112) ** 2 + (xx - 112) ** 2 < 80 ** 2) * 110.0
-    shots = [np.clip(30 + disc + rng.normal(0, 20, (size, size)), 0, 255).astype(np.uint8) for _ in range(n_shots)]
+    disc = ((yy - 112) ** 2 + (xx - 112) ** 2 < 80**2) * 110.0
+    shots = [
+        np.clip(30 + disc + rng.normal(0, 20, (size, size)), 0, 255).astype(np.uint8) for _ in range(n_shots)
+    ]
     synth = Synthesizer(shots)
     idx = list(range(batch_size))
     images, labels, masks = build_batch(synth, idx, 0, 0, spec)
@@ -95,10 +100,16 @@ def measure(backbone: str, batch_size: int, n_shots: int, epochs: int, repeats: 
     def adapters_loss_fwd_bwd():
         mediclip_loss(net.map_logit(feats, dt), masks)["total"].backward()
 
-    parts = {name: _median_ms(fn, repeats) for name, fn in [
-        ("synthesis", synthesis), ("backbone_no_grad", backbone_no_grad),
-        ("backbone_inference_mode", backbone_inference_mode), ("text_tower_fwd_bwd", text_fwd_bwd),
-        ("adapters_map_loss_fwd_bwd", adapters_loss_fwd_bwd)]}
+    parts = {
+        name: _median_ms(fn, repeats)
+        for name, fn in [
+            ("synthesis", synthesis),
+            ("backbone_no_grad", backbone_no_grad),
+            ("backbone_inference_mode", backbone_inference_mode),
+            ("text_tower_fwd_bwd", text_fwd_bwd),
+            ("adapters_map_loss_fwd_bwd", adapters_loss_fwd_bwd),
+        ]
+    }
 
     optimizer = torch.optim.Adam(net.trainable_parameters(), lr=1e-3, betas=(0.5, 0.999))
 
@@ -120,11 +131,22 @@ def measure(backbone: str, batch_size: int, n_shots: int, epochs: int, repeats: 
     prefetched = epoch_time(True)
     import os
 
-    return {"backbone": backbone, "batch_size": batch_size, "load_average_1min_at_end": os.getloadavg()[0], "n_shots": n_shots, "image_size": size,
-            "step_ms": parts, "step_sum_ms": parts["synthesis"] + parts["backbone_no_grad"]
-            + parts["text_tower_fwd_bwd"] + parts["adapters_map_loss_fwd_bwd"],
-            "epoch_seconds_inline_synthesis": inline, "epoch_seconds_prefetch_thread": prefetched,
-            "steps_per_epoch": -(-n_shots // batch_size), "epochs_timed": epochs}
+    return {
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "n_shots": n_shots,
+        "image_size": size,
+        "step_ms": parts,
+        "step_sum_ms": parts["synthesis"]
+        + parts["backbone_no_grad"]
+        + parts["text_tower_fwd_bwd"]
+        + parts["adapters_map_loss_fwd_bwd"],
+        "epoch_seconds_inline_synthesis": inline,
+        "epoch_seconds_prefetch_thread": prefetched,
+        "steps_per_epoch": -(-n_shots // batch_size),
+        "epochs_timed": epochs,
+    }
 
 
 def main() -> None:
@@ -134,29 +156,68 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared, oversubscribed CPU two threads thrash)")
-    ap.add_argument("--text-only", action="store_true", help="only the text-tower comparison (maskless vs causal)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared, oversubscribed CPU two threads thrash)",
+    )
+    ap.add_argument(
+        "--text-only", action="store_true", help="only the text-tower comparison (maskless vs causal)"
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     print_machine()
     texts = [text_tower(b, args.repeats) for b in args.backbones]
-    table("MediCLIP text tower forward + backward per step (ms)", ["backbone", "maskless, 77 tokens (reference)",
-          "causal mask, cut after EOT"], [[t["backbone"], t["text_fwd_bwd_ms"]["maskless_77"],
-                                           t["text_fwd_bwd_ms"]["causal_cut_at_eot"]] for t in texts])
+    table(
+        "MediCLIP text tower forward + backward per step (ms)",
+        ["backbone", "maskless, 77 tokens (reference)", "causal mask, cut after EOT"],
+        [
+            [t["backbone"], t["text_fwd_bwd_ms"]["maskless_77"], t["text_fwd_bwd_ms"]["causal_cut_at_eot"]]
+            for t in texts
+        ],
+    )
     if args.text_only:
         write_json("mediclip_text.json", {"text_tower": texts, "torch_threads": args.threads})
         return
     results = [measure(b, args.batch_size, args.shots, args.epochs, args.repeats) for b in args.backbones]
-    rows = [[r["backbone"], *[r["step_ms"][k] for k in ("synthesis", "backbone_no_grad", "backbone_inference_mode",
-             "text_tower_fwd_bwd", "adapters_map_loss_fwd_bwd")], r["epoch_seconds_inline_synthesis"],
-             r["epoch_seconds_prefetch_thread"]] for r in results]
-    table(f"MediCLIP training step (batch {args.batch_size}, 224 px, ms) and epoch ({args.shots} shots, s)",
-          ["backbone", "synthesis", "backbone no_grad", "backbone inference_mode", "text fwd+bwd",
-           "adapters+loss fwd+bwd", "epoch inline", "epoch prefetch"], rows)
-    write_json("mediclip_train.json", {"results": results, "text_tower": texts, "torch_threads": args.threads})
+    rows = [
+        [
+            r["backbone"],
+            *[
+                r["step_ms"][k]
+                for k in (
+                    "synthesis",
+                    "backbone_no_grad",
+                    "backbone_inference_mode",
+                    "text_tower_fwd_bwd",
+                    "adapters_map_loss_fwd_bwd",
+                )
+            ],
+            r["epoch_seconds_inline_synthesis"],
+            r["epoch_seconds_prefetch_thread"],
+        ]
+        for r in results
+    ]
+    table(
+        f"MediCLIP training step (batch {args.batch_size}, 224 px, ms) and epoch ({args.shots} shots, s)",
+        [
+            "backbone",
+            "synthesis",
+            "backbone no_grad",
+            "backbone inference_mode",
+            "text fwd+bwd",
+            "adapters+loss fwd+bwd",
+            "epoch inline",
+            "epoch prefetch",
+        ],
+        rows,
+    )
+    write_json(
+        "mediclip_train.json", {"results": results, "text_tower": texts, "torch_threads": args.threads}
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ not run); for the tiny config the bank of a real `finalize()` is measured to che
 
     python benchmarks/bench_mvfa_bank.py
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 from _common import print_machine, table, write_json
 
@@ -38,10 +38,21 @@ def measured_tiny(k: int) -> int:
     from madclip_train.methods.mvfa.augment import augment_x11
 
     m = MVFAModel.build(ModelConfig(backbone="madclip-tiny", pretrained="none", objective="Brain"), seed=0)
-    imgs, masks, src = augment_x11(torch.rand(k + 1, 3, 240, 240), torch.zeros(k + 1, 240, 240, dtype=torch.bool))
+    imgs, masks, src = augment_x11(
+        torch.rand(k + 1, 3, 240, 240), torch.zeros(k + 1, 240, 240, dtype=torch.bool)
+    )
     labels = (src == k).long()  # one abnormal shot, k normal
-    source = type("Source", (), {"images": imgs, "labels": labels, "masks": masks, "groups": src,
-                                 "__len__": lambda self: len(labels)})()
+    source = type(
+        "Source",
+        (),
+        {
+            "images": imgs,
+            "labels": labels,
+            "masks": masks,
+            "groups": src,
+            "__len__": lambda self: len(labels),
+        },
+    )()
     m.finalize(source, "cpu")
     return m.bank.numel()
 
@@ -53,16 +64,45 @@ def main() -> None:
         tokens, e, params = geometry(backbone, 240)
         for k in (2, 4, 8, 16):
             values = 4 * VIEWS * k * tokens * e
-            rec = {"backbone": backbone, "k": k, "rows_per_layer": VIEWS * k * tokens, "dim": e, "values": values,
-                   "mb_fp32": values * 4 / 1e6, "mb_fp16": values * 2 / 1e6, "tower_mb_fp32": params * 4 / 1e6}
+            rec = {
+                "backbone": backbone,
+                "k": k,
+                "rows_per_layer": VIEWS * k * tokens,
+                "dim": e,
+                "values": values,
+                "mb_fp32": values * 4 / 1e6,
+                "mb_fp16": values * 2 / 1e6,
+                "tower_mb_fp32": params * 4 / 1e6,
+            }
             if backbone == "madclip-tiny" and k == 2:
                 rec["measured_values"] = measured_tiny(k)
             out.append(rec)
-            rows.append([backbone, k, rec["rows_per_layer"], e, rec["mb_fp32"], rec["mb_fp16"], rec["tower_mb_fp32"],
-                         rec.get("measured_values")])
-    table("MVFA memory bank (4 layers, 11 views per normal shot, image 240)",
-          ["backbone", "k", "rows/layer", "E", "bank MB fp32", "bank MB fp16", "tower MB fp32 (approx)",
-           "measured values"], rows)
+            rows.append(
+                [
+                    backbone,
+                    k,
+                    rec["rows_per_layer"],
+                    e,
+                    rec["mb_fp32"],
+                    rec["mb_fp16"],
+                    rec["tower_mb_fp32"],
+                    rec.get("measured_values"),
+                ]
+            )
+    table(
+        "MVFA memory bank (4 layers, 11 views per normal shot, image 240)",
+        [
+            "backbone",
+            "k",
+            "rows/layer",
+            "E",
+            "bank MB fp32",
+            "bank MB fp16",
+            "tower MB fp32 (approx)",
+            "measured values",
+        ],
+        rows,
+    )
     write_json("mvfa_bank.json", {"results": out})
 
 

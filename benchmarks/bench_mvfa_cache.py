@@ -13,6 +13,7 @@ pass and the optimiser step. Epoch time = median step x images per epoch (k norm
 Random weights (`--pretrained none`): timing does not depend on the weights. Writes
 benchmarks/results/mvfa_cache.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def measure(backbone: str, steps: int, shots: int, image_size: int = 240) -> dic
     from madclip_train.methods.mvfa import MVFAModel
 
     torch.manual_seed(0)
-    model = MVFAModel.build(ModelConfig(backbone=backbone, pretrained="none", objective="Brain",
-                                        image_size=image_size), seed=0)
+    model = MVFAModel.build(
+        ModelConfig(backbone=backbone, pretrained="none", objective="Brain", image_size=image_size), seed=0
+    )
     opt = torch.optim.Adam(model.trainable_parameters(has_masks=True), lr=1e-3, betas=(0.5, 0.999))
     image = torch.rand(1, 3, image_size, image_size)
     mask = torch.zeros(1, image_size, image_size)
@@ -60,11 +62,17 @@ def measure(backbone: str, steps: int, shots: int, image_size: int = 240) -> dic
     med = {k: statistics.median(v[1:]) for k, v in rows.items()}
     per_epoch = 2 * shots * 11
     step_cached = med["suffix_forward"] + med["losses"] + med["backward"] + med["optimizer"]
-    return {"backbone": backbone, "depth": len(model.tower.visual.transformer.resblocks), "taps": list(model.tower.taps),
-            "steps_measured": steps, "images_per_epoch": per_epoch,
-            "ms": {k: 1000 * v for k, v in med.items()},
-            "epoch_s_cached": per_epoch * step_cached, "epoch_s_uncached": per_epoch * (step_cached + med["prefix_forward"]),
-            "cache_mb_per_image_fp16": cached.numel() * 2 / 1e6}
+    return {
+        "backbone": backbone,
+        "depth": len(model.tower.visual.transformer.resblocks),
+        "taps": list(model.tower.taps),
+        "steps_measured": steps,
+        "images_per_epoch": per_epoch,
+        "ms": {k: 1000 * v for k, v in med.items()},
+        "epoch_s_cached": per_epoch * step_cached,
+        "epoch_s_uncached": per_epoch * (step_cached + med["prefix_forward"]),
+        "cache_mb_per_image_fp16": cached.numel() * 2 / 1e6,
+    }
 
 
 def main() -> None:
@@ -75,12 +83,35 @@ def main() -> None:
     args = p.parse_args()
     print_machine()
     results = [measure(b, args.steps, args.shots) for b in args.backbones]
-    cols = ["backbone", "prefix fwd ms", "suffix fwd ms", "losses ms", "backward ms", "adam ms", "epoch s cached",
-            "epoch s uncached", "speed-up"]
-    table(f"MVFA training step (batch 1, k={args.shots}: {2 * args.shots * 11} images/epoch)", cols,
-          [[r["backbone"], r["ms"]["prefix_forward"], r["ms"]["suffix_forward"], r["ms"]["losses"], r["ms"]["backward"],
-            r["ms"]["optimizer"], r["epoch_s_cached"], r["epoch_s_uncached"],
-            r["epoch_s_uncached"] / r["epoch_s_cached"]] for r in results])
+    cols = [
+        "backbone",
+        "prefix fwd ms",
+        "suffix fwd ms",
+        "losses ms",
+        "backward ms",
+        "adam ms",
+        "epoch s cached",
+        "epoch s uncached",
+        "speed-up",
+    ]
+    table(
+        f"MVFA training step (batch 1, k={args.shots}: {2 * args.shots * 11} images/epoch)",
+        cols,
+        [
+            [
+                r["backbone"],
+                r["ms"]["prefix_forward"],
+                r["ms"]["suffix_forward"],
+                r["ms"]["losses"],
+                r["ms"]["backward"],
+                r["ms"]["optimizer"],
+                r["epoch_s_cached"],
+                r["epoch_s_uncached"],
+                r["epoch_s_uncached"] / r["epoch_s_cached"],
+            ]
+            for r in results
+        ],
+    )
     write_json("mvfa_cache.json", {"results": results, "shots": args.shots, "steps": args.steps})
 
 

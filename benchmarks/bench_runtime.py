@@ -14,6 +14,7 @@ missing) and runs, each as its own process:
 
 Writes benchmarks/results/runtime.json and prints tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ from pathlib import Path
 
 from _common import WORK, demo_data, print_machine, run, table, tool, write_json
 
-LOAD_ONLY = ("import sys; from madclip_runtime import load; "
-             "load(sys.argv[1], backend='ort-cpu', precision=sys.argv[2]).close()")
+LOAD_ONLY = (
+    "import sys; from madclip_runtime import load; "
+    "load(sys.argv[1], backend='ort-cpu', precision=sys.argv[2]).close()"
+)
 
 
 def bundle_for(backbone: str, image_size: int) -> tuple[Path, Path]:
@@ -43,14 +46,32 @@ def infer_overhead(bundle: Path, precision: str, image: Path, repeats: int) -> d
     load, infer = [], []
     for _ in range(repeats):  # interleaved, so page-cache and clock drift hit both sides alike
         load.append(run([sys.executable, "-c", LOAD_ONLY, str(bundle), precision]).seconds)
-        infer.append(run([tool("madclip-infer"), str(image), "--bundle", str(bundle), "--backend", "ort-cpu",
-                          "--precision", precision, "--json"]))
+        infer.append(
+            run(
+                [
+                    tool("madclip-infer"),
+                    str(image),
+                    "--bundle",
+                    str(bundle),
+                    "--backend",
+                    "ort-cpu",
+                    "--precision",
+                    precision,
+                    "--json",
+                ]
+            )
+        )
     result = json.loads(infer[-1].stdout.splitlines()[-1])
     load_s, infer_s = statistics.median(load), statistics.median(m.seconds for m in infer)
-    return {"precision": precision, "load_only_wall_s": round(load_s, 3), "infer_one_wall_s": round(infer_s, 3),
-            "added_s": round(infer_s - load_s, 3), "model_latency_ms": result["latency_ms"],
-            "added_besides_model_s": round(infer_s - load_s - result["latency_ms"] / 1e3, 3),
-            "infer_peak_rss_mb": round(max(m.peak_rss_mb for m in infer), 1)}
+    return {
+        "precision": precision,
+        "load_only_wall_s": round(load_s, 3),
+        "infer_one_wall_s": round(infer_s, 3),
+        "added_s": round(infer_s - load_s, 3),
+        "model_latency_ms": result["latency_ms"],
+        "added_besides_model_s": round(infer_s - load_s - result["latency_ms"] / 1e3, 3),
+        "infer_peak_rss_mb": round(max(m.peak_rss_mb for m in infer), 1),
+    }
 
 
 def main() -> None:
@@ -67,21 +88,66 @@ def main() -> None:
         bundle, run_dir = bundle_for(backbone, args.image_size)
         iters = args.iters or (50 if backbone == "madclip-tiny" else 20)
         out_json = WORK / f"bench-{backbone}.json"
-        m = run([tool("madclip-bench"), "--bundle", str(bundle), "--iters", str(iters),
-                 "--warmup", "3", "--image", str(image), "--json", str(out_json)])
+        m = run(
+            [
+                tool("madclip-bench"),
+                "--bundle",
+                str(bundle),
+                "--iters",
+                str(iters),
+                "--warmup",
+                "3",
+                "--image",
+                str(image),
+                "--json",
+                str(out_json),
+            ]
+        )
         print(m.stdout)
         bench = json.loads(out_json.read_text())
-        torch_json = WORK / f"bench-{backbone}-pytorch.json"  # the PyTorch row, in its own process (torch-free runtime)
+        torch_json = (
+            WORK / f"bench-{backbone}-pytorch.json"
+        )  # the PyTorch row, in its own process (torch-free runtime)
         batch = bench["settings"]["batch"]
-        run([sys.executable, str(Path(__file__).with_name("pytorch_eager.py")), "--run", str(run_dir), "--bundle",
-             str(bundle), "--image", str(image), "--iters", str(iters), "--batch", str(batch), "--json", str(torch_json)])
+        run(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("pytorch_eager.py")),
+                "--run",
+                str(run_dir),
+                "--bundle",
+                str(bundle),
+                "--image",
+                str(image),
+                "--iters",
+                str(iters),
+                "--batch",
+                str(batch),
+                "--json",
+                str(torch_json),
+            ]
+        )
         bench["rows"].append(json.loads(torch_json.read_text()))
         export_report = json.loads((bundle / "export_report.json").read_text())
-        precisions = [r["precision"] for r in bench["rows"] if r["status"] == "ok" and r["backend"] == "ort-cpu"]
+        precisions = [
+            r["precision"] for r in bench["rows"] if r["status"] == "ok" and r["backend"] == "ort-cpu"
+        ]
         overhead = [infer_overhead(bundle, prec, image, args.repeats) for prec in precisions]
-        results.append({"backbone": backbone, "bench": bench, "infer_overhead": overhead,
-                        "export_parity": {k: {"decision_flips": v.get("decision_flips"), "n_images": v["n_images"],
-                                              "errors": v["errors"]} for k, v in export_report["variants"].items()}})
+        results.append(
+            {
+                "backbone": backbone,
+                "bench": bench,
+                "infer_overhead": overhead,
+                "export_parity": {
+                    k: {
+                        "decision_flips": v.get("decision_flips"),
+                        "n_images": v["n_images"],
+                        "errors": v["errors"],
+                    }
+                    for k, v in export_report["variants"].items()
+                },
+            }
+        )
 
     rows = []
     for r in results:
@@ -91,17 +157,61 @@ def main() -> None:
             ratio = torch_row["latency_p50_ms"] / x["latency_p50_ms"] if torch_row else None
             flips = r["export_parity"].get(prec, {}).get("decision_flips") if be != "pytorch-eager" else None
             n = r["export_parity"]["fp32"]["n_images"]
-            rows.append([r["backbone"], be, prec, x["cold_start_s"], x["latency_p50_ms"], x["latency_p95_ms"],
-                         x["throughput_ips"], x["peak_rss_mb"], f"{ratio:.2f}x" if ratio else None,
-                         f"{flips}/{n}" if flips is not None and prec != "fp32" else None])
-    table("runtime latency, batch 1 (p50/p95 ms, model only), throughput at max batch",
-          ["backbone", "backend", "precision", "cold s", "p50 ms", "p95 ms", "img/s", "peak RSS MB",
-           "speed vs PyTorch", "decision flips vs fp32"], rows)
-    table("madclip-infer on one image: what scoring adds to loading the model (fresh processes, medians)",
-          ["backbone", "precision", "load-only process s", "infer process s", "added s", "model ms",
-           "added besides the model s"],
-          [[r["backbone"], o["precision"], o["load_only_wall_s"], o["infer_one_wall_s"], o["added_s"],
-            o["model_latency_ms"], o["added_besides_model_s"]] for r in results for o in r["infer_overhead"]])
+            rows.append(
+                [
+                    r["backbone"],
+                    be,
+                    prec,
+                    x["cold_start_s"],
+                    x["latency_p50_ms"],
+                    x["latency_p95_ms"],
+                    x["throughput_ips"],
+                    x["peak_rss_mb"],
+                    f"{ratio:.2f}x" if ratio else None,
+                    f"{flips}/{n}" if flips is not None and prec != "fp32" else None,
+                ]
+            )
+    table(
+        "runtime latency, batch 1 (p50/p95 ms, model only), throughput at max batch",
+        [
+            "backbone",
+            "backend",
+            "precision",
+            "cold s",
+            "p50 ms",
+            "p95 ms",
+            "img/s",
+            "peak RSS MB",
+            "speed vs PyTorch",
+            "decision flips vs fp32",
+        ],
+        rows,
+    )
+    table(
+        "madclip-infer on one image: what scoring adds to loading the model (fresh processes, medians)",
+        [
+            "backbone",
+            "precision",
+            "load-only process s",
+            "infer process s",
+            "added s",
+            "model ms",
+            "added besides the model s",
+        ],
+        [
+            [
+                r["backbone"],
+                o["precision"],
+                o["load_only_wall_s"],
+                o["infer_one_wall_s"],
+                o["added_s"],
+                o["model_latency_ms"],
+                o["added_besides_model_s"],
+            ]
+            for r in results
+            for o in r["infer_overhead"]
+        ],
+    )
     write_json("runtime.json", {"settings": vars(args), "results": results})
 
 

@@ -20,6 +20,7 @@
 
 Writes benchmarks/results/serve.json and prints tables. Client and server share this machine's cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,27 @@ def bundle_for(backbone: str, image_size: int) -> Path:
         return bundle
     run_dir = SERVE_WORK / "runs" / backbone
     if not (run_dir / "checkpoint.safetensors").is_file():
-        run([tool("madclip-train"), "--data", str(demo_data()), "--out", str(run_dir), "--backbone", backbone,
-             "--pretrained", "none", "--image-size", str(image_size), "--shots", "4", "--epochs", "1",
-             "--no-augment", "--force"])
+        run(
+            [
+                tool("madclip-train"),
+                "--data",
+                str(demo_data()),
+                "--out",
+                str(run_dir),
+                "--backbone",
+                backbone,
+                "--pretrained",
+                "none",
+                "--image-size",
+                str(image_size),
+                "--shots",
+                "4",
+                "--epochs",
+                "1",
+                "--no-augment",
+                "--force",
+            ]
+        )
     run([tool("madclip-export"), str(run_dir), "--out", str(bundle), "--max-batch", "8", "--force"])
     return bundle
 
@@ -57,8 +76,18 @@ def bundle_for(backbone: str, image_size: int) -> Path:
 def demo_images(n_valid: int, n_test: int) -> Path:
     root = SERVE_WORK / "data" / "Brain_AD"
     if not (root / "test").is_dir():
-        run([tool("madclip-demo-data"), "--out", str(SERVE_WORK / "data"), "--n-valid", str(n_valid),
-             "--n-test", str(n_test), "--force"])
+        run(
+            [
+                tool("madclip-demo-data"),
+                "--out",
+                str(SERVE_WORK / "data"),
+                "--n-valid",
+                str(n_valid),
+                "--n-test",
+                str(n_test),
+                "--force",
+            ]
+        )
     return root
 
 
@@ -94,13 +123,22 @@ async def load_level(url: str, bodies: list[bytes], concurrency: int, total: int
             lat.append(time.perf_counter() - t0)
 
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout
+    ) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
     wall = time.perf_counter() - t_start
-    return {"concurrency": concurrency, "requests": sent, "ok": len(lat), "failed": len(failures),
-            "failures": failures[:5], "wall_s": round(wall, 3), "throughput_rps": round(len(lat) / wall, 2),
-            "p50_ms": round(_pct(lat, 50) * 1e3, 1) if lat else None,
-            "p99_ms": round(_pct(lat, 99) * 1e3, 1) if lat else None}
+    return {
+        "concurrency": concurrency,
+        "requests": sent,
+        "ok": len(lat),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(len(lat) / wall, 2),
+        "p50_ms": round(_pct(lat, 50) * 1e3, 1) if lat else None,
+        "p99_ms": round(_pct(lat, 99) * 1e3, 1) if lat else None,
+    }
 
 
 def _stats(url: str) -> dict:
@@ -110,8 +148,15 @@ def _stats(url: str) -> dict:
         return json.loads(r.read())["replica_stats"]
 
 
-def load_test(backbone: str, bundle: Path, bodies: list[bytes], levels: list[int], requests: dict[int, int],
-              max_s: float, batch_wait_ms: float) -> list[dict]:
+def load_test(
+    backbone: str,
+    bundle: Path,
+    bodies: list[bytes],
+    levels: list[int],
+    requests: dict[int, int],
+    max_s: float,
+    batch_wait_ms: float,
+) -> list[dict]:
     import socket
 
     import ray
@@ -126,27 +171,44 @@ def load_test(backbone: str, bundle: Path, bodies: list[bytes], levels: list[int
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     tmp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, logging_level=logging.WARNING
+    )
     rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServeConfig(bundle=str(bundle), backend="ort-cpu")
         for batching in (True, False):
             t0 = time.perf_counter()
-            serve.run(build_app(cfg, num_cpus=1, max_batch_size=None if batching else 1,
-                                batch_wait_s=batch_wait_ms / 1e3 if batching else 0.0),
-                      name="madclip", route_prefix="/")  # the second run only reconfigures the warm replica
+            serve.run(
+                build_app(
+                    cfg,
+                    num_cpus=1,
+                    max_batch_size=None if batching else 1,
+                    batch_wait_s=batch_wait_ms / 1e3 if batching else 0.0,
+                ),
+                name="madclip",
+                route_prefix="/",
+            )  # the second run only reconfigures the warm replica
             ready_s = time.perf_counter() - t0
             for c in levels:
                 before = _stats(url)
                 r = asyncio.run(load_level(url, bodies, c, requests[c], max_s))
                 after = _stats(url)
                 calls = after["model_calls"] - before["model_calls"]
-                r.update(backbone=backbone, batching=batching, ready_s=round(ready_s, 1), model_calls=calls,
-                         mean_batch=round((after["scans"] - before["scans"]) / calls, 2) if calls else None)
+                r.update(
+                    backbone=backbone,
+                    batching=batching,
+                    ready_s=round(ready_s, 1),
+                    model_calls=calls,
+                    mean_batch=round((after["scans"] - before["scans"]) / calls, 2) if calls else None,
+                )
                 rows.append(r)
-                print(f"{backbone} batching={batching} c={c}: {r['throughput_rps']} req/s, p50 {r['p50_ms']} ms, "
-                      f"p99 {r['p99_ms']} ms, failed {r['failed']}, mean batch {r['mean_batch']}", flush=True)
+                print(
+                    f"{backbone} batching={batching} c={c}: {r['throughput_rps']} req/s, p50 {r['p50_ms']} ms, "
+                    f"p99 {r['p99_ms']} ms, failed {r['failed']}, mean batch {r['mean_batch']}",
+                    flush=True,
+                )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -215,7 +277,9 @@ def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, logging_level=logging.WARNING
+    )
     lat = {"unloaded": [], "slow_clients": []}
     fail = {"unloaded": [], "slow_clients": []}
     stats = {"connections": 0, "dropped_by_server": 0}
@@ -230,33 +294,51 @@ def slow_client_test(bundle: Path, bodies: list[bytes], n_slow: int, rounds: int
                 stop = threading.Event()
                 threads = []
                 if cond == "slow_clients":
-                    threads = [threading.Thread(target=_trickle, args=(port, stop, stats), daemon=True)
-                               for _ in range(n_slow)]
+                    threads = [
+                        threading.Thread(target=_trickle, args=(port, stop, stats), daemon=True)
+                        for _ in range(n_slow)
+                    ]
                     for t in threads:
                         t.start()
                     time.sleep(3.0)  # all connected and trickling before the good requests start
                 took, f = _good_round(port, bodies, per_round)
                 lat[cond] += took
                 fail[cond] += f
-                res_rounds.append({"round": r + 1, "condition": cond,
-                                   "p99_ms": round(_pct(took, 99) * 1e3, 1) if took else None})
+                res_rounds.append(
+                    {
+                        "round": r + 1,
+                        "condition": cond,
+                        "p99_ms": round(_pct(took, 99) * 1e3, 1) if took else None,
+                    }
+                )
                 stop.set()
                 for t in threads:
                     t.join(timeout=10)
-                print(f"slow-client round {r + 1} {cond}: p99 {_pct(took, 99) * 1e3:.1f} ms, failed {len(f)}",
-                      flush=True)
+                print(
+                    f"slow-client round {r + 1} {cond}: p99 {_pct(took, 99) * 1e3:.1f} ms, failed {len(f)}",
+                    flush=True,
+                )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as resp:
             uploads = json.loads(resp.read())["upload_stats"]
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {"n_slow_clients": n_slow, "rounds": rounds, "per_round": per_round, "upload_stats": uploads, **stats,
-           "by_round": res_rounds}
+    res = {
+        "n_slow_clients": n_slow,
+        "rounds": rounds,
+        "per_round": per_round,
+        "upload_stats": uploads,
+        **stats,
+        "by_round": res_rounds,
+    }
     for cond in lat:
-        res[cond] = {"requests": len(lat[cond]) + len(fail[cond]), "failed": len(fail[cond]),
-                     "p50_ms": round(_pct(lat[cond], 50) * 1e3, 1) if lat[cond] else None,
-                     "p99_ms": round(_pct(lat[cond], 99) * 1e3, 1) if lat[cond] else None}
+        res[cond] = {
+            "requests": len(lat[cond]) + len(fail[cond]),
+            "failed": len(fail[cond]),
+            "p50_ms": round(_pct(lat[cond], 50) * 1e3, 1) if lat[cond] else None,
+            "p99_ms": round(_pct(lat[cond], 99) * 1e3, 1) if lat[cond] else None,
+        }
     if lat["unloaded"] and lat["slow_clients"]:
         res["p99_ratio"] = round(_pct(lat["slow_clients"], 99) / _pct(lat["unloaded"], 99), 2)
     return res
@@ -274,10 +356,40 @@ def archive_test(bundle: Path, n_images: int, loop_subset: int) -> dict:
             shutil.copy(f, folder / f"{f.parent.parent.name}_{f.name}")
     out = SERVE_WORK / "batch_out"
     shutil.rmtree(out, ignore_errors=True)
-    b = run([tool("madclip-batch"), str(folder), "--bundle", str(bundle), "--out", str(out), "--backend", "ort-cpu",
-             "--ray-num-cpus", "2", "--actors", "1", "--summary", "csv"])
-    resumed = run([tool("madclip-batch"), str(folder), "--bundle", str(bundle), "--out", str(out),
-                   "--backend", "ort-cpu", "--ray-num-cpus", "2", "--summary", "csv"])
+    b = run(
+        [
+            tool("madclip-batch"),
+            str(folder),
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(out),
+            "--backend",
+            "ort-cpu",
+            "--ray-num-cpus",
+            "2",
+            "--actors",
+            "1",
+            "--summary",
+            "csv",
+        ]
+    )
+    resumed = run(
+        [
+            tool("madclip-batch"),
+            str(folder),
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(out),
+            "--backend",
+            "ort-cpu",
+            "--ray-num-cpus",
+            "2",
+            "--summary",
+            "csv",
+        ]
+    )
     subset = sorted(folder.iterdir())[:loop_subset]
     t0 = time.perf_counter()
     for f in subset:
@@ -285,12 +397,18 @@ def archive_test(bundle: Path, n_images: int, loop_subset: int) -> dict:
     loop_per_file = (time.perf_counter() - t0) / len(subset)
     one = run([tool("madclip-infer"), str(folder), "--bundle", str(bundle), "--backend", "ort-cpu", "--json"])
     n = len(files)
-    return {"images": n, "batch_wall_s": round(b.seconds, 1), "batch_images_per_s": round(n / b.seconds, 1),
-            "batch_rerun_all_done_wall_s": round(resumed.seconds, 1),
-            "loop_subset": len(subset), "loop_per_file_s": round(loop_per_file, 3),
-            "loop_extrapolated_wall_s": round(loop_per_file * n, 1),
-            "loop_images_per_s": round(1 / loop_per_file, 2),
-            "infer_folder_wall_s": round(one.seconds, 1), "infer_folder_images_per_s": round(n / one.seconds, 1)}
+    return {
+        "images": n,
+        "batch_wall_s": round(b.seconds, 1),
+        "batch_images_per_s": round(n / b.seconds, 1),
+        "batch_rerun_all_done_wall_s": round(resumed.seconds, 1),
+        "loop_subset": len(subset),
+        "loop_per_file_s": round(loop_per_file, 3),
+        "loop_extrapolated_wall_s": round(loop_per_file * n, 1),
+        "loop_images_per_s": round(1 / loop_per_file, 2),
+        "infer_folder_wall_s": round(one.seconds, 1),
+        "infer_folder_images_per_s": round(n / one.seconds, 1),
+    }
 
 
 def main() -> None:
@@ -298,9 +416,15 @@ def main() -> None:
     p.add_argument("--backbones", default="madclip-tiny")
     p.add_argument("--image-size", type=int, default=240)
     p.add_argument("--levels", default="1,4,16,64")
-    p.add_argument("--requests", type=int, default=0,
-                   help="requests per level (default: max(100, 4 x clients) tiny, max(24, 2 x clients) otherwise)")
-    p.add_argument("--max-seconds", type=float, default=30.0, help="stop starting requests after this, per level")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per level (default: max(100, 4 x clients) tiny, max(24, 2 x clients) otherwise)",
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=30.0, help="stop starting requests after this, per level"
+    )
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--batch-images", type=int, default=1000)
     p.add_argument("--loop-subset", type=int, default=20)
@@ -313,12 +437,17 @@ def main() -> None:
     args = p.parse_args()
     print_machine()
     levels = [int(x) for x in args.levels.split(",")]
-    bodies = [f.read_bytes() for f in sorted((demo_images(1, max(8, args.batch_images // 2)) / "test")
-                                              .glob("*/img/*.png"))[:16]]
+    bodies = [
+        f.read_bytes()
+        for f in sorted((demo_images(1, max(8, args.batch_images // 2)) / "test").glob("*/img/*.png"))[:16]
+    ]
     out_path = Path(__file__).resolve().parent / "results" / "serve.json"
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    load_rows = [r for r in previous.get("load", [])
-                 if args.skip_load or r["backbone"] not in args.backbones.split(",")]  # kept unless re-measured
+    load_rows = [
+        r
+        for r in previous.get("load", [])
+        if args.skip_load or r["backbone"] not in args.backbones.split(",")
+    ]  # kept unless re-measured
     archive = previous.get("archive")
     slow = previous.get("slow_clients")
     for backbone in args.backbones.split(","):
@@ -326,35 +455,82 @@ def main() -> None:
         if not args.skip_load:
             tiny = backbone == "madclip-tiny"
             reqs = {c: args.requests or (max(100, 4 * c) if tiny else max(24, 2 * c)) for c in levels}
-            load_rows += load_test(backbone, bundle, bodies, levels, reqs, args.max_seconds, args.batch_wait_ms)
+            load_rows += load_test(
+                backbone, bundle, bodies, levels, reqs, args.max_seconds, args.batch_wait_ms
+            )
         if backbone == "madclip-tiny" and not args.skip_slow:
             slow = slow_client_test(bundle, bodies, args.slow_clients, args.slow_rounds, args.slow_per_round)
         if backbone == "madclip-tiny" and not args.skip_batch:
             archive = archive_test(bundle, args.batch_images, args.loop_subset)
-    table("madclip-serve load test (loopback, 1 replica, ort-cpu FP32)",
-          ["backbone", "batching", "clients", "requests", "failed", "req/s", "p50 ms", "p99 ms", "mean batch"],
-          [[r["backbone"], "on" if r["batching"] else "off", r["concurrency"], r["requests"], r["failed"],
-            r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["mean_batch"]] for r in load_rows])
+    table(
+        "madclip-serve load test (loopback, 1 replica, ort-cpu FP32)",
+        ["backbone", "batching", "clients", "requests", "failed", "req/s", "p50 ms", "p99 ms", "mean batch"],
+        [
+            [
+                r["backbone"],
+                "on" if r["batching"] else "off",
+                r["concurrency"],
+                r["requests"],
+                r["failed"],
+                r["throughput_rps"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["mean_batch"],
+            ]
+            for r in load_rows
+        ],
+    )
     if slow:
-        table(f"good requests beside {slow['n_slow_clients']} clients sending 1 byte / 2 s "
-              f"(madclip-tiny, 1 replica; rounds alternate)", ["condition", "requests", "failed", "p50 ms", "p99 ms"],
-              [[c, slow[c]["requests"], slow[c]["failed"], slow[c]["p50_ms"], slow[c]["p99_ms"]]
-               for c in ("unloaded", "slow_clients")])
-        print(f"p99 ratio slow_clients / unloaded: {slow.get('p99_ratio')}; "
-              f"slow connections {slow['connections']}, "
-              f"dropped by the server {slow['dropped_by_server']}; upload gate {slow['upload_stats']}")
+        table(
+            f"good requests beside {slow['n_slow_clients']} clients sending 1 byte / 2 s "
+            f"(madclip-tiny, 1 replica; rounds alternate)",
+            ["condition", "requests", "failed", "p50 ms", "p99 ms"],
+            [
+                [c, slow[c]["requests"], slow[c]["failed"], slow[c]["p50_ms"], slow[c]["p99_ms"]]
+                for c in ("unloaded", "slow_clients")
+            ],
+        )
+        print(
+            f"p99 ratio slow_clients / unloaded: {slow.get('p99_ratio')}; "
+            f"slow connections {slow['connections']}, "
+            f"dropped by the server {slow['dropped_by_server']}; upload gate {slow['upload_stats']}"
+        )
     if archive:
-        table(f"archive scoring, {archive['images']} demo images (madclip-tiny, ort-cpu)",
-              ["method", "wall s", "images/s"],
-              [["madclip-batch (1 actor, incl. Ray start)", archive["batch_wall_s"], archive["batch_images_per_s"]],
-               ["madclip-batch re-run (all done: skipped)", archive["batch_rerun_all_done_wall_s"], None],
-               [f"loop of madclip-infer FILE (timed on {archive['loop_subset']}, extrapolated)",
-                archive["loop_extrapolated_wall_s"], archive["loop_images_per_s"]],
-               ["madclip-infer FOLDER (one process)", archive["infer_folder_wall_s"],
-                archive["infer_folder_images_per_s"]]])
-    write_json("serve.json", {"load": load_rows, "archive": archive, "slow_clients": slow,
-                              "settings": {"levels": levels, "max_seconds": args.max_seconds,
-                                           "batch_wait_ms": args.batch_wait_ms}})
+        table(
+            f"archive scoring, {archive['images']} demo images (madclip-tiny, ort-cpu)",
+            ["method", "wall s", "images/s"],
+            [
+                [
+                    "madclip-batch (1 actor, incl. Ray start)",
+                    archive["batch_wall_s"],
+                    archive["batch_images_per_s"],
+                ],
+                ["madclip-batch re-run (all done: skipped)", archive["batch_rerun_all_done_wall_s"], None],
+                [
+                    f"loop of madclip-infer FILE (timed on {archive['loop_subset']}, extrapolated)",
+                    archive["loop_extrapolated_wall_s"],
+                    archive["loop_images_per_s"],
+                ],
+                [
+                    "madclip-infer FOLDER (one process)",
+                    archive["infer_folder_wall_s"],
+                    archive["infer_folder_images_per_s"],
+                ],
+            ],
+        )
+    write_json(
+        "serve.json",
+        {
+            "load": load_rows,
+            "archive": archive,
+            "slow_clients": slow,
+            "settings": {
+                "levels": levels,
+                "max_seconds": args.max_seconds,
+                "batch_wait_ms": args.batch_wait_ms,
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ device `--device` picks) and writes benchmarks/results/train_precision_{backbone
 
 Writes benchmarks/results/train.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def epoch_seconds(history: list[dict]) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int = 2, precision: str = "fp32",
-                   device: str = "cpu") -> dict:
+def step_breakdown(
+    backbone: str,
+    image_size: int,
+    batch_size: int,
+    repeats: int = 2,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> dict:
     """Milliseconds per training step component for one batch of random images (seconds of the median run),
     the trainable parts under `precision`'s autocast (madclip_train.precision), the frozen backbone without."""
     import torch
@@ -48,12 +55,16 @@ def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int
     from madclip_train.methods.madclip.losses import madclip_loss
     from madclip_train.model import build_model
 
-    model = build_model(ModelConfig(backbone=backbone, pretrained="none",
-                                    preprocess=PreprocessSpec(image_size=image_size)), seed=0).to(device)
-    images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    model = build_model(
+        ModelConfig(backbone=backbone, pretrained="none", preprocess=PreprocessSpec(image_size=image_size)),
+        seed=0,
+    ).to(device)
+    images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     labels = (torch.arange(batch_size) % 2).to(device)
     masks = torch.zeros(batch_size, image_size, image_size, dtype=torch.bool, device=device)
-    masks[1::2, image_size // 4:image_size // 2, image_size // 4:image_size // 2] = True
+    masks[1::2, image_size // 4 : image_size // 2, image_size // 4 : image_size // 2] = True
     with torch.no_grad():
         feats = [f.half().float() for f in model.backbone(images)]  # what the cache hands the epochs
 
@@ -84,9 +95,12 @@ def step_breakdown(backbone: str, image_size: int, batch_size: int, repeats: int
         loss.backward()
 
     out = {}
-    for name, fn in [("backbone_forward", backbone_forward), ("text_forward_backward", text_forward_backward),
-                     ("adapters_head_loss_forward_backward", adapters_head_loss),
-                     ("full_cached_step", full_cached_step)]:
+    for name, fn in [
+        ("backbone_forward", backbone_forward),
+        ("text_forward_backward", text_forward_backward),
+        ("adapters_head_loss_forward_backward", adapters_head_loss),
+        ("full_cached_step", full_cached_step),
+    ]:
         fn()  # warm-up
         times = []
         for _ in range(repeats):
@@ -104,19 +118,51 @@ def train(data, backbone: str, mode: str, args, precision: str | None = None) ->
     out = WORK / "runs" / (f"train-{backbone}-{mode}" + (f"-{precision}" if precision else ""))
     epochs = args.epochs_cached if mode != "off" else args.epochs_uncached
     extra = ["--precision", precision, "--device", args.device] if precision else []
-    m = run([tool("madclip-train"), "--data", str(data), "--out", str(out), "--backbone", backbone,
-             "--pretrained", "none", "--image-size", str(args.image_size), "--shots", str(args.shots),
-             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--feature-cache", mode, "--force",
-             *extra])
-    history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    m = run(
+        [
+            tool("madclip-train"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--backbone",
+            backbone,
+            "--pretrained",
+            "none",
+            "--image-size",
+            str(args.image_size),
+            "--shots",
+            str(args.shots),
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--feature-cache",
+            mode,
+            "--force",
+            *extra,
+        ]
+    )
+    history = [
+        json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()
+    ]
     config = json.loads((out / "config.json").read_text())
     cache = config["cache"]["train"]
-    return {"backbone": backbone, "feature_cache": mode, "epochs": epochs,
-            "precision": config["train"].get("precision"), "final_loss": history[-1]["loss_total"], "wall_seconds": round(m.seconds, 2),
-            "peak_rss_mb": round(m.peak_rss_mb, 1), "epoch_seconds": epoch_seconds(history),
-            "epoch_seconds_all": [r["seconds"] for r in history], "epoch1_loss": history[0]["loss_total"],
-            "n_train_images": config["dataset"]["n_shots"] * (16 if config["train"]["augment"] else 1),
-            "cache_build_seconds": cache.get("seconds"), "cache_bytes": cache.get("bytes")}
+    return {
+        "backbone": backbone,
+        "feature_cache": mode,
+        "epochs": epochs,
+        "precision": config["train"].get("precision"),
+        "final_loss": history[-1]["loss_total"],
+        "wall_seconds": round(m.seconds, 2),
+        "peak_rss_mb": round(m.peak_rss_mb, 1),
+        "epoch_seconds": epoch_seconds(history),
+        "epoch_seconds_all": [r["seconds"] for r in history],
+        "epoch1_loss": history[0]["loss_total"],
+        "n_train_images": config["dataset"]["n_shots"] * (16 if config["train"]["augment"] else 1),
+        "cache_build_seconds": cache.get("seconds"),
+        "cache_bytes": cache.get("bytes"),
+    }
 
 
 def main() -> None:
@@ -127,9 +173,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs-cached", type=int, default=4)
     p.add_argument("--epochs-uncached", type=int, default=2)
-    p.add_argument("--breakdown-only", action="store_true",
-                   help="only the per-step breakdown (e.g. for ViT-L-14-336, whose epochs take many minutes here)")
-    p.add_argument("--precisions", help="comma-separated training precisions (fp32,bf16,fp16): per-precision mode")
+    p.add_argument(
+        "--breakdown-only",
+        action="store_true",
+        help="only the per-step breakdown (e.g. for ViT-L-14-336, whose epochs take many minutes here)",
+    )
+    p.add_argument(
+        "--precisions", help="comma-separated training precisions (fp32,bf16,fp16): per-precision mode"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the --precisions runs")
     args = p.parse_args()
     print_machine()
@@ -147,21 +198,62 @@ def main() -> None:
         cached, uncached = train(data, backbone, "memory", args), train(data, backbone, "off", args)
         speedup = uncached["epoch_seconds"] / cached["epoch_seconds"]
         breakdown = step_breakdown(backbone, args.image_size, args.batch_size)
-        results.append({"backbone": backbone, "cached": cached, "uncached": uncached,
-                        "epoch_speedup": round(speedup, 2), "step_breakdown": breakdown})
+        results.append(
+            {
+                "backbone": backbone,
+                "cached": cached,
+                "uncached": uncached,
+                "epoch_speedup": round(speedup, 2),
+                "step_breakdown": breakdown,
+            }
+        )
         steps.append([backbone, *breakdown.values()])
-        rows.append([backbone, cached["n_train_images"], cached["cache_build_seconds"],
-                     cached["cache_bytes"] / 1e6, cached["peak_rss_mb"], uncached["peak_rss_mb"],
-                     cached["epoch_seconds"], uncached["epoch_seconds"], f"{speedup:.1f}x",
-                     f"{cached['epoch1_loss']:.5f} / {uncached['epoch1_loss']:.5f}"])
+        rows.append(
+            [
+                backbone,
+                cached["n_train_images"],
+                cached["cache_build_seconds"],
+                cached["cache_bytes"] / 1e6,
+                cached["peak_rss_mb"],
+                uncached["peak_rss_mb"],
+                cached["epoch_seconds"],
+                uncached["epoch_seconds"],
+                f"{speedup:.1f}x",
+                f"{cached['epoch1_loss']:.5f} / {uncached['epoch1_loss']:.5f}",
+            ]
+        )
     if rows:
-        table(f"training, {args.shots}+{args.shots} shots x16 augmentation, {args.image_size}px, batch {args.batch_size}",
-              ["backbone", "images/epoch", "cache build s", "cache MB", "peak RSS cached MB", "peak RSS uncached MB",
-               "epoch s cached", "epoch s uncached", "speedup", "epoch-1 loss cached / uncached"], rows)
-    table(f"one training step, batch {args.batch_size} (ms, median of 2 after a warm-up)",
-          ["backbone", "backbone fwd (cache removes)", "text tower fwd+bwd", "adapters+head+loss fwd+bwd",
-           "full cached step"], steps)
-    write_json("train_breakdown.json" if args.breakdown_only else "train.json", {"settings": vars(args), "results": results})
+        table(
+            f"training, {args.shots}+{args.shots} shots x16 augmentation, {args.image_size}px, batch {args.batch_size}",
+            [
+                "backbone",
+                "images/epoch",
+                "cache build s",
+                "cache MB",
+                "peak RSS cached MB",
+                "peak RSS uncached MB",
+                "epoch s cached",
+                "epoch s uncached",
+                "speedup",
+                "epoch-1 loss cached / uncached",
+            ],
+            rows,
+        )
+    table(
+        f"one training step, batch {args.batch_size} (ms, median of 2 after a warm-up)",
+        [
+            "backbone",
+            "backbone fwd (cache removes)",
+            "text tower fwd+bwd",
+            "adapters+head+loss fwd+bwd",
+            "full cached step",
+        ],
+        steps,
+    )
+    write_json(
+        "train_breakdown.json" if args.breakdown_only else "train.json",
+        {"settings": vars(args), "results": results},
+    )
 
 
 def precision_sweep(data, args) -> None:
@@ -171,20 +263,45 @@ def precision_sweep(data, args) -> None:
         base = None
         for precision in args.precisions.split(","):
             r = train(data, backbone, "memory", args, precision)
-            breakdown = step_breakdown(backbone, args.image_size, args.batch_size, precision=precision,
-                                       device=args.device)
+            breakdown = step_breakdown(
+                backbone, args.image_size, args.batch_size, precision=precision, device=args.device
+            )
             base = base or r["epoch_seconds"]
             results.append({**r, "step_breakdown": breakdown})
-            rows.append([backbone, precision, r["epochs"], r["epoch_seconds"], f"{base / r['epoch_seconds']:.2f}x",
-                         f"{r['final_loss']:.5f}", r["peak_rss_mb"]])
+            rows.append(
+                [
+                    backbone,
+                    precision,
+                    r["epochs"],
+                    r["epoch_seconds"],
+                    f"{base / r['epoch_seconds']:.2f}x",
+                    f"{r['final_loss']:.5f}",
+                    r["peak_rss_mb"],
+                ]
+            )
             steps.append([backbone, precision, *breakdown.values()])
-    table(f"training per precision on {args.device}, {args.shots}+{args.shots} shots x16, {args.image_size}px, "
-          f"batch {args.batch_size}, cached features",
-          ["backbone", "precision", "epochs", "epoch s", "speed vs first", "final loss", "peak RSS MB"], rows)
-    table(f"one training step per precision, batch {args.batch_size} (ms, median of 2 after a warm-up)",
-          ["backbone", "precision", "backbone fwd (cache removes)", "text tower fwd+bwd", "adapters+head+loss fwd+bwd",
-           "full cached step"], steps)
-    write_json(f"train_precision_{args.backbones.replace(',', '_')}.json", {"settings": vars(args), "results": results})
+    table(
+        f"training per precision on {args.device}, {args.shots}+{args.shots} shots x16, {args.image_size}px, "
+        f"batch {args.batch_size}, cached features",
+        ["backbone", "precision", "epochs", "epoch s", "speed vs first", "final loss", "peak RSS MB"],
+        rows,
+    )
+    table(
+        f"one training step per precision, batch {args.batch_size} (ms, median of 2 after a warm-up)",
+        [
+            "backbone",
+            "precision",
+            "backbone fwd (cache removes)",
+            "text tower fwd+bwd",
+            "adapters+head+loss fwd+bwd",
+            "full cached step",
+        ],
+        steps,
+    )
+    write_json(
+        f"train_precision_{args.backbones.replace(',', '_')}.json",
+        {"settings": vars(args), "results": results},
+    )
 
 
 if __name__ == "__main__":

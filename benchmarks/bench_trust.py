@@ -8,6 +8,7 @@ and load_bundle(verify="none") end to end. The sha256 of model files (verify="mo
 this: it existed before and scales with the model size (see RESULTS.md's runtime section). Prints a table and
 writes benchmarks/results/trust.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,12 @@ def main() -> int:
     from madclip_runtime.bundles import integrity
     from madclip_runtime.bundles.bundle import load_bundle, write_metadata
     from madclip_runtime.bundles.metadata_schema import validate_metadata
-    from madclip_runtime.bundles.signing import generate_keypair, load_private_key, load_public_key, verify_signature
+    from madclip_runtime.bundles.signing import (
+        generate_keypair,
+        load_private_key,
+        load_public_key,
+        verify_signature,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
@@ -48,7 +54,11 @@ def main() -> int:
         b = Path(tmp) / "b"
         shutil.copytree(args.bundle, b)
         generate_keypair(Path(tmp) / "k.key", Path(tmp) / "k.pub")
-        write_metadata(b, json.loads((b / "metadata.json").read_text()), signing_key=load_private_key(Path(tmp) / "k.key"))
+        write_metadata(
+            b,
+            json.loads((b / "metadata.json").read_text()),
+            signing_key=load_private_key(Path(tmp) / "k.key"),
+        )
         text = (b / "metadata.json").read_text()
         meta = json.loads(text)
         pub = load_public_key(Path(tmp) / "k.pub")
@@ -57,15 +67,31 @@ def main() -> int:
         rows = [
             ["json.loads(metadata.json)", _median_ms(lambda: json.loads(text), n)],
             ["integrity.check (per-field digests)", _median_ms(lambda: integrity.check(meta, where), n)],
-            ["verify_signature (Ed25519, trusted key)", _median_ms(lambda: verify_signature(meta, where, pub), n)],
+            [
+                "verify_signature (Ed25519, trusted key)",
+                _median_ms(lambda: verify_signature(meta, where, pub), n),
+            ],
             ["validate_metadata (every value)", _median_ms(lambda: validate_metadata(meta, where), n)],
-            ["load_bundle(verify='none'), signed bundle", _median_ms(lambda: load_bundle(b, verify="none"), n)],
+            [
+                "load_bundle(verify='none'), signed bundle",
+                _median_ms(lambda: load_bundle(b, verify="none"), n),
+            ],
         ]
         size = len(text.encode())
-    table(f"trust checks per load (median of {n}; metadata.json {size} bytes, {len(meta['files'])} files listed)",
-          ["step", "ms"], rows)
-    write_json("trust.json", {"bundle": str(args.bundle), "metadata_bytes": size, "repeats": n,
-                              "rows": [{"step": r[0], "median_ms": r[1]} for r in rows]})
+    table(
+        f"trust checks per load (median of {n}; metadata.json {size} bytes, {len(meta['files'])} files listed)",
+        ["step", "ms"],
+        rows,
+    )
+    write_json(
+        "trust.json",
+        {
+            "bundle": str(args.bundle),
+            "metadata_bytes": size,
+            "repeats": n,
+            "rows": [{"step": r[0], "median_ms": r[1]} for r in rows],
+        },
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ as a multiple of the volume (the tracemalloc measure is in tests/test_volume_mem
 
 Writes benchmarks/results/volume.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from _common import WORK, print_machine, run, table, tool, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,7 +79,9 @@ def tilt_series(folder: Path, frames: np.ndarray, degrees: float) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", default=None, help="bundle to score with (default: the madclip-tiny bench bundle)")
+    ap.add_argument(
+        "--bundle", default=None, help="bundle to score with (default: the madclip-tiny bench bundle)"
+    )
     ap.add_argument("--slices", type=int, default=64, help="slices of the synthetic volumes (default 64)")
     ap.add_argument("--volumes", type=int, default=4, help="labelled volumes for madclip-prepare (default 4)")
     a = ap.parse_args()
@@ -99,13 +101,27 @@ def main() -> int:
     huge = work / "huge.nii.gz"
     if not huge.exists():
         huge_nifti(huge)
-    for name, extra in (("huge 4000x4000x100: whole volume (refused)", []), ("huge: --slice 0", ["--slice", "0"])):
+    for name, extra in (
+        ("huge 4000x4000x100: whole volume (refused)", []),
+        ("huge: --slice 0", ["--slice", "0"]),
+    ):
         m = run([tool("madclip-infer"), str(huge), "--bundle", str(bundle), "--json", *extra], check=False)
-        results[name] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1),
-                         "file_mb": round(huge.stat().st_size / 1e6, 1),
-                         "refused": "over the budget" in m.stderr}
-        rows.append([name, f"{m.seconds:.2f}", "", f"{m.peak_rss_mb:.0f}", "",
-                     "refused" if results[name]["refused"] else "ok"])
+        results[name] = {
+            "seconds": round(m.seconds, 2),
+            "peak_rss_mb": round(m.peak_rss_mb, 1),
+            "file_mb": round(huge.stat().st_size / 1e6, 1),
+            "refused": "over the budget" in m.stderr,
+        }
+        rows.append(
+            [
+                name,
+                f"{m.seconds:.2f}",
+                "",
+                f"{m.peak_rss_mb:.0f}",
+                "",
+                "refused" if results[name]["refused"] else "ok",
+            ]
+        )
 
     vol, lab = ct_volume(a.slices, 0)
     nii = work / f"ct{a.slices}.nii.gz"
@@ -119,21 +135,43 @@ def main() -> int:
     tilted = work / f"ct{a.slices}_dicom_tilt15"
     if not tilted.is_dir():
         tilt_series(tilted, np.transpose(vol, (2, 1, 0)).copy(), 15.0)
-    base = run([sys.executable, "-c", "import madclip_runtime.cli.infer, madclip_runtime.predictor, nibabel, "
-                "onnxruntime, highdicom, madclip_runtime.scans.volume_output"]).peak_rss_mb
+    base = run(
+        [
+            sys.executable,
+            "-c",
+            "import madclip_runtime.cli.infer, madclip_runtime.predictor, nibabel, "
+            "onnxruntime, highdicom, madclip_runtime.scans.volume_output",
+        ]
+    ).peak_rss_mb
     f32_mb = vol.size * 4 / 2**20
     results["imports_only_peak_rss_mb"] = round(base, 1)
     results["volume_float32_mb"] = round(f32_mb, 1)
-    for name, src, extra in ((f"NIfTI 256x256x{a.slices} --out", nii, []),
-                             (f"DICOM series 256x256x{a.slices} --out --dicom-seg", series, ["--dicom-seg"]),
-                             ("DICOM series, 15 deg gantry tilt, --out --dicom-seg", tilted, ["--dicom-seg"])):
+    for name, src, extra in (
+        (f"NIfTI 256x256x{a.slices} --out", nii, []),
+        (f"DICOM series 256x256x{a.slices} --out --dicom-seg", series, ["--dicom-seg"]),
+        ("DICOM series, 15 deg gantry tilt, --out --dicom-seg", tilted, ["--dicom-seg"]),
+    ):
         out = work / "out"
-        m = run([tool("madclip-infer"), str(src), "--bundle", str(bundle), "--out", str(out), "--json", *extra])
+        m = run(
+            [tool("madclip-infer"), str(src), "--bundle", str(bundle), "--out", str(out), "--json", *extra]
+        )
         ratio = (m.peak_rss_mb - base) / f32_mb
-        results[name] = {"seconds": round(m.seconds, 2), "ms_per_slice": round(m.seconds * 1e3 / a.slices, 1),
-                         "peak_rss_mb": round(m.peak_rss_mb, 1), "working_memory_x_float32_volume": round(ratio, 2)}
-        rows.append([name, f"{m.seconds:.2f}", f"{m.seconds * 1e3 / a.slices:.0f}", f"{m.peak_rss_mb:.0f}",
-                     f"{ratio:.1f}", "ok"])
+        results[name] = {
+            "seconds": round(m.seconds, 2),
+            "ms_per_slice": round(m.seconds * 1e3 / a.slices, 1),
+            "peak_rss_mb": round(m.peak_rss_mb, 1),
+            "working_memory_x_float32_volume": round(ratio, 2),
+        }
+        rows.append(
+            [
+                name,
+                f"{m.seconds:.2f}",
+                f"{m.seconds * 1e3 / a.slices:.0f}",
+                f"{m.peak_rss_mb:.0f}",
+                f"{ratio:.1f}",
+                "ok",
+            ]
+        )
 
     images, labels = work / "imagesTr", work / "labelsTr"
     images.mkdir(exist_ok=True)
@@ -143,14 +181,33 @@ def main() -> int:
         nib.save(nib.Nifti1Image(v, np.eye(4)), str(images / f"case{i:02d}_0000.nii.gz"))
         nib.save(nib.Nifti1Image(lb, np.eye(4)), str(labels / f"case{i:02d}.nii.gz"))
     name = f"madclip-prepare {a.volumes} x 256x256x{a.slices}"
-    m = run([tool("madclip-prepare"), "--images", str(images), "--labels", str(labels), "--out",
-             str(work / "prepared"), "--force", "--min-lesion-voxels", "20"])
+    m = run(
+        [
+            tool("madclip-prepare"),
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "--out",
+            str(work / "prepared"),
+            "--force",
+            "--min-lesion-voxels",
+            "20",
+        ]
+    )
     ratio = (m.peak_rss_mb - base) / f32_mb
-    results[name] = {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb, 1),
-                     "working_memory_x_float32_volume": round(ratio, 2)}
+    results[name] = {
+        "seconds": round(m.seconds, 2),
+        "peak_rss_mb": round(m.peak_rss_mb, 1),
+        "working_memory_x_float32_volume": round(ratio, 2),
+    }
     rows.append([name, f"{m.seconds:.2f}", "", f"{m.peak_rss_mb:.0f}", f"{ratio:.1f}", "ok"])
 
-    table("volumes", ["step", "wall s", "ms/slice", "peak RSS MB", "(RSS - imports) / float32 vol", "result"], rows)
+    table(
+        "volumes",
+        ["step", "wall s", "ms/slice", "peak RSS MB", "(RSS - imports) / float32 vol", "result"],
+        rows,
+    )
     write_json("volume.json", {"bundle": str(bundle), "slices": a.slices, "results": results})
     return 0
 

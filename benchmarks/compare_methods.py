@@ -25,6 +25,7 @@ A further method is one more `Method(...)` entry in METHODS.
 
 Writes benchmarks/results/compare_methods.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,36 +42,76 @@ from _common import WORK, console, print_machine, run, table, tool, write_json
 class Method:
     name: str  # the --method value
     train_args: tuple[str, ...] = ()  # extra madclip-train arguments
-    eval_modes: dict = field(default_factory=lambda: {"inductive": ()})  # mode -> extra madclip-eval arguments
+    eval_modes: dict = field(
+        default_factory=lambda: {"inductive": ()}
+    )  # mode -> extra madclip-eval arguments
     paper_mode: str = "inductive"  # the mode comparable with the method's published numbers
-    shot_lists: bool = True  # takes the authors' k-normal + k-abnormal shot lists (normal-only methods do not)
+    shot_lists: bool = (
+        True  # takes the authors' k-normal + k-abnormal shot lists (normal-only methods do not)
+    )
 
 
 METHODS = [
     Method("madclip"),
-    Method("mvfa", eval_modes={"inductive": (), "transductive": ("--transductive",)}, paper_mode="transductive"),
+    Method(
+        "mvfa", eval_modes={"inductive": (), "transductive": ("--transductive",)}, paper_mode="transductive"
+    ),
     # MediCLIP trains on the k normal shots only (anomalies synthesised); evaluated on the same test split
     Method("mediclip", shot_lists=False),
     # APRIL-GAN: linear layers trained on the k + k shots (masks where the dataset has them), bank of the k normal
     # shots; the paper's image score min-maxes over the test set (--transductive)
-    Method("aprilgan", eval_modes={"inductive": (), "transductive": ("--transductive",)}, paper_mode="transductive"),
+    Method(
+        "aprilgan",
+        eval_modes={"inductive": (), "transductive": ("--transductive",)},
+        paper_mode="transductive",
+    ),
 ]
 
 # Published AUC % (AC image, AS pixel; None = not reported), keyed by our short dataset names.
-SHORT = {"Histopathology": "HIS", "Chest": "Chest", "Retina_OCT2017": "OCT17", "Brain": "BrainMRI",
-         "Liver": "LiverCT", "Retina_RESC": "RESC"}
+SHORT = {
+    "Histopathology": "HIS",
+    "Chest": "Chest",
+    "Retina_OCT2017": "OCT17",
+    "Brain": "BrainMRI",
+    "Liver": "LiverCT",
+    "Retina_RESC": "RESC",
+}
 PUBLISHED = {
     # MadCLIP paper, Table 1 (16-shot), both methods
-    ("madclip", 16): {"HIS": (90.14, None), "Chest": (88.15, None), "OCT17": (99.71, None),
-                      "BrainMRI": (95.90, 97.97), "LiverCT": (91.46, 99.74), "RESC": (99.11, 99.45)},
-    ("mvfa", 16): {"HIS": (82.62, None), "Chest": (85.72, None), "OCT17": (99.66, None),
-                   "BrainMRI": (94.40, 97.70), "LiverCT": (83.85, 99.73), "RESC": (97.25, 99.07)},
+    ("madclip", 16): {
+        "HIS": (90.14, None),
+        "Chest": (88.15, None),
+        "OCT17": (99.71, None),
+        "BrainMRI": (95.90, 97.97),
+        "LiverCT": (91.46, 99.74),
+        "RESC": (99.11, 99.45),
+    },
+    ("mvfa", 16): {
+        "HIS": (82.62, None),
+        "Chest": (85.72, None),
+        "OCT17": (99.66, None),
+        "BrainMRI": (94.40, 97.70),
+        "LiverCT": (83.85, 99.73),
+        "RESC": (97.25, 99.07),
+    },
     # MVFA-AD README (paper, 4-shot)
-    ("mvfa", 4): {"HIS": (82.71, None), "Chest": (81.95, None), "OCT17": (99.38, None),
-                  "BrainMRI": (92.44, 97.30), "LiverCT": (81.18, 99.73), "RESC": (96.18, 98.97)},
+    ("mvfa", 4): {
+        "HIS": (82.71, None),
+        "Chest": (81.95, None),
+        "OCT17": (99.38, None),
+        "BrainMRI": (92.44, 97.30),
+        "LiverCT": (81.18, 99.73),
+        "RESC": (96.18, 98.97),
+    },
 }
-PUBLISHED_AVERAGES = {("madclip", 2): (90.12, 98.16), ("madclip", 4): (90.39, 98.69), ("madclip", 8): (92.02, 98.89),
-                      ("madclip", 16): (94.08, 99.05), ("mvfa", 16): (90.58, 98.83), ("mvfa", 4): (88.97, 98.67)}
+PUBLISHED_AVERAGES = {
+    ("madclip", 2): (90.12, 98.16),
+    ("madclip", 4): (90.39, 98.69),
+    ("madclip", 8): (92.02, 98.89),
+    ("madclip", 16): (94.08, 99.05),
+    ("mvfa", 16): (90.58, 98.83),
+    ("mvfa", 4): (88.97, 98.67),
+}
 
 
 def datasets(root: Path) -> list[Path]:
@@ -81,7 +122,11 @@ def datasets(root: Path) -> list[Path]:
 
 
 def bundle_bytes(bundle: Path) -> int:
-    return sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".data")))
+    return sum(
+        p.stat().st_size
+        for p in bundle.rglob("*")
+        if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".data"))
+    )
 
 
 def cpu_latency_ms(bundle: Path, image_size: int, iters: int) -> float:
@@ -103,27 +148,71 @@ def cpu_latency_ms(bundle: Path, image_size: int, iters: int) -> float:
 def run_cell(data: Path, k: int, method: Method, args, cell: Path) -> dict:
     """Train, evaluate (every mode), export and time one (dataset, k, method); returns the result record."""
     run_dir, bundle = cell / "run", cell / "bundle"
-    cmd = [tool("madclip-train"), "--method", method.name, "--data", str(data), "--shots", str(k), "--seed",
-           str(args.seed), "--out", str(run_dir), "--backbone", args.backbone, "--pretrained", args.pretrained,
-           "--device", args.device, "--force", *method.train_args]
-    shot_list = (Path(args.shot_lists) / data.name[:-3] / f"{k}-shot.txt"
-                 if args.shot_lists and method.shot_lists else None)
+    cmd = [
+        tool("madclip-train"),
+        "--method",
+        method.name,
+        "--data",
+        str(data),
+        "--shots",
+        str(k),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(run_dir),
+        "--backbone",
+        args.backbone,
+        "--pretrained",
+        args.pretrained,
+        "--device",
+        args.device,
+        "--force",
+        *method.train_args,
+    ]
+    shot_list = (
+        Path(args.shot_lists) / data.name[:-3] / f"{k}-shot.txt"
+        if args.shot_lists and method.shot_lists
+        else None
+    )
     if shot_list is not None and shot_list.is_file():
         cmd += ["--shot-list", str(shot_list)]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     train = run(cmd)
-    record = {"dataset": data.name, "k": k, "method": method.name, "seed": args.seed, "backbone": args.backbone,
-              "pretrained": args.pretrained, "shot_list": str(shot_list) if shot_list and shot_list.is_file() else None,
-              "train_seconds": train.seconds, "train_peak_rss_mb": train.peak_rss_mb, "eval": {}}
+    record = {
+        "dataset": data.name,
+        "k": k,
+        "method": method.name,
+        "seed": args.seed,
+        "backbone": args.backbone,
+        "pretrained": args.pretrained,
+        "shot_list": str(shot_list) if shot_list and shot_list.is_file() else None,
+        "train_seconds": train.seconds,
+        "train_peak_rss_mb": train.peak_rss_mb,
+        "eval": {},
+    }
     for mode, extra in method.eval_modes.items():
         out = cell / f"eval_{mode}.json"
-        run([tool("madclip-eval"), str(run_dir), "--data", str(data), "--json", str(out), "--device", args.device, *extra])
+        run(
+            [
+                tool("madclip-eval"),
+                str(run_dir),
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+                "--device",
+                args.device,
+                *extra,
+            ]
+        )
         record["eval"][mode] = json.loads(out.read_text())
     run([tool("madclip-export"), str(run_dir), "--out", str(bundle), "--force"])
     config = json.loads((run_dir / "config.json").read_text())
     record["export_mb"] = bundle_bytes(bundle) / 1e6
-    record["cpu_latency_ms"] = cpu_latency_ms(bundle, int(config["model"]["preprocess"]["image_size"]), args.latency_iters)
+    record["cpu_latency_ms"] = cpu_latency_ms(
+        bundle, int(config["model"]["preprocess"]["image_size"]), args.latency_iters
+    )
     return record
 
 
@@ -143,7 +232,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override every method's default epoch count (pipeline checks)")
     p.add_argument("--device", default="auto")
     p.add_argument("--latency-iters", type=int, default=10)
-    p.add_argument("--work", default=str(WORK / "compare_methods"), help="per-cell results (resume from here)")
+    p.add_argument(
+        "--work", default=str(WORK / "compare_methods"), help="per-cell results (resume from here)"
+    )
     p.add_argument("--force", action="store_true", help="recompute finished cells")
     args = p.parse_args()
     print_machine()
@@ -170,12 +261,34 @@ def main() -> None:
     rows = []
     for r in records:
         for mode, m in r["eval"].items():
-            rows.append([r["dataset"], r["k"], f"{r['method']} ({mode})", pct(m.get("image_auroc")),
-                         pct(m.get("pixel_auroc")), pct(m.get("aupro")), r["train_seconds"], r["export_mb"],
-                         r["cpu_latency_ms"]])
-    table(f"methods on {args.root} ({args.backbone}, {args.pretrained}, seed {args.seed})",
-          ["dataset", "k", "method", "image AUROC %", "pixel AUROC %", "AUPRO %", "train s", "export MB",
-           "CPU ms (b=1)"], rows)
+            rows.append(
+                [
+                    r["dataset"],
+                    r["k"],
+                    f"{r['method']} ({mode})",
+                    pct(m.get("image_auroc")),
+                    pct(m.get("pixel_auroc")),
+                    pct(m.get("aupro")),
+                    r["train_seconds"],
+                    r["export_mb"],
+                    r["cpu_latency_ms"],
+                ]
+            )
+    table(
+        f"methods on {args.root} ({args.backbone}, {args.pretrained}, seed {args.seed})",
+        [
+            "dataset",
+            "k",
+            "method",
+            "image AUROC %",
+            "pixel AUROC %",
+            "AUPRO %",
+            "train s",
+            "export MB",
+            "CPU ms (b=1)",
+        ],
+        rows,
+    )
     paper_rows = paper_layout(records, methods)
     write_json("compare_methods.json", {"args": vars(args), "records": records, "paper_layout": paper_rows})
 
@@ -204,12 +317,22 @@ def paper_layout(records: list[dict], methods: list[Method]) -> list[dict]:
             row["published_avg"] = PUBLISHED_AVERAGES.get((method.name, k))
             out.append(row)
             names = list(row["datasets"])
-            table(f"paper layout: {method.name}, k={k} ({method.paper_mode}); ours / published",
-                  ["", *names, "average"],
-                  [["AC", *[_pair(row["datasets"][n]["AC"], row["datasets"][n]["published_AC"]) for n in names],
-                    _pair(row["AC_avg"], (row["published_avg"] or (None, None))[0])],
-                   ["AS", *[_pair(row["datasets"][n]["AS"], row["datasets"][n]["published_AS"]) for n in names],
-                    _pair(row["AS_avg"], (row["published_avg"] or (None, None))[1])]])
+            table(
+                f"paper layout: {method.name}, k={k} ({method.paper_mode}); ours / published",
+                ["", *names, "average"],
+                [
+                    [
+                        "AC",
+                        *[_pair(row["datasets"][n]["AC"], row["datasets"][n]["published_AC"]) for n in names],
+                        _pair(row["AC_avg"], (row["published_avg"] or (None, None))[0]),
+                    ],
+                    [
+                        "AS",
+                        *[_pair(row["datasets"][n]["AS"], row["datasets"][n]["published_AS"]) for n in names],
+                        _pair(row["AS_avg"], (row["published_avg"] or (None, None))[1]),
+                    ],
+                ],
+            )
     return out
 
 

@@ -7,6 +7,7 @@ FP32 node count, and parity with the FP32 graph on the bundle's golden inputs (o
 Writes benchmarks/results/fp16_islands.json and prints a table. CPU timings of FP16 graphs mean little (CPUs
 have no fast FP16), so the cost is reported as Casts (each is a memory pass on the GPU), not milliseconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,22 @@ from _common import print_machine, table, write_json
 
 from madclip_runtime.bundles.bundle import Bundle
 
-OLD_FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceMax", "ReduceSum", "ReduceSumSquare", "Sqrt",
-                "Pow", "Sigmoid", "Resize", "Clip", "Div", "Expand", "Erf"]
+OLD_FP32_OPS = [
+    "LayerNormalization",
+    "ReduceL2",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "Sqrt",
+    "Pow",
+    "Sigmoid",
+    "Resize",
+    "Clip",
+    "Div",
+    "Expand",
+    "Erf",
+]
 
 
 def convert(model: onnx.ModelProto, rule: str, islands: tuple[str, ...]) -> onnx.ModelProto:
@@ -39,13 +54,17 @@ def convert(model: onnx.ModelProto, rule: str, islands: tuple[str, ...]) -> onnx
 
 
 def run(model: onnx.ModelProto, images: np.ndarray) -> dict[str, np.ndarray]:
-    from madclip_runtime.engines.backends import session_options
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(True, True),
-                                providers=["CPUExecutionProvider"])
+    from madclip_runtime.engines.backends import session_options
+
+    sess = ort.InferenceSession(
+        model.SerializeToString(),
+        sess_options=session_options(True, True),
+        providers=["CPUExecutionProvider"],
+    )
     names = [o.name for o in sess.get_outputs()]
-    outs = [sess.run(names, {"image": images[i:i + 1]}) for i in range(len(images))]
+    outs = [sess.run(names, {"image": images[i : i + 1]}) for i in range(len(images))]
     return {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(names)}
 
 
@@ -76,12 +95,21 @@ def main() -> None:
             out = run(g, images)
             score_err = float(np.abs(out["score"] - ref["score"]).max())
             map_err = float(np.percentile(np.abs(out["anomaly_map"] - ref["anomaly_map"]), 99))
-            rec = {"bundle": str(b), "rule": rule, "casts": casts, "nodes": len(g.graph.node),
-                   "score_max_abs_err": score_err, "map_p99_abs_err": map_err}
+            rec = {
+                "bundle": str(b),
+                "rule": rule,
+                "casts": casts,
+                "nodes": len(g.graph.node),
+                "score_max_abs_err": score_err,
+                "map_p99_abs_err": map_err,
+            }
             results.append(rec)
             rows.append([b.name, rule, casts, len(g.graph.node), f"{score_err:.2e}", f"{map_err:.2e}"])
-    table("mixed-precision ONNX: previous vs current FP32 islands",
-          ["bundle", "rule", "Cast nodes", "nodes", "score max |err| vs FP32", "map p99 |err| vs FP32"], rows)
+    table(
+        "mixed-precision ONNX: previous vs current FP32 islands",
+        ["bundle", "rule", "Cast nodes", "nodes", "score max |err| vs FP32", "map p99 |err| vs FP32"],
+        rows,
+    )
     write_json("fp16_islands.json", {"results": results})
 
 

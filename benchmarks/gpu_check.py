@@ -12,6 +12,7 @@ For the ViT-B-16 FP16 TensorRT engine the report states the achieved fraction of
 tensor-core peak: model FLOPs (counted from the ONNX graph: MatMul/Gemm/Conv, 2 FLOPs per multiply-add,
 batch 1) / measured batch-1 latency / peak from `PEAK_DENSE_FP16_TFLOPS` ("unknown" for other GPUs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,18 +52,39 @@ PEAK_DENSE_FP16_TFLOPS: list[tuple[tuple[str, ...], float]] = [
 # work dir) and every later step (engine check, self-tests, madclip-bench) finds it there by key; the second
 # FP16 recipe (flag path, `fp16_paths`) is one more build with the timing cache already warm; onnxruntime's
 # TensorRT provider builds its own engines once, in its self-test, and the bench reuses them.
-TIMEOUTS = {"versions": 60, "tests": 240, "train_tiny": 180, "train_vitb": 240, "export": 420,
-            "engine": 300, "selftest": 180, "bench": 240, "flops": 120}
+TIMEOUTS = {
+    "versions": 60,
+    "tests": 240,
+    "train_tiny": 180,
+    "train_vitb": 240,
+    "export": 420,
+    "engine": 300,
+    "selftest": 180,
+    "bench": 240,
+    "flops": 120,
+}
 BUDGET: dict = {
-    "versions": 10, "tests": 30, "flops": 10,
-    ("train", "tiny"): 15, ("train", "vitb16"): 45,
-    ("export", "tiny"): 30, ("export", "vitb16"): 120,  # ONNX + FP16 ONNX + parity + the FP16 engine
-    ("engine", "tiny"): 5, ("engine", "vitb16"): 45,  # a fresh build (fp32)
-    ("engine_cached", "tiny"): 5, ("engine_cached", "vitb16"): 5,  # the export's FP16 engine, found by key
-    ("engine_flag", "tiny"): 5, ("engine_flag", "vitb16"): 30,  # FP16-flag recipe, warm timing cache
-    ("selftest", "tiny"): 6, ("selftest", "vitb16"): 8,
-    ("selftest_ort_trt", "tiny"): 10, ("selftest_ort_trt", "vitb16"): 40,  # onnxruntime builds its engine
-    ("bench", "tiny"): 30, ("bench", "vitb16"): 40, ("bench_flag", "tiny"): 10, ("bench_flag", "vitb16"): 15,
+    "versions": 10,
+    "tests": 30,
+    "flops": 10,
+    ("train", "tiny"): 15,
+    ("train", "vitb16"): 45,
+    ("export", "tiny"): 30,
+    ("export", "vitb16"): 120,  # ONNX + FP16 ONNX + parity + the FP16 engine
+    ("engine", "tiny"): 5,
+    ("engine", "vitb16"): 45,  # a fresh build (fp32)
+    ("engine_cached", "tiny"): 5,
+    ("engine_cached", "vitb16"): 5,  # the export's FP16 engine, found by key
+    ("engine_flag", "tiny"): 5,
+    ("engine_flag", "vitb16"): 30,  # FP16-flag recipe, warm timing cache
+    ("selftest", "tiny"): 6,
+    ("selftest", "vitb16"): 8,
+    ("selftest_ort_trt", "tiny"): 10,
+    ("selftest_ort_trt", "vitb16"): 40,  # onnxruntime builds its engine
+    ("bench", "tiny"): 30,
+    ("bench", "vitb16"): 40,
+    ("bench_flag", "tiny"): 10,
+    ("bench_flag", "vitb16"): 15,
 }
 
 
@@ -126,8 +148,14 @@ def no_gpu_reason() -> str | None:
     return None
 
 
-def run_step(name: str, cmd: list[str], timeout: float, cwd: Path | None = None, env: dict | None = None,
-             budget: float | None = None) -> Step:
+def run_step(
+    name: str,
+    cmd: list[str],
+    timeout: float,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    budget: float | None = None,
+) -> Step:
     """Run `cmd` with a timeout; pass when it exits 0. stdout is kept in detail["stdout"] for parsers."""
     step = _run(name, cmd, timeout, cwd, env)
     step.budget = budget
@@ -142,16 +170,29 @@ def _run(name: str, cmd: list[str], timeout: float, cwd: Path | None, env: dict 
     env = {**STEP_ENV, **(env or {})}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})}
+        )
     except subprocess.TimeoutExpired as exc:
-        tail = ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or ""))
-        return Step(name, "timeout", round(time.perf_counter() - t0, 2), {"timeout_s": timeout}, cmd, tail[-2000:])
+        tail = (
+            (exc.stderr or b"").decode(errors="replace")
+            if isinstance(exc.stderr, bytes)
+            else (exc.stderr or "")
+        )
+        return Step(
+            name, "timeout", round(time.perf_counter() - t0, 2), {"timeout_s": timeout}, cmd, tail[-2000:]
+        )
     except OSError as exc:
         return Step(name, "fail", round(time.perf_counter() - t0, 2), {"error": str(exc)}, cmd)
     status = "pass" if proc.returncode == 0 else "fail"
-    return Step(name, status, round(time.perf_counter() - t0, 2), {"returncode": proc.returncode, "stdout": proc.stdout},
-                cmd, (proc.stderr or "")[-2000:])
+    return Step(
+        name,
+        status,
+        round(time.perf_counter() - t0, 2),
+        {"returncode": proc.returncode, "stdout": proc.stdout},
+        cmd,
+        (proc.stderr or "")[-2000:],
+    )
 
 
 def onnx_flops(model_path: str | Path) -> int:
@@ -202,35 +243,69 @@ def tensor_core_fraction(flops: int, latency_ms: float, peak_tflops: float | Non
 def markdown(report: dict) -> str:
     """The reviewer's page: environment, one row per step, then engines, latencies, parity."""
     env = report["environment"]
-    lines = ["# madclip GPU check", "", f"- verdict: **{report['verdict']}** ({report['seconds']:.0f} s; "
-                                        f"budget {report.get('planned_seconds', 0):.0f} s on an H100/H200)"]
+    lines = [
+        "# madclip GPU check",
+        "",
+        f"- verdict: **{report['verdict']}** ({report['seconds']:.0f} s; "
+        f"budget {report.get('planned_seconds', 0):.0f} s on an H100/H200)",
+    ]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "| step | status | seconds | budget s (H100/H200) | detail |", "|---|---|---:|---:|---|"]
     for s in report["steps"]:
         detail = {k: v for k, v in s["detail"].items() if k not in ("stdout",)}
         budget = "" if s.get("budget") is None else f"{s['budget']:.0f}"
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {budget} | {json.dumps(detail)[:300]} |")
+        lines.append(
+            f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {budget} | {json.dumps(detail)[:300]} |"
+        )
     if report.get("engines"):
-        lines += ["", "## TensorRT engines (each built once; `cached`: built by the export step and reused)", "",
-                  "| bundle | precision | recipe | cached | seconds |", "|---|---|---|---|---:|"]
-        lines += [f"| {e['bundle']} | {e['precision']} | {e.get('typing', '')} | {e.get('cached', '')} | "
-                  f"{e['seconds']:.1f} |" for e in report["engines"]]
+        lines += [
+            "",
+            "## TensorRT engines (each built once; `cached`: built by the export step and reused)",
+            "",
+            "| bundle | precision | recipe | cached | seconds |",
+            "|---|---|---|---|---:|",
+        ]
+        lines += [
+            f"| {e['bundle']} | {e['precision']} | {e.get('typing', '')} | {e.get('cached', '')} | "
+            f"{e['seconds']:.1f} |"
+            for e in report["engines"]
+        ]
     if report.get("selftests"):
-        lines += ["", "## Self-tests (parity with the bundle's golden outputs)", "",
-                  "| bundle | backend | precision | passed | score max err | map p99 err |", "|---|---|---|---|---:|---:|"]
-        lines += [f"| {t['bundle']} | {t['backend']} | {t['precision']} | {t.get('passed')} | "
-                  f"{t.get('score_max_abs_err', '')} | {t.get('map_p99_abs_err', '')} |" for t in report["selftests"]]
+        lines += [
+            "",
+            "## Self-tests (parity with the bundle's golden outputs)",
+            "",
+            "| bundle | backend | precision | passed | score max err | map p99 err |",
+            "|---|---|---|---|---:|---:|",
+        ]
+        lines += [
+            f"| {t['bundle']} | {t['backend']} | {t['precision']} | {t.get('passed')} | "
+            f"{t.get('score_max_abs_err', '')} | {t.get('map_p99_abs_err', '')} |"
+            for t in report["selftests"]
+        ]
     if report.get("latencies"):
-        lines += ["", "## Latency (madclip-bench, model only, batch 1)", "",
-                  "| bundle | backend | precision | p50 ms | p95 ms | cold s |", "|---|---|---|---:|---:|---:|"]
-        lines += [f"| {r['bundle']} | {r['backend']} | {r['precision']} | {r.get('p50_ms')} | {r.get('p95_ms')} | "
-                  f"{r.get('cold_s')} |" for r in report["latencies"]]
+        lines += [
+            "",
+            "## Latency (madclip-bench, model only, batch 1)",
+            "",
+            "| bundle | backend | precision | p50 ms | p95 ms | cold s |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['bundle']} | {r['backend']} | {r['precision']} | {r.get('p50_ms')} | {r.get('p95_ms')} | "
+            f"{r.get('cold_s')} |"
+            for r in report["latencies"]
+        ]
     if report.get("tensor_core"):
         tc = report["tensor_core"]
-        lines += ["", "## ViT-B-16 FP16 on TensorRT vs the GPU's dense FP16 tensor-core peak", "",
-                  f"- model GFLOPs (batch 1, from the ONNX graph): {tc['gflops']}",
-                  f"- batch-1 latency: {tc['latency_ms']} ms; peak: {tc['peak_tflops']} TFLOP/s",
-                  f"- achieved fraction of peak: {tc['fraction']}"]
+        lines += [
+            "",
+            "## ViT-B-16 FP16 on TensorRT vs the GPU's dense FP16 tensor-core peak",
+            "",
+            f"- model GFLOPs (batch 1, from the ONNX graph): {tc['gflops']}",
+            f"- batch-1 latency: {tc['latency_ms']} ms; peak: {tc['peak_tflops']} TFLOP/s",
+            f"- achieved fraction of peak: {tc['fraction']}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -317,8 +392,12 @@ def check(out_dir: Path, quick: bool = False, fp16_path: str = "both") -> dict:
     work = out_dir / "work"
     STEP_ENV["MADCLIP_CACHE"] = str(work / "cache")  # export, engine checks, self-tests, bench: one cache
     steps: list[Step] = []
-    report: dict = {"environment": {"host": platform.node(), "python": platform.python_version()},
-                    "engines": [], "selftests": [], "latencies": []}
+    report: dict = {
+        "environment": {"host": platform.node(), "python": platform.python_version()},
+        "engines": [],
+        "selftests": [],
+        "latencies": [],
+    }
 
     versions = run_step("versions", _py(VERSIONS_CODE), TIMEOUTS["versions"], budget=_budget("versions"))
     steps.append(versions)
@@ -328,36 +407,88 @@ def check(out_dir: Path, quick: bool = False, fp16_path: str = "both") -> dict:
     paths = fp16_paths(info.get("tensorrt") if "trt" in gpu_backends else None, fp16_path)
     engine_variants = [("fp32", "auto")] + [("fp16", path) for path in paths]
     report["environment"]["fp16_paths"] = paths
-    report["planned_seconds"] = planned_seconds(["tiny"] if quick else ["tiny", "vitb16"], gpu_backends, paths)
+    report["planned_seconds"] = planned_seconds(
+        ["tiny"] if quick else ["tiny", "vitb16"], gpu_backends, paths
+    )
 
-    steps.append(run_step("gpu/trt tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                                            "gpu or trt", str(ROOT / "tests")], TIMEOUTS["tests"], cwd=ROOT,
-                           budget=_budget("tests")))
+    steps.append(
+        run_step(
+            "gpu/trt tests",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                "gpu or trt",
+                str(ROOT / "tests"),
+            ],
+            TIMEOUTS["tests"],
+            cwd=ROOT,
+            budget=_budget("tests"),
+        )
+    )
 
     data = work / "demo" / "Brain_AD"  # madclip-demo-data writes the dataset folder under --out
     if not data.exists():
-        steps.append(run_step("demo data", [_bin("madclip-demo-data"), "--out", str(data.parent), "--force"], 120))
-    runs = {"tiny": (["--backbone", "madclip-tiny", "--epochs", "3", "--shots", "2"], "train_tiny"),
-            "vitb16": (["--backbone", "ViT-B-16", "--epochs", "1", "--shots", "2", "--image-size", "224"], "train_vitb")}
+        steps.append(
+            run_step("demo data", [_bin("madclip-demo-data"), "--out", str(data.parent), "--force"], 120)
+        )
+    runs = {
+        "tiny": (["--backbone", "madclip-tiny", "--epochs", "3", "--shots", "2"], "train_tiny"),
+        "vitb16": (
+            ["--backbone", "ViT-B-16", "--epochs", "1", "--shots", "2", "--image-size", "224"],
+            "train_vitb",
+        ),
+    }
     bundles = {}
     for name, (extra, tkey) in runs.items():
         if quick and name == "vitb16":
             continue
         run_dir = work / f"run-{name}"
-        s = run_step(f"train {name} on CUDA", [_bin("madclip-train"), "--data", str(data), "--out", str(run_dir),
-                                               "--pretrained", "none", "--device", "cuda", "--force", *extra],
-                     TIMEOUTS[tkey], budget=_budget("train", name))
+        s = run_step(
+            f"train {name} on CUDA",
+            [
+                _bin("madclip-train"),
+                "--data",
+                str(data),
+                "--out",
+                str(run_dir),
+                "--pretrained",
+                "none",
+                "--device",
+                "cuda",
+                "--force",
+                *extra,
+            ],
+            TIMEOUTS[tkey],
+            budget=_budget("train", name),
+        )
         if s.status == "pass":
             cfg = json.loads((run_dir / "config.json").read_text())
-            hist = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines() if x.strip()]
-            s.detail.update({"precision": cfg["train"].get("precision"), "device": cfg.get("device"),
-                             "epoch_seconds": [h["seconds"] for h in hist], "final_loss": hist[-1]["loss_total"]})
+            hist = [
+                json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines() if x.strip()
+            ]
+            s.detail.update(
+                {
+                    "precision": cfg["train"].get("precision"),
+                    "device": cfg.get("device"),
+                    "epoch_seconds": [h["seconds"] for h in hist],
+                    "final_loss": hist[-1]["loss_total"],
+                }
+            )
         steps.append(s)
         if s.status != "pass":
             continue
         bundle = work / f"bundle-{name}"
-        e = run_step(f"export {name}", [_bin("madclip-export"), str(run_dir), "--out", str(bundle), "--fp16",
-                                        "--force"], TIMEOUTS["export"], budget=_budget("export", name))
+        e = run_step(
+            f"export {name}",
+            [_bin("madclip-export"), str(run_dir), "--out", str(bundle), "--fp16", "--force"],
+            TIMEOUTS["export"],
+            budget=_budget("export", name),
+        )
         steps.append(e)
         if e.status == "pass":
             bundles[name] = bundle
@@ -367,66 +498,137 @@ def check(out_dir: Path, quick: bool = False, fp16_path: str = "both") -> dict:
             label = precision if path == "auto" else f"{precision} ({path} path)"
             env = {} if path == "auto" else {FP16_PATH_ENV: path}
             if "trt" not in gpu_backends:
-                steps.append(Step(f"trt engine {name} {label}", "skipped", detail={"reason": "trt backend unavailable"}))
+                steps.append(
+                    Step(
+                        f"trt engine {name} {label}", "skipped", detail={"reason": "trt backend unavailable"}
+                    )
+                )
                 continue
-            s = run_step(f"trt engine {name} {label}", [*_py(ENGINE_CODE), str(bundle), precision],
-                         TIMEOUTS["engine"], env=env)
+            s = run_step(
+                f"trt engine {name} {label}",
+                [*_py(ENGINE_CODE), str(bundle), precision],
+                TIMEOUTS["engine"],
+                env=env,
+            )
             got = _json_stdout(s)
-            s.budget = _budget("engine_cached" if got.get("cached") else "engine_flag" if path == "flag" else "engine",
-                               name)
+            s.budget = _budget(
+                "engine_cached" if got.get("cached") else "engine_flag" if path == "flag" else "engine", name
+            )
             s.detail.update({k: got[k] for k in ("tensorrt", "seconds", "typing", "cached") if k in got})
             steps.append(s)
             if s.status == "pass":
-                report["engines"].append({"bundle": name, "precision": label, "typing": got.get("typing"),
-                                          "cached": got.get("cached"), "seconds": got.get("seconds", s.seconds)})
+                report["engines"].append(
+                    {
+                        "bundle": name,
+                        "precision": label,
+                        "typing": got.get("typing"),
+                        "cached": got.get("cached"),
+                        "seconds": got.get("seconds", s.seconds),
+                    }
+                )
         for backend in gpu_backends:
             for precision, path in [(p, "auto") for p in ("fp32", "fp16")] + (
-                    [("fp16", "flag")] if backend == "trt" and ("fp16", "flag") in engine_variants else []):
+                [("fp16", "flag")] if backend == "trt" and ("fp16", "flag") in engine_variants else []
+            ):
                 label = precision if path == "auto" else f"{precision} ({path} path)"
                 env = {} if path == "auto" else {FP16_PATH_ENV: path}
-                s = run_step(f"selftest {name} {backend} {label}",
-                             [_bin("madclip-infer"), "--bundle", str(bundle), "--selftest", "--json", "--backend",
-                              backend, "--precision", precision], TIMEOUTS["selftest"], env=env,
-                             budget=_budget("selftest_ort_trt" if backend == "ort-trt" else "selftest", name))
+                s = run_step(
+                    f"selftest {name} {backend} {label}",
+                    [
+                        _bin("madclip-infer"),
+                        "--bundle",
+                        str(bundle),
+                        "--selftest",
+                        "--json",
+                        "--backend",
+                        backend,
+                        "--precision",
+                        precision,
+                    ],
+                    TIMEOUTS["selftest"],
+                    env=env,
+                    budget=_budget("selftest_ort_trt" if backend == "ort-trt" else "selftest", name),
+                )
                 res = _json_stdout(s).get("selftest", {})
-                s.detail.update({k: res.get(k) for k in ("passed", "provider", "score_max_abs_err", "map_p99_abs_err")})
+                s.detail.update(
+                    {k: res.get(k) for k in ("passed", "provider", "score_max_abs_err", "map_p99_abs_err")}
+                )
                 steps.append(s)
-                report["selftests"].append({"bundle": name, "backend": backend, "precision": label, **s.detail})
+                report["selftests"].append(
+                    {"bundle": name, "backend": backend, "precision": label, **s.detail}
+                )
         if name == "tiny" and "vitb16" in bundles:
             continue  # the tiny bundle's latencies say nothing; the ViT-B-16 one is benchmarked
         benches = [("", gpu_backends + ["ort-cpu"], None, {}, "bench")]
         if "trt" in gpu_backends and ("fp16", "flag") in engine_variants:
             benches.append((" trt fp16 (flag path)", ["trt"], "fp16", {FP16_PATH_ENV: "flag"}, "bench_flag"))
         for suffix, names, precisions, env, kind in benches:
-            bench_json = work / f"bench-{name}{suffix.replace(' ', '-').replace('(', '').replace(')', '')}.json"
-            cmd = [_bin("madclip-bench"), "--bundle", str(bundle), "--backends", ",".join(names), "--iters", "30",
-                   "--json", str(bench_json)] + (["--precisions", precisions] if precisions else [])
-            s = run_step(f"madclip-bench {name}{suffix}", cmd, TIMEOUTS["bench"], env=env, budget=_budget(kind, name))
+            bench_json = (
+                work / f"bench-{name}{suffix.replace(' ', '-').replace('(', '').replace(')', '')}.json"
+            )
+            cmd = [
+                _bin("madclip-bench"),
+                "--bundle",
+                str(bundle),
+                "--backends",
+                ",".join(names),
+                "--iters",
+                "30",
+                "--json",
+                str(bench_json),
+            ] + (["--precisions", precisions] if precisions else [])
+            s = run_step(
+                f"madclip-bench {name}{suffix}", cmd, TIMEOUTS["bench"], env=env, budget=_budget(kind, name)
+            )
             steps.append(s)
             if bench_json.exists():
                 for row in json.loads(bench_json.read_text()).get("rows", []):
                     if row.get("status") == "ok":
                         label = row.get("precision") if not env else f"{row.get('precision')} (flag path)"
-                        report["latencies"].append({
-                            "bundle": name, "backend": row.get("backend"), "precision": label,
-                            "p50_ms": row.get("latency_p50_ms"), "p95_ms": row.get("latency_p95_ms"),
-                            "cold_s": row.get("cold_start_s"), "throughput_ips": row.get("throughput_ips")})
+                        report["latencies"].append(
+                            {
+                                "bundle": name,
+                                "backend": row.get("backend"),
+                                "precision": label,
+                                "p50_ms": row.get("latency_p50_ms"),
+                                "p95_ms": row.get("latency_p95_ms"),
+                                "cold_s": row.get("cold_start_s"),
+                                "throughput_ips": row.get("throughput_ips"),
+                            }
+                        )
 
     if "vitb16" in bundles:
-        trt_fp16 = next((r for r in report["latencies"] if r["bundle"] == "vitb16" and r["backend"] == "trt"
-                         and r["precision"] == "fp16"), None)
-        s = run_step("ViT-B-16 FLOPs", _py(f"import sys; sys.path.insert(0, {str(HERE)!r}); import gpu_check; "
-                                           f"print(gpu_check.onnx_flops({str(bundles['vitb16'] / 'model.onnx')!r}))"),
-                     TIMEOUTS["flops"], budget=_budget("flops"))
+        trt_fp16 = next(
+            (
+                r
+                for r in report["latencies"]
+                if r["bundle"] == "vitb16" and r["backend"] == "trt" and r["precision"] == "fp16"
+            ),
+            None,
+        )
+        s = run_step(
+            "ViT-B-16 FLOPs",
+            _py(
+                f"import sys; sys.path.insert(0, {str(HERE)!r}); import gpu_check; "
+                f"print(gpu_check.onnx_flops({str(bundles['vitb16'] / 'model.onnx')!r}))"
+            ),
+            TIMEOUTS["flops"],
+            budget=_budget("flops"),
+        )
         steps.append(s)
         if s.status == "pass" and trt_fp16 and trt_fp16.get("p50_ms"):
             flops = int(s.detail["stdout"].strip().splitlines()[-1])
             peak = peak_fp16_tflops(str(info.get("gpu") or ""))
-            report["tensor_core"] = {"gflops": round(flops / 1e9, 2), "latency_ms": trt_fp16["p50_ms"],
-                                     "peak_tflops": peak if peak is not None else "unknown",
-                                     "fraction": tensor_core_fraction(flops, float(trt_fp16["p50_ms"]), peak)}
+            report["tensor_core"] = {
+                "gflops": round(flops / 1e9, 2),
+                "latency_ms": trt_fp16["p50_ms"],
+                "peak_tflops": peak if peak is not None else "unknown",
+                "fraction": tensor_core_fraction(flops, float(trt_fp16["p50_ms"]), peak),
+            }
 
-    report["steps"] = [asdict(s) | {"detail": {k: v for k, v in s.detail.items() if k != "stdout"}} for s in steps]
+    report["steps"] = [
+        asdict(s) | {"detail": {k: v for k, v in s.detail.items() if k != "stdout"}} for s in steps
+    ]
     failed = [s.name for s in steps if s.status in ("fail", "timeout")]
     report["verdict"] = "FAIL: " + ", ".join(failed) if failed else "PASS"
     report["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -439,10 +641,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(HERE / "results" / "gpu_check"), help="report directory")
     p.add_argument("--quick", action="store_true", help="skip the ViT-B-16 bundle (tiny only)")
-    p.add_argument("--fp16-path", choices=("both", "auto"), default="both",
-                   help="both (default): where TensorRT offers both FP16 recipes (10.12-10.x), also build, "
-                        "self-test and benchmark the FP16-flag path of JetPack's TensorRT 10.3; auto: only "
-                        "the one this TensorRT picks")
+    p.add_argument(
+        "--fp16-path",
+        choices=("both", "auto"),
+        default="both",
+        help="both (default): where TensorRT offers both FP16 recipes (10.12-10.x), also build, "
+        "self-test and benchmark the FP16-flag path of JetPack's TensorRT 10.3; auto: only "
+        "the one this TensorRT picks",
+    )
     args = p.parse_args(argv)
     reason = no_gpu_reason()
     if reason:

@@ -7,6 +7,7 @@ embeddings) are computed once at load, counted in its cold start, as the bundle 
 through the same decode -> preprocess -> model -> resize stages that madclip-bench times, so the row compares
 with madclip-bench's rows (same fields, same golden check).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,17 +19,18 @@ import numpy as np
 import torch
 
 from madclip_runtime.bundles.bundle import load_bundle
+from madclip_runtime.bundles.selftest import read_golden
 from madclip_runtime.cli.bench import batch_of, row_from_runs, throughput
 from madclip_runtime.contract import ANOMALY_MAP, GOLDEN_INPUT, OUTPUT_NAMES, SCORE
-from madclip_runtime.scans.imageio import read_scans
 from madclip_runtime.machine import peak_rss_mb
 from madclip_runtime.preprocess import preprocess, resize_map
-from madclip_runtime.bundles.selftest import read_golden
+from madclip_runtime.scans.imageio import read_scans
 from madclip_train.rundir import load_run
 
 
-def pytorch_eager_row(run_dir: str, bundle_dir: str, image_path: str, iters: int, warmup: int,
-                      batch: int, thr_iters: int) -> dict:
+def pytorch_eager_row(
+    run_dir: str, bundle_dir: str, image_path: str, iters: int, warmup: int, batch: int, thr_iters: int
+) -> dict:
     bundle = load_bundle(bundle_dir, verify=False)
     spec, golden = bundle.spec, read_golden(bundle)
     t0 = time.perf_counter()
@@ -63,9 +65,14 @@ def pytorch_eager_row(run_dir: str, bundle_dir: str, image_path: str, iters: int
     thr = throughput(infer, batch_of(golden[GOLDEN_INPUT], batch), thr_iters)
     out = infer(golden[GOLDEN_INPUT])
     row = row_from_runs(runs, cold, thr, batch)
-    row.update(backend="pytorch-eager", precision="fp32", status="ok", peak_rss_mb=round(peak_rss_mb(), 1),
-               provider=f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads, constants precomputed)",
-               golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))))
+    row.update(
+        backend="pytorch-eager",
+        precision="fp32",
+        status="ok",
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        provider=f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads, constants precomputed)",
+        golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))),
+    )
     return row
 
 

@@ -11,6 +11,7 @@ both sides of a refactor. Dumped: the checkpoint tensors, the FP32 ONNX outputs 
 (run here with onnxruntime directly), the golden reference outputs and the calibration numbers. Same machine,
 same thread count: FP32 results are expected to be identical bit for bit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,41 @@ def produce(work: Path, method: str) -> dict[str, np.ndarray]:
 
     bindir = Path(sys.executable).parent
     if not (work / "data").is_dir():
-        _run(str(bindir / "madclip-demo-data"), "--out", str(work / "data"), "--n-valid", "4",
-             "--n-test", "4", "--seed", "5")
+        _run(
+            str(bindir / "madclip-demo-data"),
+            "--out",
+            str(work / "data"),
+            "--n-valid",
+            "4",
+            "--n-test",
+            "4",
+            "--seed",
+            "5",
+        )
     run, bundle = work / f"run-{method}", work / f"bundle-{method}"
-    _run(str(bindir / "madclip-train"), "--method", method, "--data", str(work / "data" / "Brain_AD"),
-         "--out", str(run), "--shots", "3", "--epochs", "2", "--seed", "7", "--backbone", "madclip-tiny",
-         "--pretrained", "none", "--device", "cpu", "--precision", "fp32")
+    _run(
+        str(bindir / "madclip-train"),
+        "--method",
+        method,
+        "--data",
+        str(work / "data" / "Brain_AD"),
+        "--out",
+        str(run),
+        "--shots",
+        "3",
+        "--epochs",
+        "2",
+        "--seed",
+        "7",
+        "--backbone",
+        "madclip-tiny",
+        "--pretrained",
+        "none",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    )
     _run(str(bindir / "madclip-export"), str(run), "--out", str(bundle), "--max-batch", "4")
     out = {f"ckpt/{k}": v for k, v in load_file(str(run / "checkpoint.safetensors")).items()}
     golden = np.load(bundle / "golden.npz")
@@ -52,13 +82,17 @@ def produce(work: Path, method: str) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     for i in range(len(golden["image"])):
-        for name, value in zip(names, sess.run(None, {"image": golden["image"][i:i + 1]})):
+        for name, value in zip(names, sess.run(None, {"image": golden["image"][i : i + 1]})):
             out.setdefault(f"onnx/{name}", []).append(value)
     out = {k: np.concatenate(v) if isinstance(v, list) else v for k, v in out.items()}
     meta = json.loads((bundle / "metadata.json").read_text())
     cal = meta["calibration"]
-    out["calibration"] = np.array([np.nan if cal.get(k) is None else cal[k]
-                                   for k in ("threshold", "threshold_score_map_max", "map_threshold")])
+    out["calibration"] = np.array(
+        [
+            np.nan if cal.get(k) is None else cal[k]
+            for k in ("threshold", "threshold_score_map_max", "map_threshold")
+        ]
+    )
     return {f"{method}/{k}": v for k, v in out.items()}
 
 
@@ -101,7 +135,9 @@ def main() -> int:
         w = per_method.get(method, 0.0)
         verdict = "bit-identical" if w == 0 else "DIFFERENT"
         print(f"{method:10s} {n:4d} arrays  worst max|diff| {w:.3g} ({verdict})")
-    print(f"worst max|diff| over {len(ref)} arrays: {worst:.3g} ({'bit-identical' if worst == 0 else 'DIFFERENT'})")
+    print(
+        f"worst max|diff| over {len(ref)} arrays: {worst:.3g} ({'bit-identical' if worst == 0 else 'DIFFERENT'})"
+    )
     return 0 if worst == 0 else 1
 
 

@@ -7,6 +7,7 @@ threshold exactly as a run's shots do (Youden's J); an unlabelled folder only se
 golden set and the map threshold (99.5th percentile), and the bundle then has no image decision threshold.
 Never pass the split you will report results on: the threshold is chosen on these images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,13 +50,21 @@ def calib_samples(path: str, split: str, n_golden: int):
         samples = [Sample(f, -1, None) for f in files]
         if len(samples) > MAX_CALIB_IMAGES:
             samples = _spread(samples, MAX_CALIB_IMAGES)
-        log.warning("%s: unlabelled images (no normal/ and abnormal/ folders): the bundle will give scores but no "
-                    "decision threshold; pass a dataset root to calibrate one", root)
+        log.warning(
+            "%s: unlabelled images (no normal/ and abnormal/ folders): the bundle will give scores but no "
+            "decision threshold; pass a dataset root to calibrate one",
+            root,
+        )
         return samples, _spread(samples, n_golden), False
     normal, abnormal = list(data.normal), list(data.abnormal)
     half = MAX_CALIB_IMAGES // 2
     samples = _spread(normal, half) + _spread(abnormal, half)
     golden = _spread(normal, n_golden // 2) + _spread(abnormal, n_golden - n_golden // 2)
-    log.info("calibrating on %d normal + %d abnormal images of %s/%s", min(len(normal), half),
-             min(len(abnormal), half), root, split)
+    log.info(
+        "calibrating on %d normal + %d abnormal images of %s/%s",
+        min(len(normal), half),
+        min(len(abnormal), half),
+        root,
+        split,
+    )
     return samples, golden, data.has_masks

@@ -7,14 +7,17 @@ unseen scans: treat the threshold as a starting point and override it (`madclip-
 checking on held-out data. Map threshold (overlay contour): with masks, the pixel threshold maximising pixel F1
 on the shots' masks; without masks, the 99.5th percentile of the normal shots' map values.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from madclip_runtime.contract import SCORE
 
-METHOD_TEXT = ("Youden's J maximised over midpoints of the image scores of the run's shots (k normal + k abnormal, "
-               "un-augmented); shots were seen in training, so the threshold is optimistic: check it on held-out data")
+METHOD_TEXT = (
+    "Youden's J maximised over midpoints of the image scores of the run's shots (k normal + k abnormal, "
+    "un-augmented); shots were seen in training, so the threshold is optimistic: check it on held-out data"
+)
 
 
 def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -48,8 +51,15 @@ def map_threshold(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray
     return float(np.percentile(normal if normal.size else maps, 99.5))
 
 
-def calibrate(scores: np.ndarray, map_max: np.ndarray, maps: np.ndarray, masks: np.ndarray | None,
-              labels: np.ndarray, map_range: tuple[float, float], has_masks: bool) -> dict:
+def calibrate(
+    scores: np.ndarray,
+    map_max: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray | None,
+    labels: np.ndarray,
+    map_range: tuple[float, float],
+    has_masks: bool,
+) -> dict:
     """The metadata.json `calibration` entry. score_name: the score the label uses (AC by default).
 
     Labels 1 abnormal, 0 normal, -1 unknown (an unlabelled --calib folder). Without both classes no image
@@ -62,12 +72,18 @@ def calibrate(scores: np.ndarray, map_max: np.ndarray, maps: np.ndarray, masks: 
         "threshold": youden_threshold(scores[known], labels[known]) if both else None,
         "score_name": SCORE,
         "threshold_score_map_max": youden_threshold(map_max[known], labels[known]) if both else None,
-        "method": METHOD_TEXT if both else (
+        "method": METHOD_TEXT
+        if both
+        else (
             "none: the calibration images do not hold both normal and abnormal labelled images, so no decision "
-            "threshold was chosen (pass madclip-infer --threshold, or re-export with a labelled --calib dataset)"),
+            "threshold was chosen (pass madclip-infer --threshold, or re-export with a labelled --calib dataset)"
+        ),
         "map_threshold": map_threshold(maps, masks if has_masks else None, labels),
-        "map_threshold_method": ("pixel F1-max on the shots' masks" if has_masks
-                                 else "99.5th percentile of the normal shots' map values"),
+        "map_threshold_method": (
+            "pixel F1-max on the shots' masks"
+            if has_masks
+            else "99.5th percentile of the normal shots' map values"
+        ),
         "map_scale": [float(map_range[0]), float(map_range[1])],
         "n_shots": int(len(labels)),
     }

@@ -4,6 +4,7 @@ Everything is written into a temporary sibling of BUNDLE and renamed into place 
 (`AtomicDirectory`): a failed or interrupted export leaves nothing, and an existing bundle is replaced only
 with `force`.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,30 @@ import numpy as np
 import torch
 
 from madclip_runtime.atomic import AtomicDirectory, atomic_writer
-from madclip_runtime.engines.backends import create_backend
 from madclip_runtime.bundles.bundle import write_metadata
-from madclip_runtime.contract import (ANOMALY_MAP, FP16, FP32, GOLDEN_FILE, GOLDEN_INPUT, GOLDEN_LABELS,
-                                      GOLDEN_SOURCES, INPUT_NAME, INT8, MODEL_FILES, OPENVINO, ORT_CPU,
-                                      OUTPUT_NAMES, REPORT_FILE, SCORE, SCORE_MAP_MAX, io_metadata)
-from madclip_runtime.errors import BackendUnavailable, MadclipError
 from madclip_runtime.bundles.metadata_schema import OPSET_MAX, OPSET_MIN
 from madclip_runtime.bundles.selftest import golden_decisions
+from madclip_runtime.contract import (
+    ANOMALY_MAP,
+    FP16,
+    FP32,
+    GOLDEN_FILE,
+    GOLDEN_INPUT,
+    GOLDEN_LABELS,
+    GOLDEN_SOURCES,
+    INPUT_NAME,
+    INT8,
+    MODEL_FILES,
+    OPENVINO,
+    ORT_CPU,
+    OUTPUT_NAMES,
+    REPORT_FILE,
+    SCORE,
+    SCORE_MAP_MAX,
+    io_metadata,
+)
+from madclip_runtime.engines.backends import create_backend
+from madclip_runtime.errors import BackendUnavailable, MadclipError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +82,11 @@ def _golden_samples(shots: list, root: str | None, n_shots: int, n_test: int) ->
     try:
         test = load_split(root or "", "test")
         for group in (test.normal, test.abnormal):
-            pick = np.linspace(0, len(group) - 1, min(len(group), n_test // 2)).round().astype(int) if group else []
+            pick = (
+                np.linspace(0, len(group) - 1, min(len(group), n_test // 2)).round().astype(int)
+                if group
+                else []
+            )
             golden += [group[i] for i in sorted(set(int(i) for i in pick))]
     except MadclipError as exc:
         log.info("no test images for the golden set (%s); using shots only", exc)
@@ -76,7 +97,7 @@ def _golden_samples(shots: list, root: str | None, n_shots: int, n_test: int) ->
 def torch_outputs(model, images: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
     outs: dict[str, list] = {k: [] for k in OUTPUT_NAMES}
     for i in range(0, len(images), batch):
-        res = model(torch.from_numpy(images[i:i + batch]))
+        res = model(torch.from_numpy(images[i : i + batch]))
         for k in outs:
             outs[k].append(res[k].float().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
@@ -90,8 +111,12 @@ def ort_outputs(path: Path, precision: str, images: np.ndarray, max_batch: int) 
         full = backend.run(images)
         seconds = time.perf_counter() - t0
         single = backend.run(images[:1])
-        return full, {"single": single, "seconds_per_image": seconds / len(images), "load_seconds": backend.load_seconds,
-                      "provider": backend.provider}
+        return full, {
+            "single": single,
+            "seconds_per_image": seconds / len(images),
+            "load_seconds": backend.load_seconds,
+            "provider": backend.provider,
+        }
     finally:
         backend.close()
 
@@ -102,12 +127,22 @@ def export_onnx(model, path: Path, max_batch: int, opset: int) -> None:
     size = model.image_size
     module = model.export_module().eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
-        b.numel() * b.element_size() for b in module.buffers())
+        b.numel() * b.element_size() for b in module.buffers()
+    )
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     example = torch.rand(2, 3, size, size)
-    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                      dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=opset, dynamo=True,
-                      external_data=n_bytes > 1_000_000_000, verbose=False)
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={INPUT_NAME: {0: batch}},
+        opset_version=opset,
+        dynamo=True,
+        external_data=n_bytes > 1_000_000_000,
+        verbose=False,
+    )
     from .openvino import rewrite_vector_matmuls
 
     rewrite_vector_matmuls(path)  # 1-D constant MatMuls as matrix-vector products: OpenVINO compiles them
@@ -159,8 +194,12 @@ class ExportState:
 def prepare(opts: ExportOptions, progress: Callable[[str], None] = lambda s: None) -> ExportState:
     """Refuse bad options, a bad signing key and a missing TensorRT before any work."""
     check_options(opts)
-    state = ExportState(opts=opts, progress=progress, t_start=time.perf_counter(),
-                        report={"run": str(opts.run), "variants": {}})
+    state = ExportState(
+        opts=opts,
+        progress=progress,
+        t_start=time.perf_counter(),
+        report={"run": str(opts.run), "variants": {}},
+    )
     if opts.sign is not None:
         from madclip_runtime.bundles.signing import load_private_key
 
@@ -181,8 +220,13 @@ def load_run_step(st: ExportState) -> None:
     st.shots, st.golden, st.has_masks_data = _calibration_samples(st.opts, st.config, st.run_dir)
     st.spec = st.model.cfg.preprocess
     m = st.model
-    st.method_meta = {"method": m.name, "ranges": m.output_ranges(), "meanings": m.output_meanings(),
-                      "provenance": m.provenance(), "fp32_islands": m.fp32_island_constants}
+    st.method_meta = {
+        "method": m.name,
+        "ranges": m.output_ranges(),
+        "meanings": m.output_meanings(),
+        "provenance": m.provenance(),
+        "fp32_islands": m.fp32_island_constants,
+    }
 
 
 def pytorch_reference_step(st: ExportState) -> None:
@@ -193,7 +237,8 @@ def pytorch_reference_step(st: ExportState) -> None:
     images, masks, labels = load_arrays(st.shots, st.spec)
     seed = int(st.config.get("train", {}).get("seed") or 0)
     st.shot_images, st.shot_masks, st.shot_labels, st.calibration_note = st.model.calibration_set(
-        images, masks, labels, seed)
+        images, masks, labels, seed
+    )
     st.shot_out = torch_outputs(st.model, st.shot_images)
 
 
@@ -203,12 +248,20 @@ def calibrate_step(st: ExportState) -> None:
 
     out, opts = st.shot_out, st.opts
     has_masks = bool(st.has_masks_data) and bool(st.shot_masks.any())
-    st.calibration = calibrate(out[SCORE], out[SCORE_MAP_MAX], out[ANOMALY_MAP][:, 0], st.shot_masks,
-                               st.shot_labels, st.method_meta["ranges"][ANOMALY_MAP], has_masks)
+    st.calibration = calibrate(
+        out[SCORE],
+        out[SCORE_MAP_MAX],
+        out[ANOMALY_MAP][:, 0],
+        st.shot_masks,
+        st.shot_labels,
+        st.method_meta["ranges"][ANOMALY_MAP],
+        has_masks,
+    )
     if opts.calib is not None and st.calibration["threshold"] is not None:
         st.calibration["method"] = (
             f"Youden's J maximised over midpoints of the image scores of {len(st.shots)} labelled "
-            f"--calib images ({opts.calib}, split {opts.calib_split}); check it on held-out data")
+            f"--calib images ({opts.calib}, split {opts.calib_split}); check it on held-out data"
+        )
     if st.calibration_note:
         st.calibration["method"] += f"; {st.calibration_note}"
 
@@ -223,8 +276,10 @@ def golden_reference_step(st: ExportState) -> None:
 
 def export_fp32_step(st: ExportState) -> None:
     """The FP32 ONNX graph (consumes the model) and the opset it was written with."""
-    st.progress(f"exporting the FP32 ONNX graph ({st.model.title}: text side baked as constants, FP32 tail "
-                f"from {', '.join(st.model.fp32_island_constants)}; backbone truncated; about a minute on a CPU)")
+    st.progress(
+        f"exporting the FP32 ONNX graph ({st.model.title}: text side baked as constants, FP32 tail "
+        f"from {', '.join(st.model.fp32_island_constants)}; backbone truncated; about a minute on a CPU)"
+    )
     t0 = time.perf_counter()
     export_onnx(st.model, st.path(FP32), st.opts.max_batch, st.opts.opset)
     st.opset = written_opset(st.path(FP32), st.opts.opset)
@@ -240,15 +295,20 @@ def fp32_parity_step(st: ExportState) -> None:
     st.fp32, info = ort_outputs(st.path(FP32), FP32, st.golden_images, st.opts.max_batch)
     parity = diff_stats(st.torch_ref, st.fp32)
     parity_b1 = diff_stats({k: v[:1] for k, v in st.torch_ref.items()}, info["single"])
-    st.report["variants"][FP32] = {"vs_pytorch": parity, "vs_pytorch_batch1": parity_b1,
-                                   "seconds_per_image_cpu": info["seconds_per_image"],
-                                   **variant_report(st.torch_ref, st.fp32, st.golden_labels, st.calibration)}
+    st.report["variants"][FP32] = {
+        "vs_pytorch": parity,
+        "vs_pytorch_batch1": parity_b1,
+        "seconds_per_image_cpu": info["seconds_per_image"],
+        **variant_report(st.torch_ref, st.fp32, st.golden_labels, st.calibration),
+    }
     worst_score = max(parity[SCORE]["max_abs"], parity_b1[SCORE]["max_abs"])
     worst_map = max(parity[ANOMALY_MAP]["p99_abs"], parity_b1[ANOMALY_MAP]["p99_abs"])
     tol = st.opts.fp32_tolerance
     if not (worst_score <= tol and worst_map <= tol):
-        raise ParityError(f"FP32 ONNX parity failed: score max abs {worst_score:.2e}, anomaly_map p99 "
-                          f"{worst_map:.2e} (tolerance {tol:.0e}); no bundle written")
+        raise ParityError(
+            f"FP32 ONNX parity failed: score max abs {worst_score:.2e}, anomaly_map p99 "
+            f"{worst_map:.2e} (tolerance {tol:.0e}); no bundle written"
+        )
     st.models = {FP32: MODEL_FILES[FP32]}
 
 
@@ -273,8 +333,9 @@ def fp16_step(st: ExportState) -> None:
 def engine_step(st: ExportState) -> None:
     """--fp16: warm this machine's TensorRT engine cache (`_maybe_build_engine`)."""
     if st.opts.fp16:
-        st.report["tensorrt"] = _maybe_build_engine(st.tmp, st.opts, st.progress,
-                                                    tuple(st.method_meta["fp32_islands"]))
+        st.report["tensorrt"] = _maybe_build_engine(
+            st.tmp, st.opts, st.progress, tuple(st.method_meta["fp32_islands"])
+        )
 
 
 def int8_step(st: ExportState) -> None:
@@ -296,8 +357,17 @@ def openvino_step(st: ExportState) -> None:
 
     st.progress("OpenVINO: FP32/BF16 parity" + (", NNCF INT8 IR" if st.opts.int8 else ""))
     st.report[OPENVINO], ov_meta = openvino_variants(
-        st.tmp, st.torch_ref, st.fp32, st.golden_images, st.golden_labels, st.calibration, st.shot_images,
-        st.method_meta["fp32_islands"], st.opts.max_batch, st.opts.int8)
+        st.tmp,
+        st.torch_ref,
+        st.fp32,
+        st.golden_images,
+        st.golden_labels,
+        st.calibration,
+        st.shot_images,
+        st.method_meta["fp32_islands"],
+        st.opts.max_batch,
+        st.opts.int8,
+    )
     st.extra_metadata.update(ov_meta)
 
 
@@ -305,9 +375,12 @@ def _variant(st: ExportState, precision: str, got: dict, **extra) -> None:
     """A variant's report entry (against the FP32 graph and PyTorch); non-finite outputs refuse the bundle."""
     from .parity import diff_stats, variant_report
 
-    st.report["variants"][precision] = {**variant_report(st.fp32, got, st.golden_labels, st.calibration),
-                                        "vs_pytorch": diff_stats(st.torch_ref, got), "reference": "onnx fp32",
-                                        **extra}
+    st.report["variants"][precision] = {
+        **variant_report(st.fp32, got, st.golden_labels, st.calibration),
+        "vs_pytorch": diff_stats(st.torch_ref, got),
+        "reference": "onnx fp32",
+        **extra,
+    }
     _check_finite(st.report["variants"][precision], precision.upper())
 
 
@@ -318,8 +391,9 @@ def triton_step(st: ExportState) -> None:
     st.progress("writing the Triton model repository")
     from .triton import write_triton_repository
 
-    repo = write_triton_repository(st.tmp, _model_files(st.tmp, MODEL_FILES[FP32]), st.spec.image_size,
-                                   st.opts.max_batch)
+    repo = write_triton_repository(
+        st.tmp, _model_files(st.tmp, MODEL_FILES[FP32]), st.spec.image_size, st.opts.max_batch
+    )
     st.report["triton"] = str(repo.relative_to(st.tmp))
 
 
@@ -328,23 +402,41 @@ def write_bundle_step(st: ExportState) -> None:
     st.progress("writing golden set, report and metadata")
     tmp = st.tmp
     with atomic_writer(tmp / GOLDEN_FILE) as f:
-        np.savez_compressed(f, **{GOLDEN_INPUT: st.golden_images,
-                                  GOLDEN_LABELS: st.golden_labels.astype(np.int64),
-                                  GOLDEN_SOURCES: np.array([str(Path(s.path).name) for s in st.golden])},
-                            **st.torch_ref, **golden_decisions(st.torch_ref, st.calibration))
+        np.savez_compressed(
+            f,
+            **{
+                GOLDEN_INPUT: st.golden_images,
+                GOLDEN_LABELS: st.golden_labels.astype(np.int64),
+                GOLDEN_SOURCES: np.array([str(Path(s.path).name) for s in st.golden]),
+            },
+            **st.torch_ref,
+            **golden_decisions(st.torch_ref, st.calibration),
+        )
     st.report["sizes_bytes"] = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
     st.report["calibration"] = st.calibration
     st.report["seconds"] = round(time.perf_counter() - st.t_start, 2)
     (tmp / REPORT_FILE).write_text(json.dumps(st.report, indent=2) + "\n")
-    meta = _metadata(st.config, st.spec, st.method_meta, st.opts, st.calibration, st.models, st.run_dir,
-                     st.opset)
+    meta = _metadata(
+        st.config, st.spec, st.method_meta, st.opts, st.calibration, st.models, st.run_dir, st.opset
+    )
     write_metadata(tmp, {**meta, **st.extra_metadata}, signing_key=st.signing_key)
 
 
 # The export, in order. A step that does not apply to the options (fp16_step without --fp16) returns at once.
 STEPS: tuple[Callable[[ExportState], None], ...] = (
-    load_run_step, pytorch_reference_step, calibrate_step, golden_reference_step, export_fp32_step,
-    fp32_parity_step, fp16_step, engine_step, int8_step, openvino_step, triton_step, write_bundle_step)
+    load_run_step,
+    pytorch_reference_step,
+    calibrate_step,
+    golden_reference_step,
+    export_fp32_step,
+    fp32_parity_step,
+    fp16_step,
+    engine_step,
+    int8_step,
+    openvino_step,
+    triton_step,
+    write_bundle_step,
+)
 
 
 def export_bundle(opts: ExportOptions, step: Callable[[str], None] = lambda s: None) -> dict:
@@ -362,8 +454,10 @@ def check_options(opts: ExportOptions) -> None:
     if not 1 <= opts.max_batch <= 4096:
         raise MadclipError(f"--max-batch must be in [1, 4096] (got {opts.max_batch})")
     if not OPSET_MIN <= opts.opset <= OPSET_MAX:
-        raise MadclipError(f"--opset must be in [{OPSET_MIN}, {OPSET_MAX}] (the opsets the exporter writes), "
-                           f"got {opts.opset}")
+        raise MadclipError(
+            f"--opset must be in [{OPSET_MIN}, {OPSET_MAX}] (the opsets the exporter writes), "
+            f"got {opts.opset}"
+        )
     if opts.calib_split not in ("valid", "test"):
         raise MadclipError(f"--calib-split must be valid or test (got {opts.calib_split!r})")
     for n in (opts.n_golden_shots, opts.n_golden_test):
@@ -382,8 +476,10 @@ def written_opset(path: Path, requested: int) -> int:
     if not versions:
         raise MadclipError(f"{path}: the exported graph declares no ai.onnx opset")
     if versions[0] != requested:
-        raise MadclipError(f"--opset {requested}: the exporter wrote opset {versions[0]} instead; no bundle written "
-                           f"(use an opset in [{OPSET_MIN}, {OPSET_MAX}])")
+        raise MadclipError(
+            f"--opset {requested}: the exporter wrote opset {versions[0]} instead; no bundle written "
+            f"(use an opset in [{OPSET_MIN}, {OPSET_MAX}])"
+        )
     return int(versions[0])
 
 
@@ -397,11 +493,14 @@ def _calibration_samples(opts: ExportOptions, config: dict, run_dir: Path):
 
     shots = read_shots(run_dir, config, opts.data)
     if not shots:
-        raise MadclipError(f"{run_dir}: the run lists no shot images (e.g. a converted reference checkpoint): pass "
-                           f"--calib DIR (a dataset root with normal and abnormal images, --calib-split valid|test, "
-                           f"or a folder of images) for calibration and the golden set")
-    golden = _golden_samples(shots, opts.data or (config.get("dataset") or {}).get("root"), opts.n_golden_shots,
-                             opts.n_golden_test)
+        raise MadclipError(
+            f"{run_dir}: the run lists no shot images (e.g. a converted reference checkpoint): pass "
+            f"--calib DIR (a dataset root with normal and abnormal images, --calib-split valid|test, "
+            f"or a folder of images) for calibration and the golden set"
+        )
+    golden = _golden_samples(
+        shots, opts.data or (config.get("dataset") or {}).get("root"), opts.n_golden_shots, opts.n_golden_test
+    )
     return shots, golden, (config.get("dataset") or {}).get("has_masks")
 
 
@@ -431,8 +530,10 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
     except BackendUnavailable as exc:
         if opts.engine:
             raise
-        msg = (f"TensorRT engine not built here ({str(exc).splitlines()[0]}): madclip-infer --backend trt builds it "
-               f"on the target on first use")
+        msg = (
+            f"TensorRT engine not built here ({str(exc).splitlines()[0]}): madclip-infer --backend trt builds it "
+            f"on the target on first use"
+        )
         log.debug(msg)  # the CLI prints the reason once, after the report table
         return {"built": False, "reason": msg}
     step("building the TensorRT FP16 engine into this machine's engine cache (minutes)")
@@ -442,15 +543,25 @@ def _maybe_build_engine(tmp: Path, opts: ExportOptions, step, fp32_islands: tupl
         if opts.engine:
             raise
         first = (str(exc).splitlines() or [exc.__class__.__name__])[0]
-        msg = (f"TensorRT engine build failed here ({exc.__class__.__name__}: {first}); the bundle is written "
-               f"without it, madclip-infer --backend trt retries on first use")
+        msg = (
+            f"TensorRT engine build failed here ({exc.__class__.__name__}: {first}); the bundle is written "
+            f"without it, madclip-infer --backend trt retries on first use"
+        )
         log.warning(msg)
         return {"built": False, "reason": msg}
     return {"built": True, "in_bundle": False, "cached_engine": str(path), "tensorrt": version}
 
 
-def _metadata(config: dict, spec, method_meta: dict, opts: ExportOptions, calibration: dict, models: dict,
-              run_dir: Path, opset: int) -> dict:
+def _metadata(
+    config: dict,
+    spec,
+    method_meta: dict,
+    opts: ExportOptions,
+    calibration: dict,
+    models: dict,
+    run_dir: Path,
+    opset: int,
+) -> dict:
     import onnx
     import onnxruntime
     import open_clip
@@ -466,14 +577,25 @@ def _metadata(config: dict, spec, method_meta: dict, opts: ExportOptions, calibr
         "calibration": calibration,
         "models": models,
         "provenance": {
-            "method": method_meta["method"], "backbone": mcfg["backbone"], "pretrained": mcfg["pretrained"],
-            "taps": mcfg["taps"], "quick_gelu": mcfg["quick_gelu"], "normalize": spec.normalize,
+            "method": method_meta["method"],
+            "backbone": mcfg["backbone"],
+            "pretrained": mcfg["pretrained"],
+            "taps": mcfg["taps"],
+            "quick_gelu": mcfg["quick_gelu"],
+            "normalize": spec.normalize,
             **method_meta["provenance"],
-            "shots": (config.get("train") or {}).get("shots"), "seed": (config.get("train") or {}).get("seed"),
-            "calibration_images": opts.calib, "converted_from": config.get("converted_from"),
-            "run_dir": str(run_dir.resolve()), "backbone_fingerprint": config.get("backbone_fingerprint"),
-            "versions": {**config.get("versions", {}), "torch_export": torch.__version__,
-                         "open_clip_export": open_clip.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": onnxruntime.__version__},
+            "shots": (config.get("train") or {}).get("shots"),
+            "seed": (config.get("train") or {}).get("seed"),
+            "calibration_images": opts.calib,
+            "converted_from": config.get("converted_from"),
+            "run_dir": str(run_dir.resolve()),
+            "backbone_fingerprint": config.get("backbone_fingerprint"),
+            "versions": {
+                **config.get("versions", {}),
+                "torch_export": torch.__version__,
+                "open_clip_export": open_clip.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
         },
     }

@@ -8,6 +8,7 @@ block lists; `fix_output_casts` re-establishes float32 outputs where `keep_io_ty
 `remove_round_trips` drops the float32 -> float16 -> float32 Cast pairs the converter leaves between FP32
 nodes, so no value of the tail (and no output) is rounded to FP16.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,19 @@ log = logging.getLogger(__name__)
 # a computed value, i.e. the L2 normalisation, stay FP32: `computed_divisions`; GELU's / sqrt(2) and attention
 # scaling divide by constants). Each of those used to be FP32 and cost two Casts per block
 # (benchmarks/fp16_islands.py measures it, benchmarks/RESULTS.md has the figures).
-FP32_OPS = ["LayerNormalization", "ReduceL2", "ReduceMean", "ReduceMax", "ReduceSum", "ReduceSumSquare", "Sqrt",
-            "Pow", "Resize", "Clip", "Expand"]
+FP32_OPS = [
+    "LayerNormalization",
+    "ReduceL2",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "Sqrt",
+    "Pow",
+    "Resize",
+    "Clip",
+    "Expand",
+]
 
 
 def head_nodes(model: onnx.ModelProto, constants: tuple[str, ...]) -> list[str]:
@@ -69,14 +81,21 @@ def fix_output_casts(model: onnx.ModelProto) -> onnx.ModelProto:
             producers = [n for n in graph.node if out.name in n.output]
             vi = {v.name: v for v in list(graph.value_info)}
             # the declared type may say float while the producer emits float16: inspect via inference below
-            if not producers or out.name not in vi or vi[out.name].type.tensor_type.elem_type != TensorProto.FLOAT16:
+            if (
+                not producers
+                or out.name not in vi
+                or vi[out.name].type.tensor_type.elem_type != TensorProto.FLOAT16
+            ):
                 continue
         inner = out.name + "_fp16"
         for node in graph.node:
             node.output[:] = [inner if o == out.name else o for o in node.output]
             node.input[:] = [inner if i == out.name else i for i in node.input]
-        graph.node.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT,
-                                           name=f"cast_output_{out.name}"))
+        graph.node.append(
+            helper.make_node(
+                "Cast", [inner], [out.name], to=TensorProto.FLOAT, name=f"cast_output_{out.name}"
+            )
+        )
         out.type.tensor_type.elem_type = TensorProto.FLOAT
         log.debug("inserted float32 cast for output %s", out.name)
     return model
@@ -104,8 +123,11 @@ def remove_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
         if not _is_cast(node, TensorProto.FLOAT):
             continue
         down = producer.get(node.input[0])
-        if (down is None or not _is_cast(down, TensorProto.FLOAT16)
-                or types.get(down.input[0]) != TensorProto.FLOAT):
+        if (
+            down is None
+            or not _is_cast(down, TensorProto.FLOAT16)
+            or types.get(down.input[0]) != TensorProto.FLOAT
+        ):
             continue
         node.op_type, node.input[0] = "Identity", down.input[0]  # keeps its output name (maybe an output)
         del node.attribute[:]
@@ -146,7 +168,9 @@ def _output_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return {o.name: types.get(o.name, o.type.tensor_type.elem_type) for o in model.graph.output}
 
 
-def unshare_initializers(model: onnx.ModelProto, blocked_nodes: set[str], blocked_ops: set[str]) -> onnx.ModelProto:
+def unshare_initializers(
+    model: onnx.ModelProto, blocked_nodes: set[str], blocked_ops: set[str]
+) -> onnx.ModelProto:
     """Give FP32-island consumers their own copy of any initializer also read by FP16 nodes.
 
     The ONNX exporter deduplicates equal constants (e.g. GELU's 0.5 and a head's 0.5 become one initializer);
@@ -181,17 +205,28 @@ def to_mixed_fp16(model: onnx.ModelProto, island_constants: tuple[str, ...]) -> 
     model = isolate_outputs(model)
     # The block list is computed on the final node set: the output Identity nodes added above are part of the
     # FP32 tail (computed before them, they were converted and every output went through a Cast to FP16).
-    node_block = list(dict.fromkeys(head_nodes(model, tuple(island_constants)) + computed_divisions(model)
-                                    + output_producers(model)))
+    node_block = list(
+        dict.fromkeys(
+            head_nodes(model, tuple(island_constants)) + computed_divisions(model) + output_producers(model)
+        )
+    )
     model = unshare_initializers(model, set(node_block), set(FP32_OPS))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=node_block,
-            disable_shape_infer=False)
+            model,
+            keep_io_types=True,
+            op_block_list=FP32_OPS,
+            node_block_list=node_block,
+            disable_shape_infer=False,
+        )
     if caught:  # one line per tiny weight otherwise; FP16 has no such magnitudes (smallest normal 6e-5)
-        log.debug("FP16 conversion: %d FP16-body constants below FP16's range were clamped by "
-                  "onnxconverter-common (e.g. %s)", len(caught), caught[0].message)
+        log.debug(
+            "FP16 conversion: %d FP16-body constants below FP16's range were clamped by "
+            "onnxconverter-common (e.g. %s)",
+            len(caught),
+            caught[0].message,
+        )
     # Declared output types can lie after conversion: mark any output whose producer is FP16 and fix it.
     for name, elem in _output_elem_types(converted).items():
         if elem == TensorProto.FLOAT16:

@@ -1,4 +1,5 @@
 """Dynamic INT8 ONNX for CPUs: signed 8-bit weights, activations quantised on the fly (onnxruntime)."""
+
 from __future__ import annotations
 
 import logging
@@ -26,9 +27,13 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, island_constants
     level = root.level
     root.setLevel(max(level, logging.WARNING))  # the quantiser logs one INFO line per unquantised tensor
     try:
-        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"],
-                         nodes_to_exclude=int8_excluded_nodes(graph, island_constants),
-                         use_external_data_format=False)
+        quantize_dynamic(
+            str(fp32_path),
+            str(int8_path),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=int8_excluded_nodes(graph, island_constants),
+            use_external_data_format=False,
+        )
     finally:
         root.setLevel(level)

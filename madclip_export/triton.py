@@ -6,6 +6,7 @@
 Outputs that are batch-only tensors ([B]) are declared `dims: [ 1 ]` with `reshape: { shape: [ ] }`, Triton's
 documented way to describe a model output that has no dimensions besides the batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,12 +61,19 @@ instance_group [
 """
 
 
-def write_triton_repository(bundle_dir: str | os.PathLike, model_files: list[str], image_size: int, max_batch: int,
-                            name: str = "madclip") -> Path:
+def write_triton_repository(
+    bundle_dir: str | os.PathLike,
+    model_files: list[str],
+    image_size: int,
+    max_batch: int,
+    name: str = "madclip",
+) -> Path:
     """Copy the FP32 ONNX model (and its external data) into a Triton repository inside the bundle."""
     repo = Path(bundle_dir) / "triton" / name
     (repo / "1").mkdir(parents=True, exist_ok=True)
-    for f in model_files:  # "model.onnx" and optionally "model.onnx.data": names kept, the graph refers to them
+    for (
+        f
+    ) in model_files:  # "model.onnx" and optionally "model.onnx.data": names kept, the graph refers to them
         src = Path(bundle_dir) / f
         dst = repo / "1" / f
         try:

@@ -3,6 +3,7 @@
 `madclip_runtime.load(bundle, backend="auto", precision="fp32")` returns a Predictor (see
 `madclip_runtime.predictor`); it is imported lazily so `import madclip_runtime` stays light.
 """
+
 from __future__ import annotations
 
 from typing import Any

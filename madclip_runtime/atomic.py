@@ -5,6 +5,7 @@ fsync'ed, then `os.replace`d over the target, so a crash or Ctrl-C never leaves 
 the final name. `AtomicDirectory` does the same for a whole directory (a bundle): it is built in a hidden
 sibling and renamed into place only when complete.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -10,6 +10,7 @@ the one preprocessing with the bundle's spec) and three outputs:
 Their ranges and meanings are the method's and are recorded in the bundle's metadata (`io_metadata`). A bundle
 is a directory of the files named here; a decision is `decide(value, threshold)` everywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,10 @@ OPENVINO_WEIGHTS_SUFFIX = ".bin"
 GOLDEN_INPUT, GOLDEN_LABELS, GOLDEN_SOURCES = INPUT_NAME, "labels", "sources"
 # ... and the decisions the exported calibration made on that reference (checked by --selftest)
 GOLDEN_DECISIONS, GOLDEN_DECISION_THRESHOLD, GOLDEN_DECISION_SCORE_NAME = (
-    "decisions", "decision_threshold", "decision_score_name")
+    "decisions",
+    "decision_threshold",
+    "decision_score_name",
+)
 GOLDEN_DECISION_KEYS = (GOLDEN_DECISIONS, GOLDEN_DECISION_THRESHOLD, GOLDEN_DECISION_SCORE_NAME)
 
 # One name each for code that means one precision or backend (the tuples above list them all).
@@ -57,8 +61,9 @@ def decide(value: float, threshold: float | None) -> str | None:
     return ANOMALY if value >= threshold else NORMAL
 
 
-def io_metadata(image_size: int, ranges: dict[str, tuple[float, float]],
-                meanings: dict[str, str] | None = None) -> dict[str, Any]:
+def io_metadata(
+    image_size: int, ranges: dict[str, tuple[float, float]], meanings: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The `input` and `outputs` entries of metadata.json. `ranges`: {"score": (lo, hi), "anomaly_map": (lo, hi)}."""
     s = int(image_size)
     meanings = meanings or {}
@@ -67,15 +72,25 @@ def io_metadata(image_size: int, ranges: dict[str, tuple[float, float]],
     return {
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, s, s]},
         "outputs": {
-            SCORE: {"shape": ["batch"], "range": score_range,
-                    "meaning": meanings.get(SCORE, "image anomaly score")},
-            ANOMALY_MAP: {"shape": ["batch", 1, s, s], "range": map_range,
-                          "meaning": f"{meanings.get(ANOMALY_MAP, 'pixel anomaly map')} at {s}x{s}"},
-            SCORE_MAP_MAX: {"shape": ["batch"], "range": map_range,
-                            "meaning": "max of anomaly_map per image (the reference's image score on datasets "
-                                       "with masks)"},
+            SCORE: {
+                "shape": ["batch"],
+                "range": score_range,
+                "meaning": meanings.get(SCORE, "image anomaly score"),
+            },
+            ANOMALY_MAP: {
+                "shape": ["batch", 1, s, s],
+                "range": map_range,
+                "meaning": f"{meanings.get(ANOMALY_MAP, 'pixel anomaly map')} at {s}x{s}",
+            },
+            SCORE_MAP_MAX: {
+                "shape": ["batch"],
+                "range": map_range,
+                "meaning": "max of anomaly_map per image (the reference's image score on datasets "
+                "with masks)",
+            },
         },
     }
+
 
 # Per-volume output files of madclip-infer --out (madclip_runtime.scans.volume_output.output_names), and the
 # DICOM SEG suffix that a 2-D DICOM also gets with --dicom-seg. `<stem>.json` is written last in every set.

@@ -3,6 +3,7 @@
 Library code raises these; the CLIs catch them and print the message without a traceback (see
 `madclip_runtime.cli.common.run_cli`).
 """
+
 from __future__ import annotations
 
 

@@ -10,6 +10,7 @@ madclip CLI calls `setup_logging` first thing (and gets `-v` from `add_verbose(p
 Code that imports a library which installs its own handlers at import time (Ray) calls `quiet_loaded()`
 after that import. `is_verbose()` tells helpers whether to pass a library its quiet settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,27 @@ _OWN_DIRS = tuple(os.path.join(_ROOT, p) + os.sep for p in OWN_PACKAGES)
 _OWN_WARNINGS = r"(madclip_runtime|madclip_train|madclip_export)(\.|$)"
 # Libraries whose loggers get their level raised (dropped at the source; "ray.serve" is left to the filter:
 # madclip's serving code logs on it)
-NOISY = ("onnxscript", "torch.onnx", "torch._dynamo", "torch.export", "onnx_ir", "onnxruntime", "highdicom",
-         "pydicom", "ray", "ray.data", "ray.train", "open_clip", "PIL", "matplotlib", "urllib3",
-         "filelock", "httpx", "nncf", OPENVINO)
+NOISY = (
+    "onnxscript",
+    "torch.onnx",
+    "torch._dynamo",
+    "torch.export",
+    "onnx_ir",
+    "onnxruntime",
+    "highdicom",
+    "pydicom",
+    "ray",
+    "ray.data",
+    "ray.train",
+    "open_clip",
+    "PIL",
+    "matplotlib",
+    "urllib3",
+    "filelock",
+    "httpx",
+    "nncf",
+    OPENVINO,
+)
 _state = {"verbose": False}
 
 
@@ -94,5 +113,9 @@ def configure(verbose: bool = False) -> None:
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:
     """The `-v/--verbose` flag every madclip CLI has."""
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also show other libraries' log lines and warnings, and debug details")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' log lines and warnings, and debug details",
+    )

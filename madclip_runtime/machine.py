@@ -2,6 +2,7 @@
 
 Used by madclip-bench and the benchmark scripts alike; torch is never imported.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,10 +38,14 @@ def _ram_bytes() -> int | None:
 def machine_description() -> dict[str, Any]:
     """Platform, CPU model, cores, RAM, Python and inference library versions (torch is never imported)."""
     desc: dict[str, Any] = {
-        "platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-        "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
         "ram_gb": round(_ram_bytes() / 2**30, 2) if _ram_bytes() else None,
-        "madclip": __version__, "numpy": np.__version__,
+        "madclip": __version__,
+        "numpy": np.__version__,
     }
     try:
         import onnxruntime as ort

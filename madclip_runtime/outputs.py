@@ -23,6 +23,7 @@ Adding an output kind (for a new writer) is one call, in this module or in the w
 a registered writer (or a declared non-output writer); it runs each writer and checks that every file it wrote
 is recognised, so a new output kind cannot be forgotten.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,14 +75,23 @@ _MARKER = "madclip_runtime.outputs:mark_output_dir"
 _SPOOL = "madclip_runtime.dicomnet.spool:Spool."  # the DICOM node's outbox items (results waiting to be sent)
 
 MARKER = register_output("marker", OUTPUT_MARKER, _MARKER)
-RECORD_JSON = register_output("record_json", ".json", _OVERLAY, _VOLUME, _BATCH_RESULT, _SPOOL + "commit_result",
-                              _SPOOL + "set_item_state")
+RECORD_JSON = register_output(
+    "record_json",
+    ".json",
+    _OVERLAY,
+    _VOLUME,
+    _BATCH_RESULT,
+    _SPOOL + "commit_result",
+    _SPOOL + "set_item_state",
+)
 OVERLAY_PNG = register_output("overlay_png", "_overlay.png", _OVERLAY)
 MAP_PNG16 = register_output("map_png16", "_map.png", _OVERLAY, _BATCH_MAP)
 MAP_NPY = register_output("map_npy", "_map.npy", _OVERLAY, _BATCH_MAP)
 VOLUME_MAP = register_output("volume_map", VOLUME_MAP_SUFFIX, _VOLUME)
 MONTAGE_PNG = register_output("montage_png", VOLUME_MONTAGE_SUFFIX, _VOLUME)
-DICOM_SEG = register_output("dicom_seg", DICOM_SEG_SUFFIX, _VOLUME, "madclip_runtime.cli.infer:_write_image_seg")
+DICOM_SEG = register_output(
+    "dicom_seg", DICOM_SEG_SUFFIX, _VOLUME, "madclip_runtime.cli.infer:_write_image_seg"
+)
 SUMMARY_CSV = register_output("summary_csv", "summary.csv", _BATCH_SUMMARY)
 SUMMARY_PARQUET = register_output("summary_parquet", "summary.parquet", _BATCH_SUMMARY)
 NODE_SEG = register_output("node_seg", "seg.dcm", _SPOOL + "commit_result")  # outbox/<item>/seg.dcm
@@ -142,8 +152,11 @@ def is_madclip_output(path: str, marked_dir: bool | None = None) -> bool:
     directory = os.path.dirname(path) or "."
     if in_marked_tree(directory) if marked_dir is None else marked_dir:
         return True
-    return bool(stem) and name.lower() != f"{stem}.json".lower() and \
-        os.path.isfile(os.path.join(directory, stem + ".json"))
+    return (
+        bool(stem)
+        and name.lower() != f"{stem}.json".lower()
+        and os.path.isfile(os.path.join(directory, stem + ".json"))
+    )
 
 
 def slice_number(source: str) -> int | None:

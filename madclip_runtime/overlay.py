@@ -8,6 +8,7 @@ looks quiet instead of having its noise stretched to full red.
 `value = v / 65535 * (hi - lo) + lo` (the scale is in the PNG text chunk "madclip_map_scale"; see
 `read_map_png`). Values outside [lo, hi] are clipped; the `npy` format keeps raw float32 values instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,22 +21,36 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import INTENDED_USE
 from .atomic import atomic_save_npy, atomic_save_png, atomic_write_text
-from .outputs import mark_output_dir
 from .contract import ANOMALY, NORMAL
+from .outputs import mark_output_dir
 from .scans.imageio import ScanImage
 
 # Anchor colours of a dark-purple-orange-pale-yellow perceptual ramp (inferno-like), evenly spaced on [0, 1].
 _ANCHORS = np.array(
     [
-        (0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
-        (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164),
+        (0, 0, 4),
+        (31, 12, 72),
+        (85, 15, 109),
+        (136, 34, 106),
+        (186, 54, 85),
+        (227, 89, 51),
+        (249, 140, 10),
+        (249, 201, 50),
+        (252, 255, 164),
     ],
     dtype=np.float64,
 )
-_LUT = np.stack(
-    [np.interp(np.linspace(0.0, 1.0, 256), np.linspace(0.0, 1.0, len(_ANCHORS)), _ANCHORS[:, c]) for c in range(3)],
-    axis=1,
-).round().astype(np.uint8)  # [256, 3]
+_LUT = (
+    np.stack(
+        [
+            np.interp(np.linspace(0.0, 1.0, 256), np.linspace(0.0, 1.0, len(_ANCHORS)), _ANCHORS[:, c])
+            for c in range(3)
+        ],
+        axis=1,
+    )
+    .round()
+    .astype(np.uint8)
+)  # [256, 3]
 
 CONTOUR_RGB = (0, 255, 255)  # cyan: absent from the colour ramp
 _LEGEND_BG = (24, 24, 24)
@@ -189,12 +204,17 @@ def render_overlay(
     elif decision == NORMAL:
         verdict, verdict_fg = "normal", _NORMAL_FG
     else:
-        verdict, verdict_fg = "(no calibrated threshold)" if threshold is None else "(no decision)", _LEGEND_FG
+        verdict, verdict_fg = (
+            "(no calibrated threshold)" if threshold is None else "(no decision)",
+            _LEGEND_FG,
+        )
     score_text = f"score {_fmt(score)}  threshold {_fmt(threshold)}  "
     lo_text, hi_text = f"{lo:g}", f"{hi:g}"
     contour_text = f"  contour {map_threshold:.3f}" if map_threshold is not None else ""
     bar_w = 8 * fs
-    bar_line_w = _text_w(probe, lo_text, font) + bar_w + _text_w(probe, hi_text + contour_text, font) + 2 * pad
+    bar_line_w = (
+        _text_w(probe, lo_text, font) + bar_w + _text_w(probe, hi_text + contour_text, font) + 2 * pad
+    )
     lines_w = [
         _text_w(probe, label, font) if label else 0,
         _text_w(probe, score_text + verdict, font),
@@ -231,8 +251,14 @@ def render_overlay(
     return canvas
 
 
-def blend_map(pixels: ScanImage | np.ndarray, amap: np.ndarray, scale: tuple[float, float],
-              map_threshold: float | None, alpha: float = 0.45, thickness: int = 1) -> np.ndarray:
+def blend_map(
+    pixels: ScanImage | np.ndarray,
+    amap: np.ndarray,
+    scale: tuple[float, float],
+    map_threshold: float | None,
+    alpha: float = 0.45,
+    thickness: int = 1,
+) -> np.ndarray:
     """The scan [H, W] blended with the colourised map on the fixed scale, contour at `map_threshold`."""
     base = _to_rgb_uint8(pixels)
     amap = np.asarray(amap, dtype=np.float32)
@@ -256,9 +282,15 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[s
     return lines
 
 
-def render_montage_tiles(tiles: list[tuple[np.ndarray, np.ndarray, str, str | None]], scale: tuple[float, float],
-                         map_threshold: float | None, legend: list[tuple[str, tuple[int, int, int]]],
-                         min_side: int = 240, max_side: int = 512, columns: int = 3) -> Image.Image:
+def render_montage_tiles(
+    tiles: list[tuple[np.ndarray, np.ndarray, str, str | None]],
+    scale: tuple[float, float],
+    map_threshold: float | None,
+    legend: list[tuple[str, tuple[int, int, int]]],
+    min_side: int = 240,
+    max_side: int = 512,
+    columns: int = 3,
+) -> Image.Image:
     """Several slices with their maps in one picture, one shared legend below.
 
     `tiles`: (scan pixels [H, W(, 3)], map [H, W], caption, decision) per slice. Each slice is shown at its
@@ -290,8 +322,11 @@ def render_montage_tiles(tiles: list[tuple[np.ndarray, np.ndarray, str, str | No
             big = np.asarray(Image.fromarray(np.asarray(amap, np.float32), mode="F").resize(size, resample))
             img = Image.fromarray(blend_map(base, big, (lo, hi), map_threshold, thickness=2))
         else:
-            img = Image.fromarray(blend_map(pixels, amap, (lo, hi), map_threshold,
-                                            thickness=max(1, round(longer / max(size) * 1.5))))
+            img = Image.fromarray(
+                blend_map(
+                    pixels, amap, (lo, hi), map_threshold, thickness=max(1, round(longer / max(size) * 1.5))
+                )
+            )
             if resample is not None:
                 img = img.resize(size, resample)
         lines = _wrap(probe, caption, font, img.width - 2 * pad)
@@ -395,8 +430,16 @@ def save_prediction(
         encoding = "float32 npy, raw anomaly map values"
 
     overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
-    overlay = render_overlay(pixels, amap, float(pred.decision_score), pred.threshold, pred.label, map_threshold,
-                             (lo, hi), os.path.basename(pred.source))
+    overlay = render_overlay(
+        pixels,
+        amap,
+        float(pred.decision_score),
+        pred.threshold,
+        pred.label,
+        map_threshold,
+        (lo, hi),
+        os.path.basename(pred.source),
+    )
     atomic_save_png(overlay_path, overlay)
 
     json_path = os.path.join(out_dir, f"{stem}.json")

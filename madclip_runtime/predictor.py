@@ -9,6 +9,7 @@ bundle's spec, so serving cannot drift from training) and a backend. Decisions u
 threshold on its calibration `score_name` ("score" = AC or "score_map_max" = max of AS), or an override.
 Research use, not for clinical decisions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,14 +21,25 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from . import INTENDED_USE
-from .engines.backends import create_backend, resolve_auto
 from .bundles.bundle import Bundle, load_bundle, openvino_weights
-from .contract import (ANOMALY_MAP, FP16, FP32, INT8, OPENVINO, ORT_CPU, OUTPUT_NAMES, RUNTIME_PRECISION_OF,
-                       SCORE, SCORE_MAP_MAX, decide)
-from .errors import BundleError, InputError, MadclipError
-from .scans.imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
-from .preprocess import preprocess, resize_map
+from .contract import (
+    ANOMALY_MAP,
+    FP16,
+    FP32,
+    INT8,
+    OPENVINO,
+    ORT_CPU,
+    OUTPUT_NAMES,
+    RUNTIME_PRECISION_OF,
+    SCORE,
+    SCORE_MAP_MAX,
+    decide,
+)
+from .engines.backends import create_backend, resolve_auto
 from .engines.trt_rules import content_id
+from .errors import BundleError, InputError, MadclipError
+from .preprocess import preprocess, resize_map
+from .scans.imageio import ScanImage, check_finite, check_size, read_scans, window_to_unit
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +72,17 @@ class Prediction:
         """The per-scan record (printed with --json, stored in <stem>.json): JSON-ready, NaN/inf as None.
         `context` adds where it was computed (backend, provider, precision)."""
         return {
-            "file": self.source, SCORE: _finite(self.score), SCORE_MAP_MAX: _finite(self.score_map_max),
-            "label": self.label, "threshold": self.threshold, "score_name": self.score_name, **context,
-            "latency_ms": round(self.latency_ms, 3), "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
-            "height": int(self.anomaly_map.shape[0]), "width": int(self.anomaly_map.shape[1]),
+            "file": self.source,
+            SCORE: _finite(self.score),
+            SCORE_MAP_MAX: _finite(self.score_map_max),
+            "label": self.label,
+            "threshold": self.threshold,
+            "score_name": self.score_name,
+            **context,
+            "latency_ms": round(self.latency_ms, 3),
+            "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+            "height": int(self.anomaly_map.shape[0]),
+            "width": int(self.anomaly_map.shape[1]),
             "intended_use": INTENDED_USE,
         }
 
@@ -92,8 +111,10 @@ def array_to_scan(pixels: np.ndarray, source: str = "<array>", window: str = "au
         check_finite(source, arr)
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
-            raise InputError(f"{source}: float pixels must lie in [0, 1], got [{lo:g}, {hi:g}] "
-                             "(pass integers to have them windowed)")
+            raise InputError(
+                f"{source}: float pixels must lie in [0, 1], got [{lo:g}, {hi:g}] "
+                "(pass integers to have them windowed)"
+            )
         return ScanImage(arr.astype(np.float32), source, 32)
     if arr.dtype.kind in "iu":
         mode = "minmax" if window == "auto" else window
@@ -144,9 +165,13 @@ class Predictor:
             scans = self.read(item, slice_index)
             ms = (time.perf_counter() - t0) * 1e3
             if len(scans) != 1:
-                raise InputError(f"{os.fspath(item)}: has {len(scans)} slices; pass slice_index= or use predict_file")
+                raise InputError(
+                    f"{os.fspath(item)}: has {len(scans)} slices; pass slice_index= or use predict_file"
+                )
             return scans[0], ms
-        raise InputError(f"cannot predict on a {type(item).__name__}; pass a path, a numpy array or a ScanImage")
+        raise InputError(
+            f"cannot predict on a {type(item).__name__}; pass a path, a numpy array or a ScanImage"
+        )
 
     def predict(self, item: PredictInput, slice_index: int | None = None) -> Prediction:
         """One scan (file path, pixel array or ScanImage) -> Prediction."""
@@ -165,7 +190,9 @@ class Predictor:
         pairs = [self._to_scan(item, None) for item in items]
         return self.predict_scans([s for s, _ in pairs], [ms for _, ms in pairs])
 
-    def predict_scans(self, scans: Sequence[ScanImage], decode_ms: Sequence[float] | None = None) -> list[Prediction]:
+    def predict_scans(
+        self, scans: Sequence[ScanImage], decode_ms: Sequence[float] | None = None
+    ) -> list[Prediction]:
         """Decoded scans -> Predictions; `decode_ms` (per scan) is recorded in the timings when given."""
         decode = list(decode_ms) if decode_ms is not None else [0.0] * len(scans)
         if len(decode) != len(scans):
@@ -195,10 +222,13 @@ class Predictor:
             outputs = self.backend.run(batch)
         except MadclipError:
             raise
-        except Exception as exc:  # onnxruntime / TensorRT runtime failures: one line, naming bundle and backend
+        except (
+            Exception
+        ) as exc:  # onnxruntime / TensorRT runtime failures: one line, naming bundle and backend
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BundleError(f"{self.bundle.path}: inference failed on {self.backend_name} "
-                              f"({type(exc).__name__}: {first})") from None
+            raise BundleError(
+                f"{self.bundle.path}: inference failed on {self.backend_name} ({type(exc).__name__}: {first})"
+            ) from None
         self._check_outputs(outputs, len(batch))
         return outputs
 
@@ -224,21 +254,40 @@ class Predictor:
             score, smax = float(outputs[SCORE][i]), float(outputs[SCORE_MAP_MAX][i])
             label = self.decision(score, smax)
             post_ms = (time.perf_counter() - t0) * 1e3
-            timings = {"decode": float(decode_ms[i]), "preprocess": pre_ms[i], "inference": infer_ms,
-                       "postprocess": post_ms}
-            preds.append(Prediction(scan.source, score, smax, label, self.threshold, self.score_name,
-                                    native, model_map, timings))
+            timings = {
+                "decode": float(decode_ms[i]),
+                "preprocess": pre_ms[i],
+                "inference": infer_ms,
+                "postprocess": post_ms,
+            }
+            preds.append(
+                Prediction(
+                    scan.source,
+                    score,
+                    smax,
+                    label,
+                    self.threshold,
+                    self.score_name,
+                    native,
+                    model_map,
+                    timings,
+                )
+            )
         return preds
 
     def _check_outputs(self, outputs: dict[str, np.ndarray], n: int) -> None:
         missing = [k for k in OUTPUT_NAMES if k not in outputs]
         if missing:
-            raise InputError(f"{self.bundle.path}: the model did not return {', '.join(missing)} "
-                             f"(it returned {', '.join(outputs)})")
+            raise InputError(
+                f"{self.bundle.path}: the model did not return {', '.join(missing)} "
+                f"(it returned {', '.join(outputs)})"
+            )
         s = self.bundle.image_size
         if outputs[ANOMALY_MAP].shape != (n, 1, s, s) or outputs[SCORE].shape != (n,):
-            raise InputError(f"{self.bundle.path}: model output shapes {outputs[SCORE].shape} / "
-                             f"{outputs[ANOMALY_MAP].shape}, expected ({n},) / ({n}, 1, {s}, {s})")
+            raise InputError(
+                f"{self.bundle.path}: model output shapes {outputs[SCORE].shape} / "
+                f"{outputs[ANOMALY_MAP].shape}, expected ({n},) / ({n}, 1, {s}, {s})"
+            )
 
     def record(self, pred: Prediction) -> dict[str, Any]:
         """`pred.record()` with this predictor's backend, provider and precision."""
@@ -254,8 +303,10 @@ class Predictor:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Predictor({self.bundle.path}, backend={self.backend_name}, provider={self.provider}, "
-                f"precision={self.precision}, threshold={self.threshold})")
+        return (
+            f"Predictor({self.bundle.path}, backend={self.backend_name}, provider={self.provider}, "
+            f"precision={self.precision}, threshold={self.threshold})"
+        )
 
 
 def check_threshold(threshold: Any, bundle: Bundle | None = None) -> float | None:
@@ -272,8 +323,10 @@ def check_threshold(threshold: Any, bundle: Bundle | None = None) -> float | Non
     if bundle is not None:
         lo, hi = bundle.output_range(bundle.score_name)
         if not lo <= value <= hi:
-            raise InputError(f"threshold {value:g} is outside the {bundle.score_name} range [{lo:g}, {hi:g}] "
-                             f"of {bundle.path}: every scan would get the same label")
+            raise InputError(
+                f"threshold {value:g} is outside the {bundle.score_name} range [{lo:g}, {hi:g}] "
+                f"of {bundle.path}: every scan would get the same label"
+            )
     return value
 
 
@@ -329,8 +382,13 @@ def load(
         log.warning("running the fp16 model on the CPU: FP16 on a CPU is slower than FP32 (use fp32 or int8)")
     s = b.image_size
     be = create_backend(
-        name, model_path, precision, b.max_batch or DEFAULT_MAX_BATCH,
+        name,
+        model_path,
+        precision,
+        b.max_batch or DEFAULT_MAX_BATCH,
         None if cache_dir is None else os.fspath(cache_dir),
-        onnx_sha256=model_sha256(b, precision, name), input_chw=(3, s, s), fp32_islands=b.fp32_islands,
+        onnx_sha256=model_sha256(b, precision, name),
+        input_chw=(3, s, s),
+        fp32_islands=b.fp32_islands,
     )
     return Predictor(b, be, threshold=threshold)

@@ -5,6 +5,7 @@ replicated, values in [0, 1], no CLIP mean/std normalisation by default (a switc
 8-bit sources take exactly the reference path (uint8 PIL resize, then /255). Higher bit depths are
 windowed to [0, 1] by `madclip_runtime.scans.imageio` and resized in float ('F' mode) so no precision is lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def _resize_plane(plane: np.ndarray, size: int, interp: int) -> np.ndarray:
     if plane.dtype == np.uint8:
         out = Image.fromarray(plane, mode="L").resize((size, size), interp)
         return np.asarray(out, dtype=np.float32) / 255.0
-    out = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F").resize((size, size), interp)
+    out = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F").resize(
+        (size, size), interp
+    )
     return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
 
@@ -80,7 +83,9 @@ def preprocess(image: ScanImage | np.ndarray, spec: PreprocessSpec = PreprocessS
     interp = _INTERP[spec.interpolation]
     s = spec.image_size
     if pixels.ndim == 2:
-        grey = _resize_plane(pixels, s, interp)  # [S, S]; resizing then replicating == replicating then resizing
+        grey = _resize_plane(
+            pixels, s, interp
+        )  # [S, S]; resizing then replicating == replicating then resizing
         out = np.repeat(grey[None], 3, axis=0)
     elif pixels.ndim == 3 and pixels.shape[2] == 3:
         out = np.stack([_resize_plane(pixels[..., c], s, interp) for c in range(3)])
@@ -96,7 +101,9 @@ def normalize_array(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """
     out = np.asarray(images, dtype=np.float32)
     if spec.normalize == "clip":
-        out = (out - np.asarray(spec.mean, np.float32)[:, None, None]) / np.asarray(spec.std, np.float32)[:, None, None]
+        out = (out - np.asarray(spec.mean, np.float32)[:, None, None]) / np.asarray(spec.std, np.float32)[
+            :, None, None
+        ]
     return np.ascontiguousarray(out, dtype=np.float32)
 
 

@@ -6,6 +6,7 @@ A file name may hold a newline (forging a second line such as "self-test PASSED"
 CLIs' error line, their log handler and every table cell that holds a name; library messages stay raw (the
 exception text keeps the real path for programs).
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -29,5 +30,7 @@ def escape_control(text: object) -> str:
     s = str(text)
     if s.isprintable():  # fast path: nothing to escape (isprintable is False for every unsafe category)
         return s
-    return "".join(_escape_char(ch) if unicodedata.category(ch) in _UNSAFE_CATEGORIES or ch in "\n\r\t" else ch
-                   for ch in s)
+    return "".join(
+        _escape_char(ch) if unicodedata.category(ch) in _UNSAFE_CATEGORIES or ch in "\n\r\t" else ch
+        for ch in s
+    )

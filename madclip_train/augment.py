@@ -24,6 +24,7 @@ Two variants of the zoom and the jitter (`variant`, the trainer's `--augment-var
 
 Images must be in [0, 1] (preprocessed with normalize="none"): the jitter clamps to that range.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,7 @@ def zoom_crop(x: torch.Tensor, scale: float) -> torch.Tensor:
     """
     _, _, h, w = x.shape
     nh, nw = int(h / scale), int(w / scale)
-    crop = x[:, :, (h - nh) // 2:(h + nh) // 2, (w - nw) // 2:(w + nw) // 2]
+    crop = x[:, :, (h - nh) // 2 : (h + nh) // 2, (w - nw) // 2 : (w + nw) // 2]
     return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
 
 
@@ -131,7 +132,11 @@ def _jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def augment_x16(
-    images: torch.Tensor, masks: torch.Tensor, seed: int, chunk: int = 8, variant: str = "reference",
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    seed: int,
+    chunk: int = 8,
+    variant: str = "reference",
     groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """images float [N, 3, S, S] in [0, 1], masks bool [N, S, S] -> ([16N, 3, S, S], bool [16N, S, S], long [16N]).
@@ -143,8 +148,15 @@ def augment_x16(
     """
     if variant not in AUGMENT_VARIANTS:
         raise ValueError(f"unknown augmentation variant {variant!r} (expected one of {AUGMENT_VARIANTS})")
-    if images.dim() != 4 or masks.dim() != 3 or images.shape[0] != masks.shape[0] or images.shape[2:] != masks.shape[1:]:
-        raise ValueError(f"expected images [N, C, H, W] and masks [N, H, W], got {tuple(images.shape)} and {tuple(masks.shape)}")
+    if (
+        images.dim() != 4
+        or masks.dim() != 3
+        or images.shape[0] != masks.shape[0]
+        or images.shape[2:] != masks.shape[1:]
+    ):
+        raise ValueError(
+            f"expected images [N, C, H, W] and masks [N, H, W], got {tuple(images.shape)} and {tuple(masks.shape)}"
+        )
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
     n, c, h, w = images.shape
@@ -154,7 +166,9 @@ def augment_x16(
         grp = torch.zeros(n, dtype=torch.long) if groups is None else torch.as_tensor(groups).long().cpu()
         factors = reference_jitter_factors(grp, seed)  # [N, 2], shared within a group
     else:
-        factors = jitter_factors(n, seed)  # [N, 2]; drawn for all images at once, so chunking does not change them
+        factors = jitter_factors(
+            n, seed
+        )  # [N, 2]; drawn for all images at once, so chunking does not change them
     out_img = torch.empty((n, N_VARIANTS, c, h, w), dtype=images.dtype, device=images.device)
     out_mask = torch.empty((n, N_VARIANTS, h, w), dtype=torch.bool, device=images.device)
     for start in range(0, n, max(1, int(chunk))):
@@ -190,8 +204,14 @@ def _no_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int):
 AUGMENTATIONS = {"x16": augment_x16, "none": _no_augmentation}
 
 
-def augment_shots(kind: str, images: torch.Tensor, masks: torch.Tensor, seed: int, variant: str = "reference",
-                  groups: torch.Tensor | None = None):
+def augment_shots(
+    kind: str,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    seed: int,
+    variant: str = "reference",
+    groups: torch.Tensor | None = None,
+):
     """Offline augmentation `kind` of [0, 1] shots: (images, masks, source index), see AUGMENTATIONS.
 
     `variant` and `groups` (the shots' labels: the reference draws one jitter pair per class) apply to "x16".

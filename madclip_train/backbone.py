@@ -3,6 +3,7 @@
 The adapters never write back into the residual stream (docs/METHODS.md §2), so the backbone is a pure
 function of the image: `Backbone.forward` returns the 4 tapped token maps and nothing downstream changes them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,14 +63,16 @@ def create_clip(cfg: ModelConfig) -> nn.Module:
         model = open_clip.create_model(cfg.backbone, pretrained=None, **kwargs)
     else:
         if cfg.pretrained != "openai" and not os.path.isfile(cfg.pretrained):
-            raise MadclipError(WEIGHTS_HELP.format(backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                                   reason="no such file"))
+            raise MadclipError(
+                WEIGHTS_HELP.format(backbone=cfg.backbone, pretrained=cfg.pretrained, reason="no such file")
+            )
         try:
             model = open_clip.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
         except Exception as exc:  # download failure, missing tag, wrong file: one clear paragraph
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise MadclipError(WEIGHTS_HELP.format(backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                                   reason=reason)) from None
+            raise MadclipError(
+                WEIGHTS_HELP.format(backbone=cfg.backbone, pretrained=cfg.pretrained, reason=reason)
+            ) from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -114,7 +117,6 @@ class Backbone(FrozenVisual):
         self.visual = visual
         self.taps = tuple(taps)
 
-
     def truncate(self) -> "Backbone":
         """Drop blocks after the last tap and the unused pooling head (for export)."""
         self.visual.prune_intermediate_layers(list(self.taps), prune_norm=True, prune_head=True)
@@ -122,8 +124,12 @@ class Backbone(FrozenVisual):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # images [B, 3, S, S]
         out = self.visual.forward_intermediates(
-            images, indices=list(self.taps), stop_early=True, intermediates_only=True,
-            normalize_intermediates=False, output_fmt="NLC",
+            images,
+            indices=list(self.taps),
+            stop_early=True,
+            intermediates_only=True,
+            normalize_intermediates=False,
+            output_fmt="NLC",
         )
         return out["image_intermediates"]  # 4 x [B, P, W]
 

@@ -6,6 +6,7 @@ residual stream, all tapped backbone features. They are stored (fp16 by default)
 method's `cache_identity()` (backbone, weights fingerprint, image size, taps, cache boundary) and the dtype, so a
 second run on the same shots skips the backbone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,11 +19,12 @@ import torch
 from madclip_runtime.atomic import atomic_write_bytes
 from madclip_runtime.engines.trt_rules import cache_root
 
-
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-DEFAULT_CACHE_DIR = cache_root() / "features"  # the one cache root (madclip_runtime.engines.trt_rules.cache_root)
+DEFAULT_CACHE_DIR = (
+    cache_root() / "features"
+)  # the one cache root (madclip_runtime.engines.trt_rules.cache_root)
 
 
 def cache_key(images: torch.Tensor, backbone_id: dict, dtype: str) -> str:
@@ -36,21 +38,35 @@ def cache_key(images: torch.Tensor, backbone_id: dict, dtype: str) -> str:
 
 
 @torch.no_grad()
-def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int, dtype: str,
-                     device: torch.device, advance: Callable[[int], None] | None = None) -> torch.Tensor:
+def extract_features(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    batch_size: int,
+    dtype: str,
+    device: torch.device,
+    advance: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """images [N, 3, S, S] -> fn's features [N, ...] in `dtype` on the CPU (rounded once, like the cache)."""
     chunks = []
     for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size].to(device)
+        batch = images[start : start + batch_size].to(device)
         chunks.append(fn(batch).to(DTYPES[dtype]).cpu())  # [b, ...]
         if advance:
             advance(batch.shape[0])
     return torch.cat(chunks, dim=0)
 
 
-def load_or_extract(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, backbone_id: dict, mode: str, dtype: str,
-                    batch_size: int, device: torch.device, cache_dir: Path | None = None,
-                    advance: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+def load_or_extract(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    backbone_id: dict,
+    mode: str,
+    dtype: str,
+    batch_size: int,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Features for `images` via the cache `mode` ("memory" or "disk"). Returns (features, info)."""
     from safetensors.torch import load_file, save
 

@@ -1,4 +1,5 @@
 """Run configuration: frozen dataclasses serialised to config.json (everything needed to rebuild the model)."""
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,14 @@ class ModelConfig:
     causal_prompt_mask: bool = False
     objective: str = DEFAULT_OBJECTIVE
     n_ctx: int = 8
-    init_seed: int = 0  # random backbone init when pretrained == "none" (deterministic, so export can rebuild it)
+    init_seed: int = (
+        0  # random backbone init when pretrained == "none" (deterministic, so export can rebuild it)
+    )
     taps: tuple[int, ...] = ()  # 0-based block indices; empty = the method's default taps for the depth
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
-    options: dict = field(default_factory=dict)  # method-specific switches (JSON values), see the method's module
+    options: dict = field(
+        default_factory=dict
+    )  # method-specific switches (JSON values), see the method's module
 
     @property
     def image_size(self) -> int:
@@ -84,8 +89,12 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
     augment: bool = True  # offline x16 augmentation
-    augment_variant: str = "reference"  # "reference": the authors' zoom crop and per-batch jitter; "exact": see augment.py
-    select_on: str = "none"  # "none": fixed epoch budget; "valid": hold out part of the shots, keep best epoch
+    augment_variant: str = (
+        "reference"  # "reference": the authors' zoom crop and per-batch jitter; "exact": see augment.py
+    )
+    select_on: str = (
+        "none"  # "none": fixed epoch budget; "valid": hold out part of the shots, keep best epoch
+    )
     holdout_fraction: float = 0.25
     feature_cache: str = "memory"  # "memory" | "disk" | "off" (re-run the backbone every step)
     cache_dtype: str = "float16"

@@ -12,6 +12,7 @@ The mask folder of an image folder is found by replacing the final ``img`` FOLDE
 ``anomaly_mask``, never a substring of the path (the reference's replace("img", ...) breaks roots such as
 ``/data/imgdata``). A mask may have another extension than its image as long as the stem matches.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,10 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
-from madclip_runtime.scans import imageio
 from madclip_runtime.errors import InputError, MadclipError
-from madclip_runtime.scans.imageio import read_image, read_mask
 from madclip_runtime.preprocess import PreprocessSpec, preprocess, preprocess_mask
+from madclip_runtime.scans import imageio
+from madclip_runtime.scans.imageio import read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class Split:
 def _image_suffix(name: str) -> str | None:
     """The image extension `name` ends with (case-insensitive), or None when it is not an image file."""
     low = name.lower()
-    for ext in sorted(imageio.IMAGE_EXTENSIONS, key=len, reverse=True):  # longest first: ".nii.gz" before ".gz"
+    for ext in sorted(
+        imageio.IMAGE_EXTENSIONS, key=len, reverse=True
+    ):  # longest first: ".nii.gz" before ".gz"
         if low.endswith(ext) and len(name) > len(ext):
             return ext
     return None
@@ -97,7 +100,9 @@ def mask_dir_for(img_dir: Path) -> Path:
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise MadclipError(f"{path}: {what} not found" if not path.exists() else f"{path}: {what} is not a folder")
+        raise MadclipError(
+            f"{path}: {what} not found" if not path.exists() else f"{path}: {what} is not a folder"
+        )
 
 
 def _class_images(folder: Path, split: str) -> list[Path]:
@@ -105,7 +110,9 @@ def _class_images(folder: Path, split: str) -> list[Path]:
     images = list_images(folder)
     if not images:
         exts = " ".join(imageio.IMAGE_EXTENSIONS)
-        raise MadclipError(f"{folder}: empty split (no image files with extensions {exts}) in split '{split}'")
+        raise MadclipError(
+            f"{folder}: empty split (no image files with extensions {exts}) in split '{split}'"
+        )
     return images
 
 
@@ -120,7 +127,9 @@ def _match_masks(images: list[Path], mask_dir: Path) -> list[str]:
     for img in images:
         mask = by_name.get(img.name) or by_stem.get(_stem(img.name))
         if mask is None:
-            raise MadclipError(f"{mask_dir}: no mask for abnormal image {img.name} (expected {_stem(img.name)}.*)")
+            raise MadclipError(
+                f"{mask_dir}: no mask for abnormal image {img.name} (expected {_stem(img.name)}.*)"
+            )
         out.append(str(mask))
     return out
 
@@ -128,7 +137,10 @@ def _match_masks(images: list[Path], mask_dir: Path) -> list[str]:
 def _detect_layout(root: Path) -> str:
     if any((root / s / c).is_dir() for s in SPLITS for c in (MVFA_NORMAL, MVFA_ABNORMAL)):
         return "mvfa"
-    if any((root / c).is_dir() for c in (PLAIN_NORMAL, PLAIN_ABNORMAL)) or (root / "test" / PLAIN_NORMAL).is_dir():
+    if (
+        any((root / c).is_dir() for c in (PLAIN_NORMAL, PLAIN_ABNORMAL))
+        or (root / "test" / PLAIN_NORMAL).is_dir()
+    ):
         return "plain"
     raise MadclipError(
         f"{root}: not a dataset folder (expected valid/good/img + valid/Ungood/img, or normal/ + abnormal/)"
@@ -141,7 +153,9 @@ def load_split(root: str | os.PathLike, split: str = "valid") -> Split:
         raise MadclipError(f"{root}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     root_p = Path(os.path.abspath(os.fspath(root)))
     if not root_p.is_dir():
-        raise MadclipError(f"{root_p}: dataset root not found" if not root_p.exists() else f"{root_p}: not a folder")
+        raise MadclipError(
+            f"{root_p}: dataset root not found" if not root_p.exists() else f"{root_p}: not a folder"
+        )
     layout = _detect_layout(root_p)
     if layout == "mvfa":
         split_dir = root_p / split
@@ -157,9 +171,18 @@ def load_split(root: str | os.PathLike, split: str = "valid") -> Split:
     normal_imgs = _class_images(normal_dir, split)
     abnormal_imgs = _class_images(abnormal_dir, split)
     has_masks = mask_dir.is_dir()
-    masks: list[str | None] = _match_masks(abnormal_imgs, mask_dir) if has_masks else [None] * len(abnormal_imgs)
-    log.debug("%s/%s (%s layout): %d normal, %d abnormal, masks=%s",
-              root_p, split, layout, len(normal_imgs), len(abnormal_imgs), has_masks)
+    masks: list[str | None] = (
+        _match_masks(abnormal_imgs, mask_dir) if has_masks else [None] * len(abnormal_imgs)
+    )
+    log.debug(
+        "%s/%s (%s layout): %d normal, %d abnormal, masks=%s",
+        root_p,
+        split,
+        layout,
+        len(normal_imgs),
+        len(abnormal_imgs),
+        has_masks,
+    )
     return Split(
         root=str(root_p),
         name=split,
@@ -223,7 +246,9 @@ def parse_shot_list(path: str | os.PathLike, index: int = 0) -> dict[str, list[s
         raise MadclipError(f"{path}: no 'a-{index}:' or 'n-{index}:' lines")
     for key in ("normal", "abnormal"):
         if not out[key]:
-            raise MadclipError(f"{path}: no {key} names for index {index} ('{key[0]}-{index}:' line missing or empty)")
+            raise MadclipError(
+                f"{path}: no {key} names for index {index} ('{key[0]}-{index}:' line missing or empty)"
+            )
     return out
 
 
@@ -236,7 +261,9 @@ def _resolve(name: str, samples: Sequence[Sample], list_path: str, folder: str) 
     if len(by_stem) == 1:
         return by_stem[0]
     if len(by_stem) > 1:
-        raise MadclipError(f"{list_path}: shot name {name!r} is ambiguous in {folder} ({len(by_stem)} files match)")
+        raise MadclipError(
+            f"{list_path}: shot name {name!r} is ambiguous in {folder} ({len(by_stem)} files match)"
+        )
     raise MadclipError(f"{list_path}: shot name {name!r} not found in {folder}")
 
 
@@ -245,7 +272,10 @@ def shots_from_list(split: Split, path: str | os.PathLike, index: int = 0) -> tu
     path = os.fspath(path)
     names = parse_shot_list(path, index)
     picked: list[Sample] = []
-    for key, pool, folder in (("normal", split.normal, split.normal_dir), ("abnormal", split.abnormal, split.abnormal_dir)):
+    for key, pool, folder in (
+        ("normal", split.normal, split.normal_dir),
+        ("abnormal", split.abnormal, split.abnormal_dir),
+    ):
         chosen = [_resolve(n, pool, path, folder) for n in names[key]]
         if len(set(chosen)) != len(chosen):
             raise MadclipError(f"{path}: a {key} image is listed twice for index {index}")
@@ -256,7 +286,11 @@ def shots_from_list(split: Split, path: str | os.PathLike, index: int = 0) -> tu
 def _dataset_root(image: Path) -> Path | None:
     """The dataset root of an image path in one of the two layouts, or None."""
     parent = image.parent
-    if parent.name == MVFA_IMG and parent.parent.name in (MVFA_NORMAL, MVFA_ABNORMAL) and len(image.parents) >= 4:
+    if (
+        parent.name == MVFA_IMG
+        and parent.parent.name in (MVFA_NORMAL, MVFA_ABNORMAL)
+        and len(image.parents) >= 4
+    ):
         return image.parents[3]
     if parent.name in (PLAIN_NORMAL, PLAIN_ABNORMAL):
         return parent.parent
@@ -276,8 +310,11 @@ def shots_record(samples: Sequence[Sample], root: str | os.PathLike | None = Non
         base = os.path.abspath(os.fspath(root))
     else:
         roots = {_dataset_root(Path(os.path.abspath(s.path))) for s in samples}
-        base = str(roots.pop()) if len(roots) == 1 and None not in roots else os.path.commonpath(
-            [os.path.dirname(os.path.abspath(p)) for p in paths])
+        base = (
+            str(roots.pop())
+            if len(roots) == 1 and None not in roots
+            else os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+        )
 
     def rel(p: str) -> str:
         return Path(os.path.relpath(os.path.abspath(p), base)).as_posix()
@@ -322,10 +359,18 @@ def load_arrays(
                 )
             masks[i] = preprocess_mask(mask, spec)
             if smp.label == 1 and not masks[i].any():
-                why = ("is empty (all zero)" if not (mask > spec.mask_threshold).any()
-                       else f"becomes empty at {s}x{s} (lesion too small)")
-                log.warning("%s: mask of abnormal image %s %s: its lesion will be trained as background; check the "
-                            "mask", smp.mask_path, os.path.basename(smp.path), why)
+                why = (
+                    "is empty (all zero)"
+                    if not (mask > spec.mask_threshold).any()
+                    else f"becomes empty at {s}x{s} (lesion too small)"
+                )
+                log.warning(
+                    "%s: mask of abnormal image %s %s: its lesion will be trained as background; check the "
+                    "mask",
+                    smp.mask_path,
+                    os.path.basename(smp.path),
+                    why,
+                )
     return images, masks, labels
 
 

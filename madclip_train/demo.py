@@ -6,6 +6,7 @@ texture, two lateral ventricles, mild blur and noise; shape, position, tilt and 
 Abnormal images get 1-2 irregular lesions with soft edges inside the brain, bright or dark; their masks
 (0/255 8-bit PNG) mark where the lesion weight exceeds 0.5. Pure numpy + PIL (no torch).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(Image.fromarray(small, mode="F").resize((size, size), Image.Resampling.BICUBIC))
 
 
-def _ellipse_r(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: float, tilt: float) -> np.ndarray:
+def _ellipse_r(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: float, tilt: float
+) -> np.ndarray:
     """Normalised elliptical radius (1 on the ellipse boundary)."""
     c, s = np.cos(tilt), np.sin(tilt)
     u = (x - cx) * c + (y - cy) * s
@@ -41,7 +44,9 @@ def _soft(r: np.ndarray, edge: float, width: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip((r - edge) / width, -30.0, 30.0)))
 
 
-def _phantom(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _phantom(
+    rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One healthy slice: image float32 [S, S] in [0, 1], brain weight [S, S] in [0, 1], lesion-centre
     candidates bool [S, S] (deep brain, outside the ventricles), grid x, grid y."""
     lin = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
@@ -74,7 +79,9 @@ def _phantom(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     vent_v = rng.uniform(0.08, 0.16)
     vent = np.zeros_like(img)
     for side in (-1.0, 1.0):
-        rv = _ellipse_r(x, y, cx + side * vx, cy + vy, 0.06 * vs, 0.20 * vs, tilt + side * rng.uniform(0.25, 0.45))
+        rv = _ellipse_r(
+            x, y, cx + side * vx, cy + vy, 0.06 * vs, 0.20 * vs, tilt + side * rng.uniform(0.25, 0.45)
+        )
         vent = np.maximum(vent, _soft(rv, 1.0, 0.08))
     img = img * (1.0 - vent * brain) + vent * brain * vent_v
     centres = (r < brain_edge - 0.22) & (vent < 0.05)
@@ -82,7 +89,12 @@ def _phantom(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _add_lesions(
-    rng: np.random.Generator, img: np.ndarray, brain: np.ndarray, centres: np.ndarray, x: np.ndarray, y: np.ndarray
+    rng: np.random.Generator,
+    img: np.ndarray,
+    brain: np.ndarray,
+    centres: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """1-2 irregular soft-edged lesions inside the brain. Returns (image, lesion mask bool [S, S])."""
     size = img.shape[0]
@@ -192,28 +204,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="madclip-demo-data",
         description="Generate a procedural MRI-like brain demo dataset (MVFA layout) for the quickstart.",
     )
-    parser.add_argument("--out", default="data", help="output folder; the dataset goes to OUT/Brain_AD (default: data)")
-    parser.add_argument("--n-valid", type=bounded_int(1, 100_000), default=16, help="normal and abnormal images each in valid/ (default: 16)")
-    parser.add_argument("--n-test", type=bounded_int(0, 100_000), default=20, help="normal and abnormal images each in test/ (default: 20)")
-    parser.add_argument("--size", type=bounded_int(32, 4096), default=240, help="image side in pixels (default: 240)")
+    parser.add_argument(
+        "--out", default="data", help="output folder; the dataset goes to OUT/Brain_AD (default: data)"
+    )
+    parser.add_argument(
+        "--n-valid",
+        type=bounded_int(1, 100_000),
+        default=16,
+        help="normal and abnormal images each in valid/ (default: 16)",
+    )
+    parser.add_argument(
+        "--n-test",
+        type=bounded_int(0, 100_000),
+        default=20,
+        help="normal and abnormal images each in test/ (default: 20)",
+    )
+    parser.add_argument(
+        "--size", type=bounded_int(32, 4096), default=240, help="image side in pixels (default: 240)"
+    )
     parser.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="random seed (default: 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty OUT/Brain_AD")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of unexpected errors)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging (tracebacks of unexpected errors)"
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
         setup_logging(args.verbose)
         console = Console()
-        with Progress(TextColumn("demo data"), BarColumn(), MofNCompleteColumn(), console=console, transient=True,
-                      disable=not console.is_terminal) as bar:
+        with Progress(
+            TextColumn("demo data"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as bar:
             task = bar.add_task("generate", total=2 * (max(args.n_valid, 0) + max(args.n_test, 0)))
             path = generate_demo(
-                args.out, n_valid=args.n_valid, n_test=args.n_test, size=args.size, seed=args.seed,
-                force=args.force, progress=lambda done, total: bar.update(task, completed=done),
+                args.out,
+                n_valid=args.n_valid,
+                n_test=args.n_test,
+                size=args.size,
+                seed=args.seed,
+                force=args.force,
+                progress=lambda done, total: bar.update(task, completed=done),
             )
         console.print(
             f"wrote {DATASET_NAME}: {args.n_valid}+{args.n_valid} valid, {args.n_test}+{args.n_test} test images "
-            f"to {escape_control(path)}", markup=False, highlight=False, soft_wrap=True,
+            f"to {escape_control(path)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
         return 0
 

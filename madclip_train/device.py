@@ -4,6 +4,7 @@ The feature cache, labels and masks are read every step. On the GPU they are ind
 (page-locked) host memory the per-step gather is copied with `non_blocking=True`, which only overlaps
 with compute from pinned memory. On the CPU nothing moves.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,9 @@ import torch
 GPU_BUDGET = 0.5  # at most this fraction of the free GPU memory goes to cached tensors
 
 
-def place_on_device(tensor: torch.Tensor, device: torch.device, budget: float = GPU_BUDGET) -> tuple[torch.Tensor, str]:
+def place_on_device(
+    tensor: torch.Tensor, device: torch.device, budget: float = GPU_BUDGET
+) -> tuple[torch.Tensor, str]:
     """(tensor on `device` if it fits in `budget` x free memory, else pinned on the host; where it went)."""
     if device.type != "cuda":
         return tensor, "host"
@@ -21,7 +24,9 @@ def place_on_device(tensor: torch.Tensor, device: torch.device, budget: float = 
     return tensor.pin_memory(), "pinned-host"
 
 
-def gather_to_device(tensor: torch.Tensor, index: torch.Tensor, device: torch.device, dim: int = 1) -> torch.Tensor:
+def gather_to_device(
+    tensor: torch.Tensor, index: torch.Tensor, device: torch.device, dim: int = 1
+) -> torch.Tensor:
     """tensor.index_select(dim, index) on `device`: in place when the tensor is there already; an async copy
     of the gathered rows from pinned host memory otherwise."""
     if tensor.device == device or device.type != "cuda":

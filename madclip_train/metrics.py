@@ -5,6 +5,7 @@
 - AUPRO: area under the per-region-overlap curve up to a false-positive rate of 0.3, normalised to [0, 1];
 - F1-max: the best image-level F1 over all thresholds of the image score.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,11 +67,22 @@ def aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3, n_threshold
     return float(np.trapezoid(p, f) / max_fpr)
 
 
-def all_metrics(scores: np.ndarray, map_max: np.ndarray, labels: np.ndarray,
-                maps: np.ndarray | None = None, masks: np.ndarray | None = None) -> dict:
+def all_metrics(
+    scores: np.ndarray,
+    map_max: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+) -> dict:
     """The madclip-eval JSON: image_auroc (AC), image_auroc_max_map, pixel_auroc, aupro, f1_max, n_images."""
-    out = {"n_images": int(len(labels)), "image_auroc": image_auroc(scores, labels),
-           "f1_max": f1_max(scores, labels), "image_auroc_max_map": None, "pixel_auroc": None, "aupro": None}
+    out = {
+        "n_images": int(len(labels)),
+        "image_auroc": image_auroc(scores, labels),
+        "f1_max": f1_max(scores, labels),
+        "image_auroc_max_map": None,
+        "pixel_auroc": None,
+        "aupro": None,
+    }
     if maps is not None and masks is not None:
         out["image_auroc_max_map"] = image_auroc(map_max, labels)
         out["pixel_auroc"] = pixel_auroc(maps, masks)

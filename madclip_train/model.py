@@ -1,4 +1,5 @@
 """Build any registered method's model from a ModelConfig (`cfg.method`, default MadCLIP)."""
+
 from __future__ import annotations
 
 from .config import ModelConfig

@@ -12,6 +12,7 @@ uses `torch.amp.GradScaler` for FP16 (small gradients of the prompt context unde
 BF16 has FP32's exponent range and needs no scaler; it is fast on CPUs with AMX or AVX512-BF16 and on
 Ampere or newer GPUs. A precision the device cannot run is refused in one line.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,14 +70,19 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == FP32:
         return name
     if device.type == "cuda" and name == BF16 and not torch.cuda.is_bf16_supported():
-        raise MadclipError("--precision bf16: this GPU has no BF16 support (needs compute capability 8.0+); "
-                           "use fp16 or fp32")
+        raise MadclipError(
+            "--precision bf16: this GPU has no BF16 support (needs compute capability 8.0+); use fp16 or fp32"
+        )
     if device.type not in ("cuda", "cpu") or not autocast_works(device.type, name):
-        raise MadclipError(f"--precision {name} is not supported on {device.type} by this torch "
-                           f"{torch.__version__}; use fp32")
+        raise MadclipError(
+            f"--precision {name} is not supported on {device.type} by this torch "
+            f"{torch.__version__}; use fp32"
+        )
     if device.type == "cpu" and name == FP16:
-        log.warning("--precision fp16 on the CPU runs, but CPUs have no fast FP16 matmuls: expect it slower "
-                    "than fp32 (bf16 is the fast CPU choice with AMX / AVX512-BF16)")
+        log.warning(
+            "--precision fp16 on the CPU runs, but CPUs have no fast FP16 matmuls: expect it slower "
+            "than fp32 (bf16 is the fast CPU choice with AMX / AVX512-BF16)"
+        )
     if device.type == "cpu" and name == BF16 and not cpu_has_fast_bf16():
         log.warning("--precision bf16: this CPU has neither AMX-BF16 nor AVX512-BF16, expect no speed-up")
     return name
@@ -124,5 +130,9 @@ class Precision:
 
     def record(self) -> dict:
         """What config.json / the training summary record about it."""
-        return {"precision": self.name, "autocast_dtype": None if self.name == FP32 else str(self.dtype),
-                "grad_scaler": self.scaler is not None, "device": str(self.device)}
+        return {
+            "precision": self.name,
+            "autocast_dtype": None if self.name == FP32 else str(self.dtype),
+            "grad_scaler": self.scaler is not None,
+            "device": str(self.device),
+        }

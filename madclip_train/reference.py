@@ -1,4 +1,5 @@
 """The authors' released checkpoints of any method: read without executing code, converted into a run directory."""
+
 from __future__ import annotations
 
 import time
@@ -25,15 +26,26 @@ def load_reference_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise MadclipError(f"{path}: no such file") from None
     except Exception as exc:  # pickle with code objects is refused by weights_only
-        raise MadclipError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+        raise MadclipError(
+            f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
+        ) from None
     if not isinstance(ref, dict):
         raise MadclipError(f"{path}: expected a dict of state dicts, got {type(ref).__name__}")
     return ref
 
 
-def convert_reference_run(checkpoint: str, out: str, mcfg: ModelConfig, force: bool = False, data: str | None = None,
-                          shot_list: str | None = None, shots: int = 4, seed: int = 111, progress=None) -> str:
+def convert_reference_run(
+    checkpoint: str,
+    out: str,
+    mcfg: ModelConfig,
+    force: bool = False,
+    data: str | None = None,
+    shot_list: str | None = None,
+    shots: int = 4,
+    seed: int = 111,
+    progress=None,
+) -> str:
     """Write a run directory from an authors' released checkpoint of `mcfg.method` (no code executed).
 
     A method whose release lacks state (`reference_needs_shots`, e.g. MVFA's memory bank) rebuilds it from the
@@ -51,24 +63,34 @@ def convert_reference_run(checkpoint: str, out: str, mcfg: ModelConfig, force: b
         model = build_model(mcfg, seed=seed if samples is not None else 0)
         if samples is not None:
             images, masks, labels = load_arrays(samples, replace(mcfg.preprocess, normalize="none"))
-            ref_shots = ReferenceShots(torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(labels),
-                                       split.has_masks)
+            ref_shots = ReferenceShots(
+                torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(labels), split.has_masks
+            )
         mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "taps": list(model.backbone.taps)})
         model.cfg = mcfg
         info = model.load_reference(state, checkpoint, ref_shots)
-        config = {"model": mcfg.to_dict(), "train": TrainConfig().to_dict(),
-                  "backbone_fingerprint": model.backbone.fingerprint(),
-                  "converted_from": str(Path(checkpoint).resolve()), "versions": versions(),
-                  "dataset": {"has_masks": None}, "selection": "reference (authors' released checkpoint)",
-                  "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        config = {
+            "model": mcfg.to_dict(),
+            "train": TrainConfig().to_dict(),
+            "backbone_fingerprint": model.backbone.fingerprint(),
+            "converted_from": str(Path(checkpoint).resolve()),
+            "versions": versions(),
+            "dataset": {"has_masks": None},
+            "selection": "reference (authors' released checkpoint)",
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         record: dict = {"note": "shots of the authors' run are unknown"}
         if samples is not None:
             record = shots_record(samples)
             record["seed"], record["shot_list"] = seed, shot_list
             n_normal = sum(1 for s in samples if s.label == 0)
             config["train"] = TrainConfig(shots=n_normal, seed=seed).to_dict()
-            config["dataset"] = {"root": str(Path(data).resolve()), "name": Path(data).resolve().name,
-                                 "has_masks": split.has_masks, "n_shots": len(samples)}
+            config["dataset"] = {
+                "root": str(Path(data).resolve()),
+                "name": Path(data).resolve().name,
+                "has_masks": split.has_masks,
+                "n_shots": len(samples),
+            }
             config["finalize"] = info
         write_run(tmp, model, config, record)
     return out

@@ -4,6 +4,7 @@ A `TrainRequest` holds what the user asked for; every field left None takes its 
 method's `model_defaults` / `train_defaults` (what its reference uses), else the ModelConfig, PreprocessSpec
 and TrainConfig dataclasses. The run directory's files are `rundir`'s.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,8 @@ from .config import ModelConfig, TrainConfig, objective_for
 from .data import load_arrays, load_split, sample_shots, shots_from_list, shots_record
 from .methods import DEFAULT_METHOD, get_method
 from .model import build_model
-from .rundir import TRAIN_LOG, versions, write_run
 from .precision import resolve_precision
+from .rundir import TRAIN_LOG, versions, write_run
 from .train import ShotTensors, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,27 @@ class TrainRequest:
     feature_cache: str | None = None
     augment: bool | None = None
     augment_variant: str | None = None
-    precision: str | None = None  # fp32 | fp16 | bf16 | auto (None = auto: CUDA the reference's fp16, CPU fp32)
+    precision: str | None = (
+        None  # fp32 | fp16 | bf16 | auto (None = auto: CUDA the reference's fp16, CPU fp32)
+    )
 
 
 def _given(req: TrainRequest, names) -> dict:
     return {k: getattr(req, k) for k in names if getattr(req, k, None) is not None}
 
 
-def resolve_configs(req: TrainRequest, objective: str, n_shots: int | None = None) -> tuple[ModelConfig, TrainConfig]:
+def resolve_configs(
+    req: TrainRequest, objective: str, n_shots: int | None = None
+) -> tuple[ModelConfig, TrainConfig]:
     """(ModelConfig, TrainConfig) from the request over the method's defaults over the dataclasses' defaults."""
     cls = get_method(req.method)
-    model_keys = {f.name for f in fields(ModelConfig)} - {"method", "objective", "preprocess", "options", "taps"}
+    model_keys = {f.name for f in fields(ModelConfig)} - {
+        "method",
+        "objective",
+        "preprocess",
+        "options",
+        "taps",
+    }
     m = {**cls.model_defaults, **_given(req, model_keys | set(_PREPROCESS_KEYS))}
     spec = PreprocessSpec(**{k: m.pop(k) for k in _PREPROCESS_KEYS if k in m})
     mcfg = ModelConfig(method=cls.name, objective=objective, preprocess=spec, options=dict(req.options), **m)
@@ -89,12 +100,15 @@ def _check_configs(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     if tcfg.shots < 1:
         raise MadclipError(f"--shots must be >= 1 (got {tcfg.shots})")
     if tcfg.epochs < 1 or tcfg.batch_size < 1:
-        raise MadclipError(f"--epochs and --batch-size must be >= 1 (got {tcfg.epochs} and {tcfg.batch_size})")
+        raise MadclipError(
+            f"--epochs and --batch-size must be >= 1 (got {tcfg.epochs} and {tcfg.batch_size})"
+        )
     if not (math.isfinite(tcfg.lr) and tcfg.lr > 0):
         raise MadclipError(f"--lr must be a finite number > 0 (got {tcfg.lr})")
     if tcfg.augment_variant not in AUGMENT_VARIANTS:
-        raise MadclipError(f"--augment-variant must be one of {', '.join(AUGMENT_VARIANTS)} "
-                           f"(got {tcfg.augment_variant!r})")
+        raise MadclipError(
+            f"--augment-variant must be one of {', '.join(AUGMENT_VARIANTS)} (got {tcfg.augment_variant!r})"
+        )
     if mcfg.image_size < 28:
         raise MadclipError(f"--image-size {mcfg.image_size} is too small")
     if not (math.isfinite(tcfg.holdout_fraction) and 0 < tcfg.holdout_fraction < 1):
@@ -109,7 +123,11 @@ def train_run(req: TrainRequest, progress=None) -> dict:
     _check_configs(mcfg, tcfg)
     if get_method(req.method).needs_abnormal:
         split = load_split(req.data, "valid")
-        samples = shots_from_list(split, req.shot_list) if req.shot_list else sample_shots(split, tcfg.shots, tcfg.seed)
+        samples = (
+            shots_from_list(split, req.shot_list)
+            if req.shot_list
+            else sample_shots(split, tcfg.shots, tcfg.seed)
+        )
         has_masks = split.has_masks
     else:  # normal shots only (a dataset root or a plain folder of normal scans); the method makes its own masks
         from .synthesis.io import normal_samples
@@ -129,24 +147,49 @@ def train_run(req: TrainRequest, progress=None) -> dict:
         model = build_model(mcfg, seed=tcfg.seed)
         mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "taps": list(model.backbone.taps)})
         model.cfg = mcfg
-        log.info("training %s: %s (%s) on %d shots of %s, objective %r, device %s", mcfg.method, mcfg.backbone,
-                 mcfg.pretrained, len(samples), req.data, objective, device)
+        log.info(
+            "training %s: %s (%s) on %d shots of %s, objective %r, device %s",
+            mcfg.method,
+            mcfg.backbone,
+            mcfg.pretrained,
+            len(samples),
+            req.data,
+            objective,
+            device,
+        )
         with open(tmp / TRAIN_LOG, "w") as log_file:
-            summary = fit(model, shots, has_masks, tcfg, device,
-                          cache_dir=Path(req.cache_dir) if req.cache_dir else None, progress=progress,
-                          log_file=log_file)
+            summary = fit(
+                model,
+                shots,
+                has_masks,
+                tcfg,
+                device,
+                cache_dir=Path(req.cache_dir) if req.cache_dir else None,
+                progress=progress,
+                log_file=log_file,
+            )
         model.cpu()
         held = set(summary["holdout_index"])
         record = shots_record(samples)
         record["held_out"] = [s.path for i, s in enumerate(samples) if i in held]
         record["seed"], record["shot_list"] = tcfg.seed, req.shot_list
         config = {
-            "model": mcfg.to_dict(), "train": tcfg.to_dict(), "backbone_fingerprint": model.backbone.fingerprint(),
-            "dataset": {"root": str(Path(req.data).resolve()), "name": Path(req.data).resolve().name,
-                        "has_masks": has_masks, "n_shots": len(samples)},
-            "selected_epoch": summary["selected_epoch"], "selection": tcfg.select_on,
-            "cache": summary["cache"], "finalize": summary["finalize"], "versions": versions(),
-            "device": str(device), "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": mcfg.to_dict(),
+            "train": tcfg.to_dict(),
+            "backbone_fingerprint": model.backbone.fingerprint(),
+            "dataset": {
+                "root": str(Path(req.data).resolve()),
+                "name": Path(req.data).resolve().name,
+                "has_masks": has_masks,
+                "n_shots": len(samples),
+            },
+            "selected_epoch": summary["selected_epoch"],
+            "selection": tcfg.select_on,
+            "cache": summary["cache"],
+            "finalize": summary["finalize"],
+            "versions": versions(),
+            "device": str(device),
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_run(tmp, model, config, record)
     summary["run_dir"] = str(req.out)

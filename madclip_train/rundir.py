@@ -10,6 +10,7 @@
 The frozen backbone is rebuilt from config.json (open_clip name + weights); its fingerprint is checked so a run
 is never served on other weights. Loading executes no code (safetensors + JSON only).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,12 @@ def versions() -> dict:
 
     import madclip_runtime
 
-    return {"madclip": madclip_runtime.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "python": platform.python_version()}
+    return {
+        "madclip": madclip_runtime.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def checkpoint_bytes(model: MethodModel) -> bytes:
@@ -79,9 +84,18 @@ def read_config(run_dir: str | Path) -> dict:
 
 # key -> accepted types, for the `model` entry of config.json (what rebuilding the model reads).
 _MODEL_KEYS: dict[str, tuple[type, ...]] = {
-    "backbone": (str,), "pretrained": (str,), "image_size": (int,), "quick_gelu": (bool,),
-    "causal_prompt_mask": (bool,), "objective": (str,), "n_ctx": (int,), "init_seed": (int,), "taps": (list,),
-    "preprocess": (dict,), "options": (dict,), "method": (str,),
+    "backbone": (str,),
+    "pretrained": (str,),
+    "image_size": (int,),
+    "quick_gelu": (bool,),
+    "causal_prompt_mask": (bool,),
+    "objective": (str,),
+    "n_ctx": (int,),
+    "init_seed": (int,),
+    "taps": (list,),
+    "preprocess": (dict,),
+    "options": (dict,),
+    "method": (str,),
 }
 _REQUIRED_MODEL_KEYS = ("backbone", "pretrained", "objective")
 
@@ -99,14 +113,17 @@ def validate_run_config(config: object, where: str) -> None:
         raise MadclipError(f"{where}: expected a JSON object")
     model = config.get("model")
     if not isinstance(model, dict):
-        raise MadclipError(f"{where}: key 'model' is missing or not an object (not a madclip run, or edited by hand)")
+        raise MadclipError(
+            f"{where}: key 'model' is missing or not an object (not a madclip run, or edited by hand)"
+        )
     for key in _REQUIRED_MODEL_KEYS:
         if key not in model:
             raise MadclipError(f"{where}: key 'model.{key}' is missing")
     for key, types in _MODEL_KEYS.items():
         if key in model and not _type_ok(model[key], types):
-            raise MadclipError(f"{where}: 'model.{key}' must be {'/'.join(t.__name__ for t in types)}, "
-                               f"got {model[key]!r}")
+            raise MadclipError(
+                f"{where}: 'model.{key}' must be {'/'.join(t.__name__ for t in types)}, got {model[key]!r}"
+            )
     for key in ("train", "dataset"):
         if key in config and config[key] is not None and not isinstance(config[key], dict):
             raise MadclipError(f"{where}: key '{key}' must be an object")
@@ -123,8 +140,10 @@ def check_finite_state(state: dict[str, torch.Tensor], source: str) -> None:
     """Refuse a checkpoint holding NaN/inf (a diverged run): one line naming the first bad tensor."""
     bad = [k for k, v in sorted(state.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise MadclipError(f"{source}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. {bad[0]}): "
-                           f"the run diverged; retrain it (e.g. with a lower --lr)")
+        raise MadclipError(
+            f"{source}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. {bad[0]}): "
+            f"the run diverged; retrain it (e.g. with a lower --lr)"
+        )
 
 
 def model_config(config: dict) -> ModelConfig:
@@ -132,8 +151,9 @@ def model_config(config: dict) -> ModelConfig:
     return ModelConfig.from_dict({**config["model"], "method": config.get("method", DEFAULT_METHOD)})
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
-             check_weights: bool = True) -> tuple[MethodModel, dict]:
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", check_weights: bool = True
+) -> tuple[MethodModel, dict]:
     """Rebuild the trained model of a run directory. Loading executes no code (safetensors + JSON only)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -154,8 +174,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     if check_weights and expected:
         got = model.backbone.fingerprint()
         if got != expected:
-            raise MadclipError(f"{run_dir}: backbone weights ({mcfg.backbone}, {mcfg.pretrained}) differ from those "
-                               f"the run was trained with (fingerprint {got[:12]} != {expected[:12]})")
+            raise MadclipError(
+                f"{run_dir}: backbone weights ({mcfg.backbone}, {mcfg.pretrained}) differ from those "
+                f"the run was trained with (fingerprint {got[:12]} != {expected[:12]})"
+            )
     model.load_trainable_state(state, str(ckpt))
     model.to(device).eval()
     return model, config
@@ -172,10 +194,17 @@ def read_shots(run_dir: str | Path, config: dict | None = None, data_root: str |
         record = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MadclipError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("shots", []), list) or not all(
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("shots", []), list)
+        or not all(
             isinstance(s, dict) and isinstance(s.get("path"), str) and s.get("label") in (0, 1)
-            for s in record.get("shots", [])):
-        raise MadclipError(f"{path}: expected {{'root': ..., 'shots': [{{'path': str, 'label': 0|1, 'mask': ...}}]}}")
+            for s in record.get("shots", [])
+        )
+    ):
+        raise MadclipError(
+            f"{path}: expected {{'root': ..., 'shots': [{{'path': str, 'label': 0|1, 'mask': ...}}]}}"
+        )
     config = config or {}
     root = Path(data_root or record.get("root") or (config.get("dataset") or {}).get("root") or "")
     shots = []
@@ -183,7 +212,8 @@ def read_shots(run_dir: str | Path, config: dict | None = None, data_root: str |
         image = root / s["path"] if not os.path.isabs(s["path"]) else Path(s["path"])
         mask = root / s["mask"] if s.get("mask") and not os.path.isabs(s["mask"]) else s.get("mask")
         if not image.is_file():
-            raise MadclipError(f"{image}: shot image of the run not found (pass --data DATASET_ROOT if the dataset "
-                               f"moved)")
+            raise MadclipError(
+                f"{image}: shot image of the run not found (pass --data DATASET_ROOT if the dataset moved)"
+            )
         shots.append(Sample(str(image), int(s["label"]), str(mask) if mask else None))
     return shots

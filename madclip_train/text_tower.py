@@ -2,6 +2,7 @@
 
 Shared by the methods whose prompts hold learnable context vectors (MadCLIP, MediCLIP).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,9 @@ class TextEncoder(nn.Module):
         self.text_projection = clip.text_projection
         self.register_buffer("attn_mask", clip.attn_mask if causal else None, persistent=False)
 
-    def forward(self, embeds: torch.Tensor, eot_index: torch.Tensor, full_length: bool = False) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, eot_index: torch.Tensor, full_length: bool = False
+    ) -> torch.Tensor:
         """embeds [N, 77, D] -> features at the EOT tokens [N, E].
 
         With the causal mask no token sees a later one, so the padding after the last EOT cannot change the

@@ -8,6 +8,7 @@ the test split: a fixed epoch budget by default (`select_on="none"`, the last ep
 `select_on="valid"`: a part of the shots (per class, `holdout_fraction`, at least one image) is held out of
 training and the epoch with the lowest held-out loss is kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,14 @@ from typing import Iterator
 
 import torch
 
-
 from madclip_runtime.contract import SCORE
 
 from .cache import DTYPES, load_or_extract
 from .config import TrainConfig
 from .data import normalize_images
+from .device import gather_to_device, place_on_device
 from .methods.base import Batch, MethodModel, iterate_batches
 from .metrics import image_auroc
-from .device import gather_to_device, place_on_device
 from .precision import Precision
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,10 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
         if not idx:  # a class without shots (methods trained on normal shots only)
             continue
         if len(idx) < 2:
-            raise MadclipError(f"--select-on valid needs at least 2 shots per class (got {len(idx)}); use more "
-                               f"--shots or the fixed epoch budget (--select-on none)")
+            raise MadclipError(
+                f"--select-on valid needs at least 2 shots per class (got {len(idx)}); use more "
+                f"--shots or the fixed epoch budget (--select-on none)"
+            )
         rng.shuffle(idx)
         n_held = min(max(1, round(fraction * len(idx))), len(idx) - 1)
         held += idx[:n_held]
@@ -81,10 +83,24 @@ class CachedSource:
     """Training batches from a fixed set of (augmented) images: their `model.cacheable()` features come from the
     feature cache, or (cache "off") from running the cacheable part every time, rounded through the same dtype."""
 
-    def __init__(self, model: MethodModel, images01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                 tcfg: TrainConfig, device: torch.device, cache_dir: Path | None = None, progress=None,
-                 label: str = "features"):
-        self.model, self.device, self.dtype, self.batch_size = model, device, tcfg.cache_dtype, tcfg.batch_size
+    def __init__(
+        self,
+        model: MethodModel,
+        images01: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        tcfg: TrainConfig,
+        device: torch.device,
+        cache_dir: Path | None = None,
+        progress=None,
+        label: str = "features",
+    ):
+        self.model, self.device, self.dtype, self.batch_size = (
+            model,
+            device,
+            tcfg.cache_dtype,
+            tcfg.batch_size,
+        )
         self.images = normalize_images(images01, model.cfg.preprocess)  # [N, 3, S, S]
         self.masks, self.labels = masks, labels
         self.groups: torch.Tensor | None = None  # a method's training_source may say which shot each view is
@@ -94,12 +110,21 @@ class CachedSource:
             task = progress.add_task(f"backbone {label}", total=len(labels)) if progress else None
             t0 = time.perf_counter()
             self.feats, self.info = load_or_extract(
-                model.cacheable, self.images, model.cache_identity(), tcfg.feature_cache, tcfg.cache_dtype,
-                batch_size=tcfg.batch_size, device=device, cache_dir=cache_dir,
-                advance=(lambda n: progress.advance(task, n)) if progress else None)
+                model.cacheable,
+                self.images,
+                model.cache_identity(),
+                tcfg.feature_cache,
+                tcfg.cache_dtype,
+                batch_size=tcfg.batch_size,
+                device=device,
+                cache_dir=cache_dir,
+                advance=(lambda n: progress.advance(task, n)) if progress else None,
+            )
             self.info["seconds"] = time.perf_counter() - t0
             self.info["bytes"] = self.feats.numel() * self.feats.element_size()
-            self.feats, self.info["placement"] = place_on_device(self.feats, device)  # GPU if it fits, else pinned
+            self.feats, self.info["placement"] = place_on_device(
+                self.feats, device
+            )  # GPU if it fits, else pinned
         if device.type == "cuda":  # labels and masks are read every step: copied once
             self.labels, self.masks = place_on_device(labels, device)[0], place_on_device(masks, device)[0]
 
@@ -113,8 +138,11 @@ class CachedSource:
         else:
             with torch.no_grad():
                 feats = self.model.cacheable(self.images[index].to(self.device)).to(DTYPES[self.dtype])
-        return Batch(feats, gather_to_device(self.labels, index, self.device, dim=0),
-                     gather_to_device(self.masks, index, self.device, dim=0))
+        return Batch(
+            feats,
+            gather_to_device(self.labels, index, self.device, dim=0),
+            gather_to_device(self.masks, index, self.device, dim=0),
+        )
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         for index in iterate_batches(len(self), self.batch_size, generator):
@@ -141,7 +169,9 @@ def _evaluate_holdout(model: MethodModel, source, has_masks: bool) -> dict:
     return out
 
 
-def check_finite_step(parts: dict[str, torch.Tensor], epoch: int, step: int, model: torch.nn.Module | None = None) -> None:
+def check_finite_step(
+    parts: dict[str, torch.Tensor], epoch: int, step: int, model: torch.nn.Module | None = None
+) -> None:
     """Stop training at the first NaN/inf loss or trainable parameter: one line naming epoch and step.
 
     Called once per step after `optimizer.step()`. Raised as a MadclipError inside the run's AtomicDirectory,
@@ -152,14 +182,18 @@ def check_finite_step(parts: dict[str, torch.Tensor], epoch: int, step: int, mod
 
     for name, value in parts.items():
         if not bool(torch.isfinite(value.detach()).all()):
-            raise MadclipError(f"training diverged: loss {name} is {float(value.detach().float().mean())} at epoch "
-                               f"{epoch} step {step}; nothing written (try a lower --lr)")
+            raise MadclipError(
+                f"training diverged: loss {name} is {float(value.detach().float().mean())} at epoch "
+                f"{epoch} step {step}; nothing written (try a lower --lr)"
+            )
     if model is not None:
         where = f"epoch {epoch} step {step}" if step else f"epoch {epoch}"
         for name, p in model.named_parameters():
             if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
-                raise MadclipError(f"training diverged: parameter {name} became NaN/inf at {where}; "
-                                   f"nothing written (try a lower --lr)")
+                raise MadclipError(
+                    f"training diverged: parameter {name} became NaN/inf at {where}; "
+                    f"nothing written (try a lower --lr)"
+                )
 
 
 class FiniteGuard:
@@ -175,9 +209,14 @@ class FiniteGuard:
 
     def step(self, parts: dict[str, torch.Tensor], step: int) -> None:
         total = parts["total"].detach()
-        code = torch.where(torch.isfinite(total).all(), torch.zeros((), dtype=torch.long, device=total.device),
-                           torch.full((), step, dtype=torch.long, device=total.device))
-        self.first_bad = code if self.first_bad is None else torch.where(self.first_bad > 0, self.first_bad, code)
+        code = torch.where(
+            torch.isfinite(total).all(),
+            torch.zeros((), dtype=torch.long, device=total.device),
+            torch.full((), step, dtype=torch.long, device=total.device),
+        )
+        self.first_bad = (
+            code if self.first_bad is None else torch.where(self.first_bad > 0, self.first_bad, code)
+        )
 
     def end_epoch(self, epoch: int, model: torch.nn.Module) -> None:
         bad_step = int(self.first_bad) if self.first_bad is not None else 0
@@ -187,13 +226,24 @@ class FiniteGuard:
         check_finite_step({}, epoch, 0, model)
 
 
-def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConfig, device: torch.device,
-        cache_dir: Path | None = None, progress=None, log_file=None) -> dict:
+def fit(
+    model: MethodModel,
+    shots: ShotTensors,
+    has_masks: bool,
+    tcfg: TrainConfig,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    progress=None,
+    log_file=None,
+) -> dict:
     """Train the method's trainables in place. `shots.images` are un-normalised [0, 1]. Returns a summary
     (history, selected epoch, cache info, what `finalize` built)."""
     model.to(device)
-    train_idx, held_idx = (holdout_split(shots.labels, tcfg.holdout_fraction, tcfg.seed)
-                           if tcfg.select_on == "valid" else (torch.arange(len(shots)), torch.tensor([], dtype=torch.long)))
+    train_idx, held_idx = (
+        holdout_split(shots.labels, tcfg.holdout_fraction, tcfg.seed)
+        if tcfg.select_on == "valid"
+        else (torch.arange(len(shots)), torch.tensor([], dtype=torch.long))
+    )
     train_set, held_set = shots.subset(train_idx), shots.subset(held_idx)
 
     model.augment_variant = tcfg.augment_variant  # read by the default training_source's augmentation
@@ -203,10 +253,13 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
         return CachedSource(model, images01, masks, labels, tcfg, device, cache_dir, progress, label)
 
     def source(data: ShotTensors, seed: int, label: str):
-        if not tcfg.augment and model.augmentation != "none":  # "none": the method's source is not an augmentation
+        if (
+            not tcfg.augment and model.augmentation != "none"
+        ):  # "none": the method's source is not an augmentation
             return make_cached(data.images, data.masks, data.labels, label)
-        return model.training_source(data.images, data.masks, data.labels, seed, make_cached, label,
-                                     batch_size=tcfg.batch_size)
+        return model.training_source(
+            data.images, data.masks, data.labels, seed, make_cached, label, batch_size=tcfg.batch_size
+        )
 
     train_src = source(train_set, tcfg.seed, "train shots")
     held_src = source(held_set, tcfg.seed + 1, "held-out shots")
@@ -230,9 +283,14 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
             finite.step(parts, step)  # device-side: no host sync per step
             for k, v in parts.items():  # summed on the device: no host sync per step
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * len(batch.labels)
-        finite.end_epoch(epoch, model)  # one sync: a NaN/inf loss or parameter stops training, naming epoch and step
-        record = {"epoch": epoch, **{f"loss_{k}": float(v) / n for k, v in sums.items()},
-                  "seconds": round(time.perf_counter() - t0, 4)}
+        finite.end_epoch(
+            epoch, model
+        )  # one sync: a NaN/inf loss or parameter stops training, naming epoch and step
+        record = {
+            "epoch": epoch,
+            **{f"loss_{k}": float(v) / n for k, v in sums.items()},
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
         model.set_training(False)
         if len(held_src):
             record.update(_evaluate_holdout(model, held_src, has_masks))
@@ -252,6 +310,13 @@ def fit(model: MethodModel, shots: ShotTensors, has_masks: bool, tcfg: TrainConf
                 p.copy_(saved)
         selected = best["epoch"]
     finalized = model.finalize(train_src, device)
-    return {"history": history, "selected_epoch": selected, "n_train_images": n, "n_holdout_images": len(held_src),
-            "holdout_index": [int(i) for i in held_idx], "finalize": finalized, "precision": precision.record(),
-            "cache": {"train": train_src.info, "holdout": held_src.info}}
+    return {
+        "history": history,
+        "selected_epoch": selected,
+        "n_train_images": n,
+        "n_holdout_images": len(held_src),
+        "holdout_index": [int(i) for i in held_idx],
+        "finalize": finalized,
+        "precision": precision.record(),
+        "cache": {"train": train_src.info, "holdout": held_src.info},
+    }

@@ -3,6 +3,7 @@
 `python -m madclip_train.weights ViT-L-14-336 openai` prints one line and exits 0 when the weights are a local
 file, already in the Hugging Face cache, or the hub is reachable; 1 otherwise. It never downloads anything.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,10 @@ def weights_available(backbone: str, pretrained: str) -> tuple[bool, str]:
                 return True, f"{backbone} ({pretrained}) weights are in the local cache"
     if _hub_reachable():
         return True, f"{backbone} ({pretrained}) weights can be downloaded from the Hugging Face hub"
-    return False, (f"{backbone} ({pretrained}) weights are not cached and the Hugging Face hub is unreachable "
-                   f"(see README, 'CLIP weights')")
+    return False, (
+        f"{backbone} ({pretrained}) weights are not cached and the Hugging Face hub is unreachable "
+        f"(see README, 'CLIP weights')"
+    )
 
 
 def main(argv=None) -> int:
@@ -50,7 +53,9 @@ def main(argv=None) -> int:
     from .config import ModelConfig
 
     default = ModelConfig()  # the default method's reference backbone and weights
-    backbone, pretrained = (list(argv) + [default.backbone, default.pretrained])[:2] if len(argv) < 2 else argv[:2]
+    backbone, pretrained = (
+        (list(argv) + [default.backbone, default.pretrained])[:2] if len(argv) < 2 else argv[:2]
+    )
     ok, reason = weights_available(backbone, pretrained)
     print(reason)
     return 0 if ok else 1

@@ -16,6 +16,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             >/tmp/madclip-apt.log 2>&1 || echo "could not install$missing (see /tmp/madclip-apt.log): their tests will skip"
     fi
 fi
+ruff check .                  # lint (pyproject.toml [tool.ruff])
+ruff format --check .         # formatting
 mkdocs build --strict -q      # the docs site: a broken link or anchor fails
 benchmarks/gpu_check.sh    # on a CPU-only machine: one line, exit 0; with a GPU: the full GPU check
 python -m pytest -q "$@"   # exits 5 when no tests ran: never masked

@@ -4,6 +4,7 @@ expected values can be computed in numpy):
     anomaly_map = 4 * sigmoid(mean over channels(image) - 0.5)   # [B, 1, S, S]
     score = mean(anomaly_map), score_map_max = max(anomaly_map)  # [B]
 """
+
 from __future__ import annotations
 
 import os
@@ -15,18 +16,23 @@ from PIL import Image
 
 from madclip_runtime.atomic import AtomicDirectory
 from madclip_runtime.bundles.bundle import write_metadata
+from madclip_runtime.bundles.selftest import golden_decisions
 from madclip_runtime.contract import io_metadata
 from madclip_runtime.preprocess import PreprocessSpec
-from madclip_runtime.bundles.selftest import golden_decisions
 
 # ../shared beside the repository; MADCLIP_REALSCANS overrides it (e.g. from a git worktree elsewhere).
-REALSCANS = Path(os.environ.get("MADCLIP_REALSCANS") or Path(__file__).resolve().parents[2] / "shared" / "data" / "realscans")
+REALSCANS = Path(
+    os.environ.get("MADCLIP_REALSCANS")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "realscans"
+)
 
 
 def realscans_or_skip(name: str = "") -> Path:
     path = REALSCANS / name if name else REALSCANS
     if not path.exists():
-        pytest.skip(f"real scans not available at {path} (CI and the dev machine have ../shared beside the repo)")
+        pytest.skip(
+            f"real scans not available at {path} (CI and the dev machine have ../shared beside the repo)"
+        )
     return path
 
 
@@ -53,8 +59,17 @@ def trained_tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_run")
     root = generate_demo(base / "data", n_valid=3, n_test=3, seed=11)
     out = base / "run"
-    train_run(TrainRequest(data=str(root), out=str(out), shots=2, epochs=2, backbone="madclip-tiny",
-                           pretrained="none", device="cpu"))
+    train_run(
+        TrainRequest(
+            data=str(root),
+            out=str(out),
+            shots=2,
+            epochs=2,
+            backbone="madclip-tiny",
+            pretrained="none",
+            device="cpu",
+        )
+    )
     return out
 
 
@@ -64,8 +79,9 @@ def exported_tiny_bundle(trained_tiny_run, tmp_path_factory):
     from madclip_export.export import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "b"
-    export_bundle(ExportOptions(run=str(trained_tiny_run), out=str(out), fp16=True, int8=True, triton=True,
-                                max_batch=4))
+    export_bundle(
+        ExportOptions(run=str(trained_tiny_run), out=str(out), fp16=True, int8=True, triton=True, max_batch=4)
+    )
     return out
 
 
@@ -82,10 +98,16 @@ def fake_reference_checkpoint(width=64, embed=32, ctx_dim=64) -> dict:
     g = torch.Generator().manual_seed(0)
     ref = {}
     for branch in ("normal", "abnormal"):
-        ref[f"{branch}_det_adapters"] = {f"{j}.fc{n}.0.weight": torch.randn(width if n == 1 else embed, width, generator=g)
-                                         for j in range(4) for n in (1, 2, 3)}
-        ref[f"prompt_maker_{branch}"] = {f"prompt_learner.ctx.{c}_{p}": torch.randn(7, 8, ctx_dim, generator=g)
-                                         for c in ("normal", "abnormal") for p in ("end", "front", "middle")}
+        ref[f"{branch}_det_adapters"] = {
+            f"{j}.fc{n}.0.weight": torch.randn(width if n == 1 else embed, width, generator=g)
+            for j in range(4)
+            for n in (1, 2, 3)
+        }
+        ref[f"prompt_maker_{branch}"] = {
+            f"prompt_learner.ctx.{c}_{p}": torch.randn(7, 8, ctx_dim, generator=g)
+            for c in ("normal", "abnormal")
+            for p in ("end", "front", "middle")
+        }
         ref[f"prompt_maker_{branch}"]["text_encoder.ln_final.weight"] = torch.ones(ctx_dim)
     return ref
 
@@ -101,6 +123,8 @@ def copy_tree(src, dst):
 def cli_error_lines(err: str) -> list[str]:
     """The non-empty lines of a CLI's stderr."""
     return [line for line in err.splitlines() if line.strip()]
+
+
 def write_multiframe_dicom(path: Path, frames: "np.ndarray") -> Path:
     """A minimal uint16 CT DICOM with frames [F, R, C] (pydicom, madclip[medical]); skips without pydicom."""
     import numpy as np
@@ -130,7 +154,9 @@ def write_multiframe_dicom(path: Path, frames: "np.ndarray") -> Path:
 # ---- a tiny stand-in bundle (no exporter, no torch) ------------------------------------------------------
 
 S = 32
-THRESHOLD = 2.0  # uniform grey v: score = 4*sigmoid(v/255 - 0.5); white -> 2.49 (anomaly), black -> 1.51 (normal)
+THRESHOLD = (
+    2.0  # uniform grey v: score = 4*sigmoid(v/255 - 0.5); white -> 2.49 (anomaly), black -> 1.51 (normal)
+)
 
 
 def _graph(fp16: bool, size: int = S):
@@ -139,25 +165,35 @@ def _graph(fp16: bool, size: int = S):
     from onnx import TensorProto, helper, numpy_helper
 
     dt = np.float16 if fp16 else np.float32
-    nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT16) if fp16
-             else helper.make_node("Identity", ["image"], ["x"])]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT16)
+        if fp16
+        else helper.make_node("Identity", ["image"], ["x"])
+    ]
     nodes += [
         helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),  # [B, 1, S, S]
         helper.make_node("Sub", ["m", "half"], ["c"]),
         helper.make_node("Sigmoid", ["c"], ["p"]),
         helper.make_node("Mul", ["p", "four"], ["amap_h"]),
-        helper.make_node("Cast", ["amap_h"], ["anomaly_map"], to=TensorProto.FLOAT) if fp16
+        helper.make_node("Cast", ["amap_h"], ["anomaly_map"], to=TensorProto.FLOAT)
+        if fp16
         else helper.make_node("Identity", ["amap_h"], ["anomaly_map"]),
         helper.make_node("ReduceMean", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0),  # [B]
         helper.make_node("ReduceMax", ["anomaly_map"], ["score_map_max"], axes=[1, 2, 3], keepdims=0),  # [B]
     ]
-    inits = [numpy_helper.from_array(np.array(0.5, dt), "half"), numpy_helper.from_array(np.array(4.0, dt), "four")]
+    inits = [
+        numpy_helper.from_array(np.array(0.5, dt), "half"),
+        numpy_helper.from_array(np.array(4.0, dt), "four"),
+    ]
     graph = helper.make_graph(
-        nodes, "tiny_madclip",
+        nodes,
+        "tiny_madclip",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, size, size]),
-         helper.make_tensor_value_info("score_map_max", TensorProto.FLOAT, ["batch"])],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, size, size]),
+            helper.make_tensor_value_info("score_map_max", TensorProto.FLOAT, ["batch"]),
+        ],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -201,7 +237,8 @@ def make_tiny_model(seed: int = 0):
         helper.make_node("ReduceMax", ["prob", "ax_all"], ["score_map_max"], keepdims=0, name="map_max"),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_madclip",
+        nodes,
+        "tiny_madclip",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
         [
             helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
@@ -227,7 +264,11 @@ def reference_outputs(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray
     logit = feat.mean(axis=1, keepdims=True)  # [B, 1, g, g]
     up = logit.repeat(PATCH, axis=2).repeat(PATCH, axis=3)  # [B, 1, 16, 16]
     amap = 1.0 / (1.0 + np.exp(-up))
-    return {"score": amap.mean(axis=(1, 2, 3)), "anomaly_map": amap, "score_map_max": amap.max(axis=(1, 2, 3))}
+    return {
+        "score": amap.mean(axis=(1, 2, 3)),
+        "anomaly_map": amap,
+        "score_map_max": amap.max(axis=(1, 2, 3)),
+    }
 
 
 def images(batch: int, seed: int = 1) -> np.ndarray:
@@ -237,11 +278,16 @@ def images(batch: int, seed: int = 1) -> np.ndarray:
 def expected_outputs(images: np.ndarray) -> dict[str, np.ndarray]:
     """numpy reference of the tiny graph: images [B, 3, S, S] -> outputs."""
     amap = 4.0 / (1.0 + np.exp(-(images.mean(axis=1, keepdims=True) - 0.5)))  # [B, 1, S, S]
-    return {"anomaly_map": amap, "score": amap.mean(axis=(1, 2, 3)), "score_map_max": amap.max(axis=(1, 2, 3))}
+    return {
+        "anomaly_map": amap,
+        "score": amap.mean(axis=(1, 2, 3)),
+        "score_map_max": amap.max(axis=(1, 2, 3)),
+    }
 
 
-def build_tiny_bundle(path: Path, score_name: str = "score", threshold: float | None = THRESHOLD,
-                      size: int = S) -> Path:
+def build_tiny_bundle(
+    path: Path, score_name: str = "score", threshold: float | None = THRESHOLD, size: int = S
+) -> Path:
     """Write a complete schema-2 bundle (fp32 + fp16 graphs, golden.npz, metadata.json) at `path`."""
     import onnx
     import onnxruntime as ort
@@ -250,19 +296,40 @@ def build_tiny_bundle(path: Path, score_name: str = "score", threshold: float | 
         onnx.save(_graph(False, size), os.path.join(tmp, "model.onnx"))
         onnx.save(_graph(True, size), os.path.join(tmp, "model_fp16.onnx"))
         rng = np.random.default_rng(0)
-        images = np.stack([np.full((3, size, size), 0.1, np.float32), np.full((3, size, size), 0.9, np.float32),
-                           rng.random((3, size, size), dtype=np.float32)])  # [3, 3, S, S]
+        images = np.stack(
+            [
+                np.full((3, size, size), 0.1, np.float32),
+                np.full((3, size, size), 0.9, np.float32),
+                rng.random((3, size, size), dtype=np.float32),
+            ]
+        )  # [3, 3, S, S]
         sess = ort.InferenceSession(os.path.join(tmp, "model.onnx"), providers=["CPUExecutionProvider"])
         score, amap, smax = sess.run(["score", "anomaly_map", "score_map_max"], {"image": images})
-        calibration = {"threshold": threshold, "score_name": score_name, "method": "fixed for tests",
-                       "map_threshold": 2.2, "map_scale": [0.0, 4.0]}
+        calibration = {
+            "threshold": threshold,
+            "score_name": score_name,
+            "method": "fixed for tests",
+            "map_threshold": 2.2,
+            "map_scale": [0.0, 4.0],
+        }
         outputs = {"score": score, "anomaly_map": amap, "score_map_max": smax}
-        np.savez(os.path.join(tmp, "golden.npz"), image=images, **outputs, **golden_decisions(outputs, calibration),
-                 labels=np.array([-1, 1, -1]), sources=np.array(["dark", "bright", "noise"]))
-        meta = {"preprocess": PreprocessSpec(image_size=size).to_dict(), **io_metadata(size, {"score": (0.0, 4.0), "anomaly_map": (0.0, 4.0)}),
-                "max_batch": 4, "opset": 17, "calibration": calibration,
-                "provenance": {"backbone": "test-graph", "pretrained": "none"},
-                "models": {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}}
+        np.savez(
+            os.path.join(tmp, "golden.npz"),
+            image=images,
+            **outputs,
+            **golden_decisions(outputs, calibration),
+            labels=np.array([-1, 1, -1]),
+            sources=np.array(["dark", "bright", "noise"]),
+        )
+        meta = {
+            "preprocess": PreprocessSpec(image_size=size).to_dict(),
+            **io_metadata(size, {"score": (0.0, 4.0), "anomaly_map": (0.0, 4.0)}),
+            "max_batch": 4,
+            "opset": 17,
+            "calibration": calibration,
+            "provenance": {"backbone": "test-graph", "pretrained": "none"},
+            "models": {"fp32": "model.onnx", "fp16": "model_fp16.onnx"},
+        }
         write_metadata(tmp, meta)
     return path
 
@@ -282,7 +349,9 @@ def write_inputs(d: Path) -> dict[str, Path]:
     Image.fromarray((_grad(33, 20).astype(np.uint16) * 257)).save(out["g16"])
     assert Image.open(out["g16"]).mode.startswith("I")
     out["rgb"] = d / "rgb.png"
-    Image.fromarray(np.stack([_grad(24, 30), _grad(24, 30)[::-1], np.full((24, 30), 99, np.uint8)], axis=2)).save(out["rgb"])
+    Image.fromarray(
+        np.stack([_grad(24, 30), _grad(24, 30)[::-1], np.full((24, 30), 99, np.uint8)], axis=2)
+    ).save(out["rgb"])
     out["pal"] = d / "pal.png"
     Image.fromarray(np.stack([_grad(50, 45)] * 3, axis=2)).convert("P").save(out["pal"])
     assert Image.open(out["pal"]).mode == "P"
@@ -304,9 +373,20 @@ def lesion_volume(shape=(24, 20, 7), lesion_slice=4, seed=0) -> tuple[np.ndarray
     return vol.astype(np.int16), mask
 
 
-def write_dicom_series(folder: Path, frames: np.ndarray, *, spacing=(0.8, 0.7), thickness=2.5,
-                       origin=(-10.0, 20.0, -30.0), iop=(1, 0, 0, 0, 1, 0), series_uid=None, study_uid=None,
-                       series_number=1, order=None, patient="P1") -> tuple[list[Path], str]:
+def write_dicom_series(
+    folder: Path,
+    frames: np.ndarray,
+    *,
+    spacing=(0.8, 0.7),
+    thickness=2.5,
+    origin=(-10.0, 20.0, -30.0),
+    iop=(1, 0, 0, 0, 1, 0),
+    series_uid=None,
+    study_uid=None,
+    series_number=1,
+    order=None,
+    patient="P1",
+) -> tuple[list[Path], str]:
     """Write `frames` [N, R, C] (int16) as N single-frame CT files along the normal of `iop`.
 
     Slice k sits at origin + k * thickness * normal. Files are named by `order` (a permutation: file i holds
@@ -332,7 +412,12 @@ def write_dicom_series(folder: Path, frames: np.ndarray, *, spacing=(0.8, 0.7), 
         path = folder / f"IM{i:04d}.dcm"
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient, "Test^Patient", "19700101", "O"
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = (
+            patient,
+            "Test^Patient",
+            "19700101",
+            "O",
+        )
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "1", "20240101", "120000", "A1"
         ds.ReferringPhysicianName = ""

@@ -1,4 +1,5 @@
 """Offline x16 augmentation (madclip_train.augment)."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,15 @@ import math
 import pytest
 import torch
 
-from madclip_train.augment import (N_VARIANTS, VARIANTS, augment_x16, jitter_factors, jitter_reference,
-                                   reference_jitter_factors, zoom_crop)
+from madclip_train.augment import (
+    N_VARIANTS,
+    VARIANTS,
+    augment_x16,
+    jitter_factors,
+    jitter_reference,
+    reference_jitter_factors,
+    zoom_crop,
+)
 
 S = 32
 
@@ -136,7 +144,9 @@ def test_reference_zoom_crops_int_size_and_resizes_back():
     # 240 pixels: the crops are 218, 208, 200 and 184 pixels (x1.15 is really 240 / 208 = x1.154).
     img = torch.rand((1, 3, 240, 240), generator=torch.Generator().manual_seed(0))
     for z, (a, b) in zip((1.1, 1.15, 1.2, 1.3), ((11, 229), (16, 224), (20, 220), (28, 212))):
-        want = torch.nn.functional.interpolate(img[:, :, a:b, a:b], size=(240, 240), mode="bilinear", align_corners=False)
+        want = torch.nn.functional.interpolate(
+            img[:, :, a:b, a:b], size=(240, 240), mode="bilinear", align_corners=False
+        )
         assert torch.equal(zoom_crop(img, z), want), z
     # augment_x16's zoom variants are these crops, by default
     m = torch.zeros((1, 240, 240), dtype=torch.bool)
@@ -151,8 +161,17 @@ def test_reference_jitter_arithmetic_per_column_mean():
     x = torch.tensor([[[[0.1, 0.2, 0.9], [0.3, 0.4, 0.8]], [[0.5, 0.6, 0.7], [0.7, 0.0, 0.2]]]])
     y = [[[1.1 * v for v in row] for row in ch] for ch in x[0].tolist()]
     col_mean = [sum(y[c][r][k] for c in range(2) for r in range(2)) / 4 for k in range(3)]
-    expected = torch.tensor([[[[min(1.0, max(0.0, (y[c][r][k] - col_mean[k]) * 0.8 + col_mean[k])) for k in range(3)]
-                               for r in range(2)] for c in range(2)]])
+    expected = torch.tensor(
+        [
+            [
+                [
+                    [min(1.0, max(0.0, (y[c][r][k] - col_mean[k]) * 0.8 + col_mean[k])) for k in range(3)]
+                    for r in range(2)
+                ]
+                for c in range(2)
+            ]
+        ]
+    )
     got = jitter_reference(x, torch.tensor([[1.1, 0.8]], dtype=torch.float64))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert got.max() <= 1.0  # 0.9 * 1.1 and contrast push above 1: clamped
@@ -171,7 +190,9 @@ def test_reference_jitter_one_factor_pair_per_class_abnormal_first():
     out, _, _ = augment_x16(images, masks, seed=7, groups=labels)
     j = VARIANTS.index("jitter")
     for i in range(4):
-        torch.testing.assert_close(out[16 * i + j], jitter_reference(images[i:i + 1], f[i:i + 1])[0], atol=0, rtol=0)
+        torch.testing.assert_close(
+            out[16 * i + j], jitter_reference(images[i : i + 1], f[i : i + 1])[0], atol=0, rtol=0
+        )
 
 
 def test_unknown_variant_refused():

@@ -1,4 +1,5 @@
 """onnxruntime backends on the CPU with a tiny ONNX model of the bundle's interface (image -> score, map, max)."""
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ from madclip_runtime.engines import backends  # noqa: E402
 from madclip_runtime.errors import BackendUnavailable, BundleError, InputError  # noqa: E402
 
 from .conftest import SIZE, images, make_tiny_model, reference_outputs  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -77,7 +79,9 @@ def test_session_options_rule():
 def test_fp16_file_name_alone_forces_safe_level(model_dir):
     # Even if the caller says fp32, a file named like the FP16 variant must not be opened at ENABLE_ALL.
     be = backends.create_backend("ort-cpu", str(model_dir / "model_fp16.onnx"), "fp32", 8, None)
-    assert be.session.get_session_options().graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert (
+        be.session.get_session_options().graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
 
 
 @pytest.mark.parametrize("name", ["ort-cuda", "ort-trt", "trt"])
@@ -112,7 +116,10 @@ def test_auto_backend_runs(model_dir):
 
 
 def test_check_provider_detects_silent_fallback():
-    assert backends.check_provider("ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "CUDAExecutionProvider"
+    assert (
+        backends.check_provider("ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        == "CUDAExecutionProvider"
+    )
     with pytest.raises(BackendUnavailable, match="fell back to CPUExecutionProvider"):
         backends.check_provider("ort-cuda", ["CPUExecutionProvider"])
     with pytest.raises(BackendUnavailable, match="TensorrtExecutionProvider"):
@@ -219,7 +226,9 @@ def test_ort_trt_engine_cache_is_per_model_content(monkeypatch, tmp_path):
     assert dirs[0] != dirs[1]
     assert all(str(tmp_path / "cache" / "ort-trt") in d for d in dirs)
     # the same model again (e.g. the bundle copied elsewhere) reuses its folder
-    backends.create_backend("ort-trt", str(tmp_path / "bundle0" / "model.onnx"), "fp32", 4, str(tmp_path / "cache"))
+    backends.create_backend(
+        "ort-trt", str(tmp_path / "bundle0" / "model.onnx"), "fp32", 4, str(tmp_path / "cache")
+    )
     assert fake.calls[-1]["providers"][0][1]["trt_engine_cache_path"] == dirs[0]
 
 
@@ -275,19 +284,28 @@ def test_export_engine_lands_where_the_runtime_looks(monkeypatch, model_dir, tmp
     calls = []
     monkeypatch.setenv("MADCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(backends, "require_trt", lambda: _types.SimpleNamespace(__version__="10.13.0"))
-    monkeypatch.setattr(backends.trt_engine, "ensure_engine",
-                        lambda onnx_path, engine_dir, precision, max_batch, sha=None, fp32_islands=("dt",): calls.append(
-                            (Path(onnx_path).name, Path(engine_dir), precision, max_batch, tuple(fp32_islands)))
-                        or Path(engine_dir) / "e")
+    monkeypatch.setattr(
+        backends.trt_engine,
+        "ensure_engine",
+        lambda onnx_path, engine_dir, precision, max_batch, sha=None, fp32_islands=("dt",): (
+            calls.append((Path(onnx_path).name, Path(engine_dir), precision, max_batch, tuple(fp32_islands)))
+            or Path(engine_dir) / "e"
+        ),
+    )
     monkeypatch.setattr(backends.trt_engine, "TrtRunner", lambda path: _types.SimpleNamespace(max_batch=4))
     before = sorted(p.name for p in model_dir.iterdir())
     islands = ("text", "norm_lo")  # a method whose FP32 tail starts elsewhere than MadCLIP's dt (MVFA)
-    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None,
-                                        islands)
+    report = export._maybe_build_engine(
+        model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None, islands
+    )
     assert report["built"] is True and report["in_bundle"] is False
     assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing added to the bundle
     backends.create_backend("trt", str(model_dir / "model_fp16.onnx"), "fp16", 4, None, fp32_islands=islands)
-    assert calls[0] == calls[1] == ("model_fp16.onnx", tmp_path / "cache" / "engines" / "trt", "fp16", 4, islands)
+    assert (
+        calls[0]
+        == calls[1]
+        == ("model_fp16.onnx", tmp_path / "cache" / "engines" / "trt", "fp16", 4, islands)
+    )
 
 
 def test_export_without_tensorrt_says_so(monkeypatch, model_dir):
@@ -299,11 +317,14 @@ def test_export_without_tensorrt_says_so(monkeypatch, model_dir):
         raise BackendUnavailable("TensorRT is not installed")
 
     monkeypatch.setattr(backends, "require_trt", missing)
-    report = export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=False, max_batch=4), lambda s: None,
-                                      ("dt",))
+    report = export._maybe_build_engine(
+        model_dir, _types.SimpleNamespace(engine=False, max_batch=4), lambda s: None, ("dt",)
+    )
     assert report["built"] is False and "TensorRT is not installed" in report["reason"]
     with pytest.raises(BackendUnavailable):
-        export._maybe_build_engine(model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None, ("dt",))
+        export._maybe_build_engine(
+            model_dir, _types.SimpleNamespace(engine=True, max_batch=4), lambda s: None, ("dt",)
+        )
 
 
 def test_model_content_id_from_bundle_metadata(tmp_path):

@@ -1,4 +1,5 @@
 """madclip-bench on the tiny bundle: JSON rows, skipped combinations, the optional pytorch-eager row."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,22 @@ import pytest
 from PIL import Image
 
 from madclip_runtime.cli.bench import batch_of, main, peak_rss_mb
+
 from .conftest import build_tiny_bundle
 
-ROW_KEYS = {"cold_start_s", "latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "end_to_end_p50_ms",
-            "stages_ms", "throughput_batch", "throughput_ips", "peak_rss_mb", "provider", "golden_score_max_abs_err"}
+ROW_KEYS = {
+    "cold_start_s",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_mean_ms",
+    "end_to_end_p50_ms",
+    "stages_ms",
+    "throughput_batch",
+    "throughput_ips",
+    "peak_rss_mb",
+    "provider",
+    "golden_score_max_abs_err",
+}
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +40,20 @@ def _rows(report: dict) -> dict[tuple[str, str], dict]:
 
 def test_bench_json(bundle, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["--bundle", str(bundle), "--iters", "3", "--warmup", "1", "--precisions", "fp32,fp16,int8",
-               "--json", str(out)])
+    rc = main(
+        [
+            "--bundle",
+            str(bundle),
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--precisions",
+            "fp32,fp16,int8",
+            "--json",
+            str(out),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "Traceback" not in cap.err and "ort-cpu" in cap.out
@@ -44,8 +69,12 @@ def test_bench_json(bundle, tmp_path, capsys):
     assert r["throughput_batch"] == 4 and r["cold_start_s"] > 0 and r["peak_rss_mb"] > 10
     assert r["stages_ms"]["decode"] > 0 and r["golden_score_max_abs_err"] < 1e-5
     assert rows[("ort-cpu", "fp16")]["status"] == "ok" and "slower" in rows[("ort-cpu", "fp16")]["note"]
-    assert rows[("ort-cpu", "int8")] == {"backend": "ort-cpu", "precision": "int8", "status": "skipped",
-                                         "reason": "no int8 model in the bundle"}
+    assert rows[("ort-cpu", "int8")] == {
+        "backend": "ort-cpu",
+        "precision": "int8",
+        "status": "skipped",
+        "reason": "no int8 model in the bundle",
+    }
     for be in ("trt", "ort-trt", "ort-cuda"):  # no GPU on CI: listed as skipped with a reason
         if rows[(be, "fp32")]["status"] != "ok":
             assert rows[(be, "fp32")]["reason"]
@@ -55,8 +84,26 @@ def test_bench_image_and_batch(bundle, tmp_path, capsys):
     img = tmp_path / "scan.png"
     Image.fromarray(np.arange(64 * 48, dtype=np.uint32).reshape(64, 48).astype(np.uint8)).save(img)
     out = tmp_path / "b.json"
-    rc = main(["--bundle", str(bundle), "--backends", "ort-cpu", "--precisions", "fp32", "--iters", "2",
-               "--warmup", "0", "--batch", "3", "--image", str(img), "--json", str(out)])
+    rc = main(
+        [
+            "--bundle",
+            str(bundle),
+            "--backends",
+            "ort-cpu",
+            "--precisions",
+            "fp32",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--batch",
+            "3",
+            "--image",
+            str(img),
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
     assert [(r["backend"], r["precision"]) for r in report["rows"]] == [("ort-cpu", "fp32")]
@@ -86,9 +133,9 @@ def test_helpers():
 
 def _tiny_run(run_dir: Path) -> Path:
     """A real madclip run directory (config.json + checkpoint.safetensors) on the tiny random CLIP."""
-    from madclip_train.rundir import CHECKPOINT, CONFIG, checkpoint_bytes
     from madclip_train.config import ModelConfig, TrainConfig
     from madclip_train.model import build_model
+    from madclip_train.rundir import CHECKPOINT, CONFIG, checkpoint_bytes
 
     cfg = ModelConfig(backbone="madclip-tiny", pretrained="none", objective="Brain")
     model = build_model(cfg, seed=TrainConfig().seed)
@@ -111,9 +158,29 @@ def test_pytorch_eager_row_script(tmp_path):
     Image.fromarray(np.full((60, 70), 90, np.uint8)).save(image)
     out = tmp_path / "row.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "pytorch_eager.py"
-    proc = subprocess.run([sys.executable, str(script), "--run", str(run_dir), "--bundle", str(b240), "--image",
-                           str(image), "--iters", "2", "--warmup", "1", "--batch", "2", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--run",
+            str(run_dir),
+            "--bundle",
+            str(b240),
+            "--image",
+            str(image),
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["status"] == "ok" and ROW_KEYS <= set(r) and r["provider"].startswith("torch")

@@ -3,6 +3,7 @@
 They are not timed here (timings live in benchmarks/RESULTS.md); these tests check that each script runs end
 to end and that the figures it records are the ones RESULTS.md relies on.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,20 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def _run_script(name: str, args: list[str], work: Path, results: Path) -> dict:
     env = {**os.environ, "MADCLIP_BENCH_WORK": str(work), "MADCLIP_BENCH_RESULTS": str(results)}
-    proc = subprocess.run([sys.executable, str(BENCH / name), *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return json.loads((results / name.replace("bench_", "").replace(".py", ".json")).read_text())
 
 
 def test_bench_train_cached_and_uncached_agree(tmp_path):
-    out = _run_script("bench_train.py", ["--backbones", "madclip-tiny", "--shots", "1", "--epochs-cached", "1",
-                                         "--epochs-uncached", "1"], tmp_path / "work", tmp_path / "results")
+    out = _run_script(
+        "bench_train.py",
+        ["--backbones", "madclip-tiny", "--shots", "1", "--epochs-cached", "1", "--epochs-uncached", "1"],
+        tmp_path / "work",
+        tmp_path / "results",
+    )
     (res,) = out["results"]
     assert out["machine"]["cpu_count"] >= 1
     assert res["cached"]["feature_cache"] == "memory" and res["uncached"]["feature_cache"] == "off"
@@ -45,8 +51,12 @@ def test_bench_runtime_rows_and_infer_overhead(tmp_path, exported_tiny_bundle, t
     (work / "runs").mkdir()
     (work / "bundles" / "madclip-tiny").symlink_to(exported_tiny_bundle)
     (work / "runs" / "export-madclip-tiny").symlink_to(trained_tiny_run)
-    out = _run_script("bench_runtime.py", ["--backbones", "madclip-tiny", "--iters", "3", "--repeats", "1"],
-                      work, tmp_path / "results")
+    out = _run_script(
+        "bench_runtime.py",
+        ["--backbones", "madclip-tiny", "--iters", "3", "--repeats", "1"],
+        work,
+        tmp_path / "results",
+    )
     (res,) = out["results"]
     ok = {(r["backend"], r["precision"]) for r in res["bench"]["rows"] if r["status"] == "ok"}
     assert {("ort-cpu", "fp32"), ("ort-cpu", "fp16"), ("ort-cpu", "int8"), ("pytorch-eager", "fp32")} <= ok

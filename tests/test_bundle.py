@@ -1,4 +1,5 @@
 """Atomic writes and the bundle format: round trip and every BundleError case."""
+
 from __future__ import annotations
 
 import json
@@ -154,8 +155,13 @@ def _make_bundle(root, name="bundle", precisions=("fp32", "fp16"), external=True
             "method": "madclip",
             "max_batch": 8,
             "opset": 18,
-            "calibration": {"threshold": 1.25, "score_name": "score", "method": "Youden on held-out shots",
-                            "map_threshold": 2.0, "map_scale": [0.0, 4.0]},
+            "calibration": {
+                "threshold": 1.25,
+                "score_name": "score",
+                "method": "Youden on held-out shots",
+                "map_threshold": 2.0,
+                "map_scale": [0.0, 4.0],
+            },
             "provenance": {"backbone": "madclip-tiny", "pretrained": "none", "shots": 4, "seed": 111},
             "models": {p: files[p] for p in precisions},
         }
@@ -189,7 +195,13 @@ def test_metadata_roundtrip(tmp_path):
     assert b.model_path("fp16") == os.path.join(b.path, "model_fp16.onnx")
     assert b.golden_path == os.path.join(b.path, "golden.npz") and b.has_golden
     files = b.meta["files"]
-    assert set(files) == {"model.onnx", "model.onnx.data", "model_fp16.onnx", "golden.npz", "export_report.json"}
+    assert set(files) == {
+        "model.onnx",
+        "model.onnx.data",
+        "model_fp16.onnx",
+        "golden.npz",
+        "export_report.json",
+    }
     assert files["model.onnx.data"]["bytes"] == 4096
     assert files["model.onnx"]["sha256"] == sha256_file(os.path.join(path, "model.onnx"))
     assert b.meta["outputs"]["anomaly_map"]["shape"] == ["batch", 1, 32, 32]
@@ -282,7 +294,9 @@ def test_size_mismatch(tmp_path):
 
 def test_model_path_absent_variant(tmp_path):
     b = load_bundle(_make_bundle(tmp_path))
-    with pytest.raises(BundleError, match=r"no int8 model \(model_int8\.onnx\) in this bundle \(has fp32, fp16\)"):
+    with pytest.raises(
+        BundleError, match=r"no int8 model \(model_int8\.onnx\) in this bundle \(has fp32, fp16\)"
+    ):
         b.model_path("int8")
 
 

@@ -1,4 +1,5 @@
 """madclip-infer end to end on a tiny real bundle: outputs, JSON lines, and every bad input as one stderr line."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,20 @@ import pytest
 from PIL import Image
 
 from madclip_runtime.cli.infer import main, output_stem
+
 from .conftest import THRESHOLD, build_tiny_bundle, write_inputs
 
-JSON_KEYS = {"file", "score", "score_map_max", "label", "threshold", "backend", "precision", "latency_ms", "provider"}
+JSON_KEYS = {
+    "file",
+    "score",
+    "score_map_max",
+    "label",
+    "threshold",
+    "backend",
+    "precision",
+    "latency_ms",
+    "provider",
+}
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +65,9 @@ def files_in(d: Path) -> list[str]:
 def test_json_lines_and_outputs(bundle, tmp_path, capsys):
     inputs = write_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    rc, stdout, err = run(capsys, tmp_path / "in", "--bundle", bundle, "--json", "--out", out, "--backend", "ort-cpu")
+    rc, stdout, err = run(
+        capsys, tmp_path / "in", "--bundle", bundle, "--json", "--out", out, "--backend", "ort-cpu"
+    )
     assert rc == 0, err
     assert "backend ort-cpu (provider CPUExecutionProvider)" in err and "research use" in err
     recs = [json.loads(line) for line in stdout.splitlines()]
@@ -76,8 +90,19 @@ def test_table_output_and_npy_maps(bundle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     inputs = write_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    rc, stdout, err = run(capsys, inputs["grey"], inputs["rgb"], "--bundle", bundle, "--out", out,
-                          "--map-format", "npy", "--threshold", "3.5")
+    rc, stdout, err = run(
+        capsys,
+        inputs["grey"],
+        inputs["rgb"],
+        "--bundle",
+        bundle,
+        "--out",
+        out,
+        "--map-format",
+        "npy",
+        "--threshold",
+        "3.5",
+    )
     assert rc == 0, err
     assert "grey.png" in stdout and "normal" in stdout and "research use" in stdout
     amap = np.load(out / "grey_map.npy")
@@ -98,7 +123,9 @@ def test_folder_with_one_bad_file(bundle, tmp_path, capsys):
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _bad_zero(p: Path) -> str:
@@ -125,12 +152,20 @@ def _bad_tiny(p: Path) -> str:
 def _bad_bomb(p: Path) -> str:
     ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 50001)
-    p.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    p.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
     return "too large"
 
 
-@pytest.mark.parametrize("make", [_bad_zero, _bad_truncated, _bad_text, _bad_tiny, _bad_bomb],
-                         ids=["zero-byte", "truncated", "text-as-png", "1x1", "bomb"])
+@pytest.mark.parametrize(
+    "make",
+    [_bad_zero, _bad_truncated, _bad_text, _bad_tiny, _bad_bomb],
+    ids=["zero-byte", "truncated", "text-as-png", "1x1", "bomb"],
+)
 def test_bad_image_inputs(bundle, tmp_path, capsys, make):
     p = tmp_path / "scan.png"
     what = make(p)
@@ -180,7 +215,9 @@ def test_volume_slices_named(bundle, tmp_path, capsys):
     rc, stdout, err = run(capsys, p, "--bundle", bundle, "--out", out, "--json")
     assert rc == 0, err  # a volume: one answer per scan (see tests/test_volume.py)
     (rec,) = [json.loads(x) for x in stdout.splitlines()]
-    assert rec["file"] == str(p) and [s["source"] for s in rec["slices"]] == [f"{p}#slice={k}" for k in range(3)]
+    assert rec["file"] == str(p) and [s["source"] for s in rec["slices"]] == [
+        f"{p}#slice={k}" for k in range(3)
+    ]
     assert files_in(out) == ["vol.json", "vol_map.nii.gz", "vol_montage.png"]
     rc, stdout, err = run(capsys, p, "--bundle", bundle, "--slice", "1", "--json")
     assert rc == 0 and [json.loads(x)["file"] for x in stdout.splitlines()] == [f"{p}#slice=1"]
@@ -237,7 +274,9 @@ def test_unknown_schema_version(bundle, tmp_path, capsys):
     _bad_bundle_case(capsys, tmp_path, b, "schema_version 99")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write into a 0o500 directory")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write into a 0o500 directory"
+)
 def test_unwritable_out_chmod(bundle, tmp_path, capsys):
     img = write_inputs(tmp_path / "in")["grey"]
     locked = tmp_path / "locked"
@@ -317,7 +356,7 @@ def test_cli_and_api_never_import_torch(bundle, tmp_path):
     code = f"""
 import json, sys
 from madclip_runtime.cli.infer import main
-rc = main([{str(img)!r}, "--bundle", {str(bundle)!r}, "--json", "--out", {str(tmp_path / 'out')!r}])
+rc = main([{str(img)!r}, "--bundle", {str(bundle)!r}, "--json", "--out", {str(tmp_path / "out")!r}])
 import madclip_runtime as mr
 pred = mr.load({str(bundle)!r}).predict({str(img)!r})
 from madclip_runtime.cli.bench import machine_description
@@ -333,13 +372,21 @@ print(json.dumps({{"rc": rc, "bad": bad, "score": pred.score}}))
 
 def test_console_script_runs(bundle, tmp_path):
     img = write_inputs(tmp_path / "in")["pal"]
-    res = subprocess.run([sys.executable, "-m", "madclip_runtime.cli.infer", str(img), "--bundle", str(bundle),
-                          "--json"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "madclip_runtime.cli.infer", str(img), "--bundle", str(bundle), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert JSON_KEYS <= set(json.loads(res.stdout))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
-    res = subprocess.run([sys.executable, "-m", "madclip_runtime.cli.infer", str(bad), "--bundle", str(bundle)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "madclip_runtime.cli.infer", str(bad), "--bundle", str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert len([x for x in res.stderr.splitlines() if x.startswith("error:")]) == 1

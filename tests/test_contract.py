@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("madclip_runtime", "madclip_train", "madclip_export")
 CONTRACT_FILE = "madclip_runtime/contract.py"
 
+
 def contract_words() -> set[str]:
     """Every name the contract owns: outputs, precisions, backends, bundle file names."""
     words = set(contract.OUTPUT_NAMES) | set(contract.PRECISIONS) | set(contract.BACKENDS)

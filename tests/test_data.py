@@ -1,4 +1,5 @@
 """Dataset listing, shot selection, shot lists and array loading (madclip_train.data)."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def _mask(path: Path, size: tuple[int, int] = (40, 48)) -> None:
     Image.fromarray(arr, mode="L").save(path)
 
 
-def make_mvfa(root: Path, n_normal: int = 5, n_abnormal: int = 4, masks: bool = True, splits=("valid", "test")) -> Path:
+def make_mvfa(
+    root: Path, n_normal: int = 5, n_abnormal: int = 4, masks: bool = True, splits=("valid", "test")
+) -> Path:
     for split in splits:
         for i in range(n_normal):
             _png(root / split / "good" / "img" / f"n{i:02d}.png", seed=i)

@@ -1,4 +1,5 @@
 """Procedural demo dataset (madclip_train.demo)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,7 +66,9 @@ def test_deterministic(tmp_path, demo_root):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     other = generate_demo(tmp_path / "other", n_valid=4, n_test=5, seed=4)
     a = demo_root / "valid" / "good" / "img" / "valid_normal_000.png"
-    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(other / a.relative_to(demo_root))))
+    assert not np.array_equal(
+        np.asarray(Image.open(a)), np.asarray(Image.open(other / a.relative_to(demo_root)))
+    )
 
 
 def test_refuse_overwrite_and_force(tmp_path):

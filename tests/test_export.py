@@ -1,5 +1,6 @@
 """Exporter: ONNX parity at B = 1 and 3, FP16 IO dtypes and FP32 islands, INT8 bound, metadata and checksums,
 tamper detection, atomicity of failed exports, Triton config, TensorRT refusal without TensorRT."""
+
 from __future__ import annotations
 
 import json
@@ -58,20 +59,29 @@ def test_graph_has_no_text_tower_and_a_baked_dt(bundle):
     g = onnx.load(str(bundle / "model.onnx"))
     names = {i.name for i in g.graph.initializer}
     assert "dt" in names
-    assert not any("token_embedding" in n or "transformer.resblocks" in n and "visual" not in n for n in names)
+    assert not any(
+        "token_embedding" in n or "transformer.resblocks" in n and "visual" not in n for n in names
+    )
     assert [i.name for i in g.graph.input] == ["image"]
     assert [o.name for o in g.graph.output] == ["score", "anomaly_map", "score_map_max"]
 
 
 def test_fp16_io_is_float32_and_islands_stay_fp32(bundle):
     g = onnx.load(str(bundle / "model_fp16.onnx"))
-    assert all(t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for t in list(g.graph.input) + list(g.graph.output))
-    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.graph.initializer)  # it is really FP16 inside
+    assert all(
+        t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        for t in list(g.graph.input) + list(g.graph.output)
+    )
+    assert any(
+        i.data_type == onnx.TensorProto.FLOAT16 for i in g.graph.initializer
+    )  # it is really FP16 inside
     inferred = onnx.shape_inference.infer_shapes(g)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     for node in g.graph.node:
         if node.op_type in ("LayerNormalization", "ReduceL2", "Sigmoid", "Resize"):
-            assert all(types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for o in node.output), node.name
+            assert all(types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for o in node.output), (
+                node.name
+            )
     x = np.random.default_rng(1).random((2, 3, 240, 240), dtype=np.float32)
     got, ref = _ort(bundle / "model_fp16.onnx", x, fp16=True), _ort(bundle / "model.onnx", x)
     assert all(v.dtype == np.float32 for v in got.values())
@@ -95,11 +105,20 @@ def test_metadata_schema_checksums_and_calibration(bundle):
     meta = b.meta
     assert meta["schema_version"] == 2 and "not for clinical decisions" in meta["intended_use"]
     assert meta["models"] == {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
-    for rel in ("model.onnx", "model_fp16.onnx", "model_int8.onnx", "golden.npz", "export_report.json",
-                "triton/madclip/config.pbtxt"):
+    for rel in (
+        "model.onnx",
+        "model_fp16.onnx",
+        "model_int8.onnx",
+        "golden.npz",
+        "export_report.json",
+        "triton/madclip/config.pbtxt",
+    ):
         assert rel in meta["files"] and len(meta["files"][rel]["sha256"]) == 64
     assert meta["max_batch"] == 4 and meta["opset"] == 18 and meta["method"] == "madclip"
-    assert meta["outputs"]["score"]["range"] == [0.0, 4.0] and meta["outputs"]["anomaly_map"]["range"] == [0.0, 4.0]
+    assert meta["outputs"]["score"]["range"] == [0.0, 4.0] and meta["outputs"]["anomaly_map"]["range"] == [
+        0.0,
+        4.0,
+    ]
     assert meta["provenance"]["backbone"] == "madclip-tiny" and meta["provenance"]["objective"] == "Brain"
     cal = meta["calibration"]
     assert 0.0 <= cal["threshold"] <= 4.0 and cal["score_name"] == "score" and "Youden" in cal["method"]
@@ -139,7 +158,9 @@ def test_failed_export_leaves_nothing_and_keeps_a_good_bundle(run_dir, bundle, t
 def test_triton_config_is_a_valid_model_config(bundle):
     text_format = pytest.importorskip("google.protobuf.text_format")
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    cfg = text_format.Parse((bundle / "triton/madclip/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    cfg = text_format.Parse(
+        (bundle / "triton/madclip/config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
     assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 4
     assert cfg.input[0].name == "image" and list(cfg.input[0].dims) == [3, 240, 240]
     assert [o.name for o in cfg.output] == ["score", "anomaly_map", "score_map_max"]

@@ -4,6 +4,7 @@ The mixed-precision graph of every method (MadCLIP, MVFA, MediCLIP) keeps every 
 method's island constants float32 up to the outputs (no FP16 edge, no FP32 -> FP16 -> FP32 round trip), so
 the FP16 map differs from the FP32 map only by what the FP16 body changes, never by FP16 rounding of the
 output: its values are not on FP16's grid and it has about as many distinct values as the FP32 map."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,21 +52,31 @@ def _head_model():
     """image [N, 8] -> FP16-able body (MatMul, Tanh) -> L2 normalise -> dot with dt -> Sigmoid = anomaly_map,
     also read by a Mul (an output another node consumes: the case whose Identity used to be converted)."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.normal(0, 0.05, (8, 64)).astype(np.float32), "dt"),
-             numpy_helper.from_array(np.array([-1], np.int64), "axis"),
-             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
-    nodes = [helper.make_node("MatMul", ["image", "w"], ["h"], name="mm"),
-             helper.make_node("Tanh", ["h"], ["t"], name="body_tanh"),
-             helper.make_node("ReduceL2", ["t", "axis"], ["norm"], keepdims=1, name="l2"),
-             helper.make_node("Div", ["t", "norm"], ["unit"], name="l2_div"),
-             helper.make_node("MatMul", ["unit", "dt"], ["logit"], name="head_dot"),
-             helper.make_node("Sigmoid", ["logit"], ["anomaly_map"], name="head_sigmoid"),
-             helper.make_node("Mul", ["anomaly_map", "two"], ["score"], name="head_double")]
-    graph = helper.make_graph(nodes, "m",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 8])],
-                              [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["n", 64]),
-                               helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n", 64])], inits)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.05, (8, 64)).astype(np.float32), "dt"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axis"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["image", "w"], ["h"], name="mm"),
+        helper.make_node("Tanh", ["h"], ["t"], name="body_tanh"),
+        helper.make_node("ReduceL2", ["t", "axis"], ["norm"], keepdims=1, name="l2"),
+        helper.make_node("Div", ["t", "norm"], ["unit"], name="l2_div"),
+        helper.make_node("MatMul", ["unit", "dt"], ["logit"], name="head_dot"),
+        helper.make_node("Sigmoid", ["logit"], ["anomaly_map"], name="head_sigmoid"),
+        helper.make_node("Mul", ["anomaly_map", "two"], ["score"], name="head_double"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 8])],
+        [
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["n", 64]),
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n", 64]),
+        ],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -88,13 +99,22 @@ def test_head_and_outputs_stay_float32_in_a_small_graph():
 def test_remove_round_trips_keeps_fp16_consumers():
     """A float32 -> float16 -> float32 pair is dropped; an FP16 reader of the middle tensor keeps it."""
     inits = [numpy_helper.from_array(np.array(3.0, np.float16), "k")]
-    nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16, name="down"),
-             helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT, name="up"),
-             helper.make_node("Mul", ["h", "k"], ["z16"], name="fp16_user"),
-             helper.make_node("Cast", ["z16"], ["z"], to=TensorProto.FLOAT, name="z_up")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4]),
-                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])], inits)
+    nodes = [
+        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16, name="down"),
+        helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT, name="up"),
+        helper.make_node("Mul", ["h", "k"], ["z16"], name="fp16_user"),
+        helper.make_node("Cast", ["z16"], ["z"], to=TensorProto.FLOAT, name="z_up"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [4]),
+        ],
+        inits,
+    )
     model = fp16.remove_round_trips(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     ops = {n.name: n.op_type for n in model.graph.node}
     assert ops == {"down": "Cast", "up": "Identity", "fp16_user": "Mul", "z_up": "Cast"}
@@ -114,8 +134,18 @@ def method_graphs(request, tmp_path_factory):
 
     root = realscans_or_skip("Brain_AD")
     base = tmp_path_factory.mktemp(f"fp16_{request.param}")
-    train_run(TrainRequest(data=str(root), out=str(base / "run"), method=request.param, shots=2, epochs=1,
-                           backbone="madclip-tiny", pretrained="none", device="cpu"))
+    train_run(
+        TrainRequest(
+            data=str(root),
+            out=str(base / "run"),
+            method=request.param,
+            shots=2,
+            epochs=1,
+            backbone="madclip-tiny",
+            pretrained="none",
+            device="cpu",
+        )
+    )
     model, _ = load_run(base / "run")
     model.eval()
     export_onnx(model, base / "model.onnx", 4, 18)
@@ -159,8 +189,13 @@ def test_fp16_outputs_benchmark_runs(exported_tiny_bundle, tmp_path):
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     env = {**os.environ, "MADCLIP_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(bench / "fp16_outputs.py"), str(exported_tiny_bundle)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(bench / "fp16_outputs.py"), str(exported_tiny_bundle)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "fp16_outputs.json").read_text())["results"]
     assert {r["graph"] for r in rows} == {"bundle's model_fp16.onnx", "current exporter"}

@@ -1,4 +1,5 @@
 """benchmarks/gpu_check: the no-GPU path CI runs, and the pure parts of the report (FLOPs, peaks, steps)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ from .conftest import make_tiny_model  # noqa: E402
 def test_script_without_a_gpu_says_so_in_one_line_and_exits_0():
     if gpu_check.no_gpu_reason() is None:
         pytest.skip("this machine has an NVIDIA GPU: the script would run the full check")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "no NVIDIA GPU" in lines[0]
@@ -29,18 +31,24 @@ def test_script_without_a_gpu_says_so_in_one_line_and_exits_0():
 
 def test_onnx_flops_counts_conv_and_matmul(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     path = tmp_path / "tiny.onnx"
     onnx.save(make_tiny_model(), str(path))
     # Conv 3->4 channels, 4x4 kernel, stride 4 on 16x16: output [1, 4, 4, 4]; 2 * 64 * 3 * 16 FLOPs
     assert gpu_check.onnx_flops(path) == 2 * 64 * 3 * 16
     w = numpy_helper.from_array(np.zeros((8, 5), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 5])], [w])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "mm.onnx"))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 5])],
+        [w],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "mm.onnx")
+    )
     assert gpu_check.onnx_flops(tmp_path / "mm.onnx") == 2 * 3 * 5 * 8  # batch 1
 
 
@@ -63,12 +71,19 @@ def test_each_step_has_its_own_timeout():
 
 
 def test_markdown_report_lists_every_step():
-    report = {"environment": {"gpu": "NVIDIA H100"}, "verdict": "FAIL: export tiny", "seconds": 12.0,
-              "steps": [{"name": "versions", "status": "pass", "seconds": 1.0, "detail": {}},
-                        {"name": "export tiny", "status": "fail", "seconds": 3.0, "detail": {"returncode": 2}}],
-              "engines": [{"bundle": "tiny", "precision": "fp16", "seconds": 4.2}],
-              "selftests": [], "latencies": [],
-              "tensor_core": {"gflops": 35.2, "latency_ms": 1.1, "peak_tflops": 989.4, "fraction": 0.032}}
+    report = {
+        "environment": {"gpu": "NVIDIA H100"},
+        "verdict": "FAIL: export tiny",
+        "seconds": 12.0,
+        "steps": [
+            {"name": "versions", "status": "pass", "seconds": 1.0, "detail": {}},
+            {"name": "export tiny", "status": "fail", "seconds": 3.0, "detail": {"returncode": 2}},
+        ],
+        "engines": [{"bundle": "tiny", "precision": "fp16", "seconds": 4.2}],
+        "selftests": [],
+        "latencies": [],
+        "tensor_core": {"gflops": 35.2, "latency_ms": 1.1, "peak_tflops": 989.4, "fraction": 0.032},
+    }
     text = gpu_check.markdown(report)
     assert "| export tiny | fail |" in text and "FAIL: export tiny" in text
     assert "achieved fraction of peak: 0.032" in text and "| tiny | fp16 |  |  | 4.2 |" in text
@@ -85,7 +100,9 @@ def test_full_check_paths_run_and_report_on_a_cpu_machine(tmp_path, monkeypatch)
     assert by_name["versions"]["status"] == "pass" and "torch" in report["environment"]
     assert by_name["gpu/trt tests"]["status"] == "pass"  # collected and skipped without a GPU
     assert by_name["train tiny on CUDA"]["status"] == "fail" and report["verdict"].startswith("FAIL")
-    assert (tmp_path / "gpu_check.json").is_file() and "| versions | pass |" in (tmp_path / "gpu_check.md").read_text()
+    assert (tmp_path / "gpu_check.json").is_file() and "| versions | pass |" in (
+        tmp_path / "gpu_check.md"
+    ).read_text()
 
 
 def test_fp16_paths_prove_both_recipes_where_tensorrt_has_both():
@@ -96,7 +113,9 @@ def test_fp16_paths_prove_both_recipes_where_tensorrt_has_both():
     assert gpu_check.fp16_paths("10.3.0.30") == ["auto"]  # auto already is the flag path there
     assert gpu_check.fp16_paths("11.0.0") == ["auto"]  # no FP16 builder flag in TensorRT 11
     assert gpu_check.fp16_paths("10.13.2", "auto") == ["auto"]
-    assert gpu_check.fp16_paths(None) == ["auto"] and gpu_check.fp16_paths("missing (ImportError)") == ["auto"]
+    assert gpu_check.fp16_paths(None) == ["auto"] and gpu_check.fp16_paths("missing (ImportError)") == [
+        "auto"
+    ]
     from madclip_runtime.engines import trt_rules
 
     assert gpu_check.FP16_PATH_ENV == trt_rules.FP16_PATH_ENV
@@ -109,9 +128,22 @@ def test_report_states_the_budget_per_step_within_ten_minutes():
     assert 300 < full <= 600, full
     assert gpu_check.planned_seconds(["tiny"], ["trt", "ort-trt", "ort-cuda"], ["auto"]) < full / 2
     step = gpu_check.Step("export vitb16", "pass", 95.0, budget=gpu_check._budget("export", "vitb16"))
-    report = {"environment": {}, "verdict": "PASS", "seconds": 95.0, "planned_seconds": full,
-              "steps": [vars(step)], "engines": [{"bundle": "vitb16", "precision": "fp16", "typing": "strongly_typed",
-                                                  "cached": True, "seconds": 0.4}]}
+    report = {
+        "environment": {},
+        "verdict": "PASS",
+        "seconds": 95.0,
+        "planned_seconds": full,
+        "steps": [vars(step)],
+        "engines": [
+            {
+                "bundle": "vitb16",
+                "precision": "fp16",
+                "typing": "strongly_typed",
+                "cached": True,
+                "seconds": 0.4,
+            }
+        ],
+    }
     md = gpu_check.markdown(report)
     assert "budget s (H100/H200)" in md and "| export vitb16 | pass | 95.0 | 120 |" in md
     assert f"budget {full:.0f} s" in md

@@ -1,4 +1,5 @@
 """Scan reading: every supported mode, one-line errors for bad inputs, DICOM, NIfTI, input expansion."""
+
 from __future__ import annotations
 
 import struct
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from madclip_runtime.scans import imageio, scan
 from madclip_runtime.errors import InputError, MadclipError
+from madclip_runtime.scans import scan
 from madclip_runtime.scans.imageio import (
     MIN_SIDE,
     SCAN_EXTENSIONS,
@@ -62,7 +63,9 @@ def test_rgb_rgba_palette_la(tmp_path):
     assert s.pixels.shape == (20, 24, 3) and s.pixels.dtype == np.uint8
     np.testing.assert_array_equal(s.pixels, rgb)
 
-    rgba = np.concatenate([rgb, np.full((20, 24, 1), 17, np.uint8)], axis=2)  # alpha must be dropped, not composited
+    rgba = np.concatenate(
+        [rgb, np.full((20, 24, 1), 17, np.uint8)], axis=2
+    )  # alpha must be dropped, not composited
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     s = read_image(tmp_path / "rgba.png")
     assert s.pixels.shape == (20, 24, 3)
@@ -112,7 +115,7 @@ def test_16bit_png_windowing(tmp_path):
 
 def test_mode_I_tiff(tmp_path):
     tifffile = pytest.importorskip("tifffile", reason="tifffile needed to write test TIFFs")
-    a = (np.arange(100, dtype=np.int32).reshape(10, 10) * 500)  # [0, 49500]: fits 16 bits
+    a = np.arange(100, dtype=np.int32).reshape(10, 10) * 500  # [0, 49500]: fits 16 bits
     tifffile.imwrite(tmp_path / "i32.tif", a)
     assert Image.open(tmp_path / "i32.tif").mode == "I"
     s = read_image(tmp_path / "i32.tif")
@@ -197,14 +200,21 @@ def test_too_small(tmp_path, size):
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _bomb_png(path: Path, width: int = 50000, height: int = 50000) -> None:
     """A tiny PNG whose IHDR claims width x height 8-bit grey pixels, with a one-row IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (width + 1))  # one filtered row; decoding would need far more
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
@@ -212,7 +222,9 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     _bomb_png(p)
     assert p.stat().st_size < 1000
     t0 = time.perf_counter()
-    _raises_one_line(read_image, p, match="refusing to decode")  # PIL's bomb error (or ours), as an InputError
+    _raises_one_line(
+        read_image, p, match="refusing to decode"
+    )  # PIL's bomb error (or ours), as an InputError
     # with PIL's limit switched off, our header check must still refuse before decoding
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     decoded = []
@@ -297,14 +309,23 @@ def _write_dicom(path: Path, stored: np.ndarray, **attrs) -> Path:
 
 def test_dicom_rescale_and_window(tmp_path):
     stored = np.arange(-100, 300, dtype=np.int16).reshape(20, 20)  # [20, 20]
-    p = _write_dicom(tmp_path / "ct.dcm", stored, RescaleSlope=2, RescaleIntercept=-1000,
-                     WindowCenter=[-600, 40], WindowWidth=[397, 80], BitsStored=12)
+    p = _write_dicom(
+        tmp_path / "ct.dcm",
+        stored,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=[-600, 40],
+        WindowWidth=[397, 80],
+        BitsStored=12,
+    )
     (s,) = read_scans(p)  # auto: first window, LINEAR
     assert s.pixels.dtype == np.float32 and s.pixels.shape == (20, 20) and s.bits == 12 and s.source == str(p)
     hu = stored.astype(np.float64) * 2 - 1000
     expected = np.clip((hu - (-600 - 0.5)) / 396 + 0.5, 0, 1)
     np.testing.assert_allclose(s.pixels, expected, atol=1e-6)
-    assert s.pixels.min() == 0.0 and s.pixels.max() == 1.0  # window [-798.5, -402.5] inside HU range [-1200, -402]
+    assert (
+        s.pixels.min() == 0.0 and s.pixels.max() == 1.0
+    )  # window [-798.5, -402.5] inside HU range [-1200, -402]
 
     mm = read_scans(p, window="minmax")[0].pixels  # rescale is linear: min/max of HU == min/max of stored
     np.testing.assert_allclose(mm, (hu - hu.min()) / (hu.max() - hu.min()), atol=1e-6)
@@ -325,8 +346,14 @@ def test_dicom_voi_functions_and_voi_lut_sequence(tmp_path):
         ("LINEAR_EXACT", np.clip((x - 40) / 80 + 0.5, 0, 1)),
         ("SIGMOID", 1 / (1 + np.exp(-4 * (x - 40) / 80))),
     ):
-        p = _write_dicom(tmp_path / f"{function}.dcm", stored, WindowCenter=40, WindowWidth=80,
-                         VOILUTFunction=function, BitsStored=12)
+        p = _write_dicom(
+            tmp_path / f"{function}.dcm",
+            stored,
+            WindowCenter=40,
+            WindowWidth=80,
+            VOILUTFunction=function,
+            BitsStored=12,
+        )
         np.testing.assert_allclose(read_scans(p)[0].pixels, expected, atol=1e-4, err_msg=function)
 
     lut = Dataset()  # 4 entries from stored value 100, 16-bit output: a step curve no window describes
@@ -340,8 +367,13 @@ def test_dicom_voi_functions_and_voi_lut_sequence(tmp_path):
 
 def test_dicom_monochrome1_and_uint8(tmp_path):
     stored = np.arange(400, dtype=np.uint16).reshape(20, 20) * 10  # [20, 20] in [0, 3990]
-    p = _write_dicom(tmp_path / "m1.dcm", stored, PhotometricInterpretation="MONOCHROME1",
-                     WindowCenter=2000, WindowWidth=2001)
+    p = _write_dicom(
+        tmp_path / "m1.dcm",
+        stored,
+        PhotometricInterpretation="MONOCHROME1",
+        WindowCenter=2000,
+        WindowWidth=2001,
+    )
     s = read_scans(p)[0]
     expected = 1.0 - np.clip((stored - 1999.5) / 2000 + 0.5, 0, 1)
     np.testing.assert_allclose(s.pixels, expected, atol=1e-6)
@@ -365,7 +397,9 @@ def test_dicom_multiframe_and_extensionless(tmp_path):
     scans = read_scans(p)
     assert [s.source for s in scans] == [f"{p}#slice={i}" for i in range(3)]
     assert all(s.pixels.shape == (10, 10) and s.pixels.dtype == np.float32 for s in scans)
-    assert scans[1].pixels[5, 5] == pytest.approx(100 / 1000) and scans[2].pixels[5, 5] == pytest.approx(0.2)  # per-slice min/max
+    assert scans[1].pixels[5, 5] == pytest.approx(100 / 1000) and scans[2].pixels[5, 5] == pytest.approx(
+        0.2
+    )  # per-slice min/max
     (one,) = read_scans(p, slice_index=2)
     np.testing.assert_array_equal(one.pixels, scans[2].pixels)
     assert one.source == f"{p}#slice=2"
@@ -378,8 +412,14 @@ def test_dicom_rgb_and_enhanced_functional_groups(tmp_path):
     from pydicom.sequence import Sequence
 
     rgb = np.stack([_grad(), _grad()[::-1], np.full((20, 24), 5, np.uint8)], axis=2)  # [R, C, 3]
-    p = _write_dicom(tmp_path / "rgb.dcm", _grad(), SamplesPerPixel=3, PhotometricInterpretation="RGB",
-                     PlanarConfiguration=0, PixelData=rgb.tobytes())
+    p = _write_dicom(
+        tmp_path / "rgb.dcm",
+        _grad(),
+        SamplesPerPixel=3,
+        PhotometricInterpretation="RGB",
+        PlanarConfiguration=0,
+        PixelData=rgb.tobytes(),
+    )
     (s,) = read_scans(p)
     assert s.pixels.dtype == np.uint8 and s.pixels.shape == (20, 24, 3)
     np.testing.assert_array_equal(s.pixels, rgb)
@@ -395,11 +435,17 @@ def test_dicom_rgb_and_enhanced_functional_groups(tmp_path):
         voi.WindowCenter, voi.WindowWidth = center, width
         item.FrameVOILUTSequence = Sequence([voi])
         per_frame.append(item)
-    p = _write_dicom(tmp_path / "enh.dcm", stored, SharedFunctionalGroupsSequence=Sequence([shared]),
-                     PerFrameFunctionalGroupsSequence=Sequence(per_frame))
+    p = _write_dicom(
+        tmp_path / "enh.dcm",
+        stored,
+        SharedFunctionalGroupsSequence=Sequence([shared]),
+        PerFrameFunctionalGroupsSequence=Sequence(per_frame),
+    )
     values = stored[0].astype(np.float64) * 2 - 10
     for s, (center, width) in zip(read_scans(p), ((40, 41), (100, 101))):
-        np.testing.assert_allclose(s.pixels, np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1), atol=1e-6)
+        np.testing.assert_allclose(
+            s.pixels, np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1), atol=1e-6
+        )
 
 
 def test_dicom_bad_inputs(tmp_path):
@@ -416,7 +462,9 @@ def test_dicom_bad_inputs(tmp_path):
     del ds.PixelData
     ds.save_as(str(nopix))
     _raises_one_line(read_scans, nopix, match="no pixel data")
-    _raises_one_line(read_scans, _write_dicom(tmp_path / "tiny.dcm", np.zeros((4, 4), np.uint8)), match="at least")
+    _raises_one_line(
+        read_scans, _write_dicom(tmp_path / "tiny.dcm", np.zeros((4, 4), np.uint8)), match="at least"
+    )
 
 
 def test_missing_medical_dependency_is_one_line(tmp_path, monkeypatch):
@@ -495,13 +543,22 @@ def test_nifti_2d_image(tmp_path):
 def test_nifti_bad_inputs(tmp_path):
     pytest.importorskip("nibabel", reason="nibabel (madclip[medical]) not installed")
     f = np.ones((10, 10, 3), np.float32)
-    f[1, 1, 1] = np.nan  # resampled data: NaN is background (the lowest finite value), not a refusal (issue 19)
+    f[1, 1, 1] = (
+        np.nan
+    )  # resampled data: NaN is background (the lowest finite value), not a refusal (issue 19)
     assert all(np.isfinite(s.pixels).all() for s in read_scans(_write_nifti(tmp_path / "nan.nii.gz", f)))
-    _raises_one_line(read_scans, _write_nifti(tmp_path / "allnan.nii.gz", np.full((10, 10, 3), np.nan, np.float32)),
-                     match="NaN")
+    _raises_one_line(
+        read_scans,
+        _write_nifti(tmp_path / "allnan.nii.gz", np.full((10, 10, 3), np.nan, np.float32)),
+        match="NaN",
+    )
     (tmp_path / "junk.nii").write_text("not a volume\n" * 40)
     _raises_one_line(read_scans, tmp_path / "junk.nii", match="NIfTI")
-    _raises_one_line(read_scans, _write_nifti(tmp_path / "v4.nii", np.zeros((10, 10, 3, 2), np.int16)), match="--volume-index")
+    _raises_one_line(
+        read_scans,
+        _write_nifti(tmp_path / "v4.nii", np.zeros((10, 10, 3, 2), np.int16)),
+        match="--volume-index",
+    )
     good = _write_nifti(tmp_path / "trunc.nii.gz", np.arange(4000, dtype=np.int16).reshape(20, 20, 10))
     good.write_bytes(good.read_bytes()[:200])
     _raises_one_line(read_scans, good)
@@ -524,7 +581,9 @@ def test_expand_inputs(tmp_path):
     # files kept as given (even unsupported ones), globs expanded to scans, duplicates dropped, order kept
     got = expand_inputs([str(tmp_path / "notes.txt"), str(tmp_path / "*.png"), str(tmp_path / "b.png")])
     assert got == [str(tmp_path / "notes.txt"), str(tmp_path / "b.png")]
-    assert expand_inputs([str(tmp_path / "**" / "*.dcm")], recursive=True) == [str(tmp_path / "sub" / "d.dcm")]
+    assert expand_inputs([str(tmp_path / "**" / "*.dcm")], recursive=True) == [
+        str(tmp_path / "sub" / "d.dcm")
+    ]
     assert set(SCAN_EXTENSIONS) >= {".png", ".dcm", ".nii", ".nii.gz"}
 
 

@@ -4,6 +4,7 @@
 Every import statement counts, including those inside functions (a lazy import is still a dependency).
 Importing a package's own `__init__` (e.g. `from . import INTENDED_USE`) is not an edge between modules.
 """
+
 from __future__ import annotations
 
 import ast
@@ -52,7 +53,11 @@ def _graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         edges = set()
         for imp in _imports(name, path):
-            if imp in modules and imp != name and not (modules[imp].name == "__init__.py" and name.startswith(imp)):
+            if (
+                imp in modules
+                and imp != name
+                and not (modules[imp].name == "__init__.py" and name.startswith(imp))
+            ):
                 edges.add(imp)
         graph[name] = edges
     return graph
@@ -81,7 +86,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -95,7 +100,9 @@ def test_no_import_cycles():
 def test_rules_catch_what_they_claim(tmp_path, monkeypatch):
     """The walker sees lazy, relative and `from . import x` imports (so the two tests above can fail)."""
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    import torch\n    from ..madclip_export import export\n    from .bundles import bundle\n")
+    src.write_text(
+        "def f():\n    import torch\n    from ..madclip_export import export\n    from .bundles import bundle\n"
+    )
     found = _imports("madclip_runtime.m", src)
     assert {"torch", "madclip_export.export", "madclip_runtime.bundles.bundle"} <= found
 
@@ -103,13 +110,15 @@ def test_rules_catch_what_they_claim(tmp_path, monkeypatch):
 def test_importing_every_runtime_module_loads_no_torch():
     """At run time too: importing the whole runtime pulls in no torch, and PIL keeps refusing truncated images."""
     names = sorted(n for n in _modules() if n.startswith("madclip_runtime"))
-    code = ("import importlib, sys\n"
-            f"for n in {names!r}:\n"
-            "    try:\n        importlib.import_module(n)\n"
-            "    except ImportError as exc:\n        print('optional', n, exc)\n"
-            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {TORCH!r} + ('madclip_train', 'madclip_export'))\n"
-            "assert not bad, bad\n"
-            "from PIL import ImageFile\nassert ImageFile.LOAD_TRUNCATED_IMAGES is False\nprint('ok')\n")
+    code = (
+        "import importlib, sys\n"
+        f"for n in {names!r}:\n"
+        "    try:\n        importlib.import_module(n)\n"
+        "    except ImportError as exc:\n        print('optional', n, exc)\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {TORCH!r} + ('madclip_train', 'madclip_export'))\n"
+        "assert not bad, bad\n"
+        "from PIL import ImageFile\nassert ImageFile.LOAD_TRUNCATED_IMAGES is False\nprint('ok')\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "ok"
@@ -156,7 +165,9 @@ def _method_violations(graph: dict[str, set[str]]) -> list[str]:
                     continue
                 if target is not None:
                     bad.append(f"{name} imports {imp} (another method)")
-                elif imp.startswith(METHODS_PKG) or any(m.startswith(METHODS_PKG) for m in _closure(graph, imp)):
+                elif imp.startswith(METHODS_PKG) or any(
+                    m.startswith(METHODS_PKG) for m in _closure(graph, imp)
+                ):
                     bad.append(f"{name} imports {imp}, which imports madclip_train.methods (runs back up)")
             elif target is not None:
                 bad.append(f"{name} imports {imp} (only methods/registry.py may name a method)")
@@ -168,12 +179,14 @@ def test_method_packages_import_down_only():
 
 
 def test_method_rule_catches_what_it_claims():
-    graph = {"madclip_train.methods.mvfa.reference": {"madclip_train.rundir", "madclip_train.methods.base"},
-             "madclip_train.rundir": {"madclip_train.methods"},
-             "madclip_train.methods": {"madclip_train.methods.base"},
-             "madclip_train.methods.mediclip.losses": {"madclip_train.methods.madclip.losses"},
-             "madclip_train.methods.madclip.losses": set(),
-             "madclip_train.cli": {"madclip_train.methods.mvfa.reference"}}
+    graph = {
+        "madclip_train.methods.mvfa.reference": {"madclip_train.rundir", "madclip_train.methods.base"},
+        "madclip_train.rundir": {"madclip_train.methods"},
+        "madclip_train.methods": {"madclip_train.methods.base"},
+        "madclip_train.methods.mediclip.losses": {"madclip_train.methods.madclip.losses"},
+        "madclip_train.methods.madclip.losses": set(),
+        "madclip_train.cli": {"madclip_train.methods.mvfa.reference"},
+    }
     bad = "\n".join(_method_violations(graph))
     assert "mvfa.reference imports madclip_train.rundir" in bad
     assert "another method" in bad and "only methods/registry.py" in bad
@@ -182,7 +195,9 @@ def test_method_rule_catches_what_it_claims():
 def test_every_method_package_is_registered_once():
     from madclip_train.methods import registry
 
-    on_disk = {p.name for p in (ROOT / "madclip_train" / "methods").iterdir() if (p / "__init__.py").is_file()}
+    on_disk = {
+        p.name for p in (ROOT / "madclip_train" / "methods").iterdir() if (p / "__init__.py").is_file()
+    }
     assert set(registry._PACKAGES) == on_disk
     assert all(path == f"{METHODS_PKG}.{name}" for name, path in registry._PACKAGES.items())
 
@@ -207,16 +222,23 @@ def _private_imports(name: str, path: Path, modules: set[str]) -> list[tuple[int
                 if a.name in modules:
                     aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
         elif isinstance(node, ast.ImportFrom):
-            mod = ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else [])) \
-                if node.level else (node.module or "")
+            mod = (
+                ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+                if node.level
+                else (node.module or "")
+            )
             for a in node.names:
                 if _is_private(a.name):
                     found.append((node.lineno, a.name))
                 elif f"{mod}.{a.name}" in modules:
                     aliases[a.asname or a.name] = f"{mod}.{a.name}"
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name)
-                and node.value.id in aliases):
+        if (
+            isinstance(node, ast.Attribute)
+            and _is_private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+        ):
             found.append((node.lineno, f"{aliases[node.value.id]}.{node.attr}"))
     return sorted(set(found))
 
@@ -239,11 +261,22 @@ def test_private_import_rule_catches_what_it_claims(tmp_path):
     pkg = tmp_path / "madclip_train"
     pkg.mkdir()
     src = pkg / "m.py"
-    src.write_text("import madclip_train.data as data\nfrom .augment import _warp, public\n"
-                   "from .. import _x\n"
-                   "from madclip_train import rundir\nimport os._hidden\n"
-                   "def f():\n    return data._list_images, rundir._type_ok, os.path, data.__name__\n")
-    found = [what for _, what in _private_imports("madclip_train.m", src, {"madclip_train.data",
-                                                                          "madclip_train.rundir"})]
-    assert found == ["_warp", "_x", "os._hidden", "madclip_train.data._list_images",
-                     "madclip_train.rundir._type_ok"]
+    src.write_text(
+        "import madclip_train.data as data\nfrom .augment import _warp, public\n"
+        "from .. import _x\n"
+        "from madclip_train import rundir\nimport os._hidden\n"
+        "def f():\n    return data._list_images, rundir._type_ok, os.path, data.__name__\n"
+    )
+    found = [
+        what
+        for _, what in _private_imports(
+            "madclip_train.m", src, {"madclip_train.data", "madclip_train.rundir"}
+        )
+    ]
+    assert found == [
+        "_warp",
+        "_x",
+        "os._hidden",
+        "madclip_train.data._list_images",
+        "madclip_train.rundir._type_ok",
+    ]

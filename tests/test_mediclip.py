@@ -1,5 +1,6 @@
 """MediCLIP as a method: training from normal scans only, selection on synthetic held-out samples, the CLIs end
 to end on the real scans, the runtime reproducing PyTorch, and the authors' checkpoint format."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def normals_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("medi")
     folder = _normal_folder(base / "normals")
     out = base / "run"
-    summary = train_run(TrainRequest(data=str(folder), out=str(out), method="mediclip", shots=3, epochs=2, **TINY))
+    summary = train_run(
+        TrainRequest(data=str(folder), out=str(out), method="mediclip", shots=3, epochs=2, **TINY)
+    )
     return out, folder, summary
 
 
@@ -44,8 +47,13 @@ def test_trains_from_a_folder_without_abnormal_images(normals_run):
     out, folder, summary = normals_run
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["method"] == "mediclip"
-    assert config["model"]["preprocess"]["image_size"] == 224 and config["model"]["preprocess"]["normalize"] == "clip"
-    assert config["model"]["preprocess"]["interpolation"] == "bilinear" and config["model"]["quick_gelu"] is True
+    assert (
+        config["model"]["preprocess"]["image_size"] == 224
+        and config["model"]["preprocess"]["normalize"] == "clip"
+    )
+    assert (
+        config["model"]["preprocess"]["interpolation"] == "bilinear" and config["model"]["quick_gelu"] is True
+    )
     assert config["train"]["batch_size"] == 8 and config["train"]["betas"] == [0.5, 0.999]
     shots = json.loads((out / "shots.json").read_text())
     assert shots["n_normal"] == 3 and shots["n_abnormal"] == 0
@@ -62,10 +70,12 @@ def test_trains_from_a_folder_without_abnormal_images(normals_run):
 
 
 def _clip_input(path):
-    from madclip_runtime.scans.imageio import read_image
     from madclip_runtime.preprocess import PreprocessSpec, preprocess
+    from madclip_runtime.scans.imageio import read_image
 
-    return preprocess(read_image(path), PreprocessSpec(image_size=224, interpolation="bilinear", normalize="clip"))
+    return preprocess(
+        read_image(path), PreprocessSpec(image_size=224, interpolation="bilinear", normalize="clip")
+    )
 
 
 def test_training_is_deterministic_and_synthesis_changes_every_epoch(tmp_path, normals_run):
@@ -87,8 +97,11 @@ def test_select_on_valid_scores_synthetic_held_out_samples(tmp_path):
 
     folder = _normal_folder(tmp_path / "normals")  # no test/ folder: the test split cannot be used
     out = tmp_path / "run"
-    summary = train_run(TrainRequest(data=str(folder), out=str(out), method="mediclip", shots=4, epochs=2,
-                                     select_on="valid", **TINY))
+    summary = train_run(
+        TrainRequest(
+            data=str(folder), out=str(out), method="mediclip", shots=4, epochs=2, select_on="valid", **TINY
+        )
+    )
     shots = json.loads((out / "shots.json").read_text())
     assert len(shots["held_out"]) == 1 and summary["n_train_images"] == 3
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -111,8 +124,27 @@ def test_cli_end_to_end_on_real_scans_and_runtime_matches_pytorch(tmp_path):
 
     root = realscans_or_skip("Brain_AD")
     run, bundle, results = tmp_path / "run", tmp_path / "bundle", tmp_path / "results"
-    assert train_main(["--method", "mediclip", "--data", str(root), "--out", str(run), "--shots", "4",
-                       "--epochs", "2", "--backbone", "madclip-tiny", "--pretrained", "none"]) == 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "mediclip",
+                "--data",
+                str(root),
+                "--out",
+                str(run),
+                "--shots",
+                "4",
+                "--epochs",
+                "2",
+                "--backbone",
+                "madclip-tiny",
+                "--pretrained",
+                "none",
+            ]
+        )
+        == 0
+    )
     shots = json.loads((run / "shots.json").read_text())
     assert shots["n_abnormal"] == 0 and all(s["path"].startswith("valid/good/img/") for s in shots["shots"])
     assert eval_main([str(run), "--data", str(root), "--json", str(tmp_path / "m.json")]) == 0
@@ -158,14 +190,31 @@ def test_convert_reference_checkpoint(tmp_path):
     from madclip_train.model import build_model
     from madclip_train.rundir import load_run
 
-    fresh = build_model(ModelConfig(method="mediclip", backbone="madclip-tiny", pretrained="none", quick_gelu=True,
-                                    preprocess=_spec()))
+    fresh = build_model(
+        ModelConfig(
+            method="mediclip", backbone="madclip-tiny", pretrained="none", quick_gelu=True, preprocess=_spec()
+        )
+    )
     ref = _reference_checkpoint(fresh)
     pkl = tmp_path / "checkpoints_12.pkl"
     torch.save(ref, pkl)
     out = tmp_path / "ref_run"
-    assert convert_main([str(pkl), "--method", "mediclip", "--out", str(out), "--backbone", "madclip-tiny",
-                         "--pretrained", "none"]) == 0
+    assert (
+        convert_main(
+            [
+                str(pkl),
+                "--method",
+                "mediclip",
+                "--out",
+                str(out),
+                "--backbone",
+                "madclip-tiny",
+                "--pretrained",
+                "none",
+            ]
+        )
+        == 0
+    )
     model, _ = load_run(out)
     # the reference's computation with its own tensors: 1x1 conv adapters, L2, T, layer mean, upsample, softmax
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
@@ -175,15 +224,22 @@ def test_convert_reference_checkpoint(tmp_path):
         maps = []
         for i, f in enumerate(taps):
             grid = f.transpose(1, 2).reshape(2, -1, 16, 16)  # [B, W, 16, 16]
-            v = F.conv2d(grid, ref["adapter_state_dict"][f"{i}_adapter.0.weight"], ref["adapter_state_dict"][f"{i}_adapter.0.bias"])
+            v = F.conv2d(
+                grid,
+                ref["adapter_state_dict"][f"{i}_adapter.0.weight"],
+                ref["adapter_state_dict"][f"{i}_adapter.0.bias"],
+            )
             v = v.permute(0, 2, 3, 1)
             v = v / v.norm(dim=-1, keepdim=True)
             maps.append((v.reshape(2, 256, -1) @ t).reshape(2, 16, 16, 2).permute(0, 3, 1, 2))
-        expected = torch.softmax(F.interpolate(torch.stack(maps).mean(0), (224, 224), mode="bilinear",
-                                               align_corners=True), dim=1)[:, 1]
+        expected = torch.softmax(
+            F.interpolate(torch.stack(maps).mean(0), (224, 224), mode="bilinear", align_corners=True), dim=1
+        )[:, 1]
         got = model(x)["anomaly_map"][:, 0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(model.net.prompts.ctx["abnormal_end"], ref["prompt_state_dict"]["ctx.abnormal_end"])
+    torch.testing.assert_close(
+        model.net.prompts.ctx["abnormal_end"], ref["prompt_state_dict"]["ctx.abnormal_end"]
+    )
 
 
 def _spec():

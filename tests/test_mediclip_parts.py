@@ -1,4 +1,5 @@
 """MediCLIP building blocks: loss against hand-computed values, prompts, map maths, checkpoint conversion."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from madclip_runtime.errors import MadclipError
-from madclip_train.methods.mediclip.reference import convert_reference
 from madclip_train.methods.mediclip.losses import focal_target, mediclip_loss
+from madclip_train.methods.mediclip.reference import convert_reference
 
 
 def _focal_by_hand(p_ab: float, cls: int) -> float:
@@ -65,7 +66,10 @@ def _reference_checkpoint(e=32, w=64, seed=0):
     for i in range(3):
         ad[f"{i}_adapter.0.weight"] = torch.randn(e, w, 1, 1, generator=g)
         ad[f"{i}_adapter.0.bias"] = torch.randn(e, generator=g)
-    pr = {"ctx.normal_end": torch.randn(10, 8, 64, generator=g), "ctx.abnormal_end": torch.randn(11, 8, 64, generator=g)}
+    pr = {
+        "ctx.normal_end": torch.randn(10, 8, 64, generator=g),
+        "ctx.abnormal_end": torch.randn(11, 8, 64, generator=g),
+    }
     return {"adapter_state_dict": ad, "prompt_state_dict": pr}
 
 
@@ -75,10 +79,16 @@ def test_convert_reference_layout(tmp_path):
     ref = torch.load(path, map_location="cpu", weights_only=True)  # no code executed
     out = convert_reference(ref, source=str(path))
     assert out["adapters.0.weight"].shape == (32, 64) and out["adapters.2.bias"].shape == (32,)
-    assert out["prompts.ctx.normal_end"].shape == (10, 8, 64) and out["prompts.ctx.abnormal_end"].shape == (11, 8, 64)
+    assert out["prompts.ctx.normal_end"].shape == (10, 8, 64) and out["prompts.ctx.abnormal_end"].shape == (
+        11,
+        8,
+        64,
+    )
     # the 1x1 convolution and the linear layer compute the same thing
     x = torch.randn(2, 64, 4, 4)
-    conv = F.conv2d(x, ref["adapter_state_dict"]["1_adapter.0.weight"], ref["adapter_state_dict"]["1_adapter.0.bias"])
+    conv = F.conv2d(
+        x, ref["adapter_state_dict"]["1_adapter.0.weight"], ref["adapter_state_dict"]["1_adapter.0.bias"]
+    )
     lin = F.linear(x.flatten(2).transpose(1, 2), out["adapters.1.weight"], out["adapters.1.bias"])
     torch.testing.assert_close(lin, conv.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
     bad = _reference_checkpoint()

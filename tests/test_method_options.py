@@ -1,5 +1,6 @@
 """Method options: one typed schema per method parses `--option KEY=VALUE` and the method's own flags; the CLI
 flags are generated from the schemas (madclip_train/cli.py names no method)."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,20 @@ def _options(*argv: str) -> dict:
     return method_options(train_parser().parse_args([*BASE, *argv]))
 
 
-@pytest.mark.parametrize("word, value", [("no", False), ("No", False), ("false", False), ("0", False),
-                                         ("off", False), ("yes", True), ("TRUE", True), ("1", True), ("on", True)])
+@pytest.mark.parametrize(
+    "word, value",
+    [
+        ("no", False),
+        ("No", False),
+        ("false", False),
+        ("0", False),
+        ("off", False),
+        ("yes", True),
+        ("TRUE", True),
+        ("1", True),
+        ("on", True),
+    ],
+)
 def test_boolean_words(word, value):
     assert _options("--method", "mvfa", "--option", f"bank_cls={word}") == {"bank_cls": value}
     assert get_method("mvfa").option_schema.validate({"bank_cls": word})["bank_cls"] is value
@@ -30,8 +43,18 @@ def test_bank_cls_no_is_false_not_true():
 
 @pytest.mark.parametrize("word", ["maybe", "", "2", "nope"])
 def test_other_boolean_words_are_one_line_errors(word, capsys, tmp_path):
-    rc = train_main(["--method", "mvfa", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
-                     "--option", f"bank_cls={word}"])
+    rc = train_main(
+        [
+            "--method",
+            "mvfa",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+            "--option",
+            f"bank_cls={word}",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "bank_cls" in err and "true/false" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -51,9 +74,9 @@ def test_typed_values_and_choices():
 
 
 def test_method_flags_come_from_the_schema():
-    assert _options("--method", "mediclip", "--synth-tasks", "cutpaste=0.5", "gauss",
-                    "--focal-target", "threshold") == {"tasks": "cutpaste=0.5,gauss=0.5",
-                                                       "focal_target": "threshold"}
+    assert _options(
+        "--method", "mediclip", "--synth-tasks", "cutpaste=0.5", "gauss", "--focal-target", "threshold"
+    ) == {"tasks": "cutpaste=0.5,gauss=0.5", "focal_target": "threshold"}
     with pytest.raises(MadclipError, match="apply to --method mediclip only"):
         _options("--method", "mvfa", "--focal-target", "threshold")
 

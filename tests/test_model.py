@@ -1,4 +1,5 @@
 """Shapes, the closed form of p_ab, the score head and the losses against hand-computed values."""
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,10 @@ def test_siglip_loss_hand_computed():
     s_n = torch.tensor([[0.5, -0.5], [1.0, 0.0]])
     s_ab = torch.tensor([[0.2, 0.4], [-1.0, 0.3]])
     y = torch.tensor([1, 0])
+
     def ls(v):
         return math.log(1 / (1 + math.exp(-v)))
+
     # image 0 (z=+1): mean log s(-S_n) + mean log s(S_ab); image 1 (z=-1): mean log s(S_n) + mean log s(-S_ab)
     img0 = (ls(-0.5) + ls(0.5)) / 2 + (ls(0.2) + ls(0.4)) / 2
     img1 = (ls(1.0) + ls(0.0)) / 2 + (ls(1.0) + ls(-0.3)) / 2
@@ -103,8 +106,13 @@ def test_focal_and_dice_hand_computed():
     p = torch.tensor([[[0.9, 0.2], [0.4, 0.0]]])
     m = torch.tensor([[[True, False], [True, False]]])
     lo, hi = 1e-5, 1 - 1e-5
-    pts = [hi * 0.9 + lo * 0.1 + 1e-5, lo * 0.2 + hi * 0.8 + 1e-5, hi * 0.4 + lo * 0.6 + 1e-5, lo * 0.0 + hi * 1.0 + 1e-5]
-    focal = sum(-(1 - pt) ** 2 * math.log(pt) for pt in pts) / 4
+    pts = [
+        hi * 0.9 + lo * 0.1 + 1e-5,
+        lo * 0.2 + hi * 0.8 + 1e-5,
+        hi * 0.4 + lo * 0.6 + 1e-5,
+        lo * 0.0 + hi * 1.0 + 1e-5,
+    ]
+    focal = sum(-((1 - pt) ** 2) * math.log(pt) for pt in pts) / 4
     assert math.isclose(float(focal_loss(p, m)), focal, rel_tol=1e-5)
     dice = 1 - (2 * (0.9 + 0.4) + 1) / ((0.9 + 0.2 + 0.4) + 2 + 1)
     assert math.isclose(float(dice_loss(p, m)), dice, rel_tol=1e-6)
@@ -149,6 +157,6 @@ def test_causal_encoder_cut_after_last_eot_is_exact(tiny_cfg):
     p.encoder(embeds + ctx, p.eot_abnormal, full_length=True).sum().backward()
     g_full = ctx.grad
     # padding after the last EOT cannot reach any EOT output under the causal mask
-    assert torch.all(g_full[:, int(p.eot_abnormal.max()) + 1:] == 0)
+    assert torch.all(g_full[:, int(p.eot_abnormal.max()) + 1 :] == 0)
     # the rest agrees up to float32 summation order (different matmul shapes)
     torch.testing.assert_close(g_cut, g_full, rtol=0, atol=1e-5 * float(g_full.abs().max()))

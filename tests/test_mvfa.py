@@ -1,4 +1,5 @@
 """MVFA on the tiny config: write-back, cache boundary, losses, bank, normalisers, augmentation."""
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,10 @@ def test_text_ensemble_sizes():
     s = ensemble_sentences("Brain")
     assert len(TEMPLATES) == 35 and len(set(TEMPLATES)) == 35
     assert len(s["normal"]) == 245 and len(s["abnormal"]) == 175
-    assert "a photo of the small Brain with flaw." in s["abnormal"] and "this is one flawless Brain in the scene." in s["normal"]
+    assert (
+        "a photo of the small Brain with flaw." in s["abnormal"]
+        and "this is one flawless Brain in the scene." in s["normal"]
+    )
 
 
 def test_write_back_changes_later_layers(mvfa):
@@ -60,8 +64,13 @@ def test_write_back_changes_later_layers(mvfa):
 def test_prefix_cache_equals_uncached_forward(mvfa):
     x = _images(2, seed=3)
     # the boundary is the raw stream after the first tapped block, identical to open_clip's own intermediate
-    ref = mvfa.tower.visual.forward_intermediates(x, indices=[mvfa.tower.taps[0]], intermediates_only=True,
-                                                  normalize_intermediates=False, output_fmt="NLC")
+    ref = mvfa.tower.visual.forward_intermediates(
+        x,
+        indices=[mvfa.tower.taps[0]],
+        intermediates_only=True,
+        normalize_intermediates=False,
+        output_fmt="NLC",
+    )
     cached = mvfa.cacheable(x)
     assert torch.allclose(cached[:, 1:], ref["image_intermediates"][0], atol=1e-5)
     seg_c, det_c = mvfa.tower.suffix(cached)
@@ -92,7 +101,9 @@ def test_det_loss_reproduces_bce_on_probability_quirk():
         hand = -(y * math.log(sig) + (1 - y) * math.log(1 - sig))
         assert got == pytest.approx(4 * hand, rel=1e-4)
         clean = float(det_loss(mids, text, torch.tensor([y]), "bce"))
-        assert p > 0.99 or clean == pytest.approx(4 * -(y * math.log(p) + (1 - y) * math.log(1 - p)), rel=1e-3)
+        assert p > 0.99 or clean == pytest.approx(
+            4 * -(y * math.log(p) + (1 - y) * math.log(1 - p)), rel=1e-3
+        )
     # the quirk's floor: even a perfect abnormal prediction costs softplus(-1) = 0.3133 per layer
     mids, text = _mids_with_probs(0.999999)
     assert float(det_loss(mids, text, torch.tensor([1]))) > 4 * 0.313
@@ -105,7 +116,9 @@ def test_seg_losses_hand_computed():
     focal, dice = seg_losses(mids, text, masks, 240)
     frac = 0.5
     pt_ab, pt_n = 0.7 * (1 - 1e-5) + 0.3 * 1e-5 + 1e-5, 0.3 * (1 - 1e-5) + 0.7 * 1e-5 + 1e-5
-    hand_focal = frac * -(1 - pt_ab) ** 2 * math.log(pt_ab) + (1 - frac) * -(1 - pt_n) ** 2 * math.log(pt_n)
+    hand_focal = frac * -((1 - pt_ab) ** 2) * math.log(pt_ab) + (1 - frac) * -((1 - pt_n) ** 2) * math.log(
+        pt_n
+    )
     inter, psum, msum = 0.7 * 120 * 240, 0.7 * 240 * 240, 120 * 240
     hand_dice = 1 - (2 * inter + 1) / (psum + msum + 1)
     assert float(focal) == pytest.approx(4 * hand_focal, rel=1e-4)
@@ -122,8 +135,11 @@ def test_memory_bank_distance_matches_brute_force_numpy():
     qn, bn = q.numpy(), bank.numpy()
     for b in range(2):
         for p in range(9):
-            best = min(1 - float(np.dot(qn[b, p], bn[r]) / np.linalg.norm(qn[b, p]) / np.linalg.norm(bn[r]))
-                       for r in range(30) if not exclude[b, r])
+            best = min(
+                1 - float(np.dot(qn[b, p], bn[r]) / np.linalg.norm(qn[b, p]) / np.linalg.norm(bn[r]))
+                for r in range(30)
+                if not exclude[b, r]
+            )
             assert got[b, p] == pytest.approx(best, abs=1e-5)
 
 
@@ -145,10 +161,10 @@ def test_normalisers_use_training_views_only_and_are_cross_fitted(mvfa):
         fmax = []
         for i in range(imgs.shape[0]):
             excl = (row_src == src[i]) & (labels[i] == 0)
-            fmap, _ = few_shot(mids[:, i:i + 1], bank, 240, excl[None])
+            fmap, _ = few_shot(mids[:, i : i + 1], bank, 240, excl[None])
             fmax.append(float(fmap.max()))
             if labels[i] == 0:  # against the full bank a normal view would find itself: distance ~0
-                full, _ = few_shot(mids[:, i:i + 1], bank, 240)
+                full, _ = few_shot(mids[:, i : i + 1], bank, 240)
                 assert float(full.max()) < 1e-4 < float(fmap.max())
     assert 1.0 / float(mvfa.norm_scale[1]) + float(mvfa.norm_lo[1]) == pytest.approx(max(fmax), rel=1e-5)
     # inductive: an image's outputs do not depend on the other images scored with it (no test-set statistics)
@@ -192,7 +208,9 @@ def test_augment_x11_views():
     out, om, src = augment_x11(img, m)
     assert out.shape == (22, 3, 240, 240) and src.tolist() == [0] * 11 + [1] * 11
     assert torch.equal(out[0], img[0]) and torch.equal(out[11], img[1])
-    assert torch.equal(out[9], torch.flip(img[0], dims=(2,))) and torch.equal(om[10], torch.flip(m[0], dims=(0,)))
+    assert torch.equal(out[9], torch.flip(img[0], dims=(2,))) and torch.equal(
+        om[10], torch.flip(m[0], dims=(0,))
+    )
     # translation (+0.1, +0.1) samples the input 12 px right/down: the mask moves up-left by 12 px
     ys, xs = torch.nonzero(om[5], as_tuple=True)
     assert abs(int(ys.min()) - (100 - 12)) <= 1 and abs(int(xs.min()) - (80 - 12)) <= 1
@@ -204,8 +222,11 @@ def _authors_checkpoint(model, path):
     g = torch.Generator().manual_seed(7)
     ref = {}
     for head, mods in (("seg", model.tower.seg), ("det", model.tower.det)):
-        ref[f"{head}_adapters"] = {f"{j}.{fc}.0.weight": torch.randn(getattr(m, fc).weight.shape, generator=g)
-                                   for j, m in enumerate(mods) for fc in ("fc1", "fc2")}
+        ref[f"{head}_adapters"] = {
+            f"{j}.{fc}.0.weight": torch.randn(getattr(m, fc).weight.shape, generator=g)
+            for j, m in enumerate(mods)
+            for fc in ("fc1", "fc2")
+        }
     torch.save(ref, path)
     return ref
 

@@ -1,6 +1,7 @@
 """MVFA end to end through the CLIs on the real scans (tiny config, random weights): train -> eval (fixed and
 transductive) -> export (FP32 + FP16, parity gate) -> infer; and the authors' checkpoint format -> convert ->
 export."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,24 @@ def mvfa_run(tmp_path_factory):
 
     data = realscans_or_skip("Brain_AD")
     out = tmp_path_factory.mktemp("mvfa") / "run"
-    assert train_main(["--method", "mvfa", "--data", str(data), "--shots", "2", "--epochs", "1", "--out", str(out),
-                       *TINY]) == 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "mvfa",
+                "--data",
+                str(data),
+                "--shots",
+                "2",
+                "--epochs",
+                "1",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return data, out
 
 
@@ -49,7 +66,10 @@ def test_eval_fixed_and_transductive(mvfa_run, tmp_path):
     data, run = mvfa_run
     fixed, trans = tmp_path / "fixed.json", tmp_path / "trans.json"
     assert eval_main([str(run), "--data", str(data), "--json", str(fixed), "--device", "cpu"]) == 0
-    assert eval_main([str(run), "--data", str(data), "--json", str(trans), "--device", "cpu", "--transductive"]) == 0
+    assert (
+        eval_main([str(run), "--data", str(data), "--json", str(trans), "--device", "cpu", "--transductive"])
+        == 0
+    )
     f, t = json.loads(fixed.read_text()), json.loads(trans.read_text())
     assert f["n_images"] == t["n_images"] == 19
     assert f["normalisation"].startswith("fixed") and t["normalisation"].startswith("transductive")
@@ -69,7 +89,9 @@ def test_unknown_option_is_one_line_error(tmp_path, capsys):
     from madclip_train.cli import train_main
 
     data = realscans_or_skip("Brain_AD")
-    rc = train_main(["--method", "mvfa", "--data", str(data), "--out", str(tmp_path / "r"), "--option", "bogus=1", *TINY])
+    rc = train_main(
+        ["--method", "mvfa", "--data", str(data), "--out", str(tmp_path / "r"), "--option", "bogus=1", *TINY]
+    )
     assert rc == 2 and "has no such option" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -77,8 +99,8 @@ def test_unknown_option_is_one_line_error(tmp_path, capsys):
 def test_export_and_infer(mvfa_run, tmp_path, capsys):
     from madclip_export.cli import main as export_main
     from madclip_runtime.cli.infer import main as infer_main
-    from madclip_train.evaluate import predict_split
     from madclip_train.data import load_split
+    from madclip_train.evaluate import predict_split
     from madclip_train.rundir import load_run
 
     data, run = mvfa_run
@@ -108,9 +130,14 @@ def test_export_and_infer(mvfa_run, tmp_path, capsys):
 
 def _authors_checkpoint(path, width=64, embed=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ref = {f"{head}_adapters": {f"{j}.{fc}.0.weight": torch.randn(shape, generator=g) * 0.1
-                                for j in range(4) for fc, shape in (("fc1", (embed, width)), ("fc2", (width, embed)))}
-           for head in ("seg", "det")}
+    ref = {
+        f"{head}_adapters": {
+            f"{j}.{fc}.0.weight": torch.randn(shape, generator=g) * 0.1
+            for j in range(4)
+            for fc, shape in (("fc1", (embed, width)), ("fc2", (width, embed)))
+        }
+        for head in ("seg", "det")
+    }
     torch.save(ref, path)
     return ref
 
@@ -124,8 +151,25 @@ def test_convert_reference_then_export(tmp_path):
     data = realscans_or_skip("Brain_AD")
     ref = _authors_checkpoint(tmp_path / "Brain.pth")
     run = tmp_path / "ref-run"
-    rc = convert_main([str(tmp_path / "Brain.pth"), "--method", "mvfa", "--objective", "Brain", "--data", str(data),
-                       "--shots", "2", "--out", str(run), "--backbone", "madclip-tiny", "--pretrained", "none"])
+    rc = convert_main(
+        [
+            str(tmp_path / "Brain.pth"),
+            "--method",
+            "mvfa",
+            "--objective",
+            "Brain",
+            "--data",
+            str(data),
+            "--shots",
+            "2",
+            "--out",
+            str(run),
+            "--backbone",
+            "madclip-tiny",
+            "--pretrained",
+            "none",
+        ]
+    )
     assert rc == 0
     state = load_file(str(run / "checkpoint.safetensors"))
     assert torch.equal(state["adapters.seg.1.fc1.weight"], ref["seg_adapters"]["1.fc1.0.weight"])
@@ -139,6 +183,19 @@ def test_convert_reference_mvfa_needs_data(tmp_path, capsys):
     from madclip_train.cli import convert_main
 
     _authors_checkpoint(tmp_path / "Brain.pth")
-    rc = convert_main([str(tmp_path / "Brain.pth"), "--method", "mvfa", "--objective", "Brain", "--out",
-                       str(tmp_path / "r"), "--backbone", "madclip-tiny", "--pretrained", "none"])
+    rc = convert_main(
+        [
+            str(tmp_path / "Brain.pth"),
+            "--method",
+            "mvfa",
+            "--objective",
+            "Brain",
+            "--out",
+            str(tmp_path / "r"),
+            "--backbone",
+            "madclip-tiny",
+            "--pretrained",
+            "none",
+        ]
+    )
     assert rc == 2 and "needs --data" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Issue 20 item 10: a new user's first runs. `madclip-train --method mediclip` on a folder with fewer normal
 scans than --shots uses all of them with a one-line note, exactly as `madclip-synth` does on the same folder;
 the quickstart's fallback keeps every step (its time is measured by the quickstart itself)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,24 @@ def test_mediclip_uses_all_of_fewer_normals_like_synth(tmp_path, capsys):
     folder = _normals(tmp_path / "normals")
     run = tmp_path / "run"
     # no --shots: the default 16 is more than the 4 scans there are
-    assert train_main(["--method", "mediclip", "--data", str(folder), "--out", str(run), "--epochs", "1",
-                       "--image-size", "64", *TINY]) == 0
+    assert (
+        train_main(
+            [
+                "--method",
+                "mediclip",
+                "--data",
+                str(folder),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--image-size",
+                "64",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "fewer than --shots 16" in line]
     assert len(notes) == 1 and "using all 4" in notes[0], err
@@ -38,8 +55,23 @@ def test_mediclip_uses_all_of_fewer_normals_like_synth(tmp_path, capsys):
     trained = sorted(Path(s["path"]).name for s in shots["shots"])
     assert trained == [f"scan_{i}.png" for i in range(4)]
 
-    assert synth_main(["--data", str(folder), "--out", str(tmp_path / "synth"), "-n", "4",
-                       "--image-size", "32", "--tile", "32"]) == 0
+    assert (
+        synth_main(
+            [
+                "--data",
+                str(folder),
+                "--out",
+                str(tmp_path / "synth"),
+                "-n",
+                "4",
+                "--image-size",
+                "32",
+                "--tile",
+                "32",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert len([line for line in err.splitlines() if "fewer than --shots 16" in line]) == 1, err
     doc = json.loads((tmp_path / "synth" / "samples.json").read_text())

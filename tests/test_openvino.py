@@ -445,14 +445,33 @@ def test_bench_cpu_script_runs_every_engine_side_by_side(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
     out = tmp_path / "cpu.json"
     env = {**os.environ, "MADCLIP_BENCH_WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
-    args = ["--methods", "madclip", "--rounds", "1", "--threads", "1", "--timing-backbone", "madclip-tiny",
-            "--no-flips", "--out", str(out)]
-    proc = subprocess.run([sys.executable, str(script), *args],
-                          env=env, capture_output=True, text=True, timeout=900)
+    args = [
+        "--methods",
+        "madclip",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--timing-backbone",
+        "madclip-tiny",
+        "--no-flips",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (res,) = json.loads(out.read_text())["methods"]
-    assert set(res["engines"]) == {"torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16",
-                                   "ov-int8"}
+    assert set(res["engines"]) == {
+        "torch-fp32",
+        "torch-bf16",
+        "ort-fp32",
+        "ort-int8",
+        "ov-fp32",
+        "ov-bf16",
+        "ov-int8",
+    }
     for name, e in res["engines"].items():
         assert e["batch1_ms"] > 0 and e["batch8_images_per_s"] > 0 and e["peak_rss_mb"] > 50, name
         assert e["map_rel_l2_vs_ort_fp32"] < 0.05, name

@@ -6,6 +6,7 @@ writes a file (through `madclip_runtime.atomic`), each must be a registered writ
 its file checked against `outputs.is_madclip_output`. A new output kind cannot be forgotten: its writer fails
 the AST check until registered, and its files fail the recognition check until the rule covers them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,7 +24,13 @@ from madclip_runtime.scans.imageio import expand_inputs
 from .conftest import build_tiny_bundle, lesion_volume, write_dicom_series
 
 ROOT = Path(__file__).resolve().parents[1] / "madclip_runtime"
-WRITE_PRIMITIVES = {"atomic_write_text", "atomic_write_bytes", "atomic_save_npy", "atomic_save_png", "atomic_writer"}
+WRITE_PRIMITIVES = {
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "atomic_save_npy",
+    "atomic_save_png",
+    "atomic_writer",
+}
 # Functions that write files which are not results of scoring (and can never be taken for a scan input).
 NOT_RESULTS = {
     "madclip_runtime.bundles.bundle:write_metadata": "a bundle's metadata.json (madclip-export)",
@@ -49,8 +56,11 @@ def runtime_writers() -> set[str]:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     name = f"{prefix}{child.name}"
-                    calls = {getattr(n.func, "id", getattr(n.func, "attr", None))
-                             for n in ast.walk(child) if isinstance(n, ast.Call)}
+                    calls = {
+                        getattr(n.func, "id", getattr(n.func, "attr", None))
+                        for n in ast.walk(child)
+                        if isinstance(n, ast.Call)
+                    }
                     if calls & WRITE_PRIMITIVES:
                         found.add(f"{mod}:{name}")
                     visit(child, f"{name}.<locals>.", mod)
@@ -69,7 +79,9 @@ def test_every_writer_is_registered():
     found = runtime_writers()
     assert found, "the AST pass found no writer at all"
     unregistered = found - registered_writers() - set(NOT_RESULTS)
-    assert not unregistered, f"writers without a registered output kind (outputs.register_output): {unregistered}"
+    assert not unregistered, (
+        f"writers without a registered output kind (outputs.register_output): {unregistered}"
+    )
     stale = (registered_writers() | set(NOT_RESULTS)) - found
     assert not stale, f"registered writers that write nothing any more: {stale}"
 
@@ -120,7 +132,9 @@ def _kinds_of(directory: Path) -> dict[str, str]:
         if p.is_file():
             low = p.name.lower()
             match = [k for k in outputs.OUTPUT_KINDS.values() if low.endswith(k.suffix)]
-            kinds[str(p.relative_to(directory))] = max(match, key=lambda k: len(k.suffix)).name if match else ""
+            kinds[str(p.relative_to(directory))] = (
+                max(match, key=lambda k: len(k.suffix)).name if match else ""
+            )
     return kinds
 
 
@@ -153,7 +167,9 @@ def test_every_writer_runs_and_its_files_are_recognised(standin, tmp_path, capsy
         scorer.maps_dir, scorer.map_format = str(bout / batch.MAPS_DIR), fmt
         scorer.save_map("a-0123456789", 0, np.zeros((8, 8), np.float32))
     item = batch.file_item(str(scans / "a.png"))
-    doc = batch.write_file_result(str(bout), item, [{"file": item.path, "slice": None, "status": "ok", "error": ""}])
+    doc = batch.write_file_result(
+        str(bout), item, [{"file": item.path, "slice": None, "status": "ok", "error": ""}]
+    )
     batch.write_summary(str(bout), [doc], ("csv", "parquet"))
     assert load_bundle(standin, verify="none")  # the bundle stays untouched by all this
 
@@ -168,7 +184,9 @@ def test_every_writer_runs_and_its_files_are_recognised(standin, tmp_path, capsy
     kinds = {f"{tag}/{k}": v for tag, base in results.items() for k, v in _kinds_of(base).items()}
     unknown = [name for name, kind in kinds.items() if not kind]
     assert not unknown, f"files written with no registered output kind: {unknown}"
-    assert set(kinds.values()) == set(outputs.OUTPUT_KINDS), "a registered kind was not produced by its writer"
+    assert set(kinds.values()) == set(outputs.OUTPUT_KINDS), (
+        "a registered kind was not produced by its writer"
+    )
     for base in results.values():
         for p in base.rglob("*"):
             if p.is_file():

@@ -1,4 +1,5 @@
 """Overlays on the fixed calibrated scale, contour lines, 16-bit maps, and save_prediction."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import pytest
 from PIL import Image
 
 from madclip_runtime import INTENDED_USE
-from madclip_runtime.scans.imageio import ScanImage
 from madclip_runtime.overlay import (
     CONTOUR_RGB,
     colorize,
@@ -20,6 +20,7 @@ from madclip_runtime.overlay import (
     save_prediction,
     uint16_to_map,
 )
+from madclip_runtime.scans.imageio import ScanImage
 
 SCALE = (0.0, 4.0)
 
@@ -41,8 +42,9 @@ def test_colorize_fixed_scale_not_minmax():
     np.testing.assert_array_equal(ca[0, 1], cb[0, 0])  # same value, same colour, whatever the image max
     assert not np.array_equal(ca[0, 2], colorize(np.array([[4.0]]), SCALE)[0, 0])  # 2 is not "full scale"
     # clipped outside the scale; NaN goes to the low end
-    np.testing.assert_array_equal(colorize(np.array([[-1.0, 9.0, np.nan]]), SCALE)[0],
-                                  colorize(np.array([[0.0, 4.0, 0.0]]), SCALE)[0])
+    np.testing.assert_array_equal(
+        colorize(np.array([[-1.0, 9.0, np.nan]]), SCALE)[0], colorize(np.array([[0.0, 4.0, 0.0]]), SCALE)[0]
+    )
     # monotone brightness along the ramp
     ramp = colorize(np.linspace(0, 4, 50)[None], SCALE)[0].astype(float).sum(axis=1)
     assert np.all(np.diff(ramp) >= -3)
@@ -63,7 +65,9 @@ def test_overlay_native_size(shape):
     base = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
     expect = np.round(0.55 * base + 0.45 * colorize(amap, SCALE).astype(np.float32)).astype(np.uint8)
     off_contour = ~contour_mask(amap, 2.0, thickness=max(1, round(min(shape[:2]) / 300)))
-    np.testing.assert_allclose(block[off_contour].astype(int), expect[off_contour].astype(int), atol=1)  # rounding
+    np.testing.assert_allclose(
+        block[off_contour].astype(int), expect[off_contour].astype(int), atol=1
+    )  # rounding
 
 
 def test_overlay_float_scanimage():
@@ -108,7 +112,9 @@ def test_contour_ignores_image_border():
 
 def test_overlay_map_shape_mismatch():
     with pytest.raises(ValueError, match="does not match"):
-        render_overlay(np.zeros((10, 10), np.uint8), np.zeros((12, 10), np.float32), 0.0, 1.0, "normal", 1.0, SCALE)
+        render_overlay(
+            np.zeros((10, 10), np.uint8), np.zeros((12, 10), np.float32), 0.0, 1.0, "normal", 1.0, SCALE
+        )
 
 
 def test_uint16_roundtrip():
@@ -126,7 +132,9 @@ def _pred(amap, score=1.8, smax=3.3, threshold=1.5, source="scan.png"):
     from madclip_runtime.contract import decide
     from madclip_runtime.predictor import Prediction
 
-    return Prediction(source, score, smax, decide(score, threshold), threshold, "score", amap, amap, {"inference": 1.0})
+    return Prediction(
+        source, score, smax, decide(score, threshold), threshold, "score", amap, amap, {"inference": 1.0}
+    )
 
 
 @pytest.mark.parametrize("map_format", ["png16", "npy"])
@@ -140,10 +148,15 @@ def test_save_prediction(tmp_path, map_format):
     out = tmp_path / "out"
     paths = save_prediction(out, "scan", pixels, pred, record, SCALE, 2.0, map_format=map_format)
     ext = ".png" if map_format == "png16" else ".npy"
-    assert paths == {"json": str(out / "scan.json"), "overlay": str(out / "scan_overlay.png"),
-                     "map": str(out / f"scan_map{ext}")}
+    assert paths == {
+        "json": str(out / "scan.json"),
+        "overlay": str(out / "scan_overlay.png"),
+        "map": str(out / f"scan_map{ext}"),
+    }
     # no temp files; the results marker tells input expansion these are outputs (madclip_runtime.outputs)
-    assert sorted(os.listdir(out)) == sorted([".madclip-output", *(os.path.basename(p) for p in paths.values())])
+    assert sorted(os.listdir(out)) == sorted(
+        [".madclip-output", *(os.path.basename(p) for p in paths.values())]
+    )
 
     doc = json.load(open(paths["json"]))
     assert doc["intended_use"] == INTENDED_USE
@@ -175,6 +188,8 @@ def test_save_prediction_nan_score_is_null(tmp_path):
 def test_save_prediction_bad_args(tmp_path):
     pred = _pred(np.zeros((8, 8), np.float32))
     with pytest.raises(ValueError, match="map_format"):
-        save_prediction(tmp_path, "s", np.zeros((8, 8), np.uint8), pred, pred.record(), SCALE, 1.0, map_format="tiff")
+        save_prediction(
+            tmp_path, "s", np.zeros((8, 8), np.uint8), pred, pred.record(), SCALE, 1.0, map_format="tiff"
+        )
     with pytest.raises(ValueError, match="stem"):
         save_prediction(tmp_path, "a/b", np.zeros((8, 8), np.uint8), pred, pred.record(), SCALE, 1.0)

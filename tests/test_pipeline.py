@@ -1,4 +1,5 @@
 """Train -> export -> serve: the runtime sees exactly the arrays training saw and reproduces PyTorch's outputs."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ from PIL import Image
 
 from madclip_runtime import load
 from madclip_runtime.preprocess import preprocess
-from madclip_train.rundir import load_run
 from madclip_train.data import Sample, load_arrays
+from madclip_train.rundir import load_run
 
 from .conftest import REALSCANS
 
@@ -19,8 +20,14 @@ from .conftest import REALSCANS
 def _files(tmp_path):
     rng = np.random.default_rng(0)
     grey = (rng.random((97, 131)) * 255).astype(np.uint8)
-    files = {"grey8": tmp_path / "grey8.png", "rgb": tmp_path / "rgb.png", "palette": tmp_path / "pal.png",
-             "grey16": tmp_path / "grey16.png", "rgba": tmp_path / "rgba.png", "jpeg": tmp_path / "x.jpg"}
+    files = {
+        "grey8": tmp_path / "grey8.png",
+        "rgb": tmp_path / "rgb.png",
+        "palette": tmp_path / "pal.png",
+        "grey16": tmp_path / "grey16.png",
+        "rgba": tmp_path / "rgba.png",
+        "jpeg": tmp_path / "x.jpg",
+    }
     Image.fromarray(grey).save(files["grey8"])
     Image.fromarray(np.stack([grey, grey[::-1], grey[:, ::-1]], -1)).save(files["rgb"])
     Image.fromarray(grey).convert("P").save(files["palette"])
@@ -39,7 +46,9 @@ def test_training_dataloader_and_runtime_see_the_same_arrays(exported_tiny_bundl
     predictor = load(exported_tiny_bundle, backend="ort-cpu")
     spec = predictor.bundle.spec
     for path in _files(tmp_path):
-        train_side = load_arrays([Sample(str(path), 0, None)], spec)[0][0]  # what madclip-train feeds the model
+        train_side = load_arrays([Sample(str(path), 0, None)], spec)[0][
+            0
+        ]  # what madclip-train feeds the model
         runtime_side = preprocess(predictor.read(path)[0], spec)  # what madclip-infer feeds the backend
         assert train_side.dtype == runtime_side.dtype == np.float32
         np.testing.assert_array_equal(train_side, runtime_side, err_msg=str(path))

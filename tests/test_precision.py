@@ -1,5 +1,6 @@
 """Mixed-precision training (`--precision`): bf16 close to fp32 on the CPU, refusals, defaults, records;
 and the CUDA training path (gpu-marked: device placement, no per-step host syncs, FP32 checkpoint)."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ def _fit(tiny_cfg, shots, precision, device="cpu", epochs=3):
 def test_bf16_training_runs_and_tracks_fp32(tiny_cfg, shots):
     _, s32 = _fit(tiny_cfg, shots, "fp32")
     model, s16 = _fit(tiny_cfg, shots, "bf16")
-    assert s16["precision"] == {"precision": "bf16", "autocast_dtype": "torch.bfloat16", "grad_scaler": False,
-                                "device": "cpu"}
+    assert s16["precision"] == {
+        "precision": "bf16",
+        "autocast_dtype": "torch.bfloat16",
+        "grad_scaler": False,
+        "device": "cpu",
+    }
     for a, b in zip(s32["history"], s16["history"]):
         assert abs(b["loss_total"] - a["loss_total"]) <= BF16_LOSS_RTOL * abs(a["loss_total"]), (a, b)
     assert s32["history"][0]["loss_total"] != s16["history"][0]["loss_total"]  # bf16 really ran
@@ -81,8 +86,23 @@ def test_cli_records_precision_and_saves_fp32(tmp_path, monkeypatch, capsys):
 
     root = generate_demo(tmp_path / "data", n_valid=3, n_test=2, seed=7)
     out = tmp_path / "run"
-    argv = ["--data", str(root), "--out", str(out), "--shots", "2", "--epochs", "1", "--backbone", "madclip-tiny",
-            "--pretrained", "none", "--device", "cpu", "--no-augment"]
+    argv = [
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--shots",
+        "2",
+        "--epochs",
+        "1",
+        "--backbone",
+        "madclip-tiny",
+        "--pretrained",
+        "none",
+        "--device",
+        "cpu",
+        "--no-augment",
+    ]
     assert train_main([*argv, "--precision", "bf16"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["precision"] == "bf16"
@@ -111,7 +131,10 @@ def test_cuda_training_keeps_everything_on_the_device(tiny_cfg, shots):
     assert s["precision"]["grad_scaler"] is True
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.trainable_parameters(True))
     _, ref = _fit(tiny_cfg, shots, "fp32", device="cpu")
-    assert abs(s["history"][-1]["loss_total"] - ref["history"][-1]["loss_total"]) <= 0.1 * ref["history"][-1]["loss_total"]
+    assert (
+        abs(s["history"][-1]["loss_total"] - ref["history"][-1]["loss_total"])
+        <= 0.1 * ref["history"][-1]["loss_total"]
+    )
 
 
 @pytest.mark.gpu
@@ -123,7 +146,9 @@ def test_cuda_training_loop_has_no_per_step_host_sync(tiny_cfg, shots):
 
     from madclip_train.model import build_model
 
-    tcfg = TrainConfig(shots=2, epochs=2, batch_size=2, augment=False, precision="fp32")  # several steps/epoch
+    tcfg = TrainConfig(
+        shots=2, epochs=2, batch_size=2, augment=False, precision="fp32"
+    )  # several steps/epoch
     model = build_model(tiny_cfg, seed=0)
     n_steps = tcfg.epochs * -(-len(shots) // tcfg.batch_size)
     torch.cuda.set_sync_debug_mode("warn")
@@ -156,10 +181,29 @@ def test_bench_train_precision_sweep_records_each_precision(tmp_path):
     import sys
 
     bench = Path(__file__).resolve().parent.parent / "benchmarks"
-    env = {**os.environ, "MADCLIP_BENCH_WORK": str(tmp_path / "work"), "MADCLIP_BENCH_RESULTS": str(tmp_path / "res")}
-    proc = subprocess.run([sys.executable, str(bench / "bench_train.py"), "--backbones", "madclip-tiny", "--shots", "1",
-                           "--epochs-cached", "1", "--precisions", "fp32,bf16"], env=env, capture_output=True,
-                          text=True, timeout=900)
+    env = {
+        **os.environ,
+        "MADCLIP_BENCH_WORK": str(tmp_path / "work"),
+        "MADCLIP_BENCH_RESULTS": str(tmp_path / "res"),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(bench / "bench_train.py"),
+            "--backbones",
+            "madclip-tiny",
+            "--shots",
+            "1",
+            "--epochs-cached",
+            "1",
+            "--precisions",
+            "fp32,bf16",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "res" / "train_precision_madclip-tiny.json").read_text())
     assert [r["precision"] for r in out["results"]] == ["fp32", "bf16"]

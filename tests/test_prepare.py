@@ -1,4 +1,5 @@
 """madclip-prepare (issue 15 item 4): labelled volumes -> MVFA layout, split by patient, deterministic."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,9 @@ from .conftest import realscans_or_skip
 nib = pytest.importorskip("nibabel", reason="nibabel (madclip[medical]) not installed")
 
 
-def _case(images: Path, labels: Path, name: str, lesion_slices: list[int], n: int = 16, seed: int = 0) -> None:
+def _case(
+    images: Path, labels: Path, name: str, lesion_slices: list[int], n: int = 16, seed: int = 0
+) -> None:
     """A CT-like volume [32, 28, n] in HU: body ellipse (40 HU) in air, empty first/last slices, lesion 4x4."""
     rng = np.random.default_rng(seed)
     x, y = np.meshgrid(np.arange(32), np.arange(28), indexing="ij")
@@ -39,22 +42,44 @@ def _case(images: Path, labels: Path, name: str, lesion_slices: list[int], n: in
 @pytest.fixture()
 def volumes(tmp_path):
     images, labels = tmp_path / "imagesTr", tmp_path / "labelsTr"
-    for i, (name, lesions) in enumerate([("p1_a", [6, 7, 8]), ("p1_b", [5]), ("p2_a", [9, 10]),
-                                         ("p3_a", []), ("p4_a", [4, 5]), ("p5_a", [])]):
+    for i, (name, lesions) in enumerate(
+        [("p1_a", [6, 7, 8]), ("p1_b", [5]), ("p2_a", [9, 10]), ("p3_a", []), ("p4_a", [4, 5]), ("p5_a", [])]
+    ):
         _case(images, labels, name, lesions, seed=i)
     return images, labels
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_prepare_splits_by_patient_and_picks_slices(volumes, tmp_path, capsys):
     images, labels = volumes
     out = tmp_path / "MyOrgan_AD"
-    args = ["--images", images, "--labels", labels, "--out", out, "--window", "ct-abdomen", "--min-lesion-voxels", "20",
-            "--normal-margin", "3", "--patient-regex", r"^(p\d+)_", "--valid-fraction", "0.4", "--seed", "3"]
+    args = [
+        "--images",
+        images,
+        "--labels",
+        labels,
+        "--out",
+        out,
+        "--window",
+        "ct-abdomen",
+        "--min-lesion-voxels",
+        "20",
+        "--normal-margin",
+        "3",
+        "--patient-regex",
+        r"^(p\d+)_",
+        "--valid-fraction",
+        "0.4",
+        "--seed",
+        "3",
+    ]
     assert prepare_main([str(a) for a in args]) == 0, capsys.readouterr().err
     man = json.loads((out / "manifest.json").read_text())
     sides: dict[str, set[str]] = {}
@@ -64,8 +89,9 @@ def test_prepare_splits_by_patient_and_picks_slices(volumes, tmp_path, capsys):
     assert all(len(s) == 1 for s in sides.values()), sides  # never one patient on both sides
     assert {e["case"] for e in man["slices"] if e["patient"] == "p1"} == {"p1_a", "p1_b"}
     assert set(man["splits"]["valid"]) and set(man["splits"]["test"])
-    on_disk = {p.name.split("_z")[0][:2] for p in (out / "valid").rglob("*.png")} & \
-              {p.name.split("_z")[0][:2] for p in (out / "test").rglob("*.png")}
+    on_disk = {p.name.split("_z")[0][:2] for p in (out / "valid").rglob("*.png")} & {
+        p.name.split("_z")[0][:2] for p in (out / "test").rglob("*.png")
+    }
     assert not on_disk  # the files agree with the manifest
 
     by_case = {}
@@ -92,7 +118,10 @@ def test_prepare_splits_by_patient_and_picks_slices(volumes, tmp_path, capsys):
 
     from madclip_train.data import load_split  # the training side reads the prepared set
 
-    assert len(load_split(str(out), "valid").samples) == man["counts"]["valid/good"] + man["counts"]["valid/Ungood"]
+    assert (
+        len(load_split(str(out), "valid").samples)
+        == man["counts"]["valid/good"] + man["counts"]["valid/Ungood"]
+    )
 
 
 def test_prepare_is_deterministic_and_16_bit(volumes, tmp_path):
@@ -101,7 +130,9 @@ def test_prepare_is_deterministic_and_16_bit(volumes, tmp_path):
     assert prepare_main(base + ["--out", str(tmp_path / "a")]) == 0
     assert prepare_main(base + ["--out", str(tmp_path / "b")]) == 0
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
+    assert {k: v for k, v in a.items() if k != "manifest.json"} == {
+        k: v for k, v in b.items() if k != "manifest.json"
+    }
     from PIL import Image
 
     some = next(p for p in (tmp_path / "a").rglob("img/*.png"))
@@ -114,8 +145,9 @@ def test_prepare_bad_inputs(volumes, tmp_path, capsys):
     rc = prepare_main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "p5_a" in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
-    rc = prepare_main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "o"),
-                       "--window", "bone"])
+    rc = prepare_main(
+        ["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "o"), "--window", "bone"]
+    )
     assert rc == 2 and "--window" in capsys.readouterr().err
 
 
@@ -131,17 +163,39 @@ def test_prepare_real_slices_roundtrip(tmp_path):
     for f in imgs:
         planes.append(np.asarray(Image.open(f).convert("L")))
         m = f.parent.parent / "anomaly_mask" / f.name
-        masks.append((np.asarray(Image.open(m).convert("L")) > 127) if m.exists() else np.zeros(planes[-1].shape, bool))
-    vol = np.stack([p[::-1, ::-1].T for p in planes], axis=2).astype(np.int16)  # so slice k shows plane k as stored
+        masks.append(
+            (np.asarray(Image.open(m).convert("L")) > 127) if m.exists() else np.zeros(planes[-1].shape, bool)
+        )
+    vol = np.stack([p[::-1, ::-1].T for p in planes], axis=2).astype(
+        np.int16
+    )  # so slice k shows plane k as stored
     lab = np.stack([m[::-1, ::-1].T for m in masks], axis=2).astype(np.uint8)
     (tmp_path / "im").mkdir()
     (tmp_path / "lb").mkdir()
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "im" / "brain1.nii.gz"))
     nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lb" / "brain1.nii.gz"))
     out = tmp_path / "Brain_AD"
-    assert prepare_main(["--images", str(tmp_path / "im"), "--labels", str(tmp_path / "lb"), "--out", str(out),
-                         "--window", "127.5,256", "--max-per-volume", "50", "--min-lesion-voxels", "1",
-                         "--valid-fraction", "0.5"]) == 0
+    assert (
+        prepare_main(
+            [
+                "--images",
+                str(tmp_path / "im"),
+                "--labels",
+                str(tmp_path / "lb"),
+                "--out",
+                str(out),
+                "--window",
+                "127.5,256",
+                "--max-per-volume",
+                "50",
+                "--min-lesion-voxels",
+                "1",
+                "--valid-fraction",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     man = json.loads((out / "manifest.json").read_text())
     expected = [k for k, m in enumerate(masks) if m.sum() >= 1]
     assert sorted(e["slice"] for e in man["slices"] if e["label"] == 1) == expected

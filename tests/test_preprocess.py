@@ -1,12 +1,11 @@
 """The one preprocessing: shapes, value ranges, the reference uint8 path, masks, maps, and no torch."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from madclip_runtime.scans.imageio import ScanImage
 from madclip_runtime.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -15,6 +14,7 @@ from madclip_runtime.preprocess import (
     preprocess_mask,
     resize_map,
 )
+from madclip_runtime.scans.imageio import ScanImage
 
 
 def _rgb(h: int = 61, w: int = 83, seed: int = 0) -> np.ndarray:
@@ -39,10 +39,18 @@ def test_grey_is_replicated():
 
 def test_uint8_path_is_the_reference_exactly():
     rgb = _rgb()
-    ref = np.asarray(Image.fromarray(rgb).resize((240, 240), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    ref = (
+        np.asarray(Image.fromarray(rgb).resize((240, 240), Image.Resampling.BICUBIC), dtype=np.float32)
+        / 255.0
+    )
     np.testing.assert_array_equal(preprocess(rgb), ref.transpose(2, 0, 1))
     grey = rgb[..., 2]
-    ref_g = np.asarray(Image.fromarray(grey).convert("RGB").resize((240, 240), Image.Resampling.BICUBIC), np.float32) / 255.0
+    ref_g = (
+        np.asarray(
+            Image.fromarray(grey).convert("RGB").resize((240, 240), Image.Resampling.BICUBIC), np.float32
+        )
+        / 255.0
+    )
     np.testing.assert_array_equal(preprocess(grey), ref_g.transpose(2, 0, 1))
 
 
@@ -58,7 +66,9 @@ def test_normalize_clip_applies_mean_std():
     rgb = _rgb()
     plain = preprocess(rgb)
     normed = preprocess(rgb, PreprocessSpec(normalize="clip"))
-    expected = (plain - np.array(CLIP_MEAN, np.float32)[:, None, None]) / np.array(CLIP_STD, np.float32)[:, None, None]
+    expected = (plain - np.array(CLIP_MEAN, np.float32)[:, None, None]) / np.array(CLIP_STD, np.float32)[
+        :, None, None
+    ]
     np.testing.assert_allclose(normed, expected, rtol=1e-6, atol=1e-6)
     assert normed.dtype == np.float32 and normed.min() < 0.0
 

@@ -1,5 +1,6 @@
 """Issue 20 item 9: a normal run prints madclip's own lines and progress only; other libraries' log lines and
 warnings appear with -v (madclip_runtime.logs, configured by every CLI's setup_logging)."""
+
 from __future__ import annotations
 
 import logging
@@ -17,15 +18,24 @@ from madclip_runtime.cli.common import setup_logging
 
 # Lines other libraries print during an export when nobody quiets them (onnxscript's optimiser, onnxruntime's
 # quantiser, open_clip on random weights).
-FOREIGN = re.compile(r"Replaced initializer|constant folding|unused (nodes|functions)|is not 0\.|"
-                     r"pre-processing before quantization|No pretrained weights loaded|"
-                     r"UserWarning|DeprecationWarning")
+FOREIGN = re.compile(
+    r"Replaced initializer|constant folding|unused (nodes|functions)|is not 0\.|"
+    r"pre-processing before quantization|No pretrained weights loaded|"
+    r"UserWarning|DeprecationWarning"
+)
 ONNXSCRIPT = re.compile(r"Replaced initializer|constant folding|unused (nodes|functions)")
 
 
 def _record(name: str, level: int, pathname: str, msg: str) -> logging.LogRecord:
-    return logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level),
-                                  "pathname": pathname, "msg": msg})
+    return logging.makeLogRecord(
+        {
+            "name": name,
+            "levelno": level,
+            "levelname": logging.getLevelName(level),
+            "pathname": pathname,
+            "msg": msg,
+        }
+    )
 
 
 @pytest.fixture()
@@ -44,16 +54,28 @@ def restore_logging():
 def _emit_all() -> None:
     site = os.path.join(os.path.dirname(os.__file__), "site-packages")
     own = os.path.join(logs._ROOT, "madclip_export", "export.py")
-    for rec in (_record("onnxscript.optimizer._constant_folding", logging.INFO, site + "/onnxscript/x.py",
-                        "ONNXSCRIPT-INFO"),
-                _record("root", logging.WARNING, site + "/onnxruntime/quantization/quantize.py",
-                        "ORT-QUANT-WARNING"),  # onnxruntime logs on the root logger
-                _record("highdicom.base", logging.INFO, site + "/highdicom/base.py", "HIGHDICOM-INFO"),
-                _record("madclip_export.export", logging.INFO, own, "MADCLIP-STEP"),
-                _record("root", logging.INFO, own, "MADCLIP-ROOT")):  # madclip code on the root logger
+    for rec in (
+        _record(
+            "onnxscript.optimizer._constant_folding",
+            logging.INFO,
+            site + "/onnxscript/x.py",
+            "ONNXSCRIPT-INFO",
+        ),
+        _record(
+            "root", logging.WARNING, site + "/onnxruntime/quantization/quantize.py", "ORT-QUANT-WARNING"
+        ),  # onnxruntime logs on the root logger
+        _record("highdicom.base", logging.INFO, site + "/highdicom/base.py", "HIGHDICOM-INFO"),
+        _record("madclip_export.export", logging.INFO, own, "MADCLIP-STEP"),
+        _record("root", logging.INFO, own, "MADCLIP-ROOT"),
+    ):  # madclip code on the root logger
         logging.getLogger().handle(rec)
-    warnings.warn_explicit("LIB-WARNING", UserWarning, site + "/onnxconverter_common/float16.py", 70,
-                           module="onnxconverter_common.float16")
+    warnings.warn_explicit(
+        "LIB-WARNING",
+        UserWarning,
+        site + "/onnxconverter_common/float16.py",
+        70,
+        module="onnxconverter_common.float16",
+    )
     warnings.warn_explicit("OWN-WARNING", UserWarning, own, 1, module="madclip_export.export")
 
 
@@ -100,8 +122,17 @@ def test_loggers_with_their_own_handlers_are_quieted(restore_logging, capsys):
 def _export(run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONWARNINGS", None)
-    cmd = [sys.executable, "-c", "import sys; from madclip_export.cli import main; sys.exit(main())",
-           str(run), "--out", str(out), "--fp16", "--int8", *extra]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from madclip_export.cli import main; sys.exit(main())",
+        str(run),
+        "--out",
+        str(out),
+        "--fp16",
+        "--int8",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 

@@ -5,6 +5,7 @@ a tiny graph whose outputs are simple functions of the image, so expected values
     anomaly_map = 4 * sigmoid(mean over channels(image) - 0.5)   # [B, 1, S, S]
     score = mean(anomaly_map), score_map_max = max(anomaly_map)  # [B]
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from madclip_runtime.bundles.bundle import load_bundle, write_metadata
 from madclip_runtime.errors import BundleError, InputError
 from madclip_runtime.preprocess import preprocess, resize_map
 
-from .conftest import S, THRESHOLD, build_tiny_bundle, expected_outputs, write_inputs
+from .conftest import THRESHOLD, S, build_tiny_bundle, expected_outputs, write_inputs
+
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
@@ -43,7 +45,9 @@ def test_load_and_predict_png_kinds(tiny_bundle, tmp_path):
             assert pred.anomaly_map.shape == (scan.height, scan.width), kind  # native resolution
             assert pred.anomaly_map.dtype == np.float32
             np.testing.assert_allclose(pred.model_map, ref["anomaly_map"][0, 0], atol=1e-5)
-            np.testing.assert_allclose(pred.anomaly_map, resize_map(pred.model_map, scan.height, scan.width), atol=1e-6)
+            np.testing.assert_allclose(
+                pred.anomaly_map, resize_map(pred.model_map, scan.height, scan.width), atol=1e-6
+            )
             assert pred.score == pytest.approx(float(ref["score"][0]), abs=1e-5)
             assert pred.score_map_max == pytest.approx(float(ref["score_map_max"][0]), abs=1e-5)
             assert set(pred.timings) == {"decode", "preprocess", "inference", "postprocess"}

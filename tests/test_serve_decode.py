@@ -1,4 +1,5 @@
 """Serving pieces that need no Ray: request bytes -> scans, map encoding, CLI option parsing, missing Ray."""
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,12 @@ def test_bad_bodies_are_one_line_input_errors(tmp_path):
     }
     for label, (body, expected) in cases.items():
         with pytest.raises(InputError) as info:
-            decode_scan_bytes(body, name=f"{label}.png" if label != "garbage" else "x",
-                              max_bytes=100 if label == "oversized" else 1 << 20, tmp_dir=str(tmp_path))
+            decode_scan_bytes(
+                body,
+                name=f"{label}.png" if label != "garbage" else "x",
+                max_bytes=100 if label == "oversized" else 1 << 20,
+                tmp_dir=str(tmp_path),
+            )
         msg = str(info.value)
         assert expected in msg and "\n" not in msg, (label, msg)
         assert "madclip-req-" not in msg, f"{label}: the temporary file name leaked: {msg}"
@@ -96,8 +101,12 @@ def test_serve_cli_options_and_bad_bundle(tmp_path, capsys):
     assert parse_autoscale("1:4", 8) == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8.0}
     with pytest.raises(MadclipError):
         parse_autoscale("4:1", 8)
-    msg = deployment_error(RuntimeError("Traceback ...\n  File x\nmadclip_runtime.errors.BundleError: /b: "
-                                        "tampered or corrupt: model.onnx sha256 mismatch\n"))
+    msg = deployment_error(
+        RuntimeError(
+            "Traceback ...\n  File x\nmadclip_runtime.errors.BundleError: /b: "
+            "tampered or corrupt: model.onnx sha256 mismatch\n"
+        )
+    )
     assert msg == "/b: tampered or corrupt: model.onnx sha256 mismatch"
     assert main(["--bundle", str(tmp_path / "nope")]) == 2  # before any Ray starts
     err = capsys.readouterr().err
@@ -134,7 +143,12 @@ def test_config_file_app_builder():
 
     app = app_builder({"bundle": "/bundles/b", "backend": "ort-cpu", "max_body_mb": "2", "threshold": "1.5"})
     cfg = app._bound_deployment.init_args[0]
-    assert (cfg.bundle, cfg.backend, cfg.max_body_bytes, cfg.threshold) == ("/bundles/b", "ort-cpu", 2 * 2**20, 1.5)
+    assert (cfg.bundle, cfg.backend, cfg.max_body_bytes, cfg.threshold) == (
+        "/bundles/b",
+        "ort-cpu",
+        2 * 2**20,
+        1.5,
+    )
     with pytest.raises(MadclipError, match="args.bundle"):
         app_builder({})
 
@@ -144,11 +158,13 @@ def test_serving_modules_never_import_torch():
     import subprocess
 
     pytest.importorskip("ray.serve", reason="ray[serve] (madclip[serve]) not installed")
-    code = ("import sys\n"
-            "import madclip_runtime.serve.app, madclip_runtime.serve.batch, madclip_runtime.serve.cli\n"
-            "import madclip_runtime.serve.client\n"
-            "bad = [m for m in ('torch', 'open_clip', 'madclip_train', 'madclip_export') if m in sys.modules]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys\n"
+        "import madclip_runtime.serve.app, madclip_runtime.serve.batch, madclip_runtime.serve.cli\n"
+        "import madclip_runtime.serve.client\n"
+        "bad = [m for m in ('torch', 'open_clip', 'madclip_train', 'madclip_export') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 
@@ -173,11 +189,14 @@ def test_deployment_options_reach_serve():
     from madclip_runtime.serve.app import build_app
     from madclip_runtime.serve.replica import ServeConfig
 
-    fixed = build_app(ServeConfig(bundle="/b"), replicas=3, num_cpus=2, num_gpus=0.5, max_batch_size=1,
-                      batch_wait_s=0.0)._bound_deployment
+    fixed = build_app(
+        ServeConfig(bundle="/b"), replicas=3, num_cpus=2, num_gpus=0.5, max_batch_size=1, batch_wait_s=0.0
+    )._bound_deployment
     assert fixed.num_replicas == 3 and fixed.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.5}
     assert fixed.user_config == {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
-    auto = build_app(ServeConfig(bundle="/b"), autoscaling={"min_replicas": 1, "max_replicas": 4,
-                                                             "target_ongoing_requests": 8})._bound_deployment
+    auto = build_app(
+        ServeConfig(bundle="/b"),
+        autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+    )._bound_deployment
     scaling = auto._deployment_config.autoscaling_config  # no public getter in Ray 2.60
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 8.0)

@@ -2,6 +2,7 @@
 API, numeric options refused before Ray starts, port in use, trusted key on serve/batch/client, actor counts,
 per-input errors, one golden check and one model call.
 """
+
 from __future__ import annotations
 
 import ast
@@ -114,7 +115,11 @@ def test_upload_gate_full_of_slow_uploads_still_takes_a_good_request(monkeypatch
     assert busy is not None and busy.status == 503 and busy.headers.get("Retry-After")
     assert fourth == b"x" * 6
     assert results[0] == b"x" * 20 and results[1] == b"x" * 20  # the faster two finished their bodies
-    assert isinstance(results[2], RequestError) and results[2].status == 408 and "slots were needed" in str(results[2])
+    assert (
+        isinstance(results[2], RequestError)
+        and results[2].status == 408
+        and "slots were needed" in str(results[2])
+    )
     assert gate.stats["evicted"] == 1 and gate.stats["waited"] >= 1 and not gate.active
 
 
@@ -183,12 +188,28 @@ def _one_line(capsys, main, argv: list[str]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("option,value", [
-    ("--max-body-mb", "nan"), ("--max-body-mb", "inf"), ("--max-body-mb", "0"), ("--graceful-timeout", "nan"),
-    ("--max-ongoing", "0"), ("--batch-wait-ms", "-5"), ("--threshold", "nan"), ("--threshold", "9"),
-    ("--port", "0"), ("--replicas", "0"), ("--num-cpus", "nan"), ("--max-uploads", "0"), ("--body-timeout", "0"),
-    ("--min-upload-rate", "-1"), ("--target-ongoing", "inf"), ("--max-batch", "0"), ("--keep-alive", "nan"),
-])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--max-body-mb", "nan"),
+        ("--max-body-mb", "inf"),
+        ("--max-body-mb", "0"),
+        ("--graceful-timeout", "nan"),
+        ("--max-ongoing", "0"),
+        ("--batch-wait-ms", "-5"),
+        ("--threshold", "nan"),
+        ("--threshold", "9"),
+        ("--port", "0"),
+        ("--replicas", "0"),
+        ("--num-cpus", "nan"),
+        ("--max-uploads", "0"),
+        ("--body-timeout", "0"),
+        ("--min-upload-rate", "-1"),
+        ("--target-ongoing", "inf"),
+        ("--max-batch", "0"),
+        ("--keep-alive", "nan"),
+    ],
+)
 def test_serve_numeric_options_refused_before_ray(standin, no_ray, capsys, option, value):
     from madclip_runtime.serve.cli import main
 
@@ -196,16 +217,27 @@ def test_serve_numeric_options_refused_before_ray(standin, no_ray, capsys, optio
     assert option.lstrip("-") in line or "threshold" in line
 
 
-@pytest.mark.parametrize("option,value", [
-    ("--cpus-per-actor", "nan"), ("--threshold", "nan"), ("--threshold", "9"), ("--actors", "0"),
-    ("--gpus-per-actor", "-1"), ("--slice", "-1"), ("--ray-num-cpus", "0"),
-])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--cpus-per-actor", "nan"),
+        ("--threshold", "nan"),
+        ("--threshold", "9"),
+        ("--actors", "0"),
+        ("--gpus-per-actor", "-1"),
+        ("--slice", "-1"),
+        ("--ray-num-cpus", "0"),
+    ],
+)
 def test_batch_numeric_options_refused_before_ray(standin, no_ray, tmp_path, capsys, option, value):
     from madclip_runtime.serve.batch import main
 
     (tmp_path / "a.png").write_bytes(b"")
-    _one_line(capsys, main, [str(tmp_path / "a.png"), "--bundle", str(standin), "--out", str(tmp_path / "o"),
-                             option, value])
+    _one_line(
+        capsys,
+        main,
+        [str(tmp_path / "a.png"), "--bundle", str(standin), "--out", str(tmp_path / "o"), option, value],
+    )
 
 
 def test_serve_port_in_use_is_one_line(standin, no_ray, capsys):
@@ -222,7 +254,9 @@ def test_serve_port_in_use_is_one_line(standin, no_ray, capsys):
 def test_ansi_codes_stripped_from_ray_errors():
     from madclip_runtime.serve.cli import deployment_error
 
-    text = "\x1b[36mray::ProxyActor.ready()\x1b[39m (pid=1)\nRuntimeError: \x1b[31maddress already in use\x1b[0m"
+    text = (
+        "\x1b[36mray::ProxyActor.ready()\x1b[39m (pid=1)\nRuntimeError: \x1b[31maddress already in use\x1b[0m"
+    )
     assert deployment_error(RuntimeError(text)) == "RuntimeError: address already in use"
 
 
@@ -241,7 +275,9 @@ def test_actor_count_fitted_to_the_cluster(capsys):
 # ------------------------------------------------------------------------------------------ trusted key
 
 
-def test_serve_and_batch_refuse_an_unsigned_bundle_with_a_trusted_key(standin, keys, no_ray, tmp_path, capsys):
+def test_serve_and_batch_refuse_an_unsigned_bundle_with_a_trusted_key(
+    standin, keys, no_ray, tmp_path, capsys
+):
     from madclip_runtime.serve.batch import main as batch_main
     from madclip_runtime.serve.cli import main as serve_main
 
@@ -249,8 +285,19 @@ def test_serve_and_batch_refuse_an_unsigned_bundle_with_a_trusted_key(standin, k
     line = _one_line(capsys, serve_main, ["--bundle", str(standin), "--trusted-key", pub])
     assert "unsigned bundle refused" in line
     (tmp_path / "a.png").write_bytes(b"")
-    line = _one_line(capsys, batch_main, [str(tmp_path / "a.png"), "--bundle", str(standin), "--out",
-                                          str(tmp_path / "o"), "--trusted-key", pub])
+    line = _one_line(
+        capsys,
+        batch_main,
+        [
+            str(tmp_path / "a.png"),
+            "--bundle",
+            str(standin),
+            "--out",
+            str(tmp_path / "o"),
+            "--trusted-key",
+            pub,
+        ],
+    )
     assert "unsigned bundle refused" in line
     other = _signed_copy(standin, tmp_path / "other", keys / "other.key")
     line = _one_line(capsys, serve_main, ["--bundle", str(other), "--trusted-key", pub])
@@ -281,7 +328,9 @@ def test_client_verifies_what_the_server_publishes(standin, keys, tmp_path):
     raw = json.dumps(meta).encode()
     import hashlib
 
-    forged.update(bundle_metadata=base64.b64encode(raw).decode(), bundle_sha256=hashlib.sha256(raw).hexdigest())
+    forged.update(
+        bundle_metadata=base64.b64encode(raw).decode(), bundle_sha256=hashlib.sha256(raw).hexdigest()
+    )
     with pytest.raises(BundleError):
         verify_server_bundle(forged, "http://x", pub)
     with pytest.raises(BundleError, match="bundle_sha256"):
@@ -314,8 +363,15 @@ def test_replica_readiness_is_the_selftest_golden_check(standin, tmp_path):
 
 def _calls(path: Path, attr: str) -> list[int]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-            and n.func.attr == attr and isinstance(n.func.value, ast.Attribute) and n.func.value.attr == "backend"]
+    return [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr == attr
+        and isinstance(n.func.value, ast.Attribute)
+        and n.func.value.attr == "backend"
+    ]
 
 
 def test_one_model_call_and_no_private_imports():
@@ -324,14 +380,23 @@ def test_one_model_call_and_no_private_imports():
     callers = {str(p.relative_to(ROOT)) for p in runtime.rglob("*.py") if _calls(p, "run")}
     # madclip-bench times the raw backend on purpose (throughput without pre/post-processing)
     assert callers - {"madclip_runtime/cli/bench.py"} == {"madclip_runtime/predictor.py"}, callers
-    territory = [*(runtime / "serve").glob("*.py"), runtime / "predictor.py", runtime / "bundles" / "selftest.py",
-                 runtime / "outputs.py", runtime / "cli" / "infer.py", runtime / "cli" / "results.py"]
+    territory = [
+        *(runtime / "serve").glob("*.py"),
+        runtime / "predictor.py",
+        runtime / "bundles" / "selftest.py",
+        runtime / "outputs.py",
+        runtime / "cli" / "infer.py",
+        runtime / "cli" / "results.py",
+    ]
     private = []
     for path in territory:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module != "__future__":
-                private += [f"{path.name}: {a.name}" for a in node.names
-                            if a.name.startswith("_") and not a.name.endswith("__")]
+                private += [
+                    f"{path.name}: {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.endswith("__")
+                ]
     assert not private, private
     client = (runtime / "serve" / "client.py").read_text(encoding="utf-8")
     assert "cli.infer" not in client and "def run_remote(args: argparse.Namespace) -> int" in client
@@ -352,11 +417,17 @@ def test_config_file_args_validated_like_the_options(standin, keys):
     """Serve config files (`app_builder` args) go through the same validators as madclip-serve's options."""
     from madclip_runtime.serve.options import serve_config_from
 
-    for key, bad in (("max_body_mb", "nan"), ("threshold", "inf"), ("max_uploads", "0"), ("body_timeout", "-1")):
+    for key, bad in (
+        ("max_body_mb", "nan"),
+        ("threshold", "inf"),
+        ("max_uploads", "0"),
+        ("body_timeout", "-1"),
+    ):
         with pytest.raises(MadclipError, match=key):
             serve_config_from({"bundle": str(standin), key: bad})
-    cfg = serve_config_from({"bundle": str(standin), "max_body_mb": "2", "trusted_key": str(keys / "lab.pub"),
-                             "max_uploads": 4})
+    cfg = serve_config_from(
+        {"bundle": str(standin), "max_body_mb": "2", "trusted_key": str(keys / "lab.pub"), "max_uploads": 4}
+    )
     assert cfg.max_body_bytes == 2 * 2**20 and cfg.max_uploads == 4
     assert cfg.trusted_key == (keys / "lab.pub").read_bytes()
     with pytest.raises(MadclipError):

@@ -3,6 +3,7 @@
 Skipped with the reason only when Ray is not installed or cannot start here. The tests run in file order;
 the last one deletes the application while requests are in flight (graceful drain).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -45,8 +46,13 @@ def served(exported_tiny_bundle):
 
     tmp = tempfile.mkdtemp(prefix="ray-i16-", dir="/tmp")  # short: Ray's unix sockets live under it
     try:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=tmp,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
     except Exception as exc:  # pragma: no cover - depends on the machine
         shutil.rmtree(tmp, ignore_errors=True)
         pytest.skip(f"Ray cannot start on this machine: {type(exc).__name__}: {exc}")
@@ -81,7 +87,10 @@ def _post(url: str, body: bytes, query: str = "") -> tuple[int, dict]:
 
 def _real_files() -> list[Path]:
     root = realscans_or_skip()
-    pngs = sorted((root / "Brain_AD" / "test").glob("*/img/*.png"))[:4] + sorted((root / "Lung_AD").glob("*/*/img/*.png"))[:2]
+    pngs = (
+        sorted((root / "Brain_AD" / "test").glob("*/img/*.png"))[:4]
+        + sorted((root / "Lung_AD").glob("*/*/img/*.png"))[:2]
+    )
     return pngs + sorted((root / "raw16").glob("*.png"))[:3]  # 8-bit brain/lung slices and 16-bit raw ones
 
 
@@ -143,7 +152,9 @@ def test_infer_cli_server_refuses_volumes_instead_of_answering_per_slice(served,
     from madclip_runtime.cli.infer import main
 
     vol = tmp_path / "case.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 36, 3)).astype(np.float32), np.eye(4)), str(vol))
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((40, 36, 3)).astype(np.float32), np.eye(4)), str(vol)
+    )
     scan = str(_real_files()[0])
     assert main([scan, str(vol), "--server", served["url"], "--json"]) == 1
     out, err = capsys.readouterr()
@@ -161,7 +172,12 @@ def test_infer_cli_server_writes_what_local_writes(served, tmp_path, capsys):
     files = [str(f) for f in _real_files()[:4]]
     # volumes: local inference now answers per volume; --server returns per-slice records (README), not compared
     local, remote = tmp_path / "local", tmp_path / "remote"
-    assert main([*files, "--bundle", str(served["bundle"]), "--backend", "ort-cpu", "--out", str(local), "--json"]) == 0
+    assert (
+        main(
+            [*files, "--bundle", str(served["bundle"]), "--backend", "ort-cpu", "--out", str(local), "--json"]
+        )
+        == 0
+    )
     local_lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert main([*files, "--server", served["url"], "--out", str(remote), "--json"]) == 0
     remote_lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -197,9 +213,15 @@ def test_bad_requests_fail_alone(served):
     good = png_bytes(np.random.default_rng(3).integers(0, 255, (64, 64), dtype=np.uint8))
     status, reference = _post(url, good)
     assert status == 200
-    for body, query, expected in [(b"", "", 400), (b"not an image at all", "", 400), (good[: len(good) // 2], "", 400),
-                                  (bomb_png(), "", 400), (os.urandom(1_200_000), "", 413),
-                                  (good, "?slice=x", 400), (good, "?map=jpeg", 400)]:
+    for body, query, expected in [
+        (b"", "", 400),
+        (b"not an image at all", "", 400),
+        (good[: len(good) // 2], "", 400),
+        (bomb_png(), "", 400),
+        (os.urandom(1_200_000), "", 413),
+        (good, "?slice=x", 400),
+        (good, "?map=jpeg", 400),
+    ]:
         status, doc = _post(url, body, query)
         assert status == expected and "\n" not in doc["error"], (status, doc)
     # chunked upload without Content-Length, over the limit: refused while streaming
@@ -210,8 +232,10 @@ def test_bad_requests_fail_alone(served):
     conn.close()
     # a client that announces 100 kB, sends 1 kB and hangs up
     with socket.create_connection(("127.0.0.1", served["port"]), timeout=10) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
-                  b"Content-Type: application/octet-stream\r\n\r\n" + good[:1000])
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" + good[:1000]
+        )
     time.sleep(0.5)
     assert _get(f"{url}/healthz")[0] == 200
     status, again = _post(url, good)
@@ -232,8 +256,11 @@ def test_bad_bundle_never_serves(served, tmp_path):
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     model.write_bytes(bytes(data))
     with pytest.raises(Exception) as info:
-        serve.run(build_app(ServeConfig(bundle=str(bad), backend="ort-cpu"), num_cpus=0.25, constructor_retries=1),
-                  name="bad", route_prefix="/bad")
+        serve.run(
+            build_app(ServeConfig(bundle=str(bad), backend="ort-cpu"), num_cpus=0.25, constructor_retries=1),
+            name="bad",
+            route_prefix="/bad",
+        )
     reason = app_failure("bad", info.value)
     assert "model.onnx sha256 mismatch" in reason and "\n" not in reason, reason
     serve.delete("bad")
@@ -263,14 +290,20 @@ def test_batch_job_scores_reports_and_resumes(served, tmp_path):
     with open(os.path.join(out, "summary.csv"), newline="") as f:
         rows = {r["file"]: r for r in csv.DictReader(f)}
     assert pq.read_table(os.path.join(out, "summary.parquet")).num_rows == len(rows) == 7
-    assert rows[str(archive / "bad.png")]["status"] == "error" and "not an image" in rows[str(archive / "bad.png")]["error"]
+    assert (
+        rows[str(archive / "bad.png")]["status"] == "error"
+        and "not an image" in rows[str(archive / "bad.png")]["error"]
+    )
     assert "truncated" in rows[str(archive / "trunc.png")]["error"]
     with mr.load(served["bundle"], backend="ort-cpu") as predictor:
         for path, row in rows.items():
             if row["status"] == "ok":
                 local = predictor.predict(path)
                 assert abs(float(row["score"]) - local.score) <= SCORE_TOL
-                assert row["label"] == (local.label or "") or abs(local.decision_score - local.threshold) <= SCORE_TOL
+                assert (
+                    row["label"] == (local.label or "")
+                    or abs(local.decision_score - local.threshold) <= SCORE_TOL
+                )
     done = sorted(Path(out, "results").glob("*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in done}
     os.utime(files[2])  # this file changed since: scored again
@@ -311,8 +344,14 @@ def test_metadata_publishes_identity_and_client_refuses_an_unsigned_server(serve
 def test_wire_parameters_validated_like_the_cli(served):
     url = served["url"]
     good = (_real_files()[0]).read_bytes()
-    for query, words in [("?threshold=-5", "outside"), ("?threshold=9", "outside"), ("?threshold=nan", "finite"),
-                         ("?threshold=inf", "finite"), ("?slice=-1", "slice"), ("?slice=1.5", "slice")]:
+    for query, words in [
+        ("?threshold=-5", "outside"),
+        ("?threshold=9", "outside"),
+        ("?threshold=nan", "finite"),
+        ("?threshold=inf", "finite"),
+        ("?slice=-1", "slice"),
+        ("?slice=1.5", "slice"),
+    ]:
         status, doc = _post(url, good, query)
         assert status == 400 and words in doc["error"] and "\n" not in doc["error"], (query, status, doc)
     status, doc = _post(url, good, "?threshold=0")
@@ -324,8 +363,10 @@ def _slow_client(port: int, deadline: float, stats: dict) -> None:
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
-                          b"Content-Type: application/octet-stream\r\n\r\n")
+                s.sendall(
+                    b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                    b"Content-Type: application/octet-stream\r\n\r\n"
+                )
                 stats["connections"] += 1
                 s.settimeout(2.0)
                 while time.monotonic() < deadline:
@@ -348,7 +389,9 @@ def test_slow_clients_do_not_starve_a_good_request(served):
     assert _post(served["url"], good)[0] == 200  # warm
     stats = {"connections": 0, "answered": 0}
     deadline = time.monotonic() + 25
-    threads = [threading.Thread(target=_slow_client, args=(port, deadline, stats), daemon=True) for _ in range(70)]
+    threads = [
+        threading.Thread(target=_slow_client, args=(port, deadline, stats), daemon=True) for _ in range(70)
+    ]
     for t in threads:
         t.start()
     time.sleep(4)  # every slow client is connected and trickling
@@ -361,10 +404,14 @@ def test_slow_clients_do_not_starve_a_good_request(served):
     for t in threads:
         t.join(timeout=40)
     assert codes == [200] * 8, codes
-    assert max(took) < 15, took  # a functional bound (was: a 60 s timeout); figures: benchmarks/bench_serve.py
+    assert max(took) < 15, (
+        took
+    )  # a functional bound (was: a 60 s timeout); figures: benchmarks/bench_serve.py
     assert stats["connections"] >= 70 and stats["answered"] >= 1, stats
     uploads = _get(f"{served['url']}/healthz")[1]["upload_stats"]
-    assert uploads["too_slow"] + uploads["evicted"] + uploads["refused_busy"] + uploads["timed_out"] >= 1, uploads
+    assert uploads["too_slow"] + uploads["evicted"] + uploads["refused_busy"] + uploads["timed_out"] >= 1, (
+        uploads
+    )
 
 
 def _nifti_with_affine(path: Path, vol: np.ndarray, value: float) -> Path:
@@ -404,13 +451,20 @@ def test_batch_never_scores_its_own_outputs_and_reports_slice_numbers(served, tm
     for _ in range(2):
         files, failed = expand_each([str(d)], True, [out])
         found.append(sorted(os.path.basename(f) for f in files))
-        res = run_batch(files, served["cfg"], out, actors=64, cpus_per_actor=1.0, read_cpus=0.25, maps="png16")
+        res = run_batch(
+            files, served["cfg"], out, actors=64, cpus_per_actor=1.0, read_cpus=0.25, maps="png16"
+        )
         assert res["files"] == len(files) and failed == 0
-    assert found[0] == found[1] == sorted(["vol.nii.gz", "nan_affine.nii", "zero_affine.nii",
-                                           *(f.name for f in _real_files()[:2])])
+    assert (
+        found[0]
+        == found[1]
+        == sorted(["vol.nii.gz", "nan_affine.nii", "zero_affine.nii", *(f.name for f in _real_files()[:2])])
+    )
     assert "--actors 64" in capsys.readouterr().err
     assert len(list(Path(out, "maps").glob("*_map.png"))) >= 2 + 3
-    assert expand_each([str(d)], True)[0] == expand_each([str(d)], True, [out])[0]  # the marker alone suffices
+    assert (
+        expand_each([str(d)], True)[0] == expand_each([str(d)], True, [out])[0]
+    )  # the marker alone suffices
     with open(os.path.join(out, "summary.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -427,8 +481,9 @@ def test_infer_server_one_bad_file_is_one_line(served, tmp_path, capsys):
     """A file the server cannot read (400) or fails on is that file's error line; the others are scored."""
     from madclip_runtime.cli.infer import main
 
-    nan_nii = _nifti_with_affine(tmp_path / "nan.nii", np.random.default_rng(2).random((20, 20, 2)).astype(np.float32),
-                                 np.nan)
+    nan_nii = _nifti_with_affine(
+        tmp_path / "nan.nii", np.random.default_rng(2).random((20, 20, 2)).astype(np.float32), np.nan
+    )
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 300)
     good = str(_real_files()[0])

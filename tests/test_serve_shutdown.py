@@ -1,6 +1,7 @@
 """madclip-serve as a user runs it (a process with its own local Ray), stopped with SIGTERM under load: the
 requests in flight complete with 200, every later request gets 503 or a refused connection, never 404.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -45,9 +46,28 @@ def test_sigterm_drains_then_503_or_refused_never_404(exported_tiny_bundle, tmp_
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": "/tmp"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "madclip_runtime.serve.cli", "--bundle", str(exported_tiny_bundle), "--port", str(port),
-         "--backend", "ort-cpu", "--ray-num-cpus", "2", "--num-cpus", "0.25", "--graceful-timeout", "60"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "madclip_runtime.serve.cli",
+            "--bundle",
+            str(exported_tiny_bundle),
+            "--port",
+            str(port),
+            "--backend",
+            "ort-cpu",
+            "--ray-num-cpus",
+            "2",
+            "--num-cpus",
+            "0.25",
+            "--graceful-timeout",
+            "60",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()

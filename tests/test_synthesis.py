@@ -1,4 +1,5 @@
 """Anomaly synthesis (MediCLIP's tasks): per-task invariants, labels, determinism, mixture, madclip-synth."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from madclip_runtime.errors import MadclipError
 from madclip_train.synthesis import DEFAULT_MIX, TASKS, Synthesizer, parse_mix, sample_rng
 from madclip_train.synthesis.labelling import cutpaste_label, flipped_gaussian
 from madclip_train.synthesis.perlin import perlin_shape, perlin_single_cell
 from madclip_train.synthesis.shapes import deformed_shape
-from madclip_runtime.errors import MadclipError
 
 from .conftest import realscans_or_skip
 
@@ -109,7 +110,12 @@ def test_mixture_probabilities_and_rounds():
     synth = Synthesizer(SHOTS)
     draws = [synth.seeded(i % 3, seed=1, epoch=i // 3) for i in range(400)]
     counts = {n: sum(d.task == n for d in draws) for n, _ in DEFAULT_MIX}
-    assert set(d.task for d in draws) == {"cutpaste", "gauss", "source", "identity"}  # smooth/sink off by default
+    assert set(d.task for d in draws) == {
+        "cutpaste",
+        "gauss",
+        "source",
+        "identity",
+    }  # smooth/sink off by default
     for c in counts.values():
         assert 70 <= c <= 130, counts  # 100 expected each (p = 0.25)
     rounds = [d.rounds for d in draws if d.task != "identity"]
@@ -158,7 +164,9 @@ def test_madclip_synth_on_real_scans(tmp_path):
         assert grid.size[0] > 4 * 64 and grid.mode == "RGB"
     # same seed -> same samples
     out2 = tmp_path / "synth2"
-    assert _run_synth(["--data", str(root), "--out", str(out2), "-n", "6", "--seed", "4", "--tile", "64"]) == 0
+    assert (
+        _run_synth(["--data", str(root), "--out", str(out2), "-n", "6", "--seed", "4", "--tile", "64"]) == 0
+    )
     for rec in doc["samples"]:
         assert (out / rec["image"]).read_bytes() == (out2 / rec["image"]).read_bytes()
 
@@ -169,8 +177,26 @@ def test_madclip_synth_plain_folder_and_errors(tmp_path, capsys):
     for i, s in enumerate(SHOTS):
         Image.fromarray(s).save(folder / f"n{i}.png")
     out = tmp_path / "o"
-    assert _run_synth(["--data", str(folder), "--out", str(out), "-n", "3", "--tasks", "smooth", "sink",
-                       "--image-size", "64", "--tile", "64"]) == 0
+    assert (
+        _run_synth(
+            [
+                "--data",
+                str(folder),
+                "--out",
+                str(out),
+                "-n",
+                "3",
+                "--tasks",
+                "smooth",
+                "sink",
+                "--image-size",
+                "64",
+                "--tile",
+                "64",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((out / "samples.json").read_text())
     assert {r["task"] for r in doc["samples"]} <= {"smooth", "sink"} and doc["tasks"] == "smooth=0.5,sink=0.5"
     assert _run_synth(["--data", str(folder), "--out", str(out), "-n", "3"]) == 2  # exists, no --force

@@ -1,4 +1,5 @@
 """Trainer: feature-cache equivalence, model selection, checkpoints, real-data learning, CLI end to end."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from madclip_train.methods.madclip import MadCLIP
-from madclip_train.reference import load_reference_checkpoint
-from madclip_train.rundir import load_run
 from madclip_train.config import TrainConfig
 from madclip_train.data import load_arrays, load_split, sample_shots
 from madclip_train.demo import generate_demo
+from madclip_train.methods.madclip import MadCLIP
+from madclip_train.reference import load_reference_checkpoint
+from madclip_train.rundir import load_run
 from madclip_train.train import ShotTensors, fit
 
 from .conftest import fake_reference_checkpoint, realscans_or_skip
@@ -64,8 +65,11 @@ def test_cached_and_uncached_training_agree(tiny_cfg, demo_root, tmp_path):
 
 def test_select_on_valid_holds_out_shots_and_keeps_best_epoch(tiny_cfg, demo_root):
     shots = _shots(demo_root, k=4)
-    model, summary = _fit(tiny_cfg, shots, TrainConfig(shots=4, epochs=3, batch_size=16, select_on="valid",
-                                                       holdout_fraction=0.25, seed=1))
+    model, summary = _fit(
+        tiny_cfg,
+        shots,
+        TrainConfig(shots=4, epochs=3, batch_size=16, select_on="valid", holdout_fraction=0.25, seed=1),
+    )
     assert len(summary["holdout_index"]) == 2  # one per class
     assert summary["n_train_images"] == 16 * 6 and summary["n_holdout_images"] == 16 * 2
     losses = [h["val_total"] for h in summary["history"]]
@@ -76,7 +80,9 @@ def test_checkpoint_round_trip_reproduces_outputs(demo_root, tmp_path):
     from madclip_train.cli import train_main
 
     run = tmp_path / "run"
-    assert train_main(["--data", str(demo_root), "--out", str(run), "--shots", "2", "--epochs", "1", *TINY]) == 0
+    assert (
+        train_main(["--data", str(demo_root), "--out", str(run), "--shots", "2", "--epochs", "1", *TINY]) == 0
+    )
     model, config = load_run(run)
     again, _ = load_run(run)
     x = torch.rand(2, 3, 240, 240)
@@ -87,7 +93,9 @@ def test_checkpoint_round_trip_reproduces_outputs(demo_root, tmp_path):
 
     state = load_file(str(run / "checkpoint.safetensors"))
     t_n, t_ab = model.text_embeddings()
-    torch.testing.assert_close(state["text.t_n"], t_n.detach(), atol=1e-6, rtol=0)  # rebuilt text tower agrees
+    torch.testing.assert_close(
+        state["text.t_n"], t_n.detach(), atol=1e-6, rtol=0
+    )  # rebuilt text tower agrees
     assert config["model"]["backbone"] == "madclip-tiny" and config["train"]["epochs"] == 1
     shots = json.loads((run / "shots.json").read_text())
     assert len(shots["shots"]) == 4
@@ -102,15 +110,24 @@ def test_reference_checkpoint_conversion(tmp_path):
     path = tmp_path / "brain.pth"
     torch.save(ref, path)
     state = MadCLIP.convert_reference(load_reference_checkpoint(path))
-    torch.testing.assert_close(state["adapters.normal.2.det.weight"], ref["normal_det_adapters"]["2.fc2.0.weight"])
-    torch.testing.assert_close(state["adapters.abnormal.3.seg.weight"], ref["abnormal_det_adapters"]["3.fc3.0.weight"])
-    torch.testing.assert_close(state["prompts.ctx.abnormal_front"],
-                               ref["prompt_maker_abnormal"]["prompt_learner.ctx.abnormal_front"])
-    torch.testing.assert_close(state["prompts.ctx.normal_end"], ref["prompt_maker_normal"]["prompt_learner.ctx.normal_end"])
+    torch.testing.assert_close(
+        state["adapters.normal.2.det.weight"], ref["normal_det_adapters"]["2.fc2.0.weight"]
+    )
+    torch.testing.assert_close(
+        state["adapters.abnormal.3.seg.weight"], ref["abnormal_det_adapters"]["3.fc3.0.weight"]
+    )
+    torch.testing.assert_close(
+        state["prompts.ctx.abnormal_front"], ref["prompt_maker_abnormal"]["prompt_learner.ctx.abnormal_front"]
+    )
+    torch.testing.assert_close(
+        state["prompts.ctx.normal_end"], ref["prompt_maker_normal"]["prompt_learner.ctx.normal_end"]
+    )
     out = tmp_path / "converted"
     assert convert_main([str(path), "--out", str(out), "--objective", "Brain", *TINY]) == 0
     model, _ = load_run(out)
-    torch.testing.assert_close(model.adapters.normal[1].fc1.weight.detach(), ref["normal_det_adapters"]["1.fc1.0.weight"])
+    torch.testing.assert_close(
+        model.adapters.normal[1].fc1.weight.detach(), ref["normal_det_adapters"]["1.fc1.0.weight"]
+    )
 
 
 class _Evil:
@@ -136,8 +153,17 @@ def test_real_scans_training_beats_untrained(tiny_cfg, tmp_path):
 
     root = realscans_or_skip("Brain_AD")
     run = tmp_path / "brain"
-    train_run(TrainRequest(data=str(root), out=str(run), shots=2, epochs=15, backbone="madclip-tiny",
-                           pretrained="none", device="cpu"))
+    train_run(
+        TrainRequest(
+            data=str(root),
+            out=str(run),
+            shots=2,
+            epochs=15,
+            backbone="madclip-tiny",
+            pretrained="none",
+            device="cpu",
+        )
+    )
     test = load_split(root, "test")
     trained = metrics_from_predictions(predict_split(load_run(run)[0], test))
     torch.manual_seed(111)
@@ -151,8 +177,26 @@ def test_train_and_eval_cli_end_to_end(demo_root, tmp_path):
     from madclip_train.cli import eval_main, train_main
 
     run, metrics = tmp_path / "run", tmp_path / "metrics.json"
-    assert train_main(["--data", str(demo_root), "--out", str(run), "--shots", "2", "--epochs", "2",
-                       "--select-on", "valid", "--holdout-fraction", "0.5", *TINY]) == 0
+    assert (
+        train_main(
+            [
+                "--data",
+                str(demo_root),
+                "--out",
+                str(run),
+                "--shots",
+                "2",
+                "--epochs",
+                "2",
+                "--select-on",
+                "valid",
+                "--holdout-fraction",
+                "0.5",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "shots.json").read_text())["held_out"]
     assert eval_main([str(run), "--data", str(demo_root), "--json", str(metrics)]) == 0
     m = json.loads(metrics.read_text())
@@ -160,7 +204,13 @@ def test_train_and_eval_cli_end_to_end(demo_root, tmp_path):
         assert 0.0 <= m[key] <= 1.0
     assert m["n_images"] == 8
     # an existing run is never overwritten without --force
-    assert train_main(["--data", str(demo_root), "--out", str(run), "--shots", "2", "--epochs", "1", *TINY]) == 2
-    assert train_main(["--data", str(demo_root), "--out", str(run), "--shots", "2", "--epochs", "1", "--force",
-                       *TINY]) == 0
+    assert (
+        train_main(["--data", str(demo_root), "--out", str(run), "--shots", "2", "--epochs", "1", *TINY]) == 2
+    )
+    assert (
+        train_main(
+            ["--data", str(demo_root), "--out", str(run), "--shots", "2", "--epochs", "1", "--force", *TINY]
+        )
+        == 0
+    )
     assert len(json.loads((run / "shots.json").read_text())["held_out"]) == 0

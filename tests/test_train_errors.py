@@ -1,4 +1,5 @@
 """Every bad input of madclip-train / madclip-eval: one line naming the problem, exit 2, no traceback, no run."""
+
 from __future__ import annotations
 
 import shutil
@@ -76,9 +77,26 @@ def test_unreadable_image(root, tmp_path, capsys):
 
 
 def test_missing_weights_file_gives_the_help_paragraph(root, tmp_path, capsys):
-    text = _fails(capsys, ["--data", str(root), "--out", str(tmp_path / "run"), "--backbone", "madclip-tiny",
-                           "--pretrained", str(tmp_path / "missing.safetensors"), "--epochs", "1", "--shots", "2"],
-                  "could not be loaded", "--pretrained /path/to/weights.safetensors", "madclip-tiny")
+    text = _fails(
+        capsys,
+        [
+            "--data",
+            str(root),
+            "--out",
+            str(tmp_path / "run"),
+            "--backbone",
+            "madclip-tiny",
+            "--pretrained",
+            str(tmp_path / "missing.safetensors"),
+            "--epochs",
+            "1",
+            "--shots",
+            "2",
+        ],
+        "could not be loaded",
+        "--pretrained /path/to/weights.safetensors",
+        "madclip-tiny",
+    )
     assert "random" in text
 
 
@@ -117,9 +135,25 @@ def test_sigterm_during_training_leaves_nothing(root, tmp_path):
 
     out = tmp_path / "runs" / "killed"
     out.parent.mkdir()
-    cmd = [sys.executable, "-c", "import sys; from madclip_train.cli import train_main; sys.exit(train_main())",
-           "--data", str(root), "--out", str(out), "--backbone", "madclip-tiny", "--pretrained", "none",
-           "--shots", "2", "--epochs", "1000", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from madclip_train.cli import train_main; sys.exit(train_main())",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--backbone",
+        "madclip-tiny",
+        "--pretrained",
+        "none",
+        "--shots",
+        "2",
+        "--epochs",
+        "1000",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not any(out.parent.iterdir()) and time.monotonic() < deadline and proc.poll() is None:

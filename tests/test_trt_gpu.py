@@ -1,4 +1,5 @@
 """TensorRT engines on a real GPU: build, cache, rebuild on mismatch, run. Skipped without TensorRT or a GPU."""
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,12 @@ def _close(out, ref, atol):
 def test_build_and_run_fp32_engine(bundle, tmp_path):
     engine = tmp_path / "tiny.engine"
     cache = tmp_path / "timing.cache"
-    key = te.build_engine(bundle / "model.onnx", engine, te.engine_key(bundle / "model.onnx", "fp32", 4),
-                          timing_cache_file=cache)
+    key = te.build_engine(
+        bundle / "model.onnx",
+        engine,
+        te.engine_key(bundle / "model.onnx", "fp32", 4),
+        timing_cache_file=cache,
+    )
     assert engine.is_file() and cache.is_file()
     assert tr.read_engine_key(engine) == key and key.max_batch == 4 and key.typing == "fp32"
     runner = te.TrtRunner(engine)
@@ -96,8 +101,9 @@ def test_fp16_engine_close_to_reference(bundle, tmp_path):
 
 def test_trt_backend_end_to_end(bundle, tmp_path):
     assert "trt" in backends.available_backends()
-    be = backends.create_backend("trt", str(bundle / "model_fp16.onnx"), "fp16", 2, str(tmp_path),
-                                 fp32_islands=("dt",))
+    be = backends.create_backend(
+        "trt", str(bundle / "model_fp16.onnx"), "fp16", 2, str(tmp_path), fp32_islands=("dt",)
+    )
     try:
         assert be.provider == "TensorRT" and be.load_seconds > 0
         x = images(5, seed=8)  # > max_batch: runs in chunks
@@ -161,9 +167,14 @@ def test_fp16_flag_tail_on_the_real_parser(tmp_path, monkeypatch):
         x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
         import onnxruntime as ort
 
-        ref = dict(zip(["score", "anomaly_map", "score_map_max"],
-                       ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-                           ["score", "anomaly_map", "score_map_max"], {"image": x})))
+        ref = dict(
+            zip(
+                ["score", "anomaly_map", "score_map_max"],
+                ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+                    ["score", "anomaly_map", "score_map_max"], {"image": x}
+                ),
+            )
+        )
         _close(runner.run(x), ref, atol=1e-2)
     finally:
         runner.close()

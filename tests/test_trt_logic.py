@@ -1,4 +1,5 @@
 """Pure logic of the TensorRT path (no TensorRT, no GPU needed)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -23,7 +24,13 @@ from .trt_fakes import FakeTrt
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("10.3.0.30", (10, 3, 0)), ("10.12", (10, 12, 0)), ("11.0.0", (11, 0, 0)), ("8.6.1.6", (8, 6, 1)), ("10", (10, 0, 0))],
+    [
+        ("10.3.0.30", (10, 3, 0)),
+        ("10.12", (10, 12, 0)),
+        ("11.0.0", (11, 0, 0)),
+        ("8.6.1.6", (8, 6, 1)),
+        ("10", (10, 0, 0)),
+    ],
 )
 def test_parse_trt_version(text, expected):
     assert tr.parse_trt_version(text) == expected
@@ -36,8 +43,16 @@ def test_parse_trt_version_rejects_garbage():
 
 @pytest.mark.parametrize(
     "version, mode",
-    [("10.0.1", "fp16_flag"), ("10.3.0.30", "fp16_flag"), ("10.11.0", "fp16_flag"), ("10.12.0", "strongly_typed"),
-     ("10.13.2", "strongly_typed"), ("11.0.0", "strongly_typed"), ((12, 1), "strongly_typed"), ((10, 3, 0), "fp16_flag")],
+    [
+        ("10.0.1", "fp16_flag"),
+        ("10.3.0.30", "fp16_flag"),
+        ("10.11.0", "fp16_flag"),
+        ("10.12.0", "strongly_typed"),
+        ("10.13.2", "strongly_typed"),
+        ("11.0.0", "strongly_typed"),
+        ((12, 1), "strongly_typed"),
+        ((10, 3, 0), "fp16_flag"),
+    ],
 )
 def test_typing_mode(version, mode):
     assert tr.typing_mode(version) == mode
@@ -69,8 +84,15 @@ def test_profile_shapes():
 
 
 def _key(**kw):
-    base = dict(trt_version="10.3.0", compute_capability=(8, 7), precision="fp16", model_sha256="ab" * 32,
-                max_batch=8, gpu_name="Orin", typing="fp16_flag")
+    base = dict(
+        trt_version="10.3.0",
+        compute_capability=(8, 7),
+        precision="fp16",
+        model_sha256="ab" * 32,
+        max_batch=8,
+        gpu_name="Orin",
+        typing="fp16_flag",
+    )
     return tr.EngineKey(**{**base, **kw})
 
 
@@ -81,12 +103,18 @@ def test_engine_and_timing_cache_names(tmp_path):
     assert key.file_name == _key().file_name  # deterministic
 
 
-@pytest.mark.parametrize("field, value", [
-    ("model_sha256", "cd" * 32),  # another bundle / retrained weights (defect 3)
-    ("gpu_name", "NVIDIA RTX 4090"),  # same compute capability, other GPU (defect 12)
-    ("rules_version", tr.RULES_VERSION + 1),  # madclip's precision rules changed (defect 12)
-    ("typing", "strongly_typed"), ("max_batch", 4), ("trt_version", "10.3.1"), ("compute_capability", (8, 9)),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model_sha256", "cd" * 32),  # another bundle / retrained weights (defect 3)
+        ("gpu_name", "NVIDIA RTX 4090"),  # same compute capability, other GPU (defect 12)
+        ("rules_version", tr.RULES_VERSION + 1),  # madclip's precision rules changed (defect 12)
+        ("typing", "strongly_typed"),
+        ("max_batch", 4),
+        ("trt_version", "10.3.1"),
+        ("compute_capability", (8, 9)),
+    ],
+)
 def test_engine_file_name_hashes_every_key_field(field, value):
     """Defect 3: engines of different models never share a file name, so a shared --cache-dir (or a
     concurrent process replacing a file) cannot hand one model another model's engine."""
@@ -117,10 +145,15 @@ def test_engine_key_mismatch_detection():
     assert key.mismatches(key) == []
     assert key.mismatches(_key(model_sha256="a" * 64, compute_capability=[8, 7])) == []
     other = _key(trt_version="10.4.0", compute_capability=(8, 9), model_sha256="b" * 64)
-    assert key.mismatches(other) == ["TensorRT 10.3.0 -> 10.4.0", "GPU compute capability (8, 7) -> (8, 9)",
-                                     f"model sha256 {'a' * 12} -> {'b' * 12}"]
+    assert key.mismatches(other) == [
+        "TensorRT 10.3.0 -> 10.4.0",
+        "GPU compute capability (8, 7) -> (8, 9)",
+        f"model sha256 {'a' * 12} -> {'b' * 12}",
+    ]
     assert key.mismatches(_key(model_sha256="a" * 64, precision="fp32", typing="fp32")) == [
-        "precision fp16 -> fp32", "typing fp16_flag -> fp32"]
+        "precision fp16 -> fp32",
+        "typing fp16_flag -> fp32",
+    ]
 
 
 def test_engine_typing_and_tf32():
@@ -329,8 +362,11 @@ def test_old_code_fails_against_tensorrt_like_fakes(tmp_path):
     with pytest.raises(AttributeError, match="op0"):
         _old_is_vector_matmul(FakeTrt, net.get_layer(mm_index))
     assert _old_tail_starts(FakeTrt, net, ("dt",)) == []
-    assert te._is_vector_matmul(FakeTrt, net.get_layer(mm_index), {
-        t.name: net.get_layer(impl.index) for impl in net.layers() for t in impl.outputs})
+    assert te._is_vector_matmul(
+        FakeTrt,
+        net.get_layer(mm_index),
+        {t.name: net.get_layer(impl.index) for impl in net.layers() for t in impl.outputs},
+    )
 
 
 def test_tail_pinned_by_structure_on_the_parsed_network(tmp_path):
@@ -341,7 +377,15 @@ def test_tail_pinned_by_structure_on_the_parsed_network(tmp_path):
     pinned = te.constrain_fp32_islands(FakeTrt, net, ("dt",))
     fp32 = _fp32_layers(net)
     assert pinned == len(fp32)
-    head = {"dt", "node_matmul", "node_sigmoid", "node_view_1", "node_upsample_bilinear2d", "node_mean", "node_amax"}
+    head = {
+        "dt",
+        "node_matmul",
+        "node_sigmoid",
+        "node_view_1",
+        "node_upsample_bilinear2d",
+        "node_mean",
+        "node_amax",
+    }
     islands = {"node_layer_norm", "node_linalg_vector_norm", "node_div"}
     assert {n for n in fp32 if not n.startswith("ONNXTRT_")} == head | islands
     helpers = sorted(n.split("_")[1].rstrip("0123456789") for n in fp32 if n.startswith("ONNXTRT_"))
@@ -375,7 +419,9 @@ def test_network_flags():
     assert te._network_flags(FakeTrt, "strongly_typed", (10, 12, 0)) == 1 << 1
     assert te._network_flags(FakeTrt, "fp16_flag", (10, 3, 0)) == 0  # FP16 builder flag path
     assert te._network_flags(FakeTrt, "fp16_flag", (10, 13, 0)) == 0  # forced flag path on 10.12+
-    assert te._network_flags(FakeTrt, "strongly_typed", (11, 0, 0)) == 0  # always strongly typed; flag deprecated
+    assert (
+        te._network_flags(FakeTrt, "strongly_typed", (11, 0, 0)) == 0
+    )  # always strongly typed; flag deprecated
     assert te._network_flags(FakeTrt, "fp32", (10, 12, 0)) == 0
 
 
@@ -386,8 +432,13 @@ def test_quick_gelu_sigmoids_do_not_pin_the_backbone(tmp_path):
     net = _parsed(tmp_path, _head_model(quick_gelu=True))
     te.constrain_fp32_islands(FakeTrt, net, ("dt",))
     fp32 = _fp32_layers(net)
-    backbone = {"/visual/transformer/resblocks.0/mlp/gelu/Sigmoid", "/visual/transformer/resblocks.0/mlp/gelu/Mul",
-                "/visual/transformer/resblocks.0/mlp/c_proj/MatMul", "node_div_gelu", "/visual/conv1/Conv"}
+    backbone = {
+        "/visual/transformer/resblocks.0/mlp/gelu/Sigmoid",
+        "/visual/transformer/resblocks.0/mlp/gelu/Mul",
+        "/visual/transformer/resblocks.0/mlp/c_proj/MatMul",
+        "node_div_gelu",
+        "/visual/conv1/Conv",
+    }
     assert not backbone & fp32
     assert {"node_layer_norm", "node_matmul", "node_sigmoid", "node_mean"} <= fp32
 
@@ -450,7 +501,9 @@ def test_engine_key_changes_with_islands_flags_and_rules(fake_trt, tmp_path):
     cache = tmp_path / "cache"
     first = te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("dt",))
     n = len(trt.configs)
-    assert te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("dt",)) == first and len(trt.configs) == n
+    assert (
+        te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("dt",)) == first and len(trt.configs) == n
+    )
     other = te.ensure_engine(onnx_path, cache, "fp16", 2, fp32_islands=("text", "one"))
     assert other != first and len(trt.configs) == n + 1
     assert tr.read_engine_key(other).fp32_islands == ("text", "one")
@@ -462,7 +515,9 @@ def test_fp32_engine_is_built_without_tf32(fake_trt, tmp_path):
     trt, onnx_path = fake_trt
     te.build_engine(onnx_path, tmp_path / "e32.engine", te.engine_key(onnx_path, "fp32", 2))
     assert _Flag.TF32 not in trt.configs[-1].flags
-    te.build_engine(onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2, fp32_islands=("dt",)))
+    te.build_engine(
+        onnx_path, tmp_path / "e16.engine", te.engine_key(onnx_path, "fp16", 2, fp32_islands=("dt",))
+    )
     assert {_Flag.TF32, _Flag.FP16, _Flag.OBEY_PRECISION_CONSTRAINTS} <= trt.configs[-1].flags
 
 
@@ -474,7 +529,9 @@ def test_foreign_timing_cache_is_replaced_by_a_fresh_one(fake_trt, tmp_path, cap
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"from-another-gpu")
     with caplog.at_level(logging.WARNING, logger="madclip_runtime.engines.trt_engine"):
-        te.build_engine(onnx_path, tmp_path / "e.engine", te.engine_key(onnx_path, "fp32", 2), timing_cache_file=cache)
+        te.build_engine(
+            onnx_path, tmp_path / "e.engine", te.engine_key(onnx_path, "fp32", 2), timing_cache_file=cache
+        )
     assert "starting a new one" in caplog.text
     assert trt.configs[-1].attached is not None and trt.configs[-1].attached.blob == b""
     assert cache.read_bytes() == b"timing:"  # the fresh cache was saved
@@ -484,7 +541,9 @@ def test_timing_cache_that_never_attaches_does_not_break_the_build(fake_trt, tmp
     trt, onnx_path = fake_trt
     monkeypatch.setattr(_Config, "set_timing_cache", lambda self, cache, ignore: False)
     cache = tmp_path / "timing.cache"
-    te.build_engine(onnx_path, tmp_path / "e.engine", te.engine_key(onnx_path, "fp32", 2), timing_cache_file=cache)
+    te.build_engine(
+        onnx_path, tmp_path / "e.engine", te.engine_key(onnx_path, "fp32", 2), timing_cache_file=cache
+    )
     assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and not cache.exists()
 
 
@@ -520,8 +579,13 @@ class _Err(enum.Enum):
 
 def _fake_cudart(err):
     return types.SimpleNamespace(
-        cudaError_t=_Err, cudaGetDeviceCount=lambda: (err, 0 if err != _Err.cudaSuccess else 2),
-        cudaGetErrorString=lambda e: (_Err.cudaSuccess, b"CUDA driver version is insufficient for CUDA runtime version"))
+        cudaError_t=_Err,
+        cudaGetDeviceCount=lambda: (err, 0 if err != _Err.cudaSuccess else 2),
+        cudaGetErrorString=lambda e: (
+            _Err.cudaSuccess,
+            b"CUDA driver version is insufficient for CUDA runtime version",
+        ),
+    )
 
 
 def test_probe_falls_back_to_libcuda_and_keeps_the_error(monkeypatch):
@@ -542,7 +606,9 @@ def test_backends_use_the_probe(monkeypatch):
     probe = cuda_probe.GpuProbe(1, "libcuda", "cuda-python: cudaErrorInsufficientDriver: ...")
     monkeypatch.setattr(cuda_probe, "cached_probe", lambda: probe)
     assert backends._visible_gpu() is True  # ort-cuda / ort-trt stay available
-    monkeypatch.setattr(backends.trt_engine, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(
+        backends.trt_engine, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0")
+    )
     with pytest.raises(BackendUnavailable, match=r"cuda-python<13"):
         backends.require_trt()
 
@@ -672,10 +738,15 @@ class _FakeContext:
     def execute_async_v3(self, handle):
         self.handles.append(handle)
         b = self.batch
-        x = np.frombuffer((ctypes.c_float * (b * 48)).from_address(self.addr["image"]), np.float32).reshape(b, 3, 4, 4)
+        x = np.frombuffer((ctypes.c_float * (b * 48)).from_address(self.addr["image"]), np.float32).reshape(
+            b, 3, 4, 4
+        )
         amap = x.mean(axis=1, keepdims=True)
-        for name, value in (("anomaly_map", amap), ("score", amap.mean(axis=(1, 2, 3))),
-                            ("score_map_max", amap.max(axis=(1, 2, 3)))):
+        for name, value in (
+            ("anomaly_map", amap),
+            ("score", amap.mean(axis=(1, 2, 3))),
+            ("score_map_max", amap.max(axis=(1, 2, 3))),
+        ):
             flat = np.ascontiguousarray(value, np.float32).ravel()
             ctypes.memmove(self.addr[name], flat.ctypes.data, flat.nbytes)
         return True
@@ -702,7 +773,9 @@ def test_runner_uses_pinned_host_buffers_and_native_stream_handle(monkeypatch, t
         np.testing.assert_allclose(out["score"], amap.mean(axis=(1, 2, 3)), rtol=1e-6)
         assert out["score_map_max"].shape == (batch,) and out["score"].dtype == np.float32
         first = first if first is not None else (out, x)
-    np.testing.assert_allclose(first[0]["anomaly_map"], first[1].mean(axis=1, keepdims=True), rtol=1e-6)  # not overwritten
+    np.testing.assert_allclose(
+        first[0]["anomaly_map"], first[1].mean(axis=1, keepdims=True), rtol=1e-6
+    )  # not overwritten
     assert cudart.copies and all(pinned for pinned, _ in cudart.copies)
     assert runner._context.handles == [4242, 4242, 4242]
     with pytest.raises(InputError):
@@ -762,9 +835,10 @@ def test_fp16_flag_build_pins_the_tail_from_the_bundles_own_constants(tmp_path):
         def clear_flag(self, flag):
             pass
 
-    trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32="tf32", FP16="fp16",
-                                                                  OBEY_PRECISION_CONSTRAINTS="obey"),
-                                __version__="10.3.0")  # configure_precision only; the network is not read
+    trt = types.SimpleNamespace(
+        BuilderFlag=types.SimpleNamespace(TF32="tf32", FP16="fp16", OBEY_PRECISION_CONSTRAINTS="obey"),
+        __version__="10.3.0",
+    )  # configure_precision only; the network is not read
     key = types.SimpleNamespace(precision="fp16", typing="fp16_flag")
     orig = trt_engine.constrain_fp32_islands
     trt_engine.constrain_fp32_islands = lambda t, n, tail: calls.append(tuple(tail)) or 0
@@ -831,8 +905,11 @@ def test_engine_built_under_older_rules_is_rebuilt_with_a_reason(fake_trt, tmp_p
     trt, onnx_path = fake_trt
     cache = tmp_path / "cache"
     want = te.engine_key(onnx_path, "fp16", 2, fp32_islands=("dt",))
-    old = {k: v for k, v in json.loads(want.to_json()).items()
-           if k not in ("fp32_islands", "builder_flags", "workspace_bytes")}
+    old = {
+        k: v
+        for k, v in json.loads(want.to_json()).items()
+        if k not in ("fp32_islands", "builder_flags", "workspace_bytes")
+    }
     old["rules_version"] = 2
     cache.mkdir()
     (cache / want.file_name).write_bytes(b"OLD PLAN")

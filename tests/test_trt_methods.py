@@ -39,8 +39,14 @@ def method_bundles(exported_tiny_bundle, tmp_path_factory):
         run = base / f"run-{method}"
         train_run(
             TrainRequest(
-                data=str(root), out=str(run), method=method, shots=2, epochs=1,
-                backbone="madclip-tiny", pretrained="none", device="cpu",
+                data=str(root),
+                out=str(run),
+                method=method,
+                shots=2,
+                epochs=1,
+                backbone="madclip-tiny",
+                pretrained="none",
+                device="cpu",
             )
         )
         bundle = base / f"bundle-{method}"

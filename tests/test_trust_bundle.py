@@ -3,6 +3,7 @@
 Regression tests for issue 10's observed cases: an edited threshold (-1, NaN, Infinity) was served with exit 0
 and --selftest PASSED; metadata values of the wrong type or range failed late with tracebacks.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ import pytest
 from PIL import Image
 
 from madclip_runtime.bundles.bundle import load_bundle, write_metadata
+from madclip_runtime.bundles.integrity import seal
 from madclip_runtime.cli.infer import main as infer_main
 from madclip_runtime.errors import BundleError, MadclipError
-from madclip_runtime.bundles.integrity import seal
 
 from .conftest import cli_error_lines, copy_tree
 
@@ -79,26 +80,35 @@ def test_edited_threshold_refused_naming_the_field(bundle, scan, capsys, value):
 
     with pytest.raises(BundleError, match=r"calibration\.threshold"):
         mr.load(bundle)
-    for args in ([scan, "--bundle", bundle], [scan, "--bundle", bundle, "--json"], ["--bundle", bundle, "--selftest"]):
+    for args in (
+        [scan, "--bundle", bundle],
+        [scan, "--bundle", bundle, "--json"],
+        ["--bundle", bundle, "--selftest"],
+    ):
         rc, out, err = _infer(capsys, *args)
         _one_line(rc, err, "calibration.threshold", "edited")
         assert out == ""
 
 
-@pytest.mark.parametrize("field, edit", [
-    ("calibration.score_name", lambda m: m["calibration"].update(score_name="score_map_max")),
-    ("calibration.map_scale", lambda m: m["calibration"].update(map_scale=[0.0, 2.0])),
-    ("calibration.method", lambda m: m["calibration"].update(method="chosen on the test split")),
-    ("preprocess.image_size", lambda m: m["preprocess"].update(image_size=224)),
-    ("preprocess.normalize", lambda m: m["preprocess"].update(normalize="clip")),
-    ("outputs.score", lambda m: m["outputs"]["score"].update(range=[0, 1])),
-    ("models.int8", lambda m: m["models"].pop("int8")),
-    ("max_batch", lambda m: m.update(max_batch=2)),
-    ("calibration.extra", lambda m: m["calibration"].update(extra=1)),
-])
+@pytest.mark.parametrize(
+    "field, edit",
+    [
+        ("calibration.score_name", lambda m: m["calibration"].update(score_name="score_map_max")),
+        ("calibration.map_scale", lambda m: m["calibration"].update(map_scale=[0.0, 2.0])),
+        ("calibration.method", lambda m: m["calibration"].update(method="chosen on the test split")),
+        ("preprocess.image_size", lambda m: m["preprocess"].update(image_size=224)),
+        ("preprocess.normalize", lambda m: m["preprocess"].update(normalize="clip")),
+        ("outputs.score", lambda m: m["outputs"]["score"].update(range=[0, 1])),
+        ("models.int8", lambda m: m["models"].pop("int8")),
+        ("max_batch", lambda m: m.update(max_batch=2)),
+        ("calibration.extra", lambda m: m["calibration"].update(extra=1)),
+    ],
+)
 def test_every_decision_relevant_field_is_covered(bundle, field, edit):
     _edit(bundle, edit)
-    with pytest.raises(BundleError, match=rf"field {field.replace('.', '[.]')} was (edited|removed|added)") as ei:
+    with pytest.raises(
+        BundleError, match=rf"field {field.replace('.', '[.]')} was (edited|removed|added)"
+    ) as ei:
         load_bundle(bundle, verify="none")
     assert "\n" not in str(ei.value)
 
@@ -118,22 +128,25 @@ def test_missing_integrity_record_refused(bundle):
 # ------------------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("field, edit", [
-    ("preprocess.image_size", lambda m: m["preprocess"].update(image_size="abc")),
-    ("preprocess.image_size", lambda m: m["preprocess"].update(image_size=-5)),
-    ("max_batch", lambda m: m.update(max_batch="abc")),
-    ("max_batch", lambda m: m.update(max_batch=0)),
-    ("calibration.map_scale", lambda m: m["calibration"].update(map_scale=[1, 1])),
-    ("calibration.threshold", lambda m: m["calibration"].update(threshold=float("nan"))),
-    ("calibration.threshold", lambda m: m["calibration"].update(threshold=float("inf"))),
-    ("calibration.threshold", lambda m: m["calibration"].update(threshold=-1)),
-    ("calibration.threshold", lambda m: m["calibration"].update(threshold="0.5")),
-    ("calibration.map_threshold", lambda m: m["calibration"].update(map_threshold=99)),
-    ("preprocess.window", lambda m: m["preprocess"].update(window="wide")),
-    ("opset", lambda m: m.update(opset=5)),
-    ("n_layers", lambda m: m.update(n_layers=True)),
-    ("preprocess.std[1]", lambda m: m["preprocess"].update(std=[0.2, 0.0, 0.2])),
-])
+@pytest.mark.parametrize(
+    "field, edit",
+    [
+        ("preprocess.image_size", lambda m: m["preprocess"].update(image_size="abc")),
+        ("preprocess.image_size", lambda m: m["preprocess"].update(image_size=-5)),
+        ("max_batch", lambda m: m.update(max_batch="abc")),
+        ("max_batch", lambda m: m.update(max_batch=0)),
+        ("calibration.map_scale", lambda m: m["calibration"].update(map_scale=[1, 1])),
+        ("calibration.threshold", lambda m: m["calibration"].update(threshold=float("nan"))),
+        ("calibration.threshold", lambda m: m["calibration"].update(threshold=float("inf"))),
+        ("calibration.threshold", lambda m: m["calibration"].update(threshold=-1)),
+        ("calibration.threshold", lambda m: m["calibration"].update(threshold="0.5")),
+        ("calibration.map_threshold", lambda m: m["calibration"].update(map_threshold=99)),
+        ("preprocess.window", lambda m: m["preprocess"].update(window="wide")),
+        ("opset", lambda m: m.update(opset=5)),
+        ("n_layers", lambda m: m.update(n_layers=True)),
+        ("preprocess.std[1]", lambda m: m["preprocess"].update(std=[0.2, 0.0, 0.2])),
+    ],
+)
 def test_validation_names_the_field_before_any_model_file_is_opened(bundle, field, edit):
     # resealed: the digests match, so the validation itself must catch it; model.onnx is gone to prove
     # that the validation comes first
@@ -167,8 +180,12 @@ def test_written_opset_mismatch_refused(tmp_path):
     from madclip_export.export import written_opset
 
     node = helper.make_node("Relu", ["x"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     assert written_opset(path, 18) == 18
@@ -225,12 +242,16 @@ def test_unsigned_or_foreign_signed_bundle_refused(bundle, keys, scan, capsys):
 
 def test_resealed_edit_of_a_signed_bundle_is_caught_by_the_signature(bundle, keys):
     _sign(bundle, keys / "alice.key")
-    _edit(bundle, lambda m: m["calibration"].update(threshold=0.0), reseal=True)  # digests recomputed by an attacker
+    _edit(
+        bundle, lambda m: m["calibration"].update(threshold=0.0), reseal=True
+    )  # digests recomputed by an attacker
     meta = _meta(bundle)
     assert "signature" not in meta  # seal drops it: the attacker cannot re-sign...
     _edit(bundle, lambda m: m.update(signature=json.loads(json.dumps(_signature_of(keys, bundle)))))
     with pytest.raises(BundleError, match="signature does not match the metadata"):
-        load_bundle(bundle)  # ...and an old signature does not cover the new content, even without a trusted key
+        load_bundle(
+            bundle
+        )  # ...and an old signature does not cover the new content, even without a trusted key
     with pytest.raises(BundleError, match="signature does not match"):
         load_bundle(bundle, trusted_key=keys / "alice.pub")
 

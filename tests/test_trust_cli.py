@@ -1,5 +1,6 @@
 """CLI trust: validated numeric options in every CLI, the safety net, escaped names, madclip's outputs never re-read,
 open_clip's INFO chatter quieted. Regression tests for issue 10's observed cases."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ import pytest
 from PIL import Image
 
 from madclip_runtime.cli.common import bounded_int, error_line, finite_float, run_cli, setup_logging
-from madclip_runtime.scans.imageio import expand_inputs
 from madclip_runtime.safe_text import escape_control
+from madclip_runtime.scans.imageio import expand_inputs
 
 from .conftest import cli_error_lines, copy_tree
 
@@ -23,10 +24,14 @@ def _entry(name: str):
     import importlib
 
     module, func = {
-        "train": ("madclip_train.cli", "train_main"), "eval": ("madclip_train.cli", "eval_main"),
-        "convert": ("madclip_train.cli", "convert_main"), "demo": ("madclip_train.demo", "main"),
-        "export": ("madclip_export.cli", "main"), "infer": ("madclip_runtime.cli.infer", "main"),
-        "bench": ("madclip_runtime.cli.bench", "main"), "prepare": ("madclip_runtime.cli.prepare", "main"),
+        "train": ("madclip_train.cli", "train_main"),
+        "eval": ("madclip_train.cli", "eval_main"),
+        "convert": ("madclip_train.cli", "convert_main"),
+        "demo": ("madclip_train.demo", "main"),
+        "export": ("madclip_export.cli", "main"),
+        "infer": ("madclip_runtime.cli.infer", "main"),
+        "bench": ("madclip_runtime.cli.bench", "main"),
+        "prepare": ("madclip_runtime.cli.prepare", "main"),
     }[name]
     return getattr(importlib.import_module(module), func)
 
@@ -66,7 +71,9 @@ BAD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("cli, base, option, values", BAD_OPTIONS, ids=[f"{c}{o}" for c, _, o, _ in BAD_OPTIONS])
+@pytest.mark.parametrize(
+    "cli, base, option, values", BAD_OPTIONS, ids=[f"{c}{o}" for c, _, o, _ in BAD_OPTIONS]
+)
 def test_numeric_options_refused_in_one_line(capsys, cli, base, option, values):
     main = _entry(cli)
     for value in values:
@@ -124,7 +131,12 @@ def test_run_config_without_model_key_is_one_line(trained_tiny_run, tmp_path, ca
     err = capsys.readouterr().err
     lines = [line for line in cli_error_lines(err) if line.startswith("error:")]
     assert len(lines) == 1 and "key 'model' is missing" in lines[0] and "Traceback" not in err
-    config["model"] = {"backbone": "madclip-tiny", "pretrained": "none", "objective": "Brain", "image_size": "big"}
+    config["model"] = {
+        "backbone": "madclip-tiny",
+        "pretrained": "none",
+        "objective": "Brain",
+        "image_size": "big",
+    }
     (run / "config.json").write_text(json.dumps(config))
     assert main([str(run), "--out", str(tmp_path / "b")]) == 2
     assert "'model.image_size' must be int" in capsys.readouterr().err
@@ -135,7 +147,10 @@ def test_run_config_without_model_key_is_one_line(trained_tiny_run, tmp_path, ca
 
 
 def test_escape_control():
-    assert escape_control("evil\nerror: none - self-test PASSED.png") == "evil\\nerror: none - self-test PASSED.png"
+    assert (
+        escape_control("evil\nerror: none - self-test PASSED.png")
+        == "evil\\nerror: none - self-test PASSED.png"
+    )
     assert escape_control("a\x1b[2Jb\x07") == "a\\x1b[2Jb\\x07"
     assert escape_control("rtl\u202eabc") == "rtl\\u202eabc"
     assert escape_control("plain é 中 name.png") == "plain é 中 name.png"
@@ -233,13 +248,19 @@ def test_open_clip_output_only_with_verbose(capsys):
     setup_logging(False)
     root = logging.getLogger()
     path = os.path.join(os.path.dirname(open_clip.__file__), "factory.py")
-    for level, msg in ((logging.INFO, "Loaded ViT model config."), (logging.WARNING, "pretrained weights missing")):
+    for level, msg in (
+        (logging.INFO, "Loaded ViT model config."),
+        (logging.WARNING, "pretrained weights missing"),
+    ):
         root.handle(root.makeRecord("root", level, path, 1, msg, None, None))
     err = capsys.readouterr().err
     assert "Loaded ViT model config." not in err and "pretrained weights missing" not in err
     setup_logging(True)
     try:
-        for level, msg in ((logging.INFO, "Loaded ViT model config."), (logging.WARNING, "pretrained weights missing")):
+        for level, msg in (
+            (logging.INFO, "Loaded ViT model config."),
+            (logging.WARNING, "pretrained weights missing"),
+        ):
             root.handle(root.makeRecord("root", level, path, 1, msg, None, None))
         err = capsys.readouterr().err
         assert "Loaded ViT model config." in err and "pretrained weights missing" in err

@@ -1,5 +1,6 @@
 """Training and export trust: no non-finite run is ever written or exported, masks of any bit depth, an empty
 abnormal mask is reported, converted reference checkpoints deploy (--calib). Regression tests for issue 10."""
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,31 @@ def test_diverging_training_writes_nothing(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(MadCLIP, "loss", nan_on_third_step)
     out = tmp_path / "run"
-    rc = train_main(["--data", str(root), "--out", str(out), "--shots", "2", "--epochs", "3", "--batch-size", "16",
-                     "--device", "cpu", *TINY])
+    rc = train_main(
+        [
+            "--data",
+            str(root),
+            "--out",
+            str(out),
+            "--shots",
+            "2",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     lines = _error_lines(err)
-    assert len(lines) == 1 and "loss total is nan at epoch 1 step 3" in lines[0] and "nothing written" in lines[0]
+    assert (
+        len(lines) == 1
+        and "loss total is nan at epoch 1 step 3" in lines[0]
+        and "nothing written" in lines[0]
+    )
     assert not out.exists() and not list(tmp_path.glob(".run*"))  # no run, no temporary left behind
 
 
@@ -92,8 +112,18 @@ def test_exporter_refuses_a_run_with_non_finite_tensors(trained_tiny_run, tmp_pa
 # ------------------------------------------------------------------------------------------ masks
 
 
-@pytest.mark.parametrize("dtype, on", [(np.uint8, 1), (np.uint8, 255), (np.uint8, 7), (np.uint16, 1),
-                                       (np.uint16, 255), (np.uint16, 65535), (np.uint16, 1000)])
+@pytest.mark.parametrize(
+    "dtype, on",
+    [
+        (np.uint8, 1),
+        (np.uint8, 255),
+        (np.uint8, 7),
+        (np.uint16, 1),
+        (np.uint16, 255),
+        (np.uint16, 65535),
+        (np.uint16, 1000),
+    ],
+)
 def test_masks_of_any_bit_depth(tmp_path, dtype, on):
     m = np.zeros((40, 40), dtype)
     m[10:20, 5:15] = on
@@ -127,8 +157,9 @@ def test_16bit_label_mask_trains_as_lesion_and_empty_mask_warns(tmp_path, caplog
     Image.fromarray(m16).save(tmp_path / "m16.png")
     Image.fromarray(np.zeros((64, 64), np.uint16)).save(tmp_path / "empty.png")
     with caplog.at_level(logging.WARNING):
-        _, masks, _ = load_arrays([Sample(str(img), 1, str(tmp_path / "m16.png")),
-                                   Sample(str(img), 1, str(tmp_path / "empty.png"))])
+        _, masks, _ = load_arrays(
+            [Sample(str(img), 1, str(tmp_path / "m16.png")), Sample(str(img), 1, str(tmp_path / "empty.png"))]
+        )
     assert masks[0].mean() == pytest.approx((20 / 64) ** 2, rel=0.05)  # not silently empty
     assert not masks[1].any()
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -170,8 +201,22 @@ def test_convert_export_sign_infer_end_to_end(converted_run, calib_root, tmp_pat
 
     assert keygen_main([str(tmp_path / "k")]) == 0
     b = tmp_path / "bundle"
-    assert main([str(converted_run), "--out", str(b), "--calib", str(calib_root), "--calib-split", "valid",
-                 "--sign", str(tmp_path / "k.key")]) == 0
+    assert (
+        main(
+            [
+                str(converted_run),
+                "--out",
+                str(b),
+                "--calib",
+                str(calib_root),
+                "--calib-split",
+                "valid",
+                "--sign",
+                str(tmp_path / "k.key"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     meta = json.loads((b / "metadata.json").read_text())
     assert meta["calibration"]["threshold"] is not None and "--calib images" in meta["calibration"]["method"]
@@ -183,7 +228,9 @@ def test_convert_export_sign_infer_end_to_end(converted_run, calib_root, tmp_pat
     assert len(records) == 2 and all(r["label"] in ("normal", "anomaly") for r in records)
 
 
-def test_calib_folder_of_unlabelled_images_gives_scores_without_threshold(converted_run, calib_root, tmp_path, capsys):
+def test_calib_folder_of_unlabelled_images_gives_scores_without_threshold(
+    converted_run, calib_root, tmp_path, capsys
+):
     from madclip_export.cli import main
     from madclip_runtime.cli.infer import main as infer
 

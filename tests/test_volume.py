@@ -5,6 +5,7 @@ brightness, so a bright planted lesion must come back as the top slice and as th
 map, at the lesion's own voxel indices on the input grid (any orientation/ordering mistake moves it).
 The CLI tests run the real exported madclip-tiny bundle.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,14 +76,24 @@ def _run(capsys, *args) -> tuple[int, str, str]:
 # ------------------------------------------------------------------------------------------ NIfTI geometry
 
 
-@pytest.mark.parametrize("affine", [
-    np.diag([0.9, 0.8, 2.5, 1.0]),
-    # stored as (S->I, R->L, P->A) axes: permuted and flipped storage, oblique-free
-    np.array([[0, -0.8, 0, 10], [0, 0, 0.9, -5], [-2.5, 0, 0, 40], [0, 0, 0, 1]], float),
-], ids=["ras", "permuted-flipped"])
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([0.9, 0.8, 2.5, 1.0]),
+        # stored as (S->I, R->L, P->A) axes: permuted and flipped storage, oblique-free
+        np.array([[0, -0.8, 0, 10], [0, 0, 0.9, -5], [-2.5, 0, 0, 40], [0, 0, 0, 1]], float),
+    ],
+    ids=["ras", "permuted-flipped"],
+)
 def test_nifti_map_has_input_geometry_and_lesion_voxels(brightness, tmp_path, affine):
     from madclip_runtime.scans.volume import read_nifti_as_volume
-    from madclip_runtime.scans.volume_output import parse_volume_score, save_volume_outputs, score_volume, summarize, volume_record
+    from madclip_runtime.scans.volume_output import (
+        parse_volume_score,
+        save_volume_outputs,
+        score_volume,
+        summarize,
+        volume_record,
+    )
 
     predictor, backend = brightness
     vol, mask = lesion_volume(lesion_slice=4)  # [X, Y, Z], lesion in z = 4
@@ -94,8 +105,16 @@ def test_nifti_map_has_input_geometry_and_lesion_voxels(brightness, tmp_path, af
     preds = score_volume(predictor, volume, progress.append)
     assert backend.batches == [3, 3, 1] and progress == [3, 3, 1]  # batches of the max batch
     summary = summarize(volume, preds, parse_volume_score("max"), predictor.threshold, predictor.score_name)
-    paths = save_volume_outputs(str(tmp_path / "out"), "case01", volume, preds, volume_record(volume, summary, predictor),
-                                predictor.bundle.map_scale, 1.0, "test")
+    paths = save_volume_outputs(
+        str(tmp_path / "out"),
+        "case01",
+        volume,
+        preds,
+        volume_record(volume, summary, predictor),
+        predictor.bundle.map_scale,
+        1.0,
+        "test",
+    )
     out = nib.load(paths["map"])
     assert out.shape == vol.shape and out.get_data_dtype() == np.float32
     np.testing.assert_allclose(out.affine, affine, atol=1e-6)
@@ -122,7 +141,7 @@ def test_dicom_series_shuffled_on_disk_is_ordered_and_mapped(brightness, tmp_pat
     from nibabel.nicom.dicomwrappers import wrapper_from_data
 
     from madclip_runtime.scans.volume import LPS_TO_RAS, plan_volumes
-    from madclip_runtime.scans.volume_output import score_volume, summarize, parse_volume_score
+    from madclip_runtime.scans.volume_output import parse_volume_score, score_volume, summarize
 
     predictor, _ = brightness
     vol, mask = lesion_volume(lesion_slice=2)
@@ -144,7 +163,11 @@ def test_dicom_series_shuffled_on_disk_is_ordered_and_mapped(brightness, tmp_pat
     np.testing.assert_allclose(volume.affine[:, [0, 1, 3]], ref[:, [0, 1, 3]], atol=1e-6)
     np.testing.assert_allclose(volume.affine[:3, 2], [0, 0, 2.5], atol=1e-6)
     r, col, k = 5, 7, 3  # any voxel: affine @ index == the DICOM position of that pixel, in RAS
-    lps = np.array(pydicom.dcmread(paths[k]).ImagePositionPatient) + r * 0.8 * np.array(iop[3:]) + col * 0.7 * np.array(iop[:3])
+    lps = (
+        np.array(pydicom.dcmread(paths[k]).ImagePositionPatient)
+        + r * 0.8 * np.array(iop[3:])
+        + col * 0.7 * np.array(iop[:3])
+    )
     np.testing.assert_allclose(volume.affine @ [r, col, k, 1], np.r_[lps * [-1, -1, 1], 1], atol=1e-6)
 
     preds = score_volume(predictor, volume)
@@ -179,12 +202,17 @@ def test_enhanced_multiframe_ordered_by_per_frame_positions(brightness, tmp_path
         pos.ImagePositionPatient = [-10.0, 20.0, -30.0 + 2.5 * k]
         item.PlanePositionSequence = Sequence([pos])
         per_frame.append(item)
-    ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence = Sequence([shared]), Sequence(per_frame)
+    ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence = (
+        Sequence([shared]),
+        Sequence(per_frame),
+    )
     del ds.ImagePositionPatient
     ds.save_as(str(tmp_path / "mf.dcm"))
     (job,), flat, _ = plan_volumes([str(tmp_path / "mf.dcm")])
     volume = job.read()
-    assert volume.kind == "dicom-multiframe" and volume.frame_of_slice == [stored_order.index(k) for k in range(7)]
+    assert volume.kind == "dicom-multiframe" and volume.frame_of_slice == [
+        stored_order.index(k) for k in range(7)
+    ]
     np.testing.assert_allclose(volume.affine[:3, 3], [10.0, -20.0, -30.0])  # LPS (-10, 20, -30) in RAS
     np.testing.assert_allclose(volume.affine[:3, 2], [0, 0, 2.5])
     preds = score_volume(predictor, volume)
@@ -199,8 +227,9 @@ def test_two_series_in_one_folder_are_kept_apart(standin, tmp_path, capsys):
     _, uid1 = write_dicom_series(tmp_path / "mixed", _frames_from(vol), series_number=1, study_uid=study)
     for i, p in enumerate(sorted((tmp_path / "mixed").iterdir())):
         p.rename(tmp_path / "mixed" / f"A{i}.dcm")
-    _, uid2 = write_dicom_series(tmp_path / "mixed", _frames_from(vol)[:2], series_number=2, study_uid=study,
-                                 thickness=5.0)
+    _, uid2 = write_dicom_series(
+        tmp_path / "mixed", _frames_from(vol)[:2], series_number=2, study_uid=study, thickness=5.0
+    )
     files = sorted(str(p) for p in (tmp_path / "mixed").iterdir())
     jobs, flat, errors = plan_volumes(files)
     assert sorted((j.series.uid, len(j.series.files)) for j in jobs) == sorted([(uid1, 3), (uid2, 2)])
@@ -239,7 +268,11 @@ def test_series_checks_duplicates_gaps_uneven(tmp_path, caplog):
 
     paths, _ = write_dicom_series(tmp_path / "uneven", frames)
     ds = pydicom.dcmread(paths[4])
-    ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], ds.ImagePositionPatient[2] - 0.6]
+    ds.ImagePositionPatient = [
+        ds.ImagePositionPatient[0],
+        ds.ImagePositionPatient[1],
+        ds.ImagePositionPatient[2] - 0.6,
+    ]
     ds.save_as(str(paths[4]))
     (job,), _, _ = plan_volumes([str(p) for p in paths])
     assert any("uneven slice spacing" in w for w in job.read().warnings)
@@ -256,15 +289,24 @@ def test_cli_nifti_volume_outputs(standin, tmp_path, capsys):
     rc, stdout, err = _run(capsys, p, "--bundle", standin, "--out", out, "--json")
     assert rc == 0, err
     (rec,) = [json.loads(x) for x in stdout.splitlines()]
-    assert sorted(x.name for x in out.iterdir() if not x.name.startswith(".")) == ["case01.json", "case01_map.nii.gz", "case01_montage.png"]
+    assert sorted(x.name for x in out.iterdir() if not x.name.startswith(".")) == [
+        "case01.json",
+        "case01_map.nii.gz",
+        "case01_montage.png",
+    ]
     m = nib.load(out / "case01_map.nii.gz")
     assert m.shape == vol.shape and np.allclose(m.affine, affine) and m.get_data_dtype() == np.float32
     assert rec["n_slices"] == 7 and len(rec["slices"]) == 7 and rec["volume_score_method"] == "max"
     scores = [s["score"] for s in rec["slices"]]
-    assert rec["volume_score"] == pytest.approx(max(scores)) and rec["top_slices"][0] == int(np.argmax(scores))
+    assert rec["volume_score"] == pytest.approx(max(scores)) and rec["top_slices"][0] == int(
+        np.argmax(scores)
+    )
     assert rec["top_slices"][0] == 4  # the planted lesion's slice
     doc = json.loads((out / "case01.json").read_text())
-    assert doc["map_threshold_method"].startswith("bundle calibration") and doc["montage_file"] == "case01_montage.png"
+    assert (
+        doc["map_threshold_method"].startswith("bundle calibration")
+        and doc["montage_file"] == "case01_montage.png"
+    )
 
     rc, stdout, err = _run(capsys, p, "--bundle", standin, "--volume-score", "mean-top-2", "--json")
     (rec2,) = [json.loads(x) for x in stdout.splitlines()]
@@ -285,8 +327,18 @@ def test_cli_dicom_seg_reads_back(standin, tmp_path, capsys):
     vol, _ = lesion_volume(shape=(24, 20, 5), lesion_slice=1)
     paths, uid = write_dicom_series(tmp_path / "ct", _frames_from(vol), order=[3, 1, 4, 0, 2])
     out = tmp_path / "out"
-    rc, stdout, err = _run(capsys, tmp_path / "ct", "--bundle", standin, "--out", out, "--dicom-seg",
-                           "--map-threshold", "2.1", "--json")
+    rc, stdout, err = _run(
+        capsys,
+        tmp_path / "ct",
+        "--bundle",
+        standin,
+        "--out",
+        out,
+        "--dicom-seg",
+        "--map-threshold",
+        "2.1",
+        "--json",
+    )
     assert rc == 0, err
     (rec,) = [json.loads(x) for x in stdout.splitlines()]
     seg = hd.seg.segread(out / "ct_seg.dcm")
@@ -397,9 +449,13 @@ def test_real_slices_stacked_into_a_volume(exported_tiny_bundle, tmp_path, capsy
     if len(files) < 5:
         pytest.skip("fewer than 5 brain1 slices in the real scans")
     planes = [np.asarray(Image.open(f).convert("L")) for f in files]  # each [H, W]
-    vol = np.stack([pl[::-1, ::-1].T for pl in planes], axis=2)  # [X, Y, Z] so slice k shows plane k as stored
+    vol = np.stack(
+        [pl[::-1, ::-1].T for pl in planes], axis=2
+    )  # [X, Y, Z] so slice k shows plane k as stored
     p = tmp_path / "brain1.nii.gz"
-    nib.save(nib.Nifti1Image(vol.astype(np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])), str(p))  # no display window
+    nib.save(
+        nib.Nifti1Image(vol.astype(np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])), str(p)
+    )  # no display window
     out = tmp_path / "out"
     rc, stdout, err = _run(capsys, p, "--bundle", exported_tiny_bundle, "--out", out, "--json")
     assert rc == 0, err

@@ -54,6 +54,7 @@ Verification (`load_bundle(path, verify=...)`):
     "model"        size of every listed file, sha256 only of the `precision` variant's files and golden.npz.
     False / "none" only that listed files exist. `Bundle.verify()` can check later.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -65,12 +66,23 @@ from typing import Any, Iterable
 
 from .. import INTENDED_USE, __version__
 from ..atomic import atomic_write_text, sha256_file
-from . import integrity
-from ..contract import (ANOMALY_MAP, FP32, GOLDEN_FILE, METADATA_FILE, MODEL_FILES, OPENVINO,
-                        OPENVINO_MODEL_FILES, OPENVINO_WEIGHTS_SUFFIX, PRECISIONS, RUNTIME_PRECISION_OF, SCORE)
+from ..contract import (
+    ANOMALY_MAP,
+    FP32,
+    GOLDEN_FILE,
+    METADATA_FILE,
+    MODEL_FILES,
+    OPENVINO,
+    OPENVINO_MODEL_FILES,
+    OPENVINO_WEIGHTS_SUFFIX,
+    PRECISIONS,
+    RUNTIME_PRECISION_OF,
+    SCORE,
+)
 from ..errors import BundleError
-from .metadata_schema import SCHEMA_VERSION, validate_metadata
 from ..preprocess import PreprocessSpec
+from . import integrity
+from .metadata_schema import SCHEMA_VERSION, validate_metadata
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +109,17 @@ def file_checksums(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """{relpath: {"sha256", "bytes"}} for every file in `directory` except metadata.json."""
     directory = os.fspath(directory)
     return {
-        rel: {"sha256": sha256_file(os.path.join(directory, rel)),
-              "bytes": os.path.getsize(os.path.join(directory, rel))}
+        rel: {
+            "sha256": sha256_file(os.path.join(directory, rel)),
+            "bytes": os.path.getsize(os.path.join(directory, rel)),
+        }
         for rel in _listed_files(directory)
     }
 
 
-def write_metadata(directory: str | os.PathLike, meta: dict[str, Any], signing_key: Any = None) -> dict[str, Any]:
+def write_metadata(
+    directory: str | os.PathLike, meta: dict[str, Any], signing_key: Any = None
+) -> dict[str, Any]:
     """Checksum every file in `directory`, complete, validate, seal (and sign) `meta`, write metadata.json atomically.
 
     Fills schema_version, madclip_version, created_utc and intended_use when absent and always recomputes
@@ -118,7 +134,9 @@ def write_metadata(directory: str | os.PathLike, meta: dict[str, Any], signing_k
     out.setdefault("created_utc", _utc_now())
     out.setdefault("intended_use", INTENDED_USE)
     out["files"] = file_checksums(directory)
-    out = json.loads(json.dumps(out))  # exactly what the reader will see (tuples -> lists); NaN kept to be refused
+    out = json.loads(
+        json.dumps(out)
+    )  # exactly what the reader will see (tuples -> lists); NaN kept to be refused
     validate_metadata(out, os.path.join(directory, METADATA_FILE))
     out = integrity.seal(out)
     if signing_key is not None:
@@ -141,11 +159,15 @@ def _check_schema_version(meta: Any, where: str) -> None:
         # Safe choice: a schema-1 bundle's metadata (threshold, preprocessing) is not covered by any integrity
         # check, so it could have been edited unnoticed; accepting it with a warning would serve unverified
         # decisions. Re-exporting the run takes minutes and yields a verifiable bundle.
-        raise BundleError(f"{where}: schema_version 1 bundle: its metadata is not tamper-evident (written by an "
-                          f"older madclip); re-export the run with madclip-export")
+        raise BundleError(
+            f"{where}: schema_version 1 bundle: its metadata is not tamper-evident (written by an "
+            f"older madclip); re-export the run with madclip-export"
+        )
     if isinstance(version, bool) or version not in SUPPORTED_SCHEMAS:
-        raise BundleError(f"{where}: unknown schema_version {version!r} (this madclip reads "
-                          f"{', '.join(str(v) for v in sorted(SUPPORTED_SCHEMAS))})")
+        raise BundleError(
+            f"{where}: unknown schema_version {version!r} (this madclip reads "
+            f"{', '.join(str(v) for v in sorted(SUPPORTED_SCHEMAS))})"
+        )
 
 
 def openvino_weights(xml_rel: str) -> str:
@@ -268,8 +290,10 @@ class Bundle:
             rel = self.openvino_models.get(precision)
             if rel is None:
                 wanted = OPENVINO_MODEL_FILES[precision]
-                raise BundleError(f"{self.path}: no OpenVINO {precision} model ({wanted}) in "
-                                  f"this bundle: re-export with --int8 where openvino and nncf are installed")
+                raise BundleError(
+                    f"{self.path}: no OpenVINO {precision} model ({wanted}) in "
+                    f"this bundle: re-export with --int8 where openvino and nncf are installed"
+                )
             path = os.path.join(self.path, rel)
             if not os.path.isfile(path):
                 raise BundleError(f"{path}: missing (listed in {METADATA_FILE})")
@@ -278,8 +302,10 @@ class Bundle:
         precision = RUNTIME_PRECISION_OF.get(precision, precision)
         if precision not in models:
             wanted = MODEL_FILES.get(precision, precision)
-            raise BundleError(f"{self.path}: no {precision} model ({wanted}) in this bundle "
-                              f"(has {', '.join(self.precisions)})")
+            raise BundleError(
+                f"{self.path}: no {precision} model ({wanted}) in this bundle "
+                f"(has {', '.join(self.precisions)})"
+            )
         path = os.path.join(self.path, models[precision])
         if not os.path.isfile(path):
             raise BundleError(f"{path}: missing (listed in {METADATA_FILE})")
@@ -312,8 +338,10 @@ def _verify_files(path: str, meta: dict[str, Any], which: str | bool, precision:
             raise ValueError("verify='model' needs a precision")
         ov = meta.get("openvino_models") or {}
         if not model_files(meta, precision):
-            raise BundleError(f"{path}: no {precision} model in this bundle "
-                              f"(has {', '.join(p for p in PRECISIONS if p in meta['models'] or p in ov)})")
+            raise BundleError(
+                f"{path}: no {precision} model in this bundle "
+                f"(has {', '.join(p for p in PRECISIONS if p in meta['models'] or p in ov)})"
+            )
         hashed: Iterable[str] = set(model_files(meta, precision)) | ({GOLDEN_FILE} & set(files))
     elif mode == "all":
         hashed = set(files)
@@ -328,15 +356,18 @@ def _verify_files(path: str, meta: dict[str, Any], which: str | bool, precision:
             continue
         size = os.path.getsize(full)
         if size != info["bytes"]:
-            raise BundleError(f"{path}: tampered or corrupt: {rel} size mismatch "
-                              f"(expected {info['bytes']} bytes, found {size})")
+            raise BundleError(
+                f"{path}: tampered or corrupt: {rel} size mismatch "
+                f"(expected {info['bytes']} bytes, found {size})"
+            )
         if rel in hashed and sha256_file(full) != info["sha256"]:
             raise BundleError(f"{path}: tampered or corrupt: {rel} sha256 mismatch")
     log.debug("bundle %s verified (%s)", path, mode)
 
 
-def load_bundle(path: str | os.PathLike, verify: str | bool = True, precision: str | None = None,
-                trusted_key: Any = None) -> Bundle:
+def load_bundle(
+    path: str | os.PathLike, verify: str | bool = True, precision: str | None = None, trusted_key: Any = None
+) -> Bundle:
     """Read and check a bundle directory. See the module docstring for the `verify` modes.
 
     Order: schema version, integrity of every metadata field, signature (`trusted_key`: a path to an Ed25519
@@ -356,7 +387,9 @@ def load_bundle(path: str | os.PathLike, verify: str | bool = True, precision: s
     except UnicodeDecodeError as exc:
         raise BundleError(f"{meta_path}: not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
-        raise BundleError(f"{meta_path}: invalid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+        raise BundleError(
+            f"{meta_path}: invalid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
+        ) from None
     _check_schema_version(meta, meta_path)
     integrity.check(meta, meta_path)
     if trusted_key is not None or "signature" in meta:

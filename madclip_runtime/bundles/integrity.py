@@ -14,6 +14,7 @@ field that was edited, added or removed. The digests stop accidental and casual 
 recomputes them is stopped by the optional Ed25519 signature (`madclip_runtime.bundles.signing`), which covers the
 canonical JSON of everything but the signature itself, integrity record included.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,12 +26,24 @@ from ..errors import BundleError
 SCHEME = "madclip-fields-sha256-1"
 UNSEALED_KEYS = ("integrity", "signature")
 # Checked first, so the message names the decision-relevant field when several changed.
-_PRIORITY = ("calibration", "preprocess", "input", "outputs", "models", "max_batch", "opset", "method", "files")
+_PRIORITY = (
+    "calibration",
+    "preprocess",
+    "input",
+    "outputs",
+    "models",
+    "max_batch",
+    "opset",
+    "method",
+    "files",
+)
 
 
 def canonical_json(value: Any) -> bytes:
     """Deterministic JSON bytes: sorted keys, no whitespace, ASCII only; NaN/inf kept (so they can be detected)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode("ascii")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode(
+        "ascii"
+    )
 
 
 def _sha(value: Any) -> str:
@@ -69,10 +82,14 @@ def check(meta: dict[str, Any], where: str) -> None:
     """Refuse metadata whose fields differ from its integrity record: one BundleError line naming the field."""
     record = meta.get("integrity")
     if not isinstance(record, dict) or record.get("scheme") != SCHEME:
-        raise BundleError(f"{where}: integrity: missing or of an unknown scheme (expected {SCHEME}); the metadata "
-                          f"cannot be verified: re-export the bundle with madclip-export")
+        raise BundleError(
+            f"{where}: integrity: missing or of an unknown scheme (expected {SCHEME}); the metadata "
+            f"cannot be verified: re-export the bundle with madclip-export"
+        )
     recorded = record.get("fields")
-    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+    if not isinstance(recorded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
+    ):
         raise BundleError(f"{where}: integrity.fields: malformed integrity record")
     actual = field_digests(meta)
     for name in sorted(set(recorded) | set(actual), key=_order):
@@ -81,7 +98,9 @@ def check(meta: dict[str, Any], where: str) -> None:
         if name not in recorded:
             raise BundleError(f"{where}: tampered: field {name} was added after export")
         if recorded[name] != actual[name]:
-            raise BundleError(f"{where}: tampered: field {name} was edited after export (its digest does not "
-                              f"match the integrity record); re-export the bundle")
+            raise BundleError(
+                f"{where}: tampered: field {name} was edited after export (its digest does not "
+                f"match the integrity record); re-export the bundle"
+            )
     if record.get("digest") != _sha(sealed_part(meta)):
         raise BundleError(f"{where}: tampered: integrity.digest does not match the metadata")

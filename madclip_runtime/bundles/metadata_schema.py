@@ -6,6 +6,7 @@ BundleError line naming the field, e.g. ``metadata.json: calibration.threshold: 
 [0, 4], got nan``. Why so strict: a NaN threshold labels every scan "normal" (``score >= nan`` is false), a
 negative one labels every scan "anomaly", and both would otherwise pass silently with exit code 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,16 @@ import os
 import re
 from typing import Any
 
-from ..contract import (ANOMALY_MAP, OPENVINO_MODEL_FILES, OPENVINO_WEIGHTS_SUFFIX, OUTPUT_NAMES, PRECISIONS,
-                        SCORE, SCORE_MAP_MAX, SCORE_NAMES)
+from ..contract import (
+    ANOMALY_MAP,
+    OPENVINO_MODEL_FILES,
+    OPENVINO_WEIGHTS_SUFFIX,
+    OUTPUT_NAMES,
+    PRECISIONS,
+    SCORE,
+    SCORE_MAP_MAX,
+    SCORE_NAMES,
+)
 from ..errors import BundleError
 
 SCHEMA_VERSION = 2
@@ -59,7 +68,11 @@ def _int(where: str, field: str, v: Any, lo: int, hi: int) -> int:
 def _finite(where: str, field: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
     ok = _is_number(v) and math.isfinite(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
     if not ok:
-        span = f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else (f" >= {lo:g}" if lo is not None else "")
+        span = (
+            f" in [{lo:g}, {hi:g}]"
+            if lo is not None and hi is not None
+            else (f" >= {lo:g}" if lo is not None else "")
+        )
         raise _fail(where, field, f"must be a finite number{span}, got {_show(v)}")
     return float(v)
 
@@ -82,7 +95,9 @@ def _obj(where: str, field: str, v: Any) -> dict:
     return v
 
 
-def _pair(where: str, field: str, v: Any, lo: float | None = None, hi: float | None = None) -> tuple[float, float]:
+def _pair(
+    where: str, field: str, v: Any, lo: float | None = None, hi: float | None = None
+) -> tuple[float, float]:
     """[a, b] of finite numbers with a < b."""
     if not isinstance(v, list) or len(v) != 2:
         raise _fail(where, field, f"must be a list [low, high], got {_show(v)}")
@@ -94,16 +109,31 @@ def _pair(where: str, field: str, v: Any, lo: float | None = None, hi: float | N
 
 
 def _relpath(where: str, field: str, rel: Any) -> str:
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) \
-            or ".." in rel.replace("\\", "/").split("/") or any(ord(c) < 32 for c in rel):
+    if (
+        not isinstance(rel, str)
+        or not rel
+        or os.path.isabs(rel)
+        or rel.startswith(("/", "\\"))
+        or ".." in rel.replace("\\", "/").split("/")
+        or any(ord(c) < 32 for c in rel)
+    ):
         raise _fail(where, field, f"must be a relative path inside the bundle, got {_show(rel)}")
     return rel
 
 
 def _preprocess(where: str, p: Any) -> int:
     p = _obj(where, "preprocess", p)
-    known = {"image_size", "interpolation", "channels", "value_range", "normalize", "mean", "std", "window",
-             "mask_threshold"}
+    known = {
+        "image_size",
+        "interpolation",
+        "channels",
+        "value_range",
+        "normalize",
+        "mean",
+        "std",
+        "window",
+        "mask_threshold",
+    }
     for key in p:
         if key not in known:
             raise _fail(where, f"preprocess.{key}", "unknown preprocessing key")
@@ -112,7 +142,11 @@ def _preprocess(where: str, p: Any) -> int:
     _choice(where, "preprocess.channels", p.get("channels", "rgb_replicate_grey"), ("rgb_replicate_grey",))
     lo, hi = _pair(where, "preprocess.value_range", p.get("value_range", [0.0, 1.0]))
     if (lo, hi) != (0.0, 1.0):
-        raise _fail(where, "preprocess.value_range", f"must be [0, 1] (the only range madclip produces), got {[lo, hi]}")
+        raise _fail(
+            where,
+            "preprocess.value_range",
+            f"must be [0, 1] (the only range madclip produces), got {[lo, hi]}",
+        )
     _choice(where, "preprocess.normalize", p.get("normalize", "none"), NORMALIZE_MODES)
     for key, low in (("mean", -10.0), ("std", 1e-6)):
         v = p.get(key, [0.5, 0.5, 0.5])
@@ -134,8 +168,11 @@ def _io(where: str, meta: dict, size: int) -> dict[str, tuple[float, float]]:
         _choice(where, "input.dtype", inp.get("dtype"), ("float32",))
         shape = inp.get("shape")
         if not isinstance(shape, list) or len(shape) != 4 or shape[1:] != [3, size, size]:
-            raise _fail(where, "input.shape", f"must be [batch, 3, {size}, {size}] (preprocess.image_size {size}), "
-                                              f"got {_show(shape)}")
+            raise _fail(
+                where,
+                "input.shape",
+                f"must be [batch, 3, {size}, {size}] (preprocess.image_size {size}), got {_show(shape)}",
+            )
     if "outputs" in meta:
         outs = _obj(where, "outputs", meta["outputs"])
         for name in OUTPUT_NAMES:
@@ -154,8 +191,11 @@ def _calibration(where: str, c: Any, ranges: dict[str, tuple[float, float]]) -> 
         return
     c = _obj(where, "calibration", c)
     name = _choice(where, "calibration.score_name", c.get("score_name", SCORE), SCORE_NAMES)
-    for key, output in (("threshold", name), ("threshold_score_map_max", SCORE_MAP_MAX),
-                        ("map_threshold", ANOMALY_MAP)):
+    for key, output in (
+        ("threshold", name),
+        ("threshold_score_map_max", SCORE_MAP_MAX),
+        ("map_threshold", ANOMALY_MAP),
+    ):
         if c.get(key) is not None:
             _finite(where, f"calibration.{key}", c[key], *ranges[output])
     if "map_scale" in c:
@@ -180,7 +220,11 @@ def _models_and_files(where: str, meta: dict) -> None:
         _relpath(where, f"files[{rel!r}]", rel)
         info = _obj(where, f"files[{rel!r}]", info)
         if not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"]):
-            raise _fail(where, f"files[{rel!r}].sha256", f"must be 64 lowercase hex digits, got {_show(info.get('sha256'))}")
+            raise _fail(
+                where,
+                f"files[{rel!r}].sha256",
+                f"must be 64 lowercase hex digits, got {_show(info.get('sha256'))}",
+            )
         _int(where, f"files[{rel!r}].bytes", info.get("bytes"), 0, 2**50)
     for prec, rel in models.items():
         if rel not in files:
@@ -188,8 +232,11 @@ def _models_and_files(where: str, meta: dict) -> None:
     ov_models = _obj(where, "openvino_models", meta.get("openvino_models", {}))
     for prec, rel in ov_models.items():
         if prec not in OPENVINO_MODEL_FILES:
-            raise _fail(where, f"openvino_models.{prec}", f"unknown OpenVINO variant (expected "
-                                                          f"{', '.join(OPENVINO_MODEL_FILES)})")
+            raise _fail(
+                where,
+                f"openvino_models.{prec}",
+                f"unknown OpenVINO variant (expected {', '.join(OPENVINO_MODEL_FILES)})",
+            )
         _relpath(where, f"openvino_models.{prec}", rel)
         if not rel.endswith(".xml"):
             raise _fail(where, f"openvino_models.{prec}", f"must be an OpenVINO IR .xml, got {_show(rel)}")
@@ -217,7 +264,11 @@ def validate_metadata(meta: Any, where: str) -> None:
     if "fp32_islands" in meta:
         islands = meta["fp32_islands"]
         if not isinstance(islands, list) or not islands or not all(isinstance(n, str) and n for n in islands):
-            raise _fail(where, "fp32_islands", f"must be a non-empty list of graph constant names, got {_show(islands)}")
+            raise _fail(
+                where,
+                "fp32_islands",
+                f"must be a non-empty list of graph constant names, got {_show(islands)}",
+            )
     size = _preprocess(where, meta["preprocess"])
     ranges = _io(where, meta, size)
     if meta.get("max_batch") is not None:

@@ -26,6 +26,7 @@ has an 8-bit mantissa but FP32 accumulation; it moved MVFA's map by 4e-2 on tiny
 by 2e-4 (docs/runtime.md), so it shares FP16's 5e-2. openvino FP32 counts as a CPU backend. The map is judged
 on its 99th percentile so a handful of boundary pixels do not fail a healthy build, while the max is reported.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,13 +36,30 @@ from typing import Any
 
 import numpy as np
 
+from ..contract import (
+    ANOMALY,
+    ANOMALY_MAP,
+    BF16,
+    FP16,
+    FP32,
+    GOLDEN_DECISION_KEYS,
+    GOLDEN_DECISION_SCORE_NAME,
+    GOLDEN_DECISION_THRESHOLD,
+    GOLDEN_DECISIONS,
+    GOLDEN_INPUT,
+    INT8,
+    NORMAL,
+    OPENVINO,
+    ORT_CPU,
+    OUTPUT_NAMES,
+    SCORE,
+    SCORE_MAP_MAX,
+    decide,
+)
 from ..engines.backends import create_backend, resolve_auto
-from .bundle import Bundle, load_bundle
-from ..contract import (ANOMALY, ANOMALY_MAP, BF16, FP16, FP32, GOLDEN_DECISIONS, GOLDEN_DECISION_KEYS,
-                        GOLDEN_DECISION_SCORE_NAME, GOLDEN_DECISION_THRESHOLD, GOLDEN_INPUT, INT8, NORMAL,
-                        OPENVINO, ORT_CPU, OUTPUT_NAMES, SCORE, SCORE_MAP_MAX, decide)
 from ..errors import BundleError
 from ..predictor import DEFAULT_MAX_BATCH, model_sha256
+from .bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +91,19 @@ def read_golden(bundle: Bundle) -> dict[str, np.ndarray]:
         raise BundleError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     missing = [k for k in GOLDEN_KEYS if k not in data]
     if missing:
-        raise BundleError(f"{path}: missing arrays {', '.join(missing)} (written by an older madclip-export: re-export)")
+        raise BundleError(
+            f"{path}: missing arrays {', '.join(missing)} (written by an older madclip-export: re-export)"
+        )
     n, s = len(data[GOLDEN_INPUT]), bundle.image_size
-    expected = {GOLDEN_INPUT: (n, 3, s, s), SCORE: (n,), ANOMALY_MAP: (n, 1, s, s), SCORE_MAP_MAX: (n,),
-                GOLDEN_DECISIONS: (n,), GOLDEN_DECISION_THRESHOLD: (), GOLDEN_DECISION_SCORE_NAME: ()}
+    expected = {
+        GOLDEN_INPUT: (n, 3, s, s),
+        SCORE: (n,),
+        ANOMALY_MAP: (n, 1, s, s),
+        SCORE_MAP_MAX: (n,),
+        GOLDEN_DECISIONS: (n,),
+        GOLDEN_DECISION_THRESHOLD: (),
+        GOLDEN_DECISION_SCORE_NAME: (),
+    }
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise BundleError(f"{path}: {key} has shape {data[key].shape}, expected {shape}")
@@ -100,8 +127,11 @@ def golden_decisions(outputs: dict[str, np.ndarray], calibration: dict) -> dict[
     name = calibration.get("score_name", SCORE)
     t = calibration.get("threshold")
     decisions = decision_codes(outputs[name], None if t is None else float(t))
-    return {GOLDEN_DECISIONS: decisions, GOLDEN_DECISION_THRESHOLD: np.float64(np.nan if t is None else t),
-            GOLDEN_DECISION_SCORE_NAME: np.array(name)}
+    return {
+        GOLDEN_DECISIONS: decisions,
+        GOLDEN_DECISION_THRESHOLD: np.float64(np.nan if t is None else t),
+        GOLDEN_DECISION_SCORE_NAME: np.array(name),
+    }
 
 
 def check_decisions(bundle: Bundle, golden: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -115,8 +145,12 @@ def check_decisions(bundle: Bundle, golden: dict[str, np.ndarray]) -> dict[str, 
     t = bundle.threshold
     now = decision_codes(golden[bundle.score_name], t)
     same = bool(np.array_equal(now, recorded)) and (t is None or name == bundle.score_name)
-    return {"decisions_reproduced": same, "export_threshold": None if np.isnan(export_t) else export_t,
-            "threshold": t, "n_changed": int((now != recorded).sum())}
+    return {
+        "decisions_reproduced": same,
+        "export_threshold": None if np.isnan(export_t) else export_t,
+        "threshold": t,
+        "n_changed": int((now != recorded).sum()),
+    }
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -144,29 +178,44 @@ def golden_check(predictor: Any, golden: dict[str, np.ndarray] | None = None) ->
         "map_max_abs_err": float(np.max(map_err)) if finite else float("inf"),
     }
     tol = tolerance(predictor.precision, predictor.backend_name)
-    passed = (errors["score_max_abs_err"] <= tol[SCORE] and errors["score_map_max_max_abs_err"] <= tol[SCORE]
-              and errors["map_p99_abs_err"] <= tol["map_p99"] and decisions["decisions_reproduced"])
+    passed = (
+        errors["score_max_abs_err"] <= tol[SCORE]
+        and errors["score_map_max_max_abs_err"] <= tol[SCORE]
+        and errors["map_p99_abs_err"] <= tol["map_p99"]
+        and decisions["decisions_reproduced"]
+    )
     agreement, flips = None, None
     if b.threshold is not None:
         key = b.score_name
         t = b.threshold
         same = [decide(float(o), t) == decide(float(g), t) for o, g in zip(out[key], golden[key])]
         agreement, flips = float(np.mean(same)), int(len(same) - sum(same))
-    return {"n": int(len(golden[GOLDEN_INPUT])), **errors, "tolerance": tol, "label_agreement": agreement,
-            "decision_flips": flips, **decisions, "passed": bool(passed)}
+    return {
+        "n": int(len(golden[GOLDEN_INPUT])),
+        **errors,
+        "tolerance": tol,
+        "label_agreement": agreement,
+        "decision_flips": flips,
+        **decisions,
+        "passed": bool(passed),
+    }
 
 
 def failure_line(bundle_path: str, res: dict[str, Any], backend: str, precision: str) -> str:
     """Why a golden check failed, in one line."""
     if not res["decisions_reproduced"]:
-        return (f"{bundle_path}: self-test failed: the bundle's calibration (threshold {res['threshold']}) "
-                f"no longer reproduces the decisions made at export (threshold {res['export_threshold']}): "
-                f"{res['n_changed']} of {res['n']} golden decisions changed")
-    return (f"{bundle_path}: self-test failed on {backend} {precision} "
-            f"(score err {res['score_max_abs_err']:.3g}, "
-            f"score_map_max err {res['score_map_max_max_abs_err']:.3g}, "
-            f"map p99 err {res['map_p99_abs_err']:.3g}; "
-            f"tolerances {res['tolerance'][SCORE]:g} / {res['tolerance']['map_p99']:g})")
+        return (
+            f"{bundle_path}: self-test failed: the bundle's calibration (threshold {res['threshold']}) "
+            f"no longer reproduces the decisions made at export (threshold {res['export_threshold']}): "
+            f"{res['n_changed']} of {res['n']} golden decisions changed"
+        )
+    return (
+        f"{bundle_path}: self-test failed on {backend} {precision} "
+        f"(score err {res['score_max_abs_err']:.3g}, "
+        f"score_map_max err {res['score_map_max_max_abs_err']:.3g}, "
+        f"map p99 err {res['map_p99_abs_err']:.3g}; "
+        f"tolerances {res['tolerance'][SCORE]:g} / {res['tolerance']['map_p99']:g})"
+    )
 
 
 def run_selftest(
@@ -188,16 +237,31 @@ def run_selftest(
     """
     from ..predictor import Predictor
 
-    b = load_bundle(bundle.path if isinstance(bundle, Bundle) else bundle, verify=True, trusted_key=trusted_key)
+    b = load_bundle(
+        bundle.path if isinstance(bundle, Bundle) else bundle, verify=True, trusted_key=trusted_key
+    )
     golden = read_golden(b)
     name = resolve_auto(precision, INT8 in b.openvino_models) if backend == "auto" else backend
-    be = create_backend(name, b.model_path(precision, name), precision, b.max_batch or DEFAULT_MAX_BATCH,
-                        None if cache_dir is None else os.fspath(cache_dir), input_chw=(3, b.image_size, b.image_size),
-                        fp32_islands=b.fp32_islands, onnx_sha256=model_sha256(b, precision, name))
+    be = create_backend(
+        name,
+        b.model_path(precision, name),
+        precision,
+        b.max_batch or DEFAULT_MAX_BATCH,
+        None if cache_dir is None else os.fspath(cache_dir),
+        input_chw=(3, b.image_size, b.image_size),
+        fp32_islands=b.fp32_islands,
+        onnx_sha256=model_sha256(b, precision, name),
+    )
     with Predictor(b, be) as predictor:
         res = golden_check(predictor, golden)
         provider, load_seconds = be.provider, be.load_seconds
-    result = {"bundle": b.path, "backend": name, "provider": provider, "precision": precision, **res,
-              "load_seconds": float(load_seconds)}
+    result = {
+        "bundle": b.path,
+        "backend": name,
+        "provider": provider,
+        "precision": precision,
+        **res,
+        "load_seconds": float(load_seconds),
+    }
     log.debug("selftest %s", result)
     return result

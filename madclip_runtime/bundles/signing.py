@@ -15,6 +15,7 @@ Without a trusted key a signature is still checked against the key it names (cat
 per-field digests still apply); with one (`load(..., trusted_key=...)`, `madclip-infer --trusted-key`)
 an unsigned bundle or one signed by any other key is refused.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,7 +37,9 @@ def _crypto() -> Any:
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise BackendUnavailable("signing needs the 'cryptography' package (pip install cryptography)") from None
+        raise BackendUnavailable(
+            "signing needs the 'cryptography' package (pip install cryptography)"
+        ) from None
     return ed25519
 
 
@@ -71,12 +74,16 @@ def load_private_key(path: str | os.PathLike) -> Any:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise MadclipError(f"{os.fspath(path)}: the private key is encrypted; decrypt it first "
-                           f"(openssl pkey -in KEY -out PLAIN_KEY)") from None
+        raise MadclipError(
+            f"{os.fspath(path)}: the private key is encrypted; decrypt it first "
+            f"(openssl pkey -in KEY -out PLAIN_KEY)"
+        ) from None
     except (ValueError, binascii.Error):
         raise MadclipError(f"{os.fspath(path)}: not a PEM private key") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise MadclipError(f"{os.fspath(path)}: not an Ed25519 key ({type(key).__name__}); generate one with madclip-keygen")
+        raise MadclipError(
+            f"{os.fspath(path)}: not an Ed25519 key ({type(key).__name__}); generate one with madclip-keygen"
+        )
     return key
 
 
@@ -95,7 +102,9 @@ def load_public_key(path_or_key: str | os.PathLike | bytes) -> Any:
         else:
             key = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(data.strip(), validate=True))
     except (ValueError, binascii.Error, TypeError):
-        raise MadclipError(f"{where}: not an Ed25519 public key (PEM, or base64 of the raw 32 bytes)") from None
+        raise MadclipError(
+            f"{where}: not an Ed25519 public key (PEM, or base64 of the raw 32 bytes)"
+        ) from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise MadclipError(f"{where}: not an Ed25519 public key ({type(key).__name__})")
     return key
@@ -109,9 +118,15 @@ def sign_metadata(meta: dict[str, Any], private_key: Any) -> dict[str, Any]:
     """`meta` with a `signature` entry over everything else (call after `integrity.seal`)."""
     raw = _raw_public(private_key.public_key())
     value = private_key.sign(_payload(meta))
-    return {**{k: v for k, v in meta.items() if k != "signature"},
-            "signature": {"algorithm": ALGORITHM, "key_id": key_id(raw), "public_key": base64.b64encode(raw).decode(),
-                          "value": base64.b64encode(value).decode()}}
+    return {
+        **{k: v for k, v in meta.items() if k != "signature"},
+        "signature": {
+            "algorithm": ALGORITHM,
+            "key_id": key_id(raw),
+            "public_key": base64.b64encode(raw).decode(),
+            "value": base64.b64encode(value).decode(),
+        },
+    }
 
 
 def verify_signature(meta: dict[str, Any], where: str, trusted_key: Any = None) -> str | None:
@@ -124,18 +139,25 @@ def verify_signature(meta: dict[str, Any], where: str, trusted_key: Any = None) 
         try:
             _crypto()
         except BackendUnavailable:  # a serving machine without the extra: the per-field digests still apply
-            log.warning("%s: bundle is signed, but the signature is not checked ('cryptography' is not installed; "
-                        "pip install \"madclip[sign]\" and pass a trusted key to check it)", where)
+            log.warning(
+                "%s: bundle is signed, but the signature is not checked ('cryptography' is not installed; "
+                'pip install "madclip[sign]" and pass a trusted key to check it)',
+                where,
+            )
             return None
     ed25519 = _crypto()
     trusted = None
     if trusted_key is not None:  # a bad key file is the user's first problem: report it before the bundle's
-        trusted = trusted_key if isinstance(trusted_key, ed25519.Ed25519PublicKey) else load_public_key(trusted_key)
+        trusted = (
+            trusted_key if isinstance(trusted_key, ed25519.Ed25519PublicKey) else load_public_key(trusted_key)
+        )
     sig = meta.get("signature")
     if sig is None:
         if trusted is not None:
-            raise BundleError(f"{where}: unsigned bundle refused (a trusted key was given; sign it with "
-                              f"madclip-export --sign KEY)")
+            raise BundleError(
+                f"{where}: unsigned bundle refused (a trusted key was given; sign it with "
+                f"madclip-export --sign KEY)"
+            )
         return None
     from cryptography.exceptions import InvalidSignature
 
@@ -149,15 +171,21 @@ def verify_signature(meta: dict[str, Any], where: str, trusted_key: Any = None) 
         raise BundleError(f"{where}: signature: malformed public key or value") from None
     if trusted is not None:
         if _raw_public(trusted) != raw:
-            raise BundleError(f"{where}: signed by key {key_id(raw)}, not by the trusted key "
-                              f"{key_id(_raw_public(trusted))}: refused")
+            raise BundleError(
+                f"{where}: signed by key {key_id(raw)}, not by the trusted key "
+                f"{key_id(_raw_public(trusted))}: refused"
+            )
         signer = trusted
     try:
         signer.verify(value, _payload(meta))
     except InvalidSignature:
-        raise BundleError(f"{where}: signature does not match the metadata (edited after signing): refused") from None
+        raise BundleError(
+            f"{where}: signature does not match the metadata (edited after signing): refused"
+        ) from None
     if trusted is None:
-        log.info("%s: signed by key %s (not checked against a trusted key: pass --trusted-key)", where, key_id(raw))
+        log.info(
+            "%s: signed by key %s (not checked against a trusted key: pass --trusted-key)", where, key_id(raw)
+        )
     return key_id(raw)
 
 
@@ -169,16 +197,20 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
     from ..atomic import atomic_write_text
 
     key = ed25519.Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     private_path, public_path = os.fspath(private_path), os.fspath(public_path)
     for p in (private_path, public_path):
         if os.path.exists(p):
             raise MadclipError(f"{p}: already exists (refusing to overwrite a key)")
     tmp = f"{private_path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+    )  # never readable by others, not even briefly
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(private_pem)

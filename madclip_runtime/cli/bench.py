@@ -20,6 +20,7 @@ Combinations that cannot run here (backend not available, precision not in the b
 backend) are listed as skipped with the reason. The runtime never imports torch: the PyTorch-eager row of the
 same measurement lives with the benchmarks (benchmarks/pytorch_eager.py, run by benchmarks/bench_runtime.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,33 +39,67 @@ from rich.table import Table
 
 from .. import INTENDED_USE
 from ..atomic import atomic_write_text
-from .common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
-from ..contract import (ANOMALY_MAP, BACKENDS, BF16, FP16, GOLDEN_INPUT, OPENVINO, ORT_CPU, PRECISIONS, SCORE,
-                        decide)
-from ..machine import machine_description, peak_rss_mb
+from ..contract import (
+    ANOMALY_MAP,
+    BACKENDS,
+    BF16,
+    FP16,
+    GOLDEN_INPUT,
+    OPENVINO,
+    ORT_CPU,
+    PRECISIONS,
+    SCORE,
+    decide,
+)
 from ..errors import MadclipError
+from ..machine import machine_description, peak_rss_mb
 from ..safe_text import escape_control
+from .common import EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
 
 
-
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="madclip-bench",
-                                description=f"Benchmark a madclip bundle on the available backends ({INTENDED_USE}).")
+    p = ArgumentParser(
+        prog="madclip-bench",
+        description=f"Benchmark a madclip bundle on the available backends ({INTENDED_USE}).",
+    )
     p.add_argument("--bundle", required=True, help="bundle directory written by madclip-export")
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; unavailable ones are skipped)")
-    p.add_argument("--precisions", default=None,
-                   help=f"comma-separated subset of {','.join(PRECISIONS)} (default: the bundle's; bf16 "
-                        f"runs the fp32 graph on openvino)")
-    p.add_argument("--batch", type=bounded_int(1, 4096), default=None, help="batch size for throughput (default: bundle max batch)")
-    p.add_argument("--iters", type=bounded_int(1, 1_000_000), default=50, help="timed batch-1 runs per row (default 50)")
-    p.add_argument("--warmup", type=bounded_int(0, 1_000_000), default=5, help="untimed batch-1 runs first (default 5)")
-    p.add_argument("--throughput-iters", type=bounded_int(1, 1_000_000), default=None,
-                   help="timed runs at --batch (default: max(3, iters // 5))")
-    p.add_argument("--image", default=None, help="a real scan file for the decode/preprocess stages "
-                                                 "(default: golden input 0 written to a temporary PNG)")
+    p.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; unavailable ones are skipped)",
+    )
+    p.add_argument(
+        "--precisions",
+        default=None,
+        help=f"comma-separated subset of {','.join(PRECISIONS)} (default: the bundle's; bf16 "
+        f"runs the fp32 graph on openvino)",
+    )
+    p.add_argument(
+        "--batch",
+        type=bounded_int(1, 4096),
+        default=None,
+        help="batch size for throughput (default: bundle max batch)",
+    )
+    p.add_argument(
+        "--iters", type=bounded_int(1, 1_000_000), default=50, help="timed batch-1 runs per row (default 50)"
+    )
+    p.add_argument(
+        "--warmup", type=bounded_int(0, 1_000_000), default=5, help="untimed batch-1 runs first (default 5)"
+    )
+    p.add_argument(
+        "--throughput-iters",
+        type=bounded_int(1, 1_000_000),
+        default=None,
+        help="timed runs at --batch (default: max(3, iters // 5))",
+    )
+    p.add_argument(
+        "--image",
+        default=None,
+        help="a real scan file for the decode/preprocess stages "
+        "(default: golden input 0 written to a temporary PNG)",
+    )
     p.add_argument("--cache-dir", default=None, help="TensorRT engine cache directory")
     p.add_argument("--json", default=None, metavar="FILE", help="write machine description and rows as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,7 +110,9 @@ def _split(text: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise MadclipError(f"--{what}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}")
+        raise MadclipError(
+            f"--{what}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(allowed)}"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -92,7 +129,10 @@ def golden_image_png(golden_image: np.ndarray, spec: Any, directory: str) -> str
 
     x = np.asarray(golden_image, dtype=np.float32)
     if spec.normalize == "clip":
-        x = x * np.asarray(spec.std, np.float32)[:, None, None] + np.asarray(spec.mean, np.float32)[:, None, None]
+        x = (
+            x * np.asarray(spec.std, np.float32)[:, None, None]
+            + np.asarray(spec.mean, np.float32)[:, None, None]
+        )
     rgb = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)  # [S, S, 3]
     path = os.path.join(directory, "golden0.png")
     Image.fromarray(rgb).save(path)
@@ -113,7 +153,9 @@ def throughput(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int) 
     return len(batch) * iters / (time.perf_counter() - t0)
 
 
-def row_from_runs(stage_runs: list[dict[str, float]], cold_s: float, thr: float, batch: int) -> dict[str, Any]:
+def row_from_runs(
+    stage_runs: list[dict[str, float]], cold_s: float, thr: float, batch: int
+) -> dict[str, Any]:
     infer = [t["inference"] for t in stage_runs]
     total = [sum(t.values()) for t in stage_runs]
     return {
@@ -128,8 +170,18 @@ def row_from_runs(stage_runs: list[dict[str, float]], cold_s: float, thr: float,
     }
 
 
-def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, golden: dict[str, np.ndarray],
-                  iters: int, warmup: int, batch: int, thr_iters: int, cache_dir: str | None) -> dict[str, Any]:
+def bench_runtime(
+    bundle: Any,
+    backend: str,
+    precision: str,
+    image_path: str,
+    golden: dict[str, np.ndarray],
+    iters: int,
+    warmup: int,
+    batch: int,
+    thr_iters: int,
+    cache_dir: str | None,
+) -> dict[str, Any]:
     """Measure one backend x precision with the Predictor (the same code path madclip-infer uses)."""
     from ..predictor import load
 
@@ -141,13 +193,17 @@ def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, go
         out = pred.backend.run(golden[GOLDEN_INPUT].astype(np.float32))
         row = row_from_runs(runs, pred.load_seconds, thr, batch)
         key, t = pred.score_name, pred.threshold
-        flips = None if t is None else int(sum(decide(float(a), t) != decide(float(b), t)
-                                               for a, b in zip(out[key], golden[key])))
-        row.update(provider=pred.provider,
-                   golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))),
-                   golden_map_p99_abs_err=float(np.percentile(np.abs(out[ANOMALY_MAP] - golden[ANOMALY_MAP]),
-                                                              99)),
-                   golden_decision_flips=flips)
+        flips = (
+            None
+            if t is None
+            else int(sum(decide(float(a), t) != decide(float(b), t) for a, b in zip(out[key], golden[key])))
+        )
+        row.update(
+            provider=pred.provider,
+            golden_score_max_abs_err=float(np.max(np.abs(out[SCORE] - golden[SCORE]))),
+            golden_map_p99_abs_err=float(np.percentile(np.abs(out[ANOMALY_MAP] - golden[ANOMALY_MAP]), 99)),
+            golden_decision_flips=flips,
+        )
     with load(bundle, backend=backend, precision=precision, cache_dir=cache_dir) as again:
         row["second_start_s"] = round(again.load_seconds, 4)
     return row
@@ -159,8 +215,22 @@ def bench_runtime(bundle: Any, backend: str, precision: str, image_path: str, go
 def _table(rows: list[dict[str, Any]]) -> Table:
     """Measured rows; skipped combinations go in the caption-like list printed after it."""
     t = Table(title="madclip-bench (latency: model only, batch 1; stages: median ms)")
-    cols = ("backend", "precision", "provider", "cold s", "2nd s", "p50 ms", "p95 ms", "e2e ms",
-            "decode/prep/infer/post ms", "img/s", "peak RSS MB", "golden err", "map p99 err", "flips")
+    cols = (
+        "backend",
+        "precision",
+        "provider",
+        "cold s",
+        "2nd s",
+        "p50 ms",
+        "p95 ms",
+        "e2e ms",
+        "decode/prep/infer/post ms",
+        "img/s",
+        "peak RSS MB",
+        "golden err",
+        "map p99 err",
+        "flips",
+    )
     for c in cols:
         t.add_column(c, justify="left" if c in ("backend", "precision", "provider") else "right")
     for r in rows:
@@ -168,12 +238,22 @@ def _table(rows: list[dict[str, Any]]) -> Table:
             continue
         st = r["stages_ms"]
         stages = "/".join(f"{st[k]:.2f}" for k in ("decode", "preprocess", "inference", "postprocess"))
-        t.add_row(r["backend"], r["precision"], str(r["provider"]).replace("ExecutionProvider", ""),
-                  f"{r['cold_start_s']:.2f}", f"{r['second_start_s']:.2f}", f"{r['latency_p50_ms']:.2f}",
-                  f"{r['latency_p95_ms']:.2f}", f"{r['end_to_end_p50_ms']:.2f}", stages,
-                  f"{r['throughput_ips']:.1f} @{r['throughput_batch']}", f"{r['peak_rss_mb']:.0f}",
-                  f"{r['golden_score_max_abs_err']:.1e}", f"{r['golden_map_p99_abs_err']:.1e}",
-                  "-" if r["golden_decision_flips"] is None else str(r["golden_decision_flips"]))
+        t.add_row(
+            r["backend"],
+            r["precision"],
+            str(r["provider"]).replace("ExecutionProvider", ""),
+            f"{r['cold_start_s']:.2f}",
+            f"{r['second_start_s']:.2f}",
+            f"{r['latency_p50_ms']:.2f}",
+            f"{r['latency_p95_ms']:.2f}",
+            f"{r['end_to_end_p50_ms']:.2f}",
+            stages,
+            f"{r['throughput_ips']:.1f} @{r['throughput_batch']}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['golden_score_max_abs_err']:.1e}",
+            f"{r['golden_map_p99_abs_err']:.1e}",
+            "-" if r["golden_decision_flips"] is None else str(r["golden_decision_flips"]),
+        )
     return t
 
 
@@ -181,13 +261,22 @@ def _print_report(console: Console, rows: list[dict[str, Any]]) -> None:
     console.print(_table(rows))
     for r in rows:
         if r["status"] != "ok":
-            console.print(f"skipped {r['backend']} {r['precision']}: {escape_control(r['reason'])}", markup=False,
-                          highlight=False)
+            console.print(
+                f"skipped {r['backend']} {r['precision']}: {escape_control(r['reason'])}",
+                markup=False,
+                highlight=False,
+            )
         elif r.get("note"):
-            console.print(f"note {r['backend']} {r['precision']}: {escape_control(r['note'])}", markup=False,
-                          highlight=False)
-    console.print("peak RSS is this process's running maximum (ru_maxrss), not per-row memory; " + INTENDED_USE,
-                  markup=False, highlight=False)
+            console.print(
+                f"note {r['backend']} {r['precision']}: {escape_control(r['note'])}",
+                markup=False,
+                highlight=False,
+            )
+    console.print(
+        "peak RSS is this process's running maximum (ru_maxrss), not per-row memory; " + INTENDED_USE,
+        markup=False,
+        highlight=False,
+    )
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -195,17 +284,23 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging(args.verbose)
     if args.iters < 1 or args.warmup < 0:
         raise MadclipError(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
-    from ..engines.backends import available_backends
     from ..bundles.bundle import load_bundle
-    from ..scans.imageio import read_scans
     from ..bundles.selftest import read_golden
+    from ..engines.backends import available_backends
+    from ..scans.imageio import read_scans
 
     bundle = load_bundle(args.bundle, verify=True)
     golden = read_golden(bundle)
     backends = _split(args.backends, BACKENDS, "backends")
-    precisions = _split(args.precisions, PRECISIONS, "precisions") if args.precisions else [
-        p for p in PRECISIONS if p in bundle.precisions or (p == BF16 and OPENVINO in backends
-                                                           and bundle.has_precision(p))]
+    precisions = (
+        _split(args.precisions, PRECISIONS, "precisions")
+        if args.precisions
+        else [
+            p
+            for p in PRECISIONS
+            if p in bundle.precisions or (p == BF16 and OPENVINO in backends and bundle.has_precision(p))
+        ]
+    )
     batch = args.batch or bundle.max_batch or 8
     if batch < 1 or (bundle.max_batch and batch > bundle.max_batch):
         raise MadclipError(f"--batch must be in 1..{bundle.max_batch or 'inf'} for this bundle, got {batch}")
@@ -231,12 +326,26 @@ def _main(argv: Sequence[str] | None) -> int:
                     rows.append({**row, "status": "skipped", "reason": f"no {prec} model in the bundle"})
                     continue
                 if be not in available:
-                    rows.append({**row, "status": "skipped", "reason": "backend not available on this machine"})
+                    rows.append(
+                        {**row, "status": "skipped", "reason": "backend not available on this machine"}
+                    )
                     continue
                 err_console.print(f"measuring {be} {prec} ...", markup=False, highlight=False)
                 try:
-                    row.update(bench_runtime(bundle, be, prec, image, golden, args.iters, args.warmup, batch,
-                                             thr_iters, args.cache_dir))
+                    row.update(
+                        bench_runtime(
+                            bundle,
+                            be,
+                            prec,
+                            image,
+                            golden,
+                            args.iters,
+                            args.warmup,
+                            batch,
+                            thr_iters,
+                            args.cache_dir,
+                        )
+                    )
                 except MadclipError as exc:
                     rows.append({**row, "status": "skipped", "reason": str(exc)})
                     continue
@@ -245,9 +354,16 @@ def _main(argv: Sequence[str] | None) -> int:
                 rows.append({**row, "status": "ok", "peak_rss_mb": round(peak_rss_mb(), 1)})
 
     report = {
-        "bundle": bundle.path, "intended_use": INTENDED_USE, "machine": machine_description(),
-        "settings": {"iters": args.iters, "warmup": args.warmup, "batch": batch, "throughput_iters": thr_iters,
-                     "image": args.image or "golden input 0 (temporary PNG)"},
+        "bundle": bundle.path,
+        "intended_use": INTENDED_USE,
+        "machine": machine_description(),
+        "settings": {
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "batch": batch,
+            "throughput_iters": thr_iters,
+            "image": args.image or "golden input 0 (temporary PNG)",
+        },
         "peak_rss_note": "ru_maxrss of this process after each row: a running maximum, not per-row memory",
         "rows": rows,
     }
@@ -256,8 +372,12 @@ def _main(argv: Sequence[str] | None) -> int:
         atomic_write_text(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
         err_console.print(f"wrote {escape_control(args.json)}", markup=False, highlight=False)
     if not any(r["status"] == "ok" for r in rows):
-        err_console.print("error: nothing could be measured (all combinations skipped)", style="bold red",
-                          markup=False, highlight=False)
+        err_console.print(
+            "error: nothing could be measured (all combinations skipped)",
+            style="bold red",
+            markup=False,
+            highlight=False,
+        )
         return EXIT_USAGE
     return EXIT_OK
 

@@ -6,6 +6,7 @@ Every madclip CLI builds its parser with `ArgumentParser`, types its numeric opt
 `setup_logging(verbose)` and runs its body through `run_cli`. Names that reach the terminal go through
 `madclip_runtime.safe_text.escape_control`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,15 +68,17 @@ def setup_logging(verbose: bool = False) -> None:
     _state["verbose"] = bool(verbose)
     handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
     handler.addFilter(_EscapeFilter(bool(verbose)))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[handler], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
+    )
     logs.configure(verbose)
 
 
 def error_line(message: str) -> None:
     """Print one error line on stderr (markup off, control characters escaped so names print inertly)."""
-    err_console.print(f"error: {escape_control(message)}", style="bold red", markup=False, highlight=False,
-                      soft_wrap=True)
+    err_console.print(
+        f"error: {escape_control(message)}", style="bold red", markup=False, highlight=False, soft_wrap=True
+    )
 
 
 # ------------------------------------------------------------------------------------------ argument parsing
@@ -104,8 +107,9 @@ def _bounds_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: boo
     return f"{'<' if hi_open else '<='} {hi:g}"
 
 
-def finite_float(min: float | None = None, max: float | None = None, *, min_open: bool = False,
-                 max_open: bool = False) -> Callable[[str], float]:
+def finite_float(
+    min: float | None = None, max: float | None = None, *, min_open: bool = False, max_open: bool = False
+) -> Callable[[str], float]:
     """argparse `type=` for a finite float within optional bounds (`min_open`: strictly greater than min).
 
     NaN and +-inf are refused whatever the bounds: they pass every comparison test silently otherwise.
@@ -115,9 +119,12 @@ def finite_float(min: float | None = None, max: float | None = None, *, min_open
         value = float(_parse_number(text, float))
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if ((min is not None and (value < min or (min_open and value == min)))
-                or (max is not None and (value > max or (max_open and value == max)))):
-            raise argparse.ArgumentTypeError(f"must be {_bounds_text(min, max, min_open, max_open)}, got {text}")
+        if (min is not None and (value < min or (min_open and value == min))) or (
+            max is not None and (value > max or (max_open and value == max))
+        ):
+            raise argparse.ArgumentTypeError(
+                f"must be {_bounds_text(min, max, min_open, max_open)}, got {text}"
+            )
         return value
 
     parse.__name__ = "finite float"

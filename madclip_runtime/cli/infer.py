@@ -8,6 +8,7 @@ processed) or the self-test failed its tolerances; 2 nothing usable (bad bundle,
 inputs, unavailable backend). Results go to stdout (a table, or one JSON object per scan with --json);
 everything else (backend in use, progress, errors) goes to stderr. Research use, not for clinical decisions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,22 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .. import INTENDED_USE, __version__
-from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, bounded_int, err_console, error_line,
-                         finite_float, run_cli, setup_logging)
-from .volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
 from ..contract import BACKENDS, FP32, PRECISIONS, SCORE
 from ..errors import InputError, MadclipError
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ArgumentParser,
+    bounded_int,
+    err_console,
+    error_line,
+    finite_float,
+    run_cli,
+    setup_logging,
+)
 from .results import check_out_dir, expand_each, output_stem, progress_bar, result_table
+from .volume import add_volume_args, check_volume_args, map_threshold_choice, run_volumes
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +53,75 @@ def build_parser() -> argparse.ArgumentParser:
         prog="madclip-infer",
         description=f"Anomaly score and map for scans with a madclip bundle ({INTENDED_USE}).",
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="scan files (PNG/JPEG/TIFF/BMP, DICOM, NIfTI), directories or glob patterns")
-    p.add_argument("--bundle", default=None, help="bundle directory written by madclip-export (required "
-                   "unless --server)")
-    p.add_argument("--server", default=None, metavar="URL",
-                   help="score on a madclip-serve endpoint instead of a local bundle (same outputs)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                   help="inference backend (auto: fastest available; the one actually used is printed)")
-    p.add_argument("--precision", default=FP32, choices=PRECISION_CHOICES, help="model variant (default fp32)")
-    p.add_argument("--threshold", type=finite_float(0.0), default=None,
-                   help="decision threshold overriding the bundle's calibrated one (within the score range [0, L])")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="write <stem>.json, <stem>_overlay.png and <stem>_map.png/.npy per scan")
-    p.add_argument("--json", action="store_true", help="one JSON object per scan on stdout instead of a table")
-    p.add_argument("--map-format", default="png16", choices=("png16", "npy"),
-                   help="anomaly map file format with --out (png16: 16-bit on the fixed scale; npy: float32)")
-    p.add_argument("--slice", type=bounded_int(0), default=None, metavar="N",
-                   help="only slice/frame N of DICOM/NIfTI volumes (default: all slices)")
-    p.add_argument("-r", "--recursive", action="store_true", help="descend into subdirectories of INPUT folders")
-    p.add_argument("--cache-dir", default=None, help="where TensorRT engines are cached (default ~/.cache/madclip)")
-    p.add_argument("--trusted-key", default=None, metavar="PUB",
-                   help="Ed25519 public key (PEM): refuse bundles not signed by it (see madclip-keygen)")
-    p.add_argument("--selftest", action="store_true",
-                   help="verify the bundle and run its golden inputs on this backend/precision first")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="scan files (PNG/JPEG/TIFF/BMP, DICOM, NIfTI), directories or glob patterns",
+    )
+    p.add_argument(
+        "--bundle", default=None, help="bundle directory written by madclip-export (required unless --server)"
+    )
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="score on a madclip-serve endpoint instead of a local bundle (same outputs)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKEND_CHOICES,
+        help="inference backend (auto: fastest available; the one actually used is printed)",
+    )
+    p.add_argument(
+        "--precision", default=FP32, choices=PRECISION_CHOICES, help="model variant (default fp32)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=finite_float(0.0),
+        default=None,
+        help="decision threshold overriding the bundle's calibrated one (within the score range [0, L])",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="write <stem>.json, <stem>_overlay.png and <stem>_map.png/.npy per scan",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per scan on stdout instead of a table"
+    )
+    p.add_argument(
+        "--map-format",
+        default="png16",
+        choices=("png16", "npy"),
+        help="anomaly map file format with --out (png16: 16-bit on the fixed scale; npy: float32)",
+    )
+    p.add_argument(
+        "--slice",
+        type=bounded_int(0),
+        default=None,
+        metavar="N",
+        help="only slice/frame N of DICOM/NIfTI volumes (default: all slices)",
+    )
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="descend into subdirectories of INPUT folders"
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="where TensorRT engines are cached (default ~/.cache/madclip)"
+    )
+    p.add_argument(
+        "--trusted-key",
+        default=None,
+        metavar="PUB",
+        help="Ed25519 public key (PEM): refuse bundles not signed by it (see madclip-keygen)",
+    )
+    p.add_argument(
+        "--selftest",
+        action="store_true",
+        help="verify the bundle and run its golden inputs on this backend/precision first",
+    )
     add_volume_args(p)
     from ..dicomnet.web import add_dicomweb_args
 
@@ -75,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, progress: Progress,
-             failures: list[str]) -> Iterator[list[tuple[Any, float]]]:
+def _batches(
+    predictor: Any, files: Sequence[str], slice_index: int | None, progress: Progress, failures: list[str]
+) -> Iterator[list[tuple[Any, float]]]:
     """Decode files one by one (a bad one -> one error line, skipped) and yield batches of (scan, decode ms)."""
     task = progress.add_task("scoring", total=len(files))
     pending: list[tuple[Any, float]] = []
@@ -91,7 +148,9 @@ def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, prog
             continue
         except Exception as exc:  # one bad input never stops the others
             log.debug("%s", path, exc_info=True)
-            error_line(f"{path}: cannot read this input ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
+            error_line(
+                f"{path}: cannot read this input ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+            )
             failures.append(path)
             progress.advance(task)
             continue
@@ -108,12 +167,16 @@ def _batches(predictor: Any, files: Sequence[str], slice_index: int | None, prog
 def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
     from ..bundles.selftest import failure_line, run_selftest
 
-    res = run_selftest(args.bundle, args.backend, args.precision, cache_dir=args.cache_dir, trusted_key=args.trusted_key)
+    res = run_selftest(
+        args.bundle, args.backend, args.precision, cache_dir=args.cache_dir, trusted_key=args.trusted_key
+    )
     clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in res.items()}
     if args.json:
         print(json.dumps({"selftest": clean}, allow_nan=False), flush=True)
     else:
-        table = Table(title=f"self-test: {res['backend']} ({res['provider']}) {res['precision']}, {res['n']} golden inputs")
+        table = Table(
+            title=f"self-test: {res['backend']} ({res['provider']}) {res['precision']}, {res['n']} golden inputs"
+        )
         table.add_column("check")
         table.add_column("error", justify="right")
         table.add_column("tolerance", justify="right")
@@ -125,18 +188,27 @@ def _run_selftest(args: argparse.Namespace, out: Console) -> bool:
         if res["label_agreement"] is not None:
             agree = f"{res['label_agreement']:.0%} ({res['decision_flips']} flipped)"
             table.add_row("decision agreement", agree, "(reported)")
-        table.add_row("export decisions reproduced", "yes" if res["decisions_reproduced"] else
-                      f"NO ({res['n_changed']} changed)", "all")
+        table.add_row(
+            "export decisions reproduced",
+            "yes" if res["decisions_reproduced"] else f"NO ({res['n_changed']} changed)",
+            "all",
+        )
         out.print(table)
     verdict = "PASSED" if res["passed"] else "FAILED"
-    err_console.print(f"self-test {verdict}: {res['backend']} {res['precision']} on {res['provider']}",
-                      style="green" if res["passed"] else "bold red", markup=False, highlight=False)
+    err_console.print(
+        f"self-test {verdict}: {res['backend']} {res['precision']} on {res['provider']}",
+        style="green" if res["passed"] else "bold red",
+        markup=False,
+        highlight=False,
+    )
     if not res["passed"]:
         error_line(failure_line(res["bundle"], res, res["backend"], res["precision"]))
     return bool(res["passed"])
 
 
-def _write_image_seg(args: argparse.Namespace, bundle: Any, out_dir: str, stem: str, scan: Any, pred: Any) -> bool:
+def _write_image_seg(
+    args: argparse.Namespace, bundle: Any, out_dir: str, stem: str, scan: Any, pred: Any
+) -> bool:
     """--dicom-seg on the 2-D path: a one-frame SEG for a 2-D DICOM image, written before its other outputs
     (whose JSON comes last); False (one error line) when it cannot be built, and the scan gets no outputs."""
     from ..contract import DICOM_SEG_SUFFIX
@@ -202,13 +274,20 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE  # every argument was reported on its own line
     out_dir = check_out_dir(args.out) if args.out else None
 
-    predictor = load(bundle, backend=args.backend, precision=args.precision, threshold=args.threshold,
-                     cache_dir=args.cache_dir)
+    predictor = load(
+        bundle,
+        backend=args.backend,
+        precision=args.precision,
+        threshold=args.threshold,
+        cache_dir=args.cache_dir,
+    )
     err_console.print(
         f"madclip-infer: backend {predictor.backend_name} (provider {predictor.provider}), precision "
         f"{predictor.precision}, threshold {predictor.threshold} on {predictor.score_name}, "
         f"max batch {predictor.max_batch}; {len(files)} file(s), {len(jobs)} volume(s); {INTENDED_USE}",
-        markup=False, highlight=False, soft_wrap=True,
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
     from ..overlay import save_prediction
 
@@ -228,10 +307,23 @@ def _main(argv: Sequence[str] | None) -> int:
                     if args.dicom_seg and not _write_image_seg(args, bundle, out_dir, stem, scan, pred):
                         failures.append(pred.source)
                         continue
-                    save_prediction(out_dir, stem, scan, pred, record, bundle.map_scale, map_threshold_choice(args, bundle)[0],
-                                    args.map_format)
-                    log.debug("%s: wrote %s/%s.* in %.1f ms", pred.source, out_dir, stem,
-                              (time.perf_counter() - t0) * 1e3)
+                    save_prediction(
+                        out_dir,
+                        stem,
+                        scan,
+                        pred,
+                        record,
+                        bundle.map_scale,
+                        map_threshold_choice(args, bundle)[0],
+                        args.map_format,
+                    )
+                    log.debug(
+                        "%s: wrote %s/%s.* in %.1f ms",
+                        pred.source,
+                        out_dir,
+                        stem,
+                        (time.perf_counter() - t0) * 1e3,
+                    )
                 if args.json:
                     print(json.dumps(record, allow_nan=False), flush=True)
                 rows.append(record)
@@ -240,8 +332,12 @@ def _main(argv: Sequence[str] | None) -> int:
         out_console.print(result_table(rows))
     n_failed = failed + len(failures)
     if n_failed:
-        err_console.print(f"{len(rows)} scan(s) and {len(jobs)} volume(s) processed, {n_failed} input(s) failed",
-                          style="yellow", markup=False, highlight=False)
+        err_console.print(
+            f"{len(rows)} scan(s) and {len(jobs)} volume(s) processed, {n_failed} input(s) failed",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
         return EXIT_FAILED
     return EXIT_OK
 

@@ -2,6 +2,7 @@
 expansion without madclip's own outputs (`madclip_runtime.outputs`), the --out check, result file stems, the
 progress bar and the results table. One module both the local and the remote path import.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def check_out_dir(out: str) -> str:
     return out  # the results marker is written with the first result (outputs.output_path)
 
 
-def expand_each(inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = (),
-                on_error: Any = None) -> tuple[list[str], int]:
+def expand_each(
+    inputs: Sequence[str], recursive: bool, exclude: Sequence[str] = (), on_error: Any = None
+) -> tuple[list[str], int]:
     """Expand every argument on its own so one bad argument is reported and the others still run.
 
     `exclude`: directories never entered (the --out tree); madclip's own outputs are skipped by the rule above.
@@ -82,8 +84,13 @@ def progress_bar(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled,
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not enabled,
     )
 
 
@@ -111,8 +118,11 @@ def result_table(rows: list[dict[str, Any]]) -> Any:
     for r in rows:
         label = r["label"] or "-"
         style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
-        table.add_row(Text(escape_control(short_path(r["file"]))),
-                      f"{r[SCORE]:.4f}" if r[SCORE] is not None else "nan",
-                      f"{r[SCORE_MAP_MAX]:.4f}" if r[SCORE_MAP_MAX] is not None else "nan",
-                      f"[{style}]{label}[/]" if style else label, f"{r['latency_ms']:.1f}")
+        table.add_row(
+            Text(escape_control(short_path(r["file"]))),
+            f"{r[SCORE]:.4f}" if r[SCORE] is not None else "nan",
+            f"{r[SCORE_MAP_MAX]:.4f}" if r[SCORE_MAP_MAX] is not None else "nan",
+            f"[{style}]{label}[/]" if style else label,
+            f"{r['latency_ms']:.1f}",
+        )
     return table

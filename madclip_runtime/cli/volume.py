@@ -7,6 +7,7 @@ Any failure of one volume is one error line (an error row); the other inputs are
 A volume is a NIfTI with more than one axial slice, a multi-frame DICOM, or two or more DICOM files of one
 SeriesInstanceUID; with `--slice N` volumes are read slice by slice as before (one slice decoded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,29 +21,55 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import INTENDED_USE
-from .common import bounded_int, error_line, finite_float
-from ..errors import InputError, MadclipError
 from ..contract import SCORE
+from ..errors import InputError, MadclipError
+from .common import bounded_int, error_line, finite_float
 
 log = logging.getLogger(__name__)
 
 
 def add_volume_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("volumes (NIfTI, DICOM series, multi-frame DICOM)")
-    g.add_argument("--volume-score", default="max", metavar="METHOD",
-                   help="one score per volume from its slices' scores: max (default) or mean-top-k / mean-top-N")
-    g.add_argument("--series", default=None, metavar="UID",
-                   help="only this SeriesInstanceUID when a folder holds several DICOM series (default: each)")
-    g.add_argument("--volume-index", type=bounded_int(0), default=None, metavar="T",
-                   help="volume T of a 4-D NIfTI (4-D files are refused without it)")
-    g.add_argument("--dicom-seg", action="store_true",
-                   help="with --out and DICOM input (a series, a multi-frame file or one 2-D image): also write "
-                        "<stem>_seg.dcm, the thresholded map as DICOM SEG on the source frames")
-    g.add_argument("--map-threshold", type=finite_float(0.0), default=None, metavar="T",
-                   help="anomaly-map pixel threshold for the SEG and contours (default: the bundle's calibrated one)")
-    g.add_argument("--max-voxels", type=bounded_int(1), default=None, metavar="N",
-                   help="voxel budget per read, checked from headers before decoding "
-                        "(default 268435456, or $MADCLIP_MAX_VOXELS)")
+    g.add_argument(
+        "--volume-score",
+        default="max",
+        metavar="METHOD",
+        help="one score per volume from its slices' scores: max (default) or mean-top-k / mean-top-N",
+    )
+    g.add_argument(
+        "--series",
+        default=None,
+        metavar="UID",
+        help="only this SeriesInstanceUID when a folder holds several DICOM series (default: each)",
+    )
+    g.add_argument(
+        "--volume-index",
+        type=bounded_int(0),
+        default=None,
+        metavar="T",
+        help="volume T of a 4-D NIfTI (4-D files are refused without it)",
+    )
+    g.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="with --out and DICOM input (a series, a multi-frame file or one 2-D image): also write "
+        "<stem>_seg.dcm, the thresholded map as DICOM SEG on the source frames",
+    )
+    g.add_argument(
+        "--map-threshold",
+        type=finite_float(0.0),
+        default=None,
+        metavar="T",
+        help="anomaly-map pixel threshold for the SEG and contours (default: the bundle's calibrated one)",
+    )
+    g.add_argument(
+        "--max-voxels",
+        type=bounded_int(1),
+        default=None,
+        metavar="N",
+        help="voxel budget per read, checked from headers before decoding "
+        "(default 268435456, or $MADCLIP_MAX_VOXELS)",
+    )
 
 
 def check_volume_args(args: argparse.Namespace) -> None:
@@ -57,7 +84,9 @@ def check_volume_args(args: argparse.Namespace) -> None:
         raise MadclipError(f"--map-threshold must be a finite number, got {args.map_threshold}")
     if args.max_voxels is not None and args.max_voxels <= 0:
         raise MadclipError(f"--max-voxels must be a positive number of voxels, got {args.max_voxels}")
-    set_max_voxels(args.max_voxels)  # every DICOM/NIfTI reader of this run (None: $MADCLIP_MAX_VOXELS or default)
+    set_max_voxels(
+        args.max_voxels
+    )  # every DICOM/NIfTI reader of this run (None: $MADCLIP_MAX_VOXELS or default)
     if args.dicom_seg and not args.out:
         raise MadclipError("--dicom-seg writes a file: give --out DIR")
 
@@ -77,22 +106,47 @@ def volume_table(rows: list[dict[str, Any]]) -> Table:
     """The per-volume summary table, shared by madclip-infer and the DICOMweb node."""
     table = Table(title="volumes", caption=INTENDED_USE)
     table.add_column("volume", overflow="fold")
-    for name, justify in (("slices", "right"), (SCORE, "right"), ("method", "left"), ("label", "left"),
-                          ("top slices", "left")):
+    for name, justify in (
+        ("slices", "right"),
+        (SCORE, "right"),
+        ("method", "left"),
+        ("label", "left"),
+        ("top slices", "left"),
+    ):
         table.add_column(name, justify=justify)
     for r in rows:
         label = r["label"] or "-"
         style = "bold red" if label == "anomaly" else ("green" if label == "normal" else "")
         score = f"{r['volume_score']:.4f}" if r["volume_score"] is not None else "nan"
-        table.add_row(r["file"], str(r["n_slices"]), score, r["volume_score_method"],
-                      f"[{style}]{label}[/]" if style else label, ", ".join(str(k) for k in r["top_slices"][:3]))
+        table.add_row(
+            r["file"],
+            str(r["n_slices"]),
+            score,
+            r["volume_score_method"],
+            f"[{style}]{label}[/]" if style else label,
+            ", ".join(str(k) for k in r["top_slices"][:3]),
+        )
     return table
 
 
-def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Sequence[Any], out_dir: str | None,
-                used_stems: set[str], progress: Any, out_console: Console) -> int:
+def run_volumes(
+    args: argparse.Namespace,
+    predictor: Any,
+    bundle: Any,
+    jobs: Sequence[Any],
+    out_dir: str | None,
+    used_stems: set[str],
+    progress: Any,
+    out_console: Console,
+) -> int:
     """Score every volume job; write outputs with --out. Returns the number of volumes that failed."""
-    from ..scans.volume_output import parse_volume_score, save_volume_outputs, score_volume, summarize, volume_record
+    from ..scans.volume_output import (
+        parse_volume_score,
+        save_volume_outputs,
+        score_volume,
+        summarize,
+        volume_record,
+    )
 
     method = parse_volume_score(args.volume_score)
     map_t, map_t_method = map_threshold_choice(args, bundle)
@@ -106,8 +160,9 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
             preds = score_volume(predictor, volume, lambda n, t=task: progress.advance(t, n))
             progress.remove_task(task)
             task = None
-            record = volume_record(volume, summarize(volume, preds, method, predictor.threshold,
-                                                     predictor.score_name), predictor)
+            record = volume_record(
+                volume, summarize(volume, preds, method, predictor.threshold, predictor.score_name), predictor
+            )
             volume.release_pixels(record["top_slices"])  # the montage's slices are all that is shown
             if out_dir is not None:
                 stem = volume.name
@@ -118,15 +173,18 @@ def run_volumes(args: argparse.Namespace, predictor: Any, bundle: Any, jobs: Seq
                 seg = None
                 if args.dicom_seg:
                     seg = _seg_builder(volume, map_t, map_t_method, bundle)
-                paths = save_volume_outputs(out_dir, stem, volume, preds, record, bundle.map_scale, map_t,
-                                            map_t_method, seg)
+                paths = save_volume_outputs(
+                    out_dir, stem, volume, preds, record, bundle.map_scale, map_t, map_t_method, seg
+                )
                 record["outputs"] = {k: os.path.basename(v) for k, v in paths.items()}
         except (InputError, MadclipError) as exc:
             error_line(str(exc))
             failed += 1
             continue
         except MemoryError:
-            error_line(f"{job.source}: out of memory reading or scoring this volume (try --max-voxels or --slice)")
+            error_line(
+                f"{job.source}: out of memory reading or scoring this volume (try --max-voxels or --slice)"
+            )
             failed += 1
             continue
         except Exception as exc:  # one bad input never stops the others: an error row, the rest is scored
@@ -151,7 +209,9 @@ def _seg_builder(volume: Any, map_t: float | None, method: str | None, bundle: A
         log.warning("%s: no DICOM SEG: the input is not DICOM (a SEG references DICOM images)", volume.source)
         return None
     if map_t is None:
-        raise InputError(f"{bundle.path}: the bundle has no calibrated map threshold; give --map-threshold for --dicom-seg")
+        raise InputError(
+            f"{bundle.path}: the bundle has no calibrated map threshold; give --map-threshold for --dicom-seg"
+        )
     from ..scans.dicom_seg import dicom_seg_bytes
 
     prov = bundle.meta.get("provenance") if isinstance(bundle.meta.get("provenance"), dict) else {}
@@ -178,4 +238,3 @@ def _strict(obj: Any) -> Any:
     from ..overlay import jsonable
 
     return jsonable(obj)
-

@@ -262,7 +262,9 @@ def score_series(
             volume.series_uid,
         )
     else:
-        planes = [p.anomaly_map for p in preds]  # slice order, each at the slice's native size (as madclip-infer)
+        planes = [
+            p.anomaly_map for p in preds
+        ]  # slice order, each at the slice's native size (as madclip-infer)
         model = f"madclip {identity['method']}"
         seg = dicom_seg_bytes(volume, planes, float(map_t), how, model, series_number=SEG_SERIES_NUMBER)
     sr = sr_bytes(volume, record, identity)

@@ -8,24 +8,39 @@ Names, fastest first: "trt" (native TensorRT engine), "ort-trt", "ort-cuda", "op
 bf16, NNCF int8; `openvino_engine`), "ort-cpu".
 onnxruntime, tensorrt and openvino are imported lazily; a missing one is a one-line BackendUnavailable.
 """
+
 from __future__ import annotations
 
 import abc
 import contextlib
 import io
 import logging
-import re
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import cuda_probe, openvino_engine, trt_engine, trt_rules
-from ..contract import (BACKENDS, BF16, FP16, FP32, INPUT_NAME, INT8, OPENVINO, OPENVINO_PRECISIONS,
-                        OPENVINO_WEIGHTS_SUFFIX, ORT_CPU, ORT_CUDA, ORT_TRT, PRECISIONS, TRT)
+from ..contract import (
+    BACKENDS,
+    BF16,
+    FP16,
+    FP32,
+    INPUT_NAME,
+    INT8,
+    OPENVINO,
+    OPENVINO_PRECISIONS,
+    OPENVINO_WEIGHTS_SUFFIX,
+    ORT_CPU,
+    ORT_CUDA,
+    ORT_TRT,
+    PRECISIONS,
+    TRT,
+)
 from ..errors import BackendUnavailable, BundleError, InputError
+from . import cuda_probe, openvino_engine, trt_engine, trt_rules
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +131,9 @@ def resolve_auto(precision: str, has_openvino_int8: bool = False) -> str:
     _check_precision(precision)
     found = available_backends()
     if not found:
-        raise BackendUnavailable('no inference backend available: pip install "madclip[cpu]" (or "madclip[gpu]")')
+        raise BackendUnavailable(
+            'no inference backend available: pip install "madclip[cpu]" (or "madclip[gpu]")'
+        )
     if precision == BF16:
         if OPENVINO not in found:
             raise BackendUnavailable(f'bf16 runs on the {OPENVINO} backend: pip install "madclip[openvino]"')
@@ -128,12 +145,15 @@ def resolve_auto(precision: str, has_openvino_int8: bool = False) -> str:
             return OPENVINO
     if precision == INT8:
         if ORT_CPU not in found:
-            raise BackendUnavailable("the int8 model needs onnxruntime's CPU provider, which is not available")
+            raise BackendUnavailable(
+                "the int8 model needs onnxruntime's CPU provider, which is not available"
+            )
         return ORT_CPU
     choice = next((name for name in BACKENDS if name in found and name != OPENVINO), None)
     if choice is None:
-        raise BackendUnavailable(f'{precision} needs onnxruntime here: pip install "madclip[cpu]" '
-                                 f'(or "madclip[gpu]")')
+        raise BackendUnavailable(
+            f'{precision} needs onnxruntime here: pip install "madclip[cpu]" (or "madclip[gpu]")'
+        )
     if choice == ORT_CPU and precision == FP16:
         log.warning("no GPU backend available: running the fp16 model on the CPU (slower than fp32 there)")
     return choice
@@ -216,7 +236,9 @@ class Backend(abc.ABC):
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """images float32 [B, 3, H, W] -> float32 outputs; batches larger than max_batch run in chunks."""
         images = _check_images(images)
-        chunks = [self._run_batch(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        chunks = [
+            self._run_batch(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)
+        ]
         if len(chunks) == 1:
             return chunks[0]
         return {name: np.concatenate([c[name] for c in chunks], axis=0) for name in chunks[0]}
@@ -253,7 +275,9 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 class OrtBackend(Backend):
     """onnxruntime session on one provider (CPU, CUDA or TensorRT)."""
 
-    def __init__(self, name: str, model_path: Path, precision: str, max_batch: int, session: Any, seconds: float):
+    def __init__(
+        self, name: str, model_path: Path, precision: str, max_batch: int, session: Any, seconds: float
+    ):
         self.name, self.precision, self.max_batch = name, precision, int(max_batch)
         self.session = session
         self.provider = check_provider(name, session.get_providers())
@@ -330,7 +354,9 @@ def create_backend(
     if precision not in (FP32, FP16, INT8):
         raise BackendUnavailable(f"{name}: {precision} runs on the {OPENVINO} backend (--backend {OPENVINO})")
     if name == TRT:
-        return _create_trt(path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ()))
+        return _create_trt(
+            path, precision, max_batch, cache_dir, onnx_sha256, start, tuple(fp32_islands or ())
+        )
     return _create_ort(name, path, precision, max_batch, cache_dir, onnx_sha256, input_chw, start)
 
 
@@ -347,7 +373,9 @@ def open_session(ort: Any, path: Path, opts: Any, providers: list[Any], gpu: boo
     try:
         with contextlib.redirect_stdout(chatter):
             if gpu:
-                session = ort.InferenceSession(str(path), sess_options=opts, providers=providers, enable_fallback=0)
+                session = ort.InferenceSession(
+                    str(path), sess_options=opts, providers=providers, enable_fallback=0
+                )
             else:
                 session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, EPFail ...)
@@ -364,8 +392,14 @@ def open_session(ort: Any, path: Path, opts: Any, providers: list[Any], gpu: boo
 
 
 def _create_ort(
-    name: str, path: Path, precision: str, max_batch: int, cache_dir: str | None,
-    onnx_sha256: str | None, input_chw: tuple[int, int, int] | None, start: float,
+    name: str,
+    path: Path,
+    precision: str,
+    max_batch: int,
+    cache_dir: str | None,
+    onnx_sha256: str | None,
+    input_chw: tuple[int, int, int] | None,
+    start: float,
 ) -> Backend:
     on_cpu = name == ORT_CPU
     ort = import_onnxruntime(gpu=not on_cpu)
@@ -379,7 +413,9 @@ def _create_ort(
     if not on_cpu and not _visible_gpu():
         raise BackendUnavailable(f"{name}: no CUDA GPU is visible on this machine")
     if name == ORT_TRT and precision == INT8:
-        raise BackendUnavailable("ort-trt: the int8 model is the CPU path (dynamic quantisation); use ort-cpu")
+        raise BackendUnavailable(
+            "ort-trt: the int8 model is the CPU path (dynamic quantisation); use ort-cpu"
+        )
     providers: list[Any]
     if name == ORT_CPU:
         providers = ["CPUExecutionProvider"]
@@ -391,11 +427,16 @@ def _create_ort(
         ep_dir.mkdir(parents=True, exist_ok=True)
         chw = input_chw or _onnx_input_chw(path)
         if chw is None:
-            log.warning("%s: input size unknown, the TensorRT provider will build per new batch shape", path.name)
+            log.warning(
+                "%s: input size unknown, the TensorRT provider will build per new batch shape", path.name
+            )
         options = trt_ep_options(precision, ep_dir, max_batch, chw, _ort_version(ort))
         log.info("ort-trt: TensorRT engines cached in %s; a first build can take minutes on a Jetson", ep_dir)
-        providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": 0}),
-                     "CPUExecutionProvider"]
+        providers = [
+            ("TensorrtExecutionProvider", options),
+            ("CUDAExecutionProvider", {"device_id": 0}),
+            "CPUExecutionProvider",
+        ]
     opts = session_options(_model_is_fp16(path, precision), on_cpu=on_cpu)
     session = open_session(ort, path, opts, providers, gpu=not on_cpu)
     backend = OrtBackend(name, path, precision, max_batch, session, time.perf_counter() - start)
@@ -410,8 +451,10 @@ def require_trt() -> Any:
     if found.count == 0:
         raise BackendUnavailable("trt: no CUDA GPU is visible on this machine")
     if not found.cudart_ok:
-        raise BackendUnavailable(f"trt: cuda-python cannot use the GPU ({found.error}); "
-                                 "older drivers need cuda-python<13, JetPack 6.1/6.2 cuda-python 12.6.x (docs/gpu.md)")
+        raise BackendUnavailable(
+            f"trt: cuda-python cannot use the GPU ({found.error}); "
+            "older drivers need cuda-python<13, JetPack 6.1/6.2 cuda-python 12.6.x (docs/gpu.md)"
+        )
     return trt
 
 
@@ -420,19 +463,33 @@ def _trt_model(model_dir: Path, precision: str, trt_version: str) -> Path:
     return model_dir / trt_rules.onnx_variant(precision, trt_version)
 
 
-def prebuild_trt_engine(model_dir: str | os.PathLike, precision: str, max_batch: int,
-                        cache_dir: str | None = None, fp32_islands: tuple[str, ...] = ()) -> tuple[Path, str]:
+def prebuild_trt_engine(
+    model_dir: str | os.PathLike,
+    precision: str,
+    max_batch: int,
+    cache_dir: str | None = None,
+    fp32_islands: tuple[str, ...] = (),
+) -> tuple[Path, str]:
     """Build (or find) the engine `create_backend("trt", ...)` will look up for the model files in
     `model_dir`, in the same cache and under the same key; returns (engine path, TensorRT version)."""
     trt = require_trt()
     onnx_path = _trt_model(Path(model_dir), precision, trt.__version__)
     engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / TRT
-    return (trt_engine.ensure_engine(onnx_path, engine_dir, precision, max_batch, fp32_islands=tuple(fp32_islands)),
-            trt.__version__)
+    return (
+        trt_engine.ensure_engine(
+            onnx_path, engine_dir, precision, max_batch, fp32_islands=tuple(fp32_islands)
+        ),
+        trt.__version__,
+    )
 
 
 def _create_trt(
-    path: Path, precision: str, max_batch: int, cache_dir: str | None, onnx_sha256: str | None, start: float,
+    path: Path,
+    precision: str,
+    max_batch: int,
+    cache_dir: str | None,
+    onnx_sha256: str | None,
+    start: float,
     fp32_islands: tuple[str, ...] = (),
 ) -> Backend:
     trt_rules.check_trt_precision(precision)
@@ -444,8 +501,9 @@ def _create_trt(
         path, onnx_sha256 = variant, None
     # One cache dir for every model is safe: engine file names hash the model's content id (EngineKey).
     engine_dir = Path(cache_dir) if cache_dir else default_cache_dir() / TRT
-    engine_path = trt_engine.ensure_engine(path, engine_dir, precision, max_batch, onnx_sha256,
-                                           fp32_islands=fp32_islands)
+    engine_path = trt_engine.ensure_engine(
+        path, engine_dir, precision, max_batch, onnx_sha256, fp32_islands=fp32_islands
+    )
     runner = trt_engine.TrtRunner(engine_path)
     backend = TrtBackend(runner, precision, time.perf_counter() - start)
     log.info("trt: %s loaded in %.2f s", engine_path.name, backend.load_seconds)
@@ -455,8 +513,14 @@ def _create_trt(
 class OpenVinoBackend(Backend):
     """An OpenVINO compiled model on the CPU (`openvino_engine`)."""
 
-    def __init__(self, runner: openvino_engine.OpenVinoRunner, precision: str, max_batch: int, seconds: float,
-                 info: dict[str, Any]):
+    def __init__(
+        self,
+        runner: openvino_engine.OpenVinoRunner,
+        precision: str,
+        max_batch: int,
+        seconds: float,
+        info: dict[str, Any],
+    ):
         self.name, self.precision, self.max_batch = OPENVINO, precision, int(max_batch)
         # int8: the IR's quantized ops run INT8, the FP32 tail f32 (the inference precision hint)
         self.provider = f"OpenVINO CPU ({'int8 IR' if precision == INT8 else info['inference_precision']})"
@@ -471,15 +535,17 @@ class OpenVinoBackend(Backend):
         self.runner = None
 
 
-def _create_openvino(path: Path, precision: str, max_batch: int, cache_dir: str | None,
-                     model_id: str | None, start: float) -> Backend:
+def _create_openvino(
+    path: Path, precision: str, max_batch: int, cache_dir: str | None, model_id: str | None, start: float
+) -> Backend:
     if precision not in OPENVINO_PRECISIONS:
         runs = ", ".join(OPENVINO_PRECISIONS)
-        raise BackendUnavailable(f"{OPENVINO}: no {precision} path (it runs {runs}); "
-                                 f"fp16 is the GPU variant")
+        raise BackendUnavailable(f"{OPENVINO}: no {precision} path (it runs {runs}); fp16 is the GPU variant")
     if precision == INT8 and path.suffix != ".xml":
-        raise BundleError(f"{path}: the {OPENVINO} int8 model is the NNCF IR (model_int8_ov.xml); re-export "
-                          f"with --int8 where openvino and nncf are installed")
+        raise BundleError(
+            f"{path}: the {OPENVINO} int8 model is the NNCF IR (model_int8_ov.xml); re-export "
+            f"with --int8 where openvino and nncf are installed"
+        )
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if model_id is None:
         # an IR is .xml + .bin; for an ONNX graph file_sha256 adds its .data itself
@@ -488,6 +554,12 @@ def _create_openvino(path: Path, precision: str, max_batch: int, cache_dir: str 
     ov_dir = openvino_engine.cache_dir_for(root, model_id)
     runner, info = openvino_engine.compile_model(path, precision, ov_dir)
     backend = OpenVinoBackend(runner, precision, max_batch, time.perf_counter() - start, info)
-    log.info("%s: %s compiled (%s) in %.2f s, cache %s", OPENVINO, path.name, info["inference_precision"],
-             backend.load_seconds, ov_dir)
+    log.info(
+        "%s: %s compiled (%s) in %.2f s, cache %s",
+        OPENVINO,
+        path.name,
+        info["inference_precision"],
+        backend.load_seconds,
+        ov_dir,
+    )
     return backend

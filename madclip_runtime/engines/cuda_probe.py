@@ -6,6 +6,7 @@ cudaErrorInsufficientDriver. That error is not "no GPU": the probe keeps it (`Gp
 driver library (libcuda) directly, so the onnxruntime CUDA/TensorRT providers stay usable and the TensorRT
 backend reports why it cannot run. Nothing here imports cuda-python at module import time.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -108,8 +109,11 @@ def cached_probe() -> GpuProbe:
     """`probe_gpu()` once per process (the GPU set does not change while we run)."""
     result = probe_gpu()
     if result.error and result.count:
-        log.warning("GPU found through the CUDA driver, but cuda-python failed (%s); the native TensorRT "
-                    "backend needs a cuda-python matching the driver (JetPack 6.1/6.2: cuda-python 12.6.x)", result.error)
+        log.warning(
+            "GPU found through the CUDA driver, but cuda-python failed (%s); the native TensorRT "
+            "backend needs a cuda-python matching the driver (JetPack 6.1/6.2: cuda-python 12.6.x)",
+            result.error,
+        )
     return result
 
 

@@ -10,6 +10,7 @@ caller (`backends`); nothing here probes it again.
 
 `tensorrt` and cuda-python are imported lazily; their absence is a one-line `BackendUnavailable`.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,15 +23,15 @@ from typing import Any, Callable
 import numpy as np
 
 from ..atomic import atomic_write_bytes
+from ..errors import BackendUnavailable, BundleError, InputError
 from .cuda_probe import check as _check
 from .cuda_probe import compute_capability, device_name, import_cudart, native_handle
-from ..errors import BackendUnavailable, BundleError, InputError
 from .trt_rules import (
     INPUT_NAME,
     EngineKey,
+    builder_flags,
     check_trt_precision,
     engine_typing,
-    builder_flags,
     file_sha256,
     fp32_island,
     is_island_constant,
@@ -163,8 +164,11 @@ def constrain_fp32_islands(trt: Any, network: Any, tail_constants: tuple[str, ..
             layer.set_output_type(j, trt.float32)
         pinned += 1
     if not found and not vector_matmuls:
-        log.warning("FP16 builder flag: none of the FP32-tail constants %s is in the network; the score head "
-                    "is not pinned to FP32 (check the bundle's fp32_islands)", list(constants))
+        log.warning(
+            "FP16 builder flag: none of the FP32-tail constants %s is in the network; the score head "
+            "is not pinned to FP32 (check the bundle's fp32_islands)",
+            list(constants),
+        )
     else:
         log.info("FP32 tail from constants %s and %d constant-vector matmul(s)", found, vector_matmuls)
     return pinned
@@ -226,7 +230,9 @@ def attach_timing_cache(trt: Any, config: Any, blob: bytes) -> Any:
     if cache is not None and config.set_timing_cache(cache, False):  # ignore_mismatch=False
         return cache
     if blob:
-        log.warning("TensorRT timing cache not usable here (built on another GPU or TensorRT?); starting a new one")
+        log.warning(
+            "TensorRT timing cache not usable here (built on another GPU or TensorRT?); starting a new one"
+        )
         cache = config.create_timing_cache(b"")
         if cache is not None and config.set_timing_cache(cache, False):
             return cache
@@ -238,8 +244,12 @@ WORKSPACE_BYTES = 2 << 30
 
 
 def engine_key(
-    onnx_path: str | os.PathLike, precision: str, max_batch: int, model_sha256: str | None = None,
-    fp32_islands: tuple[str, ...] = (), workspace_bytes: int = WORKSPACE_BYTES,
+    onnx_path: str | os.PathLike,
+    precision: str,
+    max_batch: int,
+    model_sha256: str | None = None,
+    fp32_islands: tuple[str, ...] = (),
+    workspace_bytes: int = WORKSPACE_BYTES,
 ) -> EngineKey:
     """The key of the engine this machine would build for `onnx_path` (asks TensorRT and the GPU): everything
     that changes the engine, so a cached one is reused only when it would be built the same way."""
@@ -247,9 +257,15 @@ def engine_key(
     trt = import_tensorrt()
     typing = engine_typing(precision, trt.__version__)
     return EngineKey(
-        trt_version=trt.__version__, compute_capability=compute_capability(), precision=precision,
-        model_sha256=model_sha256 or file_sha256(onnx_path), max_batch=int(max_batch), gpu_name=device_name(),
-        typing=typing, fp32_islands=tuple(fp32_islands), builder_flags=builder_flags(typing),
+        trt_version=trt.__version__,
+        compute_capability=compute_capability(),
+        precision=precision,
+        model_sha256=model_sha256 or file_sha256(onnx_path),
+        max_batch=int(max_batch),
+        gpu_name=device_name(),
+        typing=typing,
+        fp32_islands=tuple(fp32_islands),
+        builder_flags=builder_flags(typing),
         workspace_bytes=int(workspace_bytes),
     )
 
@@ -282,13 +298,16 @@ def build_engine(
         errors = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
         raise BundleError(f"{onnx_path}: TensorRT cannot parse the model: {errors or 'unknown parser error'}")
 
-    image = next((network.get_input(i) for i in range(network.num_inputs)
-                  if network.get_input(i).name == INPUT_NAME), None)
+    image = next(
+        (network.get_input(i) for i in range(network.num_inputs) if network.get_input(i).name == INPUT_NAME),
+        None,
+    )
     if image is None:
         raise BundleError(f"{onnx_path}: the model has no input named '{INPUT_NAME}'")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes or key.workspace_bytes
-                                                                   or WORKSPACE_BYTES))
+    config.set_memory_pool_limit(
+        trt.MemoryPoolType.WORKSPACE, int(workspace_bytes or key.workspace_bytes or WORKSPACE_BYTES)
+    )
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *profile_shapes(tuple(image.shape)[1:], key.max_batch))
     config.add_optimization_profile(profile)
@@ -305,7 +324,9 @@ def build_engine(
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendUnavailable(f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
+        raise BackendUnavailable(
+            f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)"
+        )
     log.info("engine built in %.1f s", time.perf_counter() - start)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(engine_path, memoryview(serialized))
@@ -318,8 +339,9 @@ def build_engine(
     return key
 
 
-def configure_precision(trt: Any, config: Any, network: Any, key: EngineKey,
-                        fp32_islands: tuple[str, ...] = ()) -> None:
+def configure_precision(
+    trt: Any, config: Any, network: Any, key: EngineKey, fp32_islands: tuple[str, ...] = ()
+) -> None:
     """Builder flags for the key's recipe (`trt_rules.builder_flags`, part of the key): TF32 cleared for fp32;
     FP16 flag + obeyed FP32 islands for "fp16_flag" (the tail starts at the method's `fp32_islands`
     constants, recorded in the bundle's metadata); nothing for "strongly_typed" (the types come from the
@@ -332,7 +354,9 @@ def configure_precision(trt: Any, config: Any, network: Any, key: EngineKey,
             config.set_flag(member)
     if key.typing == "fp16_flag":
         if not fp32_islands:  # no MadCLIP default: the bundle's metadata names the method's own constants
-            raise ValueError("an FP16-flag TensorRT build needs the method's fp32_islands (the bundle's metadata)")
+            raise ValueError(
+                "an FP16-flag TensorRT build needs the method's fp32_islands (the bundle's metadata)"
+            )
         pinned = constrain_fp32_islands(trt, network, tuple(fp32_islands))
         log.info("FP16 builder flag (TensorRT %s): %d layers pinned to FP32", trt.__version__, pinned)
 
@@ -358,9 +382,14 @@ def ensure_engine(
         return engine_path
     why = "no cached engine" if have is None else "cache mismatch: " + ", ".join(have.mismatches(want))
     log.info("building TensorRT engine %s (%s); this can take minutes on a Jetson", engine_path.name, why)
-    build_engine(onnx_path, engine_path, want,
-                 timing_cache_file=timing_cache_path(cache_dir, want.trt_version, want.compute_capability),
-                 progress=progress, fp32_islands=tuple(fp32_islands))
+    build_engine(
+        onnx_path,
+        engine_path,
+        want,
+        timing_cache_file=timing_cache_path(cache_dir, want.trt_version, want.compute_capability),
+        progress=progress,
+        fp32_islands=tuple(fp32_islands),
+    )
     return engine_path
 
 
@@ -419,17 +448,32 @@ class TrtRunner:
             raise InputError(f"TensorRT rejected input shape {list(images.shape)}")
         host_in = self._host[INPUT_NAME][: images.size].reshape(images.shape)
         host_in[...] = images  # into pinned memory (dtype conversion included)
-        _check(cudart, cudart.cudaMemcpyAsync(
-            self._device[INPUT_NAME], self._pinned[INPUT_NAME], host_in.nbytes, kind.cudaMemcpyHostToDevice,
-            self._stream))
+        _check(
+            cudart,
+            cudart.cudaMemcpyAsync(
+                self._device[INPUT_NAME],
+                self._pinned[INPUT_NAME],
+                host_in.nbytes,
+                kind.cudaMemcpyHostToDevice,
+                self._stream,
+            ),
+        )
         if not self._context.execute_async_v3(self._stream_handle):
             raise BackendUnavailable("TensorRT execute_async_v3 failed (see the TensorRT log)")
         views = {}
         for name in self._outputs:
             shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
             view = self._host[name][: int(np.prod(shape))].reshape(shape)
-            _check(cudart, cudart.cudaMemcpyAsync(
-                self._pinned[name], self._device[name], view.nbytes, kind.cudaMemcpyDeviceToHost, self._stream))
+            _check(
+                cudart,
+                cudart.cudaMemcpyAsync(
+                    self._pinned[name],
+                    self._device[name],
+                    view.nbytes,
+                    kind.cudaMemcpyDeviceToHost,
+                    self._stream,
+                ),
+            )
             views[name] = view
         _check(cudart, cudart.cudaStreamSynchronize(self._stream))
         # Copies: the pinned buffers are reused by the next call.

@@ -16,6 +16,7 @@ Version boundaries (each checked against the library's own code or documentation
   can contain it. Below it the provider only has the blanket FP16 flag, and there LayerNorm is kept in FP32
   with the provider's trt_layer_norm_fp32_fallback option.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,9 @@ def typing_mode(version: str | tuple[int, ...], path: str | None = None) -> str:
 
 def builder_flags(typing: str) -> tuple[str, ...]:
     """The builder flags a recipe sets (+) or clears (-), by trt.BuilderFlag name; part of the engine key."""
-    return {FP32: ("-TF32",), "fp16_flag": ("+FP16", "+OBEY_PRECISION_CONSTRAINTS"),
-            "strongly_typed": ()}[typing]
+    return {FP32: ("-TF32",), "fp16_flag": ("+FP16", "+OBEY_PRECISION_CONSTRAINTS"), "strongly_typed": ()}[
+        typing
+    ]
 
 
 def check_trt_precision(precision: str) -> None:
@@ -133,7 +135,9 @@ def profile_shapes(
         raise InputError(f"max_batch must be >= 1, got {max_batch}")
     chw = tuple(int(d) for d in input_shape_chw)
     if len(chw) != 3 or any(d <= 0 for d in chw):
-        raise BundleError(f"model input '{INPUT_NAME}' needs static [3, H, W] dims, got {list(input_shape_chw)}")
+        raise BundleError(
+            f"model input '{INPUT_NAME}' needs static [3, H, W] dims, got {list(input_shape_chw)}"
+        )
     return (1, *chw), (1, *chw), (int(max_batch), *chw)
 
 
@@ -274,10 +278,17 @@ class EngineKey:
     def mismatches(self, other: "EngineKey") -> list[str]:
         """Human-readable differences `self -> other` (empty when the engine can be reused)."""
         labels = {
-            "trt_version": "TensorRT", "compute_capability": "GPU compute capability", "precision": "precision",
-            "model_sha256": "model sha256", "max_batch": "max batch", "gpu_name": "GPU",
-            "typing": "typing", "rules_version": "precision rules version", "fp32_islands": "FP32 islands",
-            "builder_flags": "builder flags", "workspace_bytes": "workspace bytes",
+            "trt_version": "TensorRT",
+            "compute_capability": "GPU compute capability",
+            "precision": "precision",
+            "model_sha256": "model sha256",
+            "max_batch": "max batch",
+            "gpu_name": "GPU",
+            "typing": "typing",
+            "rules_version": "precision rules version",
+            "fp32_islands": "FP32 islands",
+            "builder_flags": "builder flags",
+            "workspace_bytes": "workspace bytes",
         }
         out = []
         for f in dataclasses.fields(self):

@@ -6,6 +6,7 @@ and images; the pixel threshold and how it was chosen are written into the segme
 Identification parameters and the Content Description. Viewers such as 3D Slicer (QuantitativeReporting),
 OHIF and ITK-SNAP (via Slicer/dcmqi) show it over the series. Research use, not for clinical decisions.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,9 @@ def _highdicom() -> Any:
     try:
         return importlib.import_module("highdicom")
     except ImportError:
-        raise MadclipError('--dicom-seg needs highdicom; install it with: pip install "madclip[medical]"') from None
+        raise MadclipError(
+            '--dicom-seg needs highdicom; install it with: pip install "madclip[medical]"'
+        ) from None
 
 
 def seg_pixels(volume: Volume, planes: Sequence[np.ndarray], threshold: float) -> np.ndarray:
@@ -66,14 +69,19 @@ def _plane_sequences(hd: Any, volume: Volume) -> dict[str, Any]:
         thickness = float(volume.grid.dz) if volume.grid is not None and volume.grid.dz > 0 else 1.0
     return {
         "plane_orientation": hd.PlaneOrientationSequence(
-            coordinate_system="PATIENT",
-            image_orientation=[float(x) for x in (*geom.row_cos, *geom.col_cos)]),
-        "pixel_measures": hd.PixelMeasuresSequence(pixel_spacing=[float(x) for x in geom.spacing],
-                                                   slice_thickness=float(thickness)),
-        "plane_positions": [hd.PlanePositionSequence(coordinate_system="PATIENT",
-                                                     image_position=[float(x) for x in p],
-                                                     pixel_matrix_position=(1, 1))
-                            for p in position_of_source],
+            coordinate_system="PATIENT", image_orientation=[float(x) for x in (*geom.row_cos, *geom.col_cos)]
+        ),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=[float(x) for x in geom.spacing], slice_thickness=float(thickness)
+        ),
+        "plane_positions": [
+            hd.PlanePositionSequence(
+                coordinate_system="PATIENT",
+                image_position=[float(x) for x in p],
+                pixel_matrix_position=(1, 1),
+            )
+            for p in position_of_source
+        ],
     }
 
 
@@ -85,8 +93,11 @@ def _shared_geometry(ds: Any) -> Any:
     from pydicom.sequence import Sequence as DicomSequence
 
     shared = ds.get("SharedFunctionalGroupsSequence") or []
-    missing = [name for name in ("PixelMeasuresSequence", "PlaneOrientationSequence")
-               if not (len(shared) and name in shared[0])]
+    missing = [
+        name
+        for name in ("PixelMeasuresSequence", "PlaneOrientationSequence")
+        if not (len(shared) and name in shared[0])
+    ]
     if not missing or not len(ds.get("PerFrameFunctionalGroupsSequence", [])):
         return ds
     out = copy.deepcopy(ds)
@@ -99,13 +110,21 @@ def _shared_geometry(ds: Any) -> Any:
     return out
 
 
-def dicom_seg_bytes(volume: Volume, planes: Sequence[np.ndarray], threshold: float, threshold_method: str,
-                    model_name: str, series_number: int = 9901) -> bytes:
+def dicom_seg_bytes(
+    volume: Volume,
+    planes: Sequence[np.ndarray],
+    threshold: float,
+    threshold_method: str,
+    model_name: str,
+    series_number: int = 9901,
+) -> bytes:
     """Build the SEG for `volume` from its per-slice maps (>= `threshold` is the segment) -> Part 10 bytes.
 
     Works for a series of single-frame images, an enhanced multi-frame image and one 2-D image (one frame)."""
     if not volume.is_dicom:
-        raise InputError(f"{volume.source}: --dicom-seg needs DICOM input (a DICOM SEG references DICOM images)")
+        raise InputError(
+            f"{volume.source}: --dicom-seg needs DICOM input (a DICOM SEG references DICOM images)"
+        )
     hd = _highdicom()
     from pydicom.sr.codedict import codes
 
@@ -115,7 +134,8 @@ def dicom_seg_bytes(volume: Volume, planes: Sequence[np.ndarray], threshold: flo
     pixels = seg_pixels(volume, planes, threshold)
     params = {"map_threshold": f"{threshold:.6g}", "map_threshold_method": threshold_method[:64]}
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="madclip", version=__version__, family=codes.cid7162.ArtificialIntelligence, parameters=params)
+        name="madclip", version=__version__, family=codes.cid7162.ArtificialIntelligence, parameters=params
+    )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="madclip anomaly",
@@ -147,8 +167,9 @@ def dicom_seg_bytes(volume: Volume, planes: Sequence[np.ndarray], threshold: flo
         )
     except Exception as exc:  # highdicom validates a lot of the sources; any refusal is one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{volume.source}: cannot build a DICOM SEG for this input "
-                         f"({type(exc).__name__}: {first})") from None
+        raise InputError(
+            f"{volume.source}: cannot build a DICOM SEG for this input ({type(exc).__name__}: {first})"
+        ) from None
     buf = io.BytesIO()
     seg.save_as(buf)
     return buf.getvalue()
@@ -160,5 +181,16 @@ def image_volume(path: str, header: Any, pixels: Any) -> Volume:
 
     rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
     _, grid, geom, _ = order_and_affine(path, [geometry_of(header)], [0], (rows, cols))
-    return Volume(path, "dicom-image", [pixels], grid.shape, grid.affine, path, None, datasets=[header],
-                  frame_of_slice=[0], grid=grid, geometry=geom)
+    return Volume(
+        path,
+        "dicom-image",
+        [pixels],
+        grid.shape,
+        grid.affine,
+        path,
+        None,
+        datasets=[header],
+        frame_of_slice=[0],
+        grid=grid,
+        geometry=geom,
+    )

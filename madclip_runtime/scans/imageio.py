@@ -9,6 +9,7 @@ Safety: image sizes are checked from the header (PIL opens lazily) before any pi
 decompression-bomb warning is an error here, and truncated files fail (we never enable
 `ImageFile.LOAD_TRUNCATED_IMAGES`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,16 @@ from PIL import Image, ImageFile
 
 from ..errors import InputError
 from .scan import (  # noqa: F401  (re-exported: the public names of this module before the split)
-    MAX_PIXELS, MIN_SIDE, WINDOW_MODES, ScanImage, check_finite, check_regular_file, check_size, check_window,
-    one_line, window_to_unit,
+    MAX_PIXELS,
+    MIN_SIDE,
+    WINDOW_MODES,
+    ScanImage,
+    check_finite,
+    check_regular_file,
+    check_size,
+    check_window,
+    one_line,
+    window_to_unit,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +68,9 @@ def _pil_to_pixels(img: Image.Image, path: str, window: str) -> ScanImage:
         else:
             bits, dtype_max = 32, float(np.iinfo(np.int32).max)
         return ScanImage(window_to_unit(arr, "minmax" if window == "auto" else window, dtype_max), path, bits)
-    raise InputError(f"{path}: unsupported image mode {mode!r} (expected grey, RGB, RGBA, palette, 16-bit or float)")
+    raise InputError(
+        f"{path}: unsupported image mode {mode!r} (expected grey, RGB, RGBA, palette, 16-bit or float)"
+    )
 
 
 def read_image(path: str | os.PathLike, window: str = "auto") -> ScanImage:
@@ -71,16 +82,27 @@ def read_image(path: str | os.PathLike, window: str = "auto") -> ScanImage:
     check_window(window)
     check_regular_file(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled by some other code; truncated files may load")
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled by some other code; truncated files may load"
+        )
     with _decoded(path) as img:
         return _pil_to_pixels(img, path, window)
 
 
 _NON_IMAGE_SUFFIXES = {
-    ".gii": "a GIFTI surface/data file", ".surf.gii": "a GIFTI surface file",
-    ".pial": "a FreeSurfer surface", ".white": "a FreeSurfer surface", ".inflated": "a FreeSurfer surface",
-    ".sphere": "a FreeSurfer surface", ".vtk": "a VTK mesh", ".vtp": "a VTK mesh", ".stl": "an STL mesh",
-    ".obj": "an OBJ mesh", ".ply": "a PLY mesh", ".trk": "a TrackVis tractogram", ".tck": "an MRtrix tractogram",
+    ".gii": "a GIFTI surface/data file",
+    ".surf.gii": "a GIFTI surface file",
+    ".pial": "a FreeSurfer surface",
+    ".white": "a FreeSurfer surface",
+    ".inflated": "a FreeSurfer surface",
+    ".sphere": "a FreeSurfer surface",
+    ".vtk": "a VTK mesh",
+    ".vtp": "a VTK mesh",
+    ".stl": "an STL mesh",
+    ".obj": "an OBJ mesh",
+    ".ply": "a PLY mesh",
+    ".trk": "a TrackVis tractogram",
+    ".tck": "an MRtrix tractogram",
 }
 
 
@@ -115,7 +137,9 @@ def _decoded(path: str) -> Iterator[Image.Image]:
             raise InputError(f"{path}: {fmt}, not an image to score; not supported") from None
         raise InputError(f"{path}: not an image (unrecognised or unsupported format)") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, zlib.error, ValueError ... for corrupt files
-        raise InputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {one_line(exc)})") from None
+        raise InputError(
+            f"{path}: truncated or corrupt image ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
 
 
 MASK_MAX_LABELS = 8  # integer masks with at most this many distinct values are label maps (nonzero = lesion)
@@ -193,7 +217,9 @@ def is_dicom_path(path: str) -> bool:
     return has_dicom_magic(path)
 
 
-def read_scans(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto") -> list[ScanImage]:
+def read_scans(
+    path: str | os.PathLike, slice_index: int | None = None, window: str = "auto"
+) -> list[ScanImage]:
     """Read any supported scan file into 2-D slices.
 
     DICOM (.dcm/.dicom, or DICM magic) and NIfTI (.nii/.nii.gz) go to `madclip_runtime.scans.medical`
@@ -240,11 +266,16 @@ def _scan_files_in(directory: str, recursive: bool, exclude: set[str] = frozense
         for root, dirs, names in os.walk(directory):
             dirs[:] = [d for d in dirs if not _excluded_dir(os.path.join(root, d), exclude)]
             marked = is_marked_dir(root)
-            found += [p for p in (os.path.join(root, n) for n in names) if not is_madclip_output(p, marked or None)]
+            found += [
+                p for p in (os.path.join(root, n) for n in names) if not is_madclip_output(p, marked or None)
+            ]
     else:
         marked = is_marked_dir(directory)
-        found = [p for p in (os.path.join(directory, n) for n in os.listdir(directory))
-                 if not is_madclip_output(p, marked or None)]
+        found = [
+            p
+            for p in (os.path.join(directory, n) for n in os.listdir(directory))
+            if not is_madclip_output(p, marked or None)
+        ]
     return sorted(p for p in found if os.path.isfile(p) and _is_scan_file(p))
 
 
@@ -297,8 +328,11 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False, exclude: Seque
                 if os.path.isdir(m):
                     if not _excluded_dir(m, skip):
                         files.extend(_scan_files_in(m, recursive, skip))
-                elif _is_scan_file(m) and not is_madclip_output(m) and \
-                        os.path.realpath(os.path.dirname(m) or ".") not in skip:
+                elif (
+                    _is_scan_file(m)
+                    and not is_madclip_output(m)
+                    and os.path.realpath(os.path.dirname(m) or ".") not in skip
+                ):
                     files.append(m)
             if not files:
                 raise InputError(f"{item}: {len(matches)} paths match this pattern but none is a scan file")

@@ -25,6 +25,7 @@ Bounded decoding. The number of voxels to decode is checked against a voxel budg
 pixel is decoded; a single slice (`slice_index`) decodes only that slice (nibabel's array proxy reads one
 plane; pydicom decodes one frame), so a huge volume can still be looked at slice by slice.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, MadclipError
-from .scan import ScanImage, check_finite, check_regular_file, check_size, check_window, one_line, window_to_unit
+from .scan import (
+    ScanImage,
+    check_finite,
+    check_regular_file,
+    check_size,
+    check_window,
+    one_line,
+    window_to_unit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,9 @@ def _require(module: str, path: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MadclipError(f'{path}: reading {what} needs {module}; install it with: pip install "madclip[medical]"') from None
+        raise MadclipError(
+            f'{path}: reading {what} needs {module}; install it with: pip install "madclip[medical]"'
+        ) from None
 
 
 _budget_override: int | None = None  # set by a CLI's --max-voxels for the readers of that run
@@ -88,8 +99,10 @@ def check_voxels(path: str, shape: tuple[int, ...], n_decode: int, max_voxels: i
     budget = voxel_budget(max_voxels)
     if n_decode > budget:
         dims = " x ".join(str(int(d)) for d in shape)
-        raise InputError(f"{path}: volume of {dims} needs {n_decode} voxels decoded, over the budget of {budget} "
-                         f"(raise it with --max-voxels or {MAX_VOXELS_ENV}, or read one slice with --slice)")
+        raise InputError(
+            f"{path}: volume of {dims} needs {n_decode} voxels decoded, over the budget of {budget} "
+            f"(raise it with --max-voxels or {MAX_VOXELS_ENV}, or read one slice with --slice)"
+        )
 
 
 def _select(path: str, n: int, slice_index: int | None) -> list[int]:
@@ -97,7 +110,9 @@ def _select(path: str, n: int, slice_index: int | None) -> list[int]:
     if slice_index is None:
         return list(range(n))
     if not 0 <= slice_index < n:
-        raise InputError(f"{path}: slice {slice_index} out of range (the scan has {n} slice{'s' if n != 1 else ''}: 0..{n - 1})")
+        raise InputError(
+            f"{path}: slice {slice_index} out of range (the scan has {n} slice{'s' if n != 1 else ''}: 0..{n - 1})"
+        )
     return [slice_index]
 
 
@@ -142,8 +157,14 @@ def frame_item(ds, frame: int, sequence: str):
 
 _MODALITY_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence")
 _VOI_KEYWORDS = ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence")
-_PIXEL_DESCRIPTION = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PhotometricInterpretation",
-                      "SamplesPerPixel")
+_PIXEL_DESCRIPTION = (
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+)
 
 
 def frame_view(ds, frame: int):
@@ -163,8 +184,10 @@ def frame_view(ds, frame: int):
     for kw in _PIXEL_DESCRIPTION + _MODALITY_KEYWORDS + _VOI_KEYWORDS:
         if kw in ds:
             setattr(view, kw, ds[kw].value)
-    for sequence, keywords in (("PixelValueTransformationSequence", _MODALITY_KEYWORDS),
-                               ("FrameVOILUTSequence", _VOI_KEYWORDS)):
+    for sequence, keywords in (
+        ("PixelValueTransformationSequence", _MODALITY_KEYWORDS),
+        ("FrameVOILUTSequence", _VOI_KEYWORDS),
+    ):
         item = frame_item(ds, frame, sequence)
         if item is not None and any(kw in item for kw in keywords):
             for kw in keywords:  # a functional group replaces the top level's set of attributes as a whole
@@ -253,14 +276,19 @@ def check_image_sop_class(path: str, ds: Any) -> None:
 
     RT Dose/Plan/Structure Set, Segmentation, SR, presentation states, registrations, waveforms, encapsulated
     documents and surfaces: some carry pixel data (a dose grid, a segment mask), none is a scan."""
-    uid = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
-              or "")
+    uid = str(
+        ds.get("SOPClassUID", "")
+        or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+        or ""
+    )
     if uid and uid not in _IMAGE_EXCEPTIONS and uid.startswith(_NON_IMAGE_PREFIXES):
         from pydicom.uid import UID
 
         name = UID(uid).name
         name = name if name and name != uid else "non-image"
-        raise InputError(f"{path}: a DICOM {name} object (SOP class {uid}), not an image to score; not supported")
+        raise InputError(
+            f"{path}: a DICOM {name} object (SOP class {uid}), not an image to score; not supported"
+        )
 
 
 def read_dicom_header(path: str | os.PathLike):
@@ -292,12 +320,18 @@ def _decode_frames(ds, path: str, n: int, frames: list[int], rows: int, cols: in
             arr = ds.pixel_array  # [R, C] / [F, R, C], with a trailing [.., 3] for colour
             arr = arr.reshape((n, rows, cols) + ((spp,) if spp > 1 else ()))[frames]
     except Exception as exc:
-        raise InputError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__}: {one_line(exc)})") from None
+        raise InputError(
+            f"{path}: cannot decode DICOM pixel data ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
     return arr.reshape((len(frames), rows, cols) + ((spp,) if spp > 1 else ()))
 
 
-def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto",
-               max_voxels: int | None = None) -> list[ScanImage]:
+def read_dicom(
+    path: str | os.PathLike,
+    slice_index: int | None = None,
+    window: str = "auto",
+    max_voxels: int | None = None,
+) -> list[ScanImage]:
     """Read a DICOM file into one ScanImage per frame (or just frame `slice_index`).
 
     The frames to decode are checked against the voxel budget from the header first (see `check_voxels`).
@@ -328,7 +362,11 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
         out = []
         for j, i in enumerate(frames):
             rgb = arr[j]  # [R, C, 3]
-            px = rgb if rgb.dtype == np.uint8 else window_to_unit(rgb, "full" if window == "full" else "minmax", 2.0**bits - 1)
+            px = (
+                rgb
+                if rgb.dtype == np.uint8
+                else window_to_unit(rgb, "full" if window == "full" else "minmax", 2.0**bits - 1)
+            )
             out.append(ScanImage(np.ascontiguousarray(px), _source(path, n, i), bits))
         return out
 
@@ -342,7 +380,9 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
         try:
             values = np.asarray(apply_modality_lut(stored, view)) if rescaled else stored  # [R, C]
         except Exception as exc:
-            raise InputError(f"{path}: invalid DICOM modality LUT/rescale ({type(exc).__name__}: {one_line(exc)})") from None
+            raise InputError(
+                f"{path}: invalid DICOM modality LUT/rescale ({type(exc).__name__}: {one_line(exc)})"
+            ) from None
         check_finite(path, values)
         unit = voi_to_unit(values, view) if window == "auto" and _has_voi(view) else None
         if stored.dtype == np.uint8 and not rescaled and unit is None:
@@ -353,9 +393,16 @@ def read_dicom(path: str | os.PathLike, slice_index: int | None = None, window: 
             if window == "full" and stored.dtype.kind in "iu" and "ModalityLUTSequence" not in view:
                 slope = first_float(view.get("RescaleSlope"))
                 intercept = first_float(view.get("RescaleIntercept"))
-                slope, intercept = (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+                slope, intercept = (
+                    (1.0 if slope is None else slope),
+                    (0.0 if intercept is None else intercept),
+                )
                 ends = sorted(v * slope + intercept for v in _stored_range(ds, bits))
-                unit = _linear(values, ends[0], ends[1]) if ends[1] > ends[0] else np.zeros(values.shape, np.float32)
+                unit = (
+                    _linear(values, ends[0], ends[1])
+                    if ends[1] > ends[0]
+                    else np.zeros(values.shape, np.float32)
+                )
             else:  # "minmax", "auto" without a VOI, "full" on float pixel data or a Modality LUT
                 unit = window_to_unit(values, "full" if window == "full" else "minmax")
         if photometric == "MONOCHROME1":
@@ -396,10 +443,12 @@ def nifti_header(path: str, what: str = "file"):
     nib = _require("nibabel", path, "NIfTI")
     try:
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)  # nibabel's header fixes print unless -v
-        with (nib.imageglobals.LoggingOutputSuppressor() if quiet else contextlib.nullcontext()):
+        with nib.imageglobals.LoggingOutputSuppressor() if quiet else contextlib.nullcontext():
             img = nib.load(path)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable NIfTI {what} ({type(exc).__name__}: {one_line(exc)})") from None
+        raise InputError(
+            f"{path}: not a readable NIfTI {what} ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
     check_nifti_image(path, img)
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
@@ -407,10 +456,15 @@ def nifti_header(path: str, what: str = "file"):
     return img, shape
 
 
-_NIFTI_INTENTS_REFUSED = {1007: "a vector field (NIFTI_INTENT_VECTOR)", 1008: "a point set (NIFTI_INTENT_POINTSET)",
-                          1009: "a triangle mesh (NIFTI_INTENT_TRIANGLE)", 1005: "a symmetric-matrix field",
-                          1006: "a displacement field (NIFTI_INTENT_DISPVECT)", 2006: "a displacement field",
-                          2003: "an RGB vector image (NIFTI_INTENT_RGB_VECTOR)"}
+_NIFTI_INTENTS_REFUSED = {
+    1007: "a vector field (NIFTI_INTENT_VECTOR)",
+    1008: "a point set (NIFTI_INTENT_POINTSET)",
+    1009: "a triangle mesh (NIFTI_INTENT_TRIANGLE)",
+    1005: "a symmetric-matrix field",
+    1006: "a displacement field (NIFTI_INTENT_DISPVECT)",
+    2006: "a displacement field",
+    2003: "an RGB vector image (NIFTI_INTENT_RGB_VECTOR)",
+}
 
 
 def check_nifti_image(path: str, img: Any) -> None:
@@ -429,17 +483,22 @@ def check_nifti_image(path: str, img: Any) -> None:
     header = img.header
     intent = int(header.get("intent_code", 0))
     if 3000 <= intent <= 3099:
-        raise InputError(f"{path}: a CIFTI-2 file (NIfTI intent {intent}, grayordinates, not a voxel image); "
-                         "not supported")
+        raise InputError(
+            f"{path}: a CIFTI-2 file (NIfTI intent {intent}, grayordinates, not a voxel image); not supported"
+        )
     if intent in _NIFTI_INTENTS_REFUSED:
         raise InputError(f"{path}: {_NIFTI_INTENTS_REFUSED[intent]}, not a scalar image; not supported")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all():
-        raise InputError(f"{path}: NIfTI orientation (qform/sform) holds NaN or infinite values; the voxels have "
-                         "no position")
+        raise InputError(
+            f"{path}: NIfTI orientation (qform/sform) holds NaN or infinite values; the voxels have "
+            "no position"
+        )
     if abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
-        raise InputError(f"{path}: NIfTI orientation (qform/sform) is singular (e.g. all zero); the voxels have "
-                         "no position")
+        raise InputError(
+            f"{path}: NIfTI orientation (qform/sform) is singular (e.g. all zero); the voxels have "
+            "no position"
+        )
 
 
 def nifti_open(path: str, volume_index: int | None):
@@ -447,11 +506,15 @@ def nifti_open(path: str, volume_index: int | None):
     img, shape = nifti_header(path)
     if len(shape) == 4:
         if volume_index is None:
-            raise InputError(f"{path}: NIfTI of shape {shape} is 4-D ({shape[3]} volumes); pick one with "
-                             f"--volume-index 0..{shape[3] - 1}")
+            raise InputError(
+                f"{path}: NIfTI of shape {shape} is 4-D ({shape[3]} volumes); pick one with "
+                f"--volume-index 0..{shape[3] - 1}"
+            )
         if not 0 <= volume_index < shape[3]:
-            raise InputError(f"{path}: volume index {volume_index} out of range (the file has {shape[3]} "
-                             f"volumes: 0..{shape[3] - 1})")
+            raise InputError(
+                f"{path}: volume index {volume_index} out of range (the file has {shape[3]} "
+                f"volumes: 0..{shape[3] - 1})"
+            )
     elif len(shape) not in (2, 3):
         raise InputError(f"{path}: NIfTI of shape {shape} is not a 2-D image, 3-D volume or 4-D series")
     elif volume_index not in (None, 0):
@@ -463,8 +526,14 @@ def nifti_open(path: str, volume_index: int | None):
     return img, tuple(spatial), (volume_index if len(shape) == 4 else None)
 
 
-def _nifti_voxels(img, path: str, spatial: tuple[int, int, int], vol4: int | None, storage_axis: int | None,
-                  index: int | None) -> np.ndarray:
+def _nifti_voxels(
+    img,
+    path: str,
+    spatial: tuple[int, int, int],
+    vol4: int | None,
+    storage_axis: int | None,
+    index: int | None,
+) -> np.ndarray:
     """Read voxels through nibabel's array proxy: the whole volume, or one plane of `storage_axis` only."""
     ndim = len(img.shape)
     slicer: list[Any] = [slice(None)] * ndim
@@ -479,7 +548,9 @@ def _nifti_voxels(img, path: str, spatial: tuple[int, int, int], vol4: int | Non
     try:
         proxy = img.dataobj
         whole = storage_axis is None and ndim == 3 and hasattr(proxy, "get_unscaled")
-        slope, inter = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) if whole else (1, 0)
+        slope, inter = (
+            (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) if whole else (1, 0)
+        )
         if whole and (slope != 1.0 or inter != 0.0) and np.isfinite([slope, inter]).all():
             # nibabel would scale in float64 (2 x a float32 volume, plus a temporary): scale in float32, in place
             data = np.asarray(proxy.get_unscaled()).astype(np.float32)
@@ -488,12 +559,19 @@ def _nifti_voxels(img, path: str, spatial: tuple[int, int, int], vol4: int | Non
         else:
             data = np.asanyarray(proxy[tuple(slicer)])  # scl_slope / scl_inter applied by nibabel
     except Exception as exc:
-        raise InputError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {one_line(exc)})") from None
+        raise InputError(
+            f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
     return data.reshape(keep)  # [X, Y, Z] (the read axis of length 1 for a single plane)
 
 
-def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto",
-                      volume_index: int | None = None, max_voxels: int | None = None) -> NiftiVolume:
+def read_nifti_volume(
+    path: str | os.PathLike,
+    slice_index: int | None = None,
+    window: str = "auto",
+    volume_index: int | None = None,
+    max_voxels: int | None = None,
+) -> NiftiVolume:
     """Read a NIfTI volume (.nii / .nii.gz) into axial slices (all, or just `slice_index`) plus its geometry.
 
     4-D files need `volume_index`. The voxels to decode are checked against the budget from the header
@@ -532,8 +610,12 @@ def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, w
             nonfinite = int(mask.sum())
             fill = data[finite].min()
             data = np.where(finite, data, fill)
-            log.info("%s: %d non-finite voxels read as background (%g) and masked in the map", path, nonfinite,
-                     float(fill))
+            log.info(
+                "%s: %d non-finite voxels read as background (%g) and masked in the map",
+                path,
+                nonfinite,
+                float(fill),
+            )
         del finite
     vol = nib.orientations.apply_orientation(data, ornt)  # [X(R), Y(A), Z(S)] (Z of length 1 for one slice)
     slope = first_float(getattr(img.dataobj, "slope", 1.0))
@@ -546,7 +628,9 @@ def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, w
 
     out = []
     for k in frames:
-        plane = np.ascontiguousarray(vol[::-1, ::-1, ras_index[k]].T)  # [Y, X]: rows anterior->posterior, cols right->left
+        plane = np.ascontiguousarray(
+            vol[::-1, ::-1, ras_index[k]].T
+        )  # [Y, X]: rows anterior->posterior, cols right->left
         if raw_dtype == np.uint8 and not scaled and not use_cal:
             px = plane.astype(np.uint8, copy=False)
         elif use_cal:
@@ -559,8 +643,16 @@ def read_nifti_volume(path: str | os.PathLike, slice_index: int | None = None, w
             px = window_to_unit(plane, "full" if window == "full" else "minmax")
         out.append(ScanImage(np.ascontiguousarray(px), _source(path, n, k), bits))
     affine = np.asarray(img.affine, dtype=np.float64)
-    return NiftiVolume(out, shape3, affine, ornt, img.header, nonfinite, mask if slice_index is None else None,
-                       _slice_positions(affine, shape3, ornt))
+    return NiftiVolume(
+        out,
+        shape3,
+        affine,
+        ornt,
+        img.header,
+        nonfinite,
+        mask if slice_index is None else None,
+        _slice_positions(affine, shape3, ornt),
+    )
 
 
 def _slice_positions(affine: np.ndarray, shape3: tuple[int, int, int], ornt: np.ndarray) -> list[float]:
@@ -577,7 +669,12 @@ def _slice_positions(affine: np.ndarray, shape3: tuple[int, int, int], ornt: np.
     return out
 
 
-def read_nifti(path: str | os.PathLike, slice_index: int | None = None, window: str = "auto",
-               volume_index: int | None = None, max_voxels: int | None = None) -> list[ScanImage]:
+def read_nifti(
+    path: str | os.PathLike,
+    slice_index: int | None = None,
+    window: str = "auto",
+    volume_index: int | None = None,
+    max_voxels: int | None = None,
+) -> list[ScanImage]:
     """Read a NIfTI volume (.nii / .nii.gz) into axial slices (all, or just `slice_index`)."""
     return read_nifti_volume(path, slice_index, window, volume_index, max_voxels).slices

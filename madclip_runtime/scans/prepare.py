@@ -22,6 +22,7 @@ This is how the MVFA/BMAD benchmark slices were cut from BraTS/LiTS-style volume
 
 Deterministic: the same inputs and seed give byte-identical files. Torch-free (numpy, nibabel, PIL).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -72,8 +73,10 @@ class PrepareOptions:
             raise MadclipError(f"--bits must be 8 or 16, got {self.bits}")
         for name in ("min_lesion_voxels", "normal_margin", "max_per_volume"):
             if getattr(self, name) < (1 if name != "normal_margin" else 0):
-                raise MadclipError(f"--{name.replace('_', '-')} must be >= {1 if name != 'normal_margin' else 0}, "
-                                   f"got {getattr(self, name)}")
+                raise MadclipError(
+                    f"--{name.replace('_', '-')} must be >= {1 if name != 'normal_margin' else 0}, "
+                    f"got {getattr(self, name)}"
+                )
         if not (math.isfinite(self.min_content) and 0.0 <= self.min_content < 1.0):
             raise MadclipError(f"--min-content must be in [0, 1), got {self.min_content}")
         if not (math.isfinite(self.valid_fraction) and 0.0 < self.valid_fraction < 1.0):
@@ -81,7 +84,9 @@ class PrepareOptions:
         if self.patient_regex is not None:
             try:
                 if re.compile(self.patient_regex).groups < 1:
-                    raise MadclipError(f"--patient-regex {self.patient_regex!r} needs a group, e.g. '^(.+?)_'")
+                    raise MadclipError(
+                        f"--patient-regex {self.patient_regex!r} needs a group, e.g. '^(.+?)_'"
+                    )
             except re.error as exc:
                 raise MadclipError(f"--patient-regex {self.patient_regex!r}: {exc}") from None
 
@@ -98,8 +103,10 @@ def parse_window(text: str) -> tuple[str, tuple[float, float] | None]:
         c, w = float(m.group(1)), float(m.group(2))
         if math.isfinite(c) and math.isfinite(w) and w > 0:
             return f"C{c:g},W{w:g}", (c, w)
-    raise MadclipError(f"--window must be one of {', '.join(WINDOW_PRESETS)}, mr, or 'CENTER,WIDTH' "
-                       f"(e.g. 40,400), got {text!r}")
+    raise MadclipError(
+        f"--window must be one of {', '.join(WINDOW_PRESETS)}, mr, or 'CENTER,WIDTH' "
+        f"(e.g. 40,400), got {text!r}"
+    )
 
 
 def case_name(filename: str) -> str:
@@ -114,6 +121,7 @@ def case_name(filename: str) -> str:
 
 def pair_volumes(images: str, labels: str) -> list[tuple[str, str, str]]:
     """-> sorted (case, image path, label path); every image needs a label of the same case name."""
+
     def listing(folder: str, what: str) -> dict[str, str]:
         if not os.path.isdir(folder):
             raise MadclipError(f"{folder}: no such {what} directory")
@@ -123,8 +131,9 @@ def pair_volumes(images: str, labels: str) -> list[tuple[str, str, str]]:
                 continue
             case = case_name(n)
             if case in found:
-                raise MadclipError(f"{folder}: two {what} files for case {case!r}: "
-                                   f"{os.path.basename(found[case])} and {n}")
+                raise MadclipError(
+                    f"{folder}: two {what} files for case {case!r}: {os.path.basename(found[case])} and {n}"
+                )
             found[case] = os.path.join(folder, n)
         if not found:
             raise MadclipError(f"{folder}: no NIfTI files (.nii, .nii.gz) in this {what} directory")
@@ -133,8 +142,10 @@ def pair_volumes(images: str, labels: str) -> list[tuple[str, str, str]]:
     imgs, labs = listing(images, "images"), listing(labels, "labels")
     missing = sorted(set(imgs) - set(labs))
     if missing:
-        raise MadclipError(f"{labels}: no label volume for {len(missing)} image(s), e.g. {missing[0]!r} "
-                           "(labels must have the image's case name)")
+        raise MadclipError(
+            f"{labels}: no label volume for {len(missing)} image(s), e.g. {missing[0]!r} "
+            "(labels must have the image's case name)"
+        )
     extra = sorted(set(labs) - set(imgs))
     if extra:
         log.warning("%s: %d label(s) without an image ignored, e.g. %s", labels, len(extra), extra[0])
@@ -150,15 +161,18 @@ def patient_of(case: str, regex: str | None) -> str:
     return m.group(1)
 
 
-def split_patients(patients: Sequence[str], valid_fraction: float, seed: int,
-                   with_lesion: set[str] | None = None) -> dict[str, str]:
+def split_patients(
+    patients: Sequence[str], valid_fraction: float, seed: int, with_lesion: set[str] | None = None
+) -> dict[str, str]:
     """patient -> 'valid' | 'test', shuffled with `seed`, stratified by whether a patient has lesions (so both
     sides get abnormal slices when there are two such patients); at least one patient per side when possible."""
     with_lesion = with_lesion or set()
     rng = np.random.default_rng(seed)
     out: dict[str, str] = {}
-    for group in (sorted(p for p in set(patients) if p in with_lesion),
-                  sorted(p for p in set(patients) if p not in with_lesion)):
+    for group in (
+        sorted(p for p in set(patients) if p in with_lesion),
+        sorted(p for p in set(patients) if p not in with_lesion),
+    ):
         if not group:
             continue
         order = list(rng.permutation(len(group)))
@@ -184,8 +198,10 @@ def _load_ras(path: str, volume_index: int | None, what: str) -> tuple[np.ndarra
         check_voxels(path, shape, int(np.prod(shape)))
         proxy = img.dataobj
     else:
-        raise InputError(f"{path}: {what} of shape {shape} is not a 3-D volume"
-                         + (" (pick one volume with --volume-index)" if len(shape) == 4 else ""))
+        raise InputError(
+            f"{path}: {what} of shape {shape} is not a 3-D volume"
+            + (" (pick one volume with --volume-index)" if len(shape) == 4 else "")
+        )
     ornt = nib.orientations.io_orientation(img.affine)
     try:
         if what == "label":
@@ -193,7 +209,10 @@ def _load_ras(path: str, volume_index: int | None, what: str) -> tuple[np.ndarra
             data = (raw > 0).reshape(shape[:3])  # any label value counts as lesion (scaling keeps the sign)
             del raw
         else:
-            slope, inter = float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))
+            slope, inter = (
+                float(getattr(img.dataobj, "slope", 1.0)),
+                float(getattr(img.dataobj, "inter", 0.0)),
+            )
             if proxy is img.dataobj and hasattr(proxy, "get_unscaled"):
                 data = np.asarray(proxy.get_unscaled()).astype(np.float32).reshape(shape[:3])
                 if slope != 1.0 or inter != 0.0:
@@ -207,7 +226,9 @@ def _load_ras(path: str, volume_index: int | None, what: str) -> tuple[np.ndarra
                     raise InputError(f"{path}: {what} has no finite voxel")
                 n_bad = int(bad.sum())
                 data[bad] = np.min(data[~bad])
-                log.warning("%s: %d NaN/infinite voxels read as background (the lowest finite value)", path, n_bad)
+                log.warning(
+                    "%s: %d NaN/infinite voxels read as background (the lowest finite value)", path, n_bad
+                )
             del bad
     except InputError:
         raise
@@ -221,14 +242,16 @@ def plane(vol: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(vol[::-1, ::-1, k].T)
 
 
-def window_unit(vol: np.ndarray, window: tuple[str, tuple[float, float] | None]) -> tuple[np.ndarray, list[float]]:
+def window_unit(
+    vol: np.ndarray, window: tuple[str, tuple[float, float] | None]
+) -> tuple[np.ndarray, list[float]]:
     """Volume -> [0, 1] float32 with the window (mr: the volume's non-zero percentiles); -> (unit, [lo, hi]).
 
     A float32 `vol` is windowed IN PLACE (and returned): the caller's array becomes the unit volume."""
     name, cw = window
     if cw is None:
         nz = vol[vol != 0]
-        lo, hi = (np.percentile(nz, MR_PERCENTILES) if nz.size else (0.0, 1.0))
+        lo, hi = np.percentile(nz, MR_PERCENTILES) if nz.size else (0.0, 1.0)
         del nz
         lo, hi = float(lo), float(hi)
         if not hi > lo:
@@ -248,8 +271,9 @@ def _png(unit: np.ndarray, bits: int) -> Image.Image:
     return Image.fromarray(np.round(unit * 65535.0).astype(np.uint16))  # I;16
 
 
-def choose_slices(lesion_per_slice: np.ndarray, content: np.ndarray, opts: PrepareOptions,
-                  rng: np.random.Generator) -> tuple[list[int], list[int]]:
+def choose_slices(
+    lesion_per_slice: np.ndarray, content: np.ndarray, opts: PrepareOptions, rng: np.random.Generator
+) -> tuple[list[int], list[int]]:
     """(abnormal slice indices, normal slice indices) of one volume, each capped at max_per_volume."""
     n = lesion_per_slice.size
     has_content = content >= opts.min_content
@@ -294,8 +318,10 @@ def prepare(opts: PrepareOptions, advance: Callable[[str], None] | None = None) 
             vol, affine = _load_ras(image_path, opts.volume_index, "image")
             lab, lab_affine = _load_ras(label_path, None, "label")
             if lab.shape != vol.shape or not np.allclose(affine, lab_affine, atol=1e-3):
-                raise InputError(f"{label_path}: label grid {lab.shape} does not match its image {image_path} "
-                                 f"{vol.shape} (shape and affine must be equal)")
+                raise InputError(
+                    f"{label_path}: label grid {lab.shape} does not match its image {image_path} "
+                    f"{vol.shape} (shape and affine must be equal)"
+                )
             unit, (lo, hi) = window_unit(vol, window)  # in place: vol is now the unit volume
             lesion = lab  # [X, Y, Z] bool; any label value counts as lesion
             per_slice = lesion.sum(axis=(0, 1))
@@ -308,10 +334,19 @@ def prepare(opts: PrepareOptions, advance: Callable[[str], None] | None = None) 
                     cls = "Ungood" if label else "good"
                     rel = f"{split}/{cls}/img/{name}"
                     atomic_save_png(os.path.join(tmp, rel), _png(plane(unit, k), opts.bits))
-                    entry = {"file": rel, "split": split, "label": label, "case": case, "patient": patients[case],
-                             "slice": int(k), "lesion_voxels": int(per_slice[k]), "content": round(float(content[k]), 4),
-                             "source_image": os.path.abspath(image_path), "source_label": os.path.abspath(label_path),
-                             "window": [lo, hi]}
+                    entry = {
+                        "file": rel,
+                        "split": split,
+                        "label": label,
+                        "case": case,
+                        "patient": patients[case],
+                        "slice": int(k),
+                        "lesion_voxels": int(per_slice[k]),
+                        "content": round(float(content[k]), 4),
+                        "source_image": os.path.abspath(image_path),
+                        "source_label": os.path.abspath(label_path),
+                        "window": [lo, hi],
+                    }
                     if label:
                         mrel = f"{split}/Ungood/anomaly_mask/{name}"
                         mask = plane(lesion, k).astype(np.uint8) * 255
@@ -322,12 +357,18 @@ def prepare(opts: PrepareOptions, advance: Callable[[str], None] | None = None) 
             if advance is not None:
                 advance(case)
         manifest = {
-            "tool": "madclip-prepare", "version": __version__, "intended_use": INTENDED_USE,
+            "tool": "madclip-prepare",
+            "version": __version__,
+            "intended_use": INTENDED_USE,
             "options": {k: v for k, v in asdict(opts).items() if k not in ("force",)},
-            "window": window[0], "axial_view": "closest RAS+, rows anterior->posterior, columns right->left",
+            "window": window[0],
+            "axial_view": "closest RAS+, rows anterior->posterior, columns right->left",
             "splits": {s: sorted({p for p, sp in split_of.items() if sp == s}) for s in ("valid", "test")},
-            "counts": {f"{s}/{c}": sum(1 for e in entries if e["split"] == s and e["label"] == (c == "Ungood"))
-                       for s in ("valid", "test") for c in ("good", "Ungood")},
+            "counts": {
+                f"{s}/{c}": sum(1 for e in entries if e["split"] == s and e["label"] == (c == "Ungood"))
+                for s in ("valid", "test")
+                for c in ("good", "Ungood")
+            },
             "slices": entries,
         }
         atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1) + "\n")

@@ -3,6 +3,7 @@
 A leaf module (numpy only): `madclip_runtime.scans.imageio` (2-D images, dispatch) and `madclip_runtime.scans.medical`
 (DICOM, NIfTI) both import it, so neither has to import the other's module at load time.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ WINDOW_MODES = ("auto", "minmax", "full")
 
 MIN_SIDE = 8  # smaller images are almost certainly not scans (and break the 240x240 resize's meaning)
 MAX_PIXELS = 100_000_000  # per 2-D image/slice; checked from the header before decoding
+
 
 @dataclass(frozen=True)
 class ScanImage:

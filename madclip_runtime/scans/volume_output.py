@@ -11,6 +11,7 @@ Volume score: the slices' decision scores (the score the bundle's threshold appl
 (default: the volume is an anomaly when any slice is) or "mean-top-K" (mean of the K highest, K = 3 when
 written "mean-top-k"), then compared with the same threshold.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,7 +71,9 @@ def parse_volume_score(text: str) -> VolumeScoreMethod:
     m = re.fullmatch(r"mean-top-(\d+)", t)
     if m and int(m.group(1)) >= 1:
         return VolumeScoreMethod(f"mean-top-{int(m.group(1))}", int(m.group(1)))
-    raise MadclipError(f"--volume-score must be 'max', 'mean-top-k' or 'mean-top-N' with N >= 1, got {text!r}")
+    raise MadclipError(
+        f"--volume-score must be 'max', 'mean-top-k' or 'mean-top-N' with N >= 1, got {text!r}"
+    )
 
 
 def score_volume(predictor: Any, volume: Volume, advance: Callable[[int], None] | None = None) -> list[Any]:
@@ -90,8 +93,14 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-def summarize(volume: Volume, preds: Sequence[Any], method: VolumeScoreMethod, threshold: float | None,
-              score_name: str, n_top: int = MONTAGE_SLICES) -> dict[str, Any]:
+def summarize(
+    volume: Volume,
+    preds: Sequence[Any],
+    method: VolumeScoreMethod,
+    threshold: float | None,
+    score_name: str,
+    n_top: int = MONTAGE_SLICES,
+) -> dict[str, Any]:
     """Per-slice scores, the volume score and label, and the most anomalous slices (highest first)."""
     decision = [float(p.decision_score) for p in preds]
     top = [int(i) for i in np.argsort(-np.asarray(decision), kind="stable")[: min(n_top, len(preds))]]
@@ -103,21 +112,33 @@ def summarize(volume: Volume, preds: Sequence[Any], method: VolumeScoreMethod, t
         "label": decide(vscore, threshold),
         "threshold": threshold,
         "top_slices": top,
-        "slices": [{"slice": k, SCORE: _finite(p.score), SCORE_MAP_MAX: _finite(p.score_map_max),
-                    "label": p.label, "source": p.source,
-                    "position_mm": volume.positions_mm[k] if volume.positions_mm else None}
-                   for k, p in enumerate(preds)],
+        "slices": [
+            {
+                "slice": k,
+                SCORE: _finite(p.score),
+                SCORE_MAP_MAX: _finite(p.score_map_max),
+                "label": p.label,
+                "source": p.source,
+                "position_mm": volume.positions_mm[k] if volume.positions_mm else None,
+            }
+            for k, p in enumerate(preds)
+        ],
     }
 
 
 def output_names(stem: str) -> dict[str, str]:
     """The file names of one volume's result set (the JSON last); the one place they are spelled."""
-    return {"map": f"{stem}{VOLUME_MAP_SUFFIX}", "montage": f"{stem}{VOLUME_MONTAGE_SUFFIX}",
-            "seg": f"{stem}{DICOM_SEG_SUFFIX}", "json": f"{stem}.json"}
+    return {
+        "map": f"{stem}{VOLUME_MAP_SUFFIX}",
+        "montage": f"{stem}{VOLUME_MONTAGE_SUFFIX}",
+        "seg": f"{stem}{DICOM_SEG_SUFFIX}",
+        "json": f"{stem}.json",
+    }
 
 
-def nifti_map_bytes(volume: Volume, arr: np.ndarray, scale: tuple[float, float],
-                    affine: np.ndarray | None = None) -> bytes:
+def nifti_map_bytes(
+    volume: Volume, arr: np.ndarray, scale: tuple[float, float], affine: np.ndarray | None = None
+) -> bytes:
     """The float32 map as gzip'ed NIfTI bytes on the map's grid.
 
     NIfTI input: the input's header is copied with its qform and sform untouched (same codes, same
@@ -154,16 +175,34 @@ def header_agreement(volume: Volume) -> dict[str, Any]:
     q, qc = h.get_qform(coded=True)
     s, sc = h.get_sform(coded=True)
     if q is None or s is None:
-        return {"qform_equals_sform": None, "qform_code": int(h["qform_code"]), "sform_code": int(h["sform_code"])}
-    corners = np.array([[i, j, k, 1.0] for i in (0, volume.shape[0] - 1) for j in (0, volume.shape[1] - 1)
-                        for k in (0, volume.shape[2] - 1)]).T
+        return {
+            "qform_equals_sform": None,
+            "qform_code": int(h["qform_code"]),
+            "sform_code": int(h["sform_code"]),
+        }
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (0, volume.shape[0] - 1)
+            for j in (0, volume.shape[1] - 1)
+            for k in (0, volume.shape[2] - 1)
+        ]
+    ).T
     diff = float(np.abs((q - s) @ corners).max())
     return {"qform_equals_sform": diff <= 0.1, "qform_sform_max_difference_mm": round(diff, 4)}
 
 
-def render_montage(volume: Volume, preds: Sequence[Any], top: Sequence[int], scale: tuple[float, float],
-                   threshold: float | None, map_threshold: float | None, record: dict[str, Any] | None = None,
-                   min_side: int = 240, columns: int = 3) -> Image.Image:
+def render_montage(
+    volume: Volume,
+    preds: Sequence[Any],
+    top: Sequence[int],
+    scale: tuple[float, float],
+    threshold: float | None,
+    map_threshold: float | None,
+    record: dict[str, Any] | None = None,
+    min_side: int = 240,
+    columns: int = 3,
+) -> Image.Image:
     """The top slices (shown in slice order) at a readable size with their maps, one shared legend."""
     tiles = []
     for k in sorted(top):
@@ -174,12 +213,17 @@ def render_montage(volume: Volume, preds: Sequence[Any], top: Sequence[int], sca
         tiles.append((volume.slices[k].pixels, p.anomaly_map, caption, p.label))
     rec = record or {}
     vscore = rec.get("volume_score")
-    legend = [(f"{volume.name}: {volume.n_slices} slices, {len(tiles)} highest-scoring shown", _FG),
-              (f"volume score {vscore:.3f}" if vscore is not None else "volume score n/a", _FG)]
+    legend = [
+        (f"{volume.name}: {volume.n_slices} slices, {len(tiles)} highest-scoring shown", _FG),
+        (f"volume score {vscore:.3f}" if vscore is not None else "volume score n/a", _FG),
+    ]
     label = rec.get("label")
     verdict = {"anomaly": "ANOMALY", "normal": "normal"}.get(label or "", "(no decision)")
-    legend[1] = (legend[1][0] + f" ({rec.get('volume_score_method', '')})  threshold "
-                 f"{'n/a' if threshold is None else f'{threshold:.3f}'}  -> {verdict}", verdict_colour(label))
+    legend[1] = (
+        legend[1][0] + f" ({rec.get('volume_score_method', '')})  threshold "
+        f"{'n/a' if threshold is None else f'{threshold:.3f}'}  -> {verdict}",
+        verdict_colour(label),
+    )
     pos_note = "positions: along the slice normal, scanner coordinates" if volume.positions_mm else ""
     if pos_note:
         legend.append((pos_note, _FG))
@@ -212,7 +256,9 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_result_set(out_dir: str, files: dict[str, bytes], json_name: str, doc: dict[str, Any]) -> dict[str, str]:
+def write_result_set(
+    out_dir: str, files: dict[str, bytes], json_name: str, doc: dict[str, Any]
+) -> dict[str, str]:
     """Write a result set together or not at all: every file is staged in a hidden directory inside
     `out_dir`, then renamed into place, the JSON last (its presence means the set is complete). Any failure
     before the renames leaves nothing behind. -> {name: final path}."""
@@ -221,7 +267,9 @@ def write_result_set(out_dir: str, files: dict[str, bytes], json_name: str, doc:
     try:
         for name, data in files.items():
             atomic_write_bytes(os.path.join(stage, name), data)
-        atomic_write_text(os.path.join(stage, json_name), json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(
+            os.path.join(stage, json_name), json.dumps(jsonable(doc), indent=2, allow_nan=False) + "\n"
+        )
         paths = {}
         for name in list(files) + [json_name]:
             paths[name] = os.path.join(out_dir, name)
@@ -231,9 +279,17 @@ def write_result_set(out_dir: str, files: dict[str, bytes], json_name: str, doc:
     return paths
 
 
-def save_volume_outputs(out_dir: str, stem: str, volume: Volume, preds: Sequence[Any], record: dict[str, Any],
-                        scale: tuple[float, float], map_threshold: float | None, map_threshold_method: str | None,
-                        seg: Callable[[Sequence[np.ndarray]], bytes] | None = None) -> dict[str, str]:
+def save_volume_outputs(
+    out_dir: str,
+    stem: str,
+    volume: Volume,
+    preds: Sequence[Any],
+    record: dict[str, Any],
+    scale: tuple[float, float],
+    map_threshold: float | None,
+    map_threshold_method: str | None,
+    seg: Callable[[Sequence[np.ndarray]], bytes] | None = None,
+) -> dict[str, str]:
     """Build the map, the montage and the SEG (when `seg` builds one from the per-slice maps) in memory,
     then write them and the JSON together (`write_result_set`); nothing is written when any part fails."""
     if not stem or "/" in stem or os.sep in stem:
@@ -245,8 +301,9 @@ def save_volume_outputs(out_dir: str, stem: str, volume: Volume, preds: Sequence
     files = {names["map"]: nifti_map_bytes(volume, arr, scale)}
     del arr
     geometry.update(header_agreement(volume))
-    files[names["montage"]] = _png_bytes(render_montage(volume, preds, record["top_slices"], scale,
-                                                        record["threshold"], map_threshold, record))
+    files[names["montage"]] = _png_bytes(
+        render_montage(volume, preds, record["top_slices"], scale, record["threshold"], map_threshold, record)
+    )
     if seg is not None:
         files[names["seg"]] = seg(planes)
     doc = dict(record)

@@ -5,6 +5,7 @@ and only when used; `decode` (request bytes -> scans), `limits` (upload limits),
 options), `replica` (verified load, wire parameters) and `client` (`madclip-infer --server URL`) need no
 Ray at all, so a client machine installs the runtime alone. Research use, not for clinical decisions.
 """
+
 from __future__ import annotations
 
 import importlib

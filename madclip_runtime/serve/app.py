@@ -23,6 +23,7 @@ Batching: single-slice requests queue in `@serve.batch`; up to `max_batch_size` 
 batch) run as one backend call, waiting at most `batch_wait_timeout_s` for the batch to fill. Both come
 from the deployment's user_config and can change without a restart (`reconfigure`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -74,8 +75,13 @@ def _replica_id() -> str:
         return uuid.uuid4().hex
 
 
-@serve.deployment(name="madclip", health_check_period_s=10, health_check_timeout_s=30,
-                  graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=30)
+@serve.deployment(
+    name="madclip",
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=30,
+)
 class MadclipServer:
     """One replica: a verified, warmed-up Predictor behind the routes in the module docstring."""
 
@@ -90,8 +96,9 @@ class MadclipServer:
         self._drain_key = drain_key(app_name)
         self._inflight_key = inflight_prefix(app_name) + _replica_id().encode()
         threading.Thread(target=self._watch_drain, name="madclip-drain", daemon=True).start()
-        self.requests = metrics.Counter("madclip_requests", "madclip /predict requests by outcome",
-                                        tag_keys=("outcome",))
+        self.requests = metrics.Counter(
+            "madclip_requests", "madclip /predict requests by outcome", tag_keys=("outcome",)
+        )
         log.info("madclip replica ready: %s on %s %s", cfg.bundle, self.predictor.backend_name, cfg.precision)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -128,8 +135,9 @@ class MadclipServer:
         self.stats["scans"] += len(items)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         try:
-            return await asyncio.to_thread(self.predictor.predict_scans, [s for s, _ in items],
-                                           [ms for _, ms in items])
+            return await asyncio.to_thread(
+                self.predictor.predict_scans, [s for s, _ in items], [ms for _, ms in items]
+            )
         except BundleError as exc:  # the backend itself failed: this replica should be replaced
             self.failure = str(exc)
             raise
@@ -140,11 +148,14 @@ class MadclipServer:
         except InputError as exc:
             raise RequestError(400, str(exc)) from None
         name, slice_index, fmt, threshold = opts.name, opts.slice_index, opts.map_format, opts.threshold
-        body = await self.uploads.read(request.stream(), self.cfg.max_body_bytes,
-                                       request.headers.get("content-length"))
+        body = await self.uploads.read(
+            request.stream(), self.cfg.max_body_bytes, request.headers.get("content-length")
+        )
         window = self.predictor.bundle.spec.window
         t0 = time.perf_counter()
-        scans = await asyncio.to_thread(decode_scan_bytes, body, name, slice_index, window, self.cfg.max_body_bytes)
+        scans = await asyncio.to_thread(
+            decode_scan_bytes, body, name, slice_index, window, self.cfg.max_body_bytes
+        )
         decode_ms = (time.perf_counter() - t0) * 1e3 / len(scans)
         preds = await asyncio.gather(*(self.infer((s, decode_ms)) for s in scans))
         records = [record_json(with_threshold(p, threshold), self.predictor, fmt) for p in preds]
@@ -155,8 +166,9 @@ class MadclipServer:
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
         if self.draining:  # shutting down: never a 404 from a half-removed route, a clear 503 instead
-            return _error(503, "madclip-serve is shutting down; retry on another replica",
-                          {"Retry-After": "5"})
+            return _error(
+                503, "madclip-serve is shutting down; retry on another replica", {"Retry-After": "5"}
+            )
         if path == "/predict":
             if method != "POST":
                 return _error(405, "use POST /predict with the scan bytes as the body")
@@ -168,9 +180,17 @@ class MadclipServer:
         if path in ("/healthz", "/ready"):
             if self.failure is not None:
                 return _error(503, self.failure)
-            return JSONResponse({"status": "ok", "ready": True, "bundle_sha256": self.meta["bundle_sha256"],
-                                 "signed_by": self.meta["signed_by"], "trusted_key_id": self.meta["trusted_key_id"],
-                                 "replica_stats": dict(self.stats), "upload_stats": dict(self.uploads.stats)})
+            return JSONResponse(
+                {
+                    "status": "ok",
+                    "ready": True,
+                    "bundle_sha256": self.meta["bundle_sha256"],
+                    "signed_by": self.meta["signed_by"],
+                    "trusted_key_id": self.meta["trusted_key_id"],
+                    "replica_stats": dict(self.stats),
+                    "upload_stats": dict(self.uploads.stats),
+                }
+            )
         return _error(404, f"no route {path}; use POST /predict, GET /metadata, /healthz, /ready")
 
     async def _predict_guarded(self, request: Request) -> Response:
@@ -198,11 +218,19 @@ class MadclipServer:
         return response
 
 
-def build_app(cfg: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              max_batch_size: int | None = None, batch_wait_s: float = 0.005,
-              autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 64,
-              graceful_shutdown_timeout_s: float = 30.0, constructor_retries: int = 2,
-              app_name: str = "madclip") -> Any:
+def build_app(
+    cfg: ServeConfig,
+    replicas: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    max_batch_size: int | None = None,
+    batch_wait_s: float = 0.005,
+    autoscaling: dict[str, Any] | None = None,
+    max_ongoing_requests: int = 64,
+    graceful_shutdown_timeout_s: float = 30.0,
+    constructor_retries: int = 2,
+    app_name: str = "madclip",
+) -> Any:
     """The bound Serve application for `serve.run` (replicas, or autoscaling between min and max).
 
     Each replica accepts `max_ongoing_requests` requests being scored plus the slots of bodies still arriving
@@ -242,5 +270,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     from .options import serve_config_from
 
     cfg = serve_config_from({k.replace("-", "_"): v for k, v in args.items()})
-    return MadclipServer.options(user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005},
-                                 max_ongoing_requests=64 + upload_slots(cfg.max_uploads)).bind(cfg)
+    return MadclipServer.options(
+        user_config={"max_batch_size": None, "batch_wait_timeout_s": 0.005},
+        max_ongoing_requests=64 + upload_slots(cfg.max_uploads),
+    ).bind(cfg)

@@ -8,6 +8,7 @@ replica finish its in-flight requests (up to --graceful-timeout seconds) while t
 delivers their responses, and only then Serve and Ray are shut down. Exit 2 with one line when the bundle
 is bad (no replica ever serves it) or Ray is missing. Research use, not for clinical decisions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,53 +38,110 @@ ANSI_CODES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 def build_parser() -> argparse.ArgumentParser:
     v = VALIDATORS
-    p = ArgumentParser(prog="madclip-serve",
-                       description=f"Serve a madclip bundle over HTTP with Ray Serve ({INTENDED_USE}).")
+    p = ArgumentParser(
+        prog="madclip-serve", description=f"Serve a madclip bundle over HTTP with Ray Serve ({INTENDED_USE})."
+    )
     p.add_argument("--bundle", required=True, help="bundle directory (must be readable on every Ray node)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="inference backend per replica")
     p.add_argument("--precision", default=FP32, choices=PRECISION_CHOICES)
-    p.add_argument("--threshold", type=v["threshold"], default=None,
-                   help="decision threshold overriding the bundle's (within its score range)")
-    p.add_argument("--trusted-key", default=None, metavar="PUB",
-                   help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked here and by "
-                        "every replica; clients verify it with madclip-infer --server URL --trusted-key PUB)")
+    p.add_argument(
+        "--threshold",
+        type=v["threshold"],
+        default=None,
+        help="decision threshold overriding the bundle's (within its score range)",
+    )
+    p.add_argument(
+        "--trusted-key",
+        default=None,
+        metavar="PUB",
+        help="Ed25519 public key (PEM): refuse a bundle not signed by it (checked here and by "
+        "every replica; clients verify it with madclip-infer --server URL --trusted-key PUB)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--port", type=v["port"], default=8000)
-    p.add_argument("--replicas", type=v["replicas"], default=1,
-                   help="number of replicas (ignored with --autoscale)")
-    p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
-                   help="autoscale between MIN and MAX replicas on ongoing requests per replica")
-    p.add_argument("--target-ongoing", type=v["target_ongoing"], default=8.0,
-                   help="autoscaling target of ongoing requests per replica (default 8)")
-    p.add_argument("--num-cpus", type=v["num_cpus"], default=1.0,
-                   help="CPUs reserved per replica (default 1)")
+    p.add_argument(
+        "--replicas", type=v["replicas"], default=1, help="number of replicas (ignored with --autoscale)"
+    )
+    p.add_argument(
+        "--autoscale",
+        default=None,
+        metavar="MIN:MAX",
+        help="autoscale between MIN and MAX replicas on ongoing requests per replica",
+    )
+    p.add_argument(
+        "--target-ongoing",
+        type=v["target_ongoing"],
+        default=8.0,
+        help="autoscaling target of ongoing requests per replica (default 8)",
+    )
+    p.add_argument(
+        "--num-cpus", type=v["num_cpus"], default=1.0, help="CPUs reserved per replica (default 1)"
+    )
     p.add_argument("--num-gpus", type=v["num_gpus"], default=0.0, help="GPUs per replica (fractions allowed)")
-    p.add_argument("--max-batch", type=v["max_batch"], default=None,
-                   help="largest request batch per model call (default and ceiling: the bundle's max batch)")
-    p.add_argument("--batch-wait-ms", type=v["batch_wait_ms"], default=5.0,
-                   help="how long a partial batch waits for more requests (default 5 ms)")
+    p.add_argument(
+        "--max-batch",
+        type=v["max_batch"],
+        default=None,
+        help="largest request batch per model call (default and ceiling: the bundle's max batch)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=v["batch_wait_ms"],
+        default=5.0,
+        help="how long a partial batch waits for more requests (default 5 ms)",
+    )
     p.add_argument("--no-batching", action="store_true", help="one model call per request")
-    p.add_argument("--max-ongoing", type=v["max_ongoing"], default=64,
-                   help="requests being scored at once per replica (default 64; uploads have own slots)")
-    p.add_argument("--max-body-mb", type=v["max_body_mb"], default=DEFAULT_MAX_BODY_BYTES / 2**20,
-                   help="largest accepted request body in MiB (default 64)")
-    p.add_argument("--max-uploads", type=v["max_uploads"], default=DEFAULT_MAX_UPLOADS,
-                   help=f"request bodies received at once per replica (default {DEFAULT_MAX_UPLOADS})")
-    p.add_argument("--body-timeout", type=v["body_timeout"], default=DEFAULT_BODY_TIMEOUT_S,
-                   help=f"seconds to wait for the next chunk of a request body "
-                        f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
-    p.add_argument("--min-upload-rate", type=v["min_upload_rate"], default=DEFAULT_MIN_UPLOAD_RATE,
-                   help=f"bytes/s a request body must average after its first second (default "
-                        f"{DEFAULT_MIN_UPLOAD_RATE:g})")
-    p.add_argument("--keep-alive", type=v["keep_alive"], default=DEFAULT_KEEP_ALIVE_S,
-                   help=f"seconds an idle keep-alive connection stays open "
-                        f"(default {DEFAULT_KEEP_ALIVE_S:g})")
-    p.add_argument("--graceful-timeout", type=v["graceful_timeout"], default=30.0,
-                   help="seconds a stopping server waits for in-flight requests (default 30)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray")
-    p.add_argument("--ray-num-cpus", type=v["ray_num_cpus"], default=None,
-                   help="CPUs of the local Ray (default: all)")
+    p.add_argument(
+        "--max-ongoing",
+        type=v["max_ongoing"],
+        default=64,
+        help="requests being scored at once per replica (default 64; uploads have own slots)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=v["max_body_mb"],
+        default=DEFAULT_MAX_BODY_BYTES / 2**20,
+        help="largest accepted request body in MiB (default 64)",
+    )
+    p.add_argument(
+        "--max-uploads",
+        type=v["max_uploads"],
+        default=DEFAULT_MAX_UPLOADS,
+        help=f"request bodies received at once per replica (default {DEFAULT_MAX_UPLOADS})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=v["body_timeout"],
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help=f"seconds to wait for the next chunk of a request body (default {DEFAULT_BODY_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--min-upload-rate",
+        type=v["min_upload_rate"],
+        default=DEFAULT_MIN_UPLOAD_RATE,
+        help=f"bytes/s a request body must average after its first second (default "
+        f"{DEFAULT_MIN_UPLOAD_RATE:g})",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=v["keep_alive"],
+        default=DEFAULT_KEEP_ALIVE_S,
+        help=f"seconds an idle keep-alive connection stays open (default {DEFAULT_KEEP_ALIVE_S:g})",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=v["graceful_timeout"],
+        default=30.0,
+        help="seconds a stopping server waits for in-flight requests (default 30)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray",
+    )
+    p.add_argument(
+        "--ray-num-cpus", type=v["ray_num_cpus"], default=None, help="CPUs of the local Ray (default: all)"
+    )
     p.add_argument("--cache-dir", default=None, help="TensorRT engine cache on the replicas")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"madclip {__version__}")
@@ -104,8 +162,10 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind(addr)
         except OSError as exc:
-            raise MadclipError(f"port {port} on {host} is not available ({exc.strerror or exc}): "
-                               "another server listens there; choose another --port") from None
+            raise MadclipError(
+                f"port {port} on {host} is not available ({exc.strerror or exc}): "
+                "another server listens there; choose another --port"
+            ) from None
 
 
 def parse_autoscale(text: str | None, target: float) -> dict[str, Any] | None:
@@ -114,8 +174,11 @@ def parse_autoscale(text: str | None, target: float) -> dict[str, Any] | None:
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
     if not m or int(m.group(1)) > int(m.group(2)) or int(m.group(2)) < 1:
         raise MadclipError(f"--autoscale must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
-    return {"min_replicas": int(m.group(1)), "max_replicas": int(m.group(2)),
-            "target_ongoing_requests": float(target)}
+    return {
+        "min_replicas": int(m.group(1)),
+        "max_replicas": int(m.group(2)),
+        "target_ongoing_requests": float(target),
+    }
 
 
 def deployment_error(exc: BaseException) -> str:
@@ -184,7 +247,9 @@ def drain(app_name: str, timeout_s: float) -> int:
     while True:
         try:
             status = serve.status().applications.get(app_name)
-            replicas = sum(sum(d.replica_states.values()) for d in status.deployments.values()) if status else 0
+            replicas = (
+                sum(sum(d.replica_states.values()) for d in status.deployments.values()) if status else 0
+            )
         except Exception:  # the controller is gone: nothing is served any more
             return 0
         counts = [int(internal_kv._internal_kv_get(k) or b"0") for k in internal_kv._internal_kv_list(prefix)]
@@ -220,17 +285,30 @@ def _main(argv: Sequence[str] | None) -> int:
     autoscaling = parse_autoscale(args.autoscale, args.target_ongoing)
     trusted_key = read_trusted_key(args.trusted_key)
     # one-line checks here; replicas verify sha256, signature and the golden set again
-    bundle = load_bundle(args.bundle, verify="model" if trusted_key else "none", precision=args.precision,
-                         trusted_key=trusted_key)
+    bundle = load_bundle(
+        args.bundle,
+        verify="model" if trusted_key else "none",
+        precision=args.precision,
+        trusted_key=trusted_key,
+    )
     check_threshold(args.threshold, bundle)
     if args.precision not in bundle.precisions:
-        raise MadclipError(f"{bundle.path}: has no {args.precision} model "
-                           f"(it has {', '.join(bundle.precisions)})")
+        raise MadclipError(
+            f"{bundle.path}: has no {args.precision} model (it has {', '.join(bundle.precisions)})"
+        )
     check_port_free(args.host, args.port)
-    cfg = ServeConfig(bundle=bundle.path, backend=args.backend, precision=args.precision, threshold=args.threshold,
-                      max_body_bytes=int(args.max_body_mb * 2**20), cache_dir=args.cache_dir, trusted_key=trusted_key,
-                      max_uploads=args.max_uploads, body_timeout_s=args.body_timeout,
-                      min_upload_rate=args.min_upload_rate)
+    cfg = ServeConfig(
+        bundle=bundle.path,
+        backend=args.backend,
+        precision=args.precision,
+        threshold=args.threshold,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        cache_dir=args.cache_dir,
+        trusted_key=trusted_key,
+        max_uploads=args.max_uploads,
+        body_timeout_s=args.body_timeout,
+        min_upload_rate=args.min_upload_rate,
+    )
     serve = require_ray("serve")
     from .app import build_app
 
@@ -239,16 +317,25 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         _reset_drain(APP_NAME)
         try:
-            serve.start(http_options={"host": args.host, "port": args.port,
-                                      "keep_alive_timeout_s": args.keep_alive})
+            serve.start(
+                http_options={"host": args.host, "port": args.port, "keep_alive_timeout_s": args.keep_alive}
+            )
         except Exception as exc:
-            raise MadclipError(f"cannot start the HTTP proxy on {args.host}:{args.port}: "
-                               f"{deployment_error(exc)}") from None
-        app = build_app(cfg, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                        max_batch_size=1 if args.no_batching else args.max_batch,
-                        batch_wait_s=0.0 if args.no_batching else args.batch_wait_ms / 1e3,
-                        autoscaling=autoscaling, max_ongoing_requests=args.max_ongoing,
-                        graceful_shutdown_timeout_s=args.graceful_timeout, app_name=APP_NAME)
+            raise MadclipError(
+                f"cannot start the HTTP proxy on {args.host}:{args.port}: {deployment_error(exc)}"
+            ) from None
+        app = build_app(
+            cfg,
+            replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            max_batch_size=1 if args.no_batching else args.max_batch,
+            batch_wait_s=0.0 if args.no_batching else args.batch_wait_ms / 1e3,
+            autoscaling=autoscaling,
+            max_ongoing_requests=args.max_ongoing,
+            graceful_shutdown_timeout_s=args.graceful_timeout,
+            app_name=APP_NAME,
+        )
         try:
             try:
                 serve.run(app, name=APP_NAME, route_prefix="/")
@@ -259,16 +346,20 @@ def _main(argv: Sequence[str] | None) -> int:
                 serve.delete(APP_NAME, _blocking=True)  # leave no failed application behind on a cluster
                 raise MadclipError(f"deployment failed: {reason}") from None
             signed = f"signed by {bundle.signed_by}" if bundle.signed_by else "unsigned"
-            _say(f"madclip-serve: {bundle.path} ({signed}) ready on http://{args.host}:{args.port} "
-                 f"(POST /predict, GET /metadata, /healthz, /ready); {INTENDED_USE}")
+            _say(
+                f"madclip-serve: {bundle.path} ({signed}) ready on http://{args.host}:{args.port} "
+                f"(POST /predict, GET /metadata, /healthz, /ready); {INTENDED_USE}"
+            )
             while True:
                 time.sleep(1.0)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated), also while serve.run was still waiting
             _say("madclip-serve: stopping: new requests get 503, finishing in-flight requests ...")
             left = drain(APP_NAME, args.graceful_timeout)
             if left:
-                _say(f"madclip-serve: {left} request(s) still in flight after --graceful-timeout "
-                     f"{args.graceful_timeout:g} s")
+                _say(
+                    f"madclip-serve: {left} request(s) still in flight after --graceful-timeout "
+                    f"{args.graceful_timeout:g} s"
+                )
             if args.address:  # a shared cluster: remove our application only (its route goes with it)
                 serve.delete(APP_NAME, _blocking=True)
             stopped_clean = True

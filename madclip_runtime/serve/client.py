@@ -11,6 +11,7 @@ server publishes its bundle's metadata.json exactly as on disk; its sha256 must 
 its integrity record must hold, and its signature must be by the trusted key (the same rules and messages as
 local loading: an unsigned bundle or another signer is refused in one line, exit 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,9 @@ import numpy as np
 from rich.console import Console
 
 from ..cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err_console, error_line
+from ..cli.results import check_out_dir, expand_each, output_stem, result_table
 from ..contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
 from ..errors import BundleError, InputError, MadclipError
-from ..cli.results import check_out_dir, expand_each, output_stem, result_table
 from ..predictor import Prediction
 from .maps import decode_map
 
@@ -109,16 +110,19 @@ def verify_server_bundle(meta: dict[str, Any], base: str, trusted_key: Any) -> s
     where = f"{base} (bundle {meta.get('bundle')})"
     doc = meta.get("bundle_metadata")
     if not isinstance(doc, str):
-        raise BundleError(f"{where}: the server does not publish its bundle's metadata and signature "
-                          "(an older madclip-serve?): cannot verify it with --trusted-key; refused")
+        raise BundleError(
+            f"{where}: the server does not publish its bundle's metadata and signature "
+            "(an older madclip-serve?): cannot verify it with --trusted-key; refused"
+        )
     try:
         raw = base64.b64decode(doc, validate=True)
         published = json.loads(raw.decode("utf-8"))
     except (binascii.Error, ValueError) as exc:
         raise BundleError(f"{where}: published bundle metadata unreadable ({exc}); refused") from None
     if hashlib.sha256(raw).hexdigest() != meta.get("bundle_sha256"):
-        raise BundleError(f"{where}: published bundle metadata does not match the advertised bundle_sha256; "
-                          "refused")
+        raise BundleError(
+            f"{where}: published bundle metadata does not match the advertised bundle_sha256; refused"
+        )
     if not isinstance(published, dict):
         raise BundleError(f"{where}: published bundle metadata is not a JSON object; refused")
     integrity.check(published, where)
@@ -126,13 +130,23 @@ def verify_server_bundle(meta: dict[str, Any], base: str, trusted_key: Any) -> s
     return str(signer)
 
 
-def predict_remote(base: str, data: bytes, name: str, slice_index: int | None = None,
-                   map_format: str | None = None, threshold: float | None = None,
-                   timeout: float = TIMEOUT_S) -> list[dict[str, Any]]:
+def predict_remote(
+    base: str,
+    data: bytes,
+    name: str,
+    slice_index: int | None = None,
+    map_format: str | None = None,
+    threshold: float | None = None,
+    timeout: float = TIMEOUT_S,
+) -> list[dict[str, Any]]:
     """POST one scan file's bytes -> one record per slice (with "anomaly_map" when map_format is given)."""
     params = {"name": name, "slice": slice_index, "map": map_format, "threshold": threshold}
-    req = urllib.request.Request(_url(base, "/predict", params), data=data, method="POST",
-                                 headers={"Content-Type": "application/octet-stream"})
+    req = urllib.request.Request(
+        _url(base, "/predict", params),
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/octet-stream"},
+    )
     doc = _open(req, timeout)
     return list(doc["slices"]) if "slices" in doc else [doc]
 
@@ -141,10 +155,16 @@ def remote_prediction(record: dict[str, Any], anomaly_map: np.ndarray) -> Predic
     """A server's record and map as the Prediction local inference would hold (for writing the same files)."""
     nan = float("nan")
     return Prediction(
-        source=record["file"], score=nan if record[SCORE] is None else float(record[SCORE]),
+        source=record["file"],
+        score=nan if record[SCORE] is None else float(record[SCORE]),
         score_map_max=nan if record[SCORE_MAP_MAX] is None else float(record[SCORE_MAP_MAX]),
-        label=record["label"], threshold=record["threshold"], score_name=record["score_name"],
-        anomaly_map=anomaly_map, model_map=np.zeros((0, 0), np.float32), timings=dict(record["timings_ms"]))
+        label=record["label"],
+        threshold=record["threshold"],
+        score_name=record["score_name"],
+        anomaly_map=anomaly_map,
+        model_map=np.zeros((0, 0), np.float32),
+        timings=dict(record["timings_ms"]),
+    )
 
 
 def _score_file(args: argparse.Namespace, path: str, want_map: bool) -> list[dict[str, Any]]:
@@ -154,7 +174,9 @@ def _score_file(args: argparse.Namespace, path: str, want_map: bool) -> list[dic
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror or exc}") from None
     try:
-        return predict_remote(args.server, data, path, args.slice, "npy" if want_map else None, args.threshold)
+        return predict_remote(
+            args.server, data, path, args.slice, "npy" if want_map else None, args.threshold
+        )
     except RemoteError as exc:
         text = str(exc)
         raise RemoteError(text if path in text else f"{path}: {text}") from None
@@ -166,22 +188,28 @@ def run_remote(args: argparse.Namespace) -> int:
     from .. import INTENDED_USE
 
     if args.selftest:
-        raise MadclipError("--selftest runs on the serving machine (madclip-infer --bundle B --selftest there); "
-                           "the server already ran the bundle's golden inputs before it became ready")
+        raise MadclipError(
+            "--selftest runs on the serving machine (madclip-infer --bundle B --selftest there); "
+            "the server already ran the bundle's golden inputs before it became ready"
+        )
     meta = server_metadata(args.server)
     signer = None
     if getattr(args, "trusted_key", None):
         signer = verify_server_bundle(meta, args.server, args.trusted_key)
     files, failed = expand_each(args.inputs, args.recursive, [args.out] if args.out else [])
-    if args.slice is None and files:  # locally a volume gets one answer per volume: never a silent per-slice answer
+    if (
+        args.slice is None and files
+    ):  # locally a volume gets one answer per volume: never a silent per-slice answer
         from ..scans.volume import plan_volumes
 
         jobs, files, plan_errors = plan_volumes(files, args.series, args.volume_index)
-        for message in plan_errors + [f"{job.source}: a volume is scored as one volume by local "
-                                      f"inference (madclip-infer --bundle B; madclip-batch gives per-slice "
-                                      f"rows); "
-                                      f"--server scores 2-D scans, or one slice of it with --slice k"
-                                      for job in jobs]:
+        for message in plan_errors + [
+            f"{job.source}: a volume is scored as one volume by local "
+            f"inference (madclip-infer --bundle B; madclip-batch gives per-slice "
+            f"rows); "
+            f"--server scores 2-D scans, or one slice of it with --slice k"
+            for job in jobs
+        ]:
             error_line(message)
         failed += len(plan_errors) + len(jobs)
     if not files:
@@ -193,7 +221,11 @@ def run_remote(args: argparse.Namespace) -> int:
         f"{trust}), "
         f"backend {meta['backend']} (provider {meta['provider']}), precision {meta['precision']}, threshold "
         f"{args.threshold if args.threshold is not None else meta['threshold']} on {meta['score_name']}; "
-        f"{len(files)} file(s); {INTENDED_USE}", markup=False, highlight=False, soft_wrap=True)
+        f"{len(files)} file(s); {INTENDED_USE}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     from ..overlay import save_prediction
     from ..scans.imageio import read_scans
 
@@ -228,17 +260,34 @@ def run_remote(args: argparse.Namespace) -> int:
             if out_dir is not None:
                 t0 = time.perf_counter()
                 stem = output_stem(record["file"], used_stems)
-                save_prediction(out_dir, stem, scans[i], remote_prediction(record, decode_map(amap_doc)), record,
-                                tuple(meta["map_scale"]), meta["map_threshold"], args.map_format)
-                log.debug("%s: wrote %s/%s.* in %.1f ms", record["file"], out_dir, stem,
-                          (time.perf_counter() - t0) * 1e3)
+                save_prediction(
+                    out_dir,
+                    stem,
+                    scans[i],
+                    remote_prediction(record, decode_map(amap_doc)),
+                    record,
+                    tuple(meta["map_scale"]),
+                    meta["map_threshold"],
+                    args.map_format,
+                )
+                log.debug(
+                    "%s: wrote %s/%s.* in %.1f ms",
+                    record["file"],
+                    out_dir,
+                    stem,
+                    (time.perf_counter() - t0) * 1e3,
+                )
             if args.json:
                 print(json.dumps(record, allow_nan=False), flush=True)
             rows.append(record)
     if not args.json and rows:
         Console(soft_wrap=True).print(result_table(rows))
     if n_failed:
-        err_console.print(f"{len(rows)} scan(s) scored, {n_failed} input(s) failed",
-                          style="yellow", markup=False, highlight=False)
+        err_console.print(
+            f"{len(rows)} scan(s) scored, {n_failed} input(s) failed",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
         return EXIT_FAILED
     return EXIT_OK

@@ -7,6 +7,7 @@ truncation errors). The file type comes from the client's file name when it has 
 else from the content's magic bytes (PNG, JPEG, TIFF, BMP, DICOM, NIfTI). Errors are InputErrors naming
 the client's file name, never the temporary path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,9 +48,14 @@ def _name_suffix(name: str) -> str | None:
     return None
 
 
-def decode_scan_bytes(data: bytes, name: str = "<request>", slice_index: int | None = None,
-                      window: str = "auto", max_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                      tmp_dir: str | None = None) -> list[ScanImage]:
+def decode_scan_bytes(
+    data: bytes,
+    name: str = "<request>",
+    slice_index: int | None = None,
+    window: str = "auto",
+    max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tmp_dir: str | None = None,
+) -> list[ScanImage]:
     """Bytes of one scan file -> its 2-D slices (sources named after `name`, "name#slice=N" for volumes).
 
     InputError (one line naming `name`) for an empty or oversized body, an unrecognised format, or anything

@@ -17,6 +17,7 @@ bounds that, per replica:
 The serving deployment (`app.py`) gives each replica request slots for uploads on top of --max-ongoing
 (`upload_slots`), so uploads in progress never take the slots of requests being scored.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,13 +63,24 @@ class _Upload:
 class UploadGate:
     """Bounded, rate-checked body reads for one replica (see the module docstring). Single event loop."""
 
-    def __init__(self, max_uploads: int = DEFAULT_MAX_UPLOADS, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-                 min_rate: float = DEFAULT_MIN_UPLOAD_RATE):
+    def __init__(
+        self,
+        max_uploads: int = DEFAULT_MAX_UPLOADS,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        min_rate: float = DEFAULT_MIN_UPLOAD_RATE,
+    ):
         self.max_uploads = int(max_uploads)
         self.body_timeout_s = float(body_timeout_s)
         self.min_rate = float(min_rate)
         self.active: list[_Upload] = []
-        self.stats = {"uploads": 0, "waited": 0, "evicted": 0, "refused_busy": 0, "timed_out": 0, "too_slow": 0}
+        self.stats = {
+            "uploads": 0,
+            "waited": 0,
+            "evicted": 0,
+            "refused_busy": 0,
+            "timed_out": 0,
+            "too_slow": 0,
+        }
 
     def _try_admit(self, upload: _Upload) -> bool:
         """Give `upload` a slot: a free one, else the slowest past its grace (evicted, 408). False: none now."""
@@ -115,8 +127,11 @@ class UploadGate:
                     await asyncio.sleep(TICK_S)
                 now = time.monotonic()
                 if upload.evicted:
-                    raise RequestError(408, f"request body too slow ({upload.rate(now):.0f} bytes/s) while all "
-                                            f"upload slots were needed: dropped")
+                    raise RequestError(
+                        408,
+                        f"request body too slow ({upload.rate(now):.0f} bytes/s) while all "
+                        f"upload slots were needed: dropped",
+                    )
                 if done:
                     try:
                         chunk = pending.result()
@@ -141,12 +156,19 @@ class UploadGate:
                         self.stats["waited"] += 1
                     elif now - waiting_since >= WAIT_S:
                         self.stats["refused_busy"] += 1
-                        raise RequestError(503, f"{len(self.active)} slow uploads in progress (the limit of this "
-                                                "replica): retry shortly", {"Retry-After": "1"})
+                        raise RequestError(
+                            503,
+                            f"{len(self.active)} slow uploads in progress (the limit of this "
+                            "replica): retry shortly",
+                            {"Retry-After": "1"},
+                        )
                 if slotted and now - upload.started >= GRACE_S and upload.rate(now) < self.min_rate:
                     self.stats["too_slow"] += 1
-                    raise RequestError(408, f"request body arriving at {upload.rate(now):.0f} bytes/s, under "
-                                            f"the minimum of {self.min_rate:g} bytes/s")
+                    raise RequestError(
+                        408,
+                        f"request body arriving at {upload.rate(now):.0f} bytes/s, under "
+                        f"the minimum of {self.min_rate:g} bytes/s",
+                    )
             return b"".join(parts)
         finally:
             if pending is not None and not pending.done():

@@ -3,6 +3,7 @@
 "png16" is the 16-bit PNG on the bundle's fixed scale that `madclip-infer --out` writes (one step is
 (hi - lo) / 65535); "npy" is the raw float32 array, exact. Used by the server's responses and the client.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,8 +32,12 @@ def encode_map(amap: np.ndarray, fmt: str, scale: tuple[float, float]) -> dict[s
         Image.fromarray(map_to_uint16(amap, scale)).save(buf, format="PNG", pnginfo=info)
     else:
         raise ValueError(f"map format must be one of {MAP_FORMATS}, got {fmt!r}")
-    return {"format": fmt, "shape": [int(amap.shape[0]), int(amap.shape[1])],
-            "scale": [float(scale[0]), float(scale[1])], "data": base64.b64encode(buf.getvalue()).decode("ascii")}
+    return {
+        "format": fmt,
+        "shape": [int(amap.shape[0]), int(amap.shape[1])],
+        "scale": [float(scale[0]), float(scale[1])],
+        "data": base64.b64encode(buf.getvalue()).decode("ascii"),
+    }
 
 
 def decode_map(doc: dict[str, Any]) -> np.ndarray:

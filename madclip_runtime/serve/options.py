@@ -4,6 +4,7 @@ Every numeric option has one validator here (`cli.common.finite_float` / `bounde
 out-of-range values refused with one line), used as argparse `type=` by madclip-serve and applied to a Serve
 config file's `args` by `serve_config_from`, so both refuse the same values before any replica starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,15 @@ def serve_config_from(values: dict[str, Any]) -> Any:
         except argparse.ArgumentTypeError as exc:
             raise MadclipError(f"{key} {exc}") from None
 
-    return ServeConfig(bundle=str(values["bundle"]), backend=str(values.get("backend") or "auto"),
-                       precision=str(values.get("precision") or FP32), threshold=get("threshold", None),
-                       max_body_bytes=int(get("max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20),
-                       cache_dir=values.get("cache_dir"), trusted_key=read_trusted_key(values.get("trusted_key")),
-                       max_uploads=get("max_uploads", DEFAULT_MAX_UPLOADS),
-                       body_timeout_s=get("body_timeout", DEFAULT_BODY_TIMEOUT_S),
-                       min_upload_rate=get("min_upload_rate", DEFAULT_MIN_UPLOAD_RATE))
+    return ServeConfig(
+        bundle=str(values["bundle"]),
+        backend=str(values.get("backend") or "auto"),
+        precision=str(values.get("precision") or FP32),
+        threshold=get("threshold", None),
+        max_body_bytes=int(get("max_body_mb", DEFAULT_MAX_BODY_BYTES / 2**20) * 2**20),
+        cache_dir=values.get("cache_dir"),
+        trusted_key=read_trusted_key(values.get("trusted_key")),
+        max_uploads=get("max_uploads", DEFAULT_MAX_UPLOADS),
+        body_timeout_s=get("body_timeout", DEFAULT_BODY_TIMEOUT_S),
+        min_upload_rate=get("min_upload_rate", DEFAULT_MIN_UPLOAD_RATE),
+    )

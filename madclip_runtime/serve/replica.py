@@ -8,6 +8,7 @@ buffers. Any failure raises, so a bad
 bundle never serves. `record_json` builds the same per-scan record `madclip-infer --json` prints, plus the
 anomaly map on request (16-bit PNG on the bundle's fixed scale, or float32 .npy, base64-encoded).
 """
+
 from __future__ import annotations
 
 import base64
@@ -59,17 +60,36 @@ def open_verified(cfg: ServeConfig) -> tuple[Predictor, dict[str, Any]]:
     """
     from ..bundles.selftest import failure_line, golden_check
 
-    predictor = load(cfg.bundle, backend=cfg.backend, precision=cfg.precision, threshold=cfg.threshold,
-                     cache_dir=cfg.cache_dir, verify="model", trusted_key=cfg.trusted_key)
+    predictor = load(
+        cfg.bundle,
+        backend=cfg.backend,
+        precision=cfg.precision,
+        threshold=cfg.threshold,
+        cache_dir=cfg.cache_dir,
+        verify="model",
+        trusted_key=cfg.trusted_key,
+    )
     try:
         selftest = None
         if predictor.bundle.has_golden:
             res = golden_check(predictor)
             if not res["passed"]:
-                raise BundleError(failure_line(predictor.bundle.path, res, predictor.backend_name,
-                                               predictor.precision).replace("self-test", "warm-up self-test", 1))
-            selftest = {k: res[k] for k in ("n", "score_max_abs_err", "score_map_max_max_abs_err",
-                                            "map_p99_abs_err", "map_max_abs_err", "decisions_reproduced")}
+                raise BundleError(
+                    failure_line(
+                        predictor.bundle.path, res, predictor.backend_name, predictor.precision
+                    ).replace("self-test", "warm-up self-test", 1)
+                )
+            selftest = {
+                k: res[k]
+                for k in (
+                    "n",
+                    "score_max_abs_err",
+                    "score_map_max_max_abs_err",
+                    "map_p99_abs_err",
+                    "map_max_abs_err",
+                    "decisions_reproduced",
+                )
+            }
         s = predictor.bundle.image_size
         predictor.run_images(np.zeros((predictor.max_batch, 3, s, s), np.float32))  # largest buffers now
     except BaseException:
@@ -78,8 +98,9 @@ def open_verified(cfg: ServeConfig) -> tuple[Predictor, dict[str, Any]]:
     return predictor, metadata(predictor, selftest, cfg.trusted_key)
 
 
-def metadata(predictor: Predictor, selftest: dict[str, Any] | None,
-             trusted_key: bytes | None = None) -> dict[str, Any]:
+def metadata(
+    predictor: Predictor, selftest: dict[str, Any] | None, trusted_key: bytes | None = None
+) -> dict[str, Any]:
     """The /metadata document: what is served (identity, signature), with which threshold, how to read maps.
 
     `bundle_metadata` is metadata.json exactly as on disk (base64; its sha256 is `bundle_sha256`), so a client
@@ -102,7 +123,8 @@ def metadata(predictor: Predictor, selftest: dict[str, Any] | None,
         "bundle": os.path.basename(b.path.rstrip(os.sep)),
         "bundle_sha256": hashlib.sha256(raw).hexdigest(),  # metadata.json lists every file's sha256
         "bundle_metadata": base64.b64encode(raw).decode("ascii"),
-        "signed_by": (meta.get("signature") or {}).get("key_id") if isinstance(meta.get("signature"), dict)
+        "signed_by": (meta.get("signature") or {}).get("key_id")
+        if isinstance(meta.get("signature"), dict)
         else None,
         "trusted_key_id": trusted_id,
         "schema_version": meta.get("schema_version"),

@@ -24,6 +24,7 @@ once in `registry.py`. The rest of madclip only calls what is declared here:
 - training data: `needs_abnormal` (k normal + k abnormal with masks, or k normal only) and `augmentation`.
 - every method exports the same graph contract: image -> (score, anomaly_map, score_map_max).
 """
+
 from __future__ import annotations
 
 import abc
@@ -51,7 +52,9 @@ class Option:
     default: bool | int | float | str
     help: str
     choices: tuple[str, ...] = ()
-    parse: Callable[[Any], Any] | None = None  # value (text, or the flag's list) -> canonical value; ValueError
+    parse: Callable[[Any], Any] | None = (
+        None  # value (text, or the flag's list) -> canonical value; ValueError
+    )
     flag: str | None = None  # e.g. "--focal-target"
     nargs: str | None = None  # the flag's nargs, e.g. "+"
     metavar: str | None = None
@@ -101,8 +104,10 @@ class OptionSchema:
 
     def _option(self, key: str, how: str) -> Option:
         if key not in self.options:
-            raise MadclipError(f"{how}: method {self.method!r} has no such option (known: "
-                               f"{', '.join(self.options) or 'none'})")
+            raise MadclipError(
+                f"{how}: method {self.method!r} has no such option (known: "
+                f"{', '.join(self.options) or 'none'})"
+            )
         return self.options[key]
 
     def parse_items(self, items: Sequence[str]) -> dict[str, Any]:
@@ -128,13 +133,22 @@ class OptionSchema:
         if flagged:
             group = parser.add_argument_group(f"{title} (--method {self.method})")
             for o in flagged:
-                group.add_argument(o.flag, dest=o.dest, nargs=o.nargs, metavar=o.metavar,
-                                   choices=o.choices or None, help=o.help)
+                group.add_argument(
+                    o.flag,
+                    dest=o.dest,
+                    nargs=o.nargs,
+                    metavar=o.metavar,
+                    choices=o.choices or None,
+                    help=o.help,
+                )
 
     def from_flags(self, args: argparse.Namespace) -> dict[str, Any]:
         """{key: typed value} of the flags given on the command line."""
-        return {o.key: o.coerce(getattr(args, o.dest), self.method) for o in self.options.values()
-                if o.flag and getattr(args, o.dest, None) is not None}
+        return {
+            o.key: o.coerce(getattr(args, o.dest), self.method)
+            for o in self.options.values()
+            if o.flag and getattr(args, o.dest, None) is not None
+        }
 
     def flags(self) -> list[str]:
         return [o.flag for o in self.options.values() if o.flag]
@@ -205,7 +219,9 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
     # graph initializers (named by the method's export module) whose consumers start the FP32 tail: every method
     # must name its own (registry.check_method refuses an empty tuple)
     fp32_island_constants: ClassVar[tuple[str, ...]] = ()
-    option_schema: ClassVar[OptionSchema]  # the method's switches (ModelConfig.options); every method declares one
+    option_schema: ClassVar[
+        OptionSchema
+    ]  # the method's switches (ModelConfig.options); every method declares one
     uses_objective: ClassVar[bool] = True  # its prompts hold the [Objective] word (--objective)
     supports_transductive: ClassVar[bool] = False  # `predict_transductive` (madclip-eval --transductive)
     reference_format: ClassVar[str] = ""  # what `convert_reference` reads (for the CLI's help)
@@ -243,7 +259,9 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
         `convert_reference`: a run can go to the reference code, and the conformance test round-trips it."""
         raise MadclipError(f"{self.title} does not write its reference format (reference_checkpoint)")
 
-    def load_reference(self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None) -> dict:
+    def load_reference(
+        self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None
+    ) -> dict:
         """Load converted reference tensors into this model; `shots` (when `reference_needs_shots`) are the
         dataset's shots to rebuild what the release lacks. Returns information for the run's config."""
         self.load_trainable_state(state, source)
@@ -263,7 +281,9 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
         """images [B, 3, S, S] (preprocessed) -> the pure-function-of-the-image part, [B, ...]. No grad needed."""
 
     @abc.abstractmethod
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """Loss parts (and "total") for a batch of cacheable features; masks None = no pixel supervision."""
 
     def set_training(self, mode: bool) -> None:
@@ -274,8 +294,16 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
     def trainable_modules(self) -> list[nn.Module]:
         return []
 
-    def training_source(self, images01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, augment_seed: int,
-                        make_cached, label: str, batch_size: int = 16) -> TrainingSource:
+    def training_source(
+        self,
+        images01: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        augment_seed: int,
+        make_cached,
+        label: str,
+        batch_size: int = 16,
+    ) -> TrainingSource:
         """Batches for one part of the training data (train or held-out shots). The default augments offline
         with `augmentation`, normalises and caches `cacheable()`; `make_cached(images, masks, labels, label)` is
         the trainer's feature-cache source. A method whose images change every step overrides this and returns
@@ -283,8 +311,9 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
         from ..augment import augment_shots
 
         if len(labels):
-            images01, masks, index = augment_shots(self.augmentation, images01, masks, augment_seed,
-                                                   variant=self.augment_variant, groups=labels)
+            images01, masks, index = augment_shots(
+                self.augmentation, images01, masks, augment_seed, variant=self.augment_variant, groups=labels
+            )
             labels = labels[index]
         return make_cached(images01, masks, labels, label)
 
@@ -351,7 +380,9 @@ def copy_state_strict(targets: dict[str, torch.Tensor], state: dict[str, torch.T
         for k, t in targets.items():
             src = state[k]
             if src.shape != t.shape:
-                raise MadclipError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(t.shape)}")
+                raise MadclipError(
+                    f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(t.shape)}"
+                )
             t.copy_(src)
 
 
@@ -359,4 +390,4 @@ def iterate_batches(n: int, batch_size: int, generator: torch.Generator) -> Iter
     """A shuffled pass over n items in batches (one randperm per epoch from the trainer's generator)."""
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]

@@ -3,6 +3,7 @@
 Each entry names a package `methods/<name>/` whose `METHOD` is its `MethodModel` subclass; the package is
 imported when the method is first asked for. A new method is its own package plus one line here.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,8 +26,11 @@ def check_method(name: str, cls: object) -> type[MethodModel]:
     """A registered package's METHOD must be a MethodModel subclass that declares what the interface needs."""
     if not (isinstance(cls, type) and issubclass(cls, MethodModel)) or cls.name != name:
         raise TypeError(f"method package {name!r}: METHOD must be a MethodModel subclass named {name!r}")
-    if not cls.title or not cls.fp32_island_constants or not isinstance(getattr(cls, "option_schema", None),
-                                                                        OptionSchema):
+    if (
+        not cls.title
+        or not cls.fp32_island_constants
+        or not isinstance(getattr(cls, "option_schema", None), OptionSchema)
+    ):
         raise TypeError(f"method {name!r} must declare title, fp32_island_constants and option_schema")
     if cls.option_schema.method != name:
         raise TypeError(f"method {name!r}: its option_schema is named {cls.option_schema.method!r}")

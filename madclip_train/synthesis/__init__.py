@@ -8,7 +8,8 @@ synthesizer.py  task mixture, per-sample seeding
 io.py           loading normal scans as the grey uint8 images the tasks work on
 preview.py      the preview grid of madclip-synth
 """
-from .synthesizer import DEFAULT_MIX, SynthSample, Synthesizer, format_mix, parse_mix, sample_rng
+
+from .synthesizer import DEFAULT_MIX, Synthesizer, SynthSample, format_mix, parse_mix, sample_rng
 from .tasks import TASKS
 
 __all__ = ["DEFAULT_MIX", "SynthSample", "Synthesizer", "TASKS", "format_mix", "parse_mix", "sample_rng"]

@@ -4,6 +4,7 @@ MediCLIP reads a training image with PIL: bilinear resize to S x S (aspect not k
 (ITU-R 601 luma for colour), uint8. 8-bit files take exactly that path; >8-bit files are windowed to [0, 1]
 by madclip_runtime.scans.imageio, resized in float and rounded to uint8 (the tasks are defined on 0..255).
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,9 @@ def list_normals(root: str | os.PathLike) -> list[Path]:
     folder = normal_folder(root)
     images = list_images(folder)
     if not images:
-        raise MadclipError(f"{folder}: no normal images (expected image files here, or ROOT/valid/good/img, "
-                           f"or ROOT/normal)")
+        raise MadclipError(
+            f"{folder}: no normal images (expected image files here, or ROOT/valid/good/img, or ROOT/normal)"
+        )
     return images
 
 
@@ -53,7 +55,9 @@ def grey_uint8(path: str | os.PathLike, size: int, window: str = "auto") -> np.n
         img = Image.fromarray(px, mode="L" if px.ndim == 2 else "RGB")
         return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR).convert("L"), dtype=np.uint8)
     grey = px.astype(np.float32) if px.ndim == 2 else px.astype(np.float32) @ _LUMA
-    out = Image.fromarray(np.ascontiguousarray(grey), mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    out = Image.fromarray(np.ascontiguousarray(grey), mode="F").resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
     return np.round(np.clip(np.asarray(out), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
@@ -80,8 +84,13 @@ def usable_shots(paths: list[Path], k: int) -> int:
     if k < 1:
         raise MadclipError(f"--shots must be at least 1, got {k}")
     if len(paths) < k:
-        log.info("%s has %d normal images, fewer than --shots %d: using all %d as shots", paths[0].parent,
-                 len(paths), k, len(paths))
+        log.info(
+            "%s has %d normal images, fewer than --shots %d: using all %d as shots",
+            paths[0].parent,
+            len(paths),
+            k,
+            len(paths),
+        )
         return len(paths)
     return k
 
@@ -93,7 +102,9 @@ def normal_samples(root: str | os.PathLike, k: int, seed: int, shot_list: str | 
     from ..data import Sample
 
     if shot_list:
-        raise MadclipError(f"{shot_list}: --shot-list is not supported by normal-only methods; use --shots and --seed "
-                           f"(the chosen files are recorded in the run's shots.json)")
+        raise MadclipError(
+            f"{shot_list}: --shot-list is not supported by normal-only methods; use --shots and --seed "
+            f"(the chosen files are recorded in the run's shots.json)"
+        )
     paths = list_normals(root)
     return tuple(Sample(str(p), 0, None) for p in pick_shots(paths, usable_shots(paths, k), seed))

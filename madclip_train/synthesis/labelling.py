@@ -7,6 +7,7 @@ exactly 1.0 in float64. The labels are therefore binary in practice. Then, per c
 anomaly mask (4-connectivity), a 3 x 3 grey closing and hole filling by morphological reconstruction
 (erosion) of the region's bounding box (scipy.ndimage.grey_closing, skimage.morphology.reconstruction).
 """
+
 from __future__ import annotations
 
 import numpy as np

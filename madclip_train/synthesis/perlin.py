@@ -12,6 +12,7 @@ permutation table with 12 gradient directions, not continuous random angles. The
 against `perlin-numpy` on every size where that package works. The rotation (imgaug in the reference) is
 `scipy.ndimage.rotate`.
 """
+
 from __future__ import annotations
 
 import math

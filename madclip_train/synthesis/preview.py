@@ -4,6 +4,7 @@ Each tile pair is (shot | synthetic image with the label blended in the runtime'
 cyan contour), captioned with the task, the number of anomalies and the labelled area. Label values use the
 fixed scale [0, 1], so the colours mean the same in every tile.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -18,8 +19,14 @@ from .synthesizer import SynthSample
 _BG = (24, 24, 24)
 _FG = (235, 235, 235)
 _DIM = (150, 150, 150)
-_TASK_RGB = {"cutpaste": (255, 170, 90), "gauss": (120, 200, 255), "source": (190, 150, 255),
-             "sink": (255, 130, 200), "smooth": (140, 230, 160), "identity": (170, 170, 170)}
+_TASK_RGB = {
+    "cutpaste": (255, 170, 90),
+    "gauss": (120, 200, 255),
+    "source": (190, 150, 255),
+    "sink": (255, 130, 200),
+    "smooth": (140, 230, 160),
+    "identity": (170, 170, 170),
+}
 
 
 def label_overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.3) -> np.ndarray:
@@ -37,8 +44,13 @@ def _fit(arr: np.ndarray, tile: int) -> Image.Image:
     return img if img.size == (tile, tile) else img.resize((tile, tile), Image.Resampling.BILINEAR)
 
 
-def preview_grid(samples: Sequence[SynthSample], originals: Sequence[np.ndarray], names: Sequence[str],
-                 columns: int = 4, tile: int = 224) -> Image.Image:
+def preview_grid(
+    samples: Sequence[SynthSample],
+    originals: Sequence[np.ndarray],
+    names: Sequence[str],
+    columns: int = 4,
+    tile: int = 224,
+) -> Image.Image:
     """Grid of (original | overlay) pairs, `columns` pairs per row, with a caption under each pair."""
     n = len(samples)
     if n == 0:
@@ -60,7 +72,11 @@ def preview_grid(samples: Sequence[SynthSample], originals: Sequence[np.ndarray]
         canvas.paste(_fit(np.repeat(orig[:, :, None], 3, axis=2), tile), (x, y))
         canvas.paste(_fit(label_overlay(s.image, s.label), tile), (x + tile + gap // 2, y))
         area = 100.0 * float(np.mean(s.label > 0))
-        what = "normal (no anomaly)" if s.rounds == 0 else f"{s.rounds} anomal{'y' if s.rounds == 1 else 'ies'}, {area:.1f} % of the image"
+        what = (
+            "normal (no anomaly)"
+            if s.rounds == 0
+            else f"{s.rounds} anomal{'y' if s.rounds == 1 else 'ies'}, {area:.1f} % of the image"
+        )
         draw.text((x, y + tile + 3), s.task, fill=_TASK_RGB.get(s.task, _FG), font=font)
         tw = draw.textbbox((0, 0), s.task + "  ", font=font)[2]
         draw.text((x + tw, y + tile + 3), what, fill=_FG, font=small)

@@ -8,6 +8,7 @@ every pixel of the transformed bounding box back through the inverse transform a
 The returned `intersect(origin [2, 1], directions [2, N]) -> [2, N]` gives, in patch-centred coordinates,
 where each ray from `origin` leaves the shape (the radial deformations need the distance to the edge).
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -5,6 +5,7 @@ and the task mixture. `sample(index, rng)` uses the Generator it is given; `seed
 derives that Generator from SeedSequence((seed, epoch, index)), so a sample depends only on those three
 numbers: the same in any DataLoader worker, in any order.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,12 @@ from madclip_runtime.errors import MadclipError
 
 from .tasks import TASKS
 
-DEFAULT_MIX: tuple[tuple[str, float], ...] = (("cutpaste", 0.25), ("gauss", 0.25), ("source", 0.25), ("identity", 0.25))
+DEFAULT_MIX: tuple[tuple[str, float], ...] = (
+    ("cutpaste", 0.25),
+    ("gauss", 0.25),
+    ("source", 0.25),
+    ("identity", 0.25),
+)
 
 
 def parse_mix(text: str | Sequence[str] | None) -> tuple[tuple[str, float], ...]:
@@ -27,7 +33,9 @@ def parse_mix(text: str | Sequence[str] | None) -> tuple[tuple[str, float], ...]
     """
     if text is None:
         return DEFAULT_MIX
-    items = [t for part in ([text] if isinstance(text, str) else text) for t in part.replace(",", " ").split()]
+    items = [
+        t for part in ([text] if isinstance(text, str) else text) for t in part.replace(",", " ").split()
+    ]
     if not items:
         raise MadclipError("--tasks: no task names given")
     named: dict[str, float | None] = {}
@@ -52,7 +60,9 @@ def parse_mix(text: str | Sequence[str] | None) -> tuple[tuple[str, float], ...]
         missing = [n for n, w in named.items() if w is None]
         rest = 1.0 - sum(given)
         if missing and rest <= 0:
-            raise MadclipError(f"--tasks: the explicit weights sum to {sum(given):g}, nothing left for {', '.join(missing)}")
+            raise MadclipError(
+                f"--tasks: the explicit weights sum to {sum(given):g}, nothing left for {', '.join(missing)}"
+            )
         weights = {n: (w if w is not None else rest / len(missing)) for n, w in named.items()}
     total = sum(weights.values())
     if total <= 0:

@@ -12,6 +12,7 @@ All randomness comes from the `numpy.random.Generator` passed in, never from glo
 arithmetic keeps the reference's dtypes (uint8 in, scipy's rounding to uint8 for warped patches, float for
 the Gaussian intensity change, then truncation back to uint8), so the value statistics match.
 """
+
 from __future__ import annotations
 
 import abc
@@ -57,18 +58,29 @@ class Task(abc.ABC):
         return mask, intersect
 
     @abc.abstractmethod
-    def augment(self, aug: np.ndarray, corner: np.ndarray, patch: np.ndarray, intersect: Intersect | None,
-                rng: np.random.Generator, shots: Sequence[np.ndarray]) -> np.ndarray:
+    def augment(
+        self,
+        aug: np.ndarray,
+        corner: np.ndarray,
+        patch: np.ndarray,
+        intersect: Intersect | None,
+        rng: np.random.Generator,
+        shots: Sequence[np.ndarray],
+    ) -> np.ndarray:
         """Apply the task inside the box at `corner` covered by `patch` (bool [h, w]); may grow `patch`."""
 
     def label(self, aug: np.ndarray, orig: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return mask.astype(np.float64)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator, shots: Sequence[np.ndarray] = ()) -> TaskResult:
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator, shots: Sequence[np.ndarray] = ()
+    ) -> TaskResult:
         if image.dtype != np.uint8 or image.ndim != 2:
             raise ValueError(f"expected a grey uint8 [H, W] image, got {image.dtype} {image.shape}")
         dims = np.array(image.shape)
-        bounds = list(zip((self.min_prop * dims).round().astype(int), (self.max_prop * dims).round().astype(int)))
+        bounds = list(
+            zip((self.min_prop * dims).round().astype(int), (self.max_prop * dims).round().astype(int))
+        )
         aug = image.copy()
         mask = np.zeros(image.shape, dtype=bool)
         rounds = 0
@@ -99,7 +111,9 @@ class CutPaste(Task):
         src_dims = np.array(source.shape)
         trans = rotation(rng.uniform(-np.pi / 4, np.pi / 4))  # backward map: output patch -> source region
         target = np.array(patch.shape)
-        corners = np.array(np.meshgrid(*np.stack([np.zeros(2), target], axis=-1), indexing="ij")).reshape(2, 4)
+        corners = np.array(np.meshgrid(*np.stack([np.zeros(2), target], axis=-1), indexing="ij")).reshape(
+            2, 4
+        )
         t = trans @ corners
         init_grid = np.ceil(t.max(axis=1)) - np.floor(t.min(axis=1))
         max_scale = np.min(0.8 * src_dims / init_grid)
@@ -111,12 +125,18 @@ class CutPaste(Task):
         grid = (np.ceil(t.max(axis=1)) - lo).astype(int)
         src_corner = rng.integers(np.zeros(2, dtype=int), src_dims - grid, endpoint=True)
         region = source[_slices(src_corner, tuple(grid))]
-        blend = ndimage.affine_transform(region, trans, offset=-lo, output_shape=tuple(target))  # uint8, cubic
+        blend = ndimage.affine_transform(
+            region, trans, offset=-lo, output_shape=tuple(target)
+        )  # uint8, cubic
         blend = np.clip(blend, source.min(), source.max())
         out = aug.copy()
         box = _slices(corner, patch.shape)
         out[box][patch] = blend[patch]
-        changed = np.subtract(aug[box], out[box], dtype=aug.dtype) if aug.dtype == np.uint8 else np.abs(aug[box] - out[box])
+        changed = (
+            np.subtract(aug[box], out[box], dtype=aug.dtype)
+            if aug.dtype == np.uint8
+            else np.abs(aug[box] - out[box])
+        )
         patch[changed > 0.001] = True  # the reference's update for blends that leak outside the shape
         return out
 
@@ -140,7 +160,11 @@ class GaussIntensity(Task):
         noise = (rng.standard_normal(shape) >= 0.0).astype(np.float64)
         noise = ndimage.gaussian_filter(noise, sigma_b)
         noise = (noise - noise.min()) / (noise.max() - noise.min())
-        u0 = rng.uniform(*self.positive_range) if rng.uniform(0, 1) <= 0.5 else rng.uniform(*self.negative_range)
+        u0 = (
+            rng.uniform(*self.positive_range)
+            if rng.uniform(0, 1) <= 0.5
+            else rng.uniform(*self.negative_range)
+        )
         return np.clip(u0 * noise, -1, 1)
 
     def augment(self, aug, corner, patch, intersect, rng, shots):
@@ -191,7 +215,9 @@ class RadialDeformation(Task):
         candidates = np.stack(np.nonzero(patch))  # [2, N]
         centre = candidates[:, int(rng.integers(candidates.shape[1]))]
         c = np.reshape(centre, (-1, 1)).astype(np.float64)
-        mapping = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in dims], indexing="ij"))  # [2, h, w]
+        mapping = np.stack(
+            np.meshgrid(*[np.arange(s, dtype=float) for s in dims], indexing="ij")
+        )  # [2, h, w]
         inner = patch[1:-1, 1:-1]  # pixels on the box edge stay where they are
         coords = mapping[:, 1:-1, 1:-1][:, inner]  # [2, N]
         to_centre = coords - c
@@ -244,9 +270,14 @@ class Identity(Task):
 
 
 TASKS: dict[str, Callable[[], Task]] = {
-    cls.name: cls for cls in (CutPaste, GaussIntensity, SourceDeformation, Identity, SmoothIntensity, SinkDeformation)
+    cls.name: cls
+    for cls in (CutPaste, GaussIntensity, SourceDeformation, Identity, SmoothIntensity, SinkDeformation)
 }
 REFERENCE_NAMES = {  # the reference's yaml keys
-    "cutpaste": "CutpasteTask", "gauss": "GaussIntensityChangeTask", "source": "SourceTask",
-    "identity": "IdentityTask", "smooth": "SmoothIntensityTask", "sink": "SinkTask",
+    "cutpaste": "CutpasteTask",
+    "gauss": "GaussIntensityChangeTask",
+    "source": "SourceTask",
+    "identity": "IdentityTask",
+    "smooth": "SmoothIntensityTask",
+    "sink": "SinkTask",
 }

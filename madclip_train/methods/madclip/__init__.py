@@ -9,6 +9,7 @@ export.py     the exported graph (text tower baked as the constant dt)
 reference.py  the authors' released checkpoints -> tensor names
 options.py    the option schema (no switches)
 """
+
 from .model import MadCLIP
 
 METHOD = MadCLIP

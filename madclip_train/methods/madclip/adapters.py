@@ -1,4 +1,5 @@
 """MadCLIP's dual-branch adapters (docs/METHODS.md §3): one per tapped layer per branch, nothing shared."""
+
 from __future__ import annotations
 
 import torch

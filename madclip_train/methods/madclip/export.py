@@ -1,4 +1,5 @@
 """MadCLIP's exported computation: image -> (score, anomaly_map, score_map_max), the text tower baked as dt."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@
   clamped to [1e-5, 1 - 1e-5], p_t = sum_c onehot_c P_c + 1e-5, mean over all pixels) and Dice on p_ab
   (smooth 1, per image, then mean; normal images with empty masks included).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def siglip_detection_loss(s_n: torch.Tensor, s_ab: torch.Tensor, labels: torch.T
     return -per_image.mean()
 
 
-def madclip_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor, masks: torch.Tensor | None,
-                 image_size: int) -> dict[str, torch.Tensor]:
+def madclip_loss(
+    logits: dict[str, torch.Tensor], labels: torch.Tensor, masks: torch.Tensor | None, image_size: int
+) -> dict[str, torch.Tensor]:
     """Total loss and its parts from `MadCLIP.branch_logits` output ([L, B, P] each).
 
     masks None (datasets without masks) -> detection loss only.

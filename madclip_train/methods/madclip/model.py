@@ -6,6 +6,7 @@ from the learnable prompts, p_ab = sigmoid((O_ab + O_n).dt). Image score AC = su
 p_ab, map AS = sum over layers of the upsampled seg p_ab. The adapters never write back into the stream, so
 the tapped features are a pure function of the image: `cacheable()` returns all of them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,7 +61,9 @@ class MadCLIP(MethodModel):
         self.option_schema.validate(cfg.options)  # MadCLIP has no switches: any option is refused
         self.backbone: Backbone = build_backbone(clip, cfg)
         self.adapters = DualAdapters(self.backbone.width, embed_dim(clip), n_layers=len(self.backbone.taps))
-        self.prompts = PromptLearner(clip, tokenizer, cfg.objective, n_ctx=cfg.n_ctx, causal=cfg.causal_prompt_mask)
+        self.prompts = PromptLearner(
+            clip, tokenizer, cfg.objective, n_ctx=cfg.n_ctx, causal=cfg.causal_prompt_mask
+        )
 
     @classmethod
     def build(cls, cfg: ModelConfig, seed: int = 0) -> "MadCLIP":
@@ -86,9 +89,14 @@ class MadCLIP(MethodModel):
         return [self.adapters]
 
     def cache_identity(self) -> dict:
-        return {"backbone": self.cfg.backbone, "fingerprint": self.backbone.fingerprint(),
-                "image_size": self.image_size, "taps": list(self.backbone.taps), "quick_gelu": self.cfg.quick_gelu,
-                "boundary": "taps [B, L, P, W]"}
+        return {
+            "backbone": self.cfg.backbone,
+            "fingerprint": self.backbone.fingerprint(),
+            "image_size": self.image_size,
+            "taps": list(self.backbone.taps),
+            "quick_gelu": self.cfg.quick_gelu,
+            "boundary": "taps [B, L, P, W]",
+        }
 
     def cacheable(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack(self.backbone(images), dim=1)  # [B, L, P, W]
@@ -104,7 +112,9 @@ class MadCLIP(MethodModel):
         seg_n, seg_ab = branch_logits(o["n_seg"], o["ab_seg"], dt)
         return {"det_n": det_n, "det_ab": det_ab, "seg_n": seg_n, "seg_ab": seg_ab}
 
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         t_n, t_ab = self.text_embeddings()
         return madclip_loss(self.branch_logits(_taps(feats), t_ab - t_n), labels, masks, self.image_size)
 
@@ -133,8 +143,10 @@ class MadCLIP(MethodModel):
 
     def output_meanings(self) -> dict[str, str]:
         n = self.n_layers
-        return {SCORE: f"image anomaly score AC: sum over {n} layers of the mean patch P(abnormal)",
-                ANOMALY_MAP: f"pixel anomaly map AS: sum over {n} layers of P(abnormal)"}
+        return {
+            SCORE: f"image anomaly score AC: sum over {n} layers of the mean patch P(abnormal)",
+            ANOMALY_MAP: f"pixel anomaly map AS: sum over {n} layers of P(abnormal)",
+        }
 
     # ---- state and export ---------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

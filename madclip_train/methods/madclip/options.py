@@ -1,4 +1,5 @@
 """MadCLIP's switches: none beyond the ModelConfig fields (--quick-gelu, --causal-prompt-mask, --normalize)."""
+
 from __future__ import annotations
 
 from ..base import OptionSchema

@@ -4,6 +4,7 @@ Per class (normal, abnormal): 7 state phrases built from the [Objective] word, e
 middle), each (phrase, position) with its own M = 8 context vectors. The 21 sequences of a class are encoded,
 averaged (un-normalised) and L2-normalised into the class embedding t.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,17 +13,33 @@ from torch import nn
 
 from ...text_tower import TextEncoder, prompt_layout
 
-NORMAL_STATES = ("{o}", "flawless {o}", "perfect {o}", "unblemished {o}", "{o} without flaw",
-                 "{o} without defect", "{o} without damage")
-ABNORMAL_STATES = ("damaged {o}", "broken {o}", "{o} with flaw", "{o} with defect", "{o} with damage",
-                   "disease {o}", "abnormal {o}")
+NORMAL_STATES = (
+    "{o}",
+    "flawless {o}",
+    "perfect {o}",
+    "unblemished {o}",
+    "{o} without flaw",
+    "{o} without defect",
+    "{o} without damage",
+)
+ABNORMAL_STATES = (
+    "damaged {o}",
+    "broken {o}",
+    "{o} with flaw",
+    "{o} with defect",
+    "{o} with damage",
+    "disease {o}",
+    "abnormal {o}",
+)
 CLASSES = ("normal", "abnormal")
 POSITIONS = ("end", "front", "middle")
 
 
 def phrases(objective: str) -> dict[str, list[str]]:
-    return {"normal": [s.format(o=objective) for s in NORMAL_STATES],
-            "abnormal": [s.format(o=objective) for s in ABNORMAL_STATES]}
+    return {
+        "normal": [s.format(o=objective) for s in NORMAL_STATES],
+        "abnormal": [s.format(o=objective) for s in ABNORMAL_STATES],
+    }
 
 
 class PromptLearner(nn.Module):

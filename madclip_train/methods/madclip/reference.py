@@ -1,12 +1,15 @@
 """The authors' released MadCLIP checkpoints (per-dataset .pth) -> MadCLIP's tensor names."""
+
 from __future__ import annotations
 
 import torch
 
 from madclip_runtime.errors import MadclipError
 
-REFERENCE_FORMAT = ("the authors' per-dataset .pth: {normal,abnormal}_det_adapters (fc1, fc2 = det, fc3 = seg) "
-                    "and prompt_maker_{normal,abnormal} context vectors")
+REFERENCE_FORMAT = (
+    "the authors' per-dataset .pth: {normal,abnormal}_det_adapters (fc1, fc2 = det, fc3 = seg) "
+    "and prompt_maker_{normal,abnormal} context vectors"
+)
 REF_HEADS = {"fc1": "fc1", "fc2": "det", "fc3": "seg"}
 
 
@@ -43,8 +46,13 @@ def to_reference(state: dict[str, torch.Tensor], n_layers: int = 4) -> dict:
     maker holds its own class's context vectors."""
     ref: dict = {}
     for b in ("normal", "abnormal"):
-        ref[f"{b}_det_adapters"] = {f"{j}.{theirs}.0.weight": state[f"adapters.{b}.{j}.{ours}.weight"]
-                                    for j in range(n_layers) for theirs, ours in REF_HEADS.items()}
-        ref[f"prompt_maker_{b}"] = {f"prompt_learner.ctx.{b}_{pos}": state[f"prompts.ctx.{b}_{pos}"]
-                                    for pos in ("end", "front", "middle")}
+        ref[f"{b}_det_adapters"] = {
+            f"{j}.{theirs}.0.weight": state[f"adapters.{b}.{j}.{ours}.weight"]
+            for j in range(n_layers)
+            for theirs, ours in REF_HEADS.items()
+        }
+        ref[f"prompt_maker_{b}"] = {
+            f"prompt_learner.ctx.{b}_{pos}": state[f"prompts.ctx.{b}_{pos}"]
+            for pos in ("end", "front", "middle")
+        }
     return ref

@@ -9,6 +9,7 @@ export.py     the exported graph (prompts baked as the constant dt)
 reference.py  the authors' saved checkpoint format -> this package's tensor names
 options.py    the option schema (synthesis tasks, focal target, held-out set, prefetch)
 """
+
 from .model import MediCLIP
 
 METHOD = MediCLIP

@@ -1,4 +1,5 @@
 """MediCLIP's exported computation: image -> (score, anomaly_map, score_map_max), the prompts baked as dt."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,11 @@ class MediCLIPExport(nn.Module):
 
     def forward(self, image: torch.Tensor):  # the ONNX input is named "image"
         feats = self.backbone(image)  # L x [B, P, W]
-        mean = torch.stack([F.normalize(a(f), dim=-1) @ self.dt for a, f in zip(self.adapters, feats)]).mean(dim=0)
-        amap = torch.sigmoid(upsample_logits(mean.unsqueeze(0), self.image_size)[0]).unsqueeze(1)  # [B, 1, S, S]
+        mean = torch.stack([F.normalize(a(f), dim=-1) @ self.dt for a, f in zip(self.adapters, feats)]).mean(
+            dim=0
+        )
+        amap = torch.sigmoid(upsample_logits(mean.unsqueeze(0), self.image_size)[0]).unsqueeze(
+            1
+        )  # [B, 1, S, S]
         peak = amap.flatten(1).amax(dim=1)
         return peak, amap, peak

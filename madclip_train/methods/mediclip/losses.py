@@ -5,6 +5,7 @@ p_t = sum_c onehot_c P_c + 1e-5, mean over all pixels). The class index of a pix
 integer TRUNCATION, so any soft label below 1.0 counts as normal (faithful default, `focal_target="truncate"`);
 `"threshold"` uses label >= 0.5 instead. Dice (BinaryDiceLoss: smooth 1, per image, mean) uses the soft labels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,14 +25,18 @@ def focal_target(labels: torch.Tensor, mode: str = "truncate") -> torch.Tensor:
     raise ValueError(f"focal_target must be one of {FOCAL_TARGETS}, got {mode!r}")
 
 
-def focal_loss(p_n: torch.Tensor, p_ab: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(
+    p_n: torch.Tensor, p_ab: torch.Tensor, target: torch.Tensor, gamma: float = 2.0
+) -> torch.Tensor:
     """p_n, p_ab [B, S, S] (softmax over the two classes), target long [B, S, S] -> scalar."""
     t = target.to(p_ab.dtype)
     p_t = (1.0 - t).clamp(SMOOTH, 1 - SMOOTH) * p_n + t.clamp(SMOOTH, 1 - SMOOTH) * p_ab + SMOOTH
     return (-((1.0 - p_t) ** gamma) * torch.log(p_t)).mean()
 
 
-def mediclip_loss(logit: torch.Tensor, labels: torch.Tensor, mode: str = "truncate") -> dict[str, torch.Tensor]:
+def mediclip_loss(
+    logit: torch.Tensor, labels: torch.Tensor, mode: str = "truncate"
+) -> dict[str, torch.Tensor]:
     """logit [B, S, S] = upsampled mean-over-layers (S_ab - S_n); labels [B, S, S] soft in [0, 1].
 
     softmax([S_n, S_ab]) = (sigmoid(-logit), sigmoid(logit)).

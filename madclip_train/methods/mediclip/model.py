@@ -14,6 +14,7 @@ Options (ModelConfig.options): tasks (synthesis mixture, "cutpaste=0.25,gauss=0.
 focal_target ("truncate" | "threshold"), holdout_per_shot (synthetic samples per held-out shot, 8),
 prefetch (synthesise the next batch on a thread, true).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,13 @@ class MediCLIP(MethodModel):
     title = "MediCLIP"
     needs_abnormal = False
     augmentation = "none"
-    model_defaults = {"backbone": "ViT-L-14", "image_size": 224, "quick_gelu": True, "normalize": "clip",
-                      "interpolation": "bilinear"}
+    model_defaults = {
+        "backbone": "ViT-L-14",
+        "image_size": 224,
+        "quick_gelu": True,
+        "normalize": "clip",
+        "interpolation": "bilinear",
+    }
     train_defaults = {"epochs": 200, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999)}
     fp32_island_constants = FP32_ISLANDS
     option_schema = OPTIONS
@@ -73,8 +79,12 @@ class MediCLIP(MethodModel):
         depth = len(clip.visual.transformer.resblocks)
         taps = tuple(cfg.taps) or mediclip_taps(depth)
         if len(taps) != 3 or max(taps) >= depth:
-            raise MadclipError(f"taps {taps} do not fit a {depth}-block backbone (MediCLIP needs 3 indices < {depth})")
-        self.net = MediCLIPNet(clip, tokenizer, taps, cfg.image_size, n_ctx=cfg.n_ctx, causal=cfg.causal_prompt_mask)
+            raise MadclipError(
+                f"taps {taps} do not fit a {depth}-block backbone (MediCLIP needs 3 indices < {depth})"
+            )
+        self.net = MediCLIPNet(
+            clip, tokenizer, taps, cfg.image_size, n_ctx=cfg.n_ctx, causal=cfg.causal_prompt_mask
+        )
         self.focal_target = opts["focal_target"]
         self.mix = parse_mix(opts["tasks"])
 
@@ -110,20 +120,34 @@ class MediCLIP(MethodModel):
         return [self.net.adapters]
 
     def cache_identity(self) -> dict:
-        return {"backbone": self.cfg.backbone, "fingerprint": self.backbone.fingerprint(),
-                "image_size": self.image_size, "boundary": "images (nothing cacheable: synthesis every step)"}
+        return {
+            "backbone": self.cfg.backbone,
+            "fingerprint": self.backbone.fingerprint(),
+            "image_size": self.image_size,
+            "boundary": "images (nothing cacheable: synthesis every step)",
+        }
 
     def cacheable(self, images: torch.Tensor) -> torch.Tensor:
         return images  # the training images change every step: nothing before the adapters is worth caching
 
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         if masks is None:
             raise MadclipError("MediCLIP trains on synthetic masks; the training source gave none")
         taps = self.net.taps(feats.float())  # frozen backbone, no autograd
         return mediclip_loss(self.net.map_logit(taps, self.net.text_dt()), masks.float(), self.focal_target)
 
-    def training_source(self, images01: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, augment_seed: int,
-                        make_cached, label: str, batch_size: int = 8):
+    def training_source(
+        self,
+        images01: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        augment_seed: int,
+        make_cached,
+        label: str,
+        batch_size: int = 8,
+    ):
         """Synthetic anomalies on the normal shots (abnormal shots, if any, are not used). Training shots: a new
         sample per shot per epoch; held-out shots: a fixed synthetic set."""
         normal = labels == 0
@@ -137,7 +161,9 @@ class MediCLIP(MethodModel):
         if label.startswith("held"):
             fixed = holdout_set(synth, augment_seed, int(opts["holdout_per_shot"]), spec)
             return _FixedSource(*(t.to(device) for t in fixed), batch_size)
-        return _SynthSource(SynthBatches(synth, augment_seed, batch_size, spec, prefetch=bool(opts["prefetch"])), device)
+        return _SynthSource(
+            SynthBatches(synth, augment_seed, batch_size, spec, prefetch=bool(opts["prefetch"])), device
+        )
 
     def calibration_set(self, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, seed: int):
         """Export calibration needs both classes: with normal shots only, add one synthetic anomalous sample per
@@ -146,11 +172,19 @@ class MediCLIP(MethodModel):
             return images, masks, labels, None
         mix = tuple((n, p) for n, p in self.mix if n != "identity") or DEFAULT_MIX[:3]
         synth = Synthesizer(list(grey_uint8(torch.from_numpy(images), self.cfg.preprocess)), mix)
-        x, _, m = build_batch(synth, range(len(labels)), seed + CALIBRATION_SEED_OFFSET, 0, self.cfg.preprocess)
-        note = (f"normal-only shots: the abnormal class is one synthetic anomaly per shot "
-                f"({format_mix(mix)}, seed {seed + CALIBRATION_SEED_OFFSET})")
-        return (np.concatenate([images, x.numpy()]), np.concatenate([masks, m.numpy() >= 0.5]),
-                np.concatenate([labels, np.ones(len(labels), dtype=labels.dtype)]), note)
+        x, _, m = build_batch(
+            synth, range(len(labels)), seed + CALIBRATION_SEED_OFFSET, 0, self.cfg.preprocess
+        )
+        note = (
+            f"normal-only shots: the abnormal class is one synthetic anomaly per shot "
+            f"({format_mix(mix)}, seed {seed + CALIBRATION_SEED_OFFSET})"
+        )
+        return (
+            np.concatenate([images, x.numpy()]),
+            np.concatenate([masks, m.numpy() >= 0.5]),
+            np.concatenate([labels, np.ones(len(labels), dtype=labels.dtype)]),
+            note,
+        )
 
     # ---- inference ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -165,8 +199,10 @@ class MediCLIP(MethodModel):
         return {SCORE: (0.0, 1.0), ANOMALY_MAP: (0.0, 1.0)}
 
     def output_meanings(self) -> dict[str, str]:
-        return {SCORE: "image anomaly score: maximum of the anomaly map",
-                ANOMALY_MAP: "P(abnormal) per pixel: softmax of the layer-mean similarity to (t_n, t_ab)"}
+        return {
+            SCORE: "image anomaly score: maximum of the anomaly map",
+            ANOMALY_MAP: "P(abnormal) per pixel: softmax of the layer-mean similarity to (t_n, t_ab)",
+        }
 
     # ---- state and export ---------------------------------------------------------------------------------
     def _targets(self) -> dict[str, torch.Tensor]:
@@ -190,9 +226,13 @@ class MediCLIP(MethodModel):
         return MediCLIPExport(self.net, dt)
 
     def provenance(self) -> dict:
-        return {"reference": "cnulab/MediCLIP", "trained_on": "normal shots + synthetic anomalies",
-                "synthesis_tasks": format_mix(self.mix), "focal_target": self.focal_target,
-                "causal_prompt_mask": self.cfg.causal_prompt_mask}
+        return {
+            "reference": "cnulab/MediCLIP",
+            "trained_on": "normal shots + synthetic anomalies",
+            "synthesis_tasks": format_mix(self.mix),
+            "focal_target": self.focal_target,
+            "causal_prompt_mask": self.cfg.causal_prompt_mask,
+        }
 
 
 def replace_normalize(spec: PreprocessSpec) -> PreprocessSpec:
@@ -227,8 +267,11 @@ class _FixedSource:
 
     def in_order(self) -> Iterator[Batch]:
         for s in range(0, len(self), self.batch_size):
-            yield Batch(self.images[s:s + self.batch_size], self.labels[s:s + self.batch_size],
-                        self.masks[s:s + self.batch_size])
+            yield Batch(
+                self.images[s : s + self.batch_size],
+                self.labels[s : s + self.batch_size],
+                self.masks[s : s + self.batch_size],
+            )
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         yield from self.in_order()

@@ -9,6 +9,7 @@ size and soft-maxed over (normal, abnormal). anomaly_map = p_ab; image score = m
 softmax([S_n, S_ab])[1] = sigmoid(S_ab - S_n) and the layer mean and the upsampling are linear, so the map is
 sigmoid(upsample(mean_l f_l . dt)) with dt = t_ab - t_n: only dt is needed once training is over.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,15 @@ def embed_dim(clip: nn.Module) -> int:
 class MediCLIPNet(nn.Module):
     """Frozen backbone (truncatable), 3 adapters, learnable prompts."""
 
-    def __init__(self, clip: nn.Module, tokenizer, taps: tuple[int, ...], image_size: int, n_ctx: int = 8,
-                 causal: bool = False):
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer,
+        taps: tuple[int, ...],
+        image_size: int,
+        n_ctx: int = 8,
+        causal: bool = False,
+    ):
         super().__init__()
         self.backbone = Backbone(clip.visual, tuple(taps))
         self.image_size = int(image_size)

@@ -5,6 +5,7 @@ with the X embeddings replaced). The text tower runs WITHOUT the causal mask by 
 modified open_clip does (EOT also attends to the padding); `causal=True` is the clean variant. Class vector:
 L2-normalised mean of the un-normalised EOT features of its words; T = [t_n, t_ab].
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,10 +14,31 @@ from torch import nn
 
 from ...text_tower import TextEncoder, prompt_layout
 
-NORMAL_WORDS = ("normal", "healthy", "negative", "unremarkable", "clear", "asymptomatic", "normal findings",
-                "no findings", "in good health", "no evidence of disease")
-ABNORMAL_WORDS = ("abnormal", "positive", "symptomatic", "disease", "lesion", "pathological", "impaired",
-                  "evidence of disease", "abnormal finding", "pathological condition", "pathological abnormality")
+NORMAL_WORDS = (
+    "normal",
+    "healthy",
+    "negative",
+    "unremarkable",
+    "clear",
+    "asymptomatic",
+    "normal findings",
+    "no findings",
+    "in good health",
+    "no evidence of disease",
+)
+ABNORMAL_WORDS = (
+    "abnormal",
+    "positive",
+    "symptomatic",
+    "disease",
+    "lesion",
+    "pathological",
+    "impaired",
+    "evidence of disease",
+    "abnormal finding",
+    "pathological condition",
+    "pathological abnormality",
+)
 WORDS = {"normal": NORMAL_WORDS, "abnormal": ABNORMAL_WORDS}
 CTX_INIT_STD = 0.02
 

@@ -5,14 +5,17 @@ Reference layout (train.py torch.save): {"adapter_state_dict": {"{i}_adapter.0.w
 "{i}_adapter.0.bias" [768]} for i = 0, 1, 2 (blocks 12/18/24), "prompt_state_dict": {"ctx.normal_end"
 [10, 8, 768], "ctx.abnormal_end" [11, 8, 768]}}. Read with torch.load(weights_only=True): no code runs.
 """
+
 from __future__ import annotations
 
 import torch
 
 from madclip_runtime.errors import MadclipError
 
-FORMAT = ("a MediCLIP training checkpoint (checkpoints_N.pkl: adapter_state_dict with {i}_adapter.0.weight/bias, "
-          "prompt_state_dict with ctx.normal_end, ctx.abnormal_end)")
+FORMAT = (
+    "a MediCLIP training checkpoint (checkpoints_N.pkl: adapter_state_dict with {i}_adapter.0.weight/bias, "
+    "prompt_state_dict with ctx.normal_end, ctx.abnormal_end)"
+)
 
 
 def convert_reference(ref: dict, n_layers: int = 3, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -26,7 +29,9 @@ def convert_reference(ref: dict, n_layers: int = 3, source: str = "checkpoint") 
         for i in range(n_layers):
             w = ad[f"{i}_adapter.0.weight"]
             if w.dim() != 4 or tuple(w.shape[2:]) != (1, 1):
-                raise MadclipError(f"{source}: {i}_adapter.0.weight has shape {tuple(w.shape)}, expected [E, W, 1, 1]")
+                raise MadclipError(
+                    f"{source}: {i}_adapter.0.weight has shape {tuple(w.shape)}, expected [E, W, 1, 1]"
+                )
             out[f"adapters.{i}.weight"] = w[:, :, 0, 0].float().contiguous()
             out[f"adapters.{i}.bias"] = ad[f"{i}_adapter.0.bias"].float().contiguous()
         for cls in ("normal", "abnormal"):

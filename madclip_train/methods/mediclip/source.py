@@ -9,6 +9,7 @@ release the GIL for their heavy parts). Images go through the reference's path: 
 The held-out set of `--select-on valid` is fixed: `per_shot` synthetic samples of each held-out normal shot
 (its own CutPaste sources), drawn from a seed stream training never uses.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -42,15 +43,25 @@ def build_batch(synth: Synthesizer, shot_indices: Sequence[int], seed: int, epoc
 class SynthBatches:
     """The MediCLIP training source: `len()` images per epoch, `batches(epoch, generator)` yields batches."""
 
-    def __init__(self, synth: Synthesizer, seed: int, batch_size: int, spec: PreprocessSpec, prefetch: bool = True):
-        self.synth, self.seed, self.batch_size, self.spec, self.prefetch = synth, int(seed), int(batch_size), spec, prefetch
+    def __init__(
+        self, synth: Synthesizer, seed: int, batch_size: int, spec: PreprocessSpec, prefetch: bool = True
+    ):
+        self.synth, self.seed, self.batch_size, self.spec, self.prefetch = (
+            synth,
+            int(seed),
+            int(batch_size),
+            spec,
+            prefetch,
+        )
 
     def __len__(self) -> int:
         return len(self.synth)
 
-    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, epoch: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.synth), generator=generator).tolist()
-        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if not self.prefetch:
             for c in chunks:
                 yield build_batch(self.synth, c, self.seed, epoch, self.spec)

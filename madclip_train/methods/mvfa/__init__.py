@@ -13,6 +13,7 @@ export.py     the exported graph (bank, text and normalisers as constants)
 reference.py  the authors' released checkpoints -> tensor names; bank rebuilt from the shots
 options.py    the option schema (det_loss, image_only_seg, bank_cls)
 """
+
 from .model import MVFAModel
 
 METHOD = MVFAModel

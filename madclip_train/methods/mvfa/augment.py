@@ -6,6 +6,7 @@ Per source image, 11 consecutive variants (VARIANTS): the original; rotations by
 translations by (+.1,+.1), (-.1,+.1), (-.1,-.1), (+.1,-.1) normalised grid units (the reference's order);
 horizontal flip; vertical flip. No zoom and no jitter (MadCLIP's recipe adds those). Deterministic.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,12 @@ from ...augment import AUGMENTATIONS, warp_batch
 N_VARIANTS = 11
 _ROTATIONS = (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)
 _TRANSLATIONS = ((0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))
-VARIANTS = (("original",) + tuple(f"rotate{a:+.4f}" for a in _ROTATIONS)
-            + tuple(f"translate({tx:+.1f},{ty:+.1f})" for tx, ty in _TRANSLATIONS) + ("hflip", "vflip"))
+VARIANTS = (
+    ("original",)
+    + tuple(f"rotate{a:+.4f}" for a in _ROTATIONS)
+    + tuple(f"translate({tx:+.1f},{ty:+.1f})" for tx, ty in _TRANSLATIONS)
+    + ("hflip", "vflip")
+)
 
 
 def _thetas() -> torch.Tensor:
@@ -29,21 +34,29 @@ def _thetas() -> torch.Tensor:
 
 
 @torch.no_grad()
-def augment_x11(images: torch.Tensor, masks: torch.Tensor, chunk: int = 8
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def augment_x11(
+    images: torch.Tensor, masks: torch.Tensor, chunk: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """images float [N, 3, S, S] in [0, 1], masks bool [N, S, S] -> ([11N, 3, S, S], bool [11N, S, S], long [11N]).
 
     The third output is the source index of each variant (0 x 11, 1 x 11, ...).
     """
-    if images.dim() != 4 or masks.dim() != 3 or images.shape[0] != masks.shape[0] or images.shape[2:] != masks.shape[1:]:
-        raise ValueError(f"expected images [N, C, H, W] and masks [N, H, W], got {tuple(images.shape)} and {tuple(masks.shape)}")
+    if (
+        images.dim() != 4
+        or masks.dim() != 3
+        or images.shape[0] != masks.shape[0]
+        or images.shape[2:] != masks.shape[1:]
+    ):
+        raise ValueError(
+            f"expected images [N, C, H, W] and masks [N, H, W], got {tuple(images.shape)} and {tuple(masks.shape)}"
+        )
     n, c, h, w = images.shape
     thetas = _thetas()
     out_img = torch.empty((n, N_VARIANTS, c, h, w), dtype=images.dtype, device=images.device)
     out_mask = torch.empty((n, N_VARIANTS, h, w), dtype=torch.bool, device=images.device)
     for start in range(0, n, max(1, int(chunk))):
-        x = images[start:start + chunk]
-        m = masks[start:start + chunk].bool()
+        x = images[start : start + chunk]
+        m = masks[start : start + chunk].bool()
         sl = slice(start, start + x.shape[0])
         out_img[sl, 0], out_mask[sl, 0] = x, m
         warped = warp_batch(torch.cat([x, m.to(x.dtype).unsqueeze(1)], dim=1), thetas)  # [B, 8, C+1, H, W]

@@ -11,6 +11,7 @@ normal shot's views are scored against the bank *without that shot's views* (lea
 shots against the full bank (they are never in it). So no shot is ever scored against itself, and no test
 image is ever seen.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ class BankBuild:
     info: dict
 
 
-def bank_from_mids(mids: torch.Tensor, groups: torch.Tensor, with_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def bank_from_mids(
+    mids: torch.Tensor, groups: torch.Tensor, with_cls: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mids [L, M, 1+P, E] of M normal images, groups [M] -> (bank [L, M*T, E] unit rows, row groups [M*T])."""
     tokens = mids if with_cls else mids[:, :, 1:]
     n_layers, m, t, e = tokens.shape
@@ -42,9 +45,17 @@ def bank_from_mids(mids: torch.Tensor, groups: torch.Tensor, with_cls: bool = Tr
     return bank, groups.repeat_interleave(t)
 
 
-def build_bank_and_normalisers(run_mids, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
-                               text: torch.Tensor, image_size: int, with_cls: bool = True, batch_size: int = 8,
-                               progress=None) -> BankBuild:
+def build_bank_and_normalisers(
+    run_mids,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    text: torch.Tensor,
+    image_size: int,
+    with_cls: bool = True,
+    batch_size: int = 8,
+    progress=None,
+) -> BankBuild:
     """run_mids(images [b, 3, S, S]) -> head mids [L, b, 1+P, E] (the trained model, no grad).
 
     images: the augmented, preprocessed training images; labels [N] (1 = abnormal); groups [N]: source shot of
@@ -52,8 +63,11 @@ def build_bank_and_normalisers(run_mids, images: torch.Tensor, labels: torch.Ten
     """
     normal = torch.nonzero(labels == 0).flatten()
     if len(torch.unique(groups[normal])) < 2:
-        raise MadclipError("MVFA needs at least 2 normal shots: its normalisers are cross-fitted (leave one "
-                           "shot out), so a shot is never scored against its own views")
+        raise MadclipError(
+            "MVFA needs at least 2 normal shots: its normalisers are cross-fitted (leave one "
+            "shot out), so a shot is never scored against its own views"
+        )
+
     def mids_of(index: torch.Tensor) -> torch.Tensor:  # [L, b, 1+P, E] on the CPU
         with torch.no_grad():
             out = run_mids(images[index]).float().cpu()
@@ -62,7 +76,7 @@ def build_bank_and_normalisers(run_mids, images: torch.Tensor, labels: torch.Ten
         return out
 
     # pass 1: the bank from the normal views
-    bank_parts = [mids_of(normal[s:s + batch_size]) for s in range(0, len(normal), batch_size)]
+    bank_parts = [mids_of(normal[s : s + batch_size]) for s in range(0, len(normal), batch_size)]
     bank, row_groups = bank_from_mids(torch.cat(bank_parts, dim=1), groups[normal], with_cls)
     del bank_parts
     # pass 2: every training view scored, cross-fitted
@@ -85,9 +99,16 @@ def build_bank_and_normalisers(run_mids, images: torch.Tensor, labels: torch.Ten
     fr = torch.cat(fmaps_lo + fmaps_hi)
     map_lo, map_scale = minmax_constants(zr, fr)
     img_lo, img_scale = minmax_constants(torch.cat(zs), torch.cat(fs))
-    info = {"bank_rows": int(bank.shape[1]), "bank_layers": int(bank.shape[0]), "bank_dim": int(bank.shape[2]),
-            "bank_mb_fp32": bank.numel() * 4 / 1e6, "normaliser_images": int(images.shape[0]),
-            "normalisers": "cross-fitted min/max on the training views (leave one normal shot out)",
-            "map_lo": map_lo.tolist(), "map_hi": (map_lo + 1.0 / map_scale).tolist(),
-            "img_lo": img_lo.tolist(), "img_hi": (img_lo + 1.0 / img_scale).tolist()}
+    info = {
+        "bank_rows": int(bank.shape[1]),
+        "bank_layers": int(bank.shape[0]),
+        "bank_dim": int(bank.shape[2]),
+        "bank_mb_fp32": bank.numel() * 4 / 1e6,
+        "normaliser_images": int(images.shape[0]),
+        "normalisers": "cross-fitted min/max on the training views (leave one normal shot out)",
+        "map_lo": map_lo.tolist(),
+        "map_hi": (map_lo + 1.0 / map_scale).tolist(),
+        "img_lo": img_lo.tolist(),
+        "img_hi": (img_lo + 1.0 / img_scale).tolist(),
+    }
     return BankBuild(bank, row_groups, map_lo, map_scale, img_lo, img_scale, info)

@@ -5,6 +5,7 @@ pixel of every test image (image-only datasets: the image-level z and f over all
 them 0.5/0.5. That needs the whole test set at once, so it is an evaluation mode only; a deployed model (and
 the plain `madclip-eval`) uses the fixed normalisers stored in the run.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,14 +18,16 @@ from .scores import transductive_mix
 
 
 @torch.no_grad()
-def predict_split_transductive(model, split: Split, batch_size: int = 16, device="cpu", progress=None) -> dict:
+def predict_split_transductive(
+    model, split: Split, batch_size: int = 16, device="cpu", progress=None
+) -> dict:
     """Like madclip_train.evaluate.predict_split (same keys), with test-set min-max normalisation."""
     model.eval().to(device)
     samples = list(split.samples)
     parts: dict[str, list] = {"Z": [], "F": [], "z": [], "f": [], "labels": [], "masks": []}
     task = progress.add_task(f"scoring {split.name} (transductive)", total=len(samples)) if progress else None
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+        chunk = samples[start : start + batch_size]
         images, masks, labels = load_arrays(chunk, model.cfg.preprocess)
         raw = model.raw_scores(model.cacheable(torch.from_numpy(images).to(device)))
         for k in ("Z", "F", "z", "f"):

@@ -10,12 +10,13 @@ FP32): the bank matmuls stay FP16 (the bank is the largest constant: FP16 halves
 op, and `1 - max` reads the constant `one`, so it and the rest of the few-shot tail (upsampling, sums, mixing)
 are FP32, as is everything reading `text` (the zero-shot head).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .scores import upsample, mix, zero_shot
+from .scores import mix, upsample, zero_shot
 
 FP32_ISLANDS = ("text", "one", "norm_lo", "norm_scale")  # the FP32 tail starts at their consumers
 BANK_PREFIX = "bank_"
@@ -27,7 +28,9 @@ class MVFAExport(nn.Module):
         tower = model.tower
         last = tower.taps[-1]
         blocks = tower.visual.transformer.resblocks
-        tower.visual.transformer.resblocks = nn.ModuleList(list(blocks)[:last + 1])  # nothing after the last tap
+        tower.visual.transformer.resblocks = nn.ModuleList(
+            list(blocks)[: last + 1]
+        )  # nothing after the last tap
         self.tower = tower
         self.image_size = model.image_size
         self.masks_mode = model.masks_mode
@@ -55,5 +58,7 @@ class MVFAExport(nn.Module):
         fmap = fmap.reshape(n_layers, b, self.image_size, self.image_size).sum(dim=0)
         amap = mix(zmap, fmap, self.norm_lo[:2], self.norm_scale[:2]).unsqueeze(1)  # [B, 1, S, S]
         amax = amap.flatten(1).amax(dim=1)
-        score = amax if self.masks_mode else mix(z, fmap.mean(dim=(1, 2)), self.norm_lo[2:], self.norm_scale[2:])
+        score = (
+            amax if self.masks_mode else mix(z, fmap.mean(dim=(1, 2)), self.norm_lo[2:], self.norm_scale[2:])
+        )
         return score, amap, amax

@@ -7,18 +7,21 @@
 - seg (datasets with masks): P = softmax of the upsampled 2-class logits; focal (gamma 2, clamped one-hot)
   + Dice on P_ab, the same formulas as MadCLIP's (madclip_train.maps).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from ...maps import dice_loss, focal_loss
-from .scores import upsample, patch_logits
+from .scores import patch_logits, upsample
 
 DET_LOSSES = ("bce_on_prob", "bce")
 
 
-def det_loss(mids: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kind: str = "bce_on_prob") -> torch.Tensor:
+def det_loss(
+    mids: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kind: str = "bce_on_prob"
+) -> torch.Tensor:
     """mids [L, B, 1+P, E], labels [B] -> scalar, summed over layers (mean over the batch per layer)."""
     a = torch.softmax(patch_logits(mids, text), dim=-1)[..., 1].mean(dim=2)  # [L, B]
     y = labels.to(a.dtype).expand_as(a)
@@ -31,7 +34,9 @@ def det_loss(mids: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kind:
     return per.mean(dim=1).sum()
 
 
-def seg_losses(mids: torch.Tensor, text: torch.Tensor, masks: torch.Tensor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def seg_losses(
+    mids: torch.Tensor, text: torch.Tensor, masks: torch.Tensor, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mids [L, B, 1+P, E], masks [B, S, S] -> (focal, dice), each summed over layers."""
     logits = patch_logits(mids, text)  # [L, B, P, 2]
     n_layers, b, p, _ = logits.shape

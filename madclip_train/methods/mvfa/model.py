@@ -11,6 +11,7 @@ Deployable deviation (the reference cannot run on one image): the zero-/few-shot
 constants estimated from the training views (cross-fitted), see bank.py; `madclip-eval --transductive`
 reproduces the reference's test-set min-max instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,6 +36,7 @@ from .tower import AdaptedTower
 
 log = logging.getLogger(__name__)
 
+
 class MVFAModel(MethodModel):
     """Frozen vision tower + 8 residual adapters + constants: text T [E, 2], bank [L, N, E], normalisers."""
 
@@ -48,16 +50,21 @@ class MVFAModel(MethodModel):
     option_schema = OPTIONS
     supports_transductive = True
     reference_format = REFERENCE_FORMAT
-    reference_needs_shots = ("the authors' release holds no memory bank, it is rebuilt from the dataset's valid/ "
-                             "shots (--shot-list for the authors' exact shots)")
+    reference_needs_shots = (
+        "the authors' release holds no memory bank, it is rebuilt from the dataset's valid/ "
+        "shots (--shot-list for the authors' exact shots)"
+    )
 
-    def __init__(self, cfg, visual: nn.Module, taps: tuple[int, ...], text: torch.Tensor, options: dict | None = None):
+    def __init__(
+        self, cfg, visual: nn.Module, taps: tuple[int, ...], text: torch.Tensor, options: dict | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.options = self.option_schema.validate(options if options is not None else cfg.options)
         embed_dim = int(text.shape[0])
-        self.tower = AdaptedTower(visual, taps, embed_dim,
-                                  seg_write_back=True)  # set per dataset by set_has_masks()
+        self.tower = AdaptedTower(
+            visual, taps, embed_dim, seg_write_back=True
+        )  # set per dataset by set_has_masks()
         self.register_buffer("text", text.float().clone())  # [E, 2]
         self.register_buffer("bank", torch.zeros(len(taps), 0, embed_dim))  # [L, N, E], filled by finalize()
         self.register_buffer("norm_lo", torch.zeros(4))  # (Z, F, z, f)
@@ -74,7 +81,9 @@ class MVFAModel(MethodModel):
         depth = len(clip.visual.transformer.resblocks)
         taps = tuple(cfg.taps) or default_taps(depth)
         if len(taps) != 4 or max(taps) >= depth or list(taps) != sorted(taps):
-            raise MadclipError(f"taps {taps} do not fit a {depth}-block backbone (need 4 increasing indices < {depth})")
+            raise MadclipError(
+                f"taps {taps} do not fit a {depth}-block backbone (need 4 increasing indices < {depth})"
+            )
         text = encode_ensemble(clip, open_clip.get_tokenizer(cfg.backbone), cfg.objective)
         torch.manual_seed(seed)
         model = cls(cfg, clip.visual, taps, text)
@@ -108,9 +117,14 @@ class MVFAModel(MethodModel):
 
     # --- the cache boundary and training ---------------------------------------------------------------------
     def cache_identity(self) -> dict:
-        return {"method": self.name, "backbone": self.cfg.backbone, "fingerprint": self.tower.fingerprint(),
-                "image_size": self.image_size,
-                "quick_gelu": self.cfg.quick_gelu, "boundary": f"after block {self.tower.taps[0]} (0-based)"}
+        return {
+            "method": self.name,
+            "backbone": self.cfg.backbone,
+            "fingerprint": self.tower.fingerprint(),
+            "image_size": self.image_size,
+            "quick_gelu": self.cfg.quick_gelu,
+            "boundary": f"after block {self.tower.taps[0]} (0-based)",
+        }
 
     @torch.no_grad()
     def cacheable(self, images: torch.Tensor) -> torch.Tensor:
@@ -122,7 +136,9 @@ class MVFAModel(MethodModel):
         seg, det = self.tower.suffix(feats.float())
         return seg if self.masks_mode else det
 
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, feats: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """Sum over layers of det (+ focal + dice with masks). feats [B, 1+P, W] from `cacheable`."""
         seg, det = self.tower.suffix(feats.float())
         parts = {"det": det_loss(det, self.text, labels, self.options["det_loss"])}
@@ -157,14 +173,25 @@ class MVFAModel(MethodModel):
             groups = torch.arange(n)
         self.set_training(False)
         build = build_bank_and_normalisers(
-            lambda x: self.head_mids(self.cacheable(x.to(device))), source.images, source.labels.cpu(),
-            groups.cpu(), self.text.to(device), self.image_size, with_cls=self.options["bank_cls"],
-            batch_size=8, progress=progress)
+            lambda x: self.head_mids(self.cacheable(x.to(device))),
+            source.images,
+            source.labels.cpu(),
+            groups.cpu(),
+            self.text.to(device),
+            self.image_size,
+            with_cls=self.options["bank_cls"],
+            batch_size=8,
+            progress=progress,
+        )
         self.bank = build.bank.to(self.text.device)
         self.norm_lo = torch.cat([build.map_lo, build.img_lo]).to(self.text.device)
         self.norm_scale = torch.cat([build.map_scale, build.img_scale]).to(self.text.device)
-        log.info("MVFA bank: %d rows x %d layers (%.1f MB fp32)", build.info["bank_rows"], build.info["bank_layers"],
-                 build.info["bank_mb_fp32"])
+        log.info(
+            "MVFA bank: %d rows x %d layers (%.1f MB fp32)",
+            build.info["bank_rows"],
+            build.info["bank_layers"],
+            build.info["bank_mb_fp32"],
+        )
         return build.info
 
     # --- scoring ------------------------------------------------------------------------------------------------
@@ -215,7 +242,9 @@ class MVFAModel(MethodModel):
     def reference_checkpoint(self) -> dict:
         return to_reference(self.trainable_state(), len(self.tower.taps))
 
-    def load_reference(self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None) -> dict:
+    def load_reference(
+        self, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None
+    ) -> dict:
         """The release's adapters, then the bank and normalisers rebuilt from the shots (finalize)."""
         return rebuild_from_shots(self, state, source, shots)
 
@@ -228,8 +257,10 @@ class MVFAModel(MethodModel):
                 if got is None:
                     raise MadclipError(f"{source}: lacks adapters.{head}.{k}")
                 if got.shape != v.shape:
-                    raise MadclipError(f"{source}: adapters.{head}.{k} has shape {tuple(got.shape)}, "
-                                       f"this backbone expects {tuple(v.shape)}")
+                    raise MadclipError(
+                        f"{source}: adapters.{head}.{k} has shape {tuple(got.shape)}, "
+                        f"this backbone expects {tuple(v.shape)}"
+                    )
                 v.copy_(got)
 
     def export_module(self) -> nn.Module:
@@ -237,7 +268,6 @@ class MVFAModel(MethodModel):
         if self.bank.shape[1] == 0:
             raise MadclipError("this MVFA model has no memory bank (finalize() was not run)")
         return MVFAExport(self).eval()
-
 
     # --- state ----------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -257,8 +287,10 @@ class MVFAModel(MethodModel):
             got = state[k]
             variable = k == "mvfa.bank"  # the bank's row count depends on the shots
             if (got.shape[0::2] if variable else got.shape) != (v.shape[0::2] if variable else v.shape):
-                raise MadclipError(f"{source}: {k} has shape {tuple(got.shape)}, model expects {tuple(v.shape)}")
-        adapters = {k[len("adapters."):]: state[k] for k in expected if k.startswith("adapters.")}
+                raise MadclipError(
+                    f"{source}: {k} has shape {tuple(got.shape)}, model expects {tuple(v.shape)}"
+                )
+        adapters = {k[len("adapters.") :]: state[k] for k in expected if k.startswith("adapters.")}
         self.tower.seg.load_state_dict({k[4:]: v for k, v in adapters.items() if k.startswith("seg.")})
         self.tower.det.load_state_dict({k[4:]: v for k, v in adapters.items() if k.startswith("det.")})
         dev = self.text.device
@@ -270,6 +302,9 @@ class MVFAModel(MethodModel):
         self.set_has_masks(self.masks_mode)
 
     def provenance(self) -> dict:
-        return {"mvfa_options": dict(self.options), "mvfa_bank_rows": int(self.bank.shape[1]),
-                "mvfa_head": "seg" if self.masks_mode else "det",
-                "mvfa_normalisers": "fixed, cross-fitted on the training views"}
+        return {
+            "mvfa_options": dict(self.options),
+            "mvfa_bank_rows": int(self.bank.shape[1]),
+            "mvfa_head": "seg" if self.masks_mode else "det",
+            "mvfa_normalisers": "fixed, cross-fitted on the training views",
+        }

@@ -5,6 +5,7 @@ also needs the memory bank of the augmented normal shots, which the authors rebu
 time, and (here) the fixed normalisers: both are built by `finalize()` from the shots of `--data` (the authors'
 `--shot-list` for their exact shots), never from the test split.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from ...data import normalize_images
 from ..base import ReferenceShots
 from .augment import augment_x11
 
-REFERENCE_FORMAT = ("MVFA-AD ckpt/few-shot/<Obj>.pth: {'seg_adapters', 'det_adapters'} with "
-                    "{j}.fc1.0.weight [E, W] and {j}.fc2.0.weight [W, E], j = 0..3")
+REFERENCE_FORMAT = (
+    "MVFA-AD ckpt/few-shot/<Obj>.pth: {'seg_adapters', 'det_adapters'} with "
+    "{j}.fc1.0.weight [E, W] and {j}.fc2.0.weight [W, E], j = 0..3"
+)
 
 
 def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
@@ -31,7 +34,9 @@ def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
     for head in ("seg", "det"):
         sd = ref.get(f"{head}_adapters")
         if not isinstance(sd, dict):
-            raise MadclipError(f"reference checkpoint lacks '{head}_adapters' (not an MVFA-AD few-shot checkpoint)")
+            raise MadclipError(
+                f"reference checkpoint lacks '{head}_adapters' (not an MVFA-AD few-shot checkpoint)"
+            )
         for j in range(n_layers):
             for fc in ("fc1", "fc2"):
                 key = f"{j}.{fc}.0.weight"
@@ -44,9 +49,14 @@ def convert_reference(ref: dict, n_layers: int = 4) -> dict[str, torch.Tensor]:
 def to_reference(state: dict[str, torch.Tensor], n_layers: int = 4) -> dict:
     """`trainable_state()` names -> the authors' layout (the inverse of `convert_reference`; no bank, as the
     release)."""
-    return {f"{head}_adapters": {f"{j}.{fc}.0.weight": state[f"adapters.{head}.{j}.{fc}.weight"]
-                                 for j in range(n_layers) for fc in ("fc1", "fc2")}
-            for head in ("seg", "det")}
+    return {
+        f"{head}_adapters": {
+            f"{j}.{fc}.0.weight": state[f"adapters.{head}.{j}.{fc}.weight"]
+            for j in range(n_layers)
+            for fc in ("fc1", "fc2")
+        }
+        for head in ("seg", "det")
+    }
 
 
 @dataclass
@@ -62,8 +72,9 @@ class ShotViews:
         return int(self.labels.shape[0])
 
 
-def rebuild_from_shots(model, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None,
-                       progress=None) -> dict:
+def rebuild_from_shots(
+    model, state: dict[str, torch.Tensor], source: str, shots: ReferenceShots | None, progress=None
+) -> dict:
     """Adapters from the release, then the bank and normalisers from the x11 views of the shots (finalize)."""
     if shots is None:
         raise MadclipError(f"{source}: MVFA's conversion needs the dataset's shots (--data)")

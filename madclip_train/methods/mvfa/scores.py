@@ -11,6 +11,7 @@ return sums over the L layers, as the reference does:
 - mixing: A = 0.5 (Z - Zlo) / (Zhi - Zlo) + 0.5 (F - Flo) / (Fhi - Flo) with fixed normalisers (deployable) or
   the test set's min/max (the reference; `transductive_mix`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ LOGIT_SCALE = 100.0
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """[N, C, P] patch values -> [N, C, S, S] bilinear, align_corners=True (the reference's)."""
     n, c, p = x.shape
-    g = int(round(p ** 0.5))
+    g = int(round(p**0.5))
     return F.interpolate(x.reshape(n, c, g, g), size=(size, size), mode="bilinear", align_corners=True)
 
 
@@ -43,7 +44,9 @@ def zero_shot(mids: torch.Tensor, text: torch.Tensor, image_size: int) -> tuple[
     return zmap, z
 
 
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_distance(
+    queries: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """1 - max cosine similarity: queries [B, P, E] (any norm), bank [N, E] unit rows -> [B, P].
 
     exclude: bool [B, N], True where a bank row must not be matched by that query image (cross-fitting).
@@ -54,11 +57,14 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, exclude: torch.T
     return 1.0 - sim.amax(dim=-1)
 
 
-def few_shot(mids: torch.Tensor, banks: torch.Tensor, image_size: int,
-             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def few_shot(
+    mids: torch.Tensor, banks: torch.Tensor, image_size: int, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mids [L, B, 1+P, E], banks [L, N, E] unit rows -> (F [B, S, S], f [B])."""
     n_layers, b = mids.shape[:2]
-    d = torch.stack([nearest_distance(mids[i, :, 1:], banks[i], exclude) for i in range(n_layers)])  # [L, B, P]
+    d = torch.stack(
+        [nearest_distance(mids[i, :, 1:], banks[i], exclude) for i in range(n_layers)]
+    )  # [L, B, P]
     fmap = upsample(d.reshape(n_layers * b, 1, -1), image_size).reshape(n_layers, b, image_size, image_size)
     fmap = fmap.sum(dim=0)  # [B, S, S]
     return fmap, fmap.mean(dim=(1, 2))

@@ -4,18 +4,36 @@ Nothing here is learnable. Each filled sentence goes through the standard CLIP t
 pooling, projection), is L2-normalised, the class's sentences are averaged and the mean is L2-normalised
 again. The object word is the dataset's (Brain, Liver, "retinal OCT", ...), the same words MadCLIP uses.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                 "{} without damage")
+NORMAL_STATES = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
 ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
 
-_ADJECTIVES = ("bad", "low resolution", "cropped", "bright", "dark", "close-up", "black and white",
-               "jpeg corrupted", "blurry", "good")
+_ADJECTIVES = (
+    "bad",
+    "low resolution",
+    "cropped",
+    "bright",
+    "dark",
+    "close-up",
+    "black and white",
+    "jpeg corrupted",
+    "blurry",
+    "good",
+)
 TEMPLATES = (
     tuple(f"a {adj} photo of {art} {{}}." for adj in _ADJECTIVES for art in ("a", "the"))
     + tuple(f"a photo of {art} {{}}." for art in ("a", "the"))
@@ -42,7 +60,7 @@ def encode_ensemble(clip: nn.Module, tokenizer, objective: str, chunk: int = 64)
     for sentences in ensemble_sentences(objective).values():
         feats = []
         for start in range(0, len(sentences), chunk):
-            tokens = tokenizer(sentences[start:start + chunk])
+            tokens = tokenizer(sentences[start : start + chunk])
             feats.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))  # [n, E]
         cols.append(F.normalize(torch.cat(feats).mean(dim=0), dim=0))  # [E]
     return torch.stack(cols, dim=1)  # [E, 2]

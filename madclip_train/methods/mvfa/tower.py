@@ -8,6 +8,7 @@ including the first tap are a pure function of the image: `prefix()` is the cach
 rest. The write-back after the last tap only feeds the reference's unused pooled output and is skipped.
 open_clip's `forward_intermediates` cannot express the write-back, hence this explicit block loop.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,9 @@ class AdaptedTower(FrozenVisual):
     image-only datasets whose seg adapters the reference never trains.
     """
 
-    def __init__(self, visual: nn.Module, taps: tuple[int, ...], bottleneck: int, seg_write_back: bool = True):
+    def __init__(
+        self, visual: nn.Module, taps: tuple[int, ...], bottleneck: int, seg_write_back: bool = True
+    ):
         super().__init__()
         self.visual = visual
         self.taps = tuple(int(t) for t in taps)
