@@ -125,6 +125,20 @@ def cli_error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip()]
 
 
+def eval_fixed_and_transductive(run: Path, data: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """madclip-eval on a run twice (fixed, then --transductive normalisation) on CPU; both JSON reports."""
+    import json
+
+    from madclip_train.cli import eval_main
+
+    reports = []
+    for name, extra in (("fixed", []), ("trans", ["--transductive"])):
+        out = tmp_path / f"{name}.json"
+        assert eval_main([str(run), "--data", str(data), "--json", str(out), "--device", "cpu", *extra]) == 0
+        reports.append(json.loads(out.read_text()))
+    return reports[0], reports[1]
+
+
 def write_multiframe_dicom(path: Path, frames: "np.ndarray") -> Path:
     """A minimal uint16 CT DICOM with frames [F, R, C] (pydicom, madclip[medical]); skips without pydicom."""
     import numpy as np

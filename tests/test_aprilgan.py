@@ -24,7 +24,7 @@ from madclip_train.methods.aprilgan.scores import (
     transductive_score,
 )
 from madclip_train.methods.aprilgan.text import TEMPLATES, ensemble_sentences
-from tests.conftest import realscans_or_skip
+from tests.conftest import eval_fixed_and_transductive, realscans_or_skip
 
 S = 84  # 6 x 6 patches of the tiny tower: fast, and the upsampling is not an identity
 TINY = ["--backbone", "madclip-tiny", "--pretrained", "none", "--device", "cpu"]
@@ -356,19 +356,12 @@ def test_train_records_reference_defaults_bank_and_normalisers(aprilgan_run):
 
 @pytest.mark.realdata
 def test_eval_fixed_and_transductive(aprilgan_run, tmp_path):
-    from madclip_train.cli import eval_main
     from madclip_train.data import load_split
     from madclip_train.evaluate import predict_split
     from madclip_train.rundir import load_run
 
     data, run = aprilgan_run
-    fixed, trans = tmp_path / "fixed.json", tmp_path / "trans.json"
-    assert eval_main([str(run), "--data", str(data), "--json", str(fixed), "--device", "cpu"]) == 0
-    assert (
-        eval_main([str(run), "--data", str(data), "--json", str(trans), "--device", "cpu", "--transductive"])
-        == 0
-    )
-    f, t = json.loads(fixed.read_text()), json.loads(trans.read_text())
+    f, t = eval_fixed_and_transductive(run, data, tmp_path)
     assert f["n_images"] == t["n_images"] == 19 and t["normalisation"].startswith("transductive")
     # the transductive score is the reference's formula over the test set's raw values
     model, _ = load_run(run)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import realscans_or_skip
+from tests.conftest import eval_fixed_and_transductive, realscans_or_skip
 
 TINY = ["--backbone", "madclip-tiny", "--pretrained", "none", "--device", "cpu"]
 
@@ -61,16 +61,8 @@ def test_train_records_method_bank_and_normalisers(mvfa_run):
 
 
 def test_eval_fixed_and_transductive(mvfa_run, tmp_path):
-    from madclip_train.cli import eval_main
-
     data, run = mvfa_run
-    fixed, trans = tmp_path / "fixed.json", tmp_path / "trans.json"
-    assert eval_main([str(run), "--data", str(data), "--json", str(fixed), "--device", "cpu"]) == 0
-    assert (
-        eval_main([str(run), "--data", str(data), "--json", str(trans), "--device", "cpu", "--transductive"])
-        == 0
-    )
-    f, t = json.loads(fixed.read_text()), json.loads(trans.read_text())
+    f, t = eval_fixed_and_transductive(run, data, tmp_path)
     assert f["n_images"] == t["n_images"] == 19
     assert f["normalisation"].startswith("fixed") and t["normalisation"].startswith("transductive")
     for m in (f, t):

@@ -386,6 +386,21 @@ def copy_state_strict(targets: dict[str, torch.Tensor], state: dict[str, torch.T
             t.copy_(src)
 
 
+def check_state_shapes(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, variable: str = ""
+) -> None:
+    """Every key of `expected` must be in `state` with the same shape; key `variable` (a [L, N, W] bank whose
+    row count N depends on the shots) only has to agree in its first and last dimensions."""
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise MadclipError(f"{source}: checkpoint lacks {len(missing)} tensors (e.g. {missing[0]})")
+    for k, v in expected.items():
+        got = state[k]
+        var = k == variable
+        if (got.shape[0::2] if var else got.shape) != (v.shape[0::2] if var else v.shape):
+            raise MadclipError(f"{source}: {k} has shape {tuple(got.shape)}, model expects {tuple(v.shape)}")
+
+
 def iterate_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """A shuffled pass over n items in batches (one randperm per epoch from the trainer's generator)."""
     order = torch.randperm(n, generator=generator)

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
-from madclip_runtime.errors import MadclipError
 
 from ...config import ModelConfig
-from ..base import MethodModel, ReferenceShots, ShotSource, copy_state_strict
+from ..base import MethodModel, ReferenceShots, ShotSource, check_state_shapes, copy_state_strict
 from .bank import build_bank_and_normalisers
 from .export import FP32_ISLANDS, AprilGANExport
 from .losses import aprilgan_loss
@@ -270,16 +269,8 @@ class AprilGANModel(MethodModel):
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         expected = self.trainable_state()
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise MadclipError(f"{source}: checkpoint lacks {len(missing)} tensors (e.g. {missing[0]})")
-        for k, v in expected.items():
-            got = state[k]
-            variable = k == "aprilgan.bank"  # the bank's row count depends on the shots (0: zero-shot)
-            if (got.shape[0::2] if variable else got.shape) != (v.shape[0::2] if variable else v.shape):
-                raise MadclipError(
-                    f"{source}: {k} has shape {tuple(got.shape)}, model expects {tuple(v.shape)}"
-                )
+        # the bank's row count depends on the shots (0: zero-shot)
+        check_state_shapes(expected, state, source, variable="aprilgan.bank")
         self.load_linear(state, source)
         dev = self.text.device
         for k in ("text", "bank", "norm_lo", "norm_scale"):

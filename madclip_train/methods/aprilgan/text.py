@@ -13,16 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+from madclip_train.prompt_ensemble import ensemble_sentences as _sentences
 
 # (adjective or "", article): "a[ adjective] photo of <article> {}." in the reference's order, then the rest
 _PHOTO = (
@@ -69,10 +60,7 @@ assert len(TEMPLATES) == 35 and len(set(TEMPLATES)) == 35
 
 def ensemble_sentences(objective: str) -> dict[str, list[str]]:
     """{"normal": 245 sentences, "abnormal": 175 sentences} for an object word (states outer, templates inner)."""
-    return {
-        cls: [t.format(s.format(objective)) for s in states for t in TEMPLATES]
-        for cls, states in (("normal", NORMAL_STATES), ("abnormal", ABNORMAL_STATES))
-    }
+    return _sentences(objective, TEMPLATES)
 
 
 @torch.no_grad()

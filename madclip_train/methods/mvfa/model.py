@@ -23,7 +23,7 @@ from madclip_runtime.contract import ANOMALY_MAP, SCORE, SCORE_MAP_MAX
 from madclip_runtime.errors import MadclipError
 
 from ...backbone import create_clip, default_taps
-from ..base import MethodModel, ReferenceShots, ShotSource
+from ..base import MethodModel, ReferenceShots, ShotSource, check_state_shapes
 from .augment import augment_x11
 from .bank import build_bank_and_normalisers
 from .export import FP32_ISLANDS, MVFAExport
@@ -280,16 +280,8 @@ class MVFAModel(MethodModel):
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         expected = self.trainable_state()
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise MadclipError(f"{source}: checkpoint lacks {len(missing)} tensors (e.g. {missing[0]})")
-        for k, v in expected.items():
-            got = state[k]
-            variable = k == "mvfa.bank"  # the bank's row count depends on the shots
-            if (got.shape[0::2] if variable else got.shape) != (v.shape[0::2] if variable else v.shape):
-                raise MadclipError(
-                    f"{source}: {k} has shape {tuple(got.shape)}, model expects {tuple(v.shape)}"
-                )
+        # the bank's row count depends on the shots
+        check_state_shapes(expected, state, source, variable="mvfa.bank")
         adapters = {k[len("adapters.") :]: state[k] for k in expected if k.startswith("adapters.")}
         self.tower.seg.load_state_dict({k[4:]: v for k, v in adapters.items() if k.startswith("seg.")})
         self.tower.det.load_state_dict({k[4:]: v for k, v in adapters.items() if k.startswith("det.")})

@@ -11,16 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+from madclip_train.prompt_ensemble import ensemble_sentences as _sentences
 
 _ADJECTIVES = (
     "bad",
@@ -47,10 +38,7 @@ assert len(TEMPLATES) == 35
 
 def ensemble_sentences(objective: str) -> dict[str, list[str]]:
     """{"normal": 245 sentences, "abnormal": 175 sentences} for an object word."""
-    out = {}
-    for cls, states in (("normal", NORMAL_STATES), ("abnormal", ABNORMAL_STATES)):
-        out[cls] = [t.format(s.format(objective)) for s in states for t in TEMPLATES]
-    return out
+    return _sentences(objective, TEMPLATES)
 
 
 @torch.no_grad()
