@@ -6,7 +6,7 @@
 
 A Predictor couples a verified bundle, its ONE preprocessing (`madclip_runtime.preprocess.preprocess` with the
 bundle's spec, so serving cannot drift from training) and a backend. Decisions use the bundle's calibrated
-threshold on its calibration `score_name` ("score" = AC or "score_map_max" = max of AS), or an override.
+threshold on its calibration `score_name` (`score` = AC or `score_map_max` = max of AS), or an override.
 Research use, not for clinical decisions.
 """
 

@@ -20,13 +20,13 @@ metadata.json keys (schema_version 2):
                      intensity windowing for 16-bit/DICOM sources
     input            {"name": "image", "dtype": "float32", "shape": ["batch", 3, S, S]}
     outputs          {"score": {"shape": ["batch"], "range": [0, L], "meaning": ...},
-                      "anomaly_map": {"shape": ["batch", 1, S, S], "range": [0, L], "meaning": ...},
-                      "score_map_max": {"shape": ["batch"], "range": [0, L], "meaning": ...}}
+                      `anomaly_map`: {"shape": ["batch", 1, S, S], "range": [0, L], "meaning": ...},
+                      `score_map_max`: {"shape": ["batch"], "range": [0, L], "meaning": ...}}
                      ranges and meanings are the method's (MadCLIP: [0, 4], sums of 4 probabilities).
     max_batch        int, the largest batch the graphs/engines are built for (null: no limit)
     opset            int, ONNX opset of the graphs
     method           str, the method the graph was exported from ("madclip", ...; absent = "madclip")
-    calibration      {"threshold": float|null, "score_name": "score"|"score_map_max",
+    calibration      {"threshold": float|null, "score_name": `score`|`score_map_max`,
                       "method": how the threshold was chosen (text), "map_threshold": float|null,
                       "map_scale": [0, L]}  (optional: a bundle without it yields scores but no decision)
     provenance       {"backbone", "pretrained", "taps", "objective", "quick_gelu", "causal_prompt_mask",
@@ -232,7 +232,7 @@ class Bundle:
 
     @property
     def score_name(self) -> str:
-        """Which output the threshold applies to: "score" (AC) or "score_map_max" (max of AS)."""
+        """Which output the threshold applies to: `score` (AC) or `score_map_max` (max of AS)."""
         return str(self.calibration.get("score_name", SCORE))
 
     @property

@@ -139,7 +139,7 @@ def predict_remote(
     threshold: float | None = None,
     timeout: float = TIMEOUT_S,
 ) -> list[dict[str, Any]]:
-    """POST one scan file's bytes -> one record per slice (with "anomaly_map" when map_format is given)."""
+    """POST one scan file's bytes -> one record per slice (with `anomaly_map` when map_format is given)."""
     params = {"name": name, "slice": slice_index, "map": map_format, "threshold": threshold}
     req = urllib.request.Request(
         _url(base, "/predict", params),

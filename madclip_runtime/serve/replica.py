@@ -152,7 +152,7 @@ def with_threshold(pred: Prediction, threshold: float | None) -> Prediction:
 
 
 def record_json(pred: Prediction, predictor: Predictor, map_format: str | None) -> dict[str, Any]:
-    """The `madclip-infer --json` record for one scan, plus "anomaly_map" when `map_format` is given."""
+    """The `madclip-infer --json` record for one scan, plus `anomaly_map` when `map_format` is given."""
     record = predictor.record(pred)
     if map_format:
         record[ANOMALY_MAP] = encode_map(pred.anomaly_map, map_format, predictor.bundle.map_scale)

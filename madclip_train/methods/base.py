@@ -336,14 +336,14 @@ class MethodModel(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def outputs(self, feats: torch.Tensor, ctx: Any = None) -> dict[str, torch.Tensor]:
-        """Cacheable features -> {"score": [B], "anomaly_map": [B, 1, S, S], "score_map_max": [B]}."""
+        """Cacheable features -> {`score`: [B], `anomaly_map`: [B, 1, S, S], `score_map_max`: [B]}."""
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # images [B, 3, S, S]
         return self.outputs(self.cacheable(images))
 
     @abc.abstractmethod
     def output_ranges(self) -> dict[str, tuple[float, float]]:
-        """{"score": (lo, hi), "anomaly_map": (lo, hi)} and what they mean: metadata and the overlay's scale."""
+        """{`score`: (lo, hi), `anomaly_map`: (lo, hi)} and what they mean: metadata and the overlay's scale."""
 
     def output_meanings(self) -> dict[str, str]:
         return {}
